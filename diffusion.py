@@ -1,0 +1,386 @@
+"""Multi-seed diffusion policy over action sequences (UEPO paper component 1), as fixed in DESIGN.md.
+
+Reading order:
+1. `cosine_alpha_bars`      - the noise schedule (Nichol & Dhariwal cosine).
+2. `MLPDenoiser`, `UNetTransformerDenoiser` - eps_theta(x_k, k, s): the network that predicts
+   the noise in a noisy action chunk x_k at diffusion step k, given recent states s.
+3. `DiffusionPolicy`        - one denoiser + n fixed noise seeds = n sub-policies:
+   - `loss`: the DDPM epsilon-prediction loss
+         E || eps - eps_theta(sqrt(abar_k) a_{t:t+H} + sqrt(1 - abar_k) eps, k, s_t) ||^2;
+   - `sample`: all n sub-policies in one batched reverse pass. Deterministic use = DDIM with
+     eta 0 started from sub-policy i's fixed noise eps_i; stochastic use = the same update plus
+     Gaussian noise of std `min_std` at every step, with the log-likelihood of the whole chain;
+     at every step the adaptive perturbation of divergence.py pushes apart sub-policies whose
+     denoising estimates are too close;
+   - `chain_log_prob`: the log-likelihood of a stored chain, recomputed (for PPO-style ratios).
+
+Conventions: actions live in [-1, 1] inside the policy (scaled from the action space bounds);
+states are normalized with frozen dataset statistics held as buffers, so they travel with the
+checkpoint. Shapes: B = batch of states, n = sub-policies, H = chunk length, A = act_dim,
+To = number of conditioning states (`obs_horizon`).
+"""
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from divergence import adaptive_perturbation_std, gaussian_log_prob, nearest_divergence
+
+
+# --------------------------------------------------------------------------------------------
+# Noise schedule
+# --------------------------------------------------------------------------------------------
+def cosine_alpha_bars(num_steps: int, s: float = 0.008) -> torch.Tensor:
+    """abar_k for k = 0..K-1 of the cosine schedule (Nichol & Dhariwal 2021, eq. 17).
+
+    abar(t) = cos^2(((t/K + s) / (1 + s)) * pi/2) / cos^2(s/(1+s) * pi/2); the per-step betas are
+    clipped to 0.999 as in that paper so that the last step is not a pure division by zero.
+    Index k = 0 is the least noisy step, k = K-1 the noisiest.
+    """
+    t = torch.arange(num_steps + 1, dtype=torch.float64) / num_steps
+    f = torch.cos((t + s) / (1 + s) * math.pi / 2) ** 2
+    betas = torch.clamp(1 - f[1:] / f[:-1], max=0.999)
+    return torch.cumprod(1 - betas, dim=0).float()
+
+
+def ddim_timesteps(num_train_steps: int, num_sample_steps: int) -> list[int]:
+    """The descending subsequence of train steps that DDIM visits, e.g. K=20, 5 steps -> [19, 14, 10, 5, 0]."""
+    if not 1 <= num_sample_steps <= num_train_steps:
+        raise ValueError(f"ddim steps must be in [1, {num_train_steps}], got {num_sample_steps}")
+    return [int(round(v)) for v in np.linspace(num_train_steps - 1, 0, num_sample_steps)]
+
+
+def sinusoidal_embedding(steps: torch.Tensor, dim: int) -> torch.Tensor:
+    """Transformer-style sinusoidal embedding of integer diffusion steps: (B,) -> (B, dim)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=steps.device) / (half - 1))
+    angles = steps.float()[:, None] * freqs[None, :]
+    return torch.cat([angles.sin(), angles.cos()], dim=-1)
+
+
+class StepEmbedding(nn.Module):
+    """Diffusion step k -> a learned vector (sinusoidal features, then a small MLP)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.dim = dim
+        self.mlp = nn.Sequential(nn.Linear(dim, dim * 2), nn.Mish(), nn.Linear(dim * 2, dim))
+
+    def forward(self, steps: torch.Tensor) -> torch.Tensor:
+        return self.mlp(sinusoidal_embedding(steps, self.dim))
+
+
+# --------------------------------------------------------------------------------------------
+# Denoisers: eps_theta(x_k (B,H,A), k (B,), states (B,To,S)) -> (B,H,A)
+# --------------------------------------------------------------------------------------------
+class MLPDenoiser(nn.Module):
+    """Small MLP on [flattened chunk, flattened states, step embedding] (`--denoiser mlp`).
+
+    Diffusion-QL's denoiser (3 hidden layers of 256, Mish) widened to a chunk. Fast on a CPU;
+    the comparison point for the paper's U-Net + Transformer.
+    """
+
+    def __init__(self, obs_dim: int, act_dim: int, horizon: int, obs_horizon: int,
+                 hidden: int = 256, layers: int = 3, step_dim: int = 32):
+        super().__init__()
+        self.step_embedding = StepEmbedding(step_dim)
+        in_dim = horizon * act_dim + obs_horizon * obs_dim + step_dim
+        blocks, width = [], in_dim
+        for _ in range(layers):
+            blocks += [nn.Linear(width, hidden), nn.Mish()]
+            width = hidden
+        self.net = nn.Sequential(*blocks, nn.Linear(width, horizon * act_dim))
+
+    def forward(self, noisy_chunks, steps, states):
+        batch = noisy_chunks.shape[0]
+        features = torch.cat([noisy_chunks.reshape(batch, -1), states.reshape(batch, -1),
+                              self.step_embedding(steps)], dim=-1)
+        return self.net(features).view_as(noisy_chunks)
+
+
+class FiLMResidualBlock(nn.Module):
+    """Two 1-D convolutions over the chunk; the conditioning vector sets a per-channel scale
+    and shift in between (FiLM, as in Diffusion Policy's ConditionalResidualBlock1D)."""
+
+    def __init__(self, in_channels: int, out_channels: int, cond_dim: int, groups: int = 8):
+        super().__init__()
+        self.conv1 = nn.Sequential(nn.Conv1d(in_channels, out_channels, 3, padding=1),
+                                   nn.GroupNorm(groups, out_channels), nn.Mish())
+        self.conv2 = nn.Sequential(nn.Conv1d(out_channels, out_channels, 3, padding=1),
+                                   nn.GroupNorm(groups, out_channels), nn.Mish())
+        self.film = nn.Sequential(nn.Mish(), nn.Linear(cond_dim, 2 * out_channels))
+        self.skip = (nn.Conv1d(in_channels, out_channels, 1) if in_channels != out_channels
+                     else nn.Identity())
+
+    def forward(self, x, cond):
+        scale, shift = self.film(cond).unsqueeze(-1).chunk(2, dim=1)
+        h = self.conv1(x) * (1 + scale) + shift
+        return self.conv2(h) + self.skip(x)
+
+
+class StateCrossAttention(nn.Module):
+    """Transformer cross-attention block at the U-Net bottleneck (paper: "U-Net and Transformer",
+    queries from the bottleneck features, keys and values from the state tokens)."""
+
+    def __init__(self, channels: int, token_dim: int, heads: int):
+        super().__init__()
+        self.norm_query = nn.LayerNorm(channels)
+        self.attention = nn.MultiheadAttention(channels, heads, kdim=token_dim, vdim=token_dim,
+                                               batch_first=True)
+        self.norm_ff = nn.LayerNorm(channels)
+        self.feed_forward = nn.Sequential(nn.Linear(channels, 4 * channels), nn.GELU(),
+                                          nn.Linear(4 * channels, channels))
+
+    def forward(self, features, state_tokens):
+        h = features.transpose(1, 2)  # (B, C, L) -> (B, L, C): one query per chunk position
+        q = self.norm_query(h)
+        h = h + self.attention(q, state_tokens, state_tokens, need_weights=False)[0]
+        h = h + self.feed_forward(self.norm_ff(h))
+        return h.transpose(1, 2)
+
+
+class UNetTransformerDenoiser(nn.Module):
+    """The paper's denoiser (DESIGN.md): a 1-D temporal U-Net over the action chunk with FiLM
+    conditioning on [step embedding, state embedding], and a Transformer cross-attention block
+    at the bottleneck whose keys/values are the last `obs_horizon` states, one token each.
+
+    The chunk axis is the convolution axis (channels = action dims at the input). Each level
+    halves the length (stride-2 conv, ceil for odd lengths); the decoder upsamples and crops
+    to the skip connection's length, so any H >= 1 works.
+    """
+
+    def __init__(self, obs_dim: int, act_dim: int, horizon: int, obs_horizon: int,
+                 dims: tuple[int, ...] = (128, 256), cond_dim: int = 128, heads: int = 4):
+        super().__init__()
+        self.step_embedding = StepEmbedding(cond_dim)
+        self.state_tokens = nn.Linear(obs_dim, cond_dim)
+        self.token_position = nn.Parameter(torch.zeros(1, obs_horizon, cond_dim))
+        self.cond = nn.Sequential(nn.Linear(cond_dim * (1 + obs_horizon), cond_dim), nn.Mish())
+        channels = [act_dim, *dims]
+        self.down = nn.ModuleList()
+        for level, (c_in, c_out) in enumerate(zip(channels[:-1], channels[1:])):
+            is_last = level == len(dims) - 1
+            self.down.append(nn.ModuleList([
+                FiLMResidualBlock(c_in, c_out, cond_dim), FiLMResidualBlock(c_out, c_out, cond_dim),
+                nn.Identity() if is_last else nn.Conv1d(c_out, c_out, 3, stride=2, padding=1)]))
+        mid = dims[-1]
+        self.mid_in = FiLMResidualBlock(mid, mid, cond_dim)
+        self.mid_attention = StateCrossAttention(mid, cond_dim, heads)
+        self.mid_out = FiLMResidualBlock(mid, mid, cond_dim)
+        self.up = nn.ModuleList()
+        # Decoder: upsample the deeper features (c_deep channels), concatenate the skip of the
+        # level above (c_out channels), and mix back down to c_out.
+        for c_deep, c_out in zip(reversed(dims[1:]), reversed(dims[:-1])):
+            self.up.append(nn.ModuleList([
+                nn.ConvTranspose1d(c_deep, c_deep, 4, stride=2, padding=1),
+                FiLMResidualBlock(c_deep + c_out, c_out, cond_dim),
+                FiLMResidualBlock(c_out, c_out, cond_dim)]))
+        self.head = nn.Sequential(nn.Conv1d(dims[0], dims[0], 3, padding=1), nn.Mish(),
+                                  nn.Conv1d(dims[0], act_dim, 1))
+
+    def forward(self, noisy_chunks, steps, states):
+        tokens = self.state_tokens(states) + self.token_position  # (B, To, cond_dim)
+        cond = self.cond(torch.cat([self.step_embedding(steps), tokens.flatten(1)], dim=-1))
+        x = noisy_chunks.transpose(1, 2)  # (B, A, H)
+        skips = []
+        for block1, block2, downsample in self.down:
+            x = block2(block1(x, cond), cond)
+            skips.append(x)
+            x = downsample(x)
+        x = self.mid_out(self.mid_attention(self.mid_in(x, cond), tokens), cond)
+        skips.pop()  # the bottleneck level has no skip partner
+        for upsample, block1, block2 in self.up:
+            skip = skips.pop()
+            x = upsample(x)[..., :skip.shape[-1]]
+            x = block2(block1(torch.cat([x, skip], dim=1), cond), cond)
+        return self.head(x).transpose(1, 2)
+
+
+# --------------------------------------------------------------------------------------------
+# The multi-seed diffusion policy
+# --------------------------------------------------------------------------------------------
+@dataclass
+class PolicyConfig:
+    """Everything needed to rebuild a DiffusionPolicy (saved in checkpoints)."""
+    obs_dim: int
+    act_dim: int
+    horizon: int = 4
+    obs_horizon: int = 2
+    denoiser: str = "unet"
+    mlp_hidden: int = 256
+    unet_dims: tuple[int, ...] = (128, 256)
+    diffusion_steps: int = 20
+    ddim_steps: int = 5
+    n_subpolicies: int = 8
+    noise_seed: int = 0
+    tau: float = 0.1
+    eta: float = 0.1
+    min_std: float = 0.1
+
+
+DENOISERS = ("mlp", "unet")
+
+
+def make_denoiser(config: PolicyConfig) -> nn.Module:
+    shape = dict(obs_dim=config.obs_dim, act_dim=config.act_dim, horizon=config.horizon,
+                 obs_horizon=config.obs_horizon)
+    if config.denoiser == "mlp":
+        return MLPDenoiser(**shape, hidden=config.mlp_hidden)
+    if config.denoiser == "unet":
+        return UNetTransformerDenoiser(**shape, dims=tuple(config.unet_dims))
+    raise ValueError(f"unknown denoiser {config.denoiser!r}; valid: {', '.join(DENOISERS)}")
+
+
+@dataclass
+class SampleOutput:
+    actions: torch.Tensor                 # (B, n, H, A) in [-1, 1]
+    chain: torch.Tensor | None = None     # (B, n, S+1, H, A): x_K (the seed), ..., x_0 (stochastic)
+    log_prob: torch.Tensor | None = None  # (B, n): log-likelihood of the chain (stochastic)
+
+
+class DiffusionPolicy(nn.Module):
+    """n sub-policies = one denoiser + n fixed initial noises (DESIGN.md, "Sub-policies").
+
+    The noises are drawn once from a generator seeded with `noise_seed` and kept as buffers, so
+    sub-policy i is the same object in training, evaluation, the checkpoint and fine-tuning.
+    Why fixed seeds: only a fixed seed makes a sub-policy a distinct object that can be scored,
+    selected and improved; fresh noise at every call would make all of them one distribution.
+    """
+
+    def __init__(self, config: PolicyConfig, state_mean, state_std, action_low, action_high):
+        super().__init__()
+        self.config = config
+        self.denoiser = make_denoiser(config)
+        self.timesteps = ddim_timesteps(config.diffusion_steps, config.ddim_steps)
+        as_tensor = lambda v: torch.as_tensor(np.asarray(v), dtype=torch.float32)
+        self.register_buffer("alpha_bars", cosine_alpha_bars(config.diffusion_steps))
+        self.register_buffer("state_mean", as_tensor(state_mean))
+        self.register_buffer("state_std", as_tensor(state_std))
+        self.register_buffer("action_low", as_tensor(action_low))
+        self.register_buffer("action_high", as_tensor(action_high))
+        # The fixed seeds: eps_i for the start of the reverse process, and xi_i for the
+        # adaptive perturbation at every DDIM step (its own fixed noise, so that a perturbed
+        # sub-policy is still a deterministic function of the state).
+        generator = torch.Generator().manual_seed(config.noise_seed)
+        n, h, a = config.n_subpolicies, config.horizon, config.act_dim
+        self.register_buffer("sub_policy_noise", torch.randn(n, h, a, generator=generator))
+        self.register_buffer("perturbation_noise",
+                             torch.randn(n, config.ddim_steps, h, a, generator=generator))
+
+    # ---- units -------------------------------------------------------------------------------
+    def normalize_states(self, states: torch.Tensor) -> torch.Tensor:
+        return (states - self.state_mean) / self.state_std
+
+    def scale_actions(self, actions: torch.Tensor) -> torch.Tensor:
+        """Environment units -> [-1, 1]."""
+        return 2 * (actions - self.action_low) / (self.action_high - self.action_low) - 1
+
+    def unscale_actions(self, actions: torch.Tensor) -> torch.Tensor:
+        """[-1, 1] -> environment units."""
+        return self.action_low + (actions + 1) * 0.5 * (self.action_high - self.action_low)
+
+    # ---- training -----------------------------------------------------------------------------
+    def loss(self, states: torch.Tensor, chunks: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """DDPM epsilon-prediction loss on normalized states (B,To,S) and scaled chunks (B,H,A);
+        padded chunk positions (mask 0) do not count."""
+        batch = chunks.shape[0]
+        steps = torch.randint(0, self.config.diffusion_steps, (batch,), device=chunks.device)
+        noise = torch.randn_like(chunks)
+        abar = self.alpha_bars[steps][:, None, None]
+        noisy = abar.sqrt() * chunks + (1 - abar).sqrt() * noise
+        squared_error = (self.denoiser(noisy, steps, states) - noise) ** 2 * mask[..., None]
+        return squared_error.sum() / (mask.sum() * chunks.shape[-1])
+
+    # ---- sampling -------------------------------------------------------------------------------
+    def _step_mean(self, x: torch.Tensor, step_index: int, states: torch.Tensor) -> torch.Tensor:
+        """Mean of x_{k'} given x_k for all sub-policies: the DDIM (eta 0) update with the
+        adaptive perturbation applied to the denoising estimate x0_hat.
+
+        x: (B, n, H, A); states: (B, To, S). Returns (B, n, H, A).
+        """
+        batch, n = x.shape[:2]
+        k = self.timesteps[step_index]
+        abar = self.alpha_bars[k]
+        abar_prev = (self.alpha_bars[self.timesteps[step_index + 1]]
+                     if step_index + 1 < len(self.timesteps) else torch.ones_like(abar))
+        states_per_chain = states.repeat_interleave(n, dim=0)
+        steps = torch.full((batch * n,), k, device=x.device, dtype=torch.long)
+        eps = self.denoiser(x.flatten(0, 1), steps, states_per_chain).view_as(x)
+        x0_hat = ((x - (1 - abar).sqrt() * eps) / abar.sqrt()).clamp(-1, 1)
+        # Adaptive perturbation (paper: "diffusion-sampling-guided dynamic divergence
+        # regularization"): sub-policy i's estimate moves by sigma_i * xi_i where its nearest
+        # kinematic divergence d_i < tau. sigma is treated as a control signal (no gradient).
+        if self.config.eta > 0 and n >= 2:
+            sigma = adaptive_perturbation_std(nearest_divergence(x0_hat.detach()),
+                                              self.config.tau, self.config.eta)
+            xi = self.perturbation_noise[:n, step_index]
+            x0_hat = (x0_hat + sigma[..., None, None] * xi).clamp(-1, 1)
+        # Re-derive eps from the (clipped, perturbed) estimate, then the DDIM eta=0 update.
+        eps = (x - abar.sqrt() * x0_hat) / (1 - abar).sqrt()
+        return abar_prev.sqrt() * x0_hat + (1 - abar_prev).sqrt() * eps
+
+    def initial_noise(self, batch: int) -> torch.Tensor:
+        """x_K for every (state, sub-policy): the fixed seeds, the same for every state."""
+        return self.sub_policy_noise.unsqueeze(0).expand(batch, -1, -1, -1)
+
+    def sample(self, states: torch.Tensor, stochastic: bool = False,
+               generator: torch.Generator | None = None) -> SampleOutput:
+        """All n sub-policies at every state in one batched reverse pass.
+
+        states: (B, To, S) normalized. Deterministic (default): DDIM eta 0, a function of the
+        state. Stochastic: every step adds N(0, min_std^2) noise (the std floor), the chain is
+        returned with its log-likelihood sum_k log N(x_{k'}; mu_theta(x_k, k, s), min_std^2).
+        The deterministic sub-policy is the stochastic one with its noise set to zero.
+        """
+        x = self.initial_noise(states.shape[0])
+        chain, log_prob = [x], 0.0
+        for step_index in range(len(self.timesteps)):
+            mean = self._step_mean(x, step_index, states)
+            if stochastic:
+                noise = torch.randn(mean.shape, generator=generator, device=mean.device)
+                x = mean + self.config.min_std * noise
+                log_prob = log_prob + gaussian_log_prob(x, mean, self.config.min_std, event_dims=2)
+                chain.append(x)
+            else:
+                x = mean
+        actions = x.clamp(-1, 1)
+        if not stochastic:
+            return SampleOutput(actions=actions)
+        return SampleOutput(actions=actions, chain=torch.stack(chain, dim=2), log_prob=log_prob)
+
+    def chain_log_prob(self, states: torch.Tensor, chain: torch.Tensor) -> torch.Tensor:
+        """Log-likelihood (B, n) of stored chains (B, n, S+1, H, A) under the current denoiser.
+
+        Recomputes every step's mean from the stored x_k of all n sub-policies (the adaptive
+        perturbation couples them), so it equals `sample`'s log_prob for an unchanged denoiser.
+        """
+        total = 0.0
+        for step_index in range(len(self.timesteps)):
+            mean = self._step_mean(chain[:, :, step_index], step_index, states)
+            total = total + gaussian_log_prob(chain[:, :, step_index + 1], mean,
+                                              self.config.min_std, event_dims=2)
+        return total
+
+    @torch.no_grad()
+    def act(self, state_history: np.ndarray) -> np.ndarray:
+        """Deployment: raw states (B, To, S) -> deterministic chunks (B, n, H, A) in env units."""
+        states = torch.as_tensor(state_history, dtype=torch.float32, device=self.state_mean.device)
+        actions = self.sample(self.normalize_states(states)).actions
+        return self.unscale_actions(actions).cpu().numpy()
+
+    # ---- checkpoints ----------------------------------------------------------------------------
+    def to_checkpoint(self) -> dict:
+        return {"config": asdict(self.config), "state_dict": self.state_dict()}
+
+    @classmethod
+    def from_checkpoint(cls, saved: dict) -> "DiffusionPolicy":
+        config = PolicyConfig(**saved["config"])
+        state = saved["state_dict"]
+        policy = cls(config, state["state_mean"], state["state_std"],
+                     state["action_low"], state["action_high"])
+        policy.load_state_dict(state)
+        return policy

@@ -1,0 +1,365 @@
+"""UEPO offline phase (arXiv 2511.10087), CleanRL style: read top to bottom.
+
+    python uepo_offline.py --env-id hopper-medium                  # paper-scale defaults (GPU)
+    python uepo_offline.py --env-id hopper-medium --denoiser mlp \\
+        --total-steps 20000 --eval-every 10000 --eval-episodes 5   # quick CPU run (README)
+
+1. Data: a Minari dataset -> chunked transitions (s_t, a_{t:t+H}, R_t^H, s_{t+H}, done) with
+   masks, states normalized with frozen dataset statistics.
+2. One training loop over `--total-steps` gradient steps: the diffusion loss of the
+   multi-seed diffusion policy (diffusion.py) plus, every `--kl-every` steps, the sub-policy
+   objective J(pi_i) of the divergence regularization (divergence.py); the adaptive
+   perturbation acts inside the sampler. Every `--eval-every` steps: the normalized score of
+   every sub-policy on the real environment and their mean pairwise kinematic divergence.
+3. An atomic checkpoint under runs/{run_name}/offline.pt that uepo_online.py and eval.py load.
+
+Design choices are fixed in DESIGN.md (beside this project) and listed in the README.
+"""
+
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import minari
+import numpy as np
+import torch
+import tyro
+from torch.utils.tensorboard import SummaryWriter
+
+from diffusion import DiffusionPolicy, PolicyConfig
+from divergence import pairwise_divergence, subpolicy_objective
+from eval import evaluate_sub_policies, save_checkpoint
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment"""
+    seed: int = 1
+    """seed of the experiment (network init, batches, evaluation episodes)"""
+    torch_deterministic: bool = True
+    """if toggled, `torch.backends.cudnn.deterministic=True`"""
+    cuda: bool = True
+    """if toggled, use a GPU when there is one"""
+
+    # Data
+    env_id: str = "hopper-medium"
+    """D4RL-style name `<env>-<quality>`, mapped to the Minari id `mujoco/<env>/<quality>-v0`"""
+    dataset_id: str | None = None
+    """any Minari dataset id (e.g. `D4RL/pen/human-v2`); overrides `--env-id`"""
+    horizon: int = 4
+    """H, actions per chunk: the diffusion policy models a_{t:t+H} (all H are executed, as DPPO does on Gym)"""
+    obs_horizon: int = 2
+    """conditioning states: the last `obs_horizon` states (the first one repeated at an episode start)"""
+    gamma: float = 0.99
+    """discount, used for the chunk reward R_t^H = sum_h gamma^h r_{t+h}"""
+
+    # Diffusion policy
+    denoiser: Literal["unet", "mlp"] = "unet"
+    """`unet`: the paper's U-Net + Transformer cross-attention; `mlp`: a small, fast MLP"""
+    unet_dims: tuple[int, ...] = (128, 256)
+    """channels of the U-Net levels (each level halves the chunk length)"""
+    mlp_hidden: int = 256
+    """width of the MLP denoiser's 3 hidden layers"""
+    diffusion_steps: int = 20
+    """K, DDPM training steps (cosine schedule)"""
+    ddim_steps: int = 5
+    """DDIM steps when sampling (a subsequence of the K training steps)"""
+    n_subpolicies: int = 8
+    """n fixed noise seeds = n sub-policies; 1 turns the multi-seed ensemble off"""
+    noise_seed: int = 0
+    """seed of the generator that draws the sub-policies' fixed noises"""
+    min_std: float = 0.1
+    """std floor of every denoising step in stochastic use (chain likelihoods for PPO-style updates)"""
+
+    # Divergence regularization
+    tau: float = 0.2
+    """divergence threshold: sub-policies closer than tau (min over partners) are perturbed. Chosen with
+    `--eta`: README, "Choosing tau and eta" (a sweep of the sampling-time perturbation on the stand-in data)"""
+    eta: float = 0.2
+    """largest perturbation std (at divergence 0), in [-1, 1] action units; 0 turns the perturbation off"""
+    kl_coef: float = 0.1
+    """alpha, weight of the disagreement term in the sub-policy objective J(pi_i); 0 turns J off"""
+    kl_every: int = 10
+    """add the sub-policy objective to the loss every `kl_every` steps (it back-propagates through the whole DDIM chain)"""
+    kl_batch_size: int = 64
+    """states per sub-policy-objective step (a sub-batch of the diffusion batch)"""
+    subpolicy_std: float = 1.0
+    """std of the Gaussian surrogate pi_i = N(mu_i(s), std^2 I) in J(pi_i); it only scales J (1.0 puts J on the scale of the diffusion loss)"""
+
+    # Optimization
+    total_steps: int = 400_000
+    """gradient steps (Uni-O4's behaviour-cloning budget; 20k with `--denoiser mlp` is the quick CPU setting)"""
+    batch_size: int = 256
+    """chunks per gradient step"""
+    learning_rate: float = 3e-4
+    """Adam learning rate, cosine-annealed to 0 over the run"""
+    max_grad_norm: float = 1.0
+    """gradient clipping"""
+
+    # Evaluation, logging, checkpoint
+    eval_every: int = 50_000
+    """evaluate every sub-policy on the real environment every `eval_every` steps (and at the end)"""
+    eval_episodes: int = 10
+    """episodes per sub-policy and evaluation"""
+    divergence_states: int = 256
+    """dataset states on which the mean pairwise divergence of the sub-policies is measured"""
+    log_every: int = 1000
+    """print progress and write TensorBoard scalars every `log_every` steps"""
+    checkpoint_path: str | None = None
+    """where to write the checkpoint (default: runs/{run_name}/offline.pt)"""
+
+
+# ------------------------------------------------------------------------------------------------
+# Data (DESIGN.md, "Data")
+# ------------------------------------------------------------------------------------------------
+ENVS = ("hopper", "walker2d", "halfcheetah", "ant")
+# Qualities the Minari server has for these tasks; medium-expert is combined locally.
+QUALITIES = ("simple", "medium", "expert", "medium-expert")
+ENV_IDS = tuple(f"{env}-{quality}" for env in ENVS for quality in QUALITIES)
+
+
+class DatasetError(ValueError):
+    """A dataset name that does not exist, or a dataset that cannot be had here."""
+
+
+def minari_ids(env_id: str) -> list[str]:
+    """`hopper-medium` -> [`mujoco/hopper/medium-v0`]; `<env>-medium-expert` -> its two sources."""
+    if env_id not in ENV_IDS:
+        raise DatasetError(f"unknown --env-id {env_id!r}. Valid names: {', '.join(ENV_IDS)}. "
+                           "Any other Minari dataset: --dataset-id <minari id>.")
+    env, quality = env_id.split("-", 1)
+    qualities = ["medium", "expert"] if quality == "medium-expert" else [quality]
+    return [f"mujoco/{env}/{q}-v0" for q in qualities]
+
+
+def load_minari(dataset_id: str) -> minari.MinariDataset:
+    """A local dataset, else a download; where neither works, say where datasets are looked for."""
+    if dataset_id in minari.list_local_datasets():
+        return minari.load_dataset(dataset_id)
+    try:
+        return minari.load_dataset(dataset_id, download=True)
+    except Exception as error:  # network errors, unknown remote ids: all end the same way
+        path = os.environ.get("MINARI_DATASETS_PATH", "~/.minari/datasets (MINARI_DATASETS_PATH unset)")
+        local = ", ".join(sorted(minari.list_local_datasets())) or "none"
+        raise DatasetError(
+            f"Minari dataset {dataset_id!r} is not local and could not be downloaded "
+            f"({type(error).__name__}: {error}). Datasets are looked for in MINARI_DATASETS_PATH={path} "
+            f"(local datasets there: {local}). Download it where there is internet with "
+            f"`minari download {dataset_id}` and point MINARI_DATASETS_PATH at that folder.") from error
+
+
+def load_dataset(env_id: str, dataset_id: str | None) -> tuple[minari.MinariDataset, str, float, float]:
+    """The dataset, its id and its reference scores (D4RL normalization).
+
+    `<env>-medium-expert` is `minari.combine_datasets` of medium and expert, built once and kept
+    locally; combining drops the reference scores, so they come from the source datasets.
+    """
+    ids = [dataset_id] if dataset_id is not None else minari_ids(env_id)
+    sources = [load_minari(source_id) for source_id in ids]
+    metadata = sources[0].storage.metadata
+    ref_min, ref_max = metadata.get("ref_min_score"), metadata.get("ref_max_score")
+    if ref_min is None or ref_max is None:
+        raise DatasetError(f"dataset {ids[0]!r} has no reference scores (ref_min_score/ref_max_score), "
+                           "so normalized scores cannot be computed")
+    if len(sources) == 1:
+        return sources[0], ids[0], float(ref_min), float(ref_max)
+    combined_id = ids[0].replace("medium-v0", "medium-expert-v0")
+    if combined_id in minari.list_local_datasets():
+        combined = minari.load_dataset(combined_id)
+    else:
+        print(f"building {combined_id} from {' + '.join(ids)} (once)")
+        combined = minari.combine_datasets(sources, combined_id)
+    return combined, combined_id, float(ref_min), float(ref_max)
+
+
+def chunk_episode(observations, actions, rewards, terminations, horizon, obs_horizon, gamma) -> dict:
+    """One episode -> one chunked transition per time step t (DESIGN.md, "Data").
+
+    states      (T, To, S)  s_{t-To+1..t}, the first state repeated before the episode start
+    chunks      (T, H, A)   a_{t:t+H}, padded with the episode's last action past its end
+    mask        (T, H)      1 where a_{t+h} is real, 0 where it is padding
+    rewards     (T,)        R_t^H = sum_h gamma^h r_{t+h} over the real steps
+    next_states (T, To, S)  the history at s_{t+H} (at the episode's last state if it ends sooner)
+    dones       (T,)        1 if the episode terminated inside the chunk. Truncations (time
+                            limits) are not terminations: the value bootstraps through them.
+    """
+    length = len(actions)  # T; observations has T + 1 entries (the final one included)
+    steps = np.arange(length)
+    chunk_steps = steps[:, None] + np.arange(horizon)[None, :]
+    mask = chunk_steps < length
+    clipped = np.minimum(chunk_steps, length - 1)
+    history = np.arange(-obs_horizon + 1, 1)[None, :]
+    next_steps = np.minimum(steps + horizon, length)
+    return {
+        "states": observations[np.maximum(steps[:, None] + history, 0)],
+        "chunks": actions[clipped],
+        "mask": mask.astype(np.float32),
+        "rewards": (np.where(mask, rewards[clipped], 0.0) * gamma ** np.arange(horizon)).sum(1),
+        "next_states": observations[np.maximum(next_steps[:, None] + history, 0)],
+        "dones": (np.where(mask, terminations[clipped], False)).any(1).astype(np.float32),
+    }
+
+
+def chunk_dataset(dataset: minari.MinariDataset, horizon: int, obs_horizon: int, gamma: float) -> dict:
+    """All episodes chunked and concatenated, plus the raw states for the normalization."""
+    parts, all_states = [], []
+    for episode in dataset.iterate_episodes():
+        observations = np.asarray(episode.observations, dtype=np.float32)
+        parts.append(chunk_episode(observations, np.asarray(episode.actions, dtype=np.float32),
+                                   np.asarray(episode.rewards, dtype=np.float32),
+                                   np.asarray(episode.terminations), horizon, obs_horizon, gamma))
+        all_states.append(observations[:-1])
+    data = {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
+    data["all_states"] = np.concatenate(all_states)
+    return data
+
+
+def state_statistics(states: np.ndarray, eps: float = 1e-3) -> tuple[np.ndarray, np.ndarray]:
+    """Frozen normalization (DESIGN.md): dataset mean and std + eps, used offline, online and in eval."""
+    return states.mean(0), states.std(0) + eps
+
+
+def fail(message: str):
+    """Bad input ends the run with the message alone (no traceback), exit code 2."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    if args.eta > 0 and args.n_subpolicies > 1 and args.horizon < 3:
+        fail("the kinematic divergence needs --horizon >= 3 (velocity and acceleration); "
+             "use --eta 0 for shorter chunks")
+    try:
+        dataset, dataset_id, ref_min_score, ref_max_score = load_dataset(args.env_id, args.dataset_id)
+    except DatasetError as error:
+        fail(str(error))
+    gym_env_id = dataset.spec.env_spec.id
+    env_name = args.env_id if args.dataset_id is None else dataset_id.replace("/", "-")
+    run_name = f"{env_name}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    checkpoint_path = args.checkpoint_path or f"runs/{run_name}/offline.pt"
+    writer = SummaryWriter(f"runs/{run_name}")
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n%s" % (
+        "\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])))
+
+    # TRY NOT TO MODIFY: seeding
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+
+    # ---- data: chunks, masks, frozen state statistics ----------------------------------------
+    data = chunk_dataset(dataset, args.horizon, args.obs_horizon, args.gamma)
+    state_mean, state_std = state_statistics(data["all_states"])
+    action_space = dataset.action_space
+    print(f"{dataset_id}: {dataset.total_episodes} episodes, {len(data['chunks'])} chunks of H={args.horizon} "
+          f"({gym_env_id}, obs {state_mean.shape[0]}, act {action_space.shape[0]}), device {device}")
+
+    # ---- the multi-seed diffusion policy -------------------------------------------------------
+    config = PolicyConfig(obs_dim=state_mean.shape[0], act_dim=action_space.shape[0], horizon=args.horizon,
+                          obs_horizon=args.obs_horizon, denoiser=args.denoiser, mlp_hidden=args.mlp_hidden,
+                          unet_dims=tuple(args.unet_dims), diffusion_steps=args.diffusion_steps,
+                          ddim_steps=args.ddim_steps, n_subpolicies=args.n_subpolicies,
+                          noise_seed=args.noise_seed, tau=args.tau, eta=args.eta, min_std=args.min_std)
+    policy = DiffusionPolicy(config, state_mean, state_std, action_space.low, action_space.high).to(device)
+    optimizer = torch.optim.Adam(policy.parameters(), lr=args.learning_rate)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.total_steps)
+
+    # The training tensors, on the device once: normalized states, actions scaled to [-1, 1].
+    to_device = lambda array: torch.as_tensor(array, dtype=torch.float32, device=device)
+    states = policy.normalize_states(to_device(data["states"]))
+    chunks = policy.scale_actions(to_device(data["chunks"])).clamp(-1, 1)
+    masks = to_device(data["mask"])
+    num_chunks = len(chunks)
+    divergence_index = torch.randperm(num_chunks, device=device)[: args.divergence_states]
+
+    history = {"step": [], "scores": [], "returns": [], "mean_divergence": []}
+
+    def evaluate_and_save(step: int) -> None:
+        """Every sub-policy's normalized score and the sub-policies' mean pairwise divergence
+        (on fixed dataset states), logged; then the atomic checkpoint."""
+        policy.eval()
+        with torch.no_grad():
+            divergence = pairwise_divergence(policy.sample(states[divergence_index]).actions)
+        n = args.n_subpolicies
+        mean_divergence = (divergence.sum((-1, -2)) / max(n * (n - 1), 1)).mean().item()
+        result = evaluate_sub_policies(policy, gym_env_id, args.eval_episodes, seed=args.seed * 1000,
+                                       ref_min_score=ref_min_score, ref_max_score=ref_max_score)
+        policy.train()
+        scores = result["scores"].mean(1)
+        for i, score in enumerate(scores):
+            writer.add_scalar(f"charts/normalized_score_sub_policy_{i}", score, step)
+        writer.add_scalar("charts/normalized_score_mean", scores.mean(), step)
+        writer.add_scalar("charts/normalized_score_best", scores.max(), step)
+        writer.add_scalar("charts/mean_pairwise_divergence", mean_divergence, step)
+        print(f"eval step {step}: normalized score per sub-policy "
+              f"[{', '.join(f'{s:.1f}' for s in scores)}] mean {scores.mean():.1f} best {scores.max():.1f}; "
+              f"mean pairwise divergence {mean_divergence:.3f}")
+        history["step"].append(step)
+        history["scores"].append(result["scores"].tolist())
+        history["returns"].append(result["returns"].tolist())
+        history["mean_divergence"].append(mean_divergence)
+        save_checkpoint({
+            "args": asdict(args), "step": step, "env_id": gym_env_id, "dataset_id": dataset_id,
+            "ref_min_score": ref_min_score, "ref_max_score": ref_max_score,
+            "policy": policy.to_checkpoint(), "history": history,
+        }, checkpoint_path)
+        print(f"checkpoint: {checkpoint_path}")
+
+    # ---- the offline loop ------------------------------------------------------------------------
+    start_time = time.time()
+    loss_sums = {"diffusion": 0.0, "subpolicy": 0.0}
+    loss_counts = {"diffusion": 0, "subpolicy": 0}
+    for step in range(1, args.total_steps + 1):
+        batch = torch.randint(num_chunks, (args.batch_size,), device=device)
+
+        # Diffusion loss (epsilon prediction) on dataset chunks.
+        diffusion_loss = policy.loss(states[batch], chunks[batch], masks[batch])
+        losses = {"diffusion": diffusion_loss}
+
+        # Sub-policy objective J(pi_i) (sequence-level disagreement regularization), through the
+        # deterministic DDIM chain of every sub-policy (with the adaptive perturbation inside).
+        if args.kl_coef > 0 and args.n_subpolicies > 1 and step % args.kl_every == 0:
+            sub_batch = batch[: args.kl_batch_size]
+            subpolicy_chunks = policy.sample(states[sub_batch]).actions
+            objective = subpolicy_objective(subpolicy_chunks, chunks[sub_batch], masks[sub_batch],
+                                            alpha=args.kl_coef, std=args.subpolicy_std)
+            losses["subpolicy"] = -objective.mean()
+
+        loss = sum(losses.values())
+        for name, value in losses.items():
+            if not torch.isfinite(value):
+                raise FloatingPointError(f"step {step}: the {name} loss is {value.item()}; stopping "
+                                         f"(last checkpoint: {checkpoint_path if history['step'] else 'none'})")
+            loss_sums[name] += value.item()
+            loss_counts[name] += 1
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+
+        if step % args.log_every == 0 or step == args.total_steps:
+            elapsed = time.time() - start_time
+            steps_per_second = step / elapsed
+            eta_seconds = (args.total_steps - step) / steps_per_second
+            means = {name: loss_sums[name] / loss_counts[name] for name in loss_sums if loss_counts[name]}
+            for name, value in means.items():
+                writer.add_scalar(f"losses/{name}", value, step)
+            writer.add_scalar("charts/learning_rate", scheduler.get_last_lr()[0], step)
+            writer.add_scalar("charts/SPS", steps_per_second, step)
+            print(f"step {step}/{args.total_steps} | " + " | ".join(f"{k} {v:.4f}" for k, v in means.items())
+                  + f" | {steps_per_second:.0f} steps/s | ETA {time.strftime('%H:%M:%S', time.gmtime(eta_seconds))}",
+                  flush=True)
+            loss_sums = {name: 0.0 for name in loss_sums}
+            loss_counts = {name: 0 for name in loss_counts}
+
+        if step % args.eval_every == 0 or step == args.total_steps:
+            evaluate_and_save(step)
+
+    writer.close()
