@@ -25,7 +25,8 @@ def normalized_score(returns, ref_min_score: float, ref_max_score: float) -> np.
 
 @torch.no_grad()
 def evaluate_sub_policies(policy, env_id: str, episodes: int, seed: int, ref_min_score: float,
-                          ref_max_score: float, action_steps: int | None = None) -> dict:
+                          ref_max_score: float, max_episode_steps: int | None = None,
+                          action_steps: int | None = None) -> dict:
     """Deterministic returns and normalized scores of every sub-policy.
 
     Environment (i, e) runs sub-policy i on episode e, reset with seed `seed + e`, so every
@@ -33,6 +34,7 @@ def evaluate_sub_policies(policy, env_id: str, episodes: int, seed: int, ref_min
     into one `policy.act` call (which samples all n sub-policies together; the adaptive
     perturbation couples them) and environment (i, e) executes sub-policy i's chunk.
     `action_steps` < H re-plans sooner (receding horizon); default: the whole chunk.
+    `max_episode_steps`: the dataset's time limit (None: the environment's registered one).
 
     Returns {"returns": (n, episodes), "scores": (n, episodes), "lengths": (n, episodes)}.
     """
@@ -41,7 +43,7 @@ def evaluate_sub_policies(policy, env_id: str, episodes: int, seed: int, ref_min
     action_steps = action_steps or horizon
     if not 1 <= action_steps <= horizon:
         raise ValueError(f"action_steps must be in [1, {horizon}], got {action_steps}")
-    envs = [gym.make(env_id) for _ in range(n * episodes)]
+    envs = [gym.make(env_id, max_episode_steps=max_episode_steps) for _ in range(n * episodes)]
     sub_policy_of = np.repeat(np.arange(n), episodes)
     histories, live = [], np.ones(len(envs), dtype=bool)
     returns, lengths = np.zeros(len(envs)), np.zeros(len(envs), dtype=np.int64)

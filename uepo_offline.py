@@ -239,6 +239,7 @@ if __name__ == "__main__":
     except DatasetError as error:
         fail(str(error))
     gym_env_id = dataset.spec.env_spec.id
+    max_episode_steps = dataset.spec.env_spec.max_episode_steps  # evaluate under the data's time limit
     env_name = args.env_id if args.dataset_id is None else dataset_id.replace("/", "-")
     run_name = f"{env_name}__{args.exp_name}__{args.seed}__{int(time.time())}"
     checkpoint_path = args.checkpoint_path or f"runs/{run_name}/offline.pt"
@@ -289,7 +290,8 @@ if __name__ == "__main__":
         n = args.n_subpolicies
         mean_divergence = (divergence.sum((-1, -2)) / max(n * (n - 1), 1)).mean().item()
         result = evaluate_sub_policies(policy, gym_env_id, args.eval_episodes, seed=args.seed * 1000,
-                                       ref_min_score=ref_min_score, ref_max_score=ref_max_score)
+                                       ref_min_score=ref_min_score, ref_max_score=ref_max_score,
+                                       max_episode_steps=max_episode_steps)
         policy.train()
         scores = result["scores"].mean(1)
         for i, score in enumerate(scores):
@@ -305,7 +307,8 @@ if __name__ == "__main__":
         history["returns"].append(result["returns"].tolist())
         history["mean_divergence"].append(mean_divergence)
         save_checkpoint({
-            "args": asdict(args), "step": step, "env_id": gym_env_id, "dataset_id": dataset_id,
+            "args": asdict(args), "step": step, "env_id": gym_env_id, "max_episode_steps": max_episode_steps,
+            "dataset_id": dataset_id,
             "ref_min_score": ref_min_score, "ref_max_score": ref_max_score,
             "policy": policy.to_checkpoint(), "history": history,
         }, checkpoint_path)

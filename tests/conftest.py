@@ -1,0 +1,72 @@
+"""Shared fixtures. The tests never read ../shared: they build a tiny Hopper-v5 Minari dataset
+themselves, from a random policy, under a temporary MINARI_DATASETS_PATH."""
+
+import os
+import sys
+
+import gymnasium as gym
+import numpy as np
+import pytest
+
+# Tests import the project's modules (diffusion, divergence, eval, uepo_offline) from the root.
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+TINY_DATASET_ID = "test/hopper/random-v0"
+# D4RL's hopper reference scores, so normalized scores read on the familiar scale.
+HOPPER_REF_MIN, HOPPER_REF_MAX = -20.272305, 3234.3
+TINY_MAX_EPISODE_STEPS = 50  # short episodes: the data has terminations and time-limit truncations
+
+
+def random_episode_buffers(num_episodes: int, seed: int = 0):
+    from minari.data_collector import EpisodeBuffer
+
+    env = gym.make("Hopper-v5", max_episode_steps=TINY_MAX_EPISODE_STEPS)
+    env.action_space.seed(seed)
+    buffers = []
+    for episode in range(num_episodes):
+        obs, _ = env.reset(seed=seed + episode)
+        observations, actions, rewards, terminations, truncations = [obs], [], [], [], []
+        while True:
+            # A weak random policy (scaled down) so that some episodes reach the time limit.
+            action = 0.3 * env.action_space.sample()
+            obs, reward, terminated, truncated, _ = env.step(action)
+            observations.append(obs)
+            actions.append(action)
+            rewards.append(reward)
+            terminations.append(terminated)
+            truncations.append(truncated)
+            if terminated or truncated:
+                break
+        buffers.append(EpisodeBuffer(id=episode, observations=np.array(observations),
+                                     actions=np.array(actions), rewards=rewards,
+                                     terminations=terminations, truncations=truncations))
+    return buffers, env
+
+
+@pytest.fixture(scope="session")
+def minari_path(tmp_path_factory):
+    """A temporary MINARI_DATASETS_PATH holding the tiny dataset TINY_DATASET_ID (60 episodes)."""
+    import minari
+
+    path = tmp_path_factory.mktemp("minari_datasets")
+    previous = os.environ.get("MINARI_DATASETS_PATH")
+    os.environ["MINARI_DATASETS_PATH"] = str(path)
+    buffers, env = random_episode_buffers(60)
+    minari.create_dataset_from_buffers(
+        TINY_DATASET_ID, buffers, env=env, algorithm_name="random policy (tests)", author="UEPO tests",
+        author_email="none", code_permalink="tests/conftest.py", eval_env=env.spec,
+        description="Tiny random-policy Hopper-v5 dataset made by the tests.",
+        ref_min_score=HOPPER_REF_MIN, ref_max_score=HOPPER_REF_MAX)
+    yield str(path)
+    if previous is None:
+        os.environ.pop("MINARI_DATASETS_PATH", None)
+    else:
+        os.environ["MINARI_DATASETS_PATH"] = previous
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(minari_path):
+    import minari
+
+    return minari.load_dataset(TINY_DATASET_ID)

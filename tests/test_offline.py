@@ -1,0 +1,189 @@
+"""uepo_offline.py: data, bad input, the end-to-end offline run and its checkpoint."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT, TINY_DATASET_ID, TINY_MAX_EPISODE_STEPS
+from diffusion import DiffusionPolicy, PolicyConfig
+from eval import CheckpointError, evaluate_sub_policies, load_checkpoint, save_checkpoint
+from uepo_offline import (ENV_IDS, DatasetError, chunk_dataset, chunk_episode, load_dataset,
+                          minari_ids, state_statistics)
+
+# Small, fast settings for the end-to-end runs.
+TINY_RUN = ["--dataset-id", TINY_DATASET_ID, "--denoiser", "mlp", "--mlp-hidden", "64",
+            "--total-steps", "30", "--batch-size", "32", "--kl-every", "5", "--kl-batch-size", "8",
+            "--eval-every", "30", "--eval-episodes", "2", "--log-every", "10", "--n-subpolicies", "4"]
+
+
+def run_offline(arguments, minari_path, cwd, extra_env=None):
+    env = {**os.environ, "MINARI_DATASETS_PATH": minari_path, "HF_HUB_OFFLINE": "1", **(extra_env or {})}
+    return subprocess.run([sys.executable, os.path.join(ROOT, "uepo_offline.py"), *arguments],
+                          cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+# ---- data ------------------------------------------------------------------------------------------
+def test_chunk_episode_matches_hand_computed_example():
+    """Chunks pad with the last action and mask it; histories repeat the first state; the
+    chunk reward is discounted; next states and dones follow the chunk's end."""
+    observations = np.arange(6, dtype=np.float32)[:, None] * np.ones((1, 2), np.float32)  # s_t = (t, t)
+    actions = np.arange(5, dtype=np.float32)[:, None] + 10  # a_t = 10 + t
+    rewards = np.array([1, 2, 3, 4, 5], dtype=np.float32)
+    terminations = np.array([0, 0, 0, 0, 1], dtype=bool)
+    out = chunk_episode(observations, actions, rewards, terminations, horizon=3, obs_horizon=2, gamma=0.5)
+    assert out["chunks"].shape == (5, 3, 1) and out["states"].shape == (5, 2, 2)
+    np.testing.assert_array_equal(out["chunks"][0, :, 0], [10, 11, 12])
+    np.testing.assert_array_equal(out["chunks"][3, :, 0], [13, 14, 14])  # padded with the last action
+    np.testing.assert_array_equal(out["mask"][3], [1, 1, 0])
+    np.testing.assert_array_equal(out["mask"][4], [1, 0, 0])
+    np.testing.assert_array_equal(out["states"][0, :, 0], [0, 0])  # first state repeated
+    np.testing.assert_array_equal(out["states"][2, :, 0], [1, 2])
+    np.testing.assert_allclose(out["rewards"][0], 1 + 0.5 * 2 + 0.25 * 3)
+    np.testing.assert_allclose(out["rewards"][3], 4 + 0.5 * 5)  # padding earns nothing
+    np.testing.assert_array_equal(out["next_states"][0, :, 0], [2, 3])  # history at s_{t+H}
+    np.testing.assert_array_equal(out["next_states"][4, :, 0], [4, 5])  # clipped at the final state
+    np.testing.assert_array_equal(out["dones"], [0, 0, 1, 1, 1])  # chunks that reach the termination
+
+
+def test_truncation_is_not_a_termination():
+    """An episode cut by its time limit has no done chunk (values bootstrap through it)."""
+    observations = np.zeros((5, 3), np.float32)
+    out = chunk_episode(observations, np.zeros((4, 2), np.float32), np.ones(4, np.float32),
+                        np.zeros(4, bool), horizon=4, obs_horizon=1, gamma=0.99)
+    assert out["dones"].sum() == 0
+
+
+def test_chunk_dataset_on_tiny_minari_dataset(tiny_dataset):
+    """One chunk per dataset step, with frozen statistics of the right shapes."""
+    data = chunk_dataset(tiny_dataset, horizon=4, obs_horizon=2, gamma=0.99)
+    assert len(data["chunks"]) == tiny_dataset.total_steps
+    assert data["chunks"].shape[1:] == (4, 3) and data["states"].shape[1:] == (2, 11)
+    assert data["mask"][:, 0].all()  # the first action of every chunk is real
+    episodes = tiny_dataset.total_episodes
+    assert (data["mask"][:, -1] == 0).sum() == 3 * episodes  # the last 3 steps of every episode pad
+    assert data["dones"].sum() > 0
+    mean, std = state_statistics(data["all_states"])
+    assert mean.shape == (11,) and (std >= 1e-3).all()
+
+
+# ---- bad input -------------------------------------------------------------------------------------
+def test_unknown_env_name_lists_the_valid_ones():
+    """A name Minari does not have is refused with the valid names."""
+    with pytest.raises(DatasetError) as error:
+        minari_ids("hopper-medium-replay")
+    for name in ("hopper-medium", "walker2d-expert", "halfcheetah-medium-expert", "--dataset-id"):
+        assert name in str(error.value)
+    assert minari_ids("walker2d-medium-expert") == ["mujoco/walker2d/medium-v0", "mujoco/walker2d/expert-v0"]
+    assert all(len(minari_ids(name)) in (1, 2) for name in ENV_IDS)
+
+
+def test_missing_dataset_names_minari_datasets_path(minari_path, monkeypatch):
+    """A dataset that is neither local nor downloadable says where datasets are looked for."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # no network, fail fast
+    with pytest.raises(DatasetError) as error:
+        load_dataset("hopper-medium", None)
+    assert "MINARI_DATASETS_PATH" in str(error.value) and minari_path in str(error.value)
+    assert TINY_DATASET_ID in str(error.value)  # lists what is local
+
+
+def test_command_line_refuses_bad_names(minari_path, tmp_path):
+    """The script exits with status 2 and the message, without a traceback."""
+    result = run_offline(["--env-id", "hopper-medium-replay"], minari_path, tmp_path)
+    assert result.returncode == 2 and "Valid names: hopper-simple" in result.stderr
+    assert "Traceback" not in result.stderr
+    result = run_offline(["--dataset-id", "mujoco/walker2d/medium-v0"], minari_path, tmp_path)
+    assert result.returncode == 2 and "MINARI_DATASETS_PATH" in result.stderr
+    assert not (tmp_path / "runs").exists()  # nothing started
+
+
+def test_nan_loss_stops_the_run_naming_step_and_loss(minari_path, tmp_path):
+    """An exploding run stops at the first non-finite loss, saying which loss and at which step."""
+    result = run_offline(TINY_RUN + ["--learning-rate", "1e30", "--kl-coef", "0"], minari_path, tmp_path)
+    assert result.returncode != 0
+    assert "FloatingPointError: step" in result.stderr and "the diffusion loss is" in result.stderr
+
+
+# ---- checkpoints -------------------------------------------------------------------------------------
+def small_policy(denoiser="mlp"):
+    config = PolicyConfig(obs_dim=11, act_dim=3, denoiser=denoiser, mlp_hidden=32, unet_dims=(16, 32),
+                          n_subpolicies=3)
+    return DiffusionPolicy(config, np.zeros(11), np.ones(11), -np.ones(3), np.ones(3))
+
+
+def test_checkpoint_write_is_atomic_and_load_refuses_bad_files(tmp_path, monkeypatch):
+    """A failed write leaves the previous checkpoint intact; corrupt, foreign or other-env
+    checkpoints are refused."""
+    path = str(tmp_path / "offline.pt")
+    save_checkpoint({"env_id": "Hopper-v5", "policy": small_policy().to_checkpoint()}, path)
+    before = open(path, "rb").read()
+
+    def broken_save(obj, file):
+        open(file, "wb").write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError):
+        save_checkpoint({"env_id": "Hopper-v5"}, path)
+    monkeypatch.undo()
+    assert open(path, "rb").read() == before and os.listdir(tmp_path) == ["offline.pt"]
+    assert load_checkpoint(path, expected_env_id="Hopper-v5")["env_id"] == "Hopper-v5"
+    with pytest.raises(CheckpointError, match="made for Hopper-v5, not Walker2d-v5"):
+        load_checkpoint(path, expected_env_id="Walker2d-v5")
+    (tmp_path / "corrupt.pt").write_bytes(before[: len(before) // 2])
+    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+        load_checkpoint(str(tmp_path / "corrupt.pt"))
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "foreign.pt")
+    with pytest.raises(CheckpointError, match="not a UEPO checkpoint"):
+        load_checkpoint(str(tmp_path / "foreign.pt"))
+
+
+@pytest.mark.parametrize("denoiser", ["mlp", "unet"])
+def test_policy_reloads_to_the_same_actions(tmp_path, denoiser):
+    """Saved and reloaded, a policy (weights, seeds, statistics, config) acts identically."""
+    policy = small_policy(denoiser)
+    path = str(tmp_path / "policy.pt")
+    save_checkpoint({"env_id": "Hopper-v5", "policy": policy.to_checkpoint()}, path)
+    reloaded = DiffusionPolicy.from_checkpoint(load_checkpoint(path)["policy"])
+    states = np.random.default_rng(0).normal(size=(5, 2, 11))
+    np.testing.assert_array_equal(policy.act(states), reloaded.act(states))
+
+
+def test_end_to_end_offline_run_writes_a_checkpoint_that_reproduces_its_evaluation(minari_path, tmp_path):
+    """The tiny run trains, shows progress, evaluates, and writes a checkpoint whose reloaded
+    policy reproduces the recorded evaluation returns exactly (same actions, same episodes)."""
+    path = tmp_path / "offline.pt"
+    result = run_offline(TINY_RUN + ["--checkpoint-path", str(path)], minari_path, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "step 30/30" in result.stdout and "ETA" in result.stdout and "subpolicy" in result.stdout
+    assert "eval step 30" in result.stdout
+    assert list((tmp_path / "runs").iterdir()), "no TensorBoard run folder under runs/"
+    checkpoint = load_checkpoint(str(path), expected_env_id="Hopper-v5")
+    assert checkpoint["dataset_id"] == TINY_DATASET_ID and checkpoint["step"] == 30
+    assert checkpoint["max_episode_steps"] == TINY_MAX_EPISODE_STEPS
+    policy = DiffusionPolicy.from_checkpoint(checkpoint["policy"])
+    assert policy.config.n_subpolicies == 4 and policy.config.denoiser == "mlp"
+    replay = evaluate_sub_policies(policy, checkpoint["env_id"], episodes=2,
+                                   seed=checkpoint["args"]["seed"] * 1000,
+                                   ref_min_score=checkpoint["ref_min_score"],
+                                   ref_max_score=checkpoint["ref_max_score"],
+                                   max_episode_steps=checkpoint["max_episode_steps"])
+    np.testing.assert_array_equal(replay["returns"], np.array(checkpoint["history"]["returns"][-1]))
+    assert len(checkpoint["history"]["mean_divergence"]) == 1
+
+
+def test_each_component_switches_off(minari_path, tmp_path):
+    """Plain diffusion BC (--n-subpolicies 1 --eta 0 --kl-coef 0) runs, with no sub-policy loss."""
+    path = tmp_path / "bc.pt"
+    switches = ["--n-subpolicies", "1", "--eta", "0", "--kl-coef", "0"]
+    result = run_offline(TINY_RUN + switches + ["--checkpoint-path", str(path)], minari_path, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "subpolicy" not in result.stdout
+    checkpoint = load_checkpoint(str(path))
+    assert checkpoint["policy"]["config"]["n_subpolicies"] == 1
+    assert np.array(checkpoint["history"]["scores"][-1]).shape == (1, 2)
