@@ -26,7 +26,6 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from divergence import adaptive_perturbation_std, gaussian_log_prob, nearest_divergence
 
@@ -217,7 +216,7 @@ class PolicyConfig:
     ddim_steps: int = 5
     n_subpolicies: int = 8
     noise_seed: int = 0
-    tau: float = 0.1
+    tau: float = 0.7  # defaults as uepo_offline.Args (README, "Choosing tau and eta")
     eta: float = 0.1
     min_std: float = 0.1
 
@@ -357,6 +356,8 @@ class DiffusionPolicy(nn.Module):
 
         Recomputes every step's mean from the stored x_k of all n sub-policies (the adaptive
         perturbation couples them), so it equals `sample`'s log_prob for an unchanged denoiser.
+        The chain must hold all n sub-policies in order: a slice of them would be scored without
+        its partners (and with the wrong perturbation noises), i.e. as a different process.
         """
         total = 0.0
         for step_index in range(len(self.timesteps)):

@@ -47,6 +47,8 @@ def kinematic_divergence(chunks_i: torch.Tensor, chunks_j: torch.Tensor) -> torc
     arbitrary 1; identical sequences give exactly 0.
 
     Broadcasts over leading dims: (..., H, A) x (..., H, A) -> (...).
+    Used as a measurement and a control signal only: its gradient is undefined (NaN) where an
+    acceleration is exactly zero, so callers detach its inputs.
     """
     horizon = chunks_i.shape[-2]
     out = torch.zeros(torch.broadcast_shapes(chunks_i.shape, chunks_j.shape)[:-2],
@@ -121,29 +123,43 @@ def gaussian_log_prob(value: torch.Tensor, mean: torch.Tensor, std: float,
     return per_entry.sum(dim=tuple(range(-event_dims, 0)))
 
 
-def subpolicy_objective(subpolicy_chunks: torch.Tensor, data_chunks: torch.Tensor,
-                        mask: torch.Tensor, alpha: float, std: float) -> torch.Tensor:
-    """Sub-policy objective J(pi_i) of DESIGN.md (Uni-O4's equation with whole sequences):
+def subpolicy_terms(subpolicy_chunks: torch.Tensor, data_chunks: torch.Tensor,
+                    mask: torch.Tensor, std: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two expectations of the sub-policy objective J(pi_i) (below), each of shape (n,):
 
-        J(pi_i) = E_D[log pi_i(a|s)] + alpha * E_D[log pi_i(a|s) - max_j log pi_j(a|s)]
+        likelihood_i   = E_D[log pi_i(a|s)]
+        disagreement_i = E_D[log pi_i(a|s) - max_j log pi_j(a|s)]     (<= 0)
 
     with pi_i(.|s) = N(mu_i(s), std^2 I) around sub-policy i's deterministic sequence mu_i(s)
     (the diffusion likelihood itself is intractable; this Gaussian surrogate makes the
     sub-policies distinguishable, which a shared-parameter likelihood would not).
 
-    The max is NOT stop-gradient (as DESIGN.md fixes): with a stop-gradient the second term is
-    only a (1 + alpha) rescaling of the first, i.e. no pressure to differ. Without it, the
-    sub-policy that explains a data sequence best is held back by alpha * (n - 1) and the
-    others are pulled towards that sequence, spreading the sub-policies over the data modes.
+    The max is NOT stop-gradient (as DESIGN.md fixes): with a stop-gradient the disagreement
+    term is only a rescaling of the likelihood term. Without it, for every data sequence the
+    sub-policy that explains it best is pushed back (weight n - 1) and the others pulled in.
 
     subpolicy_chunks: (B, n, H, A) deterministic sequences, differentiable.
     data_chunks:      (B, H, A) dataset sequences; mask: (B, H) valid chunk positions.
-    Returns J for every sub-policy, shape (n,), per action dimension (divided by the number of
-    valid entries) so that its scale does not depend on H or act_dim.
+    Log-likelihoods are per action entry (divided by the number of valid entries) so that the
+    scale does not depend on H or act_dim.
     """
     log_probs = gaussian_log_prob(data_chunks.unsqueeze(1), subpolicy_chunks, std,
                                   event_dims=2, mask=mask[:, None, :, None])  # (B, n)
     entries = mask.sum(-1, keepdim=True) * data_chunks.shape[-1]  # (B, 1)
     log_probs = log_probs / entries
     best = log_probs.max(dim=1, keepdim=True).values
-    return log_probs.mean(0) + alpha * (log_probs - best).mean(0)
+    return log_probs.mean(0), (log_probs - best).mean(0)
+
+
+def subpolicy_objective(subpolicy_chunks: torch.Tensor, data_chunks: torch.Tensor,
+                        mask: torch.Tensor, alpha: float, std: float) -> torch.Tensor:
+    """Sub-policy objective J(pi_i) of DESIGN.md (Uni-O4's equation with whole sequences), (n,):
+
+        J(pi_i) = E_D[log pi_i(a|s)] + alpha * E_D[log pi_i(a|s) - max_j log pi_j(a|s)]
+
+    uepo_offline.py maximizes J through the diffusion model: the first term is the model's own
+    log-likelihood, whose tractable bound is the diffusion loss, and the Gaussian surrogate
+    enters only the second (see `subpolicy_terms`).
+    """
+    likelihood, disagreement = subpolicy_terms(subpolicy_chunks, data_chunks, mask, std)
+    return likelihood + alpha * disagreement

@@ -30,7 +30,7 @@ import tyro
 from torch.utils.tensorboard import SummaryWriter
 
 from diffusion import DiffusionPolicy, PolicyConfig
-from divergence import pairwise_divergence, subpolicy_objective
+from divergence import pairwise_divergence, subpolicy_terms
 from eval import evaluate_sub_policies, save_checkpoint
 
 
@@ -76,19 +76,21 @@ class Args:
     """std floor of every denoising step in stochastic use (chain likelihoods for PPO-style updates)"""
 
     # Divergence regularization
-    tau: float = 0.2
-    """divergence threshold: sub-policies closer than tau (min over partners) are perturbed. Chosen with
-    `--eta`: README, "Choosing tau and eta" (a sweep of the sampling-time perturbation on the stand-in data)"""
-    eta: float = 0.2
-    """largest perturbation std (at divergence 0), in [-1, 1] action units; 0 turns the perturbation off"""
+    tau: float = 0.7
+    """divergence threshold: a sub-policy closer than tau to another one (min over partners) is perturbed.
+    0.7 is about the median nearest divergence of unperturbed sub-policies on hopper-medium; with eta 0.1 it gave
+    the best mean sub-policy score in the sweep (README, "Choosing tau and eta"; benchmarks/perturbation_sweep.py)"""
+    eta: float = 0.1
+    """largest perturbation std (at divergence 0), in [-1, 1] action units; 0 turns the perturbation off.
+    0.5 degraded every sub-policy in the sweep, 0.1-0.2 helped"""
     kl_coef: float = 0.1
-    """alpha, weight of the disagreement term in the sub-policy objective J(pi_i); 0 turns J off"""
+    """alpha, weight of the disagreement term of the sub-policy objective J(pi_i) (Uni-O4's 0.1); 0 turns it off"""
     kl_every: int = 10
     """add the sub-policy objective to the loss every `kl_every` steps (it back-propagates through the whole DDIM chain)"""
     kl_batch_size: int = 64
     """states per sub-policy-objective step (a sub-batch of the diffusion batch)"""
     subpolicy_std: float = 1.0
-    """std of the Gaussian surrogate pi_i = N(mu_i(s), std^2 I) in J(pi_i); it only scales J (1.0 puts J on the scale of the diffusion loss)"""
+    """std of the Gaussian surrogate pi_i = N(mu_i(s), std^2 I) in J(pi_i); it only scales the term (1.0: half a squared error per entry)"""
 
     # Optimization
     total_steps: int = 400_000
@@ -105,6 +107,8 @@ class Args:
     """evaluate every sub-policy on the real environment every `eval_every` steps (and at the end)"""
     eval_episodes: int = 10
     """episodes per sub-policy and evaluation"""
+    action_steps: int | None = None
+    """actions of each chunk executed in evaluation before re-planning (default: all H; fewer = receding horizon)"""
     divergence_states: int = 256
     """dataset states on which the mean pairwise divergence of the sub-policies is measured"""
     log_every: int = 1000
@@ -291,7 +295,7 @@ if __name__ == "__main__":
         mean_divergence = (divergence.sum((-1, -2)) / max(n * (n - 1), 1)).mean().item()
         result = evaluate_sub_policies(policy, gym_env_id, args.eval_episodes, seed=args.seed * 1000,
                                        ref_min_score=ref_min_score, ref_max_score=ref_max_score,
-                                       max_episode_steps=max_episode_steps)
+                                       max_episode_steps=max_episode_steps, action_steps=args.action_steps)
         policy.train()
         scores = result["scores"].mean(1)
         for i, score in enumerate(scores):
@@ -325,14 +329,21 @@ if __name__ == "__main__":
         diffusion_loss = policy.loss(states[batch], chunks[batch], masks[batch])
         losses = {"diffusion": diffusion_loss}
 
-        # Sub-policy objective J(pi_i) (sequence-level disagreement regularization), through the
-        # deterministic DDIM chain of every sub-policy (with the adaptive perturbation inside).
+        # Sub-policy objective J(pi_i) = E[log pi_i] + alpha * E[log pi_i - max_j log pi_j]
+        # (DESIGN.md, sequence-level disagreement). Its first term is the diffusion model's own
+        # likelihood, which the diffusion loss above already maximizes (through its bound). The
+        # Gaussian surrogate pi_i = N(mu_i(s), std^2) around each deterministic sequence enters
+        # only the disagreement term, weighted alpha = --kl-coef. Why not also the first term:
+        # through a unimodal surrogate it is an MSE pull of every sub-policy towards the
+        # conditional mean, which undoes the multimodality that the diffusion policy is for
+        # (measured: README, "Reading of J"). Back-propagates through the deterministic DDIM
+        # chain of every sub-policy, with the adaptive perturbation inside.
         if args.kl_coef > 0 and args.n_subpolicies > 1 and step % args.kl_every == 0:
             sub_batch = batch[: args.kl_batch_size]
             subpolicy_chunks = policy.sample(states[sub_batch]).actions
-            objective = subpolicy_objective(subpolicy_chunks, chunks[sub_batch], masks[sub_batch],
-                                            alpha=args.kl_coef, std=args.subpolicy_std)
-            losses["subpolicy"] = -objective.mean()
+            _, disagreement = subpolicy_terms(subpolicy_chunks, chunks[sub_batch], masks[sub_batch],
+                                              std=args.subpolicy_std)
+            losses["subpolicy"] = -args.kl_coef * disagreement.mean()
 
         loss = sum(losses.values())
         for name, value in losses.items():
