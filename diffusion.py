@@ -334,6 +334,7 @@ class DiffusionPolicy(nn.Module):
         state. Stochastic: every step adds N(0, min_std^2) noise (the std floor), the chain is
         returned with its log-likelihood sum_k log N(x_{k'}; mu_theta(x_k, k, s), min_std^2).
         The deterministic sub-policy is the stochastic one with its noise set to zero.
+        `generator` (stochastic use) must live on the policy's device.
         """
         x = self.initial_noise(states.shape[0])
         chain, log_prob = [x], 0.0
