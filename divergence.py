@@ -70,6 +70,13 @@ def pairwise_divergence(chunks: torch.Tensor) -> torch.Tensor:
     return kinematic_divergence(chunks.unsqueeze(-3), chunks.unsqueeze(-4))
 
 
+def mean_pairwise_divergence(chunks: torch.Tensor) -> torch.Tensor:
+    """Mean divergence over the n(n-1) ordered pairs of distinct sub-policies: (..., n, H, A) -> (...).
+    The diversity statistic logged during training (0 for a single sub-policy)."""
+    n = chunks.shape[-3]
+    return pairwise_divergence(chunks).sum((-1, -2)) / max(n * (n - 1), 1)
+
+
 def nearest_divergence(chunks: torch.Tensor) -> torch.Tensor:
     """d_i = min_{j != i} div(a_i, a_j) for every sub-policy i: (..., n, H, A) -> (..., n).
 

@@ -23,6 +23,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Literal
 
+import gymnasium as gym
 import minari
 import numpy as np
 import torch
@@ -30,7 +31,7 @@ import tyro
 from torch.utils.tensorboard import SummaryWriter
 
 from diffusion import DiffusionPolicy, PolicyConfig
-from divergence import pairwise_divergence, subpolicy_terms
+from divergence import mean_pairwise_divergence, subpolicy_terms
 from eval import evaluate_sub_policies, save_checkpoint
 
 
@@ -238,10 +239,16 @@ if __name__ == "__main__":
     if args.eta > 0 and args.n_subpolicies > 1 and args.horizon < 3:
         fail("the kinematic divergence needs --horizon >= 3 (velocity and acceleration); "
              "use --eta 0 for shorter chunks")
+    if args.action_steps is not None and not 1 <= args.action_steps <= args.horizon:
+        fail(f"--action-steps must be between 1 and --horizon ({args.horizon}), got {args.action_steps}")
     try:
         dataset, dataset_id, ref_min_score, ref_max_score = load_dataset(args.env_id, args.dataset_id)
     except DatasetError as error:
         fail(str(error))
+    if not (isinstance(dataset.observation_space, gym.spaces.Box) and isinstance(dataset.action_space, gym.spaces.Box)
+            and len(dataset.observation_space.shape) == 1 and len(dataset.action_space.shape) == 1):
+        fail(f"{dataset_id} has observation space {dataset.observation_space} and action space "
+             f"{dataset.action_space}; this implementation needs flat Box spaces (state vectors, continuous actions)")
     gym_env_id = dataset.spec.env_spec.id
     max_episode_steps = dataset.spec.env_spec.max_episode_steps  # evaluate under the data's time limit
     env_name = args.env_id if args.dataset_id is None else dataset_id.replace("/", "-")
@@ -290,9 +297,8 @@ if __name__ == "__main__":
         (on fixed dataset states), logged; then the atomic checkpoint."""
         policy.eval()
         with torch.no_grad():
-            divergence = pairwise_divergence(policy.sample(states[divergence_index]).actions)
-        n = args.n_subpolicies
-        mean_divergence = (divergence.sum((-1, -2)) / max(n * (n - 1), 1)).mean().item()
+            actions = policy.sample(states[divergence_index]).actions
+        mean_divergence = mean_pairwise_divergence(actions).mean().item()
         result = evaluate_sub_policies(policy, gym_env_id, args.eval_episodes, seed=args.seed * 1000,
                                        ref_min_score=ref_min_score, ref_max_score=ref_max_score,
                                        max_episode_steps=max_episode_steps, action_steps=args.action_steps)

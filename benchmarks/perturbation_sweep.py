@@ -21,7 +21,7 @@ import tyro
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from diffusion import DiffusionPolicy  # noqa: E402
-from divergence import nearest_divergence, pairwise_divergence  # noqa: E402
+from divergence import mean_pairwise_divergence, nearest_divergence  # noqa: E402
 from eval import evaluate_sub_policies, load_checkpoint  # noqa: E402
 from uepo_offline import chunk_dataset  # noqa: E402
 
@@ -45,9 +45,7 @@ class Args:
 def divergence_stats(policy, states):
     with torch.no_grad():
         actions = policy.sample(states).actions
-    n = actions.shape[1]
-    pairwise = pairwise_divergence(actions).sum((-1, -2)) / (n * (n - 1))
-    return pairwise.mean().item(), nearest_divergence(actions)
+    return mean_pairwise_divergence(actions).mean().item(), nearest_divergence(actions)
 
 
 if __name__ == "__main__":

@@ -8,8 +8,8 @@ import torch
 from torch.distributions import Independent, Normal, kl_divergence
 
 from divergence import (acceleration, adaptive_perturbation_std, gaussian_kl, gaussian_log_prob,
-                        kinematic_divergence, nearest_divergence, pairwise_divergence,
-                        subpolicy_objective, velocity)
+                        kinematic_divergence, mean_pairwise_divergence, nearest_divergence,
+                        pairwise_divergence, subpolicy_objective, velocity)
 
 
 def ramp(horizon, slope, curvature=0.0, act_dim=2, offset=0.0):
@@ -280,3 +280,14 @@ def test_subpolicy_objective_max_is_not_stop_gradient():
     # (1 + alpha - n * alpha) * g for the best one (held back) and (1 + alpha) * g for the others.
     torch.testing.assert_close(best, (1 + alpha - n * alpha) * grads[0.0][:, 0])
     torch.testing.assert_close(rest, (1 + alpha) * grads[0.0][:, 1:])
+
+
+def test_mean_pairwise_divergence_is_the_off_diagonal_mean():
+    """The logged diversity statistic averages the n(n-1) off-diagonal entries; 0 for one sub-policy."""
+    torch.manual_seed(0)
+    chunks = torch.randn(5, 4, 6, 2)
+    matrix = pairwise_divergence(chunks)
+    off_diagonal = ~torch.eye(4, dtype=torch.bool)
+    expected = torch.stack([m[off_diagonal].mean() for m in matrix])
+    torch.testing.assert_close(mean_pairwise_divergence(chunks), expected)
+    assert torch.equal(mean_pairwise_divergence(chunks[:, :1]), torch.zeros(5))
