@@ -1,0 +1,511 @@
+"""Learned dynamics model of UEPO (paper component 3), as fixed in DESIGN.md, "Dynamics model and
+diffusion augmentation". It is the simulator of the offline phase: the augmentation rolls the
+sub-policies through it, and OPE (AM-Q) scores them in it. The real environment is never
+stepped offline.
+
+Reading order:
+1. `EnsembleLinear`   - one linear layer for all ensemble members at once (batched matmul).
+2. `EnsembleDynamics` - the probabilistic ensemble T_m(s' - s, r | s, a), m = 1..M
+   (MOPO / MOBILE / Uni-O4, the paper's appendix B.2.5):
+   - `set_input_statistics`: frozen standardization of the (s, a) inputs;
+   - `forward`: mean and soft-clamped log-variance of (s' - s, r) for every member;
+   - `member_nll`, `loss`: the Gaussian NLL per member and the training objective
+     (NLL + log-variance bound term + per-layer weight decay);
+   - `holdout_mse`, `select_elites`: the `num_elites` best members on a hold-out split;
+   - `predict`, `sample_step`: one environment step in raw units (s' = s + delta);
+   - `disagreement`: mean pairwise KL(T_m || T_m') between the elites, the statistic of the
+     augmentation filter.
+3. `holdout_split` - B.2.5's hold-out of min(20%, 1000) transitions.
+4. Termination rules - `task_of_env_id`, `termination_fn`: Gymnasium v5 health rules applied to
+   (predicted) observations.
+5. `ChunkCritics`, `expectile_loss`, `chunk_td_target`, `iql_losses`, `soft_update` - the
+   chunk-level IQL critics Q(s, a_{t:t+H}) and V(s) whose Q is the "Q" of AM-Q.
+6. `am_q_ope` - AM-Q offline policy evaluation: a policy's chunks rolled through the model,
+   scored by the mean Q over the visited (state, chunk) pairs.
+
+Units and shapes: S = obs_dim, A = act_dim, M = members, E = elites, B = batch. Every tensor
+method takes and returns raw environment units (the standardization is internal). The model
+is per environment step: a chunk of H actions is applied by the caller one action at a time.
+"""
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from divergence import gaussian_kl
+
+# MOBILE's per-layer weight decays (B.2.5): 4 hidden layers, then the output layer.
+MOBILE_WEIGHT_DECAYS = (2.5e-5, 5e-5, 7.5e-5, 7.5e-5, 1e-4)
+# Coefficient of the term that keeps the learnable log-variance bounds tight (MOPO/PETS code).
+LOGVAR_BOUND_COEF = 0.01
+# Initial log-variance bounds (PETS/MBPO/MOBILE code): std in [exp(-5), exp(0.25)] at the start.
+INITIAL_MAX_LOGVAR, INITIAL_MIN_LOGVAR = 0.5, -10.0
+# Standardization of the inputs: dataset mean and std + eps, the project's convention for
+# states (uepo_offline.state_statistics); the eps keeps a constant input dimension finite.
+INPUT_STD_EPS = 1e-3
+LOG_2PI = math.log(2.0 * math.pi)
+
+
+# --------------------------------------------------------------------------------------------
+# The probabilistic ensemble
+# --------------------------------------------------------------------------------------------
+class EnsembleLinear(nn.Module):
+    """M independent linear layers evaluated in one batched matmul: (M, B, in) -> (M, B, out).
+
+    Weights (M, in, out), initialized as MBPO/MOBILE do (truncated normal, std 1 / (2 sqrt(in)),
+    cut at 2 std); biases (M, 1, out), zero.
+    """
+
+    def __init__(self, num_members: int, in_dim: int, out_dim: int):
+        super().__init__()
+        std = 1.0 / (2.0 * math.sqrt(in_dim))
+        self.weight = nn.Parameter(torch.empty(num_members, in_dim, out_dim))
+        nn.init.trunc_normal_(self.weight, std=std, a=-2.0 * std, b=2.0 * std)
+        self.bias = nn.Parameter(torch.zeros(num_members, 1, out_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.baddbmm(self.bias, x, self.weight)
+
+
+@dataclass
+class EnsemblePrediction:
+    """Per-member Gaussian over the next step, raw units (output of `EnsembleDynamics.predict`)."""
+    next_states: torch.Tensor     # (M, B, S) mean of s' = s + mean of (s' - s)
+    rewards: torch.Tensor         # (M, B)    mean of r
+    next_state_std: torch.Tensor  # (M, B, S) std of s' (= std of s' - s: s is given)
+    reward_std: torch.Tensor      # (M, B)
+
+
+class EnsembleDynamics(nn.Module):
+    """Probabilistic ensemble of M Gaussian MLPs T_m(s' - s, r | s, a) (DESIGN.md; B.2.5).
+
+    Each member: [s, a] standardized -> `num_layers` x `hidden_dim` SiLU -> mean and log-variance
+    of the (S + 1)-dim target (s' - s, r). All members run in one pass (`EnsembleLinear`).
+
+    Choices where the paper and DESIGN.md are silent:
+    - Targets are raw (s' - s, r), not standardized, as in the MOPO/MOBILE/Uni-O4 code. The
+      learned variance already weighs each target dimension; `holdout_mse` is in the same raw
+      units (so fast dimensions, the velocities, dominate the choice of elites, as there).
+    - Every member sees the same batch by default: the dynamics update sits inside the one
+      offline loop on batches that mix real and synthetic transitions (DESIGN.md), and members
+      differ through their independent initializations (deep ensembles). MOPO/MOBILE train each
+      member on its own bootstrap resample; a caller who wants that passes inputs with a
+      leading member axis, (M, B, .), and each member then fits its own rows.
+    - The log-variance bounds are one (S + 1) vector shared by all members (MBPO/MOBILE code).
+    - Only `forward`, `member_nll` and `loss` carry gradients; `predict`, `sample_step`,
+      `disagreement`, `holdout_mse` and `select_elites` use the model as a simulator (no_grad).
+    """
+
+    def __init__(self, obs_dim: int, act_dim: int, num_members: int = 7, num_elites: int = 5,
+                 hidden_dim: int = 200, num_layers: int = 4,
+                 weight_decays: tuple[float, ...] | None = None):
+        super().__init__()
+        if not 1 <= num_elites <= num_members:
+            raise ValueError(f"need 1 <= num_elites <= num_members, got {num_elites} and {num_members}")
+        if weight_decays is None:
+            if num_layers != len(MOBILE_WEIGHT_DECAYS) - 1:
+                raise ValueError(f"MOBILE's weight decays are for 4 hidden layers; with num_layers="
+                                 f"{num_layers} pass weight_decays with {num_layers + 1} entries")
+            weight_decays = MOBILE_WEIGHT_DECAYS
+        if len(weight_decays) != num_layers + 1:
+            raise ValueError(f"weight_decays needs one entry per layer ({num_layers + 1}), "
+                             f"got {len(weight_decays)}")
+        self.obs_dim, self.act_dim = obs_dim, act_dim
+        self.num_members, self.num_elites = num_members, num_elites
+        self.hidden_dim, self.num_layers = hidden_dim, num_layers
+        self.weight_decays = tuple(float(w) for w in weight_decays)
+
+        target_dim = obs_dim + 1  # (s' - s, r)
+        widths = [obs_dim + act_dim] + [hidden_dim] * num_layers + [2 * target_dim]
+        self.layers = nn.ModuleList(EnsembleLinear(num_members, w_in, w_out)
+                                    for w_in, w_out in zip(widths[:-1], widths[1:]))
+        self.activation = nn.SiLU()
+        # Learnable log-variance bounds (PETS/MOPO): the soft clamp in `bounded_logvar` keeps
+        # every predicted log-variance inside them; the loss keeps them tight.
+        self.max_logvar = nn.Parameter(torch.full((target_dim,), INITIAL_MAX_LOGVAR))
+        self.min_logvar = nn.Parameter(torch.full((target_dim,), INITIAL_MIN_LOGVAR))
+        # Input standardization (identity until `set_input_statistics`) and the elites; buffers,
+        # so they travel with the state dict.
+        self.register_buffer("input_mean", torch.zeros(obs_dim + act_dim))
+        self.register_buffer("input_std", torch.ones(obs_dim + act_dim))
+        self.register_buffer("elite_indices", torch.arange(num_elites))
+
+    def constructor_kwargs(self) -> dict:
+        """Everything needed to rebuild the model (for checkpoints), with the state dict."""
+        return dict(obs_dim=self.obs_dim, act_dim=self.act_dim, num_members=self.num_members,
+                    num_elites=self.num_elites, hidden_dim=self.hidden_dim,
+                    num_layers=self.num_layers, weight_decays=self.weight_decays)
+
+    # ---- inputs and targets ----------------------------------------------------------------
+    @torch.no_grad()
+    def set_input_statistics(self, states, actions) -> None:
+        """Freeze the input standardization to the mean and std (+ INPUT_STD_EPS) of [s, a] over
+        the given transitions (numpy or torch, (N, S) and (N, A)); B.2.5: inputs are standardized.
+        Called once on the real training split; synthetic data does not move it."""
+        inputs = torch.cat([torch.as_tensor(states).to(torch.float64).cpu(),
+                            torch.as_tensor(actions).to(torch.float64).cpu()], dim=-1)
+        self.input_mean.copy_(inputs.mean(0))
+        self.input_std.copy_(inputs.std(0, correction=0) + INPUT_STD_EPS)
+
+    def targets(self, states, next_states, rewards) -> torch.Tensor:
+        """The regression target (s' - s, r): (..., S + 1), raw units."""
+        return torch.cat([next_states - states, rewards.unsqueeze(-1)], dim=-1)
+
+    def bounded_logvar(self, raw_logvar: torch.Tensor) -> torch.Tensor:
+        """Soft clamp of PETS/MOPO: smooth and monotone, >= min_logvar, and <= max_logvar up to
+        the softplus tail log(1 + exp(min_logvar - max_logvar)) (3e-5 at the initial bounds)."""
+        logvar = self.max_logvar - F.softplus(self.max_logvar - raw_logvar)
+        return self.min_logvar + F.softplus(logvar - self.min_logvar)
+
+    def forward(self, states: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and log-variance of (s' - s, r) for every member, each (M, B, S + 1).
+
+        states (B, S) and actions (B, A), raw units, give every member the same rows;
+        (M, B, S) and (M, B, A) give member m its own rows (e.g. bootstrap resamples).
+        """
+        inputs = (torch.cat([states, actions], dim=-1) - self.input_mean) / self.input_std
+        if inputs.dim() == 2:
+            inputs = inputs.unsqueeze(0).expand(self.num_members, -1, -1)
+        h = inputs
+        for layer in self.layers[:-1]:
+            h = self.activation(layer(h))
+        mean, raw_logvar = self.layers[-1](h).chunk(2, dim=-1)
+        return mean, self.bounded_logvar(raw_logvar)
+
+    # ---- training ----------------------------------------------------------------------------
+    def member_nll(self, states, actions, next_states, rewards) -> torch.Tensor:
+        """Gaussian negative log-likelihood -log T_m(s' - s, r | s, a) per member, (M,).
+
+        Averaged over the batch and over the S + 1 target entries (nats per entry), with the
+        log(2 pi) constant, so that it is a true NLL and comparable across data sets of one task.
+        Inputs (B, .) or (M, B, .) as in `forward`; rewards (B,) or (M, B).
+        """
+        mean, logvar = self(states, actions)
+        squared_error = (mean - self.targets(states, next_states, rewards)) ** 2
+        nll = 0.5 * (squared_error * torch.exp(-logvar) + logvar + LOG_2PI)
+        return nll.mean(dim=(-2, -1))
+
+    def weight_decay_loss(self) -> torch.Tensor:
+        """MOBILE's per-layer L2 penalty, sum_l decay_l * 0.5 * ||W_l||^2 over all members'
+        weights (biases are not decayed). Included in `loss`; exposed for logging."""
+        return sum(decay * 0.5 * (layer.weight ** 2).sum()
+                   for decay, layer in zip(self.weight_decays, self.layers))
+
+    def logvar_bound_loss(self) -> torch.Tensor:
+        """0.01 * (sum max_logvar - sum min_logvar): pulls the bounds together, so that the
+        variance is only as free as the data needs (MOPO/PETS). Included in `loss`."""
+        return LOGVAR_BOUND_COEF * (self.max_logvar.sum() - self.min_logvar.sum())
+
+    def loss(self, states, actions, next_states, rewards) -> torch.Tensor:
+        """The training objective (scalar), MOBILE's exactly up to a positive scale and a constant:
+
+            mean_m NLL_m + (weight_decay_loss + logvar_bound_loss) / (2 M)
+
+        MOBILE's code minimizes sum_m mean[(mu - y)^2 / var + log var] + decay + 0.01 * bounds,
+        i.e. sum_m (2 NLL_m - log 2 pi) + decay + 0.01 * bounds; dividing by 2M gives the line
+        above. Adam is invariant to the scale, so the updates are MOBILE's, while the printed
+        number is a per-member, per-entry NLL. (Adding the 0.01 bound term at full weight to a
+        *mean* over members would make it 14x stronger than in MOBILE.)
+        """
+        regularizer = self.weight_decay_loss() + self.logvar_bound_loss()
+        return (self.member_nll(states, actions, next_states, rewards).mean()
+                + regularizer / (2 * self.num_members))
+
+    # ---- elites --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def holdout_mse(self, states, actions, next_states, rewards) -> torch.Tensor:
+        """Mean squared error of each member's mean prediction of (s' - s, r), raw units, averaged
+        over the batch and the S + 1 entries: (M,). The validation metric of MOBILE's code."""
+        mean, _ = self(states, actions)
+        return ((mean - self.targets(states, next_states, rewards)) ** 2).mean(dim=(-2, -1))
+
+    @torch.no_grad()
+    def select_elites(self, states, actions, next_states, rewards) -> torch.Tensor:
+        """Set `elite_indices` to the `num_elites` members with the lowest `holdout_mse` on the
+        given (hold-out) transitions, best first. Returns the (M,) hold-out MSE."""
+        mse = self.holdout_mse(states, actions, next_states, rewards)
+        self.elite_indices.copy_(torch.argsort(mse)[:self.num_elites])
+        return mse
+
+    # ---- using the model -------------------------------------------------------------------------
+    @torch.no_grad()
+    def predict(self, states: torch.Tensor, actions: torch.Tensor) -> EnsemblePrediction:
+        """Every member's Gaussian over (s', r) in raw units; states (B, S), actions (B, A)."""
+        mean, logvar = self(states, actions)
+        std = torch.exp(0.5 * logvar)
+        s = self.obs_dim
+        return EnsemblePrediction(next_states=states + mean[..., :s], rewards=mean[..., s],
+                                  next_state_std=std[..., :s], reward_std=std[..., s])
+
+    def random_elites(self, batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """One elite member index per row, uniformly (B.2.5: a random elite at each step): (B,)."""
+        picks = torch.randint(self.num_elites, (batch,), generator=generator,
+                              device=self.elite_indices.device)
+        return self.elite_indices[picks]
+
+    @torch.no_grad()
+    def sample_step(self, states: torch.Tensor, actions: torch.Tensor,
+                    generator: torch.Generator | None = None, deterministic: bool = False,
+                    members: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One model step: next_states (B, S) and rewards (B,), raw units.
+
+        Row b uses member `members[b]` (default: a random elite per row, `random_elites`) and
+        draws from its Gaussian, or takes its mean with `deterministic=True` (OPE rollouts).
+        Terminations are not decided here: apply `termination_fn(task)` to next_states.
+        `generator` (member choice and noise) must live on the model's device.
+        """
+        batch = states.shape[0]
+        if members is None:
+            members = self.random_elites(batch, generator)
+        mean, logvar = self(states, actions)  # all members in one pass, then one row each
+        rows = torch.arange(batch, device=states.device)
+        outcome = mean[members, rows]
+        if not deterministic:
+            noise = torch.randn(outcome.shape, generator=generator, device=outcome.device,
+                                dtype=outcome.dtype)
+            outcome = outcome + torch.exp(0.5 * logvar[members, rows]) * noise
+        return states + outcome[:, :self.obs_dim], outcome[:, self.obs_dim]
+
+    @torch.no_grad()
+    def disagreement(self, states: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """Ensemble disagreement of DESIGN.md's augmentation filter, (B,):
+
+            mean over ordered pairs m != m' of the elites of KL(T_m(.|s,a) || T_m'(.|s,a)),
+
+        each KL between the diagonal Gaussians over (s' - s, r), summed over the S + 1 entries.
+        Elites only (choice): the model steps with elites, so their spread is the uncertainty of
+        what the rollouts see; non-elites are the members judged worst on held-out data. The KL is
+        invariant to the shift by s and to any per-entry rescaling, so it has no units. 0 with a
+        single elite (no pair). Memory: E^2 x B x (S + 1) floats.
+        """
+        mean, logvar = self(states, actions)
+        mean, std = mean[self.elite_indices], torch.exp(0.5 * logvar[self.elite_indices])
+        num = mean.shape[0]
+        if num < 2:
+            return torch.zeros(states.shape[0], dtype=mean.dtype, device=mean.device)
+        kl = gaussian_kl(mean[:, None], std[:, None], mean[None], std[None], event_dims=1)  # (E, E, B)
+        off_diagonal = ~torch.eye(num, dtype=torch.bool, device=kl.device)
+        return kl[off_diagonal].sum(0) / (num * (num - 1))
+
+
+def holdout_split(num_transitions: int, generator: torch.Generator | None = None,
+                  fraction: float = 0.2, max_holdout: int = 1000) -> tuple[torch.Tensor, torch.Tensor]:
+    """B.2.5's split: min(20%, 1000) random transitions held out for elites and early stopping.
+    Returns (train_indices, holdout_indices), disjoint, covering 0..N-1."""
+    size = min(int(num_transitions * fraction), max_holdout)
+    if size < 1:
+        raise ValueError(f"{num_transitions} transitions leave no hold-out split (fraction {fraction})")
+    order = torch.randperm(num_transitions, generator=generator)
+    return order[size:], order[:size]
+
+
+# --------------------------------------------------------------------------------------------
+# Termination rules (Gymnasium v5, default arguments), on observations
+# --------------------------------------------------------------------------------------------
+# Each rule maps next observations (..., S), numpy or torch, to a bool array / tensor (...),
+# True where Gymnasium's `terminated` would be True. The rules read the observation, because a
+# model rollout has nothing else: Gymnasium itself checks qpos/qvel. With the default
+# exclude_current_positions_from_observation=True, observation = (qpos[1:], qvel) for hopper and
+# walker2d (qvel clipped to [-10, 10] in the observation) and (qpos[2:], qvel, cfrc_ext) for ant,
+# so obs[0] is the torso height qpos[1] (ant: qpos[2]) and obs[1] the torso angle qpos[2].
+# The bounds are the v5 defaults; strict or inclusive as in the source.
+
+def _backend(next_obs):
+    return torch if isinstance(next_obs, torch.Tensor) else np
+
+
+def _check_obs_dim(next_obs, task: str, dims: tuple[int, ...]) -> None:
+    # A wrong size means another observation layout (e.g. positions included): the indices
+    # below would then read the wrong entries silently.
+    if next_obs.shape[-1] not in dims:
+        raise ValueError(f"{task} termination rule expects observations of size "
+                         f"{' or '.join(map(str, dims))} (Gymnasium v5 defaults), got {next_obs.shape[-1]}")
+
+
+def hopper_terminated(next_obs):
+    """Hopper-v5: healthy iff every entry of state_vector()[2:] = (qpos[2:], qvel) is in
+    (-100, 100), z = qpos[1] in (0.7, inf) and angle = qpos[2] in (-0.2, 0.2), all strict.
+
+    The one gap: Gymnasium checks the *unclipped* qvel against +-100, the observation holds qvel
+    clipped to +-10, so a joint or body moving at >= 100 (a terminated step in the real env)
+    looks healthy here. The observations cannot tell; the rule applies the range to obs[1:]
+    as Gymnasium does to its state, which is exact for every state with |qvel| < 100 (random
+    policies stay below 10). The model learns the clipped observations, so it never predicts
+    such velocities either.
+    """
+    _check_obs_dim(next_obs, "hopper", (11,))
+    z, angle, rest = next_obs[..., 0], next_obs[..., 1], next_obs[..., 1:]
+    healthy_state = ((rest > -100.0) & (rest < 100.0)).all(-1)
+    healthy = healthy_state & (z > 0.7) & (z < math.inf) & (angle > -0.2) & (angle < 0.2)
+    return ~healthy
+
+
+def walker2d_terminated(next_obs):
+    """Walker2d-v5: healthy iff z = qpos[1] in (0.8, 2.0) and angle = qpos[2] in (-1, 1), strict.
+    Both are observed exactly, so the rule is exact."""
+    _check_obs_dim(next_obs, "walker2d", (17,))
+    z, angle = next_obs[..., 0], next_obs[..., 1]
+    return ~((z > 0.8) & (z < 2.0) & (angle > -1.0) & (angle < 1.0))
+
+
+def ant_terminated(next_obs):
+    """Ant-v5: healthy iff state_vector() = (qpos, qvel) is finite and z = qpos[2] in [0.2, 1.0]
+    (inclusive). Observation of size 105 (with contact forces, the default) or 27 (without).
+
+    The finiteness check covers the whole observation: it misses a non-finite x/y position
+    (not observed; MuJoCo's state would be non-finite everywhere by then) and adds the contact
+    forces (finite whenever the state is). A model rollout should stop at any non-finite entry.
+    """
+    _check_obs_dim(next_obs, "ant", (105, 27))
+    z = next_obs[..., 0]
+    healthy = _backend(next_obs).isfinite(next_obs).all(-1) & (z >= 0.2) & (z <= 1.0)
+    return ~healthy
+
+
+def halfcheetah_terminated(next_obs):
+    """HalfCheetah-v5 never terminates (only the time limit ends an episode)."""
+    _check_obs_dim(next_obs, "halfcheetah", (17,))
+    if isinstance(next_obs, torch.Tensor):
+        return torch.zeros(next_obs.shape[:-1], dtype=torch.bool, device=next_obs.device)
+    return np.zeros(next_obs.shape[:-1], dtype=bool)
+
+
+TERMINATION_RULES: dict[str, Callable] = {
+    "hopper": hopper_terminated,
+    "walker2d": walker2d_terminated,
+    "ant": ant_terminated,
+    "halfcheetah": halfcheetah_terminated,
+}
+
+
+def task_of_env_id(env_id: str) -> str:
+    """Gymnasium id -> task name of TERMINATION_RULES: "Hopper-v5" -> "hopper",
+    "HalfCheetah-v5" -> "halfcheetah" (namespace and version dropped, lower case)."""
+    return re.sub(r"-v\d+$", "", env_id.split("/")[-1]).lower()
+
+
+def termination_fn(task: str) -> Callable:
+    """The termination rule of `task` (see TERMINATION_RULES): next_obs (..., S) -> bool (...)."""
+    if task not in TERMINATION_RULES:
+        raise ValueError(
+            f"no termination rule for task {task!r}; supported tasks: {', '.join(TERMINATION_RULES)}. "
+            "To add one, write a function next_obs -> bool that reproduces the environment's "
+            "`terminated` from its observation (read its is_healthy / step source) and register "
+            "it in TERMINATION_RULES in dynamics.py, with a test against the real environment.")
+    return TERMINATION_RULES[task]
+
+
+# --------------------------------------------------------------------------------------------
+# Chunk-level IQL critics (DESIGN.md, "The offline loop, critics and improvement")
+# --------------------------------------------------------------------------------------------
+def mlp(in_dim: int, hidden: int, layers: int, out_dim: int) -> nn.Sequential:
+    blocks, width = [], in_dim
+    for _ in range(layers):
+        blocks += [nn.Linear(width, hidden), nn.ReLU()]
+        width = hidden
+    return nn.Sequential(*blocks, nn.Linear(width, out_dim))
+
+
+class ChunkCritics(nn.Module):
+    """Q(s_t, a_{t:t+H}) with two heads (the min is used) and V(s_t), on normalized states and
+    chunks scaled to [-1, 1]. s_t is the current state alone (the Markov state): the history the
+    policy conditions on helps it act, not the value of where it is.
+
+    Sizes (paper silent): 3 x 256 ReLU for each network, IQL's own for locomotion.
+    """
+
+    def __init__(self, obs_dim: int, act_dim: int, horizon: int, hidden: int = 256, layers: int = 3):
+        super().__init__()
+        chunk_dim = horizon * act_dim
+        self.q1 = mlp(obs_dim + chunk_dim, hidden, layers, 1)
+        self.q2 = mlp(obs_dim + chunk_dim, hidden, layers, 1)
+        self.v = mlp(obs_dim, hidden, layers, 1)
+
+    def q_heads(self, states: torch.Tensor, chunks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        inputs = torch.cat([states, chunks.flatten(1)], dim=-1)
+        return self.q1(inputs).squeeze(-1), self.q2(inputs).squeeze(-1)
+
+    def q(self, states: torch.Tensor, chunks: torch.Tensor) -> torch.Tensor:
+        """min of the two heads (clipped double Q), (B,)."""
+        return torch.minimum(*self.q_heads(states, chunks))
+
+    def value(self, states: torch.Tensor) -> torch.Tensor:
+        return self.v(states).squeeze(-1)
+
+
+def expectile_loss(differences: torch.Tensor, expectile: float) -> torch.Tensor:
+    """IQL's asymmetric squared loss L_tau(u) = |tau - 1(u < 0)| u^2, averaged; u = Q - V.
+    With tau > 0.5, V is pushed towards an upper expectile of Q over the data's actions."""
+    weight = torch.where(differences < 0, 1.0 - expectile, expectile)
+    return (weight * differences ** 2).mean()
+
+
+def chunk_td_target(rewards, dones, chunk_lengths, next_values, gamma: float) -> torch.Tensor:
+    """R_t^H + gamma^L (1 - done) V(s_{t+L}), L = the chunk's real steps (H, or fewer where the
+    episode ends sooner). Terminations end the return; time-limit truncations bootstrap."""
+    return rewards + gamma ** chunk_lengths * (1.0 - dones) * next_values
+
+
+def iql_losses(critics: ChunkCritics, target_critics: ChunkCritics, states, chunks, rewards,
+               next_states, dones, chunk_lengths, gamma: float, expectile: float) -> dict:
+    """One IQL step on chunks (Kostrikov et al. 2022, with a_{t:t+H} as the action):
+
+        V:  expectile regression of V(s) on min_k Q_target_k(s, a_{t:t+H})
+        Q:  each head to  R_t^H + gamma^L (1 - done) V(s_{t+L}),  L = real steps in the chunk
+            (H except where the episode ends sooner; DESIGN.md writes gamma^H for whole chunks)
+    Returns {"value": ..., "q": ...}; the caller adds them and steps one optimizer.
+    """
+    with torch.no_grad():
+        target_q = target_critics.q(states, chunks)
+        q_target = chunk_td_target(rewards, dones, chunk_lengths, critics.value(next_states), gamma)
+    value_loss = expectile_loss(target_q - critics.value(states), expectile)
+    q1, q2 = critics.q_heads(states, chunks)
+    q_loss = ((q1 - q_target) ** 2).mean() + ((q2 - q_target) ** 2).mean()
+    return {"value": value_loss, "q": q_loss}
+
+
+@torch.no_grad()
+def soft_update(target: nn.Module, source: nn.Module, rate: float) -> None:
+    """Polyak averaging of the target critics (IQL: rate 0.005)."""
+    for target_param, param in zip(target.parameters(), source.parameters()):
+        target_param.lerp_(param, rate)
+
+
+# --------------------------------------------------------------------------------------------
+# AM-Q offline policy evaluation (Uni-O4; DESIGN.md, "Dynamics model and diffusion augmentation")
+# --------------------------------------------------------------------------------------------
+@torch.no_grad()
+def am_q_ope(chunk_policy, q_function, dynamics, is_terminal, start_histories: torch.Tensor,
+             num_steps: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """AM-Q: roll a deterministic chunk policy through the learned model and average Q.
+
+    From every start history (N, To, S) (raw dataset states), the policy's chunk is applied
+    step by step through `dynamics.sample_step` (a random elite per row) for `num_steps`
+    environment steps in whole chunks; a rollout stops counting at its first predicted
+    termination. The score is the mean of Q over every visited (state, chunk) pair of live
+    rollouts: Uni-O4's estimate, no discount, no penalty.
+
+    chunk_policy: (N, To, S) raw histories -> (N, H, A) chunks in environment units.
+    q_function:   ((N, S) raw states, (N, H, A) chunks) -> (N,).
+    is_terminal:  (N, S) raw next states -> (N,) bool (the task's termination rule).
+    """
+    histories = start_histories.clone()
+    alive = torch.ones(len(histories), dtype=torch.bool, device=histories.device)
+    q_total, visits, steps = 0.0, 0, 0
+    while steps < num_steps and alive.any():
+        chunks = chunk_policy(histories)
+        q = q_function(histories[:, -1], chunks)
+        q_total = q_total + q[alive].sum()
+        visits += int(alive.sum())
+        for action in chunks.unbind(dim=1):
+            next_states, _ = dynamics.sample_step(histories[:, -1], action, generator=generator)
+            alive &= ~torch.as_tensor(is_terminal(next_states), device=alive.device)
+            histories = torch.cat([histories[:, 1:], next_states[:, None]], dim=1)
+        steps += chunks.shape[1]
+    return q_total / visits
