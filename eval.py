@@ -71,6 +71,23 @@ def evaluate_sub_policies(policy, env_id: str, episodes: int, seed: int, ref_min
             "scores": normalized_score(returns, ref_min_score, ref_max_score)}
 
 
+def spearman_correlation(x, y) -> float:
+    """Rank correlation of two score vectors (ties get their average rank), e.g. OPE against real scores."""
+    def ranks(values):
+        values = np.asarray(values, dtype=np.float64)
+        order = np.argsort(values, kind="stable")
+        result = np.empty(len(values))
+        result[order] = np.arange(len(values))
+        for value in np.unique(values):  # average rank for ties
+            tied = values == value
+            result[tied] = result[tied].mean()
+        return result
+    rank_x, rank_y = ranks(x), ranks(y)
+    if rank_x.std() == 0 or rank_y.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(rank_x, rank_y)[0, 1])
+
+
 def save_checkpoint(checkpoint: dict, path: str) -> None:
     """Write to a temporary file in the same folder, then rename: a crash mid-write never
     leaves a broken checkpoint under `path` (os.replace is atomic on one filesystem)."""

@@ -9,13 +9,18 @@
 2. One training loop over `--total-steps` gradient steps: the diffusion loss of the
    multi-seed diffusion policy (diffusion.py) plus, every `--kl-every` steps, the sub-policy
    objective J(pi_i) of the divergence regularization (divergence.py); the adaptive
-   perturbation acts inside the sampler. Every `--eval-every` steps: the normalized score of
-   every sub-policy on the real environment and their mean pairwise kinematic divergence.
+   perturbation acts inside the sampler. With `--ope`, the same loop also trains the
+   chunk-level IQL critics and the dynamics ensemble (dynamics.py). Every `--eval-every`
+   steps: the normalized score of every sub-policy on the real environment, their mean
+   pairwise kinematic divergence and, with `--ope`, their AM-Q scores next to the real ones.
 3. An atomic checkpoint under runs/{run_name}/offline.pt that uepo_online.py and eval.py load.
 
+Not yet here (DESIGN.md, issue "Offline UEPO, part 2"): the diffusion augmentation of the
+dynamics model's data and the OPE-gated improvement of the best sub-policies.
 Design choices are fixed in DESIGN.md (beside this project) and listed in the README.
 """
 
+import copy
 import os
 import random
 import sys
@@ -32,7 +37,9 @@ from torch.utils.tensorboard import SummaryWriter
 
 from diffusion import DiffusionPolicy, PolicyConfig
 from divergence import mean_pairwise_divergence, subpolicy_terms
-from eval import evaluate_sub_policies, save_checkpoint
+from dynamics import (ChunkCritics, EnsembleDynamics, am_q_ope, holdout_split, iql_losses, soft_update,
+                      task_of_env_id, termination_fn)
+from eval import evaluate_sub_policies, save_checkpoint, spearman_correlation
 
 
 @dataclass
@@ -102,6 +109,26 @@ class Args:
     """Adam learning rate, cosine-annealed to 0 over the run"""
     max_grad_norm: float = 1.0
     """gradient clipping"""
+
+    # Chunk-level critics and dynamics model: AM-Q offline policy evaluation of the sub-policies
+    ope: bool = False
+    """train the chunk-level IQL critics and the dynamics ensemble in the same loop and score every sub-policy
+    with AM-Q at every evaluation (next to its real score). Off by default until the augmentation and the
+    improvement stage land; about 4x the CPU cost per step"""
+    critic_learning_rate: float = 3e-4
+    """Adam learning rate of the chunk-level IQL critics Q(s, a_{t:t+H}) and V(s)"""
+    expectile: float = 0.7
+    """IQL expectile of V on Q (Uni-O4's 0.7)"""
+    critic_target_rate: float = 0.005
+    """Polyak rate of the target Q (IQL's 0.005)"""
+    dynamics_learning_rate: float = 1e-3
+    """Adam learning rate of the dynamics ensemble (MOBILE's 1e-3 on Gym)"""
+    elite_every: int = 1000
+    """re-choose the dynamics elites on the real hold-out split every `elite_every` steps (and before every OPE)"""
+    ope_states: int = 256
+    """dataset start states of every AM-Q rollout batch"""
+    ope_horizon: int = 400
+    """environment steps of every AM-Q rollout (whole chunks; 100 chunks of H = 4)"""
 
     # Evaluation, logging, checkpoint
     eval_every: int = 50_000
@@ -191,6 +218,8 @@ def chunk_episode(observations, actions, rewards, terminations, horizon, obs_hor
     next_states (T, To, S)  the history at s_{t+H} (at the episode's last state if it ends sooner)
     dones       (T,)        1 if the episode terminated inside the chunk. Truncations (time
                             limits) are not terminations: the value bootstraps through them.
+    step_next_states (T, S), step_rewards (T,): the one-step transitions (s_t, a_t, s_{t+1}, r_t)
+                            for the dynamics model, which works per environment step.
     """
     length = len(actions)  # T; observations has T + 1 entries (the final one included)
     steps = np.arange(length)
@@ -206,6 +235,8 @@ def chunk_episode(observations, actions, rewards, terminations, horizon, obs_hor
         "rewards": (np.where(mask, rewards[clipped], 0.0) * gamma ** np.arange(horizon)).sum(1),
         "next_states": observations[np.maximum(next_steps[:, None] + history, 0)],
         "dones": (np.where(mask, terminations[clipped], False)).any(1).astype(np.float32),
+        "step_next_states": observations[steps + 1],
+        "step_rewards": rewards,
     }
 
 
@@ -250,6 +281,11 @@ if __name__ == "__main__":
         fail(f"{dataset_id} has observation space {dataset.observation_space} and action space "
              f"{dataset.action_space}; this implementation needs flat Box spaces (state vectors, continuous actions)")
     gym_env_id = dataset.spec.env_spec.id
+    if args.ope:
+        try:  # the model's rollouts (AM-Q) need the task's termination rule
+            is_terminal = termination_fn(task_of_env_id(gym_env_id))
+        except ValueError as error:
+            fail(str(error))
     max_episode_steps = dataset.spec.env_spec.max_episode_steps  # evaluate under the data's time limit
     env_name = args.env_id if args.dataset_id is None else dataset_id.replace("/", "-")
     run_name = f"{env_name}__{args.exp_name}__{args.seed}__{int(time.time())}"
@@ -290,7 +326,51 @@ if __name__ == "__main__":
     num_chunks = len(chunks)
     divergence_index = torch.randperm(num_chunks, device=device)[: args.divergence_states]
 
-    history = {"step": [], "scores": [], "returns": [], "mean_divergence": []}
+    # ---- chunk-level IQL critics and the dynamics ensemble (--ope) -----------------------------
+    # They draw from their own random stream (init, batches, hold-out split, model noise), so
+    # switching them on leaves the policy's training exactly as it is without them.
+    if args.ope:
+        model_generator = torch.Generator(device=device).manual_seed(args.seed + 1)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(args.seed + 1)
+            critics = ChunkCritics(config.obs_dim, config.act_dim, args.horizon).to(device)
+            dynamics = EnsembleDynamics(config.obs_dim, config.act_dim).to(device)
+        target_critics = copy.deepcopy(critics)
+        critic_optimizer = torch.optim.Adam(critics.parameters(), lr=args.critic_learning_rate)
+        dynamics_optimizer = torch.optim.Adam(dynamics.parameters(), lr=args.dynamics_learning_rate)
+        chunk_rewards, dones, chunk_lengths = to_device(data["rewards"]), to_device(data["dones"]), masks.sum(1)
+        next_states = policy.normalize_states(to_device(data["next_states"]))
+        # One-step transitions in raw units for the dynamics model (it standardizes internally).
+        step_states, step_actions = to_device(data["states"][:, -1]), to_device(data["chunks"][:, 0])
+        step_next_states, step_rewards = to_device(data["step_next_states"]), to_device(data["step_rewards"])
+        split_generator = torch.Generator().manual_seed(args.seed + 1)
+        train_index, holdout_index = (index.to(device) for index in holdout_split(num_chunks, split_generator))
+        holdout = (step_states[holdout_index], step_actions[holdout_index], step_next_states[holdout_index],
+                   step_rewards[holdout_index])
+        dynamics.set_input_statistics(step_states[train_index], step_actions[train_index])
+        # AM-Q start states: fixed dataset state histories, raw units.
+        ope_index = torch.randperm(num_chunks, generator=split_generator)[: args.ope_states].to(device)
+        ope_start = to_device(data["states"])[ope_index]
+
+    history = {"step": [], "scores": [], "returns": [], "mean_divergence": [], "ope_scores": [],
+               "ope_spearman": [], "dynamics_holdout_mse": []}
+
+    def ope_scores() -> np.ndarray:
+        """AM-Q score of every sub-policy: its deterministic chunks rolled through the elites
+        from the same start states with the same model noise, scored by the mean chunk Q."""
+        holdout_mse = dynamics.select_elites(*holdout)
+        history["dynamics_holdout_mse"].append(holdout_mse[dynamics.elite_indices].mean().item())
+        q_function = lambda raw_states, env_chunks: critics.q(policy.normalize_states(raw_states),
+                                                              policy.scale_actions(env_chunks))
+        scores = []
+        for i in range(args.n_subpolicies):
+            # All n sub-policies are sampled together (the adaptive perturbation couples them).
+            chunk_policy = lambda histories, i=i: policy.unscale_actions(
+                policy.sample(policy.normalize_states(histories)).actions[:, i])
+            generator = torch.Generator(device=device).manual_seed(args.seed + 2)
+            scores.append(am_q_ope(chunk_policy, q_function, dynamics, is_terminal, ope_start,
+                                   args.ope_horizon, generator=generator).item())
+        return np.array(scores)
 
     def evaluate_and_save(step: int) -> None:
         """Every sub-policy's normalized score and the sub-policies' mean pairwise divergence
@@ -302,6 +382,8 @@ if __name__ == "__main__":
         result = evaluate_sub_policies(policy, gym_env_id, args.eval_episodes, seed=args.seed * 1000,
                                        ref_min_score=ref_min_score, ref_max_score=ref_max_score,
                                        max_episode_steps=max_episode_steps, action_steps=args.action_steps)
+        with torch.no_grad():
+            ope = ope_scores() if args.ope else None
         policy.train()
         scores = result["scores"].mean(1)
         for i, score in enumerate(scores):
@@ -316,18 +398,31 @@ if __name__ == "__main__":
         history["scores"].append(result["scores"].tolist())
         history["returns"].append(result["returns"].tolist())
         history["mean_divergence"].append(mean_divergence)
+        model_parts = {}
+        if args.ope:
+            history["ope_scores"].append(ope.tolist())
+            rank_correlation = spearman_correlation(ope, scores) if args.n_subpolicies > 2 else float("nan")
+            history["ope_spearman"].append(rank_correlation)
+            writer.add_scalar("charts/ope_spearman", rank_correlation, step)
+            writer.add_scalar("losses/dynamics_holdout_mse", history["dynamics_holdout_mse"][-1], step)
+            print(f"  AM-Q per sub-policy [{', '.join(f'{q:.1f}' for q in ope)}]; Spearman with real scores "
+                  f"{rank_correlation:.2f}; AM-Q's pick: sub-policy {int(ope.argmax())} "
+                  f"(real {scores[ope.argmax()]:.1f})")
+            model_parts = {
+                "critics": {"config": {"obs_dim": config.obs_dim, "act_dim": config.act_dim, "horizon": args.horizon},
+                            "state_dict": critics.state_dict()},
+                "dynamics": {"config": dynamics.constructor_kwargs(), "state_dict": dynamics.state_dict()}}
         save_checkpoint({
             "args": asdict(args), "step": step, "env_id": gym_env_id, "max_episode_steps": max_episode_steps,
             "dataset_id": dataset_id,
             "ref_min_score": ref_min_score, "ref_max_score": ref_max_score,
-            "policy": policy.to_checkpoint(), "history": history,
+            "policy": policy.to_checkpoint(), "history": history, **model_parts,
         }, checkpoint_path)
         print(f"checkpoint: {checkpoint_path}")
 
     # ---- the offline loop ------------------------------------------------------------------------
     start_time = time.time()
-    loss_sums = {"diffusion": 0.0, "subpolicy": 0.0}
-    loss_counts = {"diffusion": 0, "subpolicy": 0}
+    loss_sums, loss_counts = {}, {}
     for step in range(1, args.total_steps + 1):
         batch = torch.randint(num_chunks, (args.batch_size,), device=device)
 
@@ -351,24 +446,49 @@ if __name__ == "__main__":
                                               std=args.subpolicy_std)
             losses["subpolicy"] = -args.kl_coef * disagreement.mean()
 
-        loss = sum(losses.values())
+        policy_loss = sum(losses.values())
+
+        if args.ope:
+            # Chunk-level IQL critics: Q(s_t, a_{t:t+H}) towards R_t^H + gamma^L (1 - done) V(s_{t+L}),
+            # V(s_t) by expectile regression on the target Q (the current state, not the history).
+            critic_batch = torch.randint(num_chunks, (args.batch_size,), device=device, generator=model_generator)
+            critic_losses = iql_losses(critics, target_critics, states[critic_batch, -1], chunks[critic_batch],
+                                       chunk_rewards[critic_batch], next_states[critic_batch, -1],
+                                       dones[critic_batch], chunk_lengths[critic_batch], args.gamma, args.expectile)
+            losses["critic_q"], losses["critic_v"] = critic_losses["q"], critic_losses["value"]
+            # Dynamics ensemble: Gaussian NLL -E log T(s'|s, a) on real one-step transitions (train split).
+            dynamics_batch = train_index[torch.randint(len(train_index), (args.batch_size,), device=device,
+                                                       generator=model_generator)]
+            losses["dynamics"] = dynamics.loss(step_states[dynamics_batch], step_actions[dynamics_batch],
+                                               step_next_states[dynamics_batch], step_rewards[dynamics_batch])
+
         for name, value in losses.items():
             if not torch.isfinite(value):
                 raise FloatingPointError(f"step {step}: the {name} loss is {value.item()}; stopping "
                                          f"(last checkpoint: {checkpoint_path if history['step'] else 'none'})")
-            loss_sums[name] += value.item()
-            loss_counts[name] += 1
+            loss_sums[name] = loss_sums.get(name, 0.0) + value.item()
+            loss_counts[name] = loss_counts.get(name, 0) + 1
         optimizer.zero_grad()
-        loss.backward()
+        policy_loss.backward()
         torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
         optimizer.step()
         scheduler.step()
+        if args.ope:
+            critic_optimizer.zero_grad()
+            (losses["critic_q"] + losses["critic_v"]).backward()
+            critic_optimizer.step()
+            soft_update(target_critics, critics, args.critic_target_rate)
+            dynamics_optimizer.zero_grad()
+            losses["dynamics"].backward()
+            dynamics_optimizer.step()
+            if step % args.elite_every == 0:
+                dynamics.select_elites(*holdout)
 
         if step % args.log_every == 0 or step == args.total_steps:
             elapsed = time.time() - start_time
             steps_per_second = step / elapsed
             eta_seconds = (args.total_steps - step) / steps_per_second
-            means = {name: loss_sums[name] / loss_counts[name] for name in loss_sums if loss_counts[name]}
+            means = {name: loss_sums[name] / loss_counts[name] for name in loss_sums}
             for name, value in means.items():
                 writer.add_scalar(f"losses/{name}", value, step)
             writer.add_scalar("charts/learning_rate", scheduler.get_last_lr()[0], step)
@@ -376,8 +496,7 @@ if __name__ == "__main__":
             print(f"step {step}/{args.total_steps} | " + " | ".join(f"{k} {v:.4f}" for k, v in means.items())
                   + f" | {steps_per_second:.0f} steps/s | ETA {time.strftime('%H:%M:%S', time.gmtime(eta_seconds))}",
                   flush=True)
-            loss_sums = {name: 0.0 for name in loss_sums}
-            loss_counts = {name: 0 for name in loss_counts}
+            loss_sums, loss_counts = {}, {}
 
         if step % args.eval_every == 0 or step == args.total_steps:
             evaluate_and_save(step)

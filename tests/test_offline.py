@@ -10,7 +10,7 @@ import torch
 
 from conftest import ROOT, TINY_DATASET_ID, TINY_MAX_EPISODE_STEPS
 from diffusion import DiffusionPolicy, PolicyConfig
-from eval import CheckpointError, evaluate_sub_policies, load_checkpoint, save_checkpoint
+from eval import CheckpointError, evaluate_sub_policies, load_checkpoint, save_checkpoint, spearman_correlation
 from uepo_offline import (ENV_IDS, DatasetError, chunk_dataset, chunk_episode, load_dataset,
                           minari_ids, state_statistics)
 
@@ -47,6 +47,8 @@ def test_chunk_episode_matches_hand_computed_example():
     np.testing.assert_array_equal(out["next_states"][0, :, 0], [2, 3])  # history at s_{t+H}
     np.testing.assert_array_equal(out["next_states"][4, :, 0], [4, 5])  # clipped at the final state
     np.testing.assert_array_equal(out["dones"], [0, 0, 1, 1, 1])  # chunks that reach the termination
+    np.testing.assert_array_equal(out["step_next_states"][:, 0], [1, 2, 3, 4, 5])  # one-step transitions
+    np.testing.assert_array_equal(out["step_rewards"], rewards)
 
 
 def test_truncation_is_not_a_termination():
@@ -111,6 +113,16 @@ def test_nan_loss_stops_the_run_naming_step_and_loss(minari_path, tmp_path):
     assert "FloatingPointError: step" in result.stderr and "the diffusion loss is" in result.stderr
 
 
+def test_spearman_correlation_on_hand_made_scores():
+    """Rank correlation: 1 for the same order, -1 for the reverse, ties share their average rank."""
+    assert spearman_correlation([1, 2, 3, 4], [10, 20, 30, 45]) == pytest.approx(1.0)
+    assert spearman_correlation([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    # ranks (0, 1.5, 1.5, 3) against (0, 1, 2, 3): Pearson of the ranks
+    expected = np.corrcoef([0, 1.5, 1.5, 3], [0, 1, 2, 3])[0, 1]
+    assert spearman_correlation([1, 5, 5, 9], [1, 2, 3, 4]) == pytest.approx(expected)
+    assert np.isnan(spearman_correlation([1, 1, 1], [1, 2, 3]))  # no ranking to compare
+
+
 # ---- checkpoints -------------------------------------------------------------------------------------
 def small_policy(denoiser="mlp"):
     config = PolicyConfig(obs_dim=11, act_dim=3, denoiser=denoiser, mlp_hidden=32, unet_dims=(16, 32),
@@ -156,15 +168,22 @@ def test_policy_reloads_to_the_same_actions(tmp_path, denoiser):
     np.testing.assert_array_equal(policy.act(states), reloaded.act(states))
 
 
-def test_end_to_end_offline_run_writes_a_checkpoint_that_reproduces_its_evaluation(minari_path, tmp_path):
+@pytest.fixture(scope="module")
+def tiny_run(minari_path, tmp_path_factory):
+    """The tiny offline run, once for the tests below: (completed process, checkpoint path)."""
+    folder = tmp_path_factory.mktemp("tiny_run")
+    path = folder / "offline.pt"
+    return run_offline(TINY_RUN + ["--checkpoint-path", str(path)], minari_path, folder), path
+
+
+def test_end_to_end_offline_run_writes_a_checkpoint_that_reproduces_its_evaluation(tiny_run):
     """The tiny run trains, shows progress, evaluates, and writes a checkpoint whose reloaded
     policy reproduces the recorded evaluation returns exactly (same actions, same episodes)."""
-    path = tmp_path / "offline.pt"
-    result = run_offline(TINY_RUN + ["--checkpoint-path", str(path)], minari_path, tmp_path)
+    result, path = tiny_run
     assert result.returncode == 0, result.stderr[-3000:]
     assert "step 30/30" in result.stdout and "ETA" in result.stdout and "subpolicy" in result.stdout
     assert "eval step 30" in result.stdout
-    assert list((tmp_path / "runs").iterdir()), "no TensorBoard run folder under runs/"
+    assert list((path.parent / "runs").iterdir()), "no TensorBoard run folder under runs/"
     checkpoint = load_checkpoint(str(path), expected_env_id="Hopper-v5")
     assert checkpoint["dataset_id"] == TINY_DATASET_ID and checkpoint["step"] == 30
     assert checkpoint["max_episode_steps"] == TINY_MAX_EPISODE_STEPS
@@ -177,6 +196,26 @@ def test_end_to_end_offline_run_writes_a_checkpoint_that_reproduces_its_evaluati
                                    max_episode_steps=checkpoint["max_episode_steps"])
     np.testing.assert_array_equal(replay["returns"], np.array(checkpoint["history"]["returns"][-1]))
     assert len(checkpoint["history"]["mean_divergence"]) == 1
+    assert "critics" not in checkpoint and "dynamics" not in checkpoint
+
+
+def test_ope_run_scores_sub_policies_and_leaves_the_policy_training_unchanged(tiny_run, minari_path, tmp_path):
+    """With --ope the critics and the dynamics model train in the same loop, every sub-policy gets
+    an AM-Q score, the checkpoint holds both models, and the policy is bit-identical to the run
+    without them (they draw from their own random stream)."""
+    path = tmp_path / "offline_ope.pt"
+    arguments = TINY_RUN + ["--ope", "--ope-states", "8", "--ope-horizon", "8", "--checkpoint-path", str(path)]
+    result = run_offline(arguments, minari_path, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "critic_q" in result.stdout and "dynamics" in result.stdout and "AM-Q per sub-policy" in result.stdout
+    checkpoint = load_checkpoint(str(path))
+    ope_scores = np.array(checkpoint["history"]["ope_scores"][-1])
+    assert ope_scores.shape == (4,) and np.isfinite(ope_scores).all()
+    assert set(checkpoint["critics"]["state_dict"]) >= {"v.0.weight", "q1.0.weight", "q2.0.weight"}
+    assert len(checkpoint["dynamics"]["state_dict"]["elite_indices"]) == 5
+    plain = load_checkpoint(str(tiny_run[1]))["policy"]["state_dict"]
+    for name, tensor in checkpoint["policy"]["state_dict"].items():
+        assert torch.equal(tensor, plain[name]), name
 
 
 def test_each_component_switches_off(minari_path, tmp_path):
