@@ -22,6 +22,9 @@ Reading order:
    chunk-level IQL critics Q(s, a_{t:t+H}) and V(s) whose Q is the "Q" of AM-Q.
 6. `am_q_ope` - AM-Q offline policy evaluation: a policy's chunks rolled through the model,
    scored by the mean Q over the visited (state, chunk) pairs.
+7. `disagreement_threshold`, `diffusion_augmentation` - synthetic transitions from the
+   sub-policies' chunks through the model, kept while the ensemble disagreement stays below
+   epsilon (not yet called by uepo_offline.py).
 
 Units and shapes: S = obs_dim, A = act_dim, M = members, E = elites, B = batch. Every tensor
 method takes and returns raw environment units (the standardization is internal). The model
@@ -509,3 +512,55 @@ def am_q_ope(chunk_policy, q_function, dynamics, is_terminal, start_histories: t
             histories = torch.cat([histories[:, 1:], next_states[:, None]], dim=1)
         steps += chunks.shape[1]
     return q_total / visits
+
+
+# --------------------------------------------------------------------------------------------
+# Diffusion augmentation of the model's data (paper component 3; DESIGN.md)
+# --------------------------------------------------------------------------------------------
+@torch.no_grad()
+def disagreement_threshold(dynamics: EnsembleDynamics, states, actions, quantile: float) -> float:
+    """epsilon of the augmentation filter: the `quantile` (`--aug-kl-quantile`, 0.9) of the
+    ensemble disagreement on real hold-out transitions. A synthetic step whose disagreement
+    exceeds what 90% of real steps show is where the model is guessing."""
+    return torch.quantile(dynamics.disagreement(states, actions), quantile).item()
+
+
+@torch.no_grad()
+def diffusion_augmentation(chunk_policy, dynamics: EnsembleDynamics, is_terminal, start_histories: torch.Tensor,
+                           num_steps: int, epsilon: float, max_transitions: int,
+                           generator: torch.Generator | None = None) -> dict:
+    """Synthetic transitions for the dynamics model (DESIGN.md, "Augmentation").
+
+    Start states come from the data (`start_histories`, raw, (N, To, S)); action chunks from
+    the diffusion sub-policies (`chunk_policy`: histories -> (N, H, A) env-unit chunks; the
+    caller decides which sub-policy drives which row, with the adaptive perturbation on); next
+    states and rewards from the current model (a random elite per row). The simulator is never
+    used: that would be online data.
+
+    KL filter: a trajectory is kept step by step while the ensemble disagreement
+    mean_{m != m'} KL(T_m || T_m') of each step stays below `epsilon`; its first step at or above
+    `epsilon`, and everything after it, is dropped. A predicted termination ends a trajectory
+    (the terminal step itself is kept). At most `max_transitions` are returned
+    (`--augment-ratio` x |D| for the caller), the earliest steps first.
+
+    Returns {"states", "actions", "next_states", "rewards"}: (K, S), (K, A), (K, S), (K,).
+    """
+    histories = start_histories.clone()
+    alive = torch.ones(len(histories), dtype=torch.bool, device=histories.device)
+    kept = {"states": [], "actions": [], "next_states": [], "rewards": []}
+    count, steps = 0, 0
+    while steps < num_steps and alive.any() and count < max_transitions:
+        chunks = chunk_policy(histories)
+        for action in chunks.unbind(dim=1):
+            states = histories[:, -1]
+            alive &= dynamics.disagreement(states, action) < epsilon
+            next_states, rewards = dynamics.sample_step(states, action, generator=generator)
+            keep = alive.nonzero().squeeze(-1)[: max_transitions - count]
+            for key, value in (("states", states), ("actions", action), ("next_states", next_states),
+                               ("rewards", rewards)):
+                kept[key].append(value[keep])
+            count += len(keep)
+            alive &= ~torch.as_tensor(is_terminal(next_states), device=alive.device)
+            histories = torch.cat([histories[:, 1:], next_states[:, None]], dim=1)
+        steps += chunks.shape[1]
+    return {key: torch.cat(values) if values else torch.empty(0) for key, values in kept.items()}

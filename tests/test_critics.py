@@ -1,12 +1,12 @@
-"""Chunk-level IQL critics and AM-Q offline policy evaluation (dynamics.py)."""
+"""Chunk-level IQL critics, AM-Q offline policy evaluation and the diffusion augmentation (dynamics.py)."""
 
 import copy
 
 import pytest
 import torch
 
-from dynamics import (ChunkCritics, EnsembleDynamics, am_q_ope, chunk_td_target, expectile_loss, iql_losses,
-                      soft_update)
+from dynamics import (ChunkCritics, EnsembleDynamics, am_q_ope, chunk_td_target, diffusion_augmentation,
+                      disagreement_threshold, expectile_loss, iql_losses, soft_update)
 
 
 def test_expectile_loss_matches_its_definition_on_a_hand_made_example():
@@ -140,3 +140,58 @@ def test_am_q_stops_counting_at_a_predicted_termination():
     score = am_q_ope(away_from_origin, toy_chunk_return, model, always, start, num_steps=10)
     expected = toy_chunk_return(start[:, -1], away_from_origin(start)).mean()
     torch.testing.assert_close(score, expected)
+
+
+# ---- diffusion augmentation and its KL filter -----------------------------------------------------
+class CountingModel:
+    """A stand-in model whose disagreement is |s_0| and whose step is s' = s + 1 (reward 1)."""
+
+    def disagreement(self, states, actions):
+        return states[:, 0].abs()
+
+    def sample_step(self, states, actions, generator=None):
+        return states + 1, torch.ones(len(states))
+
+
+def test_augmentation_keeps_each_trajectory_until_its_first_step_at_or_above_epsilon():
+    """From s_0 = 0 the disagreement runs 0, 1, 2, 3, ...: with epsilon 2.5 every trajectory keeps
+    exactly its steps at 0, 1, 2 and nothing after, whatever the horizon allows."""
+    start = torch.zeros(5, 1, 2)
+    never = lambda next_states: torch.zeros(len(next_states), dtype=torch.bool)
+    out = diffusion_augmentation(away_from_origin, CountingModel(), never, start, num_steps=10, epsilon=2.5,
+                                 max_transitions=1000)
+    assert len(out["states"]) == 5 * 3
+    assert sorted(out["states"][:, 0].tolist()) == [0.0] * 5 + [1.0] * 5 + [2.0] * 5
+    torch.testing.assert_close(out["next_states"], out["states"] + 1)
+
+
+def test_augmentation_never_exceeds_its_budget_and_stops_at_terminations():
+    """At most max_transitions come back; a predicted termination ends a trajectory after its step."""
+    start = torch.zeros(5, 1, 2)
+    never = lambda next_states: torch.zeros(len(next_states), dtype=torch.bool)
+    always = lambda next_states: torch.ones(len(next_states), dtype=torch.bool)
+    unlimited = diffusion_augmentation(away_from_origin, CountingModel(), never, start, num_steps=8,
+                                       epsilon=float("inf"), max_transitions=10_000)
+    assert len(unlimited["states"]) == 5 * 8
+    capped = diffusion_augmentation(away_from_origin, CountingModel(), never, start, num_steps=8,
+                                    epsilon=float("inf"), max_transitions=13)
+    assert len(capped["states"]) == 13
+    terminal = diffusion_augmentation(away_from_origin, CountingModel(), always, start, num_steps=8,
+                                      epsilon=float("inf"), max_transitions=10_000)
+    assert len(terminal["states"]) == 5
+
+
+def test_augmentation_filter_on_a_fitted_model_keeps_only_low_disagreement_steps():
+    """With a real fitted ensemble and epsilon from the 0.5 quantile of its disagreement on data,
+    every kept synthetic step is below epsilon, and the filter drops some."""
+    model = fitted_toy_model()
+    torch.manual_seed(1)
+    data_states, data_actions = torch.rand(500, 2) * 4 - 2, torch.rand(500, 2) * 2 - 1
+    epsilon = disagreement_threshold(model, data_states, data_actions, quantile=0.5)
+    start = torch.rand(64, 1, 2) * 4 - 2
+    never = lambda next_states: torch.zeros(len(next_states), dtype=torch.bool)
+    generator = torch.Generator().manual_seed(0)
+    out = diffusion_augmentation(away_from_origin, model, never, start, num_steps=10, epsilon=epsilon,
+                                 max_transitions=10_000, generator=generator)
+    assert 0 < len(out["states"]) < 64 * 10
+    assert (model.disagreement(out["states"], out["actions"]) < epsilon).all()
