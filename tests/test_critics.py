@@ -104,7 +104,9 @@ def away_from_origin(histories):  # a bad one
     return (2 * histories[:, -1]).clamp(-1, 1)[:, None].repeat(1, 2, 1)
 
 
+@pytest.fixture(scope="module")
 def fitted_toy_model():
+    """An ensemble fitted once to the toy system; the tests below only read it (no_grad methods)."""
     torch.manual_seed(0)
     states, actions = torch.rand(2000, 2) * 4 - 2, torch.rand(2000, 2) * 2 - 1
     next_states, rewards = toy_step(states, actions)
@@ -121,9 +123,10 @@ def fitted_toy_model():
     return model
 
 
-def test_am_q_ranks_a_good_policy_above_a_bad_one_on_a_toy_linear_system():
+def test_am_q_ranks_a_good_policy_above_a_bad_one_on_a_toy_linear_system(fitted_toy_model):
     """With a model fitted to s' = s + 0.2a, AM-Q scores steering to the goal above steering away."""
-    model = fitted_toy_model()
+    model = fitted_toy_model
+    torch.manual_seed(0)
     start = (torch.rand(64, 1, 2) * 2 - 1)
     never = lambda next_states: torch.zeros(len(next_states), dtype=torch.bool)
     generator = torch.Generator().manual_seed(0)
@@ -132,9 +135,9 @@ def test_am_q_ranks_a_good_policy_above_a_bad_one_on_a_toy_linear_system():
     assert good.item() > bad.item() + 1.0
 
 
-def test_am_q_stops_counting_at_a_predicted_termination():
+def test_am_q_stops_counting_at_a_predicted_termination(fitted_toy_model):
     """If every first step terminates, AM-Q is the mean Q of the start states' chunks alone."""
-    model = fitted_toy_model()
+    model = fitted_toy_model
     start = (torch.rand(32, 1, 2) * 2 - 1)
     always = lambda next_states: torch.ones(len(next_states), dtype=torch.bool)
     score = am_q_ope(away_from_origin, toy_chunk_return, model, always, start, num_steps=10)
@@ -181,10 +184,10 @@ def test_augmentation_never_exceeds_its_budget_and_stops_at_terminations():
     assert len(terminal["states"]) == 5
 
 
-def test_augmentation_filter_on_a_fitted_model_keeps_only_low_disagreement_steps():
+def test_augmentation_filter_on_a_fitted_model_keeps_only_low_disagreement_steps(fitted_toy_model):
     """With a real fitted ensemble and epsilon from the 0.5 quantile of its disagreement on data,
     every kept synthetic step is below epsilon, and the filter drops some."""
-    model = fitted_toy_model()
+    model = fitted_toy_model
     torch.manual_seed(1)
     data_states, data_actions = torch.rand(500, 2) * 4 - 2, torch.rand(500, 2) * 2 - 1
     epsilon = disagreement_threshold(model, data_states, data_actions, quantile=0.5)
