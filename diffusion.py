@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from divergence import adaptive_perturbation_std, gaussian_log_prob, nearest_divergence
+from divergence import adaptive_perturbation_std, gaussian_kl, gaussian_log_prob, nearest_divergence
 
 
 # --------------------------------------------------------------------------------------------
@@ -360,12 +360,15 @@ class DiffusionPolicy(nn.Module):
         The chain must hold all n sub-policies in order: a slice of them would be scored without
         its partners (and with the wrong perturbation noises), i.e. as a different process.
         """
-        total = 0.0
-        for step_index in range(len(self.timesteps)):
-            mean = self._step_mean(chain[:, :, step_index], step_index, states)
-            total = total + gaussian_log_prob(chain[:, :, step_index + 1], mean,
-                                              self.config.min_std, event_dims=2)
-        return total
+        return gaussian_log_prob(chain[:, :, 1:], self.chain_step_means(states, chain),
+                                 self.config.min_std, event_dims=3)
+
+    def chain_step_means(self, states: torch.Tensor, chain: torch.Tensor) -> torch.Tensor:
+        """The mean of every step of stored chains (B, n, S+1, H, A) under the current denoiser:
+        mu_theta(x_k, k, s) for k = K..1, shape (B, n, S, H, A). Each step of the stochastic
+        sampler is N(mu, min_std^2), so these means are the whole chain distribution."""
+        return torch.stack([self._step_mean(chain[:, :, step_index], step_index, states)
+                            for step_index in range(len(self.timesteps))], dim=2)
 
     @torch.no_grad()
     def act(self, state_history: np.ndarray) -> np.ndarray:
@@ -386,3 +389,80 @@ class DiffusionPolicy(nn.Module):
                      state["action_low"], state["action_high"])
         policy.load_state_dict(state)
         return policy
+
+
+# --------------------------------------------------------------------------------------------
+# Improvement of one sub-policy (DESIGN.md, "The offline loop, critics and improvement")
+# --------------------------------------------------------------------------------------------
+# A copy of the whole DiffusionPolicy (denoiser + the same n seeds) is improved for one of its
+# sub-policies, `sub_policy`. Its partners (the other seeds) stay in every chain because the
+# adaptive perturbation couples them: they move with the copy's denoiser, and only sub-policy
+# `sub_policy` is scored, improved and deployed from that copy.
+def bppo_loss(policy: DiffusionPolicy, reference: DiffusionPolicy, states: torch.Tensor, sub_policy: int,
+              advantage_fn, clip_coef: float, kl_coef: float,
+              generator: torch.Generator | None = None) -> dict:
+    """Uni-O4's behaviour-proximal step on the denoising chain (`--improvement bppo`).
+
+    Chains of all n sub-policies are sampled from the frozen `reference` (stochastic sampler) at
+    dataset `states` (B, To, S); `advantage_fn((B, H, A) chunks in [-1, 1]) -> (B,)` gives
+    A = Q - V of sub-policy `sub_policy`'s chunks, normalized per batch. With
+    r = pi_copy(chain) / pi_ref(chain) (chain likelihoods, `chain_log_prob`):
+
+        loss = -E[min(r A, clip(r, 1 - c, 1 + c) A)] + kl_coef * E[KL(pi_copy || pi_ref)]
+
+    The KL is sequence level over the whole chain (every step is N(mu, min_std^2), so it is
+    sum ||mu_copy - mu_ref||^2 / (2 min_std^2), exact on the sampled chain's states). Returns
+    {"loss", "ratio" (B,), "kl", "advantage_mean"}; only "loss" carries gradients.
+    """
+    with torch.no_grad():
+        sample = reference.sample(states, stochastic=True, generator=generator)
+        reference_means = reference.chain_step_means(states, sample.chain)[:, sub_policy]
+        raw_advantages = advantage_fn(sample.actions[:, sub_policy])
+        advantages = (raw_advantages - raw_advantages.mean()) / (raw_advantages.std() + 1e-8)
+    means = policy.chain_step_means(states, sample.chain)[:, sub_policy]
+    std = torch.tensor(policy.config.min_std, device=states.device)
+    log_prob = gaussian_log_prob(sample.chain[:, sub_policy, 1:], means, policy.config.min_std, event_dims=3)
+    ratio = torch.exp(log_prob - sample.log_prob[:, sub_policy])
+    surrogate = torch.min(ratio * advantages, ratio.clamp(1 - clip_coef, 1 + clip_coef) * advantages)
+    kl = gaussian_kl(means, std, reference_means, std, event_dims=3).mean()
+    return {"loss": -surrogate.mean() + kl_coef * kl, "ratio": ratio.detach(), "kl": kl.detach(),
+            "advantage_mean": raw_advantages.mean()}
+
+
+def qgrad_loss(policy: DiffusionPolicy, states: torch.Tensor, chunks: torch.Tensor, mask: torch.Tensor,
+               sub_policy: int, q_fn, q_weight: float) -> dict:
+    """Diffusion-QL's step (`--improvement qgrad`): the diffusion loss on data chunks plus
+
+        q_weight * (-Q(s, pi_i(s)) / mean|Q|)
+
+    with pi_i(s) sub-policy `sub_policy`'s deterministic chunk, back-propagated through the
+    whole DDIM chain from its fixed seed. `q_fn((B, H, A) chunks in [-1, 1]) -> (B,)`. The
+    division by mean|Q| (no gradient) makes `q_weight` independent of the reward scale.
+    Returns {"loss", "diffusion", "q"}; only "loss" carries gradients.
+    """
+    diffusion = policy.loss(states, chunks, mask)
+    q = q_fn(policy.sample(states).actions[:, sub_policy])
+    loss = diffusion + q_weight * (-q.mean() / q.abs().mean().detach().clamp(min=1e-6))
+    return {"loss": loss, "diffusion": diffusion.detach(), "q": q.mean().detach()}
+
+
+class BestSnapshot:
+    """The improvement gate's memory (DESIGN.md, "The gate"): the parameters with the best OPE
+    score seen so far. `offer` keeps a new snapshot only if it scores strictly higher, so the
+    result of an improvement run is its best-by-OPE snapshot, never simply the last one."""
+
+    def __init__(self, model: nn.Module, score: float, step: int = 0):
+        self.best_score, self.best_step = score, step
+        self.best_state = {key: value.detach().clone() for key, value in model.state_dict().items()}
+        self.history = [(step, score, True)]  # (step, OPE score, accepted)
+
+    def offer(self, model: nn.Module, score: float, step: int) -> bool:
+        accepted = score > self.best_score
+        self.history.append((step, score, accepted))
+        if accepted:
+            self.best_score, self.best_step = score, step
+            self.best_state = {key: value.detach().clone() for key, value in model.state_dict().items()}
+        return accepted
+
+    def restore(self, model: nn.Module) -> None:
+        model.load_state_dict(self.best_state)

@@ -296,6 +296,20 @@ class EnsembleDynamics(nn.Module):
         off_diagonal = ~torch.eye(num, dtype=torch.bool, device=kl.device)
         return kl[off_diagonal].sum(0) / (num * (num - 1))
 
+    @torch.no_grad()
+    def uncertainty(self, states: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """The gate's reward penalty u(s, a) (MOPO's penalized MDP r - lambda u): the norm over the
+        S + 1 entries of the std, across the elites, of their mean predictions of (s' - s, r), in
+        raw units: (B,). Epistemic on purpose (MOPO's "ensemble std" variant): the members agree
+        where they saw data and part where they extrapolate, while the predicted (aleatoric) std of
+        MOPO's default can shrink off the data as easily as grow (measured on the toy system of
+        tests/test_critics.py). 0 with a single elite."""
+        mean, _ = self(states, actions)
+        mean = mean[self.elite_indices]
+        if mean.shape[0] < 2:
+            return torch.zeros(states.shape[0], dtype=mean.dtype, device=mean.device)
+        return mean.std(dim=0, correction=0).norm(dim=-1)
+
 
 def holdout_split(num_transitions: int, generator: torch.Generator | None = None,
                   fraction: float = 0.2, max_holdout: int = 1000) -> tuple[torch.Tensor, torch.Tensor]:
@@ -485,7 +499,8 @@ def soft_update(target: nn.Module, source: nn.Module, rate: float) -> None:
 # --------------------------------------------------------------------------------------------
 @torch.no_grad()
 def am_q_ope(chunk_policy, q_function, dynamics, is_terminal, start_histories: torch.Tensor,
-             num_steps: int, generator: torch.Generator | None = None) -> torch.Tensor:
+             num_steps: int, generator: torch.Generator | None = None,
+             uncertainty_penalty: float = 0.0, gamma: float = 0.99) -> torch.Tensor:
     """AM-Q: roll a deterministic chunk policy through the learned model and average Q.
 
     From every start history (N, To, S) (raw dataset states), the policy's chunk is applied
@@ -494,24 +509,44 @@ def am_q_ope(chunk_policy, q_function, dynamics, is_terminal, start_histories: t
     termination. The score is the mean of Q over every visited (state, chunk) pair of live
     rollouts: Uni-O4's estimate, no discount, no penalty.
 
+    With `uncertainty_penalty` lambda > 0 (the improvement gate, DESIGN.md: "the OPE of the gate
+    must not trust Q alone where the policy leaves the data"), each visited pair's Q is replaced
+    by the Q of MOPO's penalized MDP, r - lambda u(s, a) with u = `dynamics.uncertainty`:
+
+        Q(s_k, a_k) - lambda * sum_{t >= k} gamma^(t - k) u(s_t, a_t)
+
+    where the sum runs over the rest of the model rollout (its Monte-Carlo estimate of the
+    penalty's value). A policy that drives the model where its members are unsure loses score
+    even if Q overrates its actions there.
+
     chunk_policy: (N, To, S) raw histories -> (N, H, A) chunks in environment units.
     q_function:   ((N, S) raw states, (N, H, A) chunks) -> (N,).
     is_terminal:  (N, S) raw next states -> (N,) bool (the task's termination rule).
     """
     histories = start_histories.clone()
     alive = torch.ones(len(histories), dtype=torch.bool, device=histories.device)
-    q_total, visits, steps = 0.0, 0, 0
+    chunk_q, chunk_alive, step_penalties, steps = [], [], [], 0
     while steps < num_steps and alive.any():
         chunks = chunk_policy(histories)
-        q = q_function(histories[:, -1], chunks)
-        q_total = q_total + q[alive].sum()
-        visits += int(alive.sum())
+        chunk_q.append(q_function(histories[:, -1], chunks))
+        chunk_alive.append(alive.clone())
         for action in chunks.unbind(dim=1):
+            if uncertainty_penalty > 0:
+                step_penalties.append(dynamics.uncertainty(histories[:, -1], action) * alive)
             next_states, _ = dynamics.sample_step(histories[:, -1], action, generator=generator)
             alive &= ~torch.as_tensor(is_terminal(next_states), device=alive.device)
             histories = torch.cat([histories[:, 1:], next_states[:, None]], dim=1)
         steps += chunks.shape[1]
-    return q_total / visits
+    q, visited = torch.stack(chunk_q), torch.stack(chunk_alive)  # (chunks, N)
+    if uncertainty_penalty > 0:
+        # Discounted penalty-to-go at every step, read at the chunk starts.
+        to_go, penalties_to_go = torch.zeros_like(step_penalties[0]), []
+        for penalty in reversed(step_penalties):
+            to_go = penalty + gamma * to_go
+            penalties_to_go.append(to_go)
+        horizon = len(step_penalties) // len(chunk_q)
+        q = q - uncertainty_penalty * torch.stack(penalties_to_go[::-1][::horizon])
+    return q[visited].sum() / visited.sum()
 
 
 # --------------------------------------------------------------------------------------------
@@ -564,3 +599,20 @@ def diffusion_augmentation(chunk_policy, dynamics: EnsembleDynamics, is_terminal
             histories = torch.cat([histories[:, 1:], next_states[:, None]], dim=1)
         steps += chunks.shape[1]
     return {key: torch.cat(values) if values else torch.empty(0) for key, values in kept.items()}
+
+
+def mixed_batch(real: tuple, synthetic: tuple, real_rows: torch.Tensor, batch_size: int,
+                generator: torch.Generator | None = None) -> tuple:
+    """A dynamics batch drawn uniformly from the real transitions at `real_rows` (the train split)
+    and every synthetic one together, so the two mix in proportion to their sizes (DESIGN.md).
+
+    real, synthetic: (states, actions, next_states, rewards) tensors (the synthetic ones may be
+    empty). Returns the same four, real rows first. With no synthetic data the draw is exactly
+    `real[k][real_rows[randint(len(real_rows))]]`.
+    """
+    num_real = len(real_rows)
+    draw = torch.randint(num_real + len(synthetic[0]), (batch_size,), device=real_rows.device, generator=generator)
+    is_real = draw < num_real
+    rows, synthetic_rows = real_rows[draw[is_real]], draw[~is_real] - num_real
+    return tuple(torch.cat([real_part[rows], synthetic_part[synthetic_rows]])
+                 for real_part, synthetic_part in zip(real, synthetic))

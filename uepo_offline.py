@@ -35,11 +35,11 @@ import torch
 import tyro
 from torch.utils.tensorboard import SummaryWriter
 
-from diffusion import DiffusionPolicy, PolicyConfig
+from diffusion import BestSnapshot, DiffusionPolicy, PolicyConfig, bppo_loss, qgrad_loss
 from divergence import mean_pairwise_divergence, subpolicy_terms
-from dynamics import (ChunkCritics, EnsembleDynamics, am_q_ope, holdout_split, iql_losses, soft_update,
-                      task_of_env_id, termination_fn)
-from eval import evaluate_sub_policies, save_checkpoint, spearman_correlation
+from dynamics import (ChunkCritics, EnsembleDynamics, am_q_ope, diffusion_augmentation, disagreement_threshold,
+                      holdout_split, iql_losses, mixed_batch, soft_update, task_of_env_id, termination_fn)
+from eval import CheckpointError, evaluate_sub_policies, load_checkpoint, save_checkpoint, spearman_correlation
 
 
 @dataclass
@@ -111,10 +111,10 @@ class Args:
     """gradient clipping"""
 
     # Chunk-level critics and dynamics model: AM-Q offline policy evaluation of the sub-policies
-    ope: bool = False
+    ope: bool = True
     """train the chunk-level IQL critics and the dynamics ensemble in the same loop and score every sub-policy
-    with AM-Q at every evaluation (next to its real score). Off by default until the augmentation and the
-    improvement stage land; about 4x the CPU cost per step"""
+    with AM-Q at every evaluation (next to its real score); the improvement stage needs them. `--no-ope
+    --num-qualified 0` trains the diffusion policy alone (diffusion BC and its ablations), about 4x faster on a CPU"""
     critic_learning_rate: float = 3e-4
     """Adam learning rate of the chunk-level IQL critics Q(s, a_{t:t+H}) and V(s)"""
     expectile: float = 0.7
@@ -129,6 +129,46 @@ class Args:
     """dataset start states of every AM-Q rollout batch"""
     ope_horizon: int = 400
     """environment steps of every AM-Q rollout (whole chunks; 100 chunks of H = 4)"""
+    ope_penalty: float = 1.0
+    """lambda of the gate's penalized AM-Q: Q minus lambda times the discounted uncertainty-to-go along the
+    model rollout, u = norm of the elites' std of mean predictions (`dynamics.am_q_ope`, MOPO's penalty form).
+    The improvement gate uses it; the ranking of the base sub-policies is plain AM-Q (Uni-O4)"""
+
+    # Diffusion augmentation of the dynamics model's data (paper component 3)
+    augment_ratio: float = 2.0
+    """the augmentation buffer holds at most augment_ratio x |D| synthetic transitions; 0 turns augmentation off"""
+    dynamics_warmup: int = 50_000
+    """steps of dynamics training on real data only before the buffer is first filled (quick CPU setting: 5000)"""
+    augment_every: int = 50_000
+    """refresh (replace) the augmentation buffer every `augment_every` steps after the warm-up (quick: 5000)"""
+    augment_starts: int = 10_000
+    """dataset start states per refresh; start b is rolled out by sub-policy b mod n, so all sub-policies contribute"""
+    augment_horizon: int = 20
+    """model steps per augmentation rollout (whole chunks; the KL filter usually stops them sooner far from the data)"""
+    aug_kl_quantile: float = 0.9
+    """epsilon of the KL filter = this quantile of the ensemble disagreement on real hold-out transitions"""
+
+    # Improvement of the best sub-policies, after the loop (OPE-gated)
+    num_qualified: int = 2
+    """the top `num_qualified` sub-policies by AM-Q each get a copy of the denoiser to improve; 0 turns it off"""
+    improvement: Literal["bppo", "qgrad"] = "qgrad"
+    """`qgrad`: Diffusion-QL's diffusion loss + q_weight * normalized -Q through the deterministic chain;
+    `bppo`: Uni-O4's clipped ratio of chain likelihoods on A = Q - V + the sequence-level KL to the reference"""
+    improvement_steps: int = 10_000
+    """gradient steps of every copy (quick CPU setting: 2000)"""
+    improvement_learning_rate: float = 3e-5
+    """Adam learning rate of the copies (DESIGN.md: bppo at 1e-4 collapsed within 1-3k steps, at 3e-5 it held)"""
+    ope_every: int = 1000
+    """the gate: score the copy with the penalized AM-Q every `ope_every` steps and keep the best snapshot (quick: 500)"""
+    clip_coef: float = 0.25
+    """bppo: clip range of the chain-likelihood ratio (Uni-O4's 0.25)"""
+    improvement_kl_coef: float = 0.1
+    """bppo: weight of the sequence-level KL of the copy's chain to its reference"""
+    q_weight: float = 0.05
+    """qgrad: weight of -Q / mean|Q| (DESIGN.md: 1.0 collapsed to 3, 0.05 reached 94.5 at 2k steps without a gate)"""
+    init_checkpoint: str | None = None
+    """skip the loop: take the policy, critics and dynamics from this checkpoint of the same dataset and
+    settings, evaluate them, and run only the improvement stage (to compare operators without retraining)"""
 
     # Evaluation, logging, checkpoint
     eval_every: int = 50_000
@@ -272,6 +312,13 @@ if __name__ == "__main__":
              "use --eta 0 for shorter chunks")
     if args.action_steps is not None and not 1 <= args.action_steps <= args.horizon:
         fail(f"--action-steps must be between 1 and --horizon ({args.horizon}), got {args.action_steps}")
+    if args.num_qualified > 0 and not args.ope:
+        fail("the improvement stage scores and improves sub-policies with the critics and the dynamics model: "
+             "drop --no-ope, or pass --num-qualified 0 to train the diffusion policy alone")
+    if args.init_checkpoint is not None and not args.ope:
+        fail("--init-checkpoint runs the improvement stage, which needs --ope")
+    if args.num_qualified > args.n_subpolicies:
+        fail(f"--num-qualified ({args.num_qualified}) cannot exceed --n-subpolicies ({args.n_subpolicies})")
     try:
         dataset, dataset_id, ref_min_score, ref_max_score = load_dataset(args.env_id, args.dataset_id)
     except DatasetError as error:
@@ -349,28 +396,89 @@ if __name__ == "__main__":
                    step_rewards[holdout_index])
         dynamics.set_input_statistics(step_states[train_index], step_actions[train_index])
         # AM-Q start states: fixed dataset state histories, raw units.
+        raw_histories = to_device(data["states"])
         ope_index = torch.randperm(num_chunks, generator=split_generator)[: args.ope_states].to(device)
-        ope_start = to_device(data["states"])[ope_index]
+        ope_start = raw_histories[ope_index]
+        # The augmentation buffer (DESIGN.md, "Augmentation"): empty until --dynamics-warmup.
+        augmented = {"states": step_states[:0], "actions": step_actions[:0], "next_states": step_next_states[:0],
+                     "rewards": step_rewards[:0]}
+
+    # --init-checkpoint: the loop was run before; take its policy, critics and dynamics model.
+    if args.init_checkpoint is not None:
+        try:
+            saved = load_checkpoint(args.init_checkpoint, expected_env_id=gym_env_id, map_location=device)
+        except CheckpointError as error:
+            fail(str(error))
+        if saved["dataset_id"] != dataset_id or "critics" not in saved or saved["policy"]["config"] != asdict(config):
+            fail(f"{args.init_checkpoint} is not a --ope checkpoint of {dataset_id} with these policy settings "
+                 f"(it has {saved['dataset_id']}, policy {saved['policy']['config']}); pass the arguments it was "
+                 "trained with")
+        policy.load_state_dict(saved["policy"]["state_dict"])
+        critics.load_state_dict(saved["critics"]["state_dict"])
+        dynamics.load_state_dict(saved["dynamics"]["state_dict"])
 
     history = {"step": [], "scores": [], "returns": [], "mean_divergence": [], "ope_scores": [],
-               "ope_spearman": [], "dynamics_holdout_mse": []}
+               "ope_spearman": [], "dynamics_holdout_mse": [], "dynamics_holdout_nll": [], "augmentation": []}
+    improved = []  # the improved copies (after the loop)
 
-    def ope_scores() -> np.ndarray:
-        """AM-Q score of every sub-policy: its deterministic chunks rolled through the elites
-        from the same start states with the same model noise, scored by the mean chunk Q."""
-        holdout_mse = dynamics.select_elites(*holdout)
-        history["dynamics_holdout_mse"].append(holdout_mse[dynamics.elite_indices].mean().item())
+    @torch.no_grad()
+    def ope_score(model: DiffusionPolicy, sub_policy: int, uncertainty_penalty: float = 0.0) -> float:
+        """AM-Q score of one sub-policy of `model`: its deterministic chunks rolled through the
+        elites from fixed start states with fixed model noise, scored by the mean chunk Q
+        (penalized by model uncertainty for the gate). All n sub-policies are sampled together
+        (the adaptive perturbation couples them) and column `sub_policy` is kept."""
         q_function = lambda raw_states, env_chunks: critics.q(policy.normalize_states(raw_states),
                                                               policy.scale_actions(env_chunks))
-        scores = []
-        for i in range(args.n_subpolicies):
-            # All n sub-policies are sampled together (the adaptive perturbation couples them).
-            chunk_policy = lambda histories, i=i: policy.unscale_actions(
-                policy.sample(policy.normalize_states(histories)).actions[:, i])
-            generator = torch.Generator(device=device).manual_seed(args.seed + 2)
-            scores.append(am_q_ope(chunk_policy, q_function, dynamics, is_terminal, ope_start,
-                                   args.ope_horizon, generator=generator).item())
-        return np.array(scores)
+        chunk_policy = lambda histories: model.unscale_actions(
+            model.sample(model.normalize_states(histories)).actions[:, sub_policy])
+        generator = torch.Generator(device=device).manual_seed(args.seed + 2)
+        return am_q_ope(chunk_policy, q_function, dynamics, is_terminal, ope_start, args.ope_horizon,
+                        generator=generator, uncertainty_penalty=uncertainty_penalty, gamma=args.gamma).item()
+
+    def ope_scores() -> np.ndarray:
+        """Plain AM-Q (Uni-O4) of every sub-policy, after re-choosing the elites on the real hold-out."""
+        holdout_mse = dynamics.select_elites(*holdout)
+        history["dynamics_holdout_mse"].append(holdout_mse[dynamics.elite_indices].mean().item())
+        with torch.no_grad():
+            holdout_nll = dynamics.member_nll(*holdout)[dynamics.elite_indices].mean().item()
+        history["dynamics_holdout_nll"].append(holdout_nll)
+        return np.array([ope_score(policy, i) for i in range(args.n_subpolicies)])
+
+    @torch.no_grad()
+    def refresh_augmentation(step: int) -> dict:
+        """Diffusion augmentation (DESIGN.md): a fresh buffer of synthetic transitions from the
+        current sub-policies (start b driven by sub-policy b mod n, adaptive perturbation on) and
+        the current model, kept while the ensemble disagreement stays below epsilon."""
+        epsilon = disagreement_threshold(dynamics, holdout[0], holdout[1], args.aug_kl_quantile)
+        starts = raw_histories[torch.randint(num_chunks, (args.augment_starts,), device=device,
+                                             generator=model_generator)]
+        rows = torch.arange(args.augment_starts, device=device)
+        driver = rows % args.n_subpolicies
+        chunk_policy = lambda histories: policy.unscale_actions(
+            policy.sample(policy.normalize_states(histories)).actions[rows, driver])
+        buffer = diffusion_augmentation(chunk_policy, dynamics, is_terminal, starts, args.augment_horizon,
+                                        epsilon, int(args.augment_ratio * num_chunks), generator=model_generator)
+        history["augmentation"].append((step, len(buffer["states"]), epsilon))
+        writer.add_scalar("charts/augmentation_size", len(buffer["states"]), step)
+        print(f"augmentation at step {step}: {len(buffer['states'])} synthetic transitions "
+              f"(epsilon {epsilon:.3f}, cap {int(args.augment_ratio * num_chunks)})")
+        return buffer
+
+    def write_checkpoint(step: int) -> None:
+        """The atomic checkpoint: everything uepo_online.py and eval.py need (DESIGN.md)."""
+        model_parts = {}
+        if args.ope:
+            model_parts = {
+                "critics": {"config": {"obs_dim": config.obs_dim, "act_dim": config.act_dim, "horizon": args.horizon},
+                            "state_dict": critics.state_dict()},
+                "dynamics": {"config": dynamics.constructor_kwargs(), "state_dict": dynamics.state_dict()}}
+        save_checkpoint({
+            "args": asdict(args), "step": step, "env_id": gym_env_id, "max_episode_steps": max_episode_steps,
+            "dataset_id": dataset_id,
+            "ref_min_score": ref_min_score, "ref_max_score": ref_max_score,
+            "policy": policy.to_checkpoint(), "history": history, "improved": improved, **model_parts,
+        }, checkpoint_path)
+        print(f"checkpoint: {checkpoint_path}")
 
     def evaluate_and_save(step: int) -> None:
         """Every sub-policy's normalized score and the sub-policies' mean pairwise divergence
@@ -398,32 +506,24 @@ if __name__ == "__main__":
         history["scores"].append(result["scores"].tolist())
         history["returns"].append(result["returns"].tolist())
         history["mean_divergence"].append(mean_divergence)
-        model_parts = {}
         if args.ope:
             history["ope_scores"].append(ope.tolist())
             rank_correlation = spearman_correlation(ope, scores) if args.n_subpolicies > 2 else float("nan")
             history["ope_spearman"].append(rank_correlation)
             writer.add_scalar("charts/ope_spearman", rank_correlation, step)
             writer.add_scalar("losses/dynamics_holdout_mse", history["dynamics_holdout_mse"][-1], step)
+            writer.add_scalar("losses/dynamics_holdout_nll", history["dynamics_holdout_nll"][-1], step)
             print(f"  AM-Q per sub-policy [{', '.join(f'{q:.1f}' for q in ope)}]; Spearman with real scores "
                   f"{rank_correlation:.2f}; AM-Q's pick: sub-policy {int(ope.argmax())} "
-                  f"(real {scores[ope.argmax()]:.1f})")
-            model_parts = {
-                "critics": {"config": {"obs_dim": config.obs_dim, "act_dim": config.act_dim, "horizon": args.horizon},
-                            "state_dict": critics.state_dict()},
-                "dynamics": {"config": dynamics.constructor_kwargs(), "state_dict": dynamics.state_dict()}}
-        save_checkpoint({
-            "args": asdict(args), "step": step, "env_id": gym_env_id, "max_episode_steps": max_episode_steps,
-            "dataset_id": dataset_id,
-            "ref_min_score": ref_min_score, "ref_max_score": ref_max_score,
-            "policy": policy.to_checkpoint(), "history": history, **model_parts,
-        }, checkpoint_path)
-        print(f"checkpoint: {checkpoint_path}")
+                  f"(real {scores[ope.argmax()]:.1f}); dynamics hold-out NLL "
+                  f"{history['dynamics_holdout_nll'][-1]:.3f}")
+        write_checkpoint(step)
 
     # ---- the offline loop ------------------------------------------------------------------------
     start_time = time.time()
     loss_sums, loss_counts = {}, {}
-    for step in range(1, args.total_steps + 1):
+    loop_steps = range(1, args.total_steps + 1) if args.init_checkpoint is None else []  # else: trained already
+    for step in loop_steps:
         batch = torch.randint(num_chunks, (args.batch_size,), device=device)
 
         # Diffusion loss (epsilon prediction) on dataset chunks.
@@ -456,11 +556,13 @@ if __name__ == "__main__":
                                        chunk_rewards[critic_batch], next_states[critic_batch, -1],
                                        dones[critic_batch], chunk_lengths[critic_batch], args.gamma, args.expectile)
             losses["critic_q"], losses["critic_v"] = critic_losses["q"], critic_losses["value"]
-            # Dynamics ensemble: Gaussian NLL -E log T(s'|s, a) on real one-step transitions (train split).
-            dynamics_batch = train_index[torch.randint(len(train_index), (args.batch_size,), device=device,
-                                                       generator=model_generator)]
-            losses["dynamics"] = dynamics.loss(step_states[dynamics_batch], step_actions[dynamics_batch],
-                                               step_next_states[dynamics_batch], step_rewards[dynamics_batch])
+            # Dynamics ensemble: Gaussian NLL -E log T(s'|s, a) on a batch drawn uniformly from the
+            # real one-step transitions (train split) and the augmentation buffer together, so the
+            # two mix in proportion to their sizes (DESIGN.md).
+            dynamics_batch = mixed_batch((step_states, step_actions, step_next_states, step_rewards),
+                                         (augmented["states"], augmented["actions"], augmented["next_states"],
+                                          augmented["rewards"]), train_index, args.batch_size, model_generator)
+            losses["dynamics"] = dynamics.loss(*dynamics_batch)
 
         for name, value in losses.items():
             if not torch.isfinite(value):
@@ -482,7 +584,14 @@ if __name__ == "__main__":
             losses["dynamics"].backward()
             dynamics_optimizer.step()
             if step % args.elite_every == 0:
+                dynamics.select_elites(*holdout)  # elites are chosen on real hold-out data only
+            # Diffusion augmentation: first after the warm-up on real data, then every --augment-every.
+            if (args.augment_ratio > 0 and step >= args.dynamics_warmup
+                    and (step - args.dynamics_warmup) % args.augment_every == 0):
                 dynamics.select_elites(*holdout)
+                policy.eval()
+                augmented = refresh_augmentation(step)
+                policy.train()
 
         if step % args.log_every == 0 or step == args.total_steps:
             elapsed = time.time() - start_time
@@ -500,5 +609,85 @@ if __name__ == "__main__":
 
         if step % args.eval_every == 0 or step == args.total_steps:
             evaluate_and_save(step)
+
+    if args.init_checkpoint is not None:  # the loop ran in an earlier run: evaluate what it left
+        evaluate_and_save(saved["step"])
+
+    # ---- improvement of the best sub-policies (DESIGN.md, "Improvement"), after the loop --------
+    # The top --num-qualified sub-policies by AM-Q each get a copy of the whole policy (denoiser
+    # + the same seeds; the partners stay because the perturbation couples them), improved for
+    # that sub-policy by one operator under one gate: every --ope-every steps the copy is scored
+    # with the uncertainty-penalized AM-Q and only a better score replaces the kept snapshot.
+    # The critics and the dynamics model are frozen from here on.
+    if args.num_qualified > 0:
+        critics.requires_grad_(False)
+        base_ope = np.array(history["ope_scores"][-1])
+        base_scores = np.array(history["scores"][-1]).mean(1)
+        qualified = [int(i) for i in np.argsort(-base_ope)[: args.num_qualified]]
+        print(f"improvement ({args.improvement}): sub-policies {qualified} qualify by AM-Q")
+        for sub_policy in qualified:
+            improved_policy = copy.deepcopy(policy)
+            reference = copy.deepcopy(policy).requires_grad_(False)  # bppo: pi_ref, moved only by the gate
+            improvement_optimizer = torch.optim.Adam(improved_policy.parameters(), lr=args.improvement_learning_rate)
+            gate = BestSnapshot(improved_policy, ope_score(improved_policy, sub_policy, args.ope_penalty), step=0)
+            print(f"sub-policy {sub_policy}: gated OPE at the start {gate.best_score:.1f}")
+            start_time, loss_sums, last_logged = time.time(), {}, 0
+            for step in range(1, args.improvement_steps + 1):
+                batch = torch.randint(num_chunks, (args.batch_size,), device=device)
+                batch_states = states[batch, -1]
+                if args.improvement == "bppo":
+                    advantage_fn = lambda chunk: critics.q(batch_states, chunk) - critics.value(batch_states)
+                    out = bppo_loss(improved_policy, reference, states[batch], sub_policy, advantage_fn,
+                                    args.clip_coef, args.improvement_kl_coef)
+                else:
+                    q_fn = lambda chunk: critics.q(batch_states, chunk)
+                    out = qgrad_loss(improved_policy, states[batch], chunks[batch], masks[batch], sub_policy,
+                                     q_fn, args.q_weight)
+                if not torch.isfinite(out["loss"]):
+                    raise FloatingPointError(f"improvement of sub-policy {sub_policy}, step {step}: the "
+                                             f"{args.improvement} loss is {out['loss'].item()}; stopping")
+                improvement_optimizer.zero_grad()
+                out["loss"].backward()
+                torch.nn.utils.clip_grad_norm_(improved_policy.parameters(), args.max_grad_norm)
+                improvement_optimizer.step()
+                for name, value in out.items():
+                    loss_sums[name] = loss_sums.get(name, 0.0) + value.float().mean().item()
+                if step % args.log_every == 0 or step % args.ope_every == 0 or step == args.improvement_steps:
+                    logged_steps, last_logged = step - last_logged, step
+                    for name, value in loss_sums.items():
+                        writer.add_scalar(f"improvement_{sub_policy}/{name}", value / logged_steps, step)
+                    eta_seconds = (args.improvement_steps - step) * (time.time() - start_time) / step
+                    print(f"  sub-policy {sub_policy} step {step}/{args.improvement_steps} | " + " | ".join(
+                        f"{k} {v / logged_steps:.4f}" for k, v in loss_sums.items())
+                        + f" | ETA {time.strftime('%H:%M:%S', time.gmtime(eta_seconds))}", flush=True)
+                    loss_sums = {}
+                if step % args.ope_every == 0 or step == args.improvement_steps:
+                    score = ope_score(improved_policy, sub_policy, args.ope_penalty)
+                    accepted = gate.offer(improved_policy, score, step)
+                    if accepted and args.improvement == "bppo":
+                        reference.load_state_dict(improved_policy.state_dict())
+                    writer.add_scalar(f"improvement_{sub_policy}/gated_ope", score, step)
+                    print(f"  sub-policy {sub_policy} step {step}: gated OPE {score:.1f} "
+                          f"({'kept' if accepted else 'rejected'}; best {gate.best_score:.1f} at step {gate.best_step})")
+            gate.restore(improved_policy)  # the best-by-OPE snapshot, never simply the last
+            improved_policy.eval()
+            result = evaluate_sub_policies(improved_policy, gym_env_id, args.eval_episodes, seed=args.seed * 1000,
+                                           ref_min_score=ref_min_score, ref_max_score=ref_max_score,
+                                           max_episode_steps=max_episode_steps, action_steps=args.action_steps)
+            improved.append({"sub_policy": sub_policy, "operator": args.improvement,
+                             "policy": improved_policy.to_checkpoint(), "ope_history": gate.history,
+                             "ope_score": gate.best_score, "best_step": gate.best_step,
+                             "base_ope_score": float(base_ope[sub_policy]),
+                             "base_score": float(base_scores[sub_policy]),
+                             "scores": result["scores"][sub_policy].tolist()})
+            print(f"sub-policy {sub_policy}: kept step {gate.best_step} (gated OPE {gate.history[0][1]:.1f} -> "
+                  f"{gate.best_score:.1f}); real normalized score {base_scores[sub_policy]:.1f} -> "
+                  f"{result['scores'][sub_policy].mean():.1f}")
+            write_checkpoint(history["step"][-1])
+        print("| sub-policy | AM-Q | real before | gated OPE start -> kept (step) | real after |\n|-|-|-|-|-|")
+        for entry in improved:
+            start = entry["ope_history"][0][1]
+            print(f"| {entry['sub_policy']} | {entry['base_ope_score']:.1f} | {entry['base_score']:.1f} | "
+                  f"{start:.1f} -> {entry['ope_score']:.1f} ({entry['best_step']}) | {np.mean(entry['scores']):.1f} |")
 
     writer.close()

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dynamics import (ChunkCritics, EnsembleDynamics, am_q_ope, chunk_td_target, diffusion_augmentation,
-                      disagreement_threshold, expectile_loss, iql_losses, soft_update)
+                      disagreement_threshold, expectile_loss, iql_losses, mixed_batch, soft_update)
 
 
 def test_expectile_loss_matches_its_definition_on_a_hand_made_example():
@@ -198,3 +198,65 @@ def test_augmentation_filter_on_a_fitted_model_keeps_only_low_disagreement_steps
                                  max_transitions=10_000, generator=generator)
     assert 0 < len(out["states"]) < 64 * 10
     assert (model.disagreement(out["states"], out["actions"]) < epsilon).all()
+
+
+def test_mixed_batch_draws_real_and_synthetic_in_proportion():
+    """300 real train rows (reward 0) and 100 synthetic ones (reward 1): a quarter of the draws are
+    synthetic; rows outside the train split never appear; with no synthetic data the draw is the
+    plain real one (the same random numbers)."""
+    real = (torch.arange(400.0)[:, None], torch.zeros(400, 1), torch.zeros(400, 1), torch.zeros(400))
+    synthetic = (-torch.ones(100, 1), torch.zeros(100, 1), torch.zeros(100, 1), torch.ones(100))
+    train_rows = torch.arange(100, 400)
+    states, _, _, rewards = mixed_batch(real, synthetic, train_rows, 40_000, torch.Generator().manual_seed(0))
+    assert rewards.mean().item() == pytest.approx(0.25, abs=0.01)
+    assert (states[rewards == 0] >= 100).all() and (states[rewards == 1] == -1).all()
+    empty = tuple(part[:0] for part in synthetic)
+    states, *_ = mixed_batch(real, empty, train_rows, 64, torch.Generator().manual_seed(1))
+    expected = train_rows[torch.randint(300, (64,), generator=torch.Generator().manual_seed(1))]
+    assert torch.equal(states[:, 0], expected.float())
+
+
+# ---- the gate's penalized AM-Q ----------------------------------------------------------------------
+class ConstantUncertaintyModel(CountingModel):
+    """s' = s + 1 with MOPO uncertainty u = 0.5 everywhere."""
+
+    def uncertainty(self, states, actions):
+        return torch.full((len(states),), 0.5)
+
+
+def test_penalized_am_q_subtracts_the_discounted_uncertainty_to_go():
+    """With Q = 0, chunks of 2 and 6 steps, the chunks start at t = 0, 2, 4 with 6, 4 and 2 steps
+    of penalty ahead: the score is -lambda u mean(S_6, S_4, S_2), S_n = sum_{t<n} gamma^t."""
+    start = torch.zeros(3, 1, 2)
+    never = lambda next_states: torch.zeros(len(next_states), dtype=torch.bool)
+    zero_q = lambda states, chunks: torch.zeros(len(states))
+    gamma, penalty = 0.9, 2.0
+    score = am_q_ope(away_from_origin, zero_q, ConstantUncertaintyModel(), never, start, num_steps=6,
+                     uncertainty_penalty=penalty, gamma=gamma)
+    discounted = lambda n: sum(gamma ** t for t in range(n))
+    expected = -penalty * 0.5 * (discounted(6) + discounted(4) + discounted(2)) / 3
+    assert score.item() == pytest.approx(expected, rel=1e-6)
+    plain = am_q_ope(away_from_origin, zero_q, ConstantUncertaintyModel(), never, start, num_steps=6)
+    assert plain.item() == 0.0
+    # A termination at the first step: only the first chunk counts, with one step of penalty.
+    always = lambda next_states: torch.ones(len(next_states), dtype=torch.bool)
+    score = am_q_ope(away_from_origin, zero_q, ConstantUncertaintyModel(), always, start, num_steps=6,
+                     uncertainty_penalty=penalty, gamma=gamma)
+    assert score.item() == pytest.approx(-penalty * 0.5, rel=1e-6)
+
+
+def test_penalty_costs_more_for_a_policy_that_leaves_the_data(fitted_toy_model):
+    """The model was fitted on |s| <= 2: steering away from the origin leaves that region, so its
+    uncertainty penalty (plain minus penalized score) exceeds that of steering to the origin."""
+    model = fitted_toy_model
+    torch.manual_seed(0)
+    start = torch.rand(64, 1, 2) * 2 - 1
+    never = lambda next_states: torch.zeros(len(next_states), dtype=torch.bool)
+
+    def penalty_of(policy):
+        scores = [am_q_ope(policy, toy_chunk_return, model, never, start, num_steps=40,
+                           generator=torch.Generator().manual_seed(0), uncertainty_penalty=penalty)
+                  for penalty in (0.0, 1.0)]
+        return (scores[0] - scores[1]).item()
+
+    assert penalty_of(away_from_origin) > 1.5 * penalty_of(toward_origin) > 0

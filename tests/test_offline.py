@@ -10,14 +10,21 @@ import torch
 
 from conftest import ROOT, TINY_DATASET_ID, TINY_MAX_EPISODE_STEPS
 from diffusion import DiffusionPolicy, PolicyConfig
+from dynamics import ChunkCritics, EnsembleDynamics
 from eval import CheckpointError, evaluate_sub_policies, load_checkpoint, save_checkpoint, spearman_correlation
 from uepo_offline import (ENV_IDS, DatasetError, chunk_dataset, chunk_episode, load_dataset,
                           minari_ids, state_statistics)
 
-# Small, fast settings for the end-to-end runs.
-TINY_RUN = ["--dataset-id", TINY_DATASET_ID, "--denoiser", "mlp", "--mlp-hidden", "64",
-            "--total-steps", "30", "--batch-size", "32", "--kl-every", "5", "--kl-batch-size", "8",
-            "--eval-every", "30", "--eval-episodes", "2", "--log-every", "10", "--n-subpolicies", "4"]
+# Small, fast settings for the end-to-end runs: the diffusion policy alone (TINY_RUN), and the
+# whole offline phase with critics, dynamics, augmentation and the gated improvement (FULL_RUN).
+TINY_POLICY = ["--dataset-id", TINY_DATASET_ID, "--denoiser", "mlp", "--mlp-hidden", "64",
+               "--total-steps", "30", "--batch-size", "32", "--kl-every", "5", "--kl-batch-size", "8",
+               "--eval-every", "30", "--eval-episodes", "2", "--log-every", "10", "--n-subpolicies", "4"]
+TINY_RUN = TINY_POLICY + ["--no-ope", "--num-qualified", "0"]
+TINY_MODEL = ["--ope-states", "8", "--ope-horizon", "8", "--dynamics-warmup", "10", "--augment-every", "10",
+              "--augment-starts", "16", "--augment-horizon", "8", "--augment-ratio", "0.02",
+              "--improvement-steps", "6", "--ope-every", "3"]
+FULL_RUN = TINY_POLICY + TINY_MODEL
 
 
 def run_offline(arguments, minari_path, cwd, extra_env=None):
@@ -199,23 +206,97 @@ def test_end_to_end_offline_run_writes_a_checkpoint_that_reproduces_its_evaluati
     assert "critics" not in checkpoint and "dynamics" not in checkpoint
 
 
-def test_ope_run_scores_sub_policies_and_leaves_the_policy_training_unchanged(tiny_run, minari_path, tmp_path):
-    """With --ope the critics and the dynamics model train in the same loop, every sub-policy gets
-    an AM-Q score, the checkpoint holds both models, and the policy is bit-identical to the run
-    without them (they draw from their own random stream)."""
-    path = tmp_path / "offline_ope.pt"
-    arguments = TINY_RUN + ["--ope", "--ope-states", "8", "--ope-horizon", "8", "--checkpoint-path", str(path)]
-    result = run_offline(arguments, minari_path, tmp_path)
+@pytest.fixture(scope="module")
+def full_run(minari_path, tmp_path_factory):
+    """The tiny run of the whole offline phase (qgrad), once: (completed process, checkpoint path)."""
+    folder = tmp_path_factory.mktemp("full_run")
+    path = folder / "offline.pt"
+    return run_offline(FULL_RUN + ["--checkpoint-path", str(path)], minari_path, folder), path
+
+
+def test_full_run_scores_augments_and_leaves_the_policy_training_unchanged(tiny_run, full_run, tiny_dataset):
+    """The critics and the dynamics model train in the same loop, every sub-policy gets an AM-Q
+    score, the augmentation buffer is refreshed after the warm-up within its cap, and the base
+    policy is bit-identical to the run without any of this (its own random stream)."""
+    result, path = full_run
     assert result.returncode == 0, result.stderr[-3000:]
     assert "critic_q" in result.stdout and "dynamics" in result.stdout and "AM-Q per sub-policy" in result.stdout
     checkpoint = load_checkpoint(str(path))
-    ope_scores = np.array(checkpoint["history"]["ope_scores"][-1])
+    history = checkpoint["history"]
+    ope_scores = np.array(history["ope_scores"][-1])
     assert ope_scores.shape == (4,) and np.isfinite(ope_scores).all()
-    assert set(checkpoint["critics"]["state_dict"]) >= {"v.0.weight", "q1.0.weight", "q2.0.weight"}
-    assert len(checkpoint["dynamics"]["state_dict"]["elite_indices"]) == 5
+    assert np.isfinite(history["dynamics_holdout_nll"][-1])
+    # Refreshed at steps 10, 20, 30; never above --augment-ratio x |D|.
+    assert [step for step, _, _ in history["augmentation"]] == [10, 20, 30]
+    cap = int(0.02 * tiny_dataset.total_steps)
+    assert all(0 <= size <= cap for _, size, _ in history["augmentation"])
+    assert all(epsilon > 0 for _, _, epsilon in history["augmentation"])
+    # (The tiny policy's saturated chunks are far outside the random data, so the filter keeps few
+    # or none of them here; what it keeps and the mixing are tested in test_critics.py.)
     plain = load_checkpoint(str(tiny_run[1]))["policy"]["state_dict"]
     for name, tensor in checkpoint["policy"]["state_dict"].items():
         assert torch.equal(tensor, plain[name]), name
+
+
+def test_full_run_checkpoint_reloads_with_all_parts(full_run):
+    """Critics, dynamics and every improved copy reload; each copy is the best-by-OPE snapshot of
+    its gate and reproduces its recorded real evaluation; the copies are the top sub-policies by AM-Q."""
+    result, path = full_run
+    assert result.returncode == 0, result.stderr[-3000:]
+    checkpoint = load_checkpoint(str(path), expected_env_id="Hopper-v5")
+    critics = ChunkCritics(**checkpoint["critics"]["config"])
+    critics.load_state_dict(checkpoint["critics"]["state_dict"])
+    dynamics = EnsembleDynamics(**checkpoint["dynamics"]["config"])
+    dynamics.load_state_dict(checkpoint["dynamics"]["state_dict"])
+    ope_scores = np.array(checkpoint["history"]["ope_scores"][-1])
+    improved = checkpoint["improved"]
+    assert [entry["sub_policy"] for entry in improved] == list(np.argsort(-ope_scores)[:2])
+    for entry in improved:
+        assert entry["operator"] == "qgrad"
+        steps = [step for step, _, _ in entry["ope_history"]]
+        assert steps == [0, 3, 6]
+        scores = [score for _, score, _ in entry["ope_history"]]
+        assert entry["ope_score"] == max(scores) and entry["best_step"] == steps[int(np.argmax(scores))]
+        policy = DiffusionPolicy.from_checkpoint(entry["policy"])
+        replay = evaluate_sub_policies(policy, checkpoint["env_id"], episodes=2,
+                                       seed=checkpoint["args"]["seed"] * 1000,
+                                       ref_min_score=checkpoint["ref_min_score"],
+                                       ref_max_score=checkpoint["ref_max_score"],
+                                       max_episode_steps=checkpoint["max_episode_steps"])
+        np.testing.assert_array_equal(replay["scores"][entry["sub_policy"]], entry["scores"])
+    assert "| sub-policy | AM-Q | real before |" in result.stdout
+
+
+def test_init_checkpoint_runs_only_the_improvement(full_run, minari_path, tmp_path):
+    """--init-checkpoint skips the loop, re-evaluates the loaded policy to the same scores, and
+    improves with the other operator (bppo); it refuses a checkpoint of another environment or
+    one trained with other policy settings, with the reason."""
+    _, path = full_run
+    out = tmp_path / "bppo.pt"
+    result = run_offline(FULL_RUN + ["--init-checkpoint", str(path), "--improvement", "bppo",
+                                     "--num-qualified", "1", "--checkpoint-path", str(out)], minari_path, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "step 10/30" not in result.stdout and "improvement (bppo)" in result.stdout
+    original, rerun = load_checkpoint(str(path)), load_checkpoint(str(out))
+    assert rerun["history"]["scores"][-1] == original["history"]["scores"][-1]
+    assert [entry["operator"] for entry in rerun["improved"]] == ["bppo"]
+    ratio_lines = [line for line in result.stdout.splitlines() if "step 3/6" in line and "ratio" in line]
+    assert ratio_lines, result.stdout[-2000:]
+    # Refusals: another environment; other policy settings.
+    foreign = load_checkpoint(str(path))
+    foreign["env_id"] = "Walker2d-v5"
+    save_checkpoint(foreign, str(tmp_path / "walker.pt"))
+    result = run_offline(FULL_RUN + ["--init-checkpoint", str(tmp_path / "walker.pt")], minari_path, tmp_path)
+    assert result.returncode == 2 and "made for Walker2d-v5, not Hopper-v5" in result.stderr
+    result = run_offline(FULL_RUN + ["--init-checkpoint", str(path), "--tau", "0.3"], minari_path, tmp_path)
+    assert result.returncode == 2 and "pass the arguments it was trained with" in result.stderr
+
+
+def test_improvement_without_the_models_is_refused(minari_path, tmp_path):
+    """--no-ope with the default --num-qualified says what to pass instead, before any training."""
+    result = run_offline(TINY_POLICY + ["--no-ope"], minari_path, tmp_path)
+    assert result.returncode == 2 and "--num-qualified 0" in result.stderr
+    assert not (tmp_path / "runs").exists()
 
 
 def test_each_component_switches_off(minari_path, tmp_path):

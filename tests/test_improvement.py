@@ -1,0 +1,137 @@
+"""The improvement operators and the gate (diffusion.py: bppo_loss, qgrad_loss, BestSnapshot;
+DESIGN.md, "The offline loop, critics and improvement")."""
+
+import copy
+
+import pytest
+import torch
+
+from diffusion import BestSnapshot, bppo_loss, qgrad_loss
+from test_diffusion import make_policy, random_states
+
+
+@pytest.fixture(autouse=True)
+def single_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def first_action_advantage(chunks):
+    """A stand-in A(s, a): the first entry of the chunk's first action (prefers pushing it up)."""
+    return chunks[:, 0, 0]
+
+
+def bppo_step(policy, reference, states, advantage_fn, seed=0, lr=1e-3):
+    optimizer = torch.optim.Adam(policy.parameters(), lr=lr)
+    out = bppo_loss(policy, reference, states, 1, advantage_fn, clip_coef=0.25, kl_coef=0.1,
+                    generator=torch.Generator().manual_seed(seed))
+    optimizer.zero_grad()
+    out["loss"].backward()
+    optimizer.step()
+    return out
+
+
+def test_first_ratio_of_a_fresh_copy_is_one_and_its_kl_zero():
+    """A copy equal to its reference gives chain-likelihood ratios of exactly 1 and a zero KL."""
+    reference = make_policy()
+    improved = copy.deepcopy(reference)
+    states = random_states(reference, 32)
+    out = bppo_loss(improved, reference, states, 2, first_action_advantage, clip_coef=0.25, kl_coef=0.1,
+                    generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(out["ratio"], torch.ones(32), rtol=0, atol=1e-5)
+    assert out["kl"].item() == pytest.approx(0.0, abs=1e-8)
+
+
+def test_bppo_step_leaves_the_policy_unchanged_when_every_advantage_is_zero():
+    """No advantage, no KL gradient (the copy is its reference): the update is exactly zero. The
+    same step with a real advantage does move the copy (so the comparison can fail)."""
+    reference = make_policy()
+    states = random_states(reference, 32)
+    unchanged = copy.deepcopy(reference)
+    bppo_step(unchanged, reference, states, lambda chunks: torch.zeros(len(chunks)))
+    for before, after in zip(reference.parameters(), unchanged.parameters()):
+        assert torch.equal(before, after)
+    moved = copy.deepcopy(reference)
+    bppo_step(moved, reference, states, first_action_advantage)
+    assert any(not torch.equal(before, after) for before, after in zip(reference.parameters(), moved.parameters()))
+
+
+def test_bppo_steps_raise_the_likelihood_of_chains_with_positive_advantage():
+    """On the same sampled chains, a few steps make the ratio larger where A > 0 than where A < 0
+    (the surrogate E[r A], 0 for a fresh copy, becomes positive), and the KL to the reference grows."""
+    torch.manual_seed(0)
+    reference = make_policy()
+    improved = copy.deepcopy(reference)
+    states = random_states(reference, 64)
+    for _ in range(10):
+        out = bppo_step(improved, reference, states, first_action_advantage, seed=0, lr=3e-4)
+    with torch.no_grad():
+        out = bppo_loss(improved, reference, states, 1, first_action_advantage, clip_coef=0.25, kl_coef=0.1,
+                        generator=torch.Generator().manual_seed(0))
+        sample = reference.sample(states, stochastic=True, generator=torch.Generator().manual_seed(0))
+    advantage = first_action_advantage(sample.actions[:, 1])
+    positive = advantage > advantage.median()
+    assert out["ratio"][positive].mean() > out["ratio"][~positive].mean()
+    assert out["kl"].item() > 0
+
+
+def train_on_zero_chunks(policy, states, steps=300):
+    """Fit the diffusion loss to all-zero chunks so that the chains sit inside [-1, 1]
+    (an untrained denoiser saturates the clip, where no gradient passes)."""
+    optimizer = torch.optim.Adam(policy.parameters(), lr=3e-3)
+    chunks, mask = torch.zeros(len(states), 4, 2), torch.ones(len(states), 4)
+    for _ in range(steps):
+        loss = policy.loss(states, chunks, mask)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return chunks, mask
+
+
+def test_qgrad_steps_raise_the_sub_policys_q():
+    """With Q(s, a) = -||a - 0.5||^2, qgrad steps move the improved sub-policy's deterministic chunk
+    towards 0.5 through the whole DDIM chain; the same steps with q_weight 0 (diffusion loss on
+    zero chunks alone) do not."""
+    torch.manual_seed(0)
+    policy = make_policy(eta=0.0)
+    states = random_states(policy, 32)
+    chunks, mask = train_on_zero_chunks(policy, states)
+    q_fn = lambda chunk: -((chunk - 0.5) ** 2).sum((1, 2))
+
+    def q_after(q_weight):
+        improved = copy.deepcopy(policy)
+        optimizer = torch.optim.Adam(improved.parameters(), lr=1e-3)
+        for _ in range(30):
+            out = qgrad_loss(improved, states, chunks, mask, 3, q_fn, q_weight=q_weight)
+            optimizer.zero_grad()
+            out["loss"].backward()
+            optimizer.step()
+        with torch.no_grad():
+            return q_fn(improved.sample(states).actions[:, 3]).mean().item()
+
+    with torch.no_grad():
+        before = q_fn(policy.sample(states).actions[:, 3]).mean().item()
+    assert before < -1.0  # near the zero chunk: about -8 * 0.25
+    assert q_after(q_weight=1.0) > before + 0.5
+    assert q_after(q_weight=0.0) < before + 0.2
+
+
+def test_gate_keeps_the_best_by_ope_snapshot_when_a_later_one_scores_lower():
+    """Scores 1 (start), 3, 2: the kept parameters are those offered with 3, and restore brings
+    them back over the later, worse ones."""
+    model = torch.nn.Linear(2, 1)
+    gate = BestSnapshot(model, score=1.0, step=0)
+    with torch.no_grad():
+        model.weight.fill_(3.0)
+    assert gate.offer(model, 3.0, step=100)
+    with torch.no_grad():
+        model.weight.fill_(2.0)
+    assert not gate.offer(model, 2.0, step=200)
+    assert gate.best_score == 3.0 and gate.best_step == 100
+    assert [accepted for _, _, accepted in gate.history] == [True, True, False]
+    gate.restore(model)
+    assert torch.equal(model.weight, torch.full((1, 2), 3.0))
+    # A tie is not an improvement: the earlier snapshot stays.
+    assert not gate.offer(model, 3.0, step=300)
