@@ -398,6 +398,21 @@ class DiffusionPolicy(nn.Module):
 # sub-policies, `sub_policy`. Its partners (the other seeds) stay in every chain because the
 # adaptive perturbation couples them: they move with the copy's denoiser, and only sub-policy
 # `sub_policy` is scored, improved and deployed from that copy.
+def sub_policy_chain_terms(policy: DiffusionPolicy, reference: DiffusionPolicy, states: torch.Tensor,
+                           chain: torch.Tensor, sub_policy: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For stored chains (B, n, S+1, H, A) of all n sub-policies at normalized `states`: the chain
+    log-likelihood of sub-policy `sub_policy` under `policy`, (B,), and the sequence-level
+    KL(pi_policy || pi_reference) of its chain, (B,). Every step is N(mu, min_std^2) under both,
+    so the KL is exactly sum ||mu_policy - mu_reference||^2 / (2 min_std^2) over the chain's
+    states. Gradients flow into `policy` only. Shared by the offline bppo step and online PPO."""
+    means = policy.chain_step_means(states, chain)[:, sub_policy]
+    with torch.no_grad():
+        reference_means = reference.chain_step_means(states, chain)[:, sub_policy]
+    std = torch.tensor(policy.config.min_std, device=states.device)
+    log_prob = gaussian_log_prob(chain[:, sub_policy, 1:], means, policy.config.min_std, event_dims=3)
+    return log_prob, gaussian_kl(means, std, reference_means, std, event_dims=3)
+
+
 def bppo_loss(policy: DiffusionPolicy, reference: DiffusionPolicy, states: torch.Tensor, sub_policy: int,
               advantage_fn, clip_coef: float, kl_coef: float,
               generator: torch.Generator | None = None) -> dict:
@@ -406,26 +421,21 @@ def bppo_loss(policy: DiffusionPolicy, reference: DiffusionPolicy, states: torch
     Chains of all n sub-policies are sampled from the frozen `reference` (stochastic sampler) at
     dataset `states` (B, To, S); `advantage_fn((B, H, A) chunks in [-1, 1]) -> (B,)` gives
     A = Q - V of sub-policy `sub_policy`'s chunks, normalized per batch. With
-    r = pi_copy(chain) / pi_ref(chain) (chain likelihoods, `chain_log_prob`):
+    r = pi_copy(chain) / pi_ref(chain) (chain likelihoods):
 
         loss = -E[min(r A, clip(r, 1 - c, 1 + c) A)] + kl_coef * E[KL(pi_copy || pi_ref)]
 
-    The KL is sequence level over the whole chain (every step is N(mu, min_std^2), so it is
-    sum ||mu_copy - mu_ref||^2 / (2 min_std^2), exact on the sampled chain's states). Returns
-    {"loss", "ratio" (B,), "kl", "advantage_mean"}; only "loss" carries gradients.
+    with the sequence-level KL of `sub_policy_chain_terms`. Returns {"loss", "ratio" (B,), "kl",
+    "advantage_mean"}; only "loss" carries gradients.
     """
     with torch.no_grad():
         sample = reference.sample(states, stochastic=True, generator=generator)
-        reference_means = reference.chain_step_means(states, sample.chain)[:, sub_policy]
         raw_advantages = advantage_fn(sample.actions[:, sub_policy])
         advantages = (raw_advantages - raw_advantages.mean()) / (raw_advantages.std() + 1e-8)
-    means = policy.chain_step_means(states, sample.chain)[:, sub_policy]
-    std = torch.tensor(policy.config.min_std, device=states.device)
-    log_prob = gaussian_log_prob(sample.chain[:, sub_policy, 1:], means, policy.config.min_std, event_dims=3)
+    log_prob, kl = sub_policy_chain_terms(policy, reference, states, sample.chain, sub_policy)
     ratio = torch.exp(log_prob - sample.log_prob[:, sub_policy])
     surrogate = torch.min(ratio * advantages, ratio.clamp(1 - clip_coef, 1 + clip_coef) * advantages)
-    kl = gaussian_kl(means, std, reference_means, std, event_dims=3).mean()
-    return {"loss": -surrogate.mean() + kl_coef * kl, "ratio": ratio.detach(), "kl": kl.detach(),
+    return {"loss": -surrogate.mean() + kl_coef * kl.mean(), "ratio": ratio.detach(), "kl": kl.mean().detach(),
             "advantage_mean": raw_advantages.mean()}
 
 

@@ -5,6 +5,7 @@
   checkpoint (so evaluating needs no dataset).
 - `evaluate_sub_policies`: every sub-policy of a DiffusionPolicy over real episodes, all in
   one batched policy call per decision, with the same start states for every sub-policy.
+- `ChunkEnv`: the chunk-level MDP (one action = one chunk of H actions) for online PPO.
 - `save_checkpoint` / `load_checkpoint`: atomic writes; loads that refuse a corrupt file or a
   checkpoint made for another environment.
 """
@@ -17,6 +18,8 @@ import numpy as np
 import torch
 
 CHECKPOINT_FORMAT = "uepo-v1"
+# The Gymnasium environment of each task of the D4RL-style names (`hopper-medium` -> Hopper-v5).
+GYM_ENV_IDS = {"hopper": "Hopper-v5", "walker2d": "Walker2d-v5", "halfcheetah": "HalfCheetah-v5", "ant": "Ant-v5"}
 
 
 def normalized_score(returns, ref_min_score: float, ref_max_score: float) -> np.ndarray:
@@ -26,7 +29,7 @@ def normalized_score(returns, ref_min_score: float, ref_max_score: float) -> np.
 @torch.no_grad()
 def evaluate_sub_policies(policy, env_id: str, episodes: int, seed: int, ref_min_score: float,
                           ref_max_score: float, max_episode_steps: int | None = None,
-                          action_steps: int | None = None) -> dict:
+                          action_steps: int | None = None, sub_policies: list[int] | None = None) -> dict:
     """Deterministic returns and normalized scores of every sub-policy.
 
     Environment (i, e) runs sub-policy i on episode e, reset with seed `seed + e`, so every
@@ -35,16 +38,20 @@ def evaluate_sub_policies(policy, env_id: str, episodes: int, seed: int, ref_min
     perturbation couples them) and environment (i, e) executes sub-policy i's chunk.
     `action_steps` < H re-plans sooner (receding horizon); default: the whole chunk.
     `max_episode_steps`: the dataset's time limit (None: the environment's registered one).
+    `sub_policies`: which sub-policies get environments (default: all n, in order); the policy
+    still samples all n at every decision.
 
-    Returns {"returns": (n, episodes), "scores": (n, episodes), "lengths": (n, episodes)}.
+    Returns {"returns": (k, episodes), "scores": (k, episodes), "lengths": (k, episodes)} for the
+    k evaluated sub-policies.
     """
-    n = policy.config.n_subpolicies
+    evaluated = list(range(policy.config.n_subpolicies)) if sub_policies is None else list(sub_policies)
+    n = len(evaluated)
     horizon, obs_horizon = policy.config.horizon, policy.config.obs_horizon
     action_steps = action_steps or horizon
     if not 1 <= action_steps <= horizon:
         raise ValueError(f"action_steps must be in [1, {horizon}], got {action_steps}")
     envs = [gym.make(env_id, max_episode_steps=max_episode_steps) for _ in range(n * episodes)]
-    sub_policy_of = np.repeat(np.arange(n), episodes)
+    sub_policy_of = np.repeat(evaluated, episodes)
     histories, live = [], np.ones(len(envs), dtype=bool)
     returns, lengths = np.zeros(len(envs)), np.zeros(len(envs), dtype=np.int64)
     for index, env in enumerate(envs):
@@ -69,6 +76,47 @@ def evaluate_sub_policies(policy, env_id: str, episodes: int, seed: int, ref_min
     returns = returns.reshape(n, episodes)
     return {"returns": returns, "lengths": lengths.reshape(n, episodes),
             "scores": normalized_score(returns, ref_min_score, ref_max_score)}
+
+
+class ChunkEnv(gym.Wrapper):
+    """The chunk-level MDP of online fine-tuning (DESIGN.md, "Online fine-tuning").
+
+    One action is a whole chunk (H, A) in environment units; `step` executes its actions until
+    the chunk ends or the episode does (the rest of the chunk is dropped, never carried into the
+    next episode). The observation is the history of the last `obs_horizon` states (To, S), the
+    first state repeated at an episode start, as the policy was trained. The reward is the
+    discounted chunk reward R^H = sum_h gamma^h r_h over the executed steps; `info` adds
+    "chunk_length" L (the discount to the next decision is gamma^L) and "undiscounted_reward".
+    Because a chunk never crosses an episode boundary, a vector env's autoreset is safe at the
+    chunk level.
+    """
+
+    def __init__(self, env: gym.Env, horizon: int, obs_horizon: int, gamma: float):
+        super().__init__(env)
+        self.horizon, self.obs_horizon, self.gamma = horizon, obs_horizon, gamma
+        obs_space, act_space = env.observation_space, env.action_space
+        self.observation_space = gym.spaces.Box(-np.inf, np.inf, (obs_horizon, *obs_space.shape), np.float64)
+        self.action_space = gym.spaces.Box(np.tile(act_space.low, (horizon, 1)), np.tile(act_space.high, (horizon, 1)),
+                                           dtype=act_space.dtype)
+        self.history = deque(maxlen=obs_horizon)
+
+    def reset(self, **kwargs):
+        obs, info = self.env.reset(**kwargs)
+        self.history.extend([obs] * self.obs_horizon)
+        return np.stack(self.history), info
+
+    def step(self, chunk):
+        chunk_reward, undiscounted, length = 0.0, 0.0, 0
+        for action in chunk:
+            obs, reward, terminated, truncated, info = self.env.step(action)
+            chunk_reward += self.gamma ** length * reward
+            undiscounted += reward
+            length += 1
+            self.history.append(obs)
+            if terminated or truncated:
+                break
+        info = {**info, "chunk_length": length, "undiscounted_reward": undiscounted}
+        return np.stack(self.history), chunk_reward, terminated, truncated, info
 
 
 def spearman_correlation(x, y) -> float:
