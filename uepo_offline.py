@@ -1,22 +1,29 @@
 """UEPO offline phase (arXiv 2511.10087), CleanRL style: read top to bottom.
 
     python uepo_offline.py --env-id hopper-medium                  # paper-scale defaults (GPU)
-    python uepo_offline.py --env-id hopper-medium --denoiser mlp \\
-        --total-steps 20000 --eval-every 10000 --eval-episodes 5   # quick CPU run (README)
+    python uepo_offline.py --env-id hopper-medium --denoiser mlp --total-steps 20000 \
+        --eval-every 10000 --eval-episodes 5 --dynamics-warmup 5000 --augment-every 5000 \
+        --improvement-steps 500 --ope-every 100                    # quick CPU run (README)
 
 1. Data: a Minari dataset -> chunked transitions (s_t, a_{t:t+H}, R_t^H, s_{t+H}, done) with
    masks, states normalized with frozen dataset statistics.
-2. One training loop over `--total-steps` gradient steps: the diffusion loss of the
-   multi-seed diffusion policy (diffusion.py) plus, every `--kl-every` steps, the sub-policy
-   objective J(pi_i) of the divergence regularization (divergence.py); the adaptive
-   perturbation acts inside the sampler. With `--ope`, the same loop also trains the
-   chunk-level IQL critics and the dynamics ensemble (dynamics.py). Every `--eval-every`
-   steps: the normalized score of every sub-policy on the real environment, their mean
-   pairwise kinematic divergence and, with `--ope`, their AM-Q scores next to the real ones.
-3. An atomic checkpoint under runs/{run_name}/offline.pt that uepo_online.py and eval.py load.
+2. One training loop over `--total-steps` gradient steps (DESIGN.md, "The offline loop"):
+   - the diffusion loss of the multi-seed diffusion policy (diffusion.py) plus, every
+     `--kl-every` steps, the sub-policy objective J(pi_i) of the divergence regularization
+     (divergence.py); the adaptive perturbation acts inside the sampler;
+   - the chunk-level IQL critics Q(s, a_{t:t+H}) and V(s) (dynamics.py);
+   - the dynamics ensemble on batches that mix real transitions with the diffusion
+     augmentation buffer, filled after `--dynamics-warmup` steps and refreshed every
+     `--augment-every` steps (dynamics.py, paper component 3);
+   - every `--eval-every` steps: the normalized score of every sub-policy on the real
+     environment (reported, never used for a decision), their mean pairwise kinematic
+     divergence, and their AM-Q scores.
+3. Improvement, after the loop: the top `--num-qualified` sub-policies by AM-Q each get a copy
+   of the policy, improved by `--improvement qgrad` or `bppo` under one gate that keeps the
+   best snapshot by uncertainty-penalized AM-Q.
+4. An atomic checkpoint under runs/{run_name}/offline.pt (rewritten at every evaluation and
+   after every improved copy) that uepo_online.py and eval.py load.
 
-Not yet here (DESIGN.md, issue "Offline UEPO, part 2"): the diffusion augmentation of the
-dynamics model's data and the OPE-gated improvement of the best sub-policies.
 Design choices are fixed in DESIGN.md (beside this project) and listed in the README.
 """
 
@@ -156,8 +163,9 @@ class Args:
     `bppo`: Uni-O4's clipped ratio of chain likelihoods on A = Q - V + the sequence-level KL to the reference"""
     improvement_steps: int = 10_000
     """gradient steps of every copy (quick CPU setting: 2000)"""
-    improvement_learning_rate: float = 3e-5
-    """Adam learning rate of the copies (DESIGN.md: bppo at 1e-4 collapsed within 1-3k steps, at 3e-5 it held)"""
+    improvement_learning_rate: float | None = None
+    """Adam learning rate of the copies; default 3e-5 for bppo (DESIGN.md: at 1e-4 it collapsed within 1-3k steps
+    without a gate, at 3e-5 it held) and 1e-4 for qgrad (its diffusion loss anchors it to the data)"""
     ope_every: int = 1000
     """the gate: score the copy with the penalized AM-Q every `ope_every` steps and keep the best snapshot (quick: 500)"""
     clip_coef: float = 0.25
@@ -624,11 +632,12 @@ if __name__ == "__main__":
         base_ope = np.array(history["ope_scores"][-1])
         base_scores = np.array(history["scores"][-1]).mean(1)
         qualified = [int(i) for i in np.argsort(-base_ope)[: args.num_qualified]]
+        improvement_learning_rate = args.improvement_learning_rate or {"bppo": 3e-5, "qgrad": 1e-4}[args.improvement]
         print(f"improvement ({args.improvement}): sub-policies {qualified} qualify by AM-Q")
         for sub_policy in qualified:
             improved_policy = copy.deepcopy(policy)
             reference = copy.deepcopy(policy).requires_grad_(False)  # bppo: pi_ref, moved only by the gate
-            improvement_optimizer = torch.optim.Adam(improved_policy.parameters(), lr=args.improvement_learning_rate)
+            improvement_optimizer = torch.optim.Adam(improved_policy.parameters(), lr=improvement_learning_rate)
             gate = BestSnapshot(improved_policy, ope_score(improved_policy, sub_policy, args.ope_penalty), step=0)
             print(f"sub-policy {sub_policy}: gated OPE at the start {gate.best_score:.1f}")
             start_time, loss_sums, last_logged = time.time(), {}, 0
