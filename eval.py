@@ -11,6 +11,7 @@
 """
 
 import os
+import sys
 from collections import deque
 
 import gymnasium as gym
@@ -148,6 +149,12 @@ def save_checkpoint(checkpoint: dict, path: str) -> None:
     finally:
         if os.path.exists(temporary):
             os.remove(temporary)
+
+
+def fail(message: str):
+    """Bad input ends a script with the message alone (no traceback), exit code 2."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
 
 
 class CheckpointError(ValueError):

@@ -30,7 +30,6 @@ Design choices are fixed in DESIGN.md (beside this project) and listed in the RE
 import copy
 import os
 import random
-import sys
 import time
 from dataclasses import asdict, dataclass
 from typing import Literal
@@ -46,7 +45,8 @@ from diffusion import BestSnapshot, DiffusionPolicy, PolicyConfig, bppo_loss, qg
 from divergence import mean_pairwise_divergence, subpolicy_terms
 from dynamics import (ChunkCritics, EnsembleDynamics, am_q_ope, diffusion_augmentation, disagreement_threshold,
                       holdout_split, iql_losses, mixed_batch, soft_update, task_of_env_id, termination_fn)
-from eval import CheckpointError, evaluate_sub_policies, load_checkpoint, save_checkpoint, spearman_correlation
+from eval import (CheckpointError, evaluate_sub_policies, fail, load_checkpoint, save_checkpoint,
+                  spearman_correlation)
 
 
 @dataclass
@@ -305,12 +305,6 @@ def chunk_dataset(dataset: minari.MinariDataset, horizon: int, obs_horizon: int,
 def state_statistics(states: np.ndarray, eps: float = 1e-3) -> tuple[np.ndarray, np.ndarray]:
     """Frozen normalization (DESIGN.md): dataset mean and std + eps, used offline, online and in eval."""
     return states.mean(0), states.std(0) + eps
-
-
-def fail(message: str):
-    """Bad input ends the run with the message alone (no traceback), exit code 2."""
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
 
 
 if __name__ == "__main__":
@@ -593,8 +587,9 @@ if __name__ == "__main__":
             dynamics_optimizer.step()
             if step % args.elite_every == 0:
                 dynamics.select_elites(*holdout)  # elites are chosen on real hold-out data only
-            # Diffusion augmentation: first after the warm-up on real data, then every --augment-every.
-            if (args.augment_ratio > 0 and step >= args.dynamics_warmup
+            # Diffusion augmentation: first after the warm-up on real data, then every --augment-every
+            # (not at the last step, where no dynamics update would use it).
+            if (args.augment_ratio > 0 and args.dynamics_warmup <= step < args.total_steps
                     and (step - args.dynamics_warmup) % args.augment_every == 0):
                 dynamics.select_elites(*holdout)
                 policy.eval()

@@ -27,7 +27,6 @@
 import copy
 import os
 import random
-import sys
 import time
 from dataclasses import asdict, dataclass
 
@@ -39,7 +38,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from diffusion import DiffusionPolicy, sub_policy_chain_terms
 from dynamics import ChunkCritics
-from eval import (GYM_ENV_IDS, CheckpointError, ChunkEnv, evaluate_sub_policies, load_checkpoint,
+from eval import (GYM_ENV_IDS, CheckpointError, ChunkEnv, evaluate_sub_policies, fail, load_checkpoint,
                   save_checkpoint)
 
 
@@ -105,12 +104,6 @@ class Args:
     """episodes per evaluation (the same start states every time)"""
     checkpoint_path: str | None = None
     """where to write the online checkpoint (default: runs/{run_name}/online.pt)"""
-
-
-def fail(message: str):
-    """Bad input ends the run with the message alone (no traceback), exit code 2."""
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
 
 
 def gym_env_id(name: str) -> str:
