@@ -1,10 +1,10 @@
 """Learning curves of uepo_online.py runs: normalized score against environment steps.
 
     python benchmarks/online_curves.py --runs "UEPO=runs/a/online.pt,runs/b/online.pt" \\
-        --runs "PPO from scratch=runs/c/online.pt" --out docs/online_hopper_medium.png
+        "PPO from scratch=runs/c/online.pt" --out docs/online_hopper_medium.png
 
-Each `--runs` is `label=checkpoint[,checkpoint...]` (one checkpoint per seed). Prints a markdown
-table (mean +- std over seeds at every evaluation step that all seeds of a label share) and
+Each entry of `--runs` is `label=checkpoint[,checkpoint...]` (one checkpoint per seed). Prints a markdown
+table (mean +- std over seeds at every evaluation, aligned by evaluation index) and
 writes a PNG with the mean and a min-max band per label.
 """
 
@@ -26,7 +26,7 @@ from eval import load_checkpoint  # noqa: E402
 @dataclass
 class Args:
     runs: list[str] = field(default_factory=list)
-    """`label=checkpoint[,checkpoint...]`, repeatable"""
+    """entries `label=checkpoint[,checkpoint...]`, one per curve, after a single --runs"""
     out: str = "online_curves.png"
     """where to write the PNG"""
     title: str = "hopper-medium (stand-in), online fine-tuning"
@@ -39,8 +39,11 @@ if __name__ == "__main__":
     for spec in args.runs:
         label, paths = spec.split("=", 1)
         histories = [load_checkpoint(path)["history"] for path in paths.split(",")]
-        steps = sorted(set.intersection(*(set(h["step"]) for h in histories)))
-        scores = np.array([[np.mean(h["scores"][h["step"].index(s)]) for s in steps] for h in histories])
+        # Evaluations fall at the first iteration past each multiple of --eval-every, so seeds
+        # differ by a few hundred steps: align them by evaluation index, at their mean step.
+        count = min(len(h["step"]) for h in histories)
+        steps = np.mean([h["step"][:count] for h in histories], axis=0).round().astype(int)
+        scores = np.array([[np.mean(s) for s in h["scores"][:count]] for h in histories])
         mean = scores.mean(0)
         axis.plot(steps, mean, label=f"{label} ({len(histories)} seed{'s' if len(histories) > 1 else ''})")
         axis.fill_between(steps, scores.min(0), scores.max(0), alpha=0.2)
