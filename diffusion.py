@@ -462,17 +462,20 @@ class BestSnapshot:
     result of an improvement run is its best-by-OPE snapshot, never simply the last one."""
 
     def __init__(self, model: nn.Module, score: float, step: int = 0):
+        self.history = []  # (step, OPE score, accepted)
+        self._keep(model, score, step)
+
+    def _keep(self, model: nn.Module, score: float, step: int) -> None:
         self.best_score, self.best_step = score, step
         self.best_state = {key: value.detach().clone() for key, value in model.state_dict().items()}
-        self.history = [(step, score, True)]  # (step, OPE score, accepted)
+        self.history.append((step, score, True))
 
     def offer(self, model: nn.Module, score: float, step: int) -> bool:
-        accepted = score > self.best_score
-        self.history.append((step, score, accepted))
-        if accepted:
-            self.best_score, self.best_step = score, step
-            self.best_state = {key: value.detach().clone() for key, value in model.state_dict().items()}
-        return accepted
+        if score > self.best_score:
+            self._keep(model, score, step)
+            return True
+        self.history.append((step, score, False))
+        return False
 
     def restore(self, model: nn.Module) -> None:
         model.load_state_dict(self.best_state)

@@ -24,7 +24,7 @@ Reading order:
    scored by the mean Q over the visited (state, chunk) pairs.
 7. `disagreement_threshold`, `diffusion_augmentation` - synthetic transitions from the
    sub-policies' chunks through the model, kept while the ensemble disagreement stays below
-   epsilon (not yet called by uepo_offline.py).
+   epsilon; `mixed_batch` - dynamics batches drawn from real and synthetic data together.
 
 Units and shapes: S = obs_dim, A = act_dim, M = members, E = elites, B = batch. Every tensor
 method takes and returns raw environment units (the standardization is internal). The model

@@ -87,14 +87,14 @@ class ChunkEnv(gym.Wrapper):
     next episode). The observation is the history of the last `obs_horizon` states (To, S), the
     first state repeated at an episode start, as the policy was trained. The reward is the
     discounted chunk reward R^H = sum_h gamma^h r_h over the executed steps; `info` adds
-    "chunk_length" L (the discount to the next decision is gamma^L) and "undiscounted_reward".
+    "chunk_length" L (the discount to the next decision is gamma^L).
     Because a chunk never crosses an episode boundary, a vector env's autoreset is safe at the
     chunk level.
     """
 
     def __init__(self, env: gym.Env, horizon: int, obs_horizon: int, gamma: float):
         super().__init__(env)
-        self.horizon, self.obs_horizon, self.gamma = horizon, obs_horizon, gamma
+        self.obs_horizon, self.gamma = obs_horizon, gamma
         obs_space, act_space = env.observation_space, env.action_space
         self.observation_space = gym.spaces.Box(-np.inf, np.inf, (obs_horizon, *obs_space.shape), np.float64)
         self.action_space = gym.spaces.Box(np.tile(act_space.low, (horizon, 1)), np.tile(act_space.high, (horizon, 1)),
@@ -107,16 +107,15 @@ class ChunkEnv(gym.Wrapper):
         return np.stack(self.history), info
 
     def step(self, chunk):
-        chunk_reward, undiscounted, length = 0.0, 0.0, 0
+        chunk_reward, length = 0.0, 0
         for action in chunk:
             obs, reward, terminated, truncated, info = self.env.step(action)
             chunk_reward += self.gamma ** length * reward
-            undiscounted += reward
             length += 1
             self.history.append(obs)
             if terminated or truncated:
                 break
-        info = {**info, "chunk_length": length, "undiscounted_reward": undiscounted}
+        info = {**info, "chunk_length": length}
         return np.stack(self.history), chunk_reward, terminated, truncated, info
 
 

@@ -162,12 +162,12 @@ class Args:
     """`qgrad`: Diffusion-QL's diffusion loss + q_weight * normalized -Q through the deterministic chain;
     `bppo`: Uni-O4's clipped ratio of chain likelihoods on A = Q - V + the sequence-level KL to the reference"""
     improvement_steps: int = 10_000
-    """gradient steps of every copy (quick CPU setting: 2000)"""
+    """gradient steps of every copy (quick CPU setting: 500)"""
     improvement_learning_rate: float | None = None
     """Adam learning rate of the copies; default 3e-5 for bppo (DESIGN.md: at 1e-4 it collapsed within 1-3k steps
     without a gate, at 3e-5 it held) and 1e-4 for qgrad (its diffusion loss anchors it to the data)"""
     ope_every: int = 1000
-    """the gate: score the copy with the penalized AM-Q every `ope_every` steps and keep the best snapshot (quick: 500)"""
+    """the gate: score the copy with the penalized AM-Q every `ope_every` steps and keep the best snapshot (quick: 100)"""
     clip_coef: float = 0.25
     """bppo: clip range of the chain-likelihood ratio (Uni-O4's 0.25)"""
     improvement_kl_coef: float = 0.1
@@ -585,13 +585,13 @@ if __name__ == "__main__":
             dynamics_optimizer.zero_grad()
             losses["dynamics"].backward()
             dynamics_optimizer.step()
-            if step % args.elite_every == 0:
-                dynamics.select_elites(*holdout)  # elites are chosen on real hold-out data only
             # Diffusion augmentation: first after the warm-up on real data, then every --augment-every
             # (not at the last step, where no dynamics update would use it).
-            if (args.augment_ratio > 0 and args.dynamics_warmup <= step < args.total_steps
-                    and (step - args.dynamics_warmup) % args.augment_every == 0):
-                dynamics.select_elites(*holdout)
+            augment_now = (args.augment_ratio > 0 and args.dynamics_warmup <= step < args.total_steps
+                           and (step - args.dynamics_warmup) % args.augment_every == 0)
+            if step % args.elite_every == 0 or augment_now:
+                dynamics.select_elites(*holdout)  # elites are chosen on real hold-out data only
+            if augment_now:
                 policy.eval()
                 augmented = refresh_augmentation(step)
                 policy.train()
