@@ -1,22 +1,41 @@
-"""Evaluation and checkpoint I/O shared by uepo_offline.py and uepo_online.py.
+"""Evaluation of UEPO checkpoints: a component that both scripts import, and a command line.
 
+    python eval.py policy --checkpoint runs/<run>/offline.pt       # every sub-policy, OPE, divergence
+    python eval.py robustness --checkpoint runs/<run>/online.pt    # noise, mass, friction, pushes
+    python eval.py report runs/                                    # paper-style table + curves
+    python eval.py speed                                           # JSON: training/decision/online speed
+
+As a component (imported by uepo_offline.py and uepo_online.py, which it never imports):
 - `normalized_score`: D4RL-style score, 100 * (return - ref_min) / (ref_max - ref_min), the
   same formula as `minari.get_normalized_score`, from reference scores stored in the
   checkpoint (so evaluating needs no dataset).
-- `evaluate_sub_policies`: every sub-policy of a DiffusionPolicy over real episodes, all in
-  one batched policy call per decision, with the same start states for every sub-policy.
+- `run_chunk_episodes` / `evaluate_sub_policies`: sub-policies of a DiffusionPolicy over real
+  episodes, every live environment batched into one policy call per decision.
 - `ChunkEnv`: the chunk-level MDP (one action = one chunk of H actions) for online PPO.
+- `offline_candidates` / `deployed_policy`: which (policy, sub-policy) a checkpoint offers.
+- perturbation wrappers (`ObservationNoise`, `ActionNoise`, `ScaledModel`, `RandomPush`).
 - `save_checkpoint` / `load_checkpoint`: atomic writes; loads that refuse a corrupt file or a
   checkpoint made for another environment.
 """
 
+import json
 import os
+import re
+import subprocess
 import sys
+import tempfile
+import time
 from collections import deque
+from dataclasses import dataclass
+from typing import Literal
 
 import gymnasium as gym
 import numpy as np
 import torch
+import tyro
+
+from diffusion import DENOISERS, DiffusionPolicy, PolicyConfig
+from divergence import pairwise_divergence, subpolicy_terms
 
 CHECKPOINT_FORMAT = "uepo-v1"
 # The Gymnasium environment of each task of the D4RL-style names (`hopper-medium` -> Hopper-v5).
@@ -28,54 +47,63 @@ def normalized_score(returns, ref_min_score: float, ref_max_score: float) -> np.
 
 
 @torch.no_grad()
+def run_chunk_episodes(policy, envs: list, sub_policy_of, seeds, action_steps: int | None = None):
+    """One episode in every environment; environment k runs sub-policy `sub_policy_of[k]` after
+    `reset(seed=seeds[k])`. Returns (returns, lengths), arrays of len(envs).
+
+    Vectorized over environments: at each decision every live environment's state history is
+    batched into one `policy.act` call (which samples all n sub-policies together, since the
+    adaptive perturbation couples them), and environment k executes its sub-policy's chunk.
+    `action_steps` < H re-plans sooner (receding horizon); default: the whole chunk.
+    """
+    horizon, obs_horizon = policy.config.horizon, policy.config.obs_horizon
+    action_steps = action_steps or horizon
+    if not 1 <= action_steps <= horizon:
+        raise ValueError(f"action_steps must be in [1, {horizon}], got {action_steps}")
+    histories, live = [], np.ones(len(envs), dtype=bool)
+    returns, lengths = np.zeros(len(envs)), np.zeros(len(envs), dtype=np.int64)
+    for env, seed in zip(envs, seeds):
+        obs, _ = env.reset(seed=int(seed))
+        # At an episode start the first state fills the whole history (DESIGN.md, "Diffusion policy").
+        histories.append(deque([obs] * obs_horizon, maxlen=obs_horizon))
+    while live.any():
+        live_ids = np.flatnonzero(live)
+        chunks = policy.act(np.stack([np.stack(histories[k]) for k in live_ids]))  # (live, n, H, A)
+        for row, k in enumerate(live_ids):
+            for action in chunks[row, sub_policy_of[k]][:action_steps]:
+                obs, reward, terminated, truncated, _ = envs[k].step(action)
+                returns[k] += reward
+                lengths[k] += 1
+                histories[k].append(obs)
+                if terminated or truncated:
+                    live[k] = False
+                    break
+    return returns, lengths
+
+
 def evaluate_sub_policies(policy, env_id: str, episodes: int, seed: int, ref_min_score: float,
                           ref_max_score: float, max_episode_steps: int | None = None,
                           action_steps: int | None = None, sub_policies: list[int] | None = None) -> dict:
     """Deterministic returns and normalized scores of every sub-policy.
 
     Environment (i, e) runs sub-policy i on episode e, reset with seed `seed + e`, so every
-    sub-policy starts from the same states. At each decision all live environments are batched
-    into one `policy.act` call (which samples all n sub-policies together; the adaptive
-    perturbation couples them) and environment (i, e) executes sub-policy i's chunk.
-    `action_steps` < H re-plans sooner (receding horizon); default: the whole chunk.
-    `max_episode_steps`: the dataset's time limit (None: the environment's registered one).
-    `sub_policies`: which sub-policies get environments (default: all n, in order); the policy
-    still samples all n at every decision.
+    sub-policy starts from the same states. `max_episode_steps`: the dataset's time limit (None:
+    the environment's registered one). `sub_policies`: which sub-policies get environments
+    (default: all n, in order); the policy still samples all n at every decision.
 
     Returns {"returns": (k, episodes), "scores": (k, episodes), "lengths": (k, episodes)} for the
     k evaluated sub-policies.
     """
     evaluated = list(range(policy.config.n_subpolicies)) if sub_policies is None else list(sub_policies)
-    n = len(evaluated)
-    horizon, obs_horizon = policy.config.horizon, policy.config.obs_horizon
-    action_steps = action_steps or horizon
-    if not 1 <= action_steps <= horizon:
-        raise ValueError(f"action_steps must be in [1, {horizon}], got {action_steps}")
-    envs = [gym.make(env_id, max_episode_steps=max_episode_steps) for _ in range(n * episodes)]
-    sub_policy_of = np.repeat(evaluated, episodes)
-    histories, live = [], np.ones(len(envs), dtype=bool)
-    returns, lengths = np.zeros(len(envs)), np.zeros(len(envs), dtype=np.int64)
-    for index, env in enumerate(envs):
-        obs, _ = env.reset(seed=seed + index % episodes)
-        # At an episode start the first state fills the whole history (DESIGN.md, "Diffusion policy").
-        histories.append(deque([obs] * obs_horizon, maxlen=obs_horizon))
-    while live.any():
-        live_ids = np.flatnonzero(live)
-        chunks = policy.act(np.stack([np.stack(histories[i]) for i in live_ids]))  # (live, n, H, A)
-        for row, env_index in enumerate(live_ids):
-            chunk = chunks[row, sub_policy_of[env_index]]
-            for action in chunk[:action_steps]:
-                obs, reward, terminated, truncated, _ = envs[env_index].step(action)
-                returns[env_index] += reward
-                lengths[env_index] += 1
-                histories[env_index].append(obs)
-                if terminated or truncated:
-                    live[env_index] = False
-                    break
-    for env in envs:
-        env.close()
-    returns = returns.reshape(n, episodes)
-    return {"returns": returns, "lengths": lengths.reshape(n, episodes),
+    envs = [gym.make(env_id, max_episode_steps=max_episode_steps) for _ in range(len(evaluated) * episodes)]
+    try:
+        returns, lengths = run_chunk_episodes(policy, envs, np.repeat(evaluated, episodes),
+                                              [seed + e for _ in evaluated for e in range(episodes)], action_steps)
+    finally:
+        for env in envs:
+            env.close()
+    returns = returns.reshape(len(evaluated), episodes)
+    return {"returns": returns, "lengths": lengths.reshape(len(evaluated), episodes),
             "scores": normalized_score(returns, ref_min_score, ref_max_score)}
 
 
@@ -174,3 +202,745 @@ def load_checkpoint(path: str, expected_env_id: str | None = None, map_location=
     if expected_env_id is not None and checkpoint["env_id"] != expected_env_id:
         raise CheckpointError(f"{path} was made for {checkpoint['env_id']}, not {expected_env_id}")
     return checkpoint
+
+
+# ------------------------------------------------------------------------------------------------
+# Which policy a checkpoint offers
+# ------------------------------------------------------------------------------------------------
+def offline_candidates(checkpoint: dict, device="cpu") -> list[tuple[str, DiffusionPolicy, int, float]]:
+    """(label, policy, sub_policy, offline OPE score) of an offline checkpoint, best OPE first.
+
+    The improved copies with their gated OPE when the offline run made them, else the base
+    sub-policies with their last AM-Q. Without OPE (a run with --no-ope) the scores are NaN and
+    the order is the sub-policies' own. The first candidate is "the offline choice"; Uni-O4's
+    online selection (uepo_online.py) takes the top few and compares them on real episodes.
+    """
+    if checkpoint.get("improved"):
+        candidates = [(f"sub-policy {entry['sub_policy']}, improved ({entry['operator']})",
+                       DiffusionPolicy.from_checkpoint(entry["policy"]).to(device), entry["sub_policy"],
+                       float(entry["ope_score"])) for entry in checkpoint["improved"]]
+    else:
+        base = DiffusionPolicy.from_checkpoint(checkpoint["policy"]).to(device)
+        n = base.config.n_subpolicies
+        ope = (checkpoint["history"].get("ope_scores") or [[float("nan")] * n])[-1]
+        candidates = [(f"sub-policy {i}", base, i, float(ope[i])) for i in range(n)]
+    return sorted(candidates, key=lambda candidate: -candidate[3] if np.isfinite(candidate[3]) else np.inf)
+
+
+def deployed_policy(checkpoint: dict, device="cpu") -> tuple[str, DiffusionPolicy, int]:
+    """(label, policy, sub_policy) a checkpoint deploys: the fine-tuned sub-policy of an online
+    checkpoint, else the offline choice (`offline_candidates`, first)."""
+    if checkpoint.get("phase") == "online":
+        return (f"sub-policy {checkpoint['sub_policy']}, fine-tuned online",
+                DiffusionPolicy.from_checkpoint(checkpoint["policy"]).to(device), checkpoint["sub_policy"])
+    label, policy, sub_policy, _ = offline_candidates(checkpoint, device)[0]
+    return label, policy, sub_policy
+
+
+def dataset_name(dataset_id: str) -> str:
+    """`mujoco/hopper/medium-v0` -> `hopper-medium` (the D4RL-style row name); other ids as they are."""
+    match = re.fullmatch(r"mujoco/([\w]+)/([\w-]+)-v\d+", dataset_id)
+    return f"{match.group(1)}-{match.group(2)}" if match else dataset_id
+
+
+# ------------------------------------------------------------------------------------------------
+# Perturbations (`eval.py robustness`). Each is a Gymnasium wrapper built with a strength; at
+# strength 0 it changes nothing, so that row reproduces the clean score exactly. Random ones draw
+# from their own generator, seeded per episode, so the environment's own random stream (its
+# reset noise) is the clean run's and every sub-policy or strength meets the same noise draws.
+# The paper measures no robustness; these are the usual perturbations of robust-RL benchmarks.
+# ------------------------------------------------------------------------------------------------
+class ObservationNoise(gym.ObservationWrapper):
+    """The policy sees s + N(0, (strength * scale)^2), with `scale` the dataset's per-dimension
+    state std (so a strength is a fraction of the data's own spread). Rewards are the clean ones."""
+
+    def __init__(self, env: gym.Env, strength: float, scale: np.ndarray, seed: int):
+        super().__init__(env)
+        self.std, self.rng = strength * np.asarray(scale, dtype=np.float64), np.random.default_rng(seed)
+
+    def observation(self, observation):
+        return observation + self.std * self.rng.standard_normal(observation.shape)
+
+
+class ActionNoise(gym.ActionWrapper):
+    """The robot executes a + N(0, (strength * half the action range)^2), clipped to the bounds."""
+
+    def __init__(self, env: gym.Env, strength: float, seed: int):
+        super().__init__(env)
+        low, high = env.action_space.low, env.action_space.high
+        self.std, self.rng = strength * (high - low) / 2, np.random.default_rng(seed)
+
+    def action(self, action):
+        noisy = action + self.std * self.rng.standard_normal(np.shape(action))
+        return np.clip(noisy, self.action_space.low, self.action_space.high).astype(self.action_space.dtype)
+
+
+class ScaledModel(gym.Wrapper):
+    """Scales physical parameters of the environment's MuJoCo model by (1 + strength), and puts
+    them back on `close`. `mass`: every body's mass and rotational inertia (a body of the same
+    shape and density scaled together). `friction`: the sliding friction of every geom (column 0 of
+    geom_friction; torsional and rolling friction unchanged). Each `gym.make` owns its model, so
+    other environments are untouched."""
+
+    FIELDS = {"mass": (("body_mass", slice(None)), ("body_inertia", slice(None))),
+              "friction": (("geom_friction", (slice(None), 0)),)}
+
+    def __init__(self, env: gym.Env, quantity: Literal["mass", "friction"], strength: float):
+        super().__init__(env)
+        if 1 + strength <= 0:
+            raise ValueError(f"a {quantity} change of {strength} would make it non-positive")
+        model = env.unwrapped.model
+        self.originals = [(name, index, getattr(model, name)[index].copy()) for name, index in self.FIELDS[quantity]]
+        for name, index, original in self.originals:
+            getattr(model, name)[index] = original * (1 + strength)
+
+    def close(self):
+        model = self.env.unwrapped.model
+        for name, index, original in self.originals:
+            getattr(model, name)[index] = original
+        super().close()
+
+
+class RandomPush(gym.Wrapper):
+    """One push per episode: a horizontal force on the root body (the torso; body 1 of the model)
+    of strength x the robot's weight, forwards or backwards at random, held for `duration`
+    seconds from a step drawn uniformly in `window`. A push of strength s held 0.1 s changes the
+    robot's speed by about s x 1 m/s. Episodes that end before their push are not pushed."""
+
+    def __init__(self, env: gym.Env, strength: float, seed: int, duration: float = 0.1,
+                 window: tuple[int, int] = (50, 250)):
+        super().__init__(env)
+        model = env.unwrapped.model
+        self.force = strength * float(model.body_mass.sum()) * float(np.linalg.norm(model.opt.gravity))
+        self.push_steps = max(1, round(duration / env.unwrapped.dt))
+        self.window, self.rng = window, np.random.default_rng(seed)
+
+    def reset(self, **kwargs):
+        self.step_count = 0
+        self.push_start = int(self.rng.integers(*self.window))
+        self.direction = float(self.rng.choice([-1.0, 1.0]))
+        return self.env.reset(**kwargs)  # MuJoCo's reset clears any applied force
+
+    def step(self, action):
+        pushing = self.push_start <= self.step_count < self.push_start + self.push_steps
+        self.env.unwrapped.data.xfrc_applied[1, 0] = self.direction * self.force if pushing else 0.0
+        self.step_count += 1
+        return self.env.step(action)
+
+
+# name -> (what the strength means, how to wrap an env at a strength)
+PERTURBATIONS = {
+    "observation_noise": "Gaussian observation noise, std = strength x the dataset's state std",
+    "action_noise": "Gaussian action noise, std = strength x half the action range",
+    "mass": "every body's mass and inertia x (1 + strength)",
+    "friction": "sliding friction x (1 + strength)",
+    "push": "one 0.1 s horizontal push of strength x the robot's weight",
+}
+
+
+def perturbed_env(env: gym.Env, perturbation: str, strength: float, seed: int, state_std: np.ndarray) -> gym.Env:
+    if perturbation == "observation_noise":
+        return ObservationNoise(env, strength, state_std, seed)
+    if perturbation == "action_noise":
+        return ActionNoise(env, strength, seed)
+    if perturbation in ("mass", "friction"):
+        return ScaledModel(env, perturbation, strength)
+    if perturbation == "push":
+        return RandomPush(env, strength, seed)
+    raise ValueError(f"unknown perturbation {perturbation!r}; valid: {', '.join(PERTURBATIONS)}")
+
+
+# ------------------------------------------------------------------------------------------------
+# Dataset states (the divergence of `eval.py policy` is measured on them, as in training)
+# ------------------------------------------------------------------------------------------------
+class DatasetMissing(RuntimeError):
+    """The checkpoint's dataset is not in this machine's MINARI_DATASETS_PATH."""
+
+
+def dataset_state_histories(dataset_id: str, count: int, obs_horizon: int, seed: int) -> np.ndarray:
+    """`count` state histories (count, To, S) at uniformly drawn dataset steps, the first state of
+    the episode repeated before its start (as in training)."""
+    import minari  # only this part of eval.py reads datasets
+
+    if dataset_id not in minari.list_local_datasets():
+        path = os.environ.get("MINARI_DATASETS_PATH", "~/.minari/datasets (MINARI_DATASETS_PATH unset)")
+        raise DatasetMissing(f"the dataset {dataset_id!r} of this checkpoint is not in MINARI_DATASETS_PATH={path}; "
+                             f"get it with `minari download {dataset_id}`, or pass --no-divergence")
+    observations, episode_starts, offset = [], [], 0
+    for episode in minari.load_dataset(dataset_id).iterate_episodes():
+        states = np.asarray(episode.observations[:-1], dtype=np.float32)
+        observations.append(states)
+        episode_starts.append(np.full(len(states), offset))
+        offset += len(states)
+    observations, episode_starts = np.concatenate(observations), np.concatenate(episode_starts)
+    rows = np.random.default_rng(seed).choice(len(observations), size=min(count, len(observations)), replace=False)
+    history = np.maximum(rows[:, None] + np.arange(-obs_horizon + 1, 1)[None, :], episode_starts[rows][:, None])
+    return observations[history]
+
+
+@torch.no_grad()
+def sub_policy_divergence(policy: DiffusionPolicy, state_histories: np.ndarray) -> np.ndarray:
+    """(n, n) mean kinematic divergence between the sub-policies' deterministic chunks (in the
+    policy's [-1, 1] action units, as logged in training) over the given raw state histories."""
+    states = torch.as_tensor(state_histories, dtype=torch.float32, device=policy.state_mean.device)
+    actions = policy.sample(policy.normalize_states(states)).actions
+    return pairwise_divergence(actions).mean(0).cpu().numpy()
+
+
+# ------------------------------------------------------------------------------------------------
+# The command line. Each subcommand is a dataclass of arguments (tyro) and a function.
+# ------------------------------------------------------------------------------------------------
+def mean_std(values) -> str:
+    return f"{np.mean(values):.1f} +- {np.std(values):.1f}"
+
+
+def load_or_fail(path: str) -> dict:
+    try:
+        return load_checkpoint(path)
+    except CheckpointError as error:
+        fail(str(error))
+
+
+def write_json(path: str, data: dict) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    with open(path, "w") as file:
+        json.dump(data, file, indent=2)
+    print(f"json: {path}")
+
+
+def markdown_table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("-" for _ in header) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows])
+
+
+@dataclass
+class PolicyArgs:
+    """Every sub-policy of a checkpoint on real episodes, its offline OPE score, and the
+    sub-policies' pairwise kinematic divergence on dataset states."""
+    checkpoint: str
+    """an offline or online checkpoint (runs/<run>/offline.pt or online.pt)"""
+    sub_policy: int | None = None
+    """evaluate only this sub-policy (and its improved copy, if any)"""
+    episodes: int = 10
+    """episodes per sub-policy (the same start states for all)"""
+    seed: int = 1
+    """episode e is reset with seed `seed * 1000 + e`, the training scripts' evaluation seeds"""
+    divergence: bool = True
+    """measure the pairwise divergence on dataset states (needs the dataset in MINARI_DATASETS_PATH)"""
+    divergence_states: int = 256
+    """dataset states of the divergence"""
+    json: str | None = None
+    """also write the results to this JSON file"""
+    cuda: bool = True
+    """if toggled, use a GPU when there is one"""
+
+
+def policy_command(args: PolicyArgs) -> dict:
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    checkpoint = load_or_fail(args.checkpoint)
+    online = checkpoint.get("phase") == "online"
+    base = DiffusionPolicy.from_checkpoint(checkpoint["policy"]).to(device).eval()
+    n = base.config.n_subpolicies
+    if args.sub_policy is not None and not 0 <= args.sub_policy < n:
+        fail(f"--sub-policy must be in [0, {n - 1}] for this checkpoint, got {args.sub_policy}")
+    evaluated = list(range(n)) if args.sub_policy is None else [args.sub_policy]
+    evaluate = lambda policy, sub_policies: evaluate_sub_policies(
+        policy, checkpoint["env_id"], args.episodes, seed=args.seed * 1000, ref_min_score=checkpoint["ref_min_score"],
+        ref_max_score=checkpoint["ref_max_score"], max_episode_steps=checkpoint["max_episode_steps"],
+        sub_policies=sub_policies)["scores"]
+    deployed_label, _, deployed_sub_policy = deployed_policy(checkpoint, device)
+
+    # Rows: the base (or fine-tuned) sub-policies with their last AM-Q, then the improved copies
+    # with their gated OPE (an offline checkpoint's candidates for deployment).
+    ope = None if online else (checkpoint["history"].get("ope_scores") or [None])[-1]
+    rows = []
+    for i, scores in zip(evaluated, evaluate(base, evaluated)):
+        label = f"sub-policy {i}" + (", fine-tuned online" if online and i == deployed_sub_policy else "")
+        rows.append({"label": label, "sub_policy": i, "scores": scores.tolist(),
+                     "ope": None if ope is None else float(ope[i]), "ope_kind": None if ope is None else "AM-Q"})
+    for entry in [] if online else checkpoint.get("improved") or []:
+        if entry["sub_policy"] in evaluated:
+            copy = DiffusionPolicy.from_checkpoint(entry["policy"]).to(device).eval()
+            scores = evaluate(copy, [entry["sub_policy"]])[0]
+            rows.append({"label": f"sub-policy {entry['sub_policy']}, improved ({entry['operator']})",
+                         "sub_policy": entry["sub_policy"], "scores": scores.tolist(),
+                         "ope": float(entry["ope_score"]), "ope_kind": "gated OPE"})
+    for row in rows:
+        row["mean"], row["std"] = float(np.mean(row["scores"])), float(np.std(row["scores"]))
+        row["deployed"] = row["label"] == deployed_label
+
+    result = {"checkpoint": args.checkpoint, "phase": checkpoint.get("phase", "offline"),
+              "env_id": checkpoint["env_id"], "dataset_id": checkpoint["dataset_id"], "episodes": args.episodes,
+              "seed": args.seed, "deployed": deployed_label, "rows": rows, "divergence": None}
+    base_rows = [row for row in rows if row["ope_kind"] == "AM-Q"]
+    if len(base_rows) > 2:
+        result["ope_spearman"] = spearman_correlation([row["ope"] for row in base_rows],
+                                                      [row["mean"] for row in base_rows])
+    if args.divergence and n > 1:
+        try:
+            states = dataset_state_histories(checkpoint["dataset_id"], args.divergence_states,
+                                             base.config.obs_horizon, args.seed)
+        except DatasetMissing as error:
+            fail(str(error))
+        matrix = sub_policy_divergence(base, states)
+        result["divergence"] = {"states": len(states), "matrix": matrix.tolist(),
+                                "mean_pairwise": float(matrix.sum() / (n * (n - 1)))}
+
+    print(f"{args.checkpoint}: {result['phase']} checkpoint for {checkpoint['env_id']} ({checkpoint['dataset_id']}), "
+          f"{args.episodes} episodes per row, seed {args.seed}\n")
+    print(markdown_table(["candidate", "normalized score", "offline OPE", "deployed"],
+                         [[row["label"], f"{row['mean']:.1f} +- {row['std']:.1f}",
+                           "-" if row["ope"] is None else f"{row['ope']:.1f} ({row['ope_kind']})",
+                           "yes" if row["deployed"] else ""] for row in rows]))
+    if "ope_spearman" in result:
+        print(f"\nSpearman(AM-Q, real score) over the sub-policies: {result['ope_spearman']:.2f}")
+    if result["divergence"] is not None:
+        divergence = result["divergence"]
+        print(f"\nPairwise kinematic divergence of the sub-policies on {divergence['states']} dataset states "
+              f"(mean over pairs {divergence['mean_pairwise']:.3f}):\n")
+        print(markdown_table(["", *[str(j) for j in range(n)]],
+                             [[str(i), *[f"{value:.3f}" for value in matrix[i]]] for i in range(n)]))
+    if args.json:
+        write_json(args.json, result)
+    return result
+
+
+@dataclass
+class RobustnessArgs:
+    """The deployed policy of a checkpoint under perturbations, each at a few strengths (an empty
+    list skips one): normalized scores and the relative drop from the clean score. All conditions
+    run as one batch of environments, episode e of every condition from the same start state."""
+    checkpoint: str
+    """an offline checkpoint (its offline choice is evaluated) or an online one (its fine-tuned sub-policy)"""
+    sub_policy: int | None = None
+    """evaluate this base sub-policy instead of the deployed one"""
+    episodes: int = 10
+    """episodes per condition"""
+    seed: int = 1
+    """episode e is reset with seed `seed * 1000 + e`; the perturbation's own noise with `seed * 1000 + e` too"""
+    observation_noise: tuple[float, ...] = (0.05, 0.1, 0.2)
+    """strengths: observation noise std as a fraction of the dataset's state std"""
+    action_noise: tuple[float, ...] = (0.1, 0.2, 0.3)
+    """strengths: action noise std as a fraction of half the action range"""
+    mass: tuple[float, ...] = (-0.3, -0.15, 0.15, 0.3)
+    """strengths: relative change of every body's mass (and inertia)"""
+    friction: tuple[float, ...] = (-0.3, -0.15, 0.15, 0.3)
+    """strengths: relative change of the sliding friction"""
+    push: tuple[float, ...] = (0.25, 0.5, 1.0)
+    """strengths: one 0.1 s horizontal push per episode, in units of the robot's weight"""
+    json: str | None = None
+    """also write the results to this JSON file"""
+    cuda: bool = True
+    """if toggled, use a GPU when there is one"""
+
+
+def robustness_command(args: RobustnessArgs) -> dict:
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    checkpoint = load_or_fail(args.checkpoint)
+    label, policy, sub_policy = deployed_policy(checkpoint, device)
+    if args.sub_policy is not None:
+        policy = DiffusionPolicy.from_checkpoint(checkpoint["policy"]).to(device)
+        if not 0 <= args.sub_policy < policy.config.n_subpolicies:
+            fail(f"--sub-policy must be in [0, {policy.config.n_subpolicies - 1}], got {args.sub_policy}")
+        label, sub_policy = f"sub-policy {args.sub_policy}", args.sub_policy
+    policy.eval()
+    state_std = policy.state_std.cpu().numpy()
+    conditions = [("none", 0.0)] + [(name, float(strength)) for name in PERTURBATIONS
+                                    for strength in getattr(args, name)]
+    envs, seeds = [], []
+    for name, strength in conditions:
+        for episode in range(args.episodes):
+            seed = args.seed * 1000 + episode
+            env = gym.make(checkpoint["env_id"], max_episode_steps=checkpoint["max_episode_steps"])
+            envs.append(env if name == "none" else perturbed_env(env, name, strength, seed, state_std))
+            seeds.append(seed)
+    start = time.time()
+    try:
+        returns, _ = run_chunk_episodes(policy, envs, np.full(len(envs), sub_policy), seeds)
+    finally:
+        for env in envs:
+            env.close()  # ScaledModel puts the model back
+    scores = normalized_score(returns, checkpoint["ref_min_score"], checkpoint["ref_max_score"])
+    scores = scores.reshape(len(conditions), args.episodes)
+    clean = scores[0].mean()
+    rows = [{"perturbation": name, "strength": strength, "scores": condition_scores.tolist(),
+             "mean": float(condition_scores.mean()), "std": float(condition_scores.std()),
+             "relative_drop": float((clean - condition_scores.mean()) / abs(clean)) if clean != 0 else float("nan")}
+            for (name, strength), condition_scores in zip(conditions, scores)]
+    print(f"{args.checkpoint}: {label}, {checkpoint['env_id']}, {args.episodes} episodes per condition "
+          f"({time.time() - start:.0f} s)\n")
+    print(markdown_table(["perturbation", "strength", "normalized score", "drop from clean"],
+                         [[row["perturbation"], f"{row['strength']:g}", f"{row['mean']:.1f} +- {row['std']:.1f}",
+                           "-" if row["perturbation"] == "none" else f"{100 * row['relative_drop']:.1f}%"]
+                          for row in rows]))
+    print("\nstrengths: " + "; ".join(f"{name}: {meaning}" for name, meaning in PERTURBATIONS.items()))
+    result = {"checkpoint": args.checkpoint, "policy": label, "env_id": checkpoint["env_id"],
+              "episodes": args.episodes, "seed": args.seed, "perturbations": PERTURBATIONS, "rows": rows}
+    if args.json:
+        write_json(args.json, result)
+    return result
+
+
+@dataclass
+class ReportArgs:
+    """A paper-style table and learning curves from a folder of runs (runs/ by default layout:
+    runs/{dataset}__{exp_name}__{seed}__{time}/ with the TensorBoard logs and the checkpoint)."""
+    runs_dir: tyro.conf.Positional[str]
+    """the folder that holds the runs (searched recursively for checkpoints *.pt)"""
+    out: str | None = None
+    """where to write report.md and the PNG curves (default: RUNS_DIR)"""
+
+
+# The score a run's curve follows: online, the fine-tuned sub-policy; offline, the mean over the
+# sub-policies (the offline choice is made only at the end, so there is no chosen curve).
+CURVE_TAGS = {"online": "charts/normalized_score", "offline": "charts/normalized_score_mean"}
+
+
+def final_score(checkpoint: dict) -> float:
+    """A run's result: the mean normalized score of what it deploys at its last evaluation.
+    Online: the fine-tuned sub-policy. Offline: the offline choice (`offline_candidates`: the
+    improved copy with the best gated OPE, else the AM-Q pick); a run without OPE has no choice,
+    so it counts the mean over its sub-policies (the expected score of an uninformed pick)."""
+    if checkpoint.get("phase") == "online":
+        return float(np.mean(checkpoint["history"]["scores"][-1]))
+    if checkpoint.get("improved"):
+        best = max(checkpoint["improved"], key=lambda entry: entry["ope_score"])
+        return float(np.mean(best["scores"]))
+    last_scores = np.asarray(checkpoint["history"]["scores"][-1])  # (n, episodes)
+    ope = checkpoint["history"].get("ope_scores")
+    if ope:
+        return float(last_scores[int(np.argmax(ope[-1]))].mean())
+    return float(last_scores.mean())
+
+
+def read_curve(run_dir: str, tag: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """(steps, values) of one scalar from a run's TensorBoard logs, None if it has none."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(run_dir, size_guidance={"scalars": 0})  # 0: keep every point
+    accumulator.Reload()
+    if tag not in accumulator.Tags().get("scalars", []):
+        return None
+    events = accumulator.Scalars(tag)
+    return np.array([event.step for event in events]), np.array([event.value for event in events])
+
+
+def collect_runs(runs_dir: str) -> list[dict]:
+    """Every checkpoint under runs_dir as a run: its dataset (row), method (column; the run name's
+    exp_name, else the folder's name), phase, seed, final score and curve."""
+    runs = []
+    for folder, _, files in sorted(os.walk(runs_dir)):
+        for name in sorted(file for file in files if file.endswith(".pt")):
+            path = os.path.join(folder, name)
+            try:
+                checkpoint = load_checkpoint(path)
+            except CheckpointError as error:
+                print(f"skipped: {error}")
+                continue
+            parts = os.path.basename(folder).split("__")
+            method = parts[1] if len(parts) == 4 else os.path.basename(folder)
+            phase = checkpoint.get("phase", "offline")
+            runs.append({"path": path, "dataset": dataset_name(checkpoint["dataset_id"]), "method": method,
+                         "phase": phase, "seed": checkpoint["args"]["seed"], "score": final_score(checkpoint),
+                         "curve": read_curve(folder, CURVE_TAGS[phase])})
+    return runs
+
+
+def report_command(args: ReportArgs) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    if not os.path.isdir(args.runs_dir):
+        fail(f"no folder {args.runs_dir}")
+    runs = collect_runs(args.runs_dir)
+    if not runs:
+        fail(f"no checkpoints (*.pt) under {args.runs_dir}")
+    out = args.out or args.runs_dir
+    os.makedirs(out, exist_ok=True)
+    datasets = sorted({run["dataset"] for run in runs})
+    methods = list(dict.fromkeys(run["method"] for run in sorted(runs, key=lambda run: run["phase"] != "offline")))
+
+    # The table in the paper's layout: rows datasets, columns methods, mean +- std over seeds, and
+    # a total row (the sum of the means; only for a method with every dataset).
+    cells = {(run["dataset"], run["method"]): [] for run in runs}
+    for run in runs:
+        cells[(run["dataset"], run["method"])].append(run["score"])
+    rows = [[dataset, *[mean_std(cells[(dataset, method)]) if (dataset, method) in cells else "-"
+                        for method in methods]] for dataset in datasets]
+    totals = [f"{sum(np.mean(cells[(d, method)]) for d in datasets):.1f}"
+              if all((d, method) in cells for d in datasets) else "-" for method in methods]
+    table = markdown_table(["dataset", *methods], rows + [["total", *totals]])
+    seeds = {key: len(values) for key, values in cells.items()}
+    lines = [f"# Report: {args.runs_dir}", "",
+             "Normalized score (mean +- std over seeds) of what each run deploys at its end: online runs, the "
+             "fine-tuned sub-policy; offline runs, the offline choice (mean over sub-policies without OPE).", "",
+             table, "", "Seeds per cell: " + ", ".join(f"{d} / {m}: {k}" for (d, m), k in sorted(seeds.items()))]
+
+    # Learning curves: one figure per dataset and phase; per method the mean over seeds and a band
+    # of +- one std. Evaluations fall at the first iteration past each multiple of --eval-every, so
+    # seeds differ by a few steps: they are aligned by evaluation index, at their mean step.
+    for dataset in datasets:
+        for phase in ("offline", "online"):
+            curves = {}
+            for run in runs:
+                if run["dataset"] == dataset and run["phase"] == phase and run["curve"] is not None:
+                    curves.setdefault(run["method"], []).append(run["curve"])
+            if not curves:
+                continue
+            figure, axis = plt.subplots(figsize=(6, 4))
+            for method, method_curves in curves.items():
+                count = min(len(steps) for steps, _ in method_curves)
+                steps = np.mean([steps[:count] for steps, _ in method_curves], axis=0)
+                values = np.array([values[:count] for _, values in method_curves])
+                mean, std = values.mean(0), values.std(0)
+                axis.plot(steps, mean, label=f"{method} ({len(method_curves)} seed{'s' * (len(method_curves) > 1)})")
+                axis.fill_between(steps, mean - std, mean + std, alpha=0.2)
+            axis.set_xlabel("environment steps" if phase == "online" else "gradient steps")
+            axis.set_ylabel("normalized score" if phase == "online" else "normalized score, mean over sub-policies")
+            axis.set_title(f"{dataset}, {phase}")
+            axis.grid(alpha=0.3)
+            axis.legend()
+            figure.tight_layout()
+            png = os.path.join(out, f"curves_{dataset}_{phase}.png")
+            figure.savefig(png, dpi=120)
+            plt.close(figure)
+            lines += ["", f"![{dataset} {phase}]({os.path.basename(png)})"]
+    report = "\n".join(lines) + "\n"
+    with open(os.path.join(out, "report.md"), "w") as file:
+        file.write(report)
+    print(report)
+    print(f"report: {os.path.join(out, 'report.md')}")
+    return report
+
+
+# ------------------------------------------------------------------------------------------------
+# Speed (`eval.py speed`): the diffusion policy per denoiser, next to a plain MLP Gaussian policy
+# measured in the same run on the same machine.
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class SpeedArgs:
+    """Speed of the diffusion policy for each denoiser, and of a plain MLP Gaussian policy as a
+    reference: offline gradient steps/s, decision latency, online environment steps/s. Prints JSON."""
+    env_id: str = "Hopper-v5"
+    """Gymnasium environment (its dimensions size the networks; the online loop runs on it)"""
+    denoisers: tuple[Literal["mlp", "unet"], ...] = DENOISERS
+    """denoisers to measure, with the default PolicyConfig (uepo_offline.py's defaults) otherwise"""
+    batch_size: int = 256
+    """batch of the offline gradient steps"""
+    gradient_steps: int = 30
+    """timed gradient steps (after 3 untimed ones)"""
+    decisions: int = 30
+    """timed decisions per batch size (the median is reported)"""
+    online_timesteps: int = 4096
+    """environment steps of each online PPO measurement (8 environments, 1024 steps per rollout)"""
+    json: str | None = None
+    """also write the JSON to this file"""
+    cuda: bool = True
+    """if toggled, use a GPU when there is one"""
+
+
+class GaussianMLPPolicy(torch.nn.Module):
+    """The reference: a = tanh-free mean(s) + exp(log_std) * N(0, 1), one action per decision, with
+    two 256-unit hidden layers (the usual offline-RL actor) and a state-independent log-std."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden: int = 256):
+        super().__init__()
+        layers = lambda out: torch.nn.Sequential(torch.nn.Linear(obs_dim, hidden), torch.nn.ReLU(),
+                                                 torch.nn.Linear(hidden, hidden), torch.nn.ReLU(),
+                                                 torch.nn.Linear(hidden, out))
+        self.mean, self.value = layers(act_dim), layers(1)
+        self.log_std = torch.nn.Parameter(torch.zeros(act_dim))
+
+    def distribution(self, states: torch.Tensor) -> torch.distributions.Normal:
+        return torch.distributions.Normal(self.mean(states), self.log_std.exp())
+
+
+def median_seconds(function, repeats: int) -> float:
+    function()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def steps_per_second(step, steps: int) -> float:
+    for _ in range(3):  # warm-up (allocations, kernel choices)
+        step()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return steps / (time.perf_counter() - start)
+
+
+def diffusion_speed(args: SpeedArgs, denoiser: str, env: gym.Env, device: torch.device) -> dict:
+    obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
+    config = PolicyConfig(obs_dim=obs_dim, act_dim=act_dim, denoiser=denoiser)
+    policy = DiffusionPolicy(config, np.zeros(obs_dim), np.ones(obs_dim), env.action_space.low,
+                             env.action_space.high).to(device)
+    optimizer = torch.optim.Adam(policy.parameters(), lr=3e-4)
+    states = torch.randn(args.batch_size, config.obs_horizon, obs_dim, device=device)
+    chunks = torch.rand(args.batch_size, config.horizon, act_dim, device=device) * 2 - 1
+    mask = torch.ones(args.batch_size, config.horizon, device=device)
+    step_count = [0]
+
+    def gradient_step():
+        # uepo_offline.py's policy step: the diffusion loss, plus every 10th step (--kl-every) the
+        # sub-policy objective on 64 states (--kl-batch-size) through the whole DDIM chain. The
+        # critics and the dynamics model, trained in the same loop, are not counted.
+        loss = policy.loss(states, chunks, mask)
+        if step_count[0] % 10 == 0:
+            _, disagreement = subpolicy_terms(policy.sample(states[:64]).actions, chunks[:64], mask[:64], std=1.0)
+            loss = loss - 0.1 * disagreement.mean()
+        step_count[0] += 1
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def decision(batch: int):
+        history = np.random.default_rng(0).standard_normal((batch, config.obs_horizon, obs_dim))
+        return lambda: policy.act(history)  # a whole chunk of H actions for all n sub-policies
+
+    result = {"parameters": sum(p.numel() for p in policy.denoiser.parameters()),
+              "gradient_steps_per_second": steps_per_second(gradient_step, args.gradient_steps)}
+    policy.eval()
+    for batch in (1, 64):
+        result[f"decision_latency_ms_batch_{batch}"] = 1000 * median_seconds(decision(batch), args.decisions)
+    result["actions_per_decision"] = config.horizon
+    result["online_env_steps_per_second"] = diffusion_online_speed(args, policy, env)
+    return result
+
+
+def diffusion_online_speed(args: SpeedArgs, policy: DiffusionPolicy, env: gym.Env) -> float:
+    """Environment steps/s of uepo_online.py's own PPO loop (--from-scratch on a checkpoint of this
+    freshly initialized policy, in the offline format; evaluations excluded from its timing)."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "fresh.pt")
+        save_checkpoint({"args": {"gamma": 0.99, "seed": 1}, "step": 0, "env_id": args.env_id,
+                         "max_episode_steps": env.spec.max_episode_steps, "dataset_id": "none",
+                         "ref_min_score": 0.0, "ref_max_score": 1.0, "policy": policy.cpu().to_checkpoint(),
+                         "history": {"scores": [], "ope_scores": []}, "improved": []}, path)
+        command = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "uepo_online.py"),
+                   "--checkpoint", path, "--from-scratch", "--total-timesteps", str(args.online_timesteps),
+                   "--eval-every", str(10 ** 12), "--eval-episodes", "1", "--checkpoint-path",
+                   os.path.join(folder, "online.pt"), *([] if args.cuda else ["--no-cuda"])]
+        result = subprocess.run(command, cwd=folder, capture_output=True, text=True)
+    rates = re.findall(r"(\d+) env steps/s", result.stdout)
+    if result.returncode != 0 or not rates:
+        raise RuntimeError(f"uepo_online.py failed:\n{result.stderr[-2000:]}")
+    return float(rates[-1])
+
+
+def gaussian_speed(args: SpeedArgs, env: gym.Env, device: torch.device) -> dict:
+    obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
+    policy = GaussianMLPPolicy(obs_dim, act_dim).to(device)
+    optimizer = torch.optim.Adam(policy.parameters(), lr=3e-4)
+    states, actions = torch.randn(args.batch_size, obs_dim, device=device), torch.randn(args.batch_size, act_dim,
+                                                                                         device=device)
+
+    def gradient_step():  # behaviour cloning: maximum likelihood of dataset actions
+        loss = -policy.distribution(states).log_prob(actions).sum(-1).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def decision(batch: int):
+        history = torch.as_tensor(np.random.default_rng(0).standard_normal((batch, obs_dim)), dtype=torch.float32)
+
+        @torch.no_grad()
+        def act():
+            return policy.mean(history.to(device)).cpu().numpy()  # one action
+        return act
+
+    result = {"parameters": sum(p.numel() for p in policy.mean.parameters()),
+              "gradient_steps_per_second": steps_per_second(gradient_step, args.gradient_steps)}
+    for batch in (1, 64):
+        result[f"decision_latency_ms_batch_{batch}"] = 1000 * median_seconds(decision(batch), args.decisions)
+    result["actions_per_decision"] = 1
+    result["online_env_steps_per_second"] = gaussian_online_speed(args, policy, device)
+    return result
+
+
+def gaussian_online_speed(args: SpeedArgs, policy: GaussianMLPPolicy, device: torch.device,
+                          num_envs: int = 8, num_steps: int = 128, epochs: int = 5, minibatches: int = 4) -> float:
+    """Environment steps/s of a plain PPO loop (CleanRL's ppo_continuous_action) with the Gaussian
+    policy, sized like uepo_online.py's: 8 environments x 128 steps = 1024 per rollout, 5 epochs
+    of 4 minibatches, GAE, clipped surrogate, value loss."""
+    envs = gym.vector.SyncVectorEnv([lambda: gym.make(args.env_id) for _ in range(num_envs)],
+                                    autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
+    optimizer = torch.optim.Adam(policy.parameters(), lr=3e-4, eps=1e-5)
+    gamma, gae_lambda, clip = 0.99, 0.95, 0.2
+    next_obs, _ = envs.reset(seed=1)
+    global_step, start = 0, time.perf_counter()
+    while global_step < args.online_timesteps:
+        observations, actions, log_probs, rewards, dones, values = [], [], [], [], [], []
+        for _ in range(num_steps):
+            obs = torch.as_tensor(next_obs, dtype=torch.float32, device=device)
+            with torch.no_grad():
+                distribution = policy.distribution(obs)
+                action = distribution.sample()
+                log_probs.append(distribution.log_prob(action).sum(-1))
+                values.append(policy.value(obs).squeeze(-1))
+            next_obs, reward, terminated, truncated, _ = envs.step(action.cpu().numpy())
+            observations.append(obs)
+            actions.append(action)
+            rewards.append(torch.as_tensor(reward, dtype=torch.float32, device=device))
+            dones.append(torch.as_tensor(terminated | truncated, dtype=torch.float32, device=device))
+            global_step += num_envs
+        with torch.no_grad():
+            next_value = policy.value(torch.as_tensor(next_obs, dtype=torch.float32, device=device)).squeeze(-1)
+        advantages, last = torch.zeros(num_steps, num_envs, device=device), 0.0
+        for t in reversed(range(num_steps)):
+            following = next_value if t == num_steps - 1 else values[t + 1]
+            delta = rewards[t] + gamma * (1 - dones[t]) * following - values[t]
+            last = delta + gamma * gae_lambda * (1 - dones[t]) * last
+            advantages[t] = last
+        b_obs, b_actions = torch.cat(observations), torch.cat(actions)
+        b_log_probs, b_advantages = torch.cat(log_probs), advantages.reshape(-1)
+        b_returns = b_advantages + torch.cat(values)
+        batch = num_steps * num_envs
+        for _ in range(epochs):
+            permutation = torch.randperm(batch, device=device)
+            for mb in permutation.reshape(minibatches, -1):
+                ratio = (policy.distribution(b_obs[mb]).log_prob(b_actions[mb]).sum(-1) - b_log_probs[mb]).exp()
+                advantage = (b_advantages[mb] - b_advantages[mb].mean()) / (b_advantages[mb].std() + 1e-8)
+                pg_loss = torch.max(-advantage * ratio, -advantage * ratio.clamp(1 - clip, 1 + clip)).mean()
+                v_loss = 0.5 * ((policy.value(b_obs[mb]).squeeze(-1) - b_returns[mb]) ** 2).mean()
+                optimizer.zero_grad()
+                (pg_loss + 0.5 * v_loss).backward()
+                torch.nn.utils.clip_grad_norm_(policy.parameters(), 0.5)
+                optimizer.step()
+    envs.close()
+    return global_step / (time.perf_counter() - start)
+
+
+def speed_command(args: SpeedArgs) -> dict:
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    env = gym.make(args.env_id)
+    result = {"env_id": args.env_id, "device": str(device), "torch_threads": torch.get_num_threads(),
+              "batch_size": args.batch_size, "policies": {}}
+    for denoiser in args.denoisers:
+        result["policies"][f"diffusion ({denoiser} denoiser)"] = diffusion_speed(args, denoiser, env, device)
+    result["policies"]["MLP Gaussian (reference)"] = gaussian_speed(args, env, device)
+    env.close()
+    print(json.dumps(result, indent=2))
+    if args.json:
+        write_json(args.json, result)
+    return result
+
+
+COMMANDS = {"policy": (PolicyArgs, policy_command), "robustness": (RobustnessArgs, robustness_command),
+            "report": (ReportArgs, report_command), "speed": (SpeedArgs, speed_command)}
+
+if __name__ == "__main__":
+    arguments = tyro.extras.subcommand_cli_from_dict({name: args_type for name, (args_type, _) in COMMANDS.items()})
+    command = next(function for args_type, function in COMMANDS.values() if isinstance(arguments, args_type))
+    command(arguments)

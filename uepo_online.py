@@ -39,7 +39,7 @@ from torch.utils.tensorboard import SummaryWriter
 from diffusion import DiffusionPolicy, sub_policy_chain_terms
 from dynamics import ChunkCritics
 from eval import (GYM_ENV_IDS, CheckpointError, ChunkEnv, evaluate_sub_policies, fail, load_checkpoint,
-                  save_checkpoint)
+                  offline_candidates, save_checkpoint)
 
 
 @dataclass
@@ -181,14 +181,8 @@ if __name__ == "__main__":
         sub_policy, selection_table = 0, "from scratch: no selection"
         args.kl_coef = 0.0  # a KL to a random initialization would only slow learning
     else:
-        if checkpoint.get("improved"):  # the improved copies, scored by the gate's OPE
-            candidates = [(f"sub-policy {entry['sub_policy']}, improved ({entry['operator']})",
-                           DiffusionPolicy.from_checkpoint(entry["policy"]).to(device), entry["sub_policy"],
-                           entry["ope_score"]) for entry in checkpoint["improved"]]
-        else:  # the base sub-policies, scored by AM-Q (if the offline run had --ope)
-            ope = (checkpoint["history"]["ope_scores"] or [[float("nan")] * config.n_subpolicies])[-1]
-            candidates = [(f"sub-policy {i}", base, i, ope[i]) for i in range(config.n_subpolicies)]
-        candidates.sort(key=lambda candidate: -candidate[3] if np.isfinite(candidate[3]) else 0.0)
+        # The improved copies scored by the gate's OPE, else the base sub-policies by AM-Q; best first.
+        candidates = offline_candidates(checkpoint, device)
         rows = []
         for label, policy, i, ope_score in candidates[: args.selection_top]:
             scores = evaluate(policy, i, args.selection_episodes)

@@ -70,3 +70,28 @@ def tiny_dataset(minari_path):
     import minari
 
     return minari.load_dataset(TINY_DATASET_ID)
+
+
+# ---- tiny runs shared by test_online.py and test_eval.py (each made once per session) -----------------
+@pytest.fixture(scope="session")
+def offline_checkpoint(minari_path, tmp_path_factory):
+    """A tiny offline checkpoint with critics, dynamics and one improved copy."""
+    from test_offline import TINY_MODEL, TINY_POLICY, run_offline
+
+    folder = tmp_path_factory.mktemp("offline_for_online")
+    path = folder / "offline.pt"
+    result = run_offline(TINY_POLICY + TINY_MODEL + ["--num-qualified", "1", "--checkpoint-path", str(path)],
+                         minari_path, folder)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return path
+
+
+@pytest.fixture(scope="session")
+def online_run(offline_checkpoint, tmp_path_factory):
+    """A tiny online run from `offline_checkpoint`: (the finished process, its checkpoint path)."""
+    from test_online import TINY_ONLINE, run_online
+
+    folder = tmp_path_factory.mktemp("online")
+    path = folder / "online.pt"
+    return run_online(["--checkpoint", str(offline_checkpoint), "--env-id", "hopper-medium",
+                       "--checkpoint-path", str(path)] + TINY_ONLINE, folder), path

@@ -14,7 +14,6 @@ from conftest import ROOT, TINY_MAX_EPISODE_STEPS
 from diffusion import DiffusionPolicy, sub_policy_chain_terms
 from eval import ChunkEnv, evaluate_sub_policies, load_checkpoint
 from test_diffusion import make_policy, random_states
-from test_offline import TINY_MODEL, TINY_POLICY, run_offline
 from uepo_online import chunk_gae, step_info
 
 TINY_ONLINE = ["--total-timesteps", "300", "--num-envs", "2", "--num-steps", "8", "--num-minibatches", "2",
@@ -25,25 +24,6 @@ def run_online(arguments, cwd):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     return subprocess.run([sys.executable, os.path.join(ROOT, "uepo_online.py"), *arguments],
                           cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
-
-
-@pytest.fixture(scope="module")
-def offline_checkpoint(minari_path, tmp_path_factory):
-    """A tiny offline checkpoint with critics, dynamics and one improved copy."""
-    folder = tmp_path_factory.mktemp("offline_for_online")
-    path = folder / "offline.pt"
-    result = run_offline(TINY_POLICY + TINY_MODEL + ["--num-qualified", "1", "--checkpoint-path", str(path)],
-                         minari_path, folder)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return path
-
-
-@pytest.fixture(scope="module")
-def online_run(offline_checkpoint, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("online")
-    path = folder / "online.pt"
-    return run_online(["--checkpoint", str(offline_checkpoint), "--env-id", "hopper-medium",
-                       "--checkpoint-path", str(path)] + TINY_ONLINE, folder), path
 
 
 # ---- GAE over chunks ----------------------------------------------------------------------------------
