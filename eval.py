@@ -27,7 +27,7 @@ import tempfile
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
 
 import gymnasium as gym
 import numpy as np
@@ -390,8 +390,9 @@ def sub_policy_divergence(policy: DiffusionPolicy, state_histories: np.ndarray) 
 # ------------------------------------------------------------------------------------------------
 # The command line. Each subcommand is a dataclass of arguments (tyro) and a function.
 # ------------------------------------------------------------------------------------------------
-def mean_std(values) -> str:
-    return f"{np.mean(values):.1f} +- {np.std(values):.1f}"
+def mean_std_over_seeds(values) -> str:
+    """`mean +- std` with the sample std (ddof 1; 0 for a single seed), as the README's tables."""
+    return f"{np.mean(values):.1f} +- {np.std(values, ddof=1) if len(values) > 1 else 0.0:.1f}"
 
 
 def load_or_fail(path: str) -> dict:
@@ -586,7 +587,7 @@ def robustness_command(args: RobustnessArgs) -> dict:
 class ReportArgs:
     """A paper-style table and learning curves from a folder of runs (runs/ by default layout:
     runs/{dataset}__{exp_name}__{seed}__{time}/ with the TensorBoard logs and the checkpoint)."""
-    runs_dir: tyro.conf.Positional[str]
+    runs_dir: Annotated[str, tyro.conf.Positional, tyro.conf.arg(metavar="RUNS_DIR")]
     """the folder that holds the runs (searched recursively for checkpoints *.pt)"""
     out: str | None = None
     """where to write report.md and the PNG curves (default: RUNS_DIR)"""
@@ -668,14 +669,14 @@ def report_command(args: ReportArgs) -> str:
     cells = {(run["dataset"], run["method"]): [] for run in runs}
     for run in runs:
         cells[(run["dataset"], run["method"])].append(run["score"])
-    rows = [[dataset, *[mean_std(cells[(dataset, method)]) if (dataset, method) in cells else "-"
+    rows = [[dataset, *[mean_std_over_seeds(cells[(dataset, method)]) if (dataset, method) in cells else "-"
                         for method in methods]] for dataset in datasets]
     totals = [f"{sum(np.mean(cells[(d, method)]) for d in datasets):.1f}"
               if all((d, method) in cells for d in datasets) else "-" for method in methods]
     table = markdown_table(["dataset", *methods], rows + [["total", *totals]])
     seeds = {key: len(values) for key, values in cells.items()}
     lines = [f"# Report: {args.runs_dir}", "",
-             "Normalized score (mean +- std over seeds) of what each run deploys at its end: online runs, the "
+             "Normalized score (mean +- sample std over seeds) of what each run deploys at its end: online runs, the "
              "fine-tuned sub-policy; offline runs, the offline choice (mean over sub-policies without OPE).", "",
              table, "", "Seeds per cell: " + ", ".join(f"{d} / {m}: {k}" for (d, m), k in sorted(seeds.items()))]
 
@@ -768,7 +769,17 @@ def median_seconds(function, repeats: int) -> float:
     return float(np.median(times))
 
 
-def steps_per_second(step, steps: int) -> float:
+def gradient_steps_per_second(loss_function, optimizer: torch.optim.Optimizer, steps: int,
+                              device: torch.device) -> float:
+    """Adam steps per second on the loss that `loss_function()` returns (after 3 untimed steps)."""
+    def step():
+        loss = loss_function()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
     for _ in range(3):  # warm-up (allocations, kernel choices)
         step()
     start = time.perf_counter()
@@ -788,7 +799,7 @@ def diffusion_speed(args: SpeedArgs, denoiser: str, env: gym.Env, device: torch.
     mask = torch.ones(args.batch_size, config.horizon, device=device)
     step_count = [0]
 
-    def gradient_step():
+    def offline_loss():
         # uepo_offline.py's policy step: the diffusion loss, plus every 10th step (--kl-every) the
         # sub-policy objective on 64 states (--kl-batch-size) through the whole DDIM chain. The
         # critics and the dynamics model, trained in the same loop, are not counted.
@@ -797,18 +808,15 @@ def diffusion_speed(args: SpeedArgs, denoiser: str, env: gym.Env, device: torch.
             _, disagreement = subpolicy_terms(policy.sample(states[:64]).actions, chunks[:64], mask[:64], std=1.0)
             loss = loss - 0.1 * disagreement.mean()
         step_count[0] += 1
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        return loss
 
     def decision(batch: int):
         history = np.random.default_rng(0).standard_normal((batch, config.obs_horizon, obs_dim))
         return lambda: policy.act(history)  # a whole chunk of H actions for all n sub-policies
 
     result = {"parameters": sum(p.numel() for p in policy.denoiser.parameters()),
-              "gradient_steps_per_second": steps_per_second(gradient_step, args.gradient_steps)}
+              "gradient_steps_per_second": gradient_steps_per_second(offline_loss, optimizer, args.gradient_steps,
+                                                                     device)}
     policy.eval()
     for batch in (1, 64):
         result[f"decision_latency_ms_batch_{batch}"] = 1000 * median_seconds(decision(batch), args.decisions)
@@ -844,13 +852,8 @@ def gaussian_speed(args: SpeedArgs, env: gym.Env, device: torch.device) -> dict:
     states, actions = torch.randn(args.batch_size, obs_dim, device=device), torch.randn(args.batch_size, act_dim,
                                                                                          device=device)
 
-    def gradient_step():  # behaviour cloning: maximum likelihood of dataset actions
-        loss = -policy.distribution(states).log_prob(actions).sum(-1).mean()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+    def behaviour_cloning_loss():  # maximum likelihood of dataset actions
+        return -policy.distribution(states).log_prob(actions).sum(-1).mean()
 
     def decision(batch: int):
         history = torch.as_tensor(np.random.default_rng(0).standard_normal((batch, obs_dim)), dtype=torch.float32)
@@ -861,7 +864,8 @@ def gaussian_speed(args: SpeedArgs, env: gym.Env, device: torch.device) -> dict:
         return act
 
     result = {"parameters": sum(p.numel() for p in policy.mean.parameters()),
-              "gradient_steps_per_second": steps_per_second(gradient_step, args.gradient_steps)}
+              "gradient_steps_per_second": gradient_steps_per_second(behaviour_cloning_loss, optimizer,
+                                                                     args.gradient_steps, device)}
     for batch in (1, 64):
         result[f"decision_latency_ms_batch_{batch}"] = 1000 * median_seconds(decision(batch), args.decisions)
     result["actions_per_decision"] = 1
