@@ -591,6 +591,8 @@ class ReportArgs:
     """the folder that holds the runs (searched recursively for checkpoints *.pt)"""
     out: str | None = None
     """where to write report.md and the PNG curves (default: RUNS_DIR)"""
+    methods: tuple[str, ...] = ()
+    """the columns (exp_names) in this order; default: every method found, offline runs first"""
 
 
 # The score a run's curve follows: online, the fine-tuned sub-policy; offline, the mean over the
@@ -662,7 +664,13 @@ def report_command(args: ReportArgs) -> str:
     out = args.out or args.runs_dir
     os.makedirs(out, exist_ok=True)
     datasets = sorted({run["dataset"] for run in runs})
-    methods = list(dict.fromkeys(run["method"] for run in sorted(runs, key=lambda run: run["phase"] != "offline")))
+    methods = list(args.methods) or list(dict.fromkeys(
+        run["method"] for run in sorted(runs, key=lambda run: run["phase"] != "offline")))
+    unknown = sorted(set(methods) - {run["method"] for run in runs})
+    if unknown:
+        fail(f"no runs of {', '.join(unknown)} under {args.runs_dir}; methods found: "
+             f"{', '.join(sorted({run['method'] for run in runs}))}")
+    runs = [run for run in runs if run["method"] in methods]
 
     # The table in the paper's layout: rows datasets, columns methods, mean +- std over seeds, and
     # a total row (the sum of the means; only for a method with every dataset).
@@ -697,7 +705,8 @@ def report_command(args: ReportArgs) -> str:
                 steps = np.mean([steps[:count] for steps, _ in method_curves], axis=0)
                 values = np.array([values[:count] for _, values in method_curves])
                 mean, std = values.mean(0), values.std(0)
-                axis.plot(steps, mean, label=f"{method} ({len(method_curves)} seed{'s' * (len(method_curves) > 1)})")
+                seeds = f"{len(method_curves)} seed{'s' * (len(method_curves) > 1)}"
+                axis.plot(steps, mean, marker="o", markersize=3, label=f"{method} ({seeds})")
                 axis.fill_between(steps, mean - std, mean + std, alpha=0.2)
             axis.set_xlabel("environment steps" if phase == "online" else "gradient steps")
             axis.set_ylabel("normalized score" if phase == "online" else "normalized score, mean over sub-policies")

@@ -202,6 +202,10 @@ def test_report_table_matches_hand_made_runs(tmp_path):
     for png in ("curves_hopper-medium_online.png", "curves_hopper-medium_offline.png",
                 "curves_walker2d-medium_online.png"):
         assert (tmp_path / "report" / png).stat().st_size > 1000
+    result = run_eval(["report", str(runs), "--out", str(tmp_path / "ordered"), "--methods", "ft", "off"], tmp_path)
+    assert result.returncode == 0 and "| dataset | ft | off |" in (tmp_path / "ordered" / "report.md").read_text()
+    result = run_eval(["report", str(runs), "--methods", "ft", "sac"], tmp_path)
+    assert result.returncode == 2 and "no runs of sac" in result.stderr and "methods found: ft, off" in result.stderr
     result = run_eval(["report", str(tmp_path / "nothing_here")], tmp_path)
     assert result.returncode == 2 and "no folder" in result.stderr
 
