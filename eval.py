@@ -277,8 +277,8 @@ class ActionNoise(gym.ActionWrapper):
 
 class ScaledModel(gym.Wrapper):
     """Scales physical parameters of the environment's MuJoCo model by (1 + strength), and puts
-    them back on `close`. `mass`: every body's mass and rotational inertia (a body of the same
-    shape and density scaled together). `friction`: the sliding friction of every geom (column 0 of
+    them back on `close`. `mass`: every body's mass and rotational inertia (the same shapes,
+    denser or lighter, so inertia scales with mass). `friction`: the sliding friction of every geom (column 0 of
     geom_friction; torsional and rolling friction unchanged). Each `gym.make` owns its model, so
     other environments are untouched."""
 
@@ -339,6 +339,8 @@ PERTURBATIONS = {
 
 
 def perturbed_env(env: gym.Env, perturbation: str, strength: float, seed: int, state_std: np.ndarray) -> gym.Env:
+    if perturbation in ("observation_noise", "action_noise", "push") and strength < 0:
+        raise ValueError(f"a {perturbation} strength must be >= 0, got {strength}")
     if perturbation == "observation_noise":
         return ObservationNoise(env, strength, state_std, seed)
     if perturbation == "action_noise":
@@ -554,7 +556,10 @@ def robustness_command(args: RobustnessArgs) -> dict:
         for episode in range(args.episodes):
             seed = args.seed * 1000 + episode
             env = gym.make(checkpoint["env_id"], max_episode_steps=checkpoint["max_episode_steps"])
-            envs.append(env if name == "none" else perturbed_env(env, name, strength, seed, state_std))
+            try:
+                envs.append(env if name == "none" else perturbed_env(env, name, strength, seed, state_std))
+            except ValueError as error:
+                fail(f"--{name.replace('_', '-')}: {error}")
             seeds.append(seed)
     start = time.time()
     try:

@@ -97,6 +97,13 @@ def test_robustness_at_strength_zero_reproduces_the_clean_score(offline_checkpoi
             assert row["relative_drop"] == pytest.approx((clean["mean"] - row["mean"]) / abs(clean["mean"]))
 
 
+def test_robustness_refuses_impossible_strengths(offline_checkpoint, tmp_path):
+    result = run_eval(["robustness", "--checkpoint", str(offline_checkpoint), "--mass", "-1"], tmp_path)
+    assert result.returncode == 2 and "--mass: a mass change of -1.0 would make it non-positive" in result.stderr
+    result = run_eval(["robustness", "--checkpoint", str(offline_checkpoint), "--action-noise", "-0.1"], tmp_path)
+    assert result.returncode == 2 and "must be >= 0" in result.stderr and "Traceback" not in result.stderr
+
+
 def rollout(env, steps=150):
     """Observations under a fixed open-loop action sequence from a fixed start."""
     env.reset(seed=0)
