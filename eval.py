@@ -46,67 +46,6 @@ def normalized_score(returns, ref_min_score: float, ref_max_score: float) -> np.
     return 100.0 * (np.asarray(returns, dtype=np.float64) - ref_min_score) / (ref_max_score - ref_min_score)
 
 
-@torch.no_grad()
-def run_chunk_episodes(policy, envs: list, sub_policy_of, seeds, action_steps: int | None = None):
-    """One episode in every environment; environment k runs sub-policy `sub_policy_of[k]` after
-    `reset(seed=seeds[k])`. Returns (returns, lengths), arrays of len(envs).
-
-    Vectorized over environments: at each decision every live environment's state history is
-    batched into one `policy.act` call (which samples all n sub-policies together, since the
-    adaptive perturbation couples them), and environment k executes its sub-policy's chunk.
-    `action_steps` < H re-plans sooner (receding horizon); default: the whole chunk.
-    """
-    horizon, obs_horizon = policy.config.horizon, policy.config.obs_horizon
-    action_steps = action_steps or horizon
-    if not 1 <= action_steps <= horizon:
-        raise ValueError(f"action_steps must be in [1, {horizon}], got {action_steps}")
-    histories, live = [], np.ones(len(envs), dtype=bool)
-    returns, lengths = np.zeros(len(envs)), np.zeros(len(envs), dtype=np.int64)
-    for env, seed in zip(envs, seeds):
-        obs, _ = env.reset(seed=int(seed))
-        # At an episode start the first state fills the whole history (DESIGN.md, "Diffusion policy").
-        histories.append(deque([obs] * obs_horizon, maxlen=obs_horizon))
-    while live.any():
-        live_ids = np.flatnonzero(live)
-        chunks = policy.act(np.stack([np.stack(histories[k]) for k in live_ids]))  # (live, n, H, A)
-        for row, k in enumerate(live_ids):
-            for action in chunks[row, sub_policy_of[k]][:action_steps]:
-                obs, reward, terminated, truncated, _ = envs[k].step(action)
-                returns[k] += reward
-                lengths[k] += 1
-                histories[k].append(obs)
-                if terminated or truncated:
-                    live[k] = False
-                    break
-    return returns, lengths
-
-
-def evaluate_sub_policies(policy, env_id: str, episodes: int, seed: int, ref_min_score: float,
-                          ref_max_score: float, max_episode_steps: int | None = None,
-                          action_steps: int | None = None, sub_policies: list[int] | None = None) -> dict:
-    """Deterministic returns and normalized scores of every sub-policy.
-
-    Environment (i, e) runs sub-policy i on episode e, reset with seed `seed + e`, so every
-    sub-policy starts from the same states. `max_episode_steps`: the dataset's time limit (None:
-    the environment's registered one). `sub_policies`: which sub-policies get environments
-    (default: all n, in order); the policy still samples all n at every decision.
-
-    Returns {"returns": (k, episodes), "scores": (k, episodes), "lengths": (k, episodes)} for the
-    k evaluated sub-policies.
-    """
-    evaluated = list(range(policy.config.n_subpolicies)) if sub_policies is None else list(sub_policies)
-    envs = [gym.make(env_id, max_episode_steps=max_episode_steps) for _ in range(len(evaluated) * episodes)]
-    try:
-        returns, lengths = run_chunk_episodes(policy, envs, np.repeat(evaluated, episodes),
-                                              [seed + e for _ in evaluated for e in range(episodes)], action_steps)
-    finally:
-        for env in envs:
-            env.close()
-    returns = returns.reshape(len(evaluated), episodes)
-    return {"returns": returns, "lengths": lengths.reshape(len(evaluated), episodes),
-            "scores": normalized_score(returns, ref_min_score, ref_max_score)}
-
-
 class ChunkEnv(gym.Wrapper):
     """The chunk-level MDP of online fine-tuning (DESIGN.md, "Online fine-tuning").
 
@@ -117,7 +56,8 @@ class ChunkEnv(gym.Wrapper):
     discounted chunk reward R^H = sum_h gamma^h r_h over the executed steps; `info` adds
     "chunk_length" L (the discount to the next decision is gamma^L).
     Because a chunk never crosses an episode boundary, a vector env's autoreset is safe at the
-    chunk level.
+    chunk level. Evaluation uses it too, with gamma 1 (undiscounted returns) and, for a receding
+    horizon, chunks cut to their first `action_steps` actions.
     """
 
     def __init__(self, env: gym.Env, horizon: int, obs_horizon: int, gamma: float):
@@ -145,6 +85,63 @@ class ChunkEnv(gym.Wrapper):
                 break
         info = {**info, "chunk_length": length}
         return np.stack(self.history), chunk_reward, terminated, truncated, info
+
+
+@torch.no_grad()
+def run_chunk_episodes(policy, envs: list, sub_policy_of, seeds, action_steps: int | None = None):
+    """One episode in every environment; environment k runs sub-policy `sub_policy_of[k]` after
+    `reset(seed=seeds[k])`. Returns (returns, lengths), arrays of len(envs).
+
+    Vectorized over environments: at each decision every live environment's state history is
+    batched into one `policy.act` call (which samples all n sub-policies together, since the
+    adaptive perturbation couples them), and environment k executes its sub-policy's chunk.
+    `action_steps` < H re-plans sooner (receding horizon); default: the whole chunk.
+    """
+    horizon, obs_horizon = policy.config.horizon, policy.config.obs_horizon
+    action_steps = action_steps or horizon
+    if not 1 <= action_steps <= horizon:
+        raise ValueError(f"action_steps must be in [1, {horizon}], got {action_steps}")
+    # gamma 1: a chunk's reward is the plain sum of its rewards, so returns are undiscounted.
+    chunk_envs = [ChunkEnv(env, horizon, obs_horizon, gamma=1.0) for env in envs]
+    histories = [chunk_env.reset(seed=int(seed))[0] for chunk_env, seed in zip(chunk_envs, seeds)]
+    live = np.ones(len(envs), dtype=bool)
+    returns, lengths = np.zeros(len(envs)), np.zeros(len(envs), dtype=np.int64)
+    while live.any():
+        live_ids = np.flatnonzero(live)
+        chunks = policy.act(np.stack([histories[k] for k in live_ids]))  # (live, n, H, A)
+        for row, k in enumerate(live_ids):
+            histories[k], reward, terminated, truncated, info = chunk_envs[k].step(
+                chunks[row, sub_policy_of[k]][:action_steps])
+            returns[k] += reward
+            lengths[k] += info["chunk_length"]
+            live[k] = not (terminated or truncated)
+    return returns, lengths
+
+
+def evaluate_sub_policies(policy, env_id: str, episodes: int, seed: int, ref_min_score: float,
+                          ref_max_score: float, max_episode_steps: int | None = None,
+                          action_steps: int | None = None, sub_policies: list[int] | None = None) -> dict:
+    """Deterministic returns and normalized scores of every sub-policy.
+
+    Environment (i, e) runs sub-policy i on episode e, reset with seed `seed + e`, so every
+    sub-policy starts from the same states. `max_episode_steps`: the dataset's time limit (None:
+    the environment's registered one). `sub_policies`: which sub-policies get environments
+    (default: all n, in order); the policy still samples all n at every decision.
+
+    Returns {"returns": (k, episodes), "scores": (k, episodes), "lengths": (k, episodes)} for the
+    k evaluated sub-policies.
+    """
+    evaluated = list(range(policy.config.n_subpolicies)) if sub_policies is None else list(sub_policies)
+    envs = [gym.make(env_id, max_episode_steps=max_episode_steps) for _ in range(len(evaluated) * episodes)]
+    try:
+        returns, lengths = run_chunk_episodes(policy, envs, np.repeat(evaluated, episodes),
+                                              [seed + e for _ in evaluated for e in range(episodes)], action_steps)
+    finally:
+        for env in envs:
+            env.close()
+    returns = returns.reshape(len(evaluated), episodes)
+    return {"returns": returns, "lengths": lengths.reshape(len(evaluated), episodes),
+            "scores": normalized_score(returns, ref_min_score, ref_max_score)}
 
 
 def spearman_correlation(x, y) -> float:
