@@ -12,7 +12,8 @@ As a component (imported by uepo_offline.py and uepo_online.py, which it never i
 - `run_chunk_episodes` / `evaluate_sub_policies`: sub-policies of a DiffusionPolicy over real
   episodes, every live environment batched into one policy call per decision.
 - `ChunkEnv`: the chunk-level MDP (one action = one chunk of H actions) for online PPO.
-- `offline_candidates` / `deployed_policy`: which (policy, sub-policy) a checkpoint offers.
+- `offline_ranking` / `offline_candidates` / `deployed_policy`: which (policy, sub-policy) a
+  checkpoint offers, and which one it deploys.
 - perturbation wrappers (`ObservationNoise`, `ActionNoise`, `ScaledModel`, `RandomPush`).
 - `save_checkpoint` / `load_checkpoint`: atomic writes; loads that refuse a corrupt file or a
   checkpoint made for another environment.
@@ -204,8 +205,10 @@ def load_checkpoint(path: str, expected_env_id: str | None = None, map_location=
 # ------------------------------------------------------------------------------------------------
 # Which policy a checkpoint offers
 # ------------------------------------------------------------------------------------------------
-def offline_candidates(checkpoint: dict, device="cpu") -> list[tuple[str, DiffusionPolicy, int, float]]:
-    """(label, policy, sub_policy, offline OPE score) of an offline checkpoint, best OPE first.
+def offline_ranking(checkpoint: dict) -> list[dict]:
+    """The deployment candidates of an offline checkpoint, best offline OPE score first, read from
+    the checkpoint without building any policy: dicts with the label, the saved policy, the
+    sub-policy, its OPE score and its recorded real scores (the run's last evaluation).
 
     The improved copies with their gated OPE when the offline run made them, else the base
     sub-policies with their last AM-Q. Without OPE (a run with --no-ope) the scores are NaN and
@@ -213,25 +216,44 @@ def offline_candidates(checkpoint: dict, device="cpu") -> list[tuple[str, Diffus
     online selection (uepo_online.py) takes the top few and compares them on real episodes.
     """
     if checkpoint.get("improved"):
-        candidates = [(f"sub-policy {entry['sub_policy']}, improved ({entry['operator']})",
-                       DiffusionPolicy.from_checkpoint(entry["policy"]).to(device), entry["sub_policy"],
-                       float(entry["ope_score"])) for entry in checkpoint["improved"]]
+        candidates = [{"label": f"sub-policy {entry['sub_policy']}, improved ({entry['operator']})",
+                       "policy": entry["policy"], "sub_policy": entry["sub_policy"],
+                       "ope_score": float(entry["ope_score"]), "scores": entry["scores"]}
+                      for entry in checkpoint["improved"]]
     else:
-        base = DiffusionPolicy.from_checkpoint(checkpoint["policy"]).to(device)
-        n = base.config.n_subpolicies
-        ope = (checkpoint["history"].get("ope_scores") or [[float("nan")] * n])[-1]
-        candidates = [(f"sub-policy {i}", base, i, float(ope[i])) for i in range(n)]
-    return sorted(candidates, key=lambda candidate: -candidate[3] if np.isfinite(candidate[3]) else np.inf)
+        history, n = checkpoint["history"], checkpoint["policy"]["config"]["n_subpolicies"]
+        ope = (history.get("ope_scores") or [[float("nan")] * n])[-1]
+        candidates = [{"label": f"sub-policy {i}", "policy": checkpoint["policy"], "sub_policy": i,
+                       "ope_score": float(ope[i]), "scores": history["scores"][-1][i]} for i in range(n)]
+    return sorted(candidates, key=lambda candidate: -candidate["ope_score"]
+                  if np.isfinite(candidate["ope_score"]) else np.inf)
+
+
+def offline_candidates(checkpoint: dict, device="cpu") -> list[tuple[str, DiffusionPolicy, int, float]]:
+    """`offline_ranking` as (label, policy, sub_policy, OPE score), each saved policy built once
+    (the base sub-policies share one DiffusionPolicy)."""
+    built, candidates = {}, []
+    for candidate in offline_ranking(checkpoint):
+        key = id(candidate["policy"])
+        if key not in built:
+            built[key] = DiffusionPolicy.from_checkpoint(candidate["policy"]).to(device)
+        candidates.append((candidate["label"], built[key], candidate["sub_policy"], candidate["ope_score"]))
+    return candidates
+
+
+def deployed_choice(checkpoint: dict) -> tuple[str, dict, int]:
+    """(label, saved policy, sub_policy) a checkpoint deploys: the fine-tuned sub-policy of an
+    online checkpoint, else the offline choice (`offline_ranking`, first)."""
+    if checkpoint.get("phase") == "online":
+        return f"sub-policy {checkpoint['sub_policy']}, fine-tuned online", checkpoint["policy"], checkpoint["sub_policy"]
+    first = offline_ranking(checkpoint)[0]
+    return first["label"], first["policy"], first["sub_policy"]
 
 
 def deployed_policy(checkpoint: dict, device="cpu") -> tuple[str, DiffusionPolicy, int]:
-    """(label, policy, sub_policy) a checkpoint deploys: the fine-tuned sub-policy of an online
-    checkpoint, else the offline choice (`offline_candidates`, first)."""
-    if checkpoint.get("phase") == "online":
-        return (f"sub-policy {checkpoint['sub_policy']}, fine-tuned online",
-                DiffusionPolicy.from_checkpoint(checkpoint["policy"]).to(device), checkpoint["sub_policy"])
-    label, policy, sub_policy, _ = offline_candidates(checkpoint, device)[0]
-    return label, policy, sub_policy
+    """`deployed_choice` with its policy built: (label, DiffusionPolicy, sub_policy)."""
+    label, saved_policy, sub_policy = deployed_choice(checkpoint)
+    return label, DiffusionPolicy.from_checkpoint(saved_policy).to(device), sub_policy
 
 
 def dataset_name(dataset_id: str) -> str:
@@ -449,7 +471,7 @@ def policy_command(args: PolicyArgs) -> dict:
         policy, checkpoint["env_id"], args.episodes, seed=args.seed * 1000, ref_min_score=checkpoint["ref_min_score"],
         ref_max_score=checkpoint["ref_max_score"], max_episode_steps=checkpoint["max_episode_steps"],
         sub_policies=sub_policies)["scores"]
-    deployed_label, _, deployed_sub_policy = deployed_policy(checkpoint, device)
+    deployed_label, _, deployed_sub_policy = deployed_choice(checkpoint)
 
     # Rows: the base (or fine-tuned) sub-policies with their last AM-Q, then the improved copies
     # with their gated OPE (an offline checkpoint's candidates for deployment).
@@ -538,8 +560,9 @@ class RobustnessArgs:
 def robustness_command(args: RobustnessArgs) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     checkpoint = load_or_fail(args.checkpoint)
-    label, policy, sub_policy = deployed_policy(checkpoint, device)
-    if args.sub_policy is not None:
+    if args.sub_policy is None:
+        label, policy, sub_policy = deployed_policy(checkpoint, device)
+    else:
         policy = DiffusionPolicy.from_checkpoint(checkpoint["policy"]).to(device)
         if not 0 <= args.sub_policy < policy.config.n_subpolicies:
             fail(f"--sub-policy must be in [0, {policy.config.n_subpolicies - 1}], got {args.sub_policy}")
@@ -604,19 +627,15 @@ CURVE_TAGS = {"online": "charts/normalized_score", "offline": "charts/normalized
 
 def final_score(checkpoint: dict) -> float:
     """A run's result: the mean normalized score of what it deploys at its last evaluation.
-    Online: the fine-tuned sub-policy. Offline: the offline choice (`offline_candidates`: the
+    Online: the fine-tuned sub-policy. Offline: the offline choice (`offline_ranking`, first: the
     improved copy with the best gated OPE, else the AM-Q pick); a run without OPE has no choice,
     so it counts the mean over its sub-policies (the expected score of an uninformed pick)."""
     if checkpoint.get("phase") == "online":
         return float(np.mean(checkpoint["history"]["scores"][-1]))
-    if checkpoint.get("improved"):
-        best = max(checkpoint["improved"], key=lambda entry: entry["ope_score"])
-        return float(np.mean(best["scores"]))
-    last_scores = np.asarray(checkpoint["history"]["scores"][-1])  # (n, episodes)
-    ope = checkpoint["history"].get("ope_scores")
-    if ope:
-        return float(last_scores[int(np.argmax(ope[-1]))].mean())
-    return float(last_scores.mean())
+    choice = offline_ranking(checkpoint)[0]
+    if not np.isfinite(choice["ope_score"]):
+        return float(np.mean(checkpoint["history"]["scores"][-1]))
+    return float(np.mean(choice["scores"]))
 
 
 def read_curve(run_dir: str, tag: str) -> tuple[np.ndarray, np.ndarray] | None:
@@ -633,7 +652,7 @@ def read_curve(run_dir: str, tag: str) -> tuple[np.ndarray, np.ndarray] | None:
 
 def collect_runs(runs_dir: str) -> list[dict]:
     """Every checkpoint under runs_dir as a run: its dataset (row), method (column; the run name's
-    exp_name, else the folder's name), phase, seed, final score and curve."""
+    exp_name, else the folder's name), phase, final score and curve (one checkpoint = one seed)."""
     runs = []
     for folder, _, files in sorted(os.walk(runs_dir)):
         for name in sorted(file for file in files if file.endswith(".pt")):
@@ -646,9 +665,8 @@ def collect_runs(runs_dir: str) -> list[dict]:
             parts = os.path.basename(folder).split("__")
             method = parts[1] if len(parts) == 4 else os.path.basename(folder)
             phase = checkpoint.get("phase", "offline")
-            runs.append({"path": path, "dataset": dataset_name(checkpoint["dataset_id"]), "method": method,
-                         "phase": phase, "seed": checkpoint["args"]["seed"], "score": final_score(checkpoint),
-                         "curve": read_curve(folder, CURVE_TAGS[phase])})
+            runs.append({"dataset": dataset_name(checkpoint["dataset_id"]), "method": method, "phase": phase,
+                         "score": final_score(checkpoint), "curve": read_curve(folder, CURVE_TAGS[phase])})
     return runs
 
 
@@ -707,8 +725,8 @@ def report_command(args: ReportArgs) -> str:
                 steps = np.mean([steps[:count] for steps, _ in method_curves], axis=0)
                 values = np.array([values[:count] for _, values in method_curves])
                 mean, std = values.mean(0), values.std(0)
-                seeds = f"{len(method_curves)} seed{'s' * (len(method_curves) > 1)}"
-                axis.plot(steps, mean, marker="o", markersize=3, label=f"{method} ({seeds})")
+                seed_count = f"{len(method_curves)} seed{'s' * (len(method_curves) > 1)}"
+                axis.plot(steps, mean, marker="o", markersize=3, label=f"{method} ({seed_count})")
                 axis.fill_between(steps, mean - std, mean + std, alpha=0.2)
             axis.set_xlabel("environment steps" if phase == "online" else "gradient steps")
             axis.set_ylabel("normalized score" if phase == "online" else "normalized score, mean over sub-policies")

@@ -195,10 +195,15 @@ def test_report_table_matches_hand_made_runs(tmp_path):
                   dataset_id="mujoco/walker2d/medium-v0")
     # Offline, hopper-medium only: the improved copy with the best gated OPE (70) counts, not the
     # better-scoring one (90); a run without improvement counts its AM-Q pick (sub-policy 1: 40).
+    base_policy = {"config": {"n_subpolicies": 2}}  # the part of a saved policy the report reads
     hand_made_run(runs, "hopper-medium__off__1__1", "offline", 1, [[[10.0], [20.0]]], [(100, 15.0)],
-                  improved=[{"ope_score": 5.0, "scores": [70.0]}, {"ope_score": 4.0, "scores": [90.0]}])
+                  policy=base_policy,
+                  improved=[{"sub_policy": 0, "operator": "qgrad", "policy": base_policy, "ope_score": 5.0,
+                             "scores": [70.0]},
+                            {"sub_policy": 1, "operator": "qgrad", "policy": base_policy, "ope_score": 4.0,
+                             "scores": [90.0]}])
     hand_made_run(runs, "hopper-medium__off__2__1", "offline", 2, [[[10.0], [40.0]]], [(100, 25.0)],
-                  history={"ope_scores": [[1.0, 2.0]]})
+                  policy=base_policy, history={"ope_scores": [[1.0, 2.0]]})
     result = run_eval(["report", str(runs), "--out", str(tmp_path / "report")], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     report = (tmp_path / "report" / "report.md").read_text()
