@@ -861,7 +861,7 @@ def diffusion_online_speed(args: SpeedArgs, policy: DiffusionPolicy, env: gym.En
         path = os.path.join(folder, "fresh.pt")
         save_checkpoint({"args": {"gamma": 0.99, "seed": 1}, "step": 0, "env_id": args.env_id,
                          "max_episode_steps": env.spec.max_episode_steps, "dataset_id": "none",
-                         "ref_min_score": 0.0, "ref_max_score": 1.0, "policy": policy.cpu().to_checkpoint(),
+                         "ref_min_score": 0.0, "ref_max_score": 1.0, "policy": policy.to_checkpoint(),
                          "history": {"scores": [], "ope_scores": []}, "improved": []}, path)
         command = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "uepo_online.py"),
                    "--checkpoint", path, "--from-scratch", "--total-timesteps", str(args.online_timesteps),
