@@ -764,8 +764,9 @@ class SpeedArgs:
     """timed gradient steps (after 3 untimed ones)"""
     decisions: int = 30
     """timed decisions per batch size (the median is reported)"""
-    online_timesteps: int = 4096
-    """environment steps of each online PPO measurement (8 environments, 1024 steps per rollout)"""
+    online_timesteps: int = 16384
+    """environment steps of each online PPO measurement (uepo_online.py's defaults: 32 environments, 8192 steps
+    per rollout, so at least one rollout and update however small this is)"""
     json: str | None = None
     """also write the JSON to this file"""
     cuda: bool = True

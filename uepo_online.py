@@ -18,7 +18,8 @@
    frozen offline statistics. The actor is the selected sub-policy of its DiffusionPolicy: its
    stochastic sampler (std floor `min_std` at every denoising step) explores, ratios are of
    whole chain likelihoods, and a sequence-level KL to the offline policy (`--kl-coef`) keeps
-   the hand-over from collapsing.
+   the hand-over from collapsing. Rollouts are large (32 envs x 64 chunks) and an update stops
+   its epochs once the approximate KL of the ratios passes `--target-kl`.
 4. The deterministic sub-policy is evaluated every `--eval-every` environment steps (and at
    step 0, the hand-over); TensorBoard under runs/ with CleanRL's names plus
    `charts/normalized_score`; an atomic checkpoint runs/{run_name}/online.pt.
@@ -28,7 +29,7 @@ import copy
 import os
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import gymnasium as gym
 import numpy as np
@@ -68,34 +69,39 @@ class Args:
     # PPO on the chunk-level MDP
     total_timesteps: int = 1_000_000
     """environment steps (actions executed, not chunks)"""
-    num_envs: int = 8
+    num_envs: int = 32
     """parallel Gymnasium environments (gym.vector.SyncVectorEnv)"""
-    num_steps: int = 32
-    """chunk decisions per environment per rollout (32 x 8 envs x H = 4: about 1024 environment steps)"""
-    learning_rate: float = 3e-6
-    """Adam learning rate of the actor (the denoiser), annealed with `--anneal-lr`. Small because a ratio of whole
-    chain likelihoods (5 steps x H x A entries at std 0.1) is steep: on hopper-medium 3e-5 gave an approximate KL
-    of 16 and a clip fraction of 0.85 in the first update, 3e-6 about 0.2-1 and 0.2"""
+    num_steps: int = 64
+    """chunk decisions per environment per rollout (64 x 32 envs x H = 4: about 8192 environment steps). A large
+    rollout: the gradient of a whole-chain likelihood ratio is noisy, and 1024 steps per rollout (8 x 32) let the
+    policy drift into falls (README, "Online fine-tuning")"""
+    learning_rate: float = 3e-5
+    """Adam learning rate of the actor (the denoiser), annealed with `--anneal-lr`. With `--target-kl` most updates
+    stop after their first epoch, so this is about the size of one epoch's step"""
     value_learning_rate: float = 3e-4
     """Adam learning rate of the value network"""
     anneal_lr: bool = True
     """anneal both learning rates linearly to 0 over `--total-timesteps`"""
     gae_lambda: float = 0.95
     """lambda of GAE over chunks"""
-    num_minibatches: int = 4
-    """minibatches per epoch"""
+    num_minibatches: int = 8
+    """minibatches per epoch (256 chunks each with the default rollout)"""
     update_epochs: int = 5
-    """epochs over every rollout"""
+    """epochs over every rollout, at most (`--target-kl` stops earlier)"""
     clip_coef: float = 0.2
     """PPO clip range of the chain-likelihood ratio"""
+    min_std: float | None = None
+    """std of the Gaussian noise the stochastic sampler adds at every denoising step, i.e. the exploration noise
+    (default: the offline run's `--min-std`). The deterministic sub-policy that is evaluated does not depend on it"""
     kl_coef: float = 0.1
     """weight of the sequence-level KL of the actor's chain to the offline policy's (0 with --from-scratch)"""
     vf_coef: float = 0.5
     """weight of the value loss"""
     max_grad_norm: float = 0.5
     """gradient clipping (actor and value together)"""
-    target_kl: float | None = None
-    """stop the epochs of an update early when the approximate KL of the ratios exceeds this"""
+    target_kl: float | None = 1.0
+    """stop the epochs of an update early when the approximate KL of the ratios exceeds this (nats per chain of
+    5 steps x H x A Gaussian entries, so larger than the usual 0.01-0.02 per action); None: always all epochs"""
 
     # Evaluation and checkpoint
     eval_every: int = 20_000
@@ -144,6 +150,8 @@ def step_info(infos: dict, key: str, ended: np.ndarray) -> np.ndarray:
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
+    if args.min_std is not None and not args.min_std > 0:
+        fail(f"--min-std must be > 0 (the chain likelihood is a Gaussian of that std), got {args.min_std}")
     try:
         checkpoint = load_checkpoint(args.checkpoint, expected_env_id=gym_env_id(args.env_id) if args.env_id else None)
     except CheckpointError as error:
@@ -194,6 +202,10 @@ if __name__ == "__main__":
         actor, sub_policy = copy.deepcopy(rows[chosen][1]), rows[chosen][2]
     print(selection_table)
     writer.add_text("selection", selection_table)
+    if args.min_std is not None:
+        # The exploration noise of the chain (DESIGN.md: N(mu_theta, min_std^2) at every step); the
+        # anchor gets the same std, so the sequence-level KL compares the two chains' means.
+        actor.config = replace(actor.config, min_std=args.min_std)
     offline_actor = copy.deepcopy(actor).requires_grad_(False)  # the KL anchor, frozen
 
     # ---- value network: the offline V(s) (chunk-level IQL), on the current normalized state ----
@@ -324,6 +336,7 @@ if __name__ == "__main__":
                 optimizer.step()
             if args.target_kl is not None and approx_kl > args.target_kl:
                 break
+        epochs_run = epoch + 1
 
         variance = b_returns.var()
         explained_variance = float("nan") if variance == 0 else (1 - (b_returns - b_values).var() / variance).item()
@@ -335,12 +348,13 @@ if __name__ == "__main__":
         writer.add_scalar("losses/old_approx_kl", old_approx_kl.item(), global_step)
         writer.add_scalar("losses/approx_kl", approx_kl.item(), global_step)
         writer.add_scalar("losses/clipfrac", np.mean(clipfracs), global_step)
+        writer.add_scalar("losses/update_epochs", epochs_run, global_step)
         writer.add_scalar("losses/explained_variance", explained_variance, global_step)
         writer.add_scalar("charts/SPS", steps_per_second, global_step)
         eta_seconds = max(args.total_timesteps - global_step, 0) / steps_per_second
         print(f"iteration {iteration} step {global_step}/{args.total_timesteps} | policy {pg_loss.item():.4f} | "
               f"value {v_loss.item():.4f} | kl_to_offline {kl_loss.item():.3f} | approx_kl {approx_kl.item():.4f} | "
-              f"clipfrac {np.mean(clipfracs):.3f} | {steps_per_second:.0f} env steps/s | "
+              f"clipfrac {np.mean(clipfracs):.3f} | epochs {epochs_run} | {steps_per_second:.0f} env steps/s | "
               f"ETA {time.strftime('%H:%M:%S', time.gmtime(eta_seconds))}", flush=True)
         if global_step >= next_eval or global_step >= args.total_timesteps:
             evaluate_and_save(global_step)

@@ -94,4 +94,4 @@ def online_run(offline_checkpoint, tmp_path_factory):
     folder = tmp_path_factory.mktemp("online")
     path = folder / "online.pt"
     return run_online(["--checkpoint", str(offline_checkpoint), "--env-id", "hopper-medium",
-                       "--checkpoint-path", str(path)] + TINY_ONLINE, folder), path
+                       "--checkpoint-path", str(path), "--target-kl", "None"] + TINY_ONLINE, folder), path

@@ -108,6 +108,8 @@ def test_online_run_selects_fine_tunes_and_writes_a_checkpoint_that_reloads(onli
     assert result.returncode == 0, result.stderr[-3000:]
     assert "| candidate | offline OPE | real normalized score | chosen |" in result.stdout
     assert "iteration 2 step" in result.stdout and "ETA" in result.stdout and "eval step 0" in result.stdout
+    iterations = [line for line in result.stdout.splitlines() if line.startswith("iteration")]
+    assert iterations and all("| epochs 2 |" in line for line in iterations)  # --target-kl None: every epoch
     checkpoint = load_checkpoint(str(path), expected_env_id="Hopper-v5")
     assert checkpoint["phase"] == "online" and checkpoint["global_step"] >= 300
     assert checkpoint["history"]["step"][0] == 0 and len(checkpoint["history"]["step"]) >= 3
@@ -130,9 +132,18 @@ def test_online_refuses_another_environment_or_a_corrupt_checkpoint(offline_chec
     assert "Traceback" not in result.stderr and not (tmp_path / "runs").exists()
 
 
-def test_from_scratch_baseline_runs(offline_checkpoint, tmp_path):
-    """--from-scratch: fresh actor and value network, no selection, the same PPO."""
-    result = run_online(["--checkpoint", str(offline_checkpoint), "--from-scratch",
-                         "--checkpoint-path", str(tmp_path / "scratch.pt")] + TINY_ONLINE, tmp_path)
+def test_from_scratch_baseline_runs_with_its_own_exploration_noise_and_kl_stop(offline_checkpoint, tmp_path):
+    """--from-scratch: fresh actor and value network, no selection, the same PPO. --min-std sets
+    the exploration noise of the saved policy; a --target-kl that the first epoch's large steps
+    exceed stops every update after that epoch (of --update-epochs 2)."""
+    path = tmp_path / "scratch.pt"
+    result = run_online(["--checkpoint", str(offline_checkpoint), "--from-scratch", "--checkpoint-path", str(path),
+                         "--min-std", "0.05", "--learning-rate", "1e-3", "--no-anneal-lr", "--target-kl", "1e-6"] + TINY_ONLINE,
+                        tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "from scratch: no selection" in result.stdout and "value network: fresh initialization" in result.stdout
+    iterations = [line for line in result.stdout.splitlines() if line.startswith("iteration")]
+    assert iterations and all("| epochs 1 |" in line for line in iterations)
+    assert load_checkpoint(str(path))["policy"]["config"]["min_std"] == 0.05
+    refused = run_online(["--checkpoint", str(offline_checkpoint), "--min-std", "0"], tmp_path)
+    assert refused.returncode == 2 and "--min-std must be > 0" in refused.stderr
