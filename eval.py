@@ -904,10 +904,11 @@ def gaussian_speed(args: SpeedArgs, env: gym.Env, device: torch.device) -> dict:
 
 
 def gaussian_online_speed(args: SpeedArgs, policy: GaussianMLPPolicy, device: torch.device,
-                          num_envs: int = 8, num_steps: int = 128, epochs: int = 5, minibatches: int = 4) -> float:
+                          num_envs: int = 32, num_steps: int = 256, epochs: int = 5, minibatches: int = 8) -> float:
     """Environment steps/s of a plain PPO loop (CleanRL's ppo_continuous_action) with the Gaussian
-    policy, sized like uepo_online.py's: 8 environments x 128 steps = 1024 per rollout, 5 epochs
-    of 4 minibatches, GAE, clipped surrogate, value loss."""
+    policy, sized like uepo_online.py's defaults: 32 environments x 256 steps = 8192 per rollout
+    (uepo_online.py: 32 x 64 chunks of 4), 5 epochs of 8 minibatches (uepo_online.py's at most 5,
+    as `--from-scratch` in the measurement mostly runs), GAE, clipped surrogate, value loss."""
     envs = gym.vector.SyncVectorEnv([lambda: gym.make(args.env_id) for _ in range(num_envs)],
                                     autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
     optimizer = torch.optim.Adam(policy.parameters(), lr=3e-4, eps=1e-5)
