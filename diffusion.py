@@ -20,6 +20,7 @@ checkpoint. Shapes: B = batch of states, n = sub-policies, H = chunk length, A =
 To = number of conditioning states (`obs_horizon`).
 """
 
+import copy
 import math
 from dataclasses import asdict, dataclass
 
@@ -271,6 +272,16 @@ class DiffusionPolicy(nn.Module):
                              torch.randn(n, config.ddim_steps, h, a, generator=generator))
 
     # ---- units -------------------------------------------------------------------------------
+    @property
+    def horizon(self) -> int:
+        """H, the actions per decision (evaluation reads it from any deployable policy)."""
+        return self.config.horizon
+
+    @property
+    def obs_horizon(self) -> int:
+        """To, the states per decision."""
+        return self.config.obs_horizon
+
     def normalize_states(self, states: torch.Tensor) -> torch.Tensor:
         return (states - self.state_mean) / self.state_std
 
@@ -326,17 +337,18 @@ class DiffusionPolicy(nn.Module):
         """x_K for every (state, sub-policy): the fixed seeds, the same for every state."""
         return self.sub_policy_noise.unsqueeze(0).expand(batch, -1, -1, -1)
 
-    def sample(self, states: torch.Tensor, stochastic: bool = False,
-               generator: torch.Generator | None = None) -> SampleOutput:
+    def sample(self, states: torch.Tensor, stochastic: bool = False, generator: torch.Generator | None = None,
+               start_noise: torch.Tensor | None = None) -> SampleOutput:
         """All n sub-policies at every state in one batched reverse pass.
 
         states: (B, To, S) normalized. Deterministic (default): DDIM eta 0, a function of the
         state. Stochastic: every step adds N(0, min_std^2) noise (the std floor), the chain is
         returned with its log-likelihood sum_k log N(x_{k'}; mu_theta(x_k, k, s), min_std^2).
         The deterministic sub-policy is the stochastic one with its noise set to zero.
-        `generator` (stochastic use) must live on the policy's device.
+        `generator` (stochastic use) must live on the policy's device. `start_noise` (B, n, H, A)
+        replaces the fixed seeds as x_K (the noise-space online actor steers one sub-policy's seed).
         """
-        x = self.initial_noise(states.shape[0])
+        x = self.initial_noise(states.shape[0]) if start_noise is None else start_noise
         chain, log_prob = [x], 0.0
         for step_index in range(len(self.timesteps)):
             mean = self._step_mean(x, step_index, states)
@@ -389,6 +401,133 @@ class DiffusionPolicy(nn.Module):
                      state["action_low"], state["action_high"])
         policy.load_state_dict(state)
         return policy
+
+
+# --------------------------------------------------------------------------------------------
+# The online actor (DESIGN.md, "Online fine-tuning")
+# --------------------------------------------------------------------------------------------
+ONLINE_ACTORS = ("diffusion", "residual", "noise", "mlp")
+# Bounds of the learned log-std (std 1e-3 .. 2): exploration never vanishes nor swamps the mean.
+LOG_STD_MIN, LOG_STD_MAX = math.log(1e-3), math.log(2.0)
+
+
+def ppo_mlp(in_dim: int, out_dim: int, hidden: int = 64, last_std: float = 0.01) -> nn.Sequential:
+    """CleanRL's PPO network (ppo_continuous_action.py): two tanh layers of 64, orthogonal weights
+    (gain sqrt 2) and zero biases; the last layer's gain is `last_std` (0: the output starts at 0)."""
+    layers = [nn.Linear(in_dim, hidden), nn.Tanh(), nn.Linear(hidden, hidden), nn.Tanh(), nn.Linear(hidden, out_dim)]
+    for layer in layers[::2]:
+        nn.init.orthogonal_(layer.weight, math.sqrt(2) if layer is not layers[-1] else last_std)
+        nn.init.zeros_(layer.bias)
+    return nn.Sequential(*layers)
+
+
+class OnlineActor(nn.Module):
+    """The policy online PPO fine-tunes: a Gaussian N(mean(s), diag sigma^2) over an action variable
+    z of shape (H, A), with sigma = exp(log_std) a learned state-independent parameter per entry
+    (CleanRL's `actor_logstd`, bounded). What is evaluated and deployed is the mean's chunk, i.e. the
+    mean of exactly the policy that PPO improves. `kind` says what z and the mean are:
+
+    - "diffusion": z is the chunk in [-1, 1] units; mean = sub-policy i's deterministic DDIM chunk,
+      the gradient reaching the denoiser through i's chain (partners and perturbation scale as in
+      evaluation, the scale without gradient).
+    - "residual": z is the chunk; mean = the frozen sub-policy i's chunk + a small MLP of the state
+      whose output starts at 0.
+    - "noise" (DSRL, arXiv 2506.15799): z is sub-policy i's initial noise x_K; mean = its fixed seed
+      eps_i + a small MLP starting at 0; the chunk is the frozen denoiser's DDIM chain from z. Online
+      RL steers which seed acts in each state: the online continuation of "a sub-policy is a seed".
+    - "mlp": CleanRL's Gaussian MLP from scratch, no diffusion policy: z is one action (H = 1, one
+      state), the per-step MDP of plain PPO; only the state statistics and action bounds of
+      `policy` are used.
+
+    The environment gets z clipped to the action bounds (or the chunk decoded from z); the
+    likelihood is that of the unclipped z. `anchor_mean` is the offline policy's mean of z (where
+    the actor starts, and the mean of the KL anchor).
+    """
+
+    def __init__(self, kind: str, policy: DiffusionPolicy, sub_policy: int, init_std: float, hidden: int = 64):
+        super().__init__()
+        if kind not in ONLINE_ACTORS:
+            raise ValueError(f"unknown online actor {kind!r}; valid: {', '.join(ONLINE_ACTORS)}")
+        self.kind, self.sub_policy, self.init_std, self.hidden = kind, sub_policy, init_std, hidden
+        config = self.policy_config = policy.config
+        self.horizon, self.obs_horizon = (1, 1) if kind == "mlp" else (config.horizon, config.obs_horizon)
+        self.act_dim = config.act_dim
+        for name in ("state_mean", "state_std", "action_low", "action_high"):
+            self.register_buffer(name, getattr(policy, name).clone())
+        self.policy = None if kind == "mlp" else policy
+        if kind == "diffusion":
+            self.reference = copy.deepcopy(policy).requires_grad_(False)  # the offline policy, frozen
+        elif kind in ("residual", "noise"):
+            policy.requires_grad_(False)  # the diffusion policy stays the offline one
+        if kind != "diffusion":
+            chunk_dim = self.horizon * self.act_dim
+            self.head = ppo_mlp(self.obs_horizon * config.obs_dim, chunk_dim, hidden,
+                                last_std=0.01 if kind == "mlp" else 0.0)
+        self.log_std = nn.Parameter(torch.full((self.horizon, self.act_dim), math.log(init_std)))
+
+    # ---- the Gaussian over z ---------------------------------------------------------------------
+    def std(self) -> torch.Tensor:
+        return self.log_std.clamp(LOG_STD_MIN, LOG_STD_MAX).exp()
+
+    @torch.no_grad()
+    def anchor_mean(self, states: torch.Tensor) -> torch.Tensor:
+        """The offline policy's mean of z at normalized state histories (B, To, S): (B, H, A)."""
+        batch = states.shape[0]
+        if self.kind == "diffusion":
+            return self.reference.sample(states).actions[:, self.sub_policy]
+        if self.kind == "residual":
+            return self.policy.sample(states).actions[:, self.sub_policy]
+        if self.kind == "noise":
+            return self.policy.sub_policy_noise[self.sub_policy].expand(batch, -1, -1)
+        return torch.zeros(batch, self.horizon, self.act_dim, device=states.device)  # mlp: no offline policy
+
+    def mean(self, states: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
+        """The current mean of z (B, H, A), differentiable; `anchor` = `anchor_mean(states)` (kept from
+        the rollout, so that the frozen chain is not run again in every update)."""
+        if self.kind == "diffusion":
+            return self.policy.sample(states).actions[:, self.sub_policy]
+        offset = self.head(states.flatten(1)).view(-1, self.horizon, self.act_dim)
+        return offset if self.kind == "mlp" else anchor + offset
+
+    def chunk(self, states: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """What the environment executes for z: a chunk (B, H, A) in [-1, 1]."""
+        if self.kind == "noise":
+            start = self.policy.initial_noise(states.shape[0]).clone()
+            start[:, self.sub_policy] = z
+            return self.policy.sample(states, start_noise=start).actions[:, self.sub_policy]
+        return z.clamp(-1, 1)
+
+    # ---- units and deployment (the interface of DiffusionPolicy that evaluation uses) --------------
+    def normalize_states(self, states: torch.Tensor) -> torch.Tensor:
+        return (states - self.state_mean) / self.state_std
+
+    def unscale_actions(self, actions: torch.Tensor) -> torch.Tensor:
+        return self.action_low + (actions + 1) * 0.5 * (self.action_high - self.action_low)
+
+    @torch.no_grad()
+    def act(self, state_history: np.ndarray) -> np.ndarray:
+        """Deployment: raw state histories (B, To, S) -> the mean's chunks (B, 1, H, A) in env units
+        (one "sub-policy", so that evaluation code written for DiffusionPolicy runs it unchanged)."""
+        states = self.normalize_states(torch.as_tensor(state_history, dtype=torch.float32,
+                                                       device=self.state_mean.device))
+        z = self.mean(states, self.anchor_mean(states))
+        return self.unscale_actions(self.chunk(states, z)).unsqueeze(1).cpu().numpy()
+
+    # ---- checkpoints ---------------------------------------------------------------------------------
+    def to_checkpoint(self) -> dict:
+        """The kind, the sub-policy, the sizes and every tensor (denoiser, frozen offline copy, head,
+        log-std, statistics); the frozen diffusion policy of "residual" and "noise" is in the state dict."""
+        return {"kind": self.kind, "sub_policy": self.sub_policy, "init_std": self.init_std, "hidden": self.hidden,
+                "policy_config": asdict(self.policy_config), "state_dict": self.state_dict()}
+
+    @classmethod
+    def from_checkpoint(cls, saved: dict) -> "OnlineActor":
+        config = PolicyConfig(**saved["policy_config"])
+        zeros, ones = np.zeros(config.obs_dim), np.ones(config.obs_dim)
+        policy = DiffusionPolicy(config, zeros, ones, -np.ones(config.act_dim), np.ones(config.act_dim))
+        actor = cls(saved["kind"], policy, saved["sub_policy"], saved["init_std"], saved["hidden"])
+        actor.load_state_dict(saved["state_dict"])  # the real statistics, bounds and weights
+        return actor
 
 
 # --------------------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 import tyro
 
-from diffusion import DENOISERS, DiffusionPolicy, PolicyConfig
+from diffusion import DENOISERS, DiffusionPolicy, OnlineActor, PolicyConfig
 from divergence import pairwise_divergence, subpolicy_terms
 
 CHECKPOINT_FORMAT = "uepo-v1"
@@ -98,7 +98,7 @@ def run_chunk_episodes(policy, envs: list, sub_policy_of, seeds, action_steps: i
     adaptive perturbation couples them), and environment k executes its sub-policy's chunk.
     `action_steps` < H re-plans sooner (receding horizon); default: the whole chunk.
     """
-    horizon, obs_horizon = policy.config.horizon, policy.config.obs_horizon
+    horizon, obs_horizon = policy.horizon, policy.obs_horizon
     action_steps = action_steps or horizon
     if not 1 <= action_steps <= horizon:
         raise ValueError(f"action_steps must be in [1, {horizon}], got {action_steps}")
@@ -241,17 +241,25 @@ def offline_candidates(checkpoint: dict, device="cpu") -> list[tuple[str, Diffus
     return candidates
 
 
+def online_label(checkpoint: dict) -> str:
+    actor = checkpoint["actor"]
+    if actor["kind"] == "mlp":
+        return "Gaussian MLP, trained online from scratch"
+    return f"sub-policy {checkpoint['sub_policy']}, fine-tuned online ({actor['kind']} actor)"
+
+
 def deployed_choice(checkpoint: dict) -> tuple[str, dict, int]:
-    """(label, saved policy, sub_policy) a checkpoint deploys: the fine-tuned sub-policy of an
-    online checkpoint, else the offline choice (`offline_ranking`, first)."""
-    if checkpoint.get("phase") == "online":
-        return f"sub-policy {checkpoint['sub_policy']}, fine-tuned online", checkpoint["policy"], checkpoint["sub_policy"]
+    """(label, saved policy, sub_policy) an offline checkpoint deploys: the offline choice
+    (`offline_ranking`, first)."""
     first = offline_ranking(checkpoint)[0]
     return first["label"], first["policy"], first["sub_policy"]
 
 
-def deployed_policy(checkpoint: dict, device="cpu") -> tuple[str, DiffusionPolicy, int]:
-    """`deployed_choice` with its policy built: (label, DiffusionPolicy, sub_policy)."""
+def deployed_policy(checkpoint: dict, device="cpu") -> tuple[str, "DiffusionPolicy | OnlineActor", int]:
+    """What a checkpoint deploys, built: (label, policy, sub_policy). Online: the fine-tuned actor's
+    mean (an OnlineActor, whose one "sub-policy" is 0); offline: `deployed_choice`."""
+    if checkpoint.get("phase") == "online":
+        return online_label(checkpoint), OnlineActor.from_checkpoint(checkpoint["actor"]).to(device), 0
     label, saved_policy, sub_policy = deployed_choice(checkpoint)
     return label, DiffusionPolicy.from_checkpoint(saved_policy).to(device), sub_policy
 
@@ -461,33 +469,36 @@ class PolicyArgs:
 def policy_command(args: PolicyArgs) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     checkpoint = load_or_fail(args.checkpoint)
-    online = checkpoint.get("phase") == "online"
-    base = DiffusionPolicy.from_checkpoint(checkpoint["policy"]).to(device).eval()
-    n = base.config.n_subpolicies
-    if args.sub_policy is not None and not 0 <= args.sub_policy < n:
-        fail(f"--sub-policy must be in [0, {n - 1}] for this checkpoint, got {args.sub_policy}")
-    evaluated = list(range(n)) if args.sub_policy is None else [args.sub_policy]
     evaluate = lambda policy, sub_policies: evaluate_sub_policies(
         policy, checkpoint["env_id"], args.episodes, seed=args.seed * 1000, ref_min_score=checkpoint["ref_min_score"],
         ref_max_score=checkpoint["ref_max_score"], max_episode_steps=checkpoint["max_episode_steps"],
         sub_policies=sub_policies)["scores"]
-    deployed_label, _, deployed_sub_policy = deployed_choice(checkpoint)
-
-    # Rows: the base (or fine-tuned) sub-policies with their last AM-Q, then the improved copies
-    # with their gated OPE (an offline checkpoint's candidates for deployment).
-    ope = None if online else (checkpoint["history"].get("ope_scores") or [None])[-1]
-    rows = []
-    for i, scores in zip(evaluated, evaluate(base, evaluated)):
-        label = f"sub-policy {i}" + (", fine-tuned online" if online and i == deployed_sub_policy else "")
-        rows.append({"label": label, "sub_policy": i, "scores": scores.tolist(),
-                     "ope": None if ope is None else float(ope[i]), "ope_kind": None if ope is None else "AM-Q"})
-    for entry in [] if online else checkpoint.get("improved") or []:
-        if entry["sub_policy"] in evaluated:
-            copy = DiffusionPolicy.from_checkpoint(entry["policy"]).to(device).eval()
-            scores = evaluate(copy, [entry["sub_policy"]])[0]
-            rows.append({"label": f"sub-policy {entry['sub_policy']}, improved ({entry['operator']})",
-                         "sub_policy": entry["sub_policy"], "scores": scores.tolist(),
-                         "ope": float(entry["ope_score"]), "ope_kind": "gated OPE"})
+    rows, n, base = [], 1, None
+    if checkpoint.get("phase") == "online":
+        # An online checkpoint deploys one policy, the fine-tuned actor's mean.
+        deployed_label, actor, _ = deployed_policy(checkpoint, device)
+        rows.append({"label": deployed_label, "sub_policy": checkpoint["sub_policy"],
+                     "scores": evaluate(actor.eval(), [0])[0].tolist(), "ope": None, "ope_kind": None})
+    else:
+        base = DiffusionPolicy.from_checkpoint(checkpoint["policy"]).to(device).eval()
+        n = base.config.n_subpolicies
+        if args.sub_policy is not None and not 0 <= args.sub_policy < n:
+            fail(f"--sub-policy must be in [0, {n - 1}] for this checkpoint, got {args.sub_policy}")
+        evaluated = list(range(n)) if args.sub_policy is None else [args.sub_policy]
+        deployed_label, _, _ = deployed_choice(checkpoint)
+        # Rows: the base sub-policies with their last AM-Q, then the improved copies with their
+        # gated OPE (the checkpoint's candidates for deployment).
+        ope = (checkpoint["history"].get("ope_scores") or [None])[-1]
+        for i, scores in zip(evaluated, evaluate(base, evaluated)):
+            rows.append({"label": f"sub-policy {i}", "sub_policy": i, "scores": scores.tolist(),
+                         "ope": None if ope is None else float(ope[i]), "ope_kind": None if ope is None else "AM-Q"})
+        for entry in checkpoint.get("improved") or []:
+            if entry["sub_policy"] in evaluated:
+                copy = DiffusionPolicy.from_checkpoint(entry["policy"]).to(device).eval()
+                scores = evaluate(copy, [entry["sub_policy"]])[0]
+                rows.append({"label": f"sub-policy {entry['sub_policy']}, improved ({entry['operator']})",
+                             "sub_policy": entry["sub_policy"], "scores": scores.tolist(),
+                             "ope": float(entry["ope_score"]), "ope_kind": "gated OPE"})
     for row in rows:
         row["mean"], row["std"] = float(np.mean(row["scores"])), float(np.std(row["scores"]))
         row["deployed"] = row["label"] == deployed_label
@@ -499,7 +510,7 @@ def policy_command(args: PolicyArgs) -> dict:
     if len(base_rows) > 2:
         result["ope_spearman"] = spearman_correlation([row["ope"] for row in base_rows],
                                                       [row["mean"] for row in base_rows])
-    if args.divergence and n > 1:
+    if args.divergence and n > 1:  # an offline checkpoint's sub-policies
         try:
             states = dataset_state_histories(checkpoint["dataset_id"], args.divergence_states,
                                              base.config.obs_horizon, args.seed)
@@ -562,6 +573,8 @@ def robustness_command(args: RobustnessArgs) -> dict:
     checkpoint = load_or_fail(args.checkpoint)
     if args.sub_policy is None:
         label, policy, sub_policy = deployed_policy(checkpoint, device)
+    elif checkpoint.get("phase") == "online":
+        fail("--sub-policy picks a sub-policy of an offline checkpoint; an online checkpoint deploys one policy")
     else:
         policy = DiffusionPolicy.from_checkpoint(checkpoint["policy"]).to(device)
         if not 0 <= args.sub_policy < policy.config.n_subpolicies:
@@ -765,8 +778,8 @@ class SpeedArgs:
     decisions: int = 30
     """timed decisions per batch size (the median is reported)"""
     online_timesteps: int = 16384
-    """environment steps of each online PPO measurement (uepo_online.py's defaults: 32 environments, 8192 steps
-    per rollout, so at least one rollout and update however small this is)"""
+    """environment steps of each online PPO measurement (uepo_online.py with its defaults; at least one rollout and
+    update however small this is)"""
     json: str | None = None
     """also write the JSON to this file"""
     cuda: bool = True
@@ -774,15 +787,16 @@ class SpeedArgs:
 
 
 class GaussianMLPPolicy(torch.nn.Module):
-    """The reference: a = tanh-free mean(s) + exp(log_std) * N(0, 1), one action per decision, with
-    two 256-unit hidden layers (the usual offline-RL actor) and a state-independent log-std."""
+    """The offline reference: a = mean(s) + exp(log_std) * N(0, 1), one action per decision, with two
+    256-unit hidden layers (the usual offline-RL actor) and a state-independent log-std. (Its online
+    reference is uepo_online.py's `--actor mlp`.)"""
 
     def __init__(self, obs_dim: int, act_dim: int, hidden: int = 256):
         super().__init__()
         layers = lambda out: torch.nn.Sequential(torch.nn.Linear(obs_dim, hidden), torch.nn.ReLU(),
                                                  torch.nn.Linear(hidden, hidden), torch.nn.ReLU(),
                                                  torch.nn.Linear(hidden, out))
-        self.mean, self.value = layers(act_dim), layers(1)
+        self.mean = layers(act_dim)
         self.log_std = torch.nn.Parameter(torch.zeros(act_dim))
 
     def distribution(self, states: torch.Tensor) -> torch.distributions.Normal:
@@ -851,21 +865,25 @@ def diffusion_speed(args: SpeedArgs, denoiser: str, env: gym.Env, device: torch.
     for batch in (1, 64):
         result[f"decision_latency_ms_batch_{batch}"] = 1000 * median_seconds(decision(batch), args.decisions)
     result["actions_per_decision"] = config.horizon
-    result["online_env_steps_per_second"] = diffusion_online_speed(args, policy, env)
+    result["online_env_steps_per_second"] = {actor: online_speed(args, policy, env, actor)
+                                             for actor in ("noise", "residual", "diffusion")}
     return result
 
 
-def diffusion_online_speed(args: SpeedArgs, policy: DiffusionPolicy, env: gym.Env) -> float:
-    """Environment steps/s of uepo_online.py's own PPO loop (--from-scratch on a checkpoint of this
-    freshly initialized policy, in the offline format; evaluations excluded from its timing)."""
+def online_speed(args: SpeedArgs, policy: DiffusionPolicy, env: gym.Env, actor: str) -> float:
+    """Environment steps/s of uepo_online.py's own PPO loop with `--actor actor` on a checkpoint of
+    this freshly initialized policy, in the offline format (selection and evaluations excluded from
+    its timing)."""
+    n = policy.config.n_subpolicies
     with tempfile.TemporaryDirectory() as folder:
         path = os.path.join(folder, "fresh.pt")
         save_checkpoint({"args": {"gamma": 0.99, "seed": 1}, "step": 0, "env_id": args.env_id,
                          "max_episode_steps": env.spec.max_episode_steps, "dataset_id": "none",
                          "ref_min_score": 0.0, "ref_max_score": 1.0, "policy": policy.to_checkpoint(),
-                         "history": {"scores": [], "ope_scores": []}, "improved": []}, path)
+                         "history": {"scores": [[[0.0]] * n], "ope_scores": []}, "improved": []}, path)
         command = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "uepo_online.py"),
-                   "--checkpoint", path, "--from-scratch", "--total-timesteps", str(args.online_timesteps),
+                   "--checkpoint", path, "--actor", actor, "--total-timesteps", str(args.online_timesteps),
+                   "--selection-top", "1", "--selection-episodes", "1", "--critic-warmup", "0",
                    "--eval-every", str(10 ** 12), "--eval-episodes", "1", "--checkpoint-path",
                    os.path.join(folder, "online.pt"), *([] if args.cuda else ["--no-cuda"])]
         result = subprocess.run(command, cwd=folder, capture_output=True, text=True)
@@ -899,62 +917,7 @@ def gaussian_speed(args: SpeedArgs, env: gym.Env, device: torch.device) -> dict:
     for batch in (1, 64):
         result[f"decision_latency_ms_batch_{batch}"] = 1000 * median_seconds(decision(batch), args.decisions)
     result["actions_per_decision"] = 1
-    result["online_env_steps_per_second"] = gaussian_online_speed(args, policy, device)
     return result
-
-
-def gaussian_online_speed(args: SpeedArgs, policy: GaussianMLPPolicy, device: torch.device,
-                          num_envs: int = 32, num_steps: int = 256, epochs: int = 5, minibatches: int = 8) -> float:
-    """Environment steps/s of a plain PPO loop (CleanRL's ppo_continuous_action) with the Gaussian
-    policy, sized like uepo_online.py's defaults: 32 environments x 256 steps = 8192 per rollout
-    (uepo_online.py: 32 x 64 chunks of 4), 5 epochs of 8 minibatches (uepo_online.py's at most 5,
-    as `--from-scratch` in the measurement mostly runs), GAE, clipped surrogate, value loss."""
-    envs = gym.vector.SyncVectorEnv([lambda: gym.make(args.env_id) for _ in range(num_envs)],
-                                    autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
-    optimizer = torch.optim.Adam(policy.parameters(), lr=3e-4, eps=1e-5)
-    gamma, gae_lambda, clip = 0.99, 0.95, 0.2
-    next_obs, _ = envs.reset(seed=1)
-    global_step, start = 0, time.perf_counter()
-    while global_step < args.online_timesteps:
-        observations, actions, log_probs, rewards, dones, values = [], [], [], [], [], []
-        for _ in range(num_steps):
-            obs = torch.as_tensor(next_obs, dtype=torch.float32, device=device)
-            with torch.no_grad():
-                distribution = policy.distribution(obs)
-                action = distribution.sample()
-                log_probs.append(distribution.log_prob(action).sum(-1))
-                values.append(policy.value(obs).squeeze(-1))
-            next_obs, reward, terminated, truncated, _ = envs.step(action.cpu().numpy())
-            observations.append(obs)
-            actions.append(action)
-            rewards.append(torch.as_tensor(reward, dtype=torch.float32, device=device))
-            dones.append(torch.as_tensor(terminated | truncated, dtype=torch.float32, device=device))
-            global_step += num_envs
-        with torch.no_grad():
-            next_value = policy.value(torch.as_tensor(next_obs, dtype=torch.float32, device=device)).squeeze(-1)
-        advantages, last = torch.zeros(num_steps, num_envs, device=device), 0.0
-        for t in reversed(range(num_steps)):
-            following = next_value if t == num_steps - 1 else values[t + 1]
-            delta = rewards[t] + gamma * (1 - dones[t]) * following - values[t]
-            last = delta + gamma * gae_lambda * (1 - dones[t]) * last
-            advantages[t] = last
-        b_obs, b_actions = torch.cat(observations), torch.cat(actions)
-        b_log_probs, b_advantages = torch.cat(log_probs), advantages.reshape(-1)
-        b_returns = b_advantages + torch.cat(values)
-        batch = num_steps * num_envs
-        for _ in range(epochs):
-            permutation = torch.randperm(batch, device=device)
-            for mb in permutation.reshape(minibatches, -1):
-                ratio = (policy.distribution(b_obs[mb]).log_prob(b_actions[mb]).sum(-1) - b_log_probs[mb]).exp()
-                advantage = (b_advantages[mb] - b_advantages[mb].mean()) / (b_advantages[mb].std() + 1e-8)
-                pg_loss = torch.max(-advantage * ratio, -advantage * ratio.clamp(1 - clip, 1 + clip)).mean()
-                v_loss = 0.5 * ((policy.value(b_obs[mb]).squeeze(-1) - b_returns[mb]) ** 2).mean()
-                optimizer.zero_grad()
-                (pg_loss + 0.5 * v_loss).backward()
-                torch.nn.utils.clip_grad_norm_(policy.parameters(), 0.5)
-                optimizer.step()
-    envs.close()
-    return global_step / (time.perf_counter() - start)
 
 
 def speed_command(args: SpeedArgs) -> dict:
@@ -965,6 +928,13 @@ def speed_command(args: SpeedArgs) -> dict:
     for denoiser in args.denoisers:
         result["policies"][f"diffusion ({denoiser} denoiser)"] = diffusion_speed(args, denoiser, env, device)
     result["policies"]["MLP Gaussian (reference)"] = gaussian_speed(args, env, device)
+    # The reference's online loop is uepo_online.py's own with `--actor mlp` (CleanRL's Gaussian MLP, one
+    # action per decision); its checkpoint only lends the dimensions, so any denoiser serves.
+    fresh = DiffusionPolicy(PolicyConfig(obs_dim=env.observation_space.shape[0], act_dim=env.action_space.shape[0],
+                                         denoiser="mlp"), np.zeros(env.observation_space.shape[0]),
+                            np.ones(env.observation_space.shape[0]), env.action_space.low, env.action_space.high)
+    result["policies"]["MLP Gaussian (reference)"]["online_env_steps_per_second"] = online_speed(args, fresh, env,
+                                                                                                 "mlp")
     env.close()
     print(json.dumps(result, indent=2))
     if args.json:

@@ -29,7 +29,8 @@ import copy
 import os
 import random
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
+from typing import Literal
 
 import gymnasium as gym
 import numpy as np
@@ -37,8 +38,8 @@ import torch
 import tyro
 from torch.utils.tensorboard import SummaryWriter
 
-from diffusion import DiffusionPolicy, sub_policy_chain_terms
-from dynamics import ChunkCritics
+from diffusion import DiffusionPolicy, OnlineActor, ppo_mlp
+from divergence import gaussian_kl
 from eval import (GYM_ENV_IDS, CheckpointError, ChunkEnv, evaluate_sub_policies, fail, load_checkpoint,
                   offline_candidates, save_checkpoint)
 
@@ -57,8 +58,16 @@ class Args:
     """if toggled, use a GPU when there is one"""
     env_id: str | None = None
     """if given (`hopper-medium` or a Gymnasium id such as `Hopper-v5`), the checkpoint must be for this environment"""
+
+    # The actor
+    actor: Literal["diffusion", "residual", "noise", "mlp"] = "noise"
+    """what PPO fine-tunes: `noise` a Gaussian MLP that sets the selected sub-policy's initial noise (frozen
+    denoiser); `residual` a Gaussian MLP added to its chunk; `diffusion` the denoiser itself, a Gaussian around the
+    chunk; `mlp` CleanRL's Gaussian MLP PPO from scratch, per step (the baseline)"""
     from_scratch: bool = False
-    """the baseline: the same PPO from a freshly initialized actor (same architecture) and value network, no KL"""
+    """with `--actor diffusion`: a freshly initialized denoiser (sub-policy 0, no selection, no anchor)"""
+    init_std: float | None = None
+    """initial std of the Gaussian (default: 0.1 for chunks, 0.3 for noise, 1.0 for the mlp baseline)"""
 
     # Selection (Uni-O4's rule)
     selection_top: int = 3
@@ -66,46 +75,43 @@ class Args:
     selection_episodes: int = 10
     """real episodes per candidate in the selection"""
 
-    # PPO on the chunk-level MDP
+    # PPO
     total_timesteps: int = 1_000_000
     """environment steps (actions executed, not chunks)"""
-    num_envs: int = 32
+    num_envs: int = 16
     """parallel Gymnasium environments (gym.vector.SyncVectorEnv)"""
     num_steps: int = 64
-    """chunk decisions per environment per rollout (64 x 32 envs x H = 4: about 8192 environment steps). A large
-    rollout: the gradient of a whole-chain likelihood ratio is noisy, and 1024 steps per rollout (8 x 32) let the
-    policy drift into falls (README, "Online fine-tuning")"""
-    learning_rate: float = 3e-5
-    """Adam learning rate of the actor (the denoiser), annealed with `--anneal-lr`. With `--target-kl` most updates
-    stop after their first epoch, so this is about the size of one epoch's step"""
+    """decisions per environment per rollout"""
+    learning_rate: float | None = None
+    """Adam learning rate of the actor (default: 3e-4 for the MLP heads, 3e-6 for the denoiser)"""
     value_learning_rate: float = 3e-4
     """Adam learning rate of the value network"""
     anneal_lr: bool = True
-    """anneal both learning rates linearly to 0 over `--total-timesteps`"""
+    """anneal both learning rates linearly down to `lr_floor` times their start"""
+    lr_floor: float = 0.1
+    """the annealed learning rates end at this fraction of their start"""
     gae_lambda: float = 0.95
-    """lambda of GAE over chunks"""
+    """lambda of GAE over decisions"""
     num_minibatches: int = 8
-    """minibatches per epoch (256 chunks each with the default rollout)"""
+    """minibatches per epoch"""
     update_epochs: int = 5
     """epochs over every rollout, at most (`--target-kl` stops earlier)"""
     clip_coef: float = 0.2
-    """PPO clip range of the chain-likelihood ratio"""
-    min_std: float | None = None
-    """std of the Gaussian noise the stochastic sampler adds at every denoising step, i.e. the exploration noise
-    (default: the offline run's `--min-std`). The deterministic sub-policy that is evaluated does not depend on it"""
-    kl_coef: float = 0.1
-    """weight of the sequence-level KL of the actor's chain to the offline policy's (0 with --from-scratch)"""
-    vf_coef: float = 0.5
-    """weight of the value loss"""
+    """PPO clip range of the likelihood ratio"""
+    target_kl: float | None = 0.2
+    """stop the epochs of an update once the approximate KL of the ratios exceeds this (nats per decision); None: never"""
+    anchor_coef: float = 0.0
+    """weight of the KL of the actor's Gaussian to the offline one (0 with --from-scratch and the mlp baseline)"""
     max_grad_norm: float = 0.5
-    """gradient clipping (actor and value together)"""
-    target_kl: float | None = 1.0
-    """stop the epochs of an update early when the approximate KL of the ratios exceeds this (nats per chain of
-    5 steps x H x A Gaussian entries, so larger than the usual 0.01-0.02 per action); None: always all epochs"""
+    """gradient clipping, actor and value network each"""
+    reward_scaling: bool = True
+    """divide rewards by the running std of a discounted return (clipped to +-10), as CleanRL does"""
+    critic_warmup: int = 3
+    """rollouts at the start that train only the value network (the actor frozen)"""
 
     # Evaluation and checkpoint
     eval_every: int = 20_000
-    """evaluate the deterministic sub-policy every `eval_every` environment steps (and at step 0 and the end)"""
+    """evaluate the deterministic policy every `eval_every` environment steps (and at step 0 and the end)"""
     eval_episodes: int = 10
     """episodes per evaluation (the same start states every time)"""
     checkpoint_path: str | None = None
@@ -148,10 +154,67 @@ def step_info(infos: dict, key: str, ended: np.ndarray) -> np.ndarray:
     return values
 
 
+class RewardScaler:
+    """Running return-std reward scaling (CleanRL's `NormalizeReward`, at the chunk level): each
+    environment keeps a discounted sum of its past chunk rewards, G <- d G + R with d = gamma^L of the
+    chunk (reset after an episode ends); rewards are divided by the running std of G over every
+    update so far (Welford's parallel mean and variance) and clipped to +-`clip`."""
+
+    def __init__(self, num_envs: int, clip: float = 10.0, epsilon: float = 1e-8):
+        self.returns = np.zeros(num_envs)
+        self.mean, self.var, self.count = 0.0, 1.0, 1e-4
+        self.clip, self.epsilon = clip, epsilon
+
+    def __call__(self, rewards: np.ndarray, discounts: np.ndarray, ended: np.ndarray) -> np.ndarray:
+        self.returns = self.returns * discounts + rewards
+        batch_mean, batch_var, batch_count = self.returns.mean(), self.returns.var(), len(self.returns)
+        delta, total = batch_mean - self.mean, self.count + batch_count
+        self.var = (self.var * self.count + batch_var * batch_count + delta ** 2 * self.count * batch_count / total
+                    ) / total
+        self.mean, self.count = self.mean + delta * batch_count / total, total
+        self.returns[ended] = 0.0
+        return np.clip(rewards / np.sqrt(self.var + self.epsilon), -self.clip, self.clip)
+
+
+def gaussian_log_likelihood(z: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """log N(z; mean, diag std^2) of decisions z (B, H, A), summed over the chunk: (B,)."""
+    return torch.distributions.Normal(mean, std).log_prob(z).sum(dim=(-2, -1))
+
+
+def actor_losses(actor: OnlineActor, states, decisions, anchors, old_log_probs, advantages, clip_coef: float,
+                 init_std: float) -> dict:
+    """PPO's clipped surrogate on one minibatch of decisions z (B, H, A), and the anchor.
+
+        r = N(z; mean(s), sigma^2) / N(z; mean_old(s), sigma_old^2)   (the exact Gaussian ratio)
+        policy = -E[min(r A, clip(r, 1 - c, 1 + c) A)],  A normalized per minibatch (CleanRL)
+        anchor_kl = E[KL(N(mean(s), sigma^2) || N(anchor(s), init_std^2))]   (closed form, over H x A)
+
+    Returns {"policy", "anchor_kl"} (with gradients) and {"approx_kl", "clipfrac"} (CleanRL's
+    diagnostics: approximate KL per decision, share of clipped ratios)."""
+    mean, std = actor.mean(states, anchors), actor.std()
+    logratio = gaussian_log_likelihood(decisions, mean, std) - old_log_probs
+    ratio = logratio.exp()
+    advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+    policy_loss = torch.max(-advantages * ratio, -advantages * ratio.clamp(1 - clip_coef, 1 + clip_coef)).mean()
+    anchor_kl = gaussian_kl(mean, std, anchors, torch.tensor(init_std, device=mean.device), event_dims=2).mean()
+    with torch.no_grad():
+        approx_kl = ((ratio - 1) - logratio).mean()
+        clipfrac = ((ratio - 1.0).abs() > clip_coef).float().mean().item()
+    return {"policy": policy_loss, "anchor_kl": anchor_kl, "approx_kl": approx_kl, "clipfrac": clipfrac}
+
+
 if __name__ == "__main__":
     args = tyro.cli(Args)
-    if args.min_std is not None and not args.min_std > 0:
-        fail(f"--min-std must be > 0 (the chain likelihood is a Gaussian of that std), got {args.min_std}")
+    from_scratch = args.from_scratch or args.actor == "mlp"
+    if args.from_scratch and args.actor != "diffusion":
+        fail(f"--from-scratch re-initializes the denoiser, so it needs --actor diffusion (got --actor {args.actor}; "
+             f"--actor mlp is the Gaussian MLP from scratch)")
+    init_std = {"diffusion": 0.1, "residual": 0.1, "noise": 0.3, "mlp": 1.0}[args.actor] if args.init_std is None \
+        else args.init_std
+    learning_rate = (3e-6 if args.actor == "diffusion" else 3e-4) if args.learning_rate is None else args.learning_rate
+    anchor_coef = 0.0 if from_scratch else args.anchor_coef  # no offline policy to stay near
+    if not init_std > 0:
+        fail(f"--init-std must be > 0, got {init_std}")
     try:
         checkpoint = load_checkpoint(args.checkpoint, expected_env_id=gym_env_id(args.env_id) if args.env_id else None)
     except CheckpointError as error:
@@ -177,48 +240,39 @@ if __name__ == "__main__":
 
     # ---- selection: top-k by offline OPE, then the best over real episodes (Uni-O4) ---------
     base = DiffusionPolicy.from_checkpoint(checkpoint["policy"]).to(device)
-    config = base.config
     evaluate = lambda policy, sub_policy, episodes: evaluate_sub_policies(
         policy, env_id, episodes, seed=args.seed * 1000, ref_min_score=ref_min_score, ref_max_score=ref_max_score,
         max_episode_steps=max_episode_steps, sub_policies=[sub_policy])["scores"][0]
-    if args.from_scratch:
-        # Same architecture, same frozen statistics and seeds, fresh weights; sub-policy 0.
+    if from_scratch:
+        # Same architecture, statistics and seeds, fresh weights; sub-policy 0 (the mlp actor uses
+        # only the statistics and action bounds).
         state = checkpoint["policy"]["state_dict"]
-        actor = DiffusionPolicy(config, state["state_mean"], state["state_std"], state["action_low"],
-                                state["action_high"]).to(device)
+        policy = DiffusionPolicy(base.config, state["state_mean"], state["state_std"], state["action_low"],
+                                 state["action_high"]).to(device)
         sub_policy, selection_table = 0, "from scratch: no selection"
-        args.kl_coef = 0.0  # a KL to a random initialization would only slow learning
     else:
         # The improved copies scored by the gate's OPE, else the base sub-policies by AM-Q; best first.
         candidates = offline_candidates(checkpoint, device)
         rows = []
-        for label, policy, i, ope_score in candidates[: args.selection_top]:
-            scores = evaluate(policy, i, args.selection_episodes)
-            rows.append((label, policy, i, ope_score, scores.mean(), scores.std()))
+        for label, candidate, i, ope_score in candidates[: args.selection_top]:
+            scores = evaluate(candidate, i, args.selection_episodes)
+            rows.append((label, candidate, i, ope_score, scores.mean(), scores.std()))
         chosen = max(range(len(rows)), key=lambda r: rows[r][4])
         selection_table = "| candidate | offline OPE | real normalized score | chosen |\n|-|-|-|-|\n" + "\n".join(
             f"| {label} | {ope_score:.1f} | {mean:.1f} +- {std:.1f} | {'yes' if r == chosen else ''} |"
             for r, (label, _, _, ope_score, mean, std) in enumerate(rows))
-        actor, sub_policy = copy.deepcopy(rows[chosen][1]), rows[chosen][2]
+        policy, sub_policy = copy.deepcopy(rows[chosen][1]), rows[chosen][2]
     print(selection_table)
     writer.add_text("selection", selection_table)
-    if args.min_std is not None:
-        # The exploration noise of the chain (DESIGN.md: N(mu_theta, min_std^2) at every step); the
-        # anchor gets the same std, so the sequence-level KL compares the two chains' means.
-        actor.config = replace(actor.config, min_std=args.min_std)
-    offline_actor = copy.deepcopy(actor).requires_grad_(False)  # the KL anchor, frozen
 
-    # ---- value network: the offline V(s) (chunk-level IQL), on the current normalized state ----
-    critics = ChunkCritics(config.obs_dim, config.act_dim, config.horizon)
-    if "critics" in checkpoint and not args.from_scratch:
-        critics.load_state_dict(checkpoint["critics"]["state_dict"])
-    else:
-        print("value network: fresh initialization" + ("" if args.from_scratch else
-                                                         " (the checkpoint has no critics: it was made with --no-ope)"))
-    value_net = critics.v.to(device)
-    optimizer = torch.optim.Adam([{"params": actor.parameters(), "lr": args.learning_rate},
-                                  {"params": value_net.parameters(), "lr": args.value_learning_rate}], eps=1e-5)
-    value = lambda normalized_histories: value_net(normalized_histories[:, -1]).squeeze(-1)
+    # ---- actor: a Gaussian over decisions z whose mean is the deployed policy (diffusion.OnlineActor) --
+    actor = OnlineActor(args.actor, policy, sub_policy, init_std).to(device)
+    # ---- value network: CleanRL's critic on the normalized state history, fitted from scratch ----
+    value_net = ppo_mlp(actor.obs_horizon * base.config.obs_dim, 1, last_std=1.0).to(device)
+    value = lambda states: value_net(states.flatten(1)).squeeze(-1)
+    # Separate optimizers and gradient clipping: the actor's and the critic's steps do not compete.
+    actor_optimizer = torch.optim.Adam([p for p in actor.parameters() if p.requires_grad], lr=learning_rate, eps=1e-5)
+    value_optimizer = torch.optim.Adam(value_net.parameters(), lr=args.value_learning_rate, eps=1e-5)
 
     # ---- vectorized chunk-level environments ------------------------------------------------
     # SAME_STEP autoreset: an episode that ends returns its final observation in the infos and is
@@ -226,23 +280,24 @@ if __name__ == "__main__":
     # decision of that environment starts the new episode cleanly.
     def make_env():
         env = gym.wrappers.RecordEpisodeStatistics(gym.make(env_id, max_episode_steps=max_episode_steps))
-        return ChunkEnv(env, config.horizon, config.obs_horizon, gamma)
+        return ChunkEnv(env, actor.horizon, actor.obs_horizon, gamma)
 
     envs = gym.vector.SyncVectorEnv([make_env for _ in range(args.num_envs)],
                                     autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
-    n, steps = config.n_subpolicies, len(base.timesteps)
+    reward_scaler = RewardScaler(args.num_envs)
     shape = (args.num_steps, args.num_envs)
-    obs = torch.zeros(shape + (config.obs_horizon, config.obs_dim), device=device)  # normalized histories
-    chains = torch.zeros(shape + (n, steps + 1, config.horizon, config.act_dim), device=device)
+    decision_shape = (actor.horizon, actor.act_dim)
+    obs = torch.zeros(shape + (actor.obs_horizon, base.config.obs_dim), device=device)  # normalized histories
+    decisions, anchors = (torch.zeros(shape + decision_shape, device=device) for _ in range(2))
     log_probs, rewards, values, next_values, terminations, ended, discounts = (
         torch.zeros(shape, device=device) for _ in range(7))
 
-    history = {"step": [], "scores": [], "returns": []}
+    history = {"step": [], "scores": []}
 
     def evaluate_and_save(step: int) -> float:
-        """The deterministic sub-policy's normalized score (fixed start states), then the checkpoint."""
+        """The deterministic policy's normalized score (fixed start states), then the checkpoint."""
         actor.eval()
-        scores = evaluate(actor, sub_policy, args.eval_episodes)
+        scores = evaluate(actor, 0, args.eval_episodes)
         actor.train()
         history["step"].append(step)
         history["scores"].append(scores.tolist())
@@ -252,7 +307,7 @@ if __name__ == "__main__":
             "phase": "online", "args": asdict(args), "global_step": step, "env_id": env_id,
             "max_episode_steps": max_episode_steps, "dataset_id": checkpoint["dataset_id"],
             "ref_min_score": ref_min_score, "ref_max_score": ref_max_score, "offline_checkpoint": args.checkpoint,
-            "policy": actor.to_checkpoint(), "sub_policy": sub_policy, "selection": selection_table,
+            "actor": actor.to_checkpoint(), "sub_policy": sub_policy, "selection": selection_table,
             "value": value_net.state_dict(), "history": history}, checkpoint_path)
         return scores.mean()
 
@@ -263,22 +318,27 @@ if __name__ == "__main__":
     next_obs, _ = envs.reset(seed=args.seed)
     while global_step < args.total_timesteps:
         iteration += 1
+        warming_up = iteration <= args.critic_warmup  # only the value network learns
         if args.anneal_lr:
-            fraction = 1.0 - global_step / args.total_timesteps
-            optimizer.param_groups[0]["lr"] = fraction * args.learning_rate
-            optimizer.param_groups[1]["lr"] = fraction * args.value_learning_rate
+            fraction = max(1.0 - global_step / args.total_timesteps, args.lr_floor)
+            actor_optimizer.param_groups[0]["lr"] = fraction * learning_rate
+            value_optimizer.param_groups[0]["lr"] = fraction * args.value_learning_rate
 
-        # Rollout: num_steps chunk decisions in every environment.
+        # Rollout: num_steps decisions z ~ N(mean(s), sigma^2) in every environment.
         for t in range(args.num_steps):
             with torch.no_grad():
                 obs[t] = actor.normalize_states(torch.as_tensor(next_obs, dtype=torch.float32, device=device))
-                sample = actor.sample(obs[t], stochastic=True)  # all n sub-policies (they are coupled)
-                chains[t], log_probs[t], values[t] = sample.chain, sample.log_prob[:, sub_policy], value(obs[t])
-            chunk = actor.unscale_actions(sample.actions[:, sub_policy]).cpu().numpy()
+                anchors[t] = actor.anchor_mean(obs[t])
+                mean, std = actor.mean(obs[t], anchors[t]), actor.std()
+                decisions[t] = mean + std * torch.randn(mean.shape, device=device)
+                log_probs[t], values[t] = gaussian_log_likelihood(decisions[t], mean, std), value(obs[t])
+                chunk = actor.unscale_actions(actor.chunk(obs[t], decisions[t])).cpu().numpy()
             next_obs, reward, terminated, truncated, infos = envs.step(chunk)
             done = terminated | truncated
             lengths = step_info(infos, "chunk_length", done)
             global_step += int(lengths.sum())
+            if args.reward_scaling:
+                reward = reward_scaler(reward, gamma ** lengths, done)
             rewards[t] = torch.as_tensor(reward, dtype=torch.float32, device=device)
             discounts[t] = torch.as_tensor(gamma ** lengths, dtype=torch.float32, device=device)
             terminations[t] = torch.as_tensor(terminated, dtype=torch.float32, device=device)
@@ -299,62 +359,64 @@ if __name__ == "__main__":
         advantages, returns = chunk_gae(rewards, values, next_values, terminations, ended, discounts,
                                         args.gae_lambda)
 
-        # Update: clipped surrogate on chain-likelihood ratios + KL to the offline policy + value loss.
+        # Update: clipped surrogate of the Gaussian likelihood ratio (H x A entries) + the KL to the
+        # offline Gaussian (the anchor); the value loss with its own optimizer.
         flat = lambda x: x.reshape((-1,) + x.shape[2:])
-        b_obs, b_chains, b_log_probs = flat(obs), flat(chains), flat(log_probs)
+        b_obs, b_decisions, b_anchors, b_log_probs = flat(obs), flat(decisions), flat(anchors), flat(log_probs)
         b_advantages, b_returns, b_values = flat(advantages), flat(returns), flat(values)
         batch_size = args.num_steps * args.num_envs
         minibatch_size = batch_size // args.num_minibatches
-        clipfracs = []
+        clipfracs, approx_kl = [], torch.zeros(())
         for epoch in range(args.update_epochs):
             permutation = torch.randperm(batch_size, device=device)
             for start in range(0, batch_size, minibatch_size):
                 mb = permutation[start:start + minibatch_size]
-                new_log_prob, kl_to_offline = sub_policy_chain_terms(actor, offline_actor, b_obs[mb], b_chains[mb],
-                                                                     sub_policy)
-                logratio = new_log_prob - b_log_probs[mb]
-                ratio = logratio.exp()
-                with torch.no_grad():
-                    old_approx_kl = (-logratio).mean()
-                    approx_kl = ((ratio - 1) - logratio).mean()
-                    clipfracs.append(((ratio - 1.0).abs() > args.clip_coef).float().mean().item())
-                mb_advantages = b_advantages[mb]
-                mb_advantages = (mb_advantages - mb_advantages.mean()) / (mb_advantages.std() + 1e-8)
-                pg_loss = torch.max(-mb_advantages * ratio,
-                                    -mb_advantages * ratio.clamp(1 - args.clip_coef, 1 + args.clip_coef)).mean()
                 v_loss = 0.5 * ((value(b_obs[mb]) - b_returns[mb]) ** 2).mean()
-                kl_loss = kl_to_offline.mean()
-                loss = pg_loss + args.kl_coef * kl_loss + args.vf_coef * v_loss
-                for name, term in (("policy", pg_loss), ("value", v_loss), ("kl_to_offline", kl_loss)):
-                    if not torch.isfinite(term):
+                if not torch.isfinite(v_loss):
+                    raise FloatingPointError(f"iteration {iteration} (global step {global_step}): the value loss is "
+                                             f"{v_loss.item()}; stopping (last checkpoint: {checkpoint_path})")
+                value_optimizer.zero_grad()
+                v_loss.backward()
+                torch.nn.utils.clip_grad_norm_(value_net.parameters(), args.max_grad_norm)
+                value_optimizer.step()
+                if warming_up:
+                    continue
+                out = actor_losses(actor, b_obs[mb], b_decisions[mb], b_anchors[mb], b_log_probs[mb],
+                                   b_advantages[mb], args.clip_coef, init_std)
+                approx_kl = out["approx_kl"]
+                clipfracs.append(out["clipfrac"])
+                for name in ("policy", "anchor_kl"):
+                    if not torch.isfinite(out[name]):
                         raise FloatingPointError(f"iteration {iteration} (global step {global_step}): the {name} "
-                                                 f"loss is {term.item()}; stopping (last checkpoint: {checkpoint_path})")
-                optimizer.zero_grad()
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(list(actor.parameters()) + list(value_net.parameters()),
-                                               args.max_grad_norm)
-                optimizer.step()
-            if args.target_kl is not None and approx_kl > args.target_kl:
+                                                 f"loss is {out[name].item()}; stopping (last checkpoint: "
+                                                 f"{checkpoint_path})")
+                actor_optimizer.zero_grad()
+                (out["policy"] + anchor_coef * out["anchor_kl"]).backward()
+                torch.nn.utils.clip_grad_norm_(actor.parameters(), args.max_grad_norm)
+                actor_optimizer.step()
+            if not warming_up and args.target_kl is not None and approx_kl > args.target_kl:
                 break
         epochs_run = epoch + 1
 
         variance = b_returns.var()
         explained_variance = float("nan") if variance == 0 else (1 - (b_returns - b_values).var() / variance).item()
         steps_per_second = global_step / (time.time() - start_time)
-        writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
-        writer.add_scalar("losses/value_loss", v_loss.item(), global_step)
-        writer.add_scalar("losses/policy_loss", pg_loss.item(), global_step)
-        writer.add_scalar("losses/kl_to_offline", kl_loss.item(), global_step)
-        writer.add_scalar("losses/old_approx_kl", old_approx_kl.item(), global_step)
-        writer.add_scalar("losses/approx_kl", approx_kl.item(), global_step)
-        writer.add_scalar("losses/clipfrac", np.mean(clipfracs), global_step)
-        writer.add_scalar("losses/update_epochs", epochs_run, global_step)
-        writer.add_scalar("losses/explained_variance", explained_variance, global_step)
-        writer.add_scalar("charts/SPS", steps_per_second, global_step)
+        sigma = actor.std().mean().item()
+        log = {"losses/value_loss": v_loss.item(), "losses/explained_variance": explained_variance,
+               "charts/sigma": sigma, "charts/learning_rate": actor_optimizer.param_groups[0]["lr"],
+               "charts/SPS": steps_per_second}
+        if not warming_up:
+            log.update({"losses/policy_loss": out["policy"].item(), "losses/anchor_kl": out["anchor_kl"].item(),
+                        "losses/approx_kl": approx_kl.item(), "losses/clipfrac": np.mean(clipfracs),
+                        "losses/update_epochs": epochs_run})
+        for tag, number in log.items():
+            writer.add_scalar(tag, number, global_step)
         eta_seconds = max(args.total_timesteps - global_step, 0) / steps_per_second
-        print(f"iteration {iteration} step {global_step}/{args.total_timesteps} | policy {pg_loss.item():.4f} | "
-              f"value {v_loss.item():.4f} | kl_to_offline {kl_loss.item():.3f} | approx_kl {approx_kl.item():.4f} | "
-              f"clipfrac {np.mean(clipfracs):.3f} | epochs {epochs_run} | {steps_per_second:.0f} env steps/s | "
+        actor_part = ("critic warm-up" if warming_up else
+                      f"policy {out['policy'].item():.4f} | anchor_kl {out['anchor_kl'].item():.3f} | approx_kl {approx_kl.item():.4f} "
+                      f"| clipfrac {np.mean(clipfracs):.3f} | epochs {epochs_run}")
+        print(f"iteration {iteration} step {global_step}/{args.total_timesteps} | {actor_part} | value {v_loss.item():.4f} "
+              f"| explained_var {explained_variance:.2f} | sigma {sigma:.3f} | {steps_per_second:.0f} env steps/s | "
               f"ETA {time.strftime('%H:%M:%S', time.gmtime(eta_seconds))}", flush=True)
         if global_step >= next_eval or global_step >= args.total_timesteps:
             evaluate_and_save(global_step)

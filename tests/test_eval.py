@@ -49,7 +49,7 @@ def test_policy_replays_the_recorded_scores_and_measures_the_divergence(offline_
     assert np.all(np.diag(matrix) == 0) and (matrix[~np.eye(n, dtype=bool)] > 0).all()
 
 
-def test_policy_on_an_online_checkpoint_marks_the_fine_tuned_sub_policy(online_run, tmp_path):
+def test_policy_on_an_online_checkpoint_evaluates_the_fine_tuned_actor(online_run, tmp_path):
     _, path = online_run
     out = tmp_path / "policy.json"
     result = run_eval(["policy", "--checkpoint", str(path), "--episodes", "2", "--no-divergence",
@@ -57,8 +57,9 @@ def test_policy_on_an_online_checkpoint_marks_the_fine_tuned_sub_policy(online_r
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(out.read_text())
     checkpoint = load_checkpoint(str(path))
-    (deployed,) = [row for row in report["rows"] if row["deployed"]]
-    assert deployed["sub_policy"] == checkpoint["sub_policy"] and "fine-tuned" in deployed["label"]
+    (deployed,) = report["rows"]
+    assert deployed["deployed"] and deployed["sub_policy"] == checkpoint["sub_policy"]
+    assert "fine-tuned online (noise actor)" in deployed["label"]
     np.testing.assert_array_equal(deployed["scores"], checkpoint["history"]["scores"][-1])
     assert all(row["ope"] is None for row in report["rows"]) and report["divergence"] is None
 
@@ -231,8 +232,10 @@ def test_speed_prints_every_figure_for_the_diffusion_policy_and_the_reference(tm
     speed = json.loads(out.read_text())
     assert set(speed["policies"]) == {"diffusion (mlp denoiser)", "MLP Gaussian (reference)"}
     for figures in speed["policies"].values():
-        for key in ("gradient_steps_per_second", "decision_latency_ms_batch_1", "decision_latency_ms_batch_64",
-                    "online_env_steps_per_second"):
+        for key in ("gradient_steps_per_second", "decision_latency_ms_batch_1", "decision_latency_ms_batch_64"):
             assert figures[key] > 0, key
+    diffusion_online = speed["policies"]["diffusion (mlp denoiser)"]["online_env_steps_per_second"]
+    assert set(diffusion_online) == {"noise", "residual", "diffusion"} and min(diffusion_online.values()) > 0
+    assert speed["policies"]["MLP Gaussian (reference)"]["online_env_steps_per_second"] > 0
     assert speed["policies"]["diffusion (mlp denoiser)"]["actions_per_decision"] == 4
     assert not list(tmp_path.glob("runs"))  # the online measurement leaves nothing behind

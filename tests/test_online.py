@@ -1,6 +1,7 @@
 """uepo_online.py: loading and refusing checkpoints, GAE over chunks, the chunk-level environment,
 chain likelihoods at the hand-over, and a tiny end-to-end PPO run whose checkpoint reloads."""
 
+import math
 import os
 import subprocess
 import sys
@@ -11,13 +12,14 @@ import pytest
 import torch
 
 from conftest import ROOT, TINY_MAX_EPISODE_STEPS
-from diffusion import DiffusionPolicy, sub_policy_chain_terms
+from diffusion import ONLINE_ACTORS, OnlineActor
 from eval import ChunkEnv, evaluate_sub_policies, load_checkpoint
 from test_diffusion import make_policy, random_states
-from uepo_online import chunk_gae, step_info
+from uepo_online import RewardScaler, actor_losses, chunk_gae, gaussian_log_likelihood, step_info
 
 TINY_ONLINE = ["--total-timesteps", "300", "--num-envs", "2", "--num-steps", "8", "--num-minibatches", "2",
-               "--update-epochs", "2", "--eval-every", "150", "--eval-episodes", "2", "--selection-episodes", "2"]
+               "--update-epochs", "2", "--eval-every", "150", "--eval-episodes", "2", "--selection-episodes", "2",
+               "--critic-warmup", "1"]
 
 
 def run_online(arguments, cwd):
@@ -83,21 +85,108 @@ def test_vector_chunk_envs_report_lengths_and_final_observations_of_ended_episod
     envs.close()
 
 
-# ---- the hand-over -----------------------------------------------------------------------------------------
-def test_recomputed_chain_likelihoods_equal_the_stored_ones_before_the_first_update():
-    """Chains sampled during the rollout, rescored in a minibatch of another size and order by the
-    unchanged actor: ratio 1 and KL 0 to the offline policy (the PPO start)."""
-    actor = make_policy()
-    offline = make_policy()  # same seed: the same weights, a separate object as in uepo_online.py
-    states = random_states(actor, 24)
+# ---- the online actor ---------------------------------------------------------------------------------------
+def make_actor(kind, sub_policy=2, init_std=0.1):
+    return OnlineActor(kind, make_policy(), sub_policy, init_std)
+
+
+@pytest.mark.parametrize("kind", ONLINE_ACTORS)
+def test_at_the_hand_over_the_ratio_is_one_and_the_anchor_kl_zero(kind):
+    """Decisions sampled in a rollout, rescored in a minibatch of another size and order by the
+    unchanged actor: ratio 1 (the stored likelihood is recomputed exactly) and KL 0 to the anchor."""
+    actor = make_actor(kind)
+    states = random_states(actor.policy or make_policy(), 24)[:, -actor.obs_horizon:]
+    torch.manual_seed(0)
     with torch.no_grad():
-        sample = actor.sample(states, stochastic=True, generator=torch.Generator().manual_seed(0))
+        anchors = actor.anchor_mean(states)
+        mean = actor.mean(states, anchors)
+        decisions = mean + actor.std() * torch.randn(mean.shape)
+        log_probs = gaussian_log_likelihood(decisions, mean, actor.std())
     minibatch = torch.randperm(24)[:10]
-    log_prob, kl = sub_policy_chain_terms(actor, offline, states[minibatch], sample.chain[minibatch], 2)
-    torch.testing.assert_close(log_prob, sample.log_prob[minibatch, 2], rtol=0, atol=1e-4)
-    torch.testing.assert_close(torch.exp(log_prob - sample.log_prob[minibatch, 2]), torch.ones(10), rtol=0,
-                               atol=1e-5)
-    assert kl.abs().max().item() < 1e-8
+    out = actor_losses(actor, states[minibatch], decisions[minibatch], anchors[minibatch], log_probs[minibatch],
+                       torch.randn(10), clip_coef=0.2, init_std=0.1)
+    assert abs(out["approx_kl"].item()) < 1e-6 and out["clipfrac"] == 0.0
+    if kind != "mlp":  # the mlp baseline has no offline policy to start at (anchor coef 0)
+        assert abs(out["anchor_kl"].item()) < 1e-6
+
+
+@pytest.mark.parametrize("kind", ["diffusion", "residual", "noise"])
+def test_the_deployed_mean_starts_as_the_selected_sub_policy(kind):
+    """The actor's deterministic chunk at the hand-over is exactly sub-policy 2's DDIM chunk."""
+    actor, policy = make_actor(kind), make_policy()
+    history = np.random.default_rng(0).standard_normal((5, 2, 3))
+    np.testing.assert_allclose(actor.act(history)[:, 0], policy.act(history)[:, 2], rtol=0, atol=1e-6)
+
+
+def test_gaussian_log_likelihood_equals_a_hand_computation():
+    """log N(z; mean, diag std^2) summed over a 1 x 2 chunk, written out."""
+    z, mean, std = torch.tensor([[[0.5, -1.0]]]), torch.tensor([[[0.0, 0.0]]]), torch.tensor([[0.5, 2.0]])
+    expected = sum(-0.5 * (v / s) ** 2 - math.log(s) - 0.5 * math.log(2 * math.pi)
+                   for v, s in ((0.5, 0.5), (-1.0, 2.0)))
+    assert gaussian_log_likelihood(z, mean, std).item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_the_actor_loss_reaches_the_denoiser_through_the_chain_only_for_the_diffusion_actor():
+    """--actor diffusion: the surrogate's gradient reaches the denoiser's weights through the DDIM
+    chain of sub-policy 2. residual and noise: the denoiser is frozen, the head learns. (An untrained
+    denoiser's chunks sit on the clamp at +-1, where no gradient passes, so the seeds and the output
+    layer are zeroed and the perturbation is off: every step then stays inside the bounds.)"""
+    for kind in ("diffusion", "residual", "noise"):
+        policy = make_policy(eta=0.0)
+        with torch.no_grad():
+            policy.sub_policy_noise.zero_()
+            policy.denoiser.net[-1].weight.zero_()
+            policy.denoiser.net[-1].bias.zero_()
+        actor = OnlineActor(kind, policy, 2, 0.1)
+        states = random_states(policy, 16)
+        anchors = actor.anchor_mean(states)
+        assert anchors.abs().max() < 1  # inside the clamp
+        decisions = anchors + 0.1 * torch.randn(anchors.shape)
+        out = actor_losses(actor, states, decisions, anchors, torch.zeros(16), torch.randn(16), 0.2, 0.1)
+        out["policy"].backward()
+        output_layer = actor.policy.denoiser.net[-1].weight
+        if kind == "diffusion":
+            assert output_layer.grad is not None and output_layer.grad.abs().sum() > 0
+        else:
+            assert output_layer.grad is None and actor.head[-1].weight.grad.abs().sum() > 0
+        assert actor.log_std.grad.abs().sum() > 0
+
+
+def test_a_zero_advantage_leaves_the_actor_unchanged():
+    """With every advantage 0 the surrogate is 0 whatever the ratio: one Adam step changes nothing."""
+    actor = make_actor("residual")
+    states = random_states(actor.policy, 16)
+    anchors = actor.anchor_mean(states)
+    decisions = anchors + 0.1 * torch.randn(anchors.shape)
+    before = {name: value.clone() for name, value in actor.state_dict().items()}
+    optimizer = torch.optim.Adam([p for p in actor.parameters() if p.requires_grad], lr=1e-2)
+    out = actor_losses(actor, states, decisions, anchors, torch.full((16,), -3.0), torch.zeros(16), 0.2, 0.1)
+    optimizer.zero_grad()
+    out["policy"].backward()
+    optimizer.step()
+    for name, value in actor.state_dict().items():
+        torch.testing.assert_close(value, before[name], rtol=0, atol=0)
+
+
+def test_the_reward_scaler_matches_a_hand_computation():
+    """Two environments, three chunks: G <- d G + R (reset after an end), running variance of G by
+    Welford's parallel update from (mean 0, var 1, count 1e-4), rewards / sqrt(var + 1e-8), clip 10."""
+    scaler = RewardScaler(2, clip=10.0)
+    rewards = [np.array([1.0, 2.0]), np.array([3.0, -1.0]), np.array([100.0, 0.5])]
+    discounts = [np.array([0.9, 0.9]), np.array([0.81, 0.9]), np.array([0.9, 0.9])]
+    ended = [np.array([False, True]), np.array([False, False]), np.array([False, False])]
+    returns, seen = np.zeros(2), []
+    for r, d, e in zip(rewards, discounts, ended):
+        returns = returns * d + r
+        seen.extend(returns.tolist())
+        scaled = scaler(r, d, e)
+        # The prior (count 1e-4, mean 0, var 1) pooled with every return seen so far:
+        count = 1e-4 + len(seen)
+        mean = sum(seen) / count
+        var = (1e-4 * 1.0 + sum(v ** 2 for v in seen) - count * mean ** 2) / count
+        np.testing.assert_allclose(scaled, np.clip(r / np.sqrt(var + 1e-8), -10, 10), rtol=1e-9)
+        returns[e] = 0.0
+    assert scaler.returns[1] == pytest.approx(-1.0 * 0.9 + 0.5)  # env 1 restarted after its first chunk
 
 
 # ---- end to end ----------------------------------------------------------------------------------------------
@@ -109,15 +198,18 @@ def test_online_run_selects_fine_tunes_and_writes_a_checkpoint_that_reloads(onli
     assert "| candidate | offline OPE | real normalized score | chosen |" in result.stdout
     assert "iteration 2 step" in result.stdout and "ETA" in result.stdout and "eval step 0" in result.stdout
     iterations = [line for line in result.stdout.splitlines() if line.startswith("iteration")]
-    assert iterations and all("| epochs 2 |" in line for line in iterations)  # --target-kl None: every epoch
+    assert len(iterations) >= 3 and "critic warm-up" in iterations[0]  # --critic-warmup 1
+    assert all("| epochs 2 |" in line and "sigma" in line for line in iterations[1:])  # --target-kl None
     checkpoint = load_checkpoint(str(path), expected_env_id="Hopper-v5")
     assert checkpoint["phase"] == "online" and checkpoint["global_step"] >= 300
     assert checkpoint["history"]["step"][0] == 0 and len(checkpoint["history"]["step"]) >= 3
-    policy = DiffusionPolicy.from_checkpoint(checkpoint["policy"])
-    replay = evaluate_sub_policies(policy, checkpoint["env_id"], episodes=2, seed=checkpoint["args"]["seed"] * 1000,
+    actor = OnlineActor.from_checkpoint(checkpoint["actor"])
+    assert actor.kind == "noise"  # the default
+    assert actor.head[-1].weight.abs().sum() > 0  # it learned: the head started at exactly 0
+    replay = evaluate_sub_policies(actor, checkpoint["env_id"], episodes=2, seed=checkpoint["args"]["seed"] * 1000,
                                    ref_min_score=checkpoint["ref_min_score"],
                                    ref_max_score=checkpoint["ref_max_score"],
-                                   max_episode_steps=TINY_MAX_EPISODE_STEPS, sub_policies=[checkpoint["sub_policy"]])
+                                   max_episode_steps=TINY_MAX_EPISODE_STEPS, sub_policies=[0])
     np.testing.assert_array_equal(replay["scores"][0], checkpoint["history"]["scores"][-1])
     assert list((path.parent / "runs").iterdir()), "no TensorBoard run folder under runs/"
 
@@ -132,18 +224,34 @@ def test_online_refuses_another_environment_or_a_corrupt_checkpoint(offline_chec
     assert "Traceback" not in result.stderr and not (tmp_path / "runs").exists()
 
 
-def test_from_scratch_baseline_runs_with_its_own_exploration_noise_and_kl_stop(offline_checkpoint, tmp_path):
-    """--from-scratch: fresh actor and value network, no selection, the same PPO. --min-std sets
-    the exploration noise of the saved policy; a --target-kl that the first epoch's large steps
-    exceed stops every update after that epoch (of --update-epochs 2)."""
-    path = tmp_path / "scratch.pt"
-    result = run_online(["--checkpoint", str(offline_checkpoint), "--from-scratch", "--checkpoint-path", str(path),
-                         "--min-std", "0.05", "--learning-rate", "1e-3", "--no-anneal-lr", "--target-kl", "1e-6"] + TINY_ONLINE,
-                        tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "from scratch: no selection" in result.stdout and "value network: fresh initialization" in result.stdout
-    iterations = [line for line in result.stdout.splitlines() if line.startswith("iteration")]
-    assert iterations and all("| epochs 1 |" in line for line in iterations)
-    assert load_checkpoint(str(path))["policy"]["config"]["min_std"] == 0.05
-    refused = run_online(["--checkpoint", str(offline_checkpoint), "--min-std", "0"], tmp_path)
-    assert refused.returncode == 2 and "--min-std must be > 0" in refused.stderr
+@pytest.mark.parametrize("actor", ["diffusion", "residual", "mlp"])
+def test_the_other_actors_and_the_baselines_run_and_reload(offline_checkpoint, tmp_path, actor):
+    """--actor diffusion (from the selected copy, and --from-scratch), residual and the mlp baseline
+    (per step: chunks of 1 action) run, keep their own --init-std, and reload to the recorded score.
+    A --target-kl that the first epoch exceeds stops every update after that epoch."""
+    flags = ["--actor", actor, "--init-std", "0.05", "--target-kl", "1e-9"]
+    for extra in ([["--from-scratch"], []] if actor == "diffusion" else [[]]):
+        path = tmp_path / f"{actor}{len(extra)}.pt"
+        result = run_online(["--checkpoint", str(offline_checkpoint), "--checkpoint-path", str(path), *flags, *extra]
+                            + TINY_ONLINE + ["--learning-rate", "1e-3"], tmp_path)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert ("from scratch: no selection" in result.stdout) == (actor == "mlp" or bool(extra))
+        iterations = [line for line in result.stdout.splitlines() if line.startswith("iteration")]
+        assert iterations[1:] and all("| epochs 1 |" in line for line in iterations[1:])
+        checkpoint = load_checkpoint(str(path))
+        loaded = OnlineActor.from_checkpoint(checkpoint["actor"])
+        assert loaded.kind == actor and loaded.init_std == 0.05
+        assert loaded.horizon == (1 if actor == "mlp" else 4)
+        replay = evaluate_sub_policies(loaded, checkpoint["env_id"], episodes=2, seed=checkpoint["args"]["seed"] * 1000,
+                                       ref_min_score=checkpoint["ref_min_score"],
+                                       ref_max_score=checkpoint["ref_max_score"],
+                                       max_episode_steps=TINY_MAX_EPISODE_STEPS, sub_policies=[0])
+        np.testing.assert_array_equal(replay["scores"][0], checkpoint["history"]["scores"][-1])
+
+
+def test_online_refuses_inconsistent_actor_settings(offline_checkpoint, tmp_path):
+    refused = run_online(["--checkpoint", str(offline_checkpoint), "--init-std", "0"], tmp_path)
+    assert refused.returncode == 2 and "--init-std must be > 0" in refused.stderr
+    refused = run_online(["--checkpoint", str(offline_checkpoint), "--actor", "noise", "--from-scratch"], tmp_path)
+    assert refused.returncode == 2 and "--from-scratch re-initializes the denoiser" in refused.stderr
+    assert "Traceback" not in refused.stderr
