@@ -7,12 +7,14 @@ Reading order:
 3. `DiffusionPolicy`        - one denoiser + n fixed noise seeds = n sub-policies:
    - `loss`: the DDPM epsilon-prediction loss
          E || eps - eps_theta(sqrt(abar_k) a_{t:t+H} + sqrt(1 - abar_k) eps, k, s_t) ||^2;
-   - `sample`: all n sub-policies in one batched reverse pass. Deterministic use = DDIM with
-     eta 0 started from sub-policy i's fixed noise eps_i; stochastic use = the same update plus
-     Gaussian noise of std `min_std` at every step, with the log-likelihood of the whole chain;
-     at every step the adaptive perturbation of divergence.py pushes apart sub-policies whose
-     denoising estimates are too close;
-   - `chain_log_prob`: the log-likelihood of a stored chain, recomputed (for PPO-style ratios).
+   - `sample`: all n sub-policies in one batched reverse pass, DDIM with eta 0 started from
+     sub-policy i's fixed noise eps_i, so sub-policy i is a deterministic function of the state,
+     mu_i(s); at every step the adaptive perturbation of divergence.py pushes apart sub-policies
+     whose denoising estimates are too close.
+4. `OnlineActor`            - the Gaussian N(mu_i(s), diag sigma^2) that online PPO fine-tunes.
+5. `bppo_loss`, `qgrad_loss`, `BestSnapshot` - the offline improvement of one sub-policy and its
+   gate. bppo scores a sub-policy with the same likelihood as online PPO, a Gaussian around its
+   deterministic chunk mu_i(s): the policy that is improved is the one that is deployed.
 
 Conventions: actions live in [-1, 1] inside the policy (scaled from the action space bounds);
 states are normalized with frozen dataset statistics held as buffers, so they travel with the
@@ -219,6 +221,8 @@ class PolicyConfig:
     noise_seed: int = 0
     tau: float = 0.7  # defaults as uepo_offline.Args (README, "Choosing tau and eta")
     eta: float = 0.1
+    # std of the action-level Gaussian N(mu_i(s), min_std^2 I) around the deterministic chunk that
+    # bppo samples from (`bppo_loss`); the name is kept so that existing checkpoints load.
     min_std: float = 0.1
 
 
@@ -237,9 +241,7 @@ def make_denoiser(config: PolicyConfig) -> nn.Module:
 
 @dataclass
 class SampleOutput:
-    actions: torch.Tensor                 # (B, n, H, A) in [-1, 1]
-    chain: torch.Tensor | None = None     # (B, n, S+1, H, A): x_K (the seed), ..., x_0 (stochastic)
-    log_prob: torch.Tensor | None = None  # (B, n): log-likelihood of the chain (stochastic)
+    actions: torch.Tensor  # (B, n, H, A) in [-1, 1]
 
 
 class DiffusionPolicy(nn.Module):
@@ -307,8 +309,8 @@ class DiffusionPolicy(nn.Module):
 
     # ---- sampling -------------------------------------------------------------------------------
     def _step_mean(self, x: torch.Tensor, step_index: int, states: torch.Tensor) -> torch.Tensor:
-        """Mean of x_{k'} given x_k for all sub-policies: the DDIM (eta 0) update with the
-        adaptive perturbation applied to the denoising estimate x0_hat.
+        """x_{k'} = mu_theta(x_k, k, s) for all sub-policies: one DDIM (eta 0) step, deterministic,
+        with the adaptive perturbation applied to the denoising estimate x0_hat.
 
         x: (B, n, H, A); states: (B, To, S). Returns (B, n, H, A).
         """
@@ -337,50 +339,19 @@ class DiffusionPolicy(nn.Module):
         """x_K for every (state, sub-policy): the fixed seeds, the same for every state."""
         return self.sub_policy_noise.unsqueeze(0).expand(batch, -1, -1, -1)
 
-    def sample(self, states: torch.Tensor, stochastic: bool = False, generator: torch.Generator | None = None,
-               start_noise: torch.Tensor | None = None) -> SampleOutput:
-        """All n sub-policies at every state in one batched reverse pass.
+    def sample(self, states: torch.Tensor, start_noise: torch.Tensor | None = None) -> SampleOutput:
+        """All n sub-policies at every state in one batched reverse pass: DDIM with eta 0,
 
-        states: (B, To, S) normalized. Deterministic (default): DDIM eta 0, a function of the
-        state. Stochastic: every step adds N(0, min_std^2) noise (the std floor), the chain is
-        returned with its log-likelihood sum_k log N(x_{k'}; mu_theta(x_k, k, s), min_std^2).
-        The deterministic sub-policy is the stochastic one with its noise set to zero.
-        `generator` (stochastic use) must live on the policy's device. `start_noise` (B, n, H, A)
-        replaces the fixed seeds as x_K (the noise-space online actor steers one sub-policy's seed).
+            x_K = eps_i,   x_{k'} = mu_theta(x_k, k, s)   (`_step_mean`),   a_i(s) = clip(x_0, -1, 1),
+
+        so sub-policy i is a deterministic function of the state, mu_i(s). states: (B, To, S)
+        normalized. `start_noise` (B, n, H, A) replaces the fixed seeds as x_K (the noise-space
+        online actor steers one sub-policy's seed). Differentiable in the denoiser.
         """
         x = self.initial_noise(states.shape[0]) if start_noise is None else start_noise
-        chain, log_prob = [x], 0.0
         for step_index in range(len(self.timesteps)):
-            mean = self._step_mean(x, step_index, states)
-            if stochastic:
-                noise = torch.randn(mean.shape, generator=generator, device=mean.device)
-                x = mean + self.config.min_std * noise
-                log_prob = log_prob + gaussian_log_prob(x, mean, self.config.min_std, event_dims=2)
-                chain.append(x)
-            else:
-                x = mean
-        actions = x.clamp(-1, 1)
-        if not stochastic:
-            return SampleOutput(actions=actions)
-        return SampleOutput(actions=actions, chain=torch.stack(chain, dim=2), log_prob=log_prob)
-
-    def chain_log_prob(self, states: torch.Tensor, chain: torch.Tensor) -> torch.Tensor:
-        """Log-likelihood (B, n) of stored chains (B, n, S+1, H, A) under the current denoiser.
-
-        Recomputes every step's mean from the stored x_k of all n sub-policies (the adaptive
-        perturbation couples them), so it equals `sample`'s log_prob for an unchanged denoiser.
-        The chain must hold all n sub-policies in order: a slice of them would be scored without
-        its partners (and with the wrong perturbation noises), i.e. as a different process.
-        """
-        return gaussian_log_prob(chain[:, :, 1:], self.chain_step_means(states, chain),
-                                 self.config.min_std, event_dims=3)
-
-    def chain_step_means(self, states: torch.Tensor, chain: torch.Tensor) -> torch.Tensor:
-        """The mean of every step of stored chains (B, n, S+1, H, A) under the current denoiser:
-        mu_theta(x_k, k, s) for k = K..1, shape (B, n, S, H, A). Each step of the stochastic
-        sampler is N(mu, min_std^2), so these means are the whole chain distribution."""
-        return torch.stack([self._step_mean(chain[:, :, step_index], step_index, states)
-                            for step_index in range(len(self.timesteps))], dim=2)
+            x = self._step_mean(x, step_index, states)
+        return SampleOutput(actions=x.clamp(-1, 1))
 
     @torch.no_grad()
     def act(self, state_history: np.ndarray) -> np.ndarray:
@@ -537,42 +508,45 @@ class OnlineActor(nn.Module):
 # sub-policies, `sub_policy`. Its partners (the other seeds) stay in every chain because the
 # adaptive perturbation couples them: they move with the copy's denoiser, and only sub-policy
 # `sub_policy` is scored, improved and deployed from that copy.
-def sub_policy_chain_terms(policy: DiffusionPolicy, reference: DiffusionPolicy, states: torch.Tensor,
-                           chain: torch.Tensor, sub_policy: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """For stored chains (B, n, S+1, H, A) of all n sub-policies at normalized `states`: the chain
-    log-likelihood of sub-policy `sub_policy` under `policy`, (B,), and the sequence-level
-    KL(pi_policy || pi_reference) of its chain, (B,). Every step is N(mu, min_std^2) under both,
-    so the KL is exactly sum ||mu_policy - mu_reference||^2 / (2 min_std^2) over the chain's
-    states. Gradients flow into `policy` only. Shared by the offline bppo step and online PPO."""
-    means = policy.chain_step_means(states, chain)[:, sub_policy]
-    with torch.no_grad():
-        reference_means = reference.chain_step_means(states, chain)[:, sub_policy]
-    std = torch.tensor(policy.config.min_std, device=states.device)
-    log_prob = gaussian_log_prob(chain[:, sub_policy, 1:], means, policy.config.min_std, event_dims=3)
-    return log_prob, gaussian_kl(means, std, reference_means, std, event_dims=3)
-
-
 def bppo_loss(policy: DiffusionPolicy, reference: DiffusionPolicy, states: torch.Tensor, sub_policy: int,
               advantage_fn, clip_coef: float, kl_coef: float,
               generator: torch.Generator | None = None) -> dict:
-    """Uni-O4's behaviour-proximal step on the denoising chain (`--improvement bppo`).
+    """Uni-O4's behaviour-proximal step with the action-level Gaussian (`--improvement bppo`).
 
-    Chains of all n sub-policies are sampled from the frozen `reference` (stochastic sampler) at
-    dataset `states` (B, To, S); `advantage_fn((B, H, A) chunks in [-1, 1]) -> (B,)` gives
-    A = Q - V of sub-policy `sub_policy`'s chunks, normalized per batch. With
-    r = pi_copy(chain) / pi_ref(chain) (chain likelihoods):
+    A sub-policy's likelihood is that of the Gaussian over the (H, A) chunk around its
+    deterministic DDIM chunk, pi(.|s) = N(mu_i(s), std^2 I) with std = `policy.config.min_std`,
+    the same form of likelihood as online PPO's (`OnlineActor`). Why: one likelihood for both
+    phases, and the policy that is improved is the deterministic sub-policy that is deployed
+    (its mean), not a noisy denoising chain that is never executed.
 
-        loss = -E[min(r A, clip(r, 1 - c, 1 + c) A)] + kl_coef * E[KL(pi_copy || pi_ref)]
+    At dataset `states` (B, To, S), chunks are sampled from the frozen `reference`,
 
-    with the sequence-level KL of `sub_policy_chain_terms`. Returns {"loss", "ratio" (B,), "kl",
+        a = mu_ref(s) + std * xi,   xi ~ N(0, I)   (`generator` on the policy's device),
+
+    and `advantage_fn((B, H, A) chunks in [-1, 1]) -> (B,)` scores clip(a, -1, 1) with
+    A = Q - V, normalized per batch. With gradient through the copy's deterministic chain,
+    mu(s) = mu_i(s) of `policy`:
+
+        r    = N(a; mu(s), std^2 I) / N(a; mu_ref(s), std^2 I)        (product over H x A)
+        KL   = KL(N(mu(s), std^2 I) || N(mu_ref(s), std^2 I)) = ||mu(s) - mu_ref(s)||^2 / (2 std^2)
+        loss = -E[min(r A, clip(r, 1 - c, 1 + c) A)] + kl_coef * E[KL]
+
+    (the sequence-level KL: the event is the whole chunk). Returns {"loss", "ratio" (B,), "kl",
     "advantage_mean"}; only "loss" carries gradients.
     """
+    std = policy.config.min_std
     with torch.no_grad():
-        sample = reference.sample(states, stochastic=True, generator=generator)
-        raw_advantages = advantage_fn(sample.actions[:, sub_policy])
+        reference_mean = reference.sample(states).actions[:, sub_policy]  # mu_ref(s), (B, H, A)
+        noise = torch.randn(reference_mean.shape, generator=generator, device=reference_mean.device)
+        sampled_chunks = reference_mean + std * noise
+        raw_advantages = advantage_fn(sampled_chunks.clamp(-1, 1))
         advantages = (raw_advantages - raw_advantages.mean()) / (raw_advantages.std() + 1e-8)
-    log_prob, kl = sub_policy_chain_terms(policy, reference, states, sample.chain, sub_policy)
-    ratio = torch.exp(log_prob - sample.log_prob[:, sub_policy])
+    mean = policy.sample(states).actions[:, sub_policy]  # mu(s): back-propagates through the DDIM chain
+    log_ratio = (gaussian_log_prob(sampled_chunks, mean, std, event_dims=2)
+                 - gaussian_log_prob(sampled_chunks, reference_mean, std, event_dims=2))
+    ratio = torch.exp(log_ratio)
+    std_t = torch.tensor(std, device=states.device)
+    kl = gaussian_kl(mean, std_t, reference_mean, std_t, event_dims=2)
     surrogate = torch.min(ratio * advantages, ratio.clamp(1 - clip_coef, 1 + clip_coef) * advantages)
     return {"loss": -surrogate.mean() + kl_coef * kl.mean(), "ratio": ratio.detach(), "kl": kl.mean().detach(),
             "advantage_mean": raw_advantages.mean()}

@@ -88,7 +88,7 @@ class Args:
     noise_seed: int = 0
     """seed of the generator that draws the sub-policies' fixed noises"""
     min_std: float = 0.1
-    """std floor of every denoising step in stochastic use (chain likelihoods for PPO-style updates)"""
+    """std of the action-level Gaussian around the deterministic chunk that bppo samples from (its likelihood ratios)"""
 
     # Divergence regularization
     tau: float = 0.7
@@ -160,7 +160,8 @@ class Args:
     """the top `num_qualified` sub-policies by AM-Q each get a copy of the denoiser to improve; 0 turns it off"""
     improvement: Literal["bppo", "qgrad"] = "qgrad"
     """`qgrad`: Diffusion-QL's diffusion loss + q_weight * normalized -Q through the deterministic chain;
-    `bppo`: Uni-O4's clipped ratio of chain likelihoods on A = Q - V + the sequence-level KL to the reference"""
+    `bppo`: Uni-O4's clipped ratio of action-level Gaussian likelihoods N(mu_i(s), min_std^2) of the chunk on
+    A = Q - V + the sequence-level KL to the reference"""
     improvement_steps: int = 10_000
     """gradient steps of every copy (quick CPU setting: 500)"""
     improvement_learning_rate: float | None = None
@@ -169,9 +170,9 @@ class Args:
     ope_every: int = 1000
     """the gate: score the copy with the penalized AM-Q every `ope_every` steps and keep the best snapshot (quick: 100)"""
     clip_coef: float = 0.25
-    """bppo: clip range of the chain-likelihood ratio (Uni-O4's 0.25)"""
+    """bppo: clip range of the likelihood ratio of the action-level Gaussian (Uni-O4's 0.25)"""
     improvement_kl_coef: float = 0.1
-    """bppo: weight of the sequence-level KL of the copy's chain to its reference"""
+    """bppo: weight of the sequence-level KL of the copy's action-level Gaussian to its reference's"""
     q_weight: float = 0.05
     """qgrad: weight of -Q / mean|Q| (DESIGN.md: 1.0 collapsed to 3, 0.05 reached 94.5 at 2k steps without a gate)"""
     init_checkpoint: str | None = None

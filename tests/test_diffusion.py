@@ -1,6 +1,5 @@
 """Tests of diffusion.py: noise schedule, denoiser shapes, the multi-seed DiffusionPolicy (sampling,
-chain log-likelihood, fixed seeds, checkpoints, adaptive perturbation) and a toy two-mode fit
-(DESIGN.md, "Diffusion policy")."""
+fixed seeds, checkpoints, adaptive perturbation) and a toy two-mode fit (DESIGN.md, "Diffusion policy")."""
 
 import io
 import math
@@ -10,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-from torch.distributions import Normal
 
 from diffusion import (DiffusionPolicy, MLPDenoiser, PolicyConfig, UNetTransformerDenoiser,
                        cosine_alpha_bars, ddim_timesteps)
@@ -216,21 +214,13 @@ def test_perturbation_with_oracle_is_eta_times_seed_noise():
 @pytest.mark.parametrize("denoiser", ["mlp", "unet"])
 @pytest.mark.parametrize("horizon", [1, 3, 4])
 def test_sample_shapes(denoiser, horizon):
-    """sample gives (B, n, H, A) in [-1, 1]; stochastic adds a (B, n, S+1, H, A) chain and (B, n) log-prob."""
+    """sample gives (B, n, H, A) in [-1, 1]."""
     policy = make_policy(denoiser=denoiser, horizon=horizon, ddim_steps=4, n_subpolicies=3)
     states = random_states(policy, 6)
     with torch.no_grad():
-        deterministic = policy.sample(states)
-        stochastic = policy.sample(states, stochastic=True,
-                                   generator=torch.Generator().manual_seed(0))
-    assert deterministic.actions.shape == (6, 3, horizon, 2)
-    assert deterministic.chain is None and deterministic.log_prob is None
-    assert stochastic.actions.shape == (6, 3, horizon, 2)
-    assert stochastic.chain.shape == (6, 3, 5, horizon, 2)
-    assert stochastic.log_prob.shape == (6, 3)
-    for actions in (deterministic.actions, stochastic.actions):
-        assert actions.abs().max().item() <= 1.0
-    assert torch.isfinite(stochastic.log_prob).all()
+        actions = policy.sample(states).actions
+    assert actions.shape == (6, 3, horizon, 2)
+    assert actions.abs().max().item() <= 1.0
 
 
 def test_sample_actions_clipped_for_large_outputs():
@@ -238,68 +228,13 @@ def test_sample_actions_clipped_for_large_outputs():
     policy = make_policy()
     with torch.no_grad():
         policy.denoiser.net[-1].bias.fill_(50.0)
-        states = random_states(policy, 5)
-        for stochastic in (False, True):
-            actions = policy.sample(states, stochastic=stochastic).actions
-            assert actions.abs().max().item() <= 1.0
-            assert actions.abs().max().item() > 0.99
+        actions = policy.sample(random_states(policy, 5)).actions
+    assert actions.abs().max().item() <= 1.0
+    assert actions.abs().max().item() > 0.99
 
 
-def test_stochastic_chain_structure():
-    """The chain starts at the fixed seeds, ends at the (unclipped) action, and is reproducible."""
-    policy = make_policy(eta=0.2, tau=10.0)
-    states = random_states(policy, 5)
-    with torch.no_grad():
-        out = policy.sample(states, stochastic=True, generator=torch.Generator().manual_seed(4))
-        again = policy.sample(states, stochastic=True, generator=torch.Generator().manual_seed(4))
-        other = policy.sample(states, stochastic=True, generator=torch.Generator().manual_seed(5))
-    torch.testing.assert_close(out.chain[:, :, 0], policy.sub_policy_noise.expand(5, -1, -1, -1))
-    torch.testing.assert_close(out.actions, out.chain[:, :, -1].clamp(-1, 1))
-    assert torch.equal(out.chain, again.chain) and torch.equal(out.log_prob, again.log_prob)
-    assert not torch.allclose(out.chain[:, :, 1:], other.chain[:, :, 1:])
-
-
-@pytest.mark.parametrize("denoiser", ["mlp", "unet"])
-def test_chain_log_prob_matches_sample(denoiser):
-    """chain_log_prob of a sampled chain equals sample's log_prob and an independent Normal sum."""
-    # tau large: the adaptive perturbation is active at every step and couples the sub-policies.
-    policy = make_policy(denoiser=denoiser, eta=0.2, tau=10.0, min_std=0.1)
-    states = random_states(policy, 5)
-    with torch.no_grad():
-        out = policy.sample(states, stochastic=True, generator=torch.Generator().manual_seed(2))
-        recomputed = policy.chain_log_prob(states, out.chain)
-        independent = torch.zeros(5, policy.config.n_subpolicies)
-        for i in range(policy.config.ddim_steps):
-            mean = policy._step_mean(out.chain[:, :, i], i, states)
-            independent += Normal(mean, 0.1).log_prob(out.chain[:, :, i + 1]).sum((-1, -2))
-    torch.testing.assert_close(recomputed, out.log_prob, atol=1e-4, rtol=1e-5)
-    torch.testing.assert_close(independent, out.log_prob, atol=1e-4, rtol=1e-5)
-    # The chain really is Gaussian around the means: the standardized increments have std ~1.
-    with torch.no_grad():
-        z = torch.stack([(out.chain[:, :, i + 1] - policy._step_mean(out.chain[:, :, i], i, states))
-                         / 0.1 for i in range(policy.config.ddim_steps)])
-    assert 0.8 < z.std().item() < 1.2
-
-
-def test_chain_log_prob_tracks_the_denoiser():
-    """chain_log_prob is differentiable in the denoiser and changes when its weights change."""
-    policy = make_policy(eta=0.2, tau=10.0)
-    states = random_states(policy, 4)
-    with torch.no_grad():
-        out = policy.sample(states, stochastic=True, generator=torch.Generator().manual_seed(3))
-    log_prob = policy.chain_log_prob(states, out.chain)
-    log_prob.sum().backward()
-    grads = [p.grad for p in policy.denoiser.parameters()]
-    assert all(g is not None for g in grads)
-    assert sum(g.abs().sum().item() for g in grads) > 0
-    with torch.no_grad():
-        for p in policy.denoiser.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-        assert not torch.allclose(policy.chain_log_prob(states, out.chain), out.log_prob, atol=1e-2)
-
-
-def test_deterministic_is_stochastic_with_zero_noise():
-    """Unrolling the step means from the seeds (noise 0) reproduces sample()'s deterministic actions."""
+def test_sample_unrolls_the_step_means_from_the_seeds():
+    """Unrolling `_step_mean` from the fixed seeds and clipping reproduces sample()'s actions."""
     policy = make_policy(eta=0.2, tau=10.0)
     states = random_states(policy, 5)
     with torch.no_grad():
@@ -307,10 +242,22 @@ def test_deterministic_is_stochastic_with_zero_noise():
         for i in range(policy.config.ddim_steps):
             x = policy._step_mean(x, i, states)
         torch.testing.assert_close(x.clamp(-1, 1), policy.sample(states).actions)
-        tiny = make_policy(eta=0.2, tau=10.0, min_std=1e-7)
-        tiny.load_state_dict(policy.state_dict())
-        torch.testing.assert_close(tiny.sample(states, stochastic=True).actions,
-                                   policy.sample(states).actions, atol=1e-4, rtol=0)
+
+
+def test_start_noise_replaces_the_seeds():
+    """start_noise = the fixed seeds reproduces sample(states); negating sub-policy 1's start noise
+    changes its chunk and no other (eta 0: with the perturbation on, the partners would move with it)."""
+    policy = make_policy(eta=0.0)
+    states = random_states(policy, 5)
+    with torch.no_grad():
+        expected = policy.sample(states).actions
+        start = policy.initial_noise(5).clone()
+        torch.testing.assert_close(policy.sample(states, start_noise=start).actions, expected, atol=0, rtol=0)
+        start[:, 1] = -start[:, 1]
+        moved = policy.sample(states, start_noise=start).actions
+    assert (moved[:, 1] - expected[:, 1]).abs().amax((-1, -2)).min().item() > 1e-3
+    others = [0, 2, 3]
+    torch.testing.assert_close(moved[:, others], expected[:, others], atol=0, rtol=0)
 
 
 # ---- fixed seeds, checkpoints, units -------------------------------------------------------------

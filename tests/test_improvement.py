@@ -23,6 +23,27 @@ def first_action_advantage(chunks):
     return chunks[:, 0, 0]
 
 
+def train_on_zero_chunks(policy, states, steps=300):
+    """Fit the diffusion loss to all-zero chunks so that the chains sit inside [-1, 1]
+    (an untrained denoiser saturates the clip, where no gradient passes)."""
+    optimizer = torch.optim.Adam(policy.parameters(), lr=3e-3)
+    chunks, mask = torch.zeros(len(states), 4, 2), torch.ones(len(states), 4)
+    for _ in range(steps):
+        loss = policy.loss(states, chunks, mask)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return chunks, mask
+
+
+def trained_reference(batch):
+    """A frozen reference whose chunks sit inside [-1, 1] (eta 0, fit to zero chunks), and its states."""
+    reference = make_policy(eta=0.0)
+    states = random_states(reference, batch)
+    train_on_zero_chunks(reference, states)
+    return reference.requires_grad_(False), states
+
+
 def bppo_step(policy, reference, states, advantage_fn, seed=0, lr=1e-3):
     optimizer = torch.optim.Adam(policy.parameters(), lr=lr)
     out = bppo_loss(policy, reference, states, 1, advantage_fn, clip_coef=0.25, kl_coef=0.1,
@@ -34,7 +55,8 @@ def bppo_step(policy, reference, states, advantage_fn, seed=0, lr=1e-3):
 
 
 def test_first_ratio_of_a_fresh_copy_is_one_and_its_kl_zero():
-    """A copy equal to its reference gives chain-likelihood ratios of exactly 1 and a zero KL."""
+    """A copy equal to its reference has the same deterministic chunk mu_i(s), so the Gaussian
+    likelihood ratios of the sampled chunks are exactly 1 and the KL is 0."""
     reference = make_policy()
     improved = copy.deepcopy(reference)
     states = random_states(reference, 32)
@@ -47,47 +69,35 @@ def test_first_ratio_of_a_fresh_copy_is_one_and_its_kl_zero():
 def test_bppo_step_leaves_the_policy_unchanged_when_every_advantage_is_zero():
     """No advantage, no KL gradient (the copy is its reference): the update is exactly zero. The
     same step with a real advantage does move the copy (so the comparison can fail)."""
-    reference = make_policy()
-    states = random_states(reference, 32)
-    unchanged = copy.deepcopy(reference)
+    reference, states = trained_reference(32)
+    unchanged = copy.deepcopy(reference).requires_grad_(True)
     bppo_step(unchanged, reference, states, lambda chunks: torch.zeros(len(chunks)))
     for before, after in zip(reference.parameters(), unchanged.parameters()):
         assert torch.equal(before, after)
-    moved = copy.deepcopy(reference)
+    moved = copy.deepcopy(reference).requires_grad_(True)
     bppo_step(moved, reference, states, first_action_advantage)
     assert any(not torch.equal(before, after) for before, after in zip(reference.parameters(), moved.parameters()))
 
 
-def test_bppo_steps_raise_the_likelihood_of_chains_with_positive_advantage():
-    """On the same sampled chains, a few steps make the ratio larger where A > 0 than where A < 0
-    (the surrogate E[r A], 0 for a fresh copy, becomes positive), and the KL to the reference grows."""
-    torch.manual_seed(0)
-    reference = make_policy()
-    improved = copy.deepcopy(reference)
-    states = random_states(reference, 64)
+def test_bppo_steps_raise_the_likelihood_of_chunks_with_positive_advantage():
+    """On the same sampled chunks a = mu_ref(s) + std * xi, a few steps make the ratio larger where
+    A > 0 than where A < 0 (the copy's chunk mu(s) moves towards the better samples: the surrogate
+    E[r A], 0 for a fresh copy, becomes positive), and the KL to the reference grows."""
+    reference, states = trained_reference(64)
+    improved = copy.deepcopy(reference).requires_grad_(True)
     for _ in range(10):
-        out = bppo_step(improved, reference, states, first_action_advantage, seed=0, lr=3e-4)
+        bppo_step(improved, reference, states, first_action_advantage, seed=0, lr=3e-4)
     with torch.no_grad():
         out = bppo_loss(improved, reference, states, 1, first_action_advantage, clip_coef=0.25, kl_coef=0.1,
                         generator=torch.Generator().manual_seed(0))
-        sample = reference.sample(states, stochastic=True, generator=torch.Generator().manual_seed(0))
-    advantage = first_action_advantage(sample.actions[:, 1])
+        # The chunks bppo_loss sampled, reproduced: the reference's chunk + std * the seed-0 noise.
+        reference_mean = reference.sample(states).actions[:, 1]
+        noise = torch.randn(reference_mean.shape, generator=torch.Generator().manual_seed(0))
+        sampled_chunks = reference_mean + reference.config.min_std * noise
+    advantage = first_action_advantage(sampled_chunks.clamp(-1, 1))
     positive = advantage > advantage.median()
     assert out["ratio"][positive].mean() > out["ratio"][~positive].mean()
     assert out["kl"].item() > 0
-
-
-def train_on_zero_chunks(policy, states, steps=300):
-    """Fit the diffusion loss to all-zero chunks so that the chains sit inside [-1, 1]
-    (an untrained denoiser saturates the clip, where no gradient passes)."""
-    optimizer = torch.optim.Adam(policy.parameters(), lr=3e-3)
-    chunks, mask = torch.zeros(len(states), 4, 2), torch.ones(len(states), 4)
-    for _ in range(steps):
-        loss = policy.loss(states, chunks, mask)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    return chunks, mask
 
 
 def test_qgrad_steps_raise_the_sub_policys_q():
