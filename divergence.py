@@ -107,8 +107,8 @@ def gaussian_kl(mean_p: torch.Tensor, std_p: torch.Tensor, mean_q: torch.Tensor,
     """KL(p || q) of two diagonal Gaussians, summed over the last `event_dims` dimensions.
 
     "Sequence-level" KL (DESIGN.md): the event is a whole action sequence (event_dims = 2:
-    chunk position x action dim) or a whole denoising chain (event_dims = 3: step x position
-    x action dim), instead of one action as in Uni-O4. `std_*` broadcast (a float tensor works).
+    chunk position x action dim), instead of one action as in Uni-O4. `std_*` broadcast (a float
+    tensor, or one std per chunk entry, works).
     """
     var_p, var_q = std_p ** 2, std_q ** 2
     kl = torch.log(std_q / std_p) + (var_p + (mean_p - mean_q) ** 2) / (2.0 * var_q) - 0.5

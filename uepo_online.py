@@ -1,9 +1,9 @@
 """UEPO online phase (arXiv 2511.10087), CleanRL style: read top to bottom.
 
     python uepo_online.py --checkpoint runs/<offline run>/offline.pt                 # 1M env steps
-    python uepo_online.py --checkpoint ... --total-timesteps 100000 --eval-every 10000 \\
-        --eval-episodes 5                                                           # quick CPU run
-    python uepo_online.py --checkpoint ... --from-scratch                          # PPO baseline
+    python uepo_online.py --checkpoint ... --actor residual                         # an alternative actor
+    python uepo_online.py --checkpoint ... --actor diffusion --from-scratch         # diffusion baseline
+    python uepo_online.py --checkpoint ... --actor mlp                              # Gaussian MLP baseline
 
 1. Load the offline checkpoint of uepo_offline.py; a corrupt one, or (with `--env-id`) one made
    for another environment, is refused with the reason.
@@ -14,15 +14,14 @@
 3. PPO on the chunk-level MDP (`eval.ChunkEnv`): one decision = one chunk of H actions, its
    reward the discounted sum of its rewards; vectorized Gymnasium environments; GAE over
    chunks with the discount gamma^L of each chunk's length L; time-limit truncations bootstrap
-   from the final observation; the value network starts from the offline V; states keep the
-   frozen offline statistics. The actor is the selected sub-policy of its DiffusionPolicy: its
-   stochastic sampler (std floor `min_std` at every denoising step) explores, ratios are of
-   whole chain likelihoods, and a sequence-level KL to the offline policy (`--kl-coef`) keeps
-   the hand-over from collapsing. Rollouts are large (32 envs x 64 chunks) and an update stops
-   its epochs once the approximate KL of the ratios passes `--target-kl`.
-4. The deterministic sub-policy is evaluated every `--eval-every` environment steps (and at
-   step 0, the hand-over); TensorBoard under runs/ with CleanRL's names plus
-   `charts/normalized_score`; an atomic checkpoint runs/{run_name}/online.pt.
+   from the final observation; rewards scaled by the running std of a discounted return.
+   The actor (`diffusion.OnlineActor`) is a Gaussian over decisions z whose mean is the policy
+   that is deployed: by default z is the selected sub-policy's initial noise and the frozen
+   denoiser decodes it (`--actor noise`); the ratio is the exact Gaussian likelihood ratio. A
+   fresh value network is warmed up for `--critic-warmup` rollouts before the actor moves.
+4. The deterministic policy (the actor's mean) is evaluated every `--eval-every` environment
+   steps (and at step 0, the hand-over); TensorBoard under runs/ with CleanRL's names plus
+   `charts/normalized_score` and `charts/sigma`; an atomic checkpoint runs/{run_name}/online.pt.
 """
 
 import copy

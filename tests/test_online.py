@@ -1,5 +1,6 @@
 """uepo_online.py: loading and refusing checkpoints, GAE over chunks, the chunk-level environment,
-chain likelihoods at the hand-over, and a tiny end-to-end PPO run whose checkpoint reloads."""
+the online actors (ratio 1 and KL 0 at the hand-over, likelihoods, gradients), reward scaling, and
+tiny end-to-end PPO runs of every actor whose checkpoints reload to their recorded scores."""
 
 import math
 import os
