@@ -116,9 +116,10 @@ def gaussian_kl(mean_p: torch.Tensor, std_p: torch.Tensor, mean_q: torch.Tensor,
     return kl.sum(dim=tuple(range(-event_dims, 0)))
 
 
-def gaussian_log_prob(value: torch.Tensor, mean: torch.Tensor, std: float,
+def gaussian_log_prob(value: torch.Tensor, mean: torch.Tensor, std: float | torch.Tensor,
                       event_dims: int, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """log N(value; mean, std^2 I) summed over the last `event_dims` dims.
+    """log N(value; mean, diag std^2) summed over the last `event_dims` dims (`std` a float, or a
+    tensor that broadcasts, e.g. the online actor's learned std per chunk entry).
 
     `mask` (broadcastable to `value`, 1 = counted) drops padded chunk positions.
     """

@@ -38,7 +38,7 @@ import tyro
 from torch.utils.tensorboard import SummaryWriter
 
 from diffusion import DiffusionPolicy, OnlineActor, ppo_mlp
-from divergence import gaussian_kl
+from divergence import gaussian_kl, gaussian_log_prob
 from eval import (GYM_ENV_IDS, CheckpointError, ChunkEnv, evaluate_sub_policies, fail, load_checkpoint,
                   offline_candidates, save_checkpoint)
 
@@ -175,11 +175,6 @@ class RewardScaler:
         return np.clip(rewards / np.sqrt(self.var + self.epsilon), -self.clip, self.clip)
 
 
-def gaussian_log_likelihood(z: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """log N(z; mean, diag std^2) of decisions z (B, H, A), summed over the chunk: (B,)."""
-    return torch.distributions.Normal(mean, std).log_prob(z).sum(dim=(-2, -1))
-
-
 def actor_losses(actor: OnlineActor, states, decisions, anchors, old_log_probs, advantages, clip_coef: float,
                  init_std: float) -> dict:
     """PPO's clipped surrogate on one minibatch of decisions z (B, H, A), and the anchor.
@@ -191,7 +186,7 @@ def actor_losses(actor: OnlineActor, states, decisions, anchors, old_log_probs, 
     Returns {"policy", "anchor_kl"} (with gradients) and {"approx_kl", "clipfrac"} (CleanRL's
     diagnostics: approximate KL per decision, share of clipped ratios)."""
     mean, std = actor.mean(states, anchors), actor.std()
-    logratio = gaussian_log_likelihood(decisions, mean, std) - old_log_probs
+    logratio = gaussian_log_prob(decisions, mean, std, event_dims=2) - old_log_probs
     ratio = logratio.exp()
     advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
     policy_loss = torch.max(-advantages * ratio, -advantages * ratio.clamp(1 - clip_coef, 1 + clip_coef)).mean()
@@ -330,7 +325,7 @@ if __name__ == "__main__":
                 anchors[t] = actor.anchor_mean(obs[t])
                 mean, std = actor.mean(obs[t], anchors[t]), actor.std()
                 decisions[t] = mean + std * torch.randn(mean.shape, device=device)
-                log_probs[t], values[t] = gaussian_log_likelihood(decisions[t], mean, std), value(obs[t])
+                log_probs[t], values[t] = gaussian_log_prob(decisions[t], mean, std, event_dims=2), value(obs[t])
                 chunk = actor.unscale_actions(actor.chunk(obs[t], decisions[t])).cpu().numpy()
             next_obs, reward, terminated, truncated, infos = envs.step(chunk)
             done = terminated | truncated

@@ -16,7 +16,8 @@ from conftest import ROOT, TINY_MAX_EPISODE_STEPS
 from diffusion import ONLINE_ACTORS, OnlineActor
 from eval import ChunkEnv, evaluate_sub_policies, load_checkpoint
 from test_diffusion import make_policy, random_states
-from uepo_online import RewardScaler, actor_losses, chunk_gae, gaussian_log_likelihood, step_info
+from divergence import gaussian_log_prob
+from uepo_online import RewardScaler, actor_losses, chunk_gae, step_info
 
 TINY_ONLINE = ["--total-timesteps", "300", "--num-envs", "2", "--num-steps", "8", "--num-minibatches", "2",
                "--update-epochs", "2", "--eval-every", "150", "--eval-episodes", "2", "--selection-episodes", "2",
@@ -102,7 +103,7 @@ def test_at_the_hand_over_the_ratio_is_one_and_the_anchor_kl_zero(kind):
         anchors = actor.anchor_mean(states)
         mean = actor.mean(states, anchors)
         decisions = mean + actor.std() * torch.randn(mean.shape)
-        log_probs = gaussian_log_likelihood(decisions, mean, actor.std())
+        log_probs = gaussian_log_prob(decisions, mean, actor.std(), event_dims=2)
     minibatch = torch.randperm(24)[:10]
     out = actor_losses(actor, states[minibatch], decisions[minibatch], anchors[minibatch], log_probs[minibatch],
                        torch.randn(10), clip_coef=0.2, init_std=0.1)
@@ -119,12 +120,12 @@ def test_the_deployed_mean_starts_as_the_selected_sub_policy(kind):
     np.testing.assert_allclose(actor.act(history)[:, 0], policy.act(history)[:, 2], rtol=0, atol=1e-6)
 
 
-def test_gaussian_log_likelihood_equals_a_hand_computation():
-    """log N(z; mean, diag std^2) summed over a 1 x 2 chunk, written out."""
+def test_the_decision_log_likelihood_equals_a_hand_computation():
+    """log N(z; mean, diag std^2) summed over a 1 x 2 chunk with one learned std per entry, written out."""
     z, mean, std = torch.tensor([[[0.5, -1.0]]]), torch.tensor([[[0.0, 0.0]]]), torch.tensor([[0.5, 2.0]])
     expected = sum(-0.5 * (v / s) ** 2 - math.log(s) - 0.5 * math.log(2 * math.pi)
                    for v, s in ((0.5, 0.5), (-1.0, 2.0)))
-    assert gaussian_log_likelihood(z, mean, std).item() == pytest.approx(expected, abs=1e-6)
+    assert gaussian_log_prob(z, mean, std, event_dims=2).item() == pytest.approx(expected, abs=1e-6)
 
 
 def test_the_actor_loss_reaches_the_denoiser_through_the_chain_only_for_the_diffusion_actor():
