@@ -101,6 +101,8 @@ class Args:
     """stop the epochs of an update once the approximate KL of the ratios exceeds this (nats per decision); None: never"""
     anchor_coef: float = 0.0
     """weight of the KL of the actor's Gaussian to the offline one (0 with --from-scratch and the mlp baseline)"""
+    anchor_decay: bool = False
+    """decay the anchor's weight linearly to 0 over `--total-timesteps`"""
     max_grad_norm: float = 0.5
     """gradient clipping, actor and value network each"""
     reward_scaling: bool = True
@@ -313,6 +315,7 @@ if __name__ == "__main__":
     while global_step < args.total_timesteps:
         iteration += 1
         warming_up = iteration <= args.critic_warmup  # only the value network learns
+        anchor_weight = anchor_coef * (1.0 - global_step / args.total_timesteps if args.anchor_decay else 1.0)
         if args.anneal_lr:
             fraction = max(1.0 - global_step / args.total_timesteps, args.lr_floor)
             actor_optimizer.param_groups[0]["lr"] = fraction * learning_rate
@@ -385,7 +388,7 @@ if __name__ == "__main__":
                                                  f"loss is {out[name].item()}; stopping (last checkpoint: "
                                                  f"{checkpoint_path})")
                 actor_optimizer.zero_grad()
-                (out["policy"] + anchor_coef * out["anchor_kl"]).backward()
+                (out["policy"] + anchor_weight * out["anchor_kl"]).backward()
                 torch.nn.utils.clip_grad_norm_(actor.parameters(), args.max_grad_norm)
                 actor_optimizer.step()
             if not warming_up and args.target_kl is not None and approx_kl > args.target_kl:
@@ -398,6 +401,7 @@ if __name__ == "__main__":
         sigma = actor.std().mean().item()
         log = {"losses/value_loss": v_loss.item(), "losses/explained_variance": explained_variance,
                "charts/sigma": sigma, "charts/learning_rate": actor_optimizer.param_groups[0]["lr"],
+               "charts/anchor_weight": anchor_weight,
                "charts/SPS": steps_per_second}
         if not warming_up:
             log.update({"losses/policy_loss": out["policy"].item(), "losses/anchor_kl": out["anchor_kl"].item(),

@@ -231,7 +231,7 @@ def test_the_other_actors_and_the_baselines_run_and_reload(offline_checkpoint, t
     """--actor diffusion (from the selected copy, and --from-scratch), residual and the mlp baseline
     (per step: chunks of 1 action) run, keep their own --init-std, and reload to the recorded score.
     A --target-kl that the first epoch exceeds stops every update after that epoch."""
-    flags = ["--actor", actor, "--init-std", "0.05", "--target-kl", "1e-9"]
+    flags = ["--actor", actor, "--init-std", "0.05", "--target-kl", "1e-9", "--anchor-coef", "0.5", "--anchor-decay"]
     for extra in ([["--from-scratch"], []] if actor == "diffusion" else [[]]):
         path = tmp_path / f"{actor}{len(extra)}.pt"
         result = run_online(["--checkpoint", str(offline_checkpoint), "--checkpoint-path", str(path), *flags, *extra]
