@@ -99,7 +99,7 @@ class Args:
     """PPO clip range of the likelihood ratio"""
     target_kl: float | None = 0.2
     """stop the epochs of an update once the approximate KL of the ratios exceeds this (nats per decision); None: never"""
-    anchor_coef: float = 0.0
+    anchor_coef: float = 1.0
     """weight of the KL of the actor's Gaussian to the offline one (0 with --from-scratch and the mlp baseline)"""
     anchor_decay: bool = False
     """decay the anchor's weight linearly to 0 over `--total-timesteps`"""
