@@ -406,22 +406,23 @@ class OnlineActor(nn.Module):
     - "noise" (DSRL, arXiv 2506.15799): z is sub-policy i's initial noise x_K; mean = its fixed seed
       eps_i + a small MLP starting at 0; the chunk is the frozen denoiser's DDIM chain from z. Online
       RL steers which seed acts in each state: the online continuation of "a sub-policy is a seed".
-    - "mlp": CleanRL's Gaussian MLP from scratch, no diffusion policy: z is one action (H = 1, one
-      state), the per-step MDP of plain PPO; only the state statistics and action bounds of
-      `policy` are used.
+    - "mlp": CleanRL's Gaussian MLP from scratch, no diffusion policy: z is one action (one state),
+      the per-step MDP of plain PPO, or with `mlp_horizon` > 1 a chunk of that many actions; only
+      the state statistics and action bounds of `policy` are used.
 
     The environment gets z clipped to the action bounds (or the chunk decoded from z); the
     likelihood is that of the unclipped z. `anchor_mean` is the offline policy's mean of z (where
     the actor starts, and the mean of the KL anchor).
     """
 
-    def __init__(self, kind: str, policy: DiffusionPolicy, sub_policy: int, init_std: float, hidden: int = 64):
+    def __init__(self, kind: str, policy: DiffusionPolicy, sub_policy: int, init_std: float, hidden: int = 64,
+                 mlp_horizon: int = 1):
         super().__init__()
         if kind not in ONLINE_ACTORS:
             raise ValueError(f"unknown online actor {kind!r}; valid: {', '.join(ONLINE_ACTORS)}")
         self.kind, self.sub_policy, self.init_std, self.hidden = kind, sub_policy, init_std, hidden
         config = self.policy_config = policy.config
-        self.horizon, self.obs_horizon = (1, 1) if kind == "mlp" else (config.horizon, config.obs_horizon)
+        self.horizon, self.obs_horizon = (mlp_horizon, 1) if kind == "mlp" else (config.horizon, config.obs_horizon)
         self.act_dim = config.act_dim
         for name in ("state_mean", "state_std", "action_low", "action_high"):
             self.register_buffer(name, getattr(policy, name).clone())
@@ -489,6 +490,7 @@ class OnlineActor(nn.Module):
         """The kind, the sub-policy, the sizes and every tensor (denoiser, frozen offline copy, head,
         log-std, statistics); the frozen diffusion policy of "residual" and "noise" is in the state dict."""
         return {"kind": self.kind, "sub_policy": self.sub_policy, "init_std": self.init_std, "hidden": self.hidden,
+                "mlp_horizon": self.horizon if self.kind == "mlp" else 1,
                 "policy_config": asdict(self.policy_config), "state_dict": self.state_dict()}
 
     @classmethod
@@ -496,7 +498,7 @@ class OnlineActor(nn.Module):
         config = PolicyConfig(**saved["policy_config"])
         zeros, ones = np.zeros(config.obs_dim), np.ones(config.obs_dim)
         policy = DiffusionPolicy(config, zeros, ones, -np.ones(config.act_dim), np.ones(config.act_dim))
-        actor = cls(saved["kind"], policy, saved["sub_policy"], saved["init_std"], saved["hidden"])
+        actor = cls(saved["kind"], policy, saved["sub_policy"], saved["init_std"], saved["hidden"], saved["mlp_horizon"])
         actor.load_state_dict(saved["state_dict"])  # the real statistics, bounds and weights
         return actor
 

@@ -65,6 +65,8 @@ class Args:
     chunk; `mlp` CleanRL's Gaussian MLP PPO from scratch, per step (the baseline)"""
     from_scratch: bool = False
     """with `--actor diffusion`: a freshly initialized denoiser (sub-policy 0, no selection, no anchor)"""
+    mlp_horizon: int = 1
+    """actions per decision of `--actor mlp` (1: CleanRL's per-step PPO; 4: the chunk-level MDP of the other actors)"""
     init_std: float | None = None
     """initial std of the Gaussian (default: 0.1 for chunks, 0.3 for noise, 1.0 for the mlp baseline)"""
 
@@ -209,6 +211,8 @@ if __name__ == "__main__":
         else args.init_std
     learning_rate = (3e-6 if args.actor == "diffusion" else 3e-4) if args.learning_rate is None else args.learning_rate
     anchor_coef = 0.0 if from_scratch else args.anchor_coef  # no offline policy to stay near
+    if args.mlp_horizon < 1:
+        fail(f"--mlp-horizon must be >= 1, got {args.mlp_horizon}")
     if not init_std > 0:
         fail(f"--init-std must be > 0, got {init_std}")
     try:
@@ -262,7 +266,7 @@ if __name__ == "__main__":
     writer.add_text("selection", selection_table)
 
     # ---- actor: a Gaussian over decisions z whose mean is the deployed policy (diffusion.OnlineActor) --
-    actor = OnlineActor(args.actor, policy, sub_policy, init_std).to(device)
+    actor = OnlineActor(args.actor, policy, sub_policy, init_std, mlp_horizon=args.mlp_horizon).to(device)
     # ---- value network: CleanRL's critic on the normalized state history, fitted from scratch ----
     value_net = ppo_mlp(actor.obs_horizon * base.config.obs_dim, 1, last_std=1.0).to(device)
     value = lambda states: value_net(states.flatten(1)).squeeze(-1)

@@ -229,21 +229,23 @@ def test_online_refuses_another_environment_or_a_corrupt_checkpoint(offline_chec
 @pytest.mark.parametrize("actor", ["diffusion", "residual", "mlp"])
 def test_the_other_actors_and_the_baselines_run_and_reload(offline_checkpoint, tmp_path, actor):
     """--actor diffusion (from the selected copy, and --from-scratch), residual and the mlp baseline
-    (per step: chunks of 1 action) run, keep their own --init-std, and reload to the recorded score.
+    (per step, or with --mlp-horizon in chunks) run, keep their own --init-std, and reload to the
+    recorded score.
     A --target-kl that the first epoch exceeds stops every update after that epoch."""
     flags = ["--actor", actor, "--init-std", "0.05", "--target-kl", "1e-9", "--anchor-coef", "0.5", "--anchor-decay"]
-    for extra in ([["--from-scratch"], []] if actor == "diffusion" else [[]]):
+    extras = {"diffusion": [["--from-scratch"], []], "mlp": [[], ["--mlp-horizon", "2"]]}.get(actor, [[]])
+    for extra in extras:
         path = tmp_path / f"{actor}{len(extra)}.pt"
         result = run_online(["--checkpoint", str(offline_checkpoint), "--checkpoint-path", str(path), *flags, *extra]
                             + TINY_ONLINE + ["--learning-rate", "1e-3"], tmp_path)
         assert result.returncode == 0, result.stderr[-3000:]
-        assert ("from scratch: no selection" in result.stdout) == (actor == "mlp" or bool(extra))
+        assert ("from scratch: no selection" in result.stdout) == (actor == "mlp" or extra == ["--from-scratch"])
         iterations = [line for line in result.stdout.splitlines() if line.startswith("iteration")]
         assert iterations[1:] and all("| epochs 1 |" in line for line in iterations[1:])
         checkpoint = load_checkpoint(str(path))
         loaded = OnlineActor.from_checkpoint(checkpoint["actor"])
         assert loaded.kind == actor and loaded.init_std == 0.05
-        assert loaded.horizon == (1 if actor == "mlp" else 4)
+        assert loaded.horizon == (4 if actor != "mlp" else 2 if extra else 1)  # mlp: per step by default
         replay = evaluate_sub_policies(loaded, checkpoint["env_id"], episodes=2, seed=checkpoint["args"]["seed"] * 1000,
                                        ref_min_score=checkpoint["ref_min_score"],
                                        ref_max_score=checkpoint["ref_max_score"],
