@@ -121,6 +121,36 @@ class Args:
     """where to write the online checkpoint (default: runs/{run_name}/online.pt)"""
 
 
+def check_args(args: Args) -> str | None:
+    """The first argument out of its range, as a message naming the flag (None if all are valid):
+    every check is made before any work starts."""
+    at_least_one = ("total_timesteps", "num_envs", "num_steps", "num_minibatches", "update_epochs", "eval_every",
+                    "eval_episodes", "selection_top", "selection_episodes", "mlp_horizon")
+    for name in at_least_one:
+        if getattr(args, name) < 1:
+            return f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}"
+    if args.num_minibatches > args.num_envs * args.num_steps:
+        return (f"--num-minibatches ({args.num_minibatches}) must be at most the decisions per rollout, "
+                f"--num-envs x --num-steps = {args.num_envs * args.num_steps}")
+    positive = {"init_std": args.init_std, "learning_rate": args.learning_rate,
+                "value_learning_rate": args.value_learning_rate, "clip_coef": args.clip_coef,
+                "max_grad_norm": args.max_grad_norm, "target_kl": args.target_kl}
+    for name, value in positive.items():
+        if value is not None and not value > 0:
+            return f"--{name.replace('_', '-')} must be > 0, got {value}"
+    for name in ("anchor_coef", "critic_warmup"):
+        if not getattr(args, name) >= 0:
+            return f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}"
+    if not 0 <= args.lr_floor <= 1 or not 0 <= args.gae_lambda <= 1:
+        return f"--lr-floor and --gae-lambda must be in [0, 1], got {args.lr_floor} and {args.gae_lambda}"
+    if args.from_scratch and args.actor != "diffusion":
+        return (f"--from-scratch re-initializes the denoiser, so it needs --actor diffusion (got --actor {args.actor}; "
+                f"--actor mlp is the Gaussian MLP from scratch)")
+    if args.checkpoint_path and os.path.abspath(args.checkpoint_path) == os.path.abspath(args.checkpoint):
+        return f"--checkpoint-path {args.checkpoint_path} is the input checkpoint; the run would overwrite it"
+    return None
+
+
 def gym_env_id(name: str) -> str:
     """`hopper-medium` -> `Hopper-v5`; a Gymnasium id passes through."""
     task = name.split("-")[0]
@@ -203,18 +233,13 @@ def actor_losses(actor: OnlineActor, states, decisions, anchors, old_log_probs, 
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
+    if (problem := check_args(args)) is not None:
+        fail(problem)
     from_scratch = args.from_scratch or args.actor == "mlp"
-    if args.from_scratch and args.actor != "diffusion":
-        fail(f"--from-scratch re-initializes the denoiser, so it needs --actor diffusion (got --actor {args.actor}; "
-             f"--actor mlp is the Gaussian MLP from scratch)")
     init_std = {"diffusion": 0.1, "residual": 0.1, "noise": 0.3, "mlp": 1.0}[args.actor] if args.init_std is None \
         else args.init_std
     learning_rate = (3e-6 if args.actor == "diffusion" else 3e-4) if args.learning_rate is None else args.learning_rate
     anchor_coef = 0.0 if from_scratch else args.anchor_coef  # no offline policy to stay near
-    if args.mlp_horizon < 1:
-        fail(f"--mlp-horizon must be >= 1, got {args.mlp_horizon}")
-    if not init_std > 0:
-        fail(f"--init-std must be > 0, got {init_std}")
     try:
         checkpoint = load_checkpoint(args.checkpoint, expected_env_id=gym_env_id(args.env_id) if args.env_id else None)
     except CheckpointError as error:
@@ -299,6 +324,9 @@ if __name__ == "__main__":
         actor.eval()
         scores = evaluate(actor, 0, args.eval_episodes)
         actor.train()
+        if not (all(torch.isfinite(p).all() for p in actor.parameters()) and np.isfinite(scores).all()):
+            fail(f"step {step}: the policy's parameters or its evaluation are not finite; stopped without saving "
+                 f"(the last checkpoint, if any, is untouched: {checkpoint_path})")
         history["step"].append(step)
         history["scores"].append(scores.tolist())
         writer.add_scalar("charts/normalized_score", scores.mean(), step)
@@ -374,8 +402,8 @@ if __name__ == "__main__":
                 mb = permutation[start:start + minibatch_size]
                 v_loss = 0.5 * ((value(b_obs[mb]) - b_returns[mb]) ** 2).mean()
                 if not torch.isfinite(v_loss):
-                    raise FloatingPointError(f"iteration {iteration} (global step {global_step}): the value loss is "
-                                             f"{v_loss.item()}; stopping (last checkpoint: {checkpoint_path})")
+                    fail(f"iteration {iteration} (global step {global_step}): the value loss is {v_loss.item()}; "
+                         f"stopped (the last checkpoint is untouched: {checkpoint_path})")
                 value_optimizer.zero_grad()
                 v_loss.backward()
                 torch.nn.utils.clip_grad_norm_(value_net.parameters(), args.max_grad_norm)
@@ -388,9 +416,8 @@ if __name__ == "__main__":
                 clipfracs.append(out["clipfrac"])
                 for name in ("policy", "anchor_kl"):
                     if not torch.isfinite(out[name]):
-                        raise FloatingPointError(f"iteration {iteration} (global step {global_step}): the {name} "
-                                                 f"loss is {out[name].item()}; stopping (last checkpoint: "
-                                                 f"{checkpoint_path})")
+                        fail(f"iteration {iteration} (global step {global_step}): the {name} loss is "
+                             f"{out[name].item()}; stopped (the last checkpoint is untouched: {checkpoint_path})")
                 actor_optimizer.zero_grad()
                 (out["policy"] + anchor_weight * out["anchor_kl"]).backward()
                 torch.nn.utils.clip_grad_norm_(actor.parameters(), args.max_grad_norm)

@@ -253,9 +253,40 @@ def test_the_other_actors_and_the_baselines_run_and_reload(offline_checkpoint, t
         np.testing.assert_array_equal(replay["scores"][0], checkpoint["history"]["scores"][-1])
 
 
-def test_online_refuses_inconsistent_actor_settings(offline_checkpoint, tmp_path):
-    refused = run_online(["--checkpoint", str(offline_checkpoint), "--init-std", "0"], tmp_path)
-    assert refused.returncode == 2 and "--init-std must be > 0" in refused.stderr
-    refused = run_online(["--checkpoint", str(offline_checkpoint), "--actor", "noise", "--from-scratch"], tmp_path)
-    assert refused.returncode == 2 and "--from-scratch re-initializes the denoiser" in refused.stderr
-    assert "Traceback" not in refused.stderr
+@pytest.mark.parametrize("flags, message", [
+    (["--init-std", "0"], "--init-std must be > 0"),
+    (["--actor", "noise", "--from-scratch"], "--from-scratch re-initializes the denoiser"),
+    (["--num-envs", "0"], "--num-envs must be >= 1"),
+    (["--num-minibatches", "0"], "--num-minibatches must be >= 1"),
+    (["--num-envs", "2", "--num-steps", "4", "--num-minibatches", "9"], "--num-minibatches (9) must be at most"),
+    (["--eval-every", "0"], "--eval-every must be >= 1"),
+    (["--selection-top", "0"], "--selection-top must be >= 1"),
+    (["--anchor-coef", "-1"], "--anchor-coef must be >= 0"),
+    (["--target-kl", "0"], "--target-kl must be > 0"),
+])
+def test_online_refuses_an_argument_out_of_range_before_any_work(offline_checkpoint, tmp_path, flags, message):
+    refused = run_online(["--checkpoint", str(offline_checkpoint), *flags], tmp_path)
+    assert refused.returncode == 2 and message in refused.stderr, refused.stderr[-2000:]
+    assert "Traceback" not in refused.stderr and not (tmp_path / "runs").exists()
+
+
+def test_online_refuses_to_write_over_its_input_checkpoint(offline_checkpoint, tmp_path):
+    before = offline_checkpoint.read_bytes()
+    refused = run_online(["--checkpoint", str(offline_checkpoint), "--checkpoint-path", str(offline_checkpoint)],
+                         tmp_path)
+    assert refused.returncode == 2 and "is the input checkpoint" in refused.stderr
+    assert offline_checkpoint.read_bytes() == before
+
+
+def test_a_diverging_run_stops_with_the_step_named_and_keeps_the_last_good_checkpoint(offline_checkpoint, tmp_path):
+    """An absurd actor learning rate makes the policy non-finite: the run stops with a message (no
+    traceback) and the hand-over's checkpoint, the last good one, is still there and loads."""
+    path = tmp_path / "online.pt"
+    result = run_online(["--checkpoint", str(offline_checkpoint), "--checkpoint-path", str(path), "--actor",
+                         "residual", "--learning-rate", "1e30", "--no-anneal-lr", "--max-grad-norm", "1e30",
+                         "--target-kl", "None"] + TINY_ONLINE, tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert ("global step" in result.stderr and "loss is" in result.stderr) or "not finite" in result.stderr
+    saved = load_checkpoint(str(path))
+    assert saved["global_step"] == 0 and all(torch.isfinite(value).all() for value in
+                                             saved["actor"]["state_dict"].values() if value.is_floating_point())
