@@ -1,4 +1,4 @@
-"""Multi-seed diffusion policy over action sequences (UEPO paper component 1), as fixed in DESIGN.md.
+"""Multi-seed diffusion policy over action sequences (UEPO paper component 1), as fixed in docs/design.md.
 
 Reading order:
 1. `cosine_alpha_bars`      - the noise schedule (Nichol & Dhariwal cosine).
@@ -146,7 +146,7 @@ class StateCrossAttention(nn.Module):
 
 
 class UNetTransformerDenoiser(nn.Module):
-    """The paper's denoiser (DESIGN.md): a 1-D temporal U-Net over the action chunk with FiLM
+    """The paper's denoiser (docs/design.md): a 1-D temporal U-Net over the action chunk with FiLM
     conditioning on [step embedding, state embedding], and a Transformer cross-attention block
     at the bottleneck whose keys/values are the last `obs_horizon` states, one token each.
 
@@ -245,7 +245,7 @@ class SampleOutput:
 
 
 class DiffusionPolicy(nn.Module):
-    """n sub-policies = one denoiser + n fixed initial noises (DESIGN.md, "Sub-policies").
+    """n sub-policies = one denoiser + n fixed initial noises (docs/design.md, "Diffusion policy", Sub-policies).
 
     The noises are drawn once from a generator seeded with `noise_seed` and kept as buffers, so
     sub-policy i is the same object in training, evaluation, the checkpoint and fine-tuning.
@@ -375,7 +375,7 @@ class DiffusionPolicy(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------
-# The online actor (DESIGN.md, "Online fine-tuning")
+# The online actor (docs/design.md, "Online fine-tuning")
 # --------------------------------------------------------------------------------------------
 ONLINE_ACTORS = ("diffusion", "residual", "noise", "mlp")
 # Bounds of the learned log-std (std 1e-3 .. 2): exploration never vanishes nor swamps the mean.
@@ -504,7 +504,7 @@ class OnlineActor(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------
-# Improvement of one sub-policy (DESIGN.md, "The offline loop, critics and improvement")
+# Improvement of one sub-policy (docs/design.md, "The offline loop, critics and improvement")
 # --------------------------------------------------------------------------------------------
 # A copy of the whole DiffusionPolicy (denoiser + the same n seeds) is improved for one of its
 # sub-policies, `sub_policy`. Its partners (the other seeds) stay in every chain because the
@@ -572,9 +572,10 @@ def qgrad_loss(policy: DiffusionPolicy, states: torch.Tensor, chunks: torch.Tens
 
 
 class BestSnapshot:
-    """The improvement gate's memory (DESIGN.md, "The gate"): the parameters with the best OPE
-    score seen so far. `offer` keeps a new snapshot only if it scores strictly higher, so the
-    result of an improvement run is its best-by-OPE snapshot, never simply the last one."""
+    """The improvement gate's memory (docs/design.md, "The offline loop, critics and improvement",
+    The gate): the parameters with the best OPE score seen so far. `offer` keeps a new snapshot
+    only if it scores strictly higher, so the result of an improvement run is its best-by-OPE
+    snapshot, never simply the last one."""
 
     def __init__(self, model: nn.Module, score: float, step: int = 0):
         self.history = []  # (step, OPE score, accepted)

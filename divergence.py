@@ -1,4 +1,4 @@
-"""Divergence regularization of UEPO (paper component 2), as fixed in DESIGN.md.
+"""Divergence regularization of UEPO (paper component 2), as fixed in docs/design.md.
 
 Three pieces, all plain functions over tensors:
 
@@ -31,7 +31,7 @@ def acceleration(chunks: torch.Tensor) -> torch.Tensor:
 
 
 def kinematic_divergence(chunks_i: torch.Tensor, chunks_j: torch.Tensor) -> torch.Tensor:
-    """Paper's dynamic divergence (DESIGN.md, "Divergence regularization"):
+    """Paper's dynamic divergence (docs/design.md, "Divergence regularization"):
 
         div(a_i, a_j) = mean_t ||da_i,t - da_j,t||_2  +  mean_t (1 - cos(dda_i,t, dda_j,t))
 
@@ -106,7 +106,7 @@ def gaussian_kl(mean_p: torch.Tensor, std_p: torch.Tensor, mean_q: torch.Tensor,
                 std_q: torch.Tensor, event_dims: int) -> torch.Tensor:
     """KL(p || q) of two diagonal Gaussians, summed over the last `event_dims` dimensions.
 
-    "Sequence-level" KL (DESIGN.md): the event is a whole action sequence (event_dims = 2:
+    "Sequence-level" KL (docs/design.md): the event is a whole action sequence (event_dims = 2:
     chunk position x action dim), instead of one action as in Uni-O4. `std_*` broadcast (a float
     tensor, or one std per chunk entry, works).
     """
@@ -142,7 +142,7 @@ def subpolicy_terms(subpolicy_chunks: torch.Tensor, data_chunks: torch.Tensor,
     (the diffusion likelihood itself is intractable; this Gaussian surrogate makes the
     sub-policies distinguishable, which a shared-parameter likelihood would not).
 
-    The max is NOT stop-gradient (as DESIGN.md fixes): with a stop-gradient the disagreement
+    The max is NOT stop-gradient (as docs/design.md fixes): with a stop-gradient the disagreement
     term is only a rescaling of the likelihood term. Without it, for every data sequence the
     sub-policy that explains it best is pushed back (weight n - 1) and the others pulled in.
 
@@ -161,7 +161,7 @@ def subpolicy_terms(subpolicy_chunks: torch.Tensor, data_chunks: torch.Tensor,
 
 def subpolicy_objective(subpolicy_chunks: torch.Tensor, data_chunks: torch.Tensor,
                         mask: torch.Tensor, alpha: float, std: float) -> torch.Tensor:
-    """Sub-policy objective J(pi_i) of DESIGN.md (Uni-O4's equation with whole sequences), (n,):
+    """Sub-policy objective J(pi_i) of docs/design.md (Uni-O4's equation with whole sequences), (n,):
 
         J(pi_i) = E_D[log pi_i(a|s)] + alpha * E_D[log pi_i(a|s) - max_j log pi_j(a|s)]
 

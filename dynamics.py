@@ -1,4 +1,4 @@
-"""Learned dynamics model of UEPO (paper component 3), as fixed in DESIGN.md, "Dynamics model and
+"""Learned dynamics model of UEPO (paper component 3), as fixed in docs/design.md, "Dynamics model and
 diffusion augmentation". It is the simulator of the offline phase: the augmentation rolls the
 sub-policies through it, and OPE (AM-Q) scores them in it. The real environment is never
 stepped offline.
@@ -86,17 +86,17 @@ class EnsemblePrediction:
 
 
 class EnsembleDynamics(nn.Module):
-    """Probabilistic ensemble of M Gaussian MLPs T_m(s' - s, r | s, a) (DESIGN.md; B.2.5).
+    """Probabilistic ensemble of M Gaussian MLPs T_m(s' - s, r | s, a) (docs/design.md; B.2.5).
 
     Each member: [s, a] standardized -> `num_layers` x `hidden_dim` SiLU -> mean and log-variance
     of the (S + 1)-dim target (s' - s, r). All members run in one pass (`EnsembleLinear`).
 
-    Choices where the paper and DESIGN.md are silent:
+    Choices where the paper and docs/design.md are silent:
     - Targets are raw (s' - s, r), not standardized, as in the MOPO/MOBILE/Uni-O4 code. The
       learned variance already weighs each target dimension; `holdout_mse` is in the same raw
       units (so fast dimensions, the velocities, dominate the choice of elites, as there).
     - Every member sees the same batch by default: the dynamics update sits inside the one
-      offline loop on batches that mix real and synthetic transitions (DESIGN.md), and members
+      offline loop on batches that mix real and synthetic transitions (docs/design.md), and members
       differ through their independent initializations (deep ensembles). MOPO/MOBILE train each
       member on its own bootstrap resample; a caller who wants that passes inputs with a
       leading member axis, (M, B, .), and each member then fits its own rows.
@@ -277,7 +277,8 @@ class EnsembleDynamics(nn.Module):
 
     @torch.no_grad()
     def disagreement(self, states: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-        """Ensemble disagreement of DESIGN.md's augmentation filter, (B,):
+        """Ensemble disagreement of the augmentation filter (docs/design.md, "Dynamics model and
+        diffusion augmentation"), (B,):
 
             mean over ordered pairs m != m' of the elites of KL(T_m(.|s,a) || T_m'(.|s,a)),
 
@@ -419,7 +420,7 @@ def termination_fn(task: str) -> Callable:
 
 
 # --------------------------------------------------------------------------------------------
-# Chunk-level IQL critics (DESIGN.md, "The offline loop, critics and improvement")
+# Chunk-level IQL critics (docs/design.md, "The offline loop, critics and improvement")
 # --------------------------------------------------------------------------------------------
 def mlp(in_dim: int, hidden: int, layers: int, out_dim: int) -> nn.Sequential:
     blocks, width = [], in_dim
@@ -475,7 +476,7 @@ def iql_losses(critics: ChunkCritics, target_critics: ChunkCritics, states, chun
 
         V:  expectile regression of V(s) on min_k Q_target_k(s, a_{t:t+H})
         Q:  each head to  R_t^H + gamma^L (1 - done) V(s_{t+L}),  L = real steps in the chunk
-            (H except where the episode ends sooner; DESIGN.md writes gamma^H for whole chunks)
+            (H except where the episode ends sooner; docs/design.md, "The offline loop, critics and improvement")
     Returns {"value": ..., "q": ...}; the caller adds them and steps one optimizer.
     """
     with torch.no_grad():
@@ -495,7 +496,7 @@ def soft_update(target: nn.Module, source: nn.Module, rate: float) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# AM-Q offline policy evaluation (Uni-O4; DESIGN.md, "Dynamics model and diffusion augmentation")
+# AM-Q offline policy evaluation (Uni-O4; docs/design.md, "Dynamics model and diffusion augmentation")
 # --------------------------------------------------------------------------------------------
 @torch.no_grad()
 def am_q_ope(chunk_policy, q_function, dynamics, is_terminal, start_histories: torch.Tensor,
@@ -509,7 +510,7 @@ def am_q_ope(chunk_policy, q_function, dynamics, is_terminal, start_histories: t
     termination. The score is the mean of Q over every visited (state, chunk) pair of live
     rollouts: Uni-O4's estimate, no discount, no penalty.
 
-    With `uncertainty_penalty` lambda > 0 (the improvement gate, DESIGN.md: "the OPE of the gate
+    With `uncertainty_penalty` lambda > 0 (the improvement gate, docs/design.md: "the OPE of the gate
     must not trust Q alone where the policy leaves the data"), each visited pair's Q is replaced
     by the Q of MOPO's penalized MDP, r - lambda u(s, a) with u = `dynamics.uncertainty`:
 
@@ -550,7 +551,7 @@ def am_q_ope(chunk_policy, q_function, dynamics, is_terminal, start_histories: t
 
 
 # --------------------------------------------------------------------------------------------
-# Diffusion augmentation of the model's data (paper component 3; DESIGN.md)
+# Diffusion augmentation of the model's data (paper component 3; docs/design.md)
 # --------------------------------------------------------------------------------------------
 @torch.no_grad()
 def disagreement_threshold(dynamics: EnsembleDynamics, states, actions, quantile: float) -> float:
@@ -564,7 +565,7 @@ def disagreement_threshold(dynamics: EnsembleDynamics, states, actions, quantile
 def diffusion_augmentation(chunk_policy, dynamics: EnsembleDynamics, is_terminal, start_histories: torch.Tensor,
                            num_steps: int, epsilon: float, max_transitions: int,
                            generator: torch.Generator | None = None) -> dict:
-    """Synthetic transitions for the dynamics model (DESIGN.md, "Augmentation").
+    """Synthetic transitions for the dynamics model (docs/design.md, "Dynamics model and diffusion augmentation").
 
     Start states come from the data (`start_histories`, raw, (N, To, S)); action chunks from
     the diffusion sub-policies (`chunk_policy`: histories -> (N, H, A) env-unit chunks; the
@@ -604,7 +605,7 @@ def diffusion_augmentation(chunk_policy, dynamics: EnsembleDynamics, is_terminal
 def mixed_batch(real: tuple, synthetic: tuple, real_rows: torch.Tensor, batch_size: int,
                 generator: torch.Generator | None = None) -> tuple:
     """A dynamics batch drawn uniformly from the real transitions at `real_rows` (the train split)
-    and every synthetic one together, so the two mix in proportion to their sizes (DESIGN.md).
+    and every synthetic one together, so the two mix in proportion to their sizes (docs/design.md).
 
     real, synthetic: (states, actions, next_states, rewards) tensors (the synthetic ones may be
     empty). Returns the same four, real rows first. With no synthetic data the draw is exactly

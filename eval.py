@@ -48,7 +48,7 @@ def normalized_score(returns, ref_min_score: float, ref_max_score: float) -> np.
 
 
 class ChunkEnv(gym.Wrapper):
-    """The chunk-level MDP of online fine-tuning (DESIGN.md, "Online fine-tuning").
+    """The chunk-level MDP of online fine-tuning (docs/design.md, "Online fine-tuning").
 
     One action is a whole chunk (H, A) in environment units; `step` executes its actions until
     the chunk ends or the episode does (the rest of the chunk is dropped, never carried into the

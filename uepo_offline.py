@@ -7,7 +7,7 @@
 
 1. Data: a Minari dataset -> chunked transitions (s_t, a_{t:t+H}, R_t^H, s_{t+H}, done) with
    masks, states normalized with frozen dataset statistics.
-2. One training loop over `--total-steps` gradient steps (DESIGN.md, "The offline loop"):
+2. One training loop over `--total-steps` gradient steps (docs/design.md, "The offline loop, critics and improvement"):
    - the diffusion loss of the multi-seed diffusion policy (diffusion.py) plus, every
      `--kl-every` steps, the sub-policy objective J(pi_i) of the divergence regularization
      (divergence.py); the adaptive perturbation acts inside the sampler;
@@ -24,7 +24,7 @@
 4. An atomic checkpoint under runs/{run_name}/offline.pt (rewritten at every evaluation and
    after every improved copy) that uepo_online.py and eval.py load.
 
-Design choices are fixed in DESIGN.md (beside this project) and listed in the README.
+Design choices are fixed in docs/design.md and listed in the README.
 """
 
 import copy
@@ -165,7 +165,7 @@ class Args:
     improvement_steps: int = 10_000
     """gradient steps of every copy (quick CPU setting: 500)"""
     improvement_learning_rate: float | None = None
-    """Adam learning rate of the copies; default 3e-5 for bppo (DESIGN.md: at 1e-4 it collapsed within 1-3k steps
+    """Adam learning rate of the copies; default 3e-5 for bppo (docs/design.md: at 1e-4 it collapsed within 1-3k steps
     without a gate, at 3e-5 it held) and 1e-4 for qgrad (its diffusion loss anchors it to the data)"""
     ope_every: int = 1000
     """the gate: score the copy with the penalized AM-Q every `ope_every` steps and keep the best snapshot (quick: 100)"""
@@ -174,7 +174,8 @@ class Args:
     improvement_kl_coef: float = 0.1
     """bppo: weight of the sequence-level KL of the copy's action-level Gaussian to its reference's"""
     q_weight: float = 0.05
-    """qgrad: weight of -Q / mean|Q| (DESIGN.md: 1.0 collapsed to 3, 0.05 reached 94.5 at 2k steps without a gate)"""
+    """qgrad: weight of -Q / mean|Q| (docs/design.md: 1.0 collapsed to 3, 0.05 reached 94.5 at 2k steps
+    without a gate)"""
     init_checkpoint: str | None = None
     """skip the loop: take the policy, critics and dynamics from this checkpoint of the same dataset and
     settings, evaluate them, and run only the improvement stage (to compare operators without retraining)"""
@@ -195,7 +196,7 @@ class Args:
 
 
 # ------------------------------------------------------------------------------------------------
-# Data (DESIGN.md, "Data")
+# Data (docs/design.md, "Data")
 # ------------------------------------------------------------------------------------------------
 ENVS = ("hopper", "walker2d", "halfcheetah", "ant")
 # Qualities the Minari server has for these tasks; medium-expert is combined locally.
@@ -258,7 +259,7 @@ def load_dataset(env_id: str, dataset_id: str | None) -> tuple[minari.MinariData
 
 
 def chunk_episode(observations, actions, rewards, terminations, horizon, obs_horizon, gamma) -> dict:
-    """One episode -> one chunked transition per time step t (DESIGN.md, "Data").
+    """One episode -> one chunked transition per time step t (docs/design.md, "Data").
 
     states      (T, To, S)  s_{t-To+1..t}, the first state repeated before the episode start
     chunks      (T, H, A)   a_{t:t+H}, padded with the episode's last action past its end
@@ -304,7 +305,7 @@ def chunk_dataset(dataset: minari.MinariDataset, horizon: int, obs_horizon: int,
 
 
 def state_statistics(states: np.ndarray, eps: float = 1e-3) -> tuple[np.ndarray, np.ndarray]:
-    """Frozen normalization (DESIGN.md): dataset mean and std + eps, used offline, online and in eval."""
+    """Frozen normalization (docs/design.md): dataset mean and std + eps, used offline, online and in eval."""
     return states.mean(0), states.std(0) + eps
 
 
@@ -402,7 +403,8 @@ if __name__ == "__main__":
         raw_histories = to_device(data["states"])
         ope_index = torch.randperm(num_chunks, generator=split_generator)[: args.ope_states].to(device)
         ope_start = raw_histories[ope_index]
-        # The augmentation buffer (DESIGN.md, "Augmentation"): empty until --dynamics-warmup.
+        # The augmentation buffer (docs/design.md, "Dynamics model and diffusion augmentation"): empty
+        # until --dynamics-warmup.
         augmented = {"states": step_states[:0], "actions": step_actions[:0], "next_states": step_next_states[:0],
                      "rewards": step_rewards[:0]}
 
@@ -449,7 +451,7 @@ if __name__ == "__main__":
 
     @torch.no_grad()
     def refresh_augmentation(step: int) -> dict:
-        """Diffusion augmentation (DESIGN.md): a fresh buffer of synthetic transitions from the
+        """Diffusion augmentation (docs/design.md): a fresh buffer of synthetic transitions from the
         current sub-policies (start b driven by sub-policy b mod n, adaptive perturbation on) and
         the current model, kept while the ensemble disagreement stays below epsilon."""
         epsilon = disagreement_threshold(dynamics, holdout[0], holdout[1], args.aug_kl_quantile)
@@ -468,7 +470,7 @@ if __name__ == "__main__":
         return buffer
 
     def write_checkpoint(step: int) -> None:
-        """The atomic checkpoint: everything uepo_online.py and eval.py need (DESIGN.md)."""
+        """The atomic checkpoint: everything uepo_online.py and eval.py need (docs/design.md)."""
         model_parts = {}
         if args.ope:
             model_parts = {
@@ -534,7 +536,7 @@ if __name__ == "__main__":
         losses = {"diffusion": diffusion_loss}
 
         # Sub-policy objective J(pi_i) = E[log pi_i] + alpha * E[log pi_i - max_j log pi_j]
-        # (DESIGN.md, sequence-level disagreement). Its first term is the diffusion model's own
+        # (docs/design.md, sequence-level disagreement). Its first term is the diffusion model's own
         # likelihood, which the diffusion loss above already maximizes (through its bound). The
         # Gaussian surrogate pi_i = N(mu_i(s), std^2) around each deterministic sequence enters
         # only the disagreement term, weighted alpha = --kl-coef. Why not also the first term:
@@ -561,7 +563,7 @@ if __name__ == "__main__":
             losses["critic_q"], losses["critic_v"] = critic_losses["q"], critic_losses["value"]
             # Dynamics ensemble: Gaussian NLL -E log T(s'|s, a) on a batch drawn uniformly from the
             # real one-step transitions (train split) and the augmentation buffer together, so the
-            # two mix in proportion to their sizes (DESIGN.md).
+            # two mix in proportion to their sizes (docs/design.md).
             dynamics_batch = mixed_batch((step_states, step_actions, step_next_states, step_rewards),
                                          (augmented["states"], augmented["actions"], augmented["next_states"],
                                           augmented["rewards"]), train_index, args.batch_size, model_generator)
@@ -617,7 +619,8 @@ if __name__ == "__main__":
     if args.init_checkpoint is not None:  # the loop ran in an earlier run: evaluate what it left
         evaluate_and_save(saved["step"])
 
-    # ---- improvement of the best sub-policies (DESIGN.md, "Improvement"), after the loop --------
+    # ---- improvement of the best sub-policies, after the loop ----------------------------------
+    # (docs/design.md, "The offline loop, critics and improvement")
     # The top --num-qualified sub-policies by AM-Q each get a copy of the whole policy (denoiser
     # + the same seeds; the partners stay because the perturbation couples them), improved for
     # that sub-policy by one operator under one gate: every --ope-every steps the copy is scored

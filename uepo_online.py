@@ -7,7 +7,7 @@
 
 1. Load the offline checkpoint of uepo_offline.py; a corrupt one, or (with `--env-id`) one made
    for another environment, is refused with the reason.
-2. Selection, Uni-O4's rule (DESIGN.md, "Online fine-tuning"): the top `--selection-top`
+2. Selection, Uni-O4's rule (docs/design.md, "Online fine-tuning"): the top `--selection-top`
    candidates by their offline OPE score (the improved copies when the offline run made them,
    else the base sub-policies), then the best of them over real episodes. The table that led
    to the choice is printed and logged to TensorBoard.
@@ -158,7 +158,7 @@ def gym_env_id(name: str) -> str:
 
 
 def chunk_gae(rewards, values, next_values, terminations, ended, discounts, gae_lambda: float):
-    """GAE over chunk decisions, arrays (T, N) (DESIGN.md, "Online fine-tuning").
+    """GAE over chunk decisions, arrays (T, N) (docs/design.md, "Online fine-tuning").
 
         delta_t = R_t + d_t (1 - terminated_t) V'_t - V(s_t)
         A_t     = delta_t + d_t lambda (1 - ended_t) A_{t+1}

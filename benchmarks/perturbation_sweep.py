@@ -6,8 +6,10 @@ episodes and the sub-policies' mean pairwise / nearest kinematic divergence on d
 The tau grid defaults to quantiles of the nearest divergence d_i of the unperturbed
 sub-policies, so it adapts to the data's scale.
 
-    MINARI_DATASETS_PATH=../shared/minari python benchmarks/perturbation_sweep.py \\
+    MINARI_DATASETS_PATH=<folder> python benchmarks/perturbation_sweep.py \\
         --checkpoint runs/<run>/offline.pt --episodes 5
+
+`<folder>` is your Minari datasets folder, the one that holds the checkpoint's dataset.
 """
 
 import os

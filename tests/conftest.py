@@ -1,4 +1,4 @@
-"""Shared fixtures. The tests never read ../shared: they build a tiny Hopper-v5 Minari dataset
+"""Shared fixtures. The tests need no downloaded dataset: they build a tiny Hopper-v5 Minari dataset
 themselves, from a random policy, under a temporary MINARI_DATASETS_PATH."""
 
 import os
@@ -72,7 +72,7 @@ def tiny_dataset(minari_path):
     return minari.load_dataset(TINY_DATASET_ID)
 
 
-# ---- tiny runs shared by test_online.py and test_eval.py (each made once per session) -----------------
+# ---- tiny runs shared by test_online.py and test_eval.py (each made once per test run) -----------------
 @pytest.fixture(scope="session")
 def offline_checkpoint(minari_path, tmp_path_factory):
     """A tiny offline checkpoint with critics, dynamics and one improved copy."""

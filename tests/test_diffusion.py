@@ -1,5 +1,5 @@
 """Tests of diffusion.py: noise schedule, denoiser shapes, the multi-seed DiffusionPolicy (sampling,
-fixed seeds, checkpoints, adaptive perturbation) and a toy two-mode fit (DESIGN.md, "Diffusion policy")."""
+fixed seeds, checkpoints, adaptive perturbation) and a toy two-mode fit (docs/design.md, "Diffusion policy")."""
 
 import io
 import math

@@ -1,5 +1,5 @@
 """Tests of divergence.py: kinematic divergence, adaptive perturbation, Gaussian KL / log-prob and
-the sub-policy objective (DESIGN.md, "Divergence regularization")."""
+the sub-policy objective (docs/design.md, "Divergence regularization")."""
 
 
 

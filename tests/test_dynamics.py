@@ -1,6 +1,6 @@
 """Tests of dynamics.py: the probabilistic ensemble (training, elites, units, sampling,
 disagreement) and the termination rules, checked against the real Gymnasium v5 environments
-(DESIGN.md, "Dynamics model and diffusion augmentation")."""
+(docs/design.md, "Dynamics model and diffusion augmentation")."""
 
 import copy
 

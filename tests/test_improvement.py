@@ -1,5 +1,5 @@
 """The improvement operators and the gate (diffusion.py: bppo_loss, qgrad_loss, BestSnapshot;
-DESIGN.md, "The offline loop, critics and improvement")."""
+docs/design.md, "The offline loop, critics and improvement")."""
 
 import copy
 
