@@ -15,13 +15,17 @@ As a component (imported by uepo_offline.py and uepo_online.py, which it never i
 - `offline_ranking` / `offline_candidates` / `deployed_policy`: which (policy, sub-policy) a
   checkpoint offers, and which one it deploys.
 - perturbation wrappers (`ObservationNoise`, `ActionNoise`, `ScaledModel`, `RandomPush`).
-- `save_checkpoint` / `load_checkpoint`: atomic writes; loads that refuse a corrupt file or a
-  checkpoint made for another environment.
+- `save_checkpoint` / `load_checkpoint`: atomic writes; loads that refuse a corrupt file, a field
+  missing, a network size out of bounds (before anything is built), non-finite weights, or a
+  checkpoint made for another environment or dataset.
 """
 
+import dataclasses
 import json
 import os
+import pickle
 import re
+import reprlib
 import subprocess
 import sys
 import tempfile
@@ -35,7 +39,7 @@ import numpy as np
 import torch
 import tyro
 
-from diffusion import DENOISERS, DiffusionPolicy, OnlineActor, PolicyConfig
+from diffusion import DENOISERS, ONLINE_ACTORS, DiffusionPolicy, OnlineActor, PolicyConfig
 from divergence import pairwise_divergence, subpolicy_terms
 
 CHECKPOINT_FORMAT = "uepo-v1"
@@ -182,24 +186,265 @@ def fail(message: str):
     sys.exit(2)
 
 
+def unwritable(folder: str) -> str | None:
+    """Why files cannot be written into `folder` (made if missing, as the writers do), or None. The
+    scripts check their output paths at the start: a bad one then fails before the work, not after it."""
+    existing = os.path.abspath(folder or ".")
+    while not os.path.exists(existing):  # the writers make the missing folders below the nearest existing one
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        return f"{existing} is a file, not a folder"
+    try:
+        with tempfile.NamedTemporaryFile(dir=existing):  # a real write: permissions, read-only mounts, full quotas
+            pass
+    except OSError as error:
+        return f"{existing} is not writable ({error.strerror})"
+    return None
+
+
+def check_output_file(flag: str, path: str | None) -> str | None:
+    """A file option (`--json`, `--checkpoint-path`) that cannot be written, as a message naming the flag."""
+    if path is None:
+        return None
+    if os.path.isdir(path):
+        return f"{flag} {path} is a folder; give a file name"
+    problem = unwritable(os.path.dirname(os.path.abspath(path)))
+    return None if problem is None else f"{flag} {path} cannot be written: {problem}"
+
+
 class CheckpointError(ValueError):
-    """A checkpoint that cannot be used: unreadable, of another format, or for another env."""
+    """A checkpoint that cannot be used: unreadable, of another format, for another environment or
+    dataset, with a field missing or out of bounds, or with non-finite weights."""
 
 
-def load_checkpoint(path: str, expected_env_id: str | None = None, map_location="cpu") -> dict:
-    """Load a checkpoint written by `save_checkpoint`; refuse a corrupt one, one of another
-    format, or (with `expected_env_id`) one made for another Gymnasium environment."""
+# The fields of each kind of checkpoint, as uepo_offline.py's `write_checkpoint` and uepo_online.py's
+# `evaluate_and_save` write them (offline "critics" and "dynamics" only with --ope). A file without one
+# is refused on load, naming it, so that no reader meets a KeyError halfway through its work.
+OFFLINE_FIELDS = ("args", "step", "env_id", "max_episode_steps", "dataset_id", "ref_min_score", "ref_max_score",
+                  "policy", "history", "improved")
+ONLINE_FIELDS = ("args", "global_step", "env_id", "max_episode_steps", "dataset_id", "ref_min_score",
+                 "ref_max_score", "offline_checkpoint", "actor", "sub_policy", "selection", "value", "history")
+IMPROVED_FIELDS = ("sub_policy", "operator", "policy", "ope_score", "scores")
+ACTOR_FIELDS = ("kind", "sub_policy", "init_std", "hidden", "mlp_horizon", "policy_config", "state_dict")
+# The buffers `from_checkpoint` reads by name before loading the state dict.
+STATISTICS = ("state_mean", "state_std", "action_low", "action_high")
+# Fields added after checkpoints were first written, with the value older files implicitly have: an
+# `--actor mlp` actor from before --mlp-horizon acted one step per decision.
+LATER_ACTOR_FIELDS = {"mlp_horizon": 1}
+
+# Bounds of the saved sizes that networks are built from, checked before anything is built, so that a
+# corrupt or hostile file cannot ask for layers of billions of units. Far above every setting used here.
+MAX_WIDTH = 4096  # hidden widths, U-Net channels, state and action dimensions
+MAX_HORIZON = 64  # actions per chunk, states per history
+MAX_SUBPOLICIES = 64
+MAX_DIFFUSION_STEPS = 1000
+MAX_ENSEMBLE = 64  # dynamics members
+MAX_LAYERS = 16  # dynamics hidden layers, U-Net levels
+
+
+def require(container, fields, where: str, path: str) -> dict:
+    """`container` as a dict with every one of `fields`; else a CheckpointError naming the first missing one."""
+    if not isinstance(container, dict):
+        raise CheckpointError(f"{path}: {where or 'the file'} is not a dictionary")
+    for field in fields:
+        if field not in container:
+            raise CheckpointError(f"{path} has no field {f'{where}.' if where else ''}{field}")
+    return container
+
+
+def check_int(value, low: int, high: int, name: str, path: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise CheckpointError(f"{path}: {name} must be an integer in [{low}, {high}], got {reprlib.repr(value)}")
+    return value
+
+
+def check_number(value, name: str, path: str, positive: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value) \
+            or (positive and not value > 0):
+        raise CheckpointError(f"{path}: {name} must be a finite number{' > 0' if positive else ''}, "
+                              f"got {reprlib.repr(value)}")
+    return float(value)
+
+
+def check_numbers(value, name: str, path: str) -> np.ndarray:
+    """A (nested) list of numbers, as a float array (NaN allowed: a recorded score may be one)."""
+    try:
+        return np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise CheckpointError(f"{path}: {name} is not a list of numbers") from None
+
+
+def check_policy_config(config, where: str, path: str) -> PolicyConfig:
+    """A saved PolicyConfig with every size an integer in its bound (absent fields take their defaults,
+    as `PolicyConfig(**config)` does)."""
+    require(config, ("obs_dim", "act_dim"), where, path)
+    known = {field.name for field in dataclasses.fields(PolicyConfig)}
+    if set(config) - known:
+        raise CheckpointError(f"{path}: {where} has unknown fields {sorted(set(config) - known)}")
+    config = PolicyConfig(**config)
+    name = lambda field: f"{where}.{field}"
+    for field, high in (("obs_dim", MAX_WIDTH), ("act_dim", MAX_WIDTH), ("mlp_hidden", MAX_WIDTH),
+                        ("horizon", MAX_HORIZON), ("obs_horizon", MAX_HORIZON),
+                        ("diffusion_steps", MAX_DIFFUSION_STEPS), ("n_subpolicies", MAX_SUBPOLICIES)):
+        check_int(getattr(config, field), 1, high, name(field), path)
+    check_int(config.ddim_steps, 1, config.diffusion_steps, name("ddim_steps"), path)
+    check_int(config.noise_seed, 0, 2 ** 63 - 1, name("noise_seed"), path)
+    if config.denoiser not in DENOISERS:
+        raise CheckpointError(f"{path}: {name('denoiser')} must be one of {', '.join(DENOISERS)}, "
+                              f"got {reprlib.repr(config.denoiser)}")
+    if not isinstance(config.unet_dims, (tuple, list)) or not 1 <= len(config.unet_dims) <= MAX_LAYERS:
+        raise CheckpointError(f"{path}: {name('unet_dims')} must be 1 to {MAX_LAYERS} widths, "
+                              f"got {reprlib.repr(config.unet_dims)}")
+    for width in config.unet_dims:
+        check_int(width, 1, MAX_WIDTH, name("unet_dims"), path)
+    for field in ("tau", "eta"):
+        check_number(getattr(config, field), name(field), path)
+    check_number(config.min_std, name("min_std"), path, positive=True)
+    return config
+
+
+def check_state_dict(state, where: str, path: str, buffers=()) -> None:
+    """Tensors only, the named buffers present, every floating-point one finite: a NaN weight makes a
+    policy act NaN, whose episodes would score NaN (or, clipped, anything) without a word."""
+    if not isinstance(state, dict) or not all(isinstance(tensor, torch.Tensor) for tensor in state.values()):
+        raise CheckpointError(f"{path}: {where} is not a state dict of tensors")
+    require(state, buffers, where, path)
+    for key, tensor in state.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise CheckpointError(f"{path}: {where}.{key} has non-finite weights (NaN or inf)")
+
+
+def check_saved_policy(saved, where: str, path: str) -> PolicyConfig:
+    """A saved DiffusionPolicy (`to_checkpoint`): its config in bounds, its weights finite."""
+    require(saved, ("config", "state_dict"), where, path)
+    config = check_policy_config(saved["config"], f"{where}.config", path)
+    check_state_dict(saved["state_dict"], f"{where}.state_dict", path, STATISTICS)
+    return config
+
+
+def check_common(checkpoint: dict, path: str) -> None:
+    """What both kinds share: names, the time limit, reference scores, and a history of scores."""
+    for field in ("env_id", "dataset_id"):
+        if not isinstance(checkpoint[field], str):
+            raise CheckpointError(f"{path}: {field} must be a string, got {reprlib.repr(checkpoint[field])}")
+    if checkpoint["max_episode_steps"] is not None:
+        check_int(checkpoint["max_episode_steps"], 1, 10 ** 7, "max_episode_steps", path)
+    low = check_number(checkpoint["ref_min_score"], "ref_min_score", path)
+    if not check_number(checkpoint["ref_max_score"], "ref_max_score", path) > low:  # normalized_score divides
+        raise CheckpointError(f"{path}: ref_max_score must exceed ref_min_score, got {checkpoint['ref_max_score']} "
+                              f"and {low}")
+    require(checkpoint["args"], (), "args", path)
+    history = require(checkpoint["history"], ("scores",), "history", path)
+    if not isinstance(history["scores"], list) or not history["scores"]:
+        raise CheckpointError(f"{path}: history.scores holds no evaluation")
+    check_numbers(history["scores"][-1], "history.scores", path)
+
+
+def check_offline(checkpoint: dict, path: str) -> None:
+    require(checkpoint, OFFLINE_FIELDS, "", path)
+    check_common(checkpoint, path)
+    require(checkpoint["args"], ("gamma",), "args", path)  # uepo_online.py discounts with the offline gamma
+    n = check_saved_policy(checkpoint["policy"], "policy", path).n_subpolicies
+    history = checkpoint["history"]
+    last = check_numbers(history["scores"][-1], "history.scores", path)
+    if last.ndim == 0 or len(last) != n:  # offline_ranking reads one row per sub-policy
+        raise CheckpointError(f"{path}: history.scores does not hold one row per sub-policy ({n})")
+    if history.get("ope_scores") and check_numbers(history["ope_scores"][-1], "history.ope_scores", path).shape != (n,):
+        raise CheckpointError(f"{path}: history.ope_scores does not hold one score per sub-policy ({n})")
+    if not isinstance(checkpoint["improved"], list):
+        raise CheckpointError(f"{path}: improved is not a list")
+    for k, entry in enumerate(checkpoint["improved"]):
+        where = f"improved[{k}]"
+        require(entry, IMPROVED_FIELDS, where, path)
+        check_int(entry["sub_policy"], 0, n - 1, f"{where}.sub_policy", path)
+        check_saved_policy(entry["policy"], f"{where}.policy", path)
+        check_numbers(entry["ope_score"], f"{where}.ope_score", path)
+        check_numbers(entry["scores"], f"{where}.scores", path)
+    if "critics" in checkpoint:
+        config = require(checkpoint["critics"], ("config", "state_dict"), "critics", path)["config"]
+        require(config, ("obs_dim", "act_dim", "horizon"), "critics.config", path)
+        for field, high in (("obs_dim", MAX_WIDTH), ("act_dim", MAX_WIDTH), ("horizon", MAX_HORIZON)):
+            check_int(config[field], 1, high, f"critics.config.{field}", path)
+        check_state_dict(checkpoint["critics"]["state_dict"], "critics.state_dict", path)
+    if "dynamics" in checkpoint:
+        config = require(checkpoint["dynamics"], ("config", "state_dict"), "dynamics", path)["config"]
+        require(config, ("obs_dim", "act_dim", "num_members", "num_elites", "hidden_dim", "num_layers"),
+                "dynamics.config", path)
+        for field, high in (("obs_dim", MAX_WIDTH), ("act_dim", MAX_WIDTH), ("num_members", MAX_ENSEMBLE),
+                            ("hidden_dim", MAX_WIDTH), ("num_layers", MAX_LAYERS)):
+            check_int(config[field], 1, high, f"dynamics.config.{field}", path)
+        check_int(config["num_elites"], 1, config["num_members"], "dynamics.config.num_elites", path)
+        check_state_dict(checkpoint["dynamics"]["state_dict"], "dynamics.state_dict", path)
+
+
+def check_online(checkpoint: dict, path: str) -> None:
+    require(checkpoint, ONLINE_FIELDS, "", path)
+    check_common(checkpoint, path)
+    require(checkpoint["history"], ("step",), "history", path)
+    actor = require(checkpoint["actor"], (), "actor", path)
+    for field, value in LATER_ACTOR_FIELDS.items():
+        actor.setdefault(field, value)
+    require(actor, ACTOR_FIELDS, "actor", path)
+    if actor["kind"] not in ONLINE_ACTORS:
+        raise CheckpointError(f"{path}: actor.kind must be one of {', '.join(ONLINE_ACTORS)}, "
+                              f"got {reprlib.repr(actor['kind'])}")
+    n = check_policy_config(actor["policy_config"], "actor.policy_config", path).n_subpolicies
+    check_int(actor["sub_policy"], 0, n - 1, "actor.sub_policy", path)
+    check_int(checkpoint["sub_policy"], 0, n - 1, "sub_policy", path)
+    check_number(actor["init_std"], "actor.init_std", path, positive=True)
+    check_int(actor["hidden"], 1, MAX_WIDTH, "actor.hidden", path)
+    check_int(actor["mlp_horizon"], 1, MAX_HORIZON, "actor.mlp_horizon", path)
+    check_state_dict(actor["state_dict"], "actor.state_dict", path, STATISTICS)
+    check_state_dict(checkpoint["value"], "value", path)
+
+
+def load_checkpoint(path: str, expected_env_id: str | None = None, map_location="cpu",
+                    expected_dataset: str | None = None) -> dict:
+    """Load a checkpoint written by `save_checkpoint`, refusing (CheckpointError, naming the file) a
+    corrupt one, one of another format, one with a field missing, a size out of bounds (checked
+    before any network is built from it) or non-finite weights, and one made for another Gymnasium
+    environment than `expected_env_id` or (`expected_dataset`, a Minari id or a D4RL-style name such
+    as `hopper-medium`) trained on another dataset."""
     if not os.path.isfile(path):
         raise CheckpointError(f"no checkpoint at {path}")
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as error:
+        # torch's own message advises weights_only=False, i.e. running code from the file: not an option here.
+        found = re.search(r"Unsupported global: GLOBAL [\w.]+", str(error))
+        reason = (f"it holds Python objects beyond tensors and plain data ({found.group(0)}), never loaded since "
+                  "unpickling them can run code" if found else "the safe loader cannot read it")
+        raise CheckpointError(f"{path} is not a readable checkpoint: {reason}") from None
     except Exception as error:  # torch raises several types for truncated or foreign files
-        raise CheckpointError(f"{path} is not a readable checkpoint ({type(error).__name__}: {error})") from error
+        message = " ".join(str(error).split())
+        message = message if "weights_only" not in message else "refused by the safe loader"
+        raise CheckpointError(f"{path} is not a readable checkpoint ({type(error).__name__}: {message[:300]})") \
+            from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not a UEPO checkpoint (format {CHECKPOINT_FORMAT} expected)")
+    phase = checkpoint.get("phase", "offline")
+    if phase not in ("offline", "online"):
+        raise CheckpointError(f"{path}: phase must be offline or online, got {reprlib.repr(phase)}")
+    (check_online if phase == "online" else check_offline)(checkpoint, path)
     if expected_env_id is not None and checkpoint["env_id"] != expected_env_id:
         raise CheckpointError(f"{path} was made for {checkpoint['env_id']}, not {expected_env_id}")
+    dataset_id = checkpoint["dataset_id"]
+    if expected_dataset is not None and expected_dataset not in (dataset_id, dataset_name(dataset_id)):
+        raise CheckpointError(f"{path} was trained on the dataset {dataset_id} ({dataset_name(dataset_id)}), "
+                              f"not {expected_dataset}")
     return checkpoint
+
+
+def build_saved(saved: dict, what: str) -> "DiffusionPolicy | OnlineActor":
+    """A saved DiffusionPolicy or OnlineActor (which has a "kind") of a checkpoint that `load_checkpoint`
+    checked, built; weights that do not fit the saved config are a CheckpointError naming `what`."""
+    cls = OnlineActor if "kind" in saved else DiffusionPolicy
+    try:
+        return cls.from_checkpoint(saved)
+    except Exception as error:  # load_state_dict: missing, unexpected or mis-shaped tensors; layer constraints
+        message = " ".join(str(error).split())
+        raise CheckpointError(f"{what} does not fit its saved config ({type(error).__name__}: {message[:300]})") \
+            from None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -225,6 +470,10 @@ def offline_ranking(checkpoint: dict) -> list[dict]:
         ope = (history.get("ope_scores") or [[float("nan")] * n])[-1]
         candidates = [{"label": f"sub-policy {i}", "policy": checkpoint["policy"], "sub_policy": i,
                        "ope_score": float(ope[i]), "scores": history["scores"][-1][i]} for i in range(n)]
+    if checkpoint.get("improved") and all("choice_rank" in entry for entry in checkpoint["improved"]):
+        # The offline run's own choice (uepo_offline.py: a gated OPE gain inside the OPE's noise is a
+        # tie, and ties go to the sub-policy whose base AM-Q ranked higher), then the rest.
+        return [candidates[i] for i in np.argsort([entry["choice_rank"] for entry in checkpoint["improved"]])]
     return sorted(candidates, key=lambda candidate: -candidate["ope_score"]
                   if np.isfinite(candidate["ope_score"]) else np.inf)
 
@@ -236,7 +485,7 @@ def offline_candidates(checkpoint: dict, device="cpu") -> list[tuple[str, Diffus
     for candidate in offline_ranking(checkpoint):
         key = id(candidate["policy"])
         if key not in built:
-            built[key] = DiffusionPolicy.from_checkpoint(candidate["policy"]).to(device)
+            built[key] = build_saved(candidate["policy"], f"the saved policy of {candidate['label']}").to(device)
         candidates.append((candidate["label"], built[key], candidate["sub_policy"], candidate["ope_score"]))
     return candidates
 
@@ -259,9 +508,9 @@ def deployed_policy(checkpoint: dict, device="cpu") -> tuple[str, "DiffusionPoli
     """What a checkpoint deploys, built: (label, policy, sub_policy). Online: the fine-tuned actor's
     mean (an OnlineActor, whose one "sub-policy" is 0); offline: `deployed_choice`."""
     if checkpoint.get("phase") == "online":
-        return online_label(checkpoint), OnlineActor.from_checkpoint(checkpoint["actor"]).to(device), 0
+        return online_label(checkpoint), build_saved(checkpoint["actor"], "the online actor").to(device), 0
     label, saved_policy, sub_policy = deployed_choice(checkpoint)
-    return label, DiffusionPolicy.from_checkpoint(saved_policy).to(device), sub_policy
+    return label, build_saved(saved_policy, f"the saved policy of {label}").to(device), sub_policy
 
 
 def dataset_name(dataset_id: str) -> str:
@@ -431,6 +680,22 @@ def load_or_fail(path: str) -> dict:
         fail(str(error))
 
 
+def built_or_fail(path: str, build):
+    """`build()`, a saved policy that does not fit its config ending the script with a message naming the file."""
+    try:
+        return build()
+    except CheckpointError as error:
+        fail(f"{path}: {error}")
+
+
+def fail_unless_finite(path: str, label: str, values) -> None:
+    """Non-finite results never pass as numbers ("nan +- nan", exit 0): NaN actions or rewards stop the command."""
+    if not np.isfinite(values).all():
+        count = int(np.size(values) - np.isfinite(values).sum())
+        fail(f"{path}: {label} gave non-finite results ({count} of {np.size(values)} values are NaN or "
+             "inf: its actions or returns are not finite); nothing is reported")
+
+
 def write_json(path: str, data: dict) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
@@ -466,7 +731,38 @@ class PolicyArgs:
     """if toggled, use a GPU when there is one"""
 
 
+# Every episode is one live environment at the same time (`run_chunk_episodes`), and the divergence
+# samples all its states in one batch: the upper bounds keep a typo from exhausting the memory.
+MAX_EPISODES = 1000
+MAX_DIVERGENCE_STATES = 100_000
+
+
+def check_checkpoint_and_episodes(args) -> str | None:
+    """The arguments `policy` and `robustness` share, checked the same way."""
+    if not os.path.isfile(args.checkpoint):
+        return f"--checkpoint {args.checkpoint}: no such file"
+    if args.sub_policy is not None and args.sub_policy < 0:
+        return f"--sub-policy must be >= 0 (and below the checkpoint's number of sub-policies), got {args.sub_policy}"
+    if not 1 <= args.episodes <= MAX_EPISODES:
+        return f"--episodes must be in [1, {MAX_EPISODES}], got {args.episodes}"
+    if args.seed < 0:  # environment seeds are seed * 1000 + e, and Gymnasium takes non-negative seeds only
+        return f"--seed must be >= 0, got {args.seed}"
+    return None
+
+
+def check_policy_args(args: PolicyArgs) -> str | None:
+    """The first argument out of its range, as a message naming the flag (None if all are valid):
+    every check is made before any work starts."""
+    if (problem := check_checkpoint_and_episodes(args)) is not None:
+        return problem
+    if not 1 <= args.divergence_states <= MAX_DIVERGENCE_STATES:
+        return f"--divergence-states must be in [1, {MAX_DIVERGENCE_STATES}], got {args.divergence_states}"
+    return check_output_file("--json", args.json)
+
+
 def policy_command(args: PolicyArgs) -> dict:
+    if (problem := check_policy_args(args)) is not None:
+        fail(problem)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     checkpoint = load_or_fail(args.checkpoint)
     evaluate = lambda policy, sub_policies: evaluate_sub_policies(
@@ -476,11 +772,12 @@ def policy_command(args: PolicyArgs) -> dict:
     rows, n, base = [], 1, None
     if checkpoint.get("phase") == "online":
         # An online checkpoint deploys one policy, the fine-tuned actor's mean.
-        deployed_label, actor, _ = deployed_policy(checkpoint, device)
+        deployed_label, actor, _ = built_or_fail(args.checkpoint, lambda: deployed_policy(checkpoint, device))
         rows.append({"label": deployed_label, "sub_policy": checkpoint["sub_policy"],
                      "scores": evaluate(actor.eval(), [0])[0].tolist(), "ope": None, "ope_kind": None})
     else:
-        base = DiffusionPolicy.from_checkpoint(checkpoint["policy"]).to(device).eval()
+        base = built_or_fail(args.checkpoint, lambda: build_saved(checkpoint["policy"], "the saved policy"))
+        base = base.to(device).eval()
         n = base.config.n_subpolicies
         if args.sub_policy is not None and not 0 <= args.sub_policy < n:
             fail(f"--sub-policy must be in [0, {n - 1}] for this checkpoint, got {args.sub_policy}")
@@ -494,12 +791,14 @@ def policy_command(args: PolicyArgs) -> dict:
                          "ope": None if ope is None else float(ope[i]), "ope_kind": None if ope is None else "AM-Q"})
         for entry in checkpoint.get("improved") or []:
             if entry["sub_policy"] in evaluated:
-                copy = DiffusionPolicy.from_checkpoint(entry["policy"]).to(device).eval()
+                copy = built_or_fail(args.checkpoint, lambda: build_saved(
+                    entry["policy"], f"the improved copy of sub-policy {entry['sub_policy']}")).to(device).eval()
                 scores = evaluate(copy, [entry["sub_policy"]])[0]
                 rows.append({"label": f"sub-policy {entry['sub_policy']}, improved ({entry['operator']})",
                              "sub_policy": entry["sub_policy"], "scores": scores.tolist(),
                              "ope": float(entry["ope_score"]), "ope_kind": "gated OPE"})
     for row in rows:
+        fail_unless_finite(args.checkpoint, row["label"], np.array(row["scores"]))
         row["mean"], row["std"] = float(np.mean(row["scores"])), float(np.std(row["scores"]))
         row["deployed"] = row["label"] == deployed_label
 
@@ -517,6 +816,7 @@ def policy_command(args: PolicyArgs) -> dict:
         except DatasetMissing as error:
             fail(str(error))
         matrix = sub_policy_divergence(base, states)
+        fail_unless_finite(args.checkpoint, "the divergence of the sub-policies", matrix)
         result["divergence"] = {"states": len(states), "matrix": matrix.tolist(),
                                 "mean_pairwise": float(matrix.sum() / (n * (n - 1)))}
 
@@ -568,15 +868,38 @@ class RobustnessArgs:
     """if toggled, use a GPU when there is one"""
 
 
+def check_robustness_args(args: RobustnessArgs) -> str | None:
+    """The first argument out of its range, as a message naming the flag (None if all are valid):
+    every check is made before any work starts. Noise and push strengths are >= 0; a mass or friction
+    change is > -1 (the quantity stays positive); NaN is no strength."""
+    if (problem := check_checkpoint_and_episodes(args)) is not None:
+        return problem
+    for name in PERTURBATIONS:
+        flag = f"--{name.replace('_', '-')}"
+        for strength in getattr(args, name):
+            if name in ("mass", "friction"):
+                if np.isfinite(strength) and strength <= -1:
+                    return (f"{flag}: a {name} change of {strength} would make it non-positive; each strength must "
+                            f"be > -1 and finite")
+                if not np.isfinite(strength):
+                    return f"{flag} must be > -1 and finite, got {strength}"
+            elif not (np.isfinite(strength) and strength >= 0):
+                return f"{flag} must be >= 0 and finite, got {strength}"
+    return check_output_file("--json", args.json)
+
+
 def robustness_command(args: RobustnessArgs) -> dict:
+    if (problem := check_robustness_args(args)) is not None:
+        fail(problem)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     checkpoint = load_or_fail(args.checkpoint)
     if args.sub_policy is None:
-        label, policy, sub_policy = deployed_policy(checkpoint, device)
+        label, policy, sub_policy = built_or_fail(args.checkpoint, lambda: deployed_policy(checkpoint, device))
     elif checkpoint.get("phase") == "online":
         fail("--sub-policy picks a sub-policy of an offline checkpoint; an online checkpoint deploys one policy")
     else:
-        policy = DiffusionPolicy.from_checkpoint(checkpoint["policy"]).to(device)
+        policy = built_or_fail(args.checkpoint, lambda: build_saved(checkpoint["policy"], "the saved policy"))
+        policy = policy.to(device)
         if not 0 <= args.sub_policy < policy.config.n_subpolicies:
             fail(f"--sub-policy must be in [0, {policy.config.n_subpolicies - 1}], got {args.sub_policy}")
         label, sub_policy = f"sub-policy {args.sub_policy}", args.sub_policy
@@ -602,6 +925,8 @@ def robustness_command(args: RobustnessArgs) -> dict:
             env.close()  # ScaledModel puts the model back
     scores = normalized_score(returns, checkpoint["ref_min_score"], checkpoint["ref_max_score"])
     scores = scores.reshape(len(conditions), args.episodes)
+    for (name, strength), condition_scores in zip(conditions, scores):
+        fail_unless_finite(args.checkpoint, f"{label} under {name} at strength {strength:g}", condition_scores)
     clean = scores[0].mean()
     rows = [{"perturbation": name, "strength": strength, "scores": condition_scores.tolist(),
              "mean": float(condition_scores.mean()), "std": float(condition_scores.std()),
@@ -631,6 +956,20 @@ class ReportArgs:
     """where to write report.md and the PNG curves (default: RUNS_DIR)"""
     methods: tuple[str, ...] = ()
     """the columns (exp_names) in this order; default: every method found, offline runs first"""
+
+
+def check_report_args(args: ReportArgs) -> str | None:
+    """The first argument out of its range, as a message naming it (None if all are valid): every
+    check is made before any checkpoint is read."""
+    if not os.path.isdir(args.runs_dir):
+        return f"RUNS_DIR: no folder {args.runs_dir}"
+    if any(not method for method in args.methods):
+        return "--methods: a method name is empty"
+    if len(set(args.methods)) < len(args.methods):
+        return f"--methods names a method twice: {' '.join(args.methods)}"
+    out = args.out or args.runs_dir
+    problem = unwritable(out)
+    return None if problem is None else f"--out {out} (report.md and the curves) cannot be written: {problem}"
 
 
 # The score a run's curve follows: online, the fine-tuned sub-policy; offline, the mean over the
@@ -663,24 +1002,31 @@ def read_curve(run_dir: str, tag: str) -> tuple[np.ndarray, np.ndarray] | None:
     return np.array([event.step for event in events]), np.array([event.value for event in events])
 
 
-def collect_runs(runs_dir: str) -> list[dict]:
+def collect_runs(runs_dir: str) -> tuple[list[dict], list[str]]:
     """Every checkpoint under runs_dir as a run: its dataset (row), method (column; the run name's
-    exp_name, else the folder's name), phase, final score and curve (one checkpoint = one seed)."""
-    runs = []
+    exp_name, else the folder's name), phase, final score and curve (one checkpoint = one seed).
+    A checkpoint that `load_checkpoint` refuses (unreadable, a field missing, non-finite weights) or
+    whose final score is not finite is skipped, never averaged in: returns (runs, one line per skip
+    naming the file and why)."""
+    runs, skipped = [], []
     for folder, _, files in sorted(os.walk(runs_dir)):
         for name in sorted(file for file in files if file.endswith(".pt")):
             path = os.path.join(folder, name)
             try:
                 checkpoint = load_checkpoint(path)
             except CheckpointError as error:
-                print(f"skipped: {error}")
+                skipped.append(f"skipped: {error}")
+                continue
+            score = final_score(checkpoint)
+            if not np.isfinite(score):
+                skipped.append(f"skipped: {path}: its final score is {score} (its last evaluation is not finite)")
                 continue
             parts = os.path.basename(folder).split("__")
             method = parts[1] if len(parts) == 4 else os.path.basename(folder)
             phase = checkpoint.get("phase", "offline")
             runs.append({"dataset": dataset_name(checkpoint["dataset_id"]), "method": method, "phase": phase,
-                         "score": final_score(checkpoint), "curve": read_curve(folder, CURVE_TAGS[phase])})
-    return runs
+                         "score": score, "curve": read_curve(folder, CURVE_TAGS[phase])})
+    return runs, skipped
 
 
 def report_command(args: ReportArgs) -> str:
@@ -689,11 +1035,14 @@ def report_command(args: ReportArgs) -> str:
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 
-    if not os.path.isdir(args.runs_dir):
-        fail(f"no folder {args.runs_dir}")
-    runs = collect_runs(args.runs_dir)
+    if (problem := check_report_args(args)) is not None:
+        fail(problem)
+    runs, skipped = collect_runs(args.runs_dir)
+    for line in skipped:
+        print(line)
     if not runs:
-        fail(f"no checkpoints (*.pt) under {args.runs_dir}")
+        fail(f"no usable checkpoints (*.pt) under {args.runs_dir}" + (f" ({len(skipped)} skipped, see above)"
+                                                                       if skipped else ""))
     out = args.out or args.runs_dir
     os.makedirs(out, exist_ok=True)
     datasets = sorted({run["dataset"] for run in runs})
@@ -720,6 +1069,9 @@ def report_command(args: ReportArgs) -> str:
              "Normalized score (mean +- sample std over seeds) of what each run deploys at its end: online runs, the "
              "fine-tuned sub-policy; offline runs, the offline choice (mean over sub-policies without OPE).", "",
              table, "", "Seeds per cell: " + ", ".join(f"{d} / {m}: {k}" for (d, m), k in sorted(seeds.items()))]
+    if skipped:  # the report says what it left out, not only the terminal
+        lines += ["", f"Checkpoints left out ({len(skipped)}):", ""] + [
+            "- " + line.removeprefix("skipped: ") for line in skipped]
 
     # Learning curves: one figure per dataset and phase; per method the mean over seeds and a band
     # of +- one std. Evaluations fall at the first iteration past each multiple of --eval-every, so
@@ -747,7 +1099,9 @@ def report_command(args: ReportArgs) -> str:
             axis.grid(alpha=0.3)
             axis.legend()
             figure.tight_layout()
-            png = os.path.join(out, f"curves_{dataset}_{phase}.png")
+            # A Minari id that is no D4RL-style name (`test/hopper/random-v0`) has slashes: not in a file name.
+            file_name = re.sub(r"[^\w.-]", "-", dataset)
+            png = os.path.join(out, f"curves_{file_name}_{phase}.png")
             figure.savefig(png, dpi=120)
             plt.close(figure)
             lines += ["", f"![{dataset} {phase}]({os.path.basename(png)})"]
@@ -784,6 +1138,22 @@ class SpeedArgs:
     """also write the JSON to this file"""
     cuda: bool = True
     """if toggled, use a GPU when there is one"""
+
+
+MAX_SPEED_BATCH = 65_536  # one batch of states and chunks in memory at once
+
+
+def check_speed_args(args: SpeedArgs) -> str | None:
+    """The first argument out of its range, as a message naming the flag (None if all are valid):
+    every check is made before any work starts."""
+    if args.env_id not in gym.registry:
+        return f"--env-id {args.env_id} is not a registered Gymnasium environment (e.g. Hopper-v5)"
+    if not 1 <= args.batch_size <= MAX_SPEED_BATCH:
+        return f"--batch-size must be in [1, {MAX_SPEED_BATCH}], got {args.batch_size}"
+    for name in ("gradient_steps", "decisions", "online_timesteps"):
+        if getattr(args, name) < 1:
+            return f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}"
+    return check_output_file("--json", args.json)
 
 
 class GaussianMLPPolicy(torch.nn.Module):
@@ -921,6 +1291,8 @@ def gaussian_speed(args: SpeedArgs, env: gym.Env, device: torch.device) -> dict:
 
 
 def speed_command(args: SpeedArgs) -> dict:
+    if (problem := check_speed_args(args)) is not None:
+        fail(problem)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     env = gym.make(args.env_id)
     result = {"env_id": args.env_id, "device": str(device), "torch_threads": torch.get_num_threads(),

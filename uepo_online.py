@@ -5,8 +5,9 @@
     python uepo_online.py --checkpoint ... --actor diffusion --from-scratch         # diffusion baseline
     python uepo_online.py --checkpoint ... --actor mlp                              # Gaussian MLP baseline
 
-1. Load the offline checkpoint of uepo_offline.py; a corrupt one, or (with `--env-id`) one made
-   for another environment, is refused with the reason.
+1. Load the offline checkpoint of uepo_offline.py; a corrupt or incomplete one, or (with
+   `--env-id`) one made for another environment or dataset, is refused with the reason. Where the
+   run writes (runs/, `--checkpoint-path`) is checked writable before that.
 2. Selection, Uni-O4's rule (docs/design.md, "Online fine-tuning"): the top `--selection-top`
    candidates by their offline OPE score (the improved copies when the offline run made them,
    else the base sub-policies), then the best of them over real episodes. The table that led
@@ -39,8 +40,8 @@ from torch.utils.tensorboard import SummaryWriter
 
 from diffusion import DiffusionPolicy, OnlineActor, ppo_mlp
 from divergence import gaussian_kl, gaussian_log_prob
-from eval import (GYM_ENV_IDS, CheckpointError, ChunkEnv, evaluate_sub_policies, fail, load_checkpoint,
-                  offline_candidates, save_checkpoint)
+from eval import (GYM_ENV_IDS, CheckpointError, ChunkEnv, build_saved, check_output_file, evaluate_sub_policies, fail,
+                  load_checkpoint, offline_candidates, save_checkpoint, unwritable)
 
 
 @dataclass
@@ -56,7 +57,8 @@ class Args:
     cuda: bool = True
     """if toggled, use a GPU when there is one"""
     env_id: str | None = None
-    """if given (`hopper-medium` or a Gymnasium id such as `Hopper-v5`), the checkpoint must be for this environment"""
+    """if given, the checkpoint must be for this environment (a Gymnasium id such as `Hopper-v5`) or, with a D4RL-style
+    name such as `hopper-medium`, for this environment and dataset"""
 
     # The actor
     actor: Literal["diffusion", "residual", "noise", "mlp"] = "noise"
@@ -148,13 +150,47 @@ def check_args(args: Args) -> str | None:
                 f"--actor mlp is the Gaussian MLP from scratch)")
     if args.checkpoint_path and os.path.abspath(args.checkpoint_path) == os.path.abspath(args.checkpoint):
         return f"--checkpoint-path {args.checkpoint_path} is the input checkpoint; the run would overwrite it"
+    if args.env_id is not None and not (is_dataset_name(args.env_id) or args.env_id in gym.registry):
+        return (f"--env-id must be `<env>-<quality>` with env in {', '.join(GYM_ENV_IDS)} (e.g. hopper-medium) or a "
+                f"Gymnasium id (e.g. Hopper-v5), got {args.env_id}")
     return None
+
+
+def check_paths(args: Args) -> str | None:
+    """Where the run writes, checked writable before any work (the loading, the selection): an
+    unwritable path would otherwise fail only at the first save, after the selection's episodes."""
+    problem = unwritable("runs")
+    if problem is not None:
+        return f"runs/ (the TensorBoard logs and the default checkpoint folder) cannot be written: {problem}"
+    return check_output_file("--checkpoint-path", args.checkpoint_path)
+
+
+def is_dataset_name(name: str) -> bool:
+    """`hopper-medium` (a D4RL-style dataset name: an env of GYM_ENV_IDS and a quality), not `Hopper-v5`."""
+    task, _, quality = name.partition("-")
+    return task in GYM_ENV_IDS and quality != ""
 
 
 def gym_env_id(name: str) -> str:
     """`hopper-medium` -> `Hopper-v5`; a Gymnasium id passes through."""
     task = name.split("-")[0]
     return GYM_ENV_IDS[task] if task in GYM_ENV_IDS else name
+
+
+def choose_candidate(labels: list[str], scores: list[float]) -> int:
+    """Index of the best real score among the selection's candidates (Uni-O4's choice). A candidate
+    whose score is not finite (NaN actions or returns) is skipped with a printed line, never chosen
+    (a plain max() keeps a NaN that comes first). ValueError if no score is finite."""
+    finite = []
+    for index, (label, score) in enumerate(zip(labels, scores)):
+        if np.isfinite(score):
+            finite.append(index)
+        else:
+            print(f"selection: skipped {label}: its real normalized score is {score}, not finite")
+    if not finite:
+        raise ValueError(f"no candidate of the selection has a finite real score ({'; '.join(labels)}); "
+                         "nothing to fine-tune")
+    return max(finite, key=lambda index: scores[index])
 
 
 def chunk_gae(rewards, values, next_values, terminations, ended, discounts, gae_lambda: float):
@@ -233,7 +269,7 @@ def actor_losses(actor: OnlineActor, states, decisions, anchors, old_log_probs, 
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
-    if (problem := check_args(args)) is not None:
+    if (problem := check_args(args) or check_paths(args)) is not None:
         fail(problem)
     from_scratch = args.from_scratch or args.actor == "mlp"
     init_std = {"diffusion": 0.1, "residual": 0.1, "noise": 0.3, "mlp": 1.0}[args.actor] if args.init_std is None \
@@ -241,7 +277,10 @@ if __name__ == "__main__":
     learning_rate = (3e-6 if args.actor == "diffusion" else 3e-4) if args.learning_rate is None else args.learning_rate
     anchor_coef = 0.0 if from_scratch else args.anchor_coef  # no offline policy to stay near
     try:
-        checkpoint = load_checkpoint(args.checkpoint, expected_env_id=gym_env_id(args.env_id) if args.env_id else None)
+        # A D4RL-style --env-id names the dataset too: a checkpoint of hopper-expert is no hopper-medium run.
+        checkpoint = load_checkpoint(args.checkpoint, expected_env_id=gym_env_id(args.env_id) if args.env_id else None,
+                                     expected_dataset=args.env_id if args.env_id and is_dataset_name(args.env_id)
+                                     else None)
     except CheckpointError as error:
         fail(str(error))
     if checkpoint.get("phase") == "online" or "history" not in checkpoint:
@@ -264,7 +303,11 @@ if __name__ == "__main__":
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
 
     # ---- selection: top-k by offline OPE, then the best over real episodes (Uni-O4) ---------
-    base = DiffusionPolicy.from_checkpoint(checkpoint["policy"]).to(device)
+    try:
+        base = build_saved(checkpoint["policy"], "the saved policy").to(device)
+        candidates = [] if from_scratch else offline_candidates(checkpoint, device)
+    except CheckpointError as error:
+        fail(f"{args.checkpoint}: {error}")
     evaluate = lambda policy, sub_policy, episodes: evaluate_sub_policies(
         policy, env_id, episodes, seed=args.seed * 1000, ref_min_score=ref_min_score, ref_max_score=ref_max_score,
         max_episode_steps=max_episode_steps, sub_policies=[sub_policy])["scores"][0]
@@ -277,12 +320,14 @@ if __name__ == "__main__":
         sub_policy, selection_table = 0, "from scratch: no selection"
     else:
         # The improved copies scored by the gate's OPE, else the base sub-policies by AM-Q; best first.
-        candidates = offline_candidates(checkpoint, device)
         rows = []
         for label, candidate, i, ope_score in candidates[: args.selection_top]:
             scores = evaluate(candidate, i, args.selection_episodes)
             rows.append((label, candidate, i, ope_score, scores.mean(), scores.std()))
-        chosen = max(range(len(rows)), key=lambda r: rows[r][4])
+        try:
+            chosen = choose_candidate([row[0] for row in rows], [row[4] for row in rows])
+        except ValueError as error:
+            fail(f"{args.checkpoint}: {error}")
         selection_table = "| candidate | offline OPE | real normalized score | chosen |\n|-|-|-|-|\n" + "\n".join(
             f"| {label} | {ope_score:.1f} | {mean:.1f} +- {std:.1f} | {'yes' if r == chosen else ''} |"
             for r, (label, _, _, ope_score, mean, std) in enumerate(rows))

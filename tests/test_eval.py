@@ -11,8 +11,10 @@ import numpy as np
 import pytest
 from torch.utils.tensorboard import SummaryWriter
 
-from conftest import ROOT
+from conftest import HOPPER_REF_MAX, HOPPER_REF_MIN, ROOT
+from diffusion import OnlineActor
 from eval import ActionNoise, ObservationNoise, RandomPush, ScaledModel, load_checkpoint, save_checkpoint
+from test_diffusion import make_policy
 
 
 def run_eval(arguments, cwd, extra_env=None):
@@ -173,13 +175,27 @@ def test_noise_wrappers_draw_their_own_seeded_noise():
 
 
 # ---- report ---------------------------------------------------------------------------------------------
+def complete_checkpoint(phase, n_subpolicies=2, **fields):
+    """A hand-made checkpoint of this phase with every field `load_checkpoint` requires (a tiny policy
+    or actor of n sub-policies, one evaluation), `fields` replacing any of them."""
+    common = {"phase": phase, "args": {"seed": 1, "gamma": 0.99}, "env_id": "Hopper-v5",
+              "dataset_id": "mujoco/hopper/medium-v0", "max_episode_steps": 1000, "ref_min_score": HOPPER_REF_MIN,
+              "ref_max_score": HOPPER_REF_MAX}
+    if phase == "offline":
+        return {**common, "step": 0, "policy": make_policy(n_subpolicies=n_subpolicies).to_checkpoint(),
+                "improved": [], "history": {"step": [0], "scores": [[[0.0]] * n_subpolicies]}, **fields}
+    actor = OnlineActor("noise", make_policy(n_subpolicies=n_subpolicies), 0, 0.3)
+    return {**common, "global_step": 0, "offline_checkpoint": "none", "actor": actor.to_checkpoint(),
+            "sub_policy": 0, "selection": "", "value": {}, "history": {"step": [0], "scores": [[0.0]]}, **fields}
+
+
 def hand_made_run(runs_dir, name, phase, seed, scores, curve, dataset_id="mujoco/hopper/medium-v0", **extra):
-    """A run folder as the scripts write it: a checkpoint with the parts the report reads, and
-    TensorBoard logs with the curve."""
+    """A run folder as the scripts write it: a checkpoint with the parts the report reads (and the
+    rest of what `load_checkpoint` requires), and TensorBoard logs with the curve."""
     folder = runs_dir / name
     history = {"step": [step for step, _ in curve], "scores": scores, **extra.pop("history", {})}
-    save_checkpoint({"phase": phase, "dataset_id": dataset_id, "env_id": "Hopper-v5", "args": {"seed": seed},
-                     "history": history, **extra}, str(folder / f"{phase}.pt"))
+    save_checkpoint(complete_checkpoint(phase, dataset_id=dataset_id, args={"seed": seed, "gamma": 0.99},
+                                        history=history, **extra), str(folder / f"{phase}.pt"))
     writer = SummaryWriter(str(folder))
     tag = "charts/normalized_score" if phase == "online" else "charts/normalized_score_mean"
     for step, value in curve:
@@ -196,7 +212,7 @@ def test_report_table_matches_hand_made_runs(tmp_path):
                   dataset_id="mujoco/walker2d/medium-v0")
     # Offline, hopper-medium only: the improved copy with the best gated OPE (70) counts, not the
     # better-scoring one (90); a run without improvement counts its AM-Q pick (sub-policy 1: 40).
-    base_policy = {"config": {"n_subpolicies": 2}}  # the part of a saved policy the report reads
+    base_policy = make_policy(n_subpolicies=2).to_checkpoint()
     hand_made_run(runs, "hopper-medium__off__1__1", "offline", 1, [[[10.0], [20.0]]], [(100, 15.0)],
                   policy=base_policy,
                   improved=[{"sub_policy": 0, "operator": "qgrad", "policy": base_policy, "ope_score": 5.0,
