@@ -12,8 +12,8 @@ Reading order:
      mu_i(s); at every step the adaptive perturbation of divergence.py pushes apart sub-policies
      whose denoising estimates are too close.
 4. `OnlineActor`            - the Gaussian N(mu_i(s), diag sigma^2) that online PPO fine-tunes.
-5. `bppo_loss`, `qgrad_loss`, `BestSnapshot` - the offline improvement of one sub-policy and its
-   gate. bppo scores a sub-policy with the same likelihood as online PPO, a Gaussian around its
+5. `bppo_loss`, `qgrad_loss` - the offline improvement of one sub-policy (its gate,
+   `BestSnapshot`, is in dynamics.py beside AM-Q). bppo scores a sub-policy with the same likelihood as online PPO, a Gaussian around its
    deterministic chunk mu_i(s): the policy that is improved is the one that is deployed.
 
 Conventions: actions live in [-1, 1] inside the policy (scaled from the action space bounds);
@@ -569,29 +569,3 @@ def qgrad_loss(policy: DiffusionPolicy, states: torch.Tensor, chunks: torch.Tens
     q = q_fn(policy.sample(states).actions[:, sub_policy])
     loss = diffusion + q_weight * (-q.mean() / q.abs().mean().detach().clamp(min=1e-6))
     return {"loss": loss, "diffusion": diffusion.detach(), "q": q.mean().detach()}
-
-
-class BestSnapshot:
-    """The improvement gate's memory (docs/design.md, "The offline loop, critics and improvement",
-    The gate): the parameters with the best OPE score seen so far. `offer` keeps a new snapshot
-    only if it scores strictly higher, so the result of an improvement run is its best-by-OPE
-    snapshot, never simply the last one."""
-
-    def __init__(self, model: nn.Module, score: float, step: int = 0):
-        self.history = []  # (step, OPE score, accepted)
-        self._keep(model, score, step)
-
-    def _keep(self, model: nn.Module, score: float, step: int) -> None:
-        self.best_score, self.best_step = score, step
-        self.best_state = {key: value.detach().clone() for key, value in model.state_dict().items()}
-        self.history.append((step, score, True))
-
-    def offer(self, model: nn.Module, score: float, step: int) -> bool:
-        if score > self.best_score:
-            self._keep(model, score, step)
-            return True
-        self.history.append((step, score, False))
-        return False
-
-    def restore(self, model: nn.Module) -> None:
-        model.load_state_dict(self.best_state)

@@ -9,7 +9,9 @@ Three pieces, all plain functions over tensors:
    sampler: sub-policies whose denoising estimate comes closer than `tau` to another one get
    pushed apart, harder the closer they are.
 3. `gaussian_kl` and `subpolicy_objective` - the sequence-level KL and the sub-policy
-   objective J(pi_i) (Uni-O4's disagreement objective with whole action sequences).
+   objective J(pi_i) (Uni-O4's disagreement objective with whole action sequences), with its
+   disagreement term read on dataset sequences (`subpolicy_terms`) or on each sub-policy's own
+   sequence (`own_sequence_repulsion`).
 
 Shapes: an action sequence (chunk) is (..., H, act_dim), H = chunk length (`--horizon`).
 """
@@ -157,6 +159,30 @@ def subpolicy_terms(subpolicy_chunks: torch.Tensor, data_chunks: torch.Tensor,
     log_probs = log_probs / entries
     best = log_probs.max(dim=1, keepdim=True).values
     return log_probs.mean(0), (log_probs - best).mean(0)
+
+
+def own_sequence_repulsion(subpolicy_chunks: torch.Tensor, std: float, margin: float) -> torch.Tensor:
+    """J's disagreement term read on each sub-policy's *own* sequence (docs/design.md, "Divergence
+    regularization", the `own-sequence` reading), (n,):
+
+        E_s[log pi_i(mu_i(s)) - max_{j != i} log pi_j(mu_i(s))]
+          = E_s[min_{j != i} ||mu_i(s) - mu_j(s)||^2 / (2 std^2)]     (Gaussian surrogates, equal std)
+
+    a repulsion of every sub-policy from its nearest partner. Per action entry (divided by H x A)
+    as in `subpolicy_terms`. Choice (paper silent): bounded, min(., margin) per state, so that a
+    pair already `margin` apart gets no push: the term separates sub-policies that have collapsed
+    onto each other without driving any of them off the data.
+
+    subpolicy_chunks: (B, n, H, A) deterministic sequences, differentiable; n >= 2.
+    """
+    n, entries = subpolicy_chunks.shape[1], subpolicy_chunks.shape[-2] * subpolicy_chunks.shape[-1]
+    if n < 2:
+        raise ValueError("the repulsion between sub-policies needs at least 2 of them")
+    gaps = (subpolicy_chunks.unsqueeze(2) - subpolicy_chunks.unsqueeze(1)).pow(2).sum((-1, -2))  # (B, n, n)
+    gaps = gaps / (2.0 * std ** 2 * entries)
+    eye = torch.eye(n, dtype=torch.bool, device=gaps.device)
+    nearest = gaps.masked_fill(eye, float("inf")).amin(-1)  # (B, n)
+    return nearest.clamp(max=margin).mean(0)
 
 
 def subpolicy_objective(subpolicy_chunks: torch.Tensor, data_chunks: torch.Tensor,

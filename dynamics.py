@@ -20,8 +20,10 @@ Reading order:
    (predicted) observations.
 5. `ChunkCritics`, `expectile_loss`, `chunk_td_target`, `iql_losses`, `soft_update` - the
    chunk-level IQL critics Q(s, a_{t:t+H}) and V(s) whose Q is the "Q" of AM-Q.
-6. `am_q_ope` - AM-Q offline policy evaluation: a policy's chunks rolled through the model,
-   scored by the mean Q over the visited (state, chunk) pairs.
+6. `am_q_ope`, `am_q_rollouts` - AM-Q offline policy evaluation: a policy's chunks rolled through
+   the model, scored by the mean Q over the visited (state, chunk) pairs; `paired_gain_bound`,
+   `BestSnapshot` - the improvement gate, which keeps a snapshot only for a gain beyond the
+   OPE's own noise.
 7. `disagreement_threshold`, `diffusion_augmentation` - synthetic transitions from the
    sub-policies' chunks through the model, kept while the ensemble disagreement stays below
    epsilon; `mixed_batch` - dynamics batches drawn from real and synthetic data together.
@@ -502,13 +504,25 @@ def soft_update(target: nn.Module, source: nn.Module, rate: float) -> None:
 def am_q_ope(chunk_policy, q_function, dynamics, is_terminal, start_histories: torch.Tensor,
              num_steps: int, generator: torch.Generator | None = None,
              uncertainty_penalty: float = 0.0, gamma: float = 0.99) -> torch.Tensor:
-    """AM-Q: roll a deterministic chunk policy through the learned model and average Q.
+    """AM-Q, the scalar score: `am_q_rollouts`' Q sums over all rollouts divided by their visited
+    chunks, i.e. the mean Q over every visited (state, chunk) pair."""
+    sums, counts = am_q_rollouts(chunk_policy, q_function, dynamics, is_terminal, start_histories, num_steps,
+                                 generator, uncertainty_penalty, gamma)
+    return sums.sum() / counts.sum()
+
+
+def am_q_rollouts(chunk_policy, q_function, dynamics, is_terminal, start_histories: torch.Tensor,
+                  num_steps: int, generator: torch.Generator | None = None,
+                  uncertainty_penalty: float = 0.0, gamma: float = 0.99) -> tuple[torch.Tensor, torch.Tensor]:
+    """AM-Q per start state: roll a deterministic chunk policy through the learned model and sum Q.
 
     From every start history (N, To, S) (raw dataset states), the policy's chunk is applied
     step by step through `dynamics.sample_step` (a random elite per row) for `num_steps`
     environment steps in whole chunks; a rollout stops counting at its first predicted
-    termination. The score is the mean of Q over every visited (state, chunk) pair of live
-    rollouts: Uni-O4's estimate, no discount, no penalty.
+    termination. Returns, per start (N,), the sum of Q over its visited (state, chunk) pairs and
+    their number; AM-Q (`am_q_ope`) is the mean over all visited pairs: Uni-O4's estimate, no
+    discount, no penalty. The per-start terms let the gate compare two policies start by start
+    (`paired_gain_bound`).
 
     With `uncertainty_penalty` lambda > 0 (the improvement gate, docs/design.md: "the OPE of the gate
     must not trust Q alone where the policy leaves the data"), each visited pair's Q is replaced
@@ -547,7 +561,85 @@ def am_q_ope(chunk_policy, q_function, dynamics, is_terminal, start_histories: t
             penalties_to_go.append(to_go)
         horizon = len(step_penalties) // len(chunk_q)
         q = q - uncertainty_penalty * torch.stack(penalties_to_go[::-1][::horizon])
-    return q[visited].sum() / visited.sum()
+    return torch.where(visited, q, 0.0).sum(0), visited.sum(0).to(q.dtype)
+
+
+def paired_gain_bound(new: tuple[torch.Tensor, torch.Tensor], kept: tuple[torch.Tensor, torch.Tensor],
+                      confidence: float, num_resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """The gate's confidence rule (docs/design.md, "The gate"): the AM-Q gain of `new` over `kept`
+    and a one-sided lower confidence bound on it.
+
+    Both are `am_q_rollouts` results from the same start states and the same model noise, so the
+    comparison is paired: a paired bootstrap resamples start states (the same ones for both) and
+    recomputes both ratio estimates; the bound is the (1 - confidence) quantile of the resampled
+    gains. A gain whose bound is above 0 is larger than the OPE's own noise (the spread of its
+    start states). Fixed `seed`: the same inputs give the same decision.
+    """
+    def ratio(sums, counts):
+        return sums.sum(-1) / counts.sum(-1)
+    gain = (ratio(*new) - ratio(*kept)).item()
+    generator = torch.Generator().manual_seed(seed)
+    index = torch.randint(len(new[0]), (num_resamples, len(new[0])), generator=generator).to(new[0].device)
+    resampled = ratio(new[0][index], new[1][index]) - ratio(kept[0][index], kept[1][index])
+    return gain, torch.quantile(resampled, 1.0 - confidence).item()
+
+
+class BestSnapshot:
+    """The improvement gate's memory (docs/design.md, "The offline loop, critics and improvement",
+    The gate): the parameters with the best OPE score seen so far. `offer` takes the new
+    snapshot's `am_q_rollouts` (same start states and model noise as the kept one's) and keeps it
+    only if its gain over the kept snapshot is confident: the lower bound of `paired_gain_bound`
+    at `confidence` is above 0 (`confidence` 0: any gain, the bound is the gain itself). A gain
+    inside the OPE's noise changes nothing, so the result of an improvement run is its best-by-OPE
+    snapshot, never simply the last one, and never one that only looks better by chance."""
+
+    def __init__(self, model: nn.Module, rollouts: tuple[torch.Tensor, torch.Tensor], step: int = 0,
+                 confidence: float = 0.0):
+        self.confidence = confidence
+        self.history = []  # (step, OPE score, accepted, lower bound on the gain over the kept snapshot)
+        self._keep(model, rollouts, step, float("nan"))
+
+    def _keep(self, model: nn.Module, rollouts, step: int, lower_bound: float) -> None:
+        self.best_rollouts, self.best_step = rollouts, step
+        self.best_score = (rollouts[0].sum() / rollouts[1].sum()).item()
+        self.best_state = {key: value.detach().clone() for key, value in model.state_dict().items()}
+        self.history.append((step, self.best_score, True, lower_bound))
+
+    def offer(self, model: nn.Module, rollouts: tuple[torch.Tensor, torch.Tensor], step: int) -> bool:
+        if self.confidence > 0:
+            _, lower_bound = paired_gain_bound(rollouts, self.best_rollouts, self.confidence)
+        else:
+            lower_bound = (rollouts[0].sum() / rollouts[1].sum()).item() - self.best_score
+        if lower_bound > 0:
+            self._keep(model, rollouts, step, lower_bound)
+            return True
+        self.history.append((step, (rollouts[0].sum() / rollouts[1].sum()).item(), False, lower_bound))
+        return False
+
+    def restore(self, model: nn.Module) -> None:
+        model.load_state_dict(self.best_state)
+
+
+def confident_choice(candidate_rollouts: list, confidence: float) -> tuple[int, list[tuple[int, float, float]]]:
+    """The offline choice among gated candidates (docs/design.md, "The gate"), given their
+    `am_q_rollouts` in order of preference (the improved copies in the order their base
+    sub-policies qualified, best plain AM-Q first). A later candidate replaces the current
+    choice only if its paired gain over it is confident (lower bound > 0, as in `BestSnapshot`);
+    a gain inside the OPE's noise is a tie, and a tie goes to the earlier candidate.
+    Returns the chosen index and, for every later candidate, (index, gain, lower bound) against
+    the choice it was compared with."""
+    choice, comparisons = 0, []
+    for index in range(1, len(candidate_rollouts)):
+        new, kept = candidate_rollouts[index], candidate_rollouts[choice]
+        if confidence > 0:
+            gain, lower_bound = paired_gain_bound(new, kept, confidence)
+        else:
+            gain = (new[0].sum() / new[1].sum() - kept[0].sum() / kept[1].sum()).item()
+            lower_bound = gain
+        comparisons.append((index, gain, lower_bound))
+        if lower_bound > 0:
+            choice = index
+    return choice, comparisons
 
 
 # --------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ from torch.distributions import Independent, Normal, kl_divergence
 
 from divergence import (acceleration, adaptive_perturbation_std, gaussian_kl, gaussian_log_prob,
                         kinematic_divergence, mean_pairwise_divergence, nearest_divergence,
-                        pairwise_divergence, subpolicy_objective, velocity)
+                        own_sequence_repulsion, pairwise_divergence, subpolicy_objective, velocity)
 
 
 def ramp(horizon, slope, curvature=0.0, act_dim=2, offset=0.0):
@@ -291,3 +291,29 @@ def test_mean_pairwise_divergence_is_the_off_diagonal_mean():
     expected = torch.stack([m[off_diagonal].mean() for m in matrix])
     torch.testing.assert_close(mean_pairwise_divergence(chunks), expected)
     assert torch.equal(mean_pairwise_divergence(chunks[:, :1]), torch.zeros(5))
+
+
+def test_own_sequence_repulsion_is_the_nearest_half_squared_gap_and_bounded():
+    """Two sub-policies a constant c apart on every entry: log pi_i(mu_i) - log pi_j(mu_i) =
+    c^2 / (2 std^2) per entry; a third far away does not change the nearest pair's term. The term
+    grows as the pair moves apart and stops at the margin, where its gradient is zero."""
+    base = torch.zeros(5, 1, 4, 3)
+    def chunks(c, far=5.0):
+        return torch.cat([base, base + c, base + far], dim=1)  # (B, 3, H, A)
+    small = own_sequence_repulsion(chunks(0.1), std=0.5, margin=100.0)
+    larger = own_sequence_repulsion(chunks(0.2), std=0.5, margin=100.0)
+    assert torch.allclose(small[:2], torch.full((2,), 0.1 ** 2 / (2 * 0.25)))
+    assert torch.allclose(small[2], torch.tensor((5.0 - 0.1) ** 2 / (2 * 0.25)))
+    assert (larger[:2] > small[:2]).all()
+    bounded = own_sequence_repulsion(chunks(0.2), std=0.5, margin=0.01)
+    assert torch.allclose(bounded, torch.full((3,), 0.01))
+    moving = chunks(0.2).requires_grad_(True)
+    own_sequence_repulsion(moving, std=0.5, margin=0.01).sum().backward()
+    assert moving.grad.abs().sum() == 0
+    # Below the margin, maximizing it pushes the pair apart: the gradient on sub-policy 1 points away from 0.
+    moving = chunks(0.1).requires_grad_(True)
+    own_sequence_repulsion(moving, std=0.5, margin=10.0)[:2].sum().backward()
+    assert (moving.grad[:, 1] > 0).all() and (moving.grad[:, 0] < 0).all()
+    assert own_sequence_repulsion(torch.cat([base, base], 1), std=1.0, margin=1.0).abs().max() == 0
+    with pytest.raises(ValueError, match="at least 2"):
+        own_sequence_repulsion(base, std=1.0, margin=1.0)

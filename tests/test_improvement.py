@@ -1,4 +1,5 @@
-"""The improvement operators and the gate (diffusion.py: bppo_loss, qgrad_loss, BestSnapshot;
+"""The improvement operators and the gate (diffusion.py: bppo_loss, qgrad_loss; dynamics.py:
+BestSnapshot, paired_gain_bound, confident_choice;
 docs/design.md, "The offline loop, critics and improvement")."""
 
 import copy
@@ -6,7 +7,8 @@ import copy
 import pytest
 import torch
 
-from diffusion import BestSnapshot, bppo_loss, qgrad_loss
+from diffusion import bppo_loss, qgrad_loss
+from dynamics import BestSnapshot, confident_choice, paired_gain_bound
 from test_diffusion import make_policy, random_states
 
 
@@ -128,20 +130,73 @@ def test_qgrad_steps_raise_the_sub_policys_q():
     assert q_after(q_weight=0.0) < before + 0.2
 
 
+def rollouts(per_start_q, counts=None):
+    """`am_q_rollouts`-shaped input: per-start Q sums and visited-chunk counts (1 chunk each by default)."""
+    q = torch.as_tensor(per_start_q, dtype=torch.float32)
+    return q, torch.ones_like(q) if counts is None else torch.as_tensor(counts, dtype=torch.float32)
+
+
 def test_gate_keeps_the_best_by_ope_snapshot_when_a_later_one_scores_lower():
-    """Scores 1 (start), 3, 2: the kept parameters are those offered with 3, and restore brings
-    them back over the later, worse ones."""
+    """Without confidence (any gain): scores 1 (start), 3, 2: the kept parameters are those offered
+    with 3, and restore brings them back over the later, worse ones."""
     model = torch.nn.Linear(2, 1)
-    gate = BestSnapshot(model, score=1.0, step=0)
+    gate = BestSnapshot(model, rollouts([1.0, 1.0]), step=0, confidence=0.0)
     with torch.no_grad():
         model.weight.fill_(3.0)
-    assert gate.offer(model, 3.0, step=100)
+    assert gate.offer(model, rollouts([3.0, 3.0]), step=100)
     with torch.no_grad():
         model.weight.fill_(2.0)
-    assert not gate.offer(model, 2.0, step=200)
+    assert not gate.offer(model, rollouts([2.0, 2.0]), step=200)
     assert gate.best_score == 3.0 and gate.best_step == 100
-    assert [accepted for _, _, accepted in gate.history] == [True, True, False]
+    assert [accepted for _, _, accepted, _ in gate.history] == [True, True, False]
     gate.restore(model)
     assert torch.equal(model.weight, torch.full((1, 2), 3.0))
     # A tie is not an improvement: the earlier snapshot stays.
-    assert not gate.offer(model, 3.0, step=300)
+    assert not gate.offer(model, rollouts([3.0, 3.0]), step=300)
+
+
+def test_gate_refuses_a_gain_inside_the_ope_noise_and_keeps_a_clear_one():
+    """256 start states whose Q spreads with std 10. A candidate that is the kept one plus a paired
+    difference of mean +0.3 and spread 7 per start is refused at confidence 0.9 though its mean is higher; any-gain (confidence 0) would take it. A candidate
+    that is +3 on every start is kept."""
+    generator = torch.Generator().manual_seed(0)
+    base = 100 + 10 * torch.randn(256, generator=generator)
+    noise = 7 * torch.randn(256, generator=generator)
+    noisy = base + 0.3 + (noise - noise.mean())  # mean gain exactly 0.3, paired standard error ~0.44
+    model = torch.nn.Linear(2, 1)
+    assert noisy.mean() > base.mean()
+    gate = BestSnapshot(model, rollouts(base), confidence=0.9)
+    assert not gate.offer(model, rollouts(noisy), step=100)
+    assert gate.best_step == 0 and gate.history[-1][3] < 0  # the bound, logged
+    assert BestSnapshot(model, rollouts(base), confidence=0.0).offer(model, rollouts(noisy), step=100)
+    assert gate.offer(model, rollouts(base + 3.0), step=200)
+    assert gate.best_step == 200 and gate.history[-1][3] > 0
+
+
+def test_paired_gain_bound_is_the_ratio_gain_and_pairs_the_starts():
+    """The gain is that of the ratio estimates (sum Q / visited chunks); a constant shift on every
+    start has no spread, so its bound equals the gain, while the same mean gain with unpaired noise
+    has a bound below it."""
+    kept = rollouts([10.0, 20.0, 30.0, 40.0], counts=[1, 2, 3, 4])  # ratio 100 / 10 = 10
+    new = rollouts([20.0, 40.0, 60.0, 80.0], counts=[1, 2, 3, 4])   # ratio 20
+    gain, bound = paired_gain_bound(new, kept, confidence=0.9)
+    assert gain == pytest.approx(10.0) and bound == pytest.approx(10.0)
+    spread = rollouts([30.0, 20.0, 90.0, 60.0], counts=[1, 2, 3, 4])  # ratio 20 as well
+    gain, bound = paired_gain_bound(spread, kept, confidence=0.9)
+    assert gain == pytest.approx(10.0) and bound < 10.0
+
+
+def test_offline_choice_breaks_ties_towards_the_earlier_candidate():
+    """Candidates in qualification order: a later one replaces the choice only with a confident
+    gain; inside the noise the earlier one stays (the documented tie rule)."""
+    generator = torch.Generator().manual_seed(1)
+    first = 100 + 10 * torch.randn(256, generator=generator)
+    noise = 8 * torch.randn(256, generator=generator)
+    tie = first + 0.3 + (noise - noise.mean())  # higher mean by 0.3, standard error ~0.5: inside the noise
+    clear = first + 5.0
+    choice, comparisons = confident_choice([rollouts(first), rollouts(tie)], confidence=0.9)
+    assert choice == 0 and comparisons[0][0] == 1 and comparisons[0][1] > 0 and comparisons[0][2] <= 0
+    choice, _ = confident_choice([rollouts(first), rollouts(tie)], confidence=0.0)
+    assert choice == 1  # any-gain takes the higher mean
+    choice, _ = confident_choice([rollouts(first), rollouts(tie), rollouts(clear)], confidence=0.9)
+    assert choice == 2
