@@ -30,6 +30,8 @@ Design choices are fixed in docs/design.md and listed in the README.
 import copy
 import os
 import random
+import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from typing import Literal
@@ -41,12 +43,13 @@ import torch
 import tyro
 from torch.utils.tensorboard import SummaryWriter
 
-from diffusion import BestSnapshot, DiffusionPolicy, PolicyConfig, bppo_loss, qgrad_loss
-from divergence import mean_pairwise_divergence, subpolicy_terms
-from dynamics import (ChunkCritics, EnsembleDynamics, am_q_ope, diffusion_augmentation, disagreement_threshold,
-                      holdout_split, iql_losses, mixed_batch, soft_update, task_of_env_id, termination_fn)
-from eval import (CheckpointError, evaluate_sub_policies, fail, load_checkpoint, save_checkpoint,
-                  spearman_correlation)
+from diffusion import DiffusionPolicy, PolicyConfig, bppo_loss, qgrad_loss
+from divergence import mean_pairwise_divergence, own_sequence_repulsion, subpolicy_terms
+from dynamics import (BestSnapshot, ChunkCritics, EnsembleDynamics, am_q_rollouts, confident_choice,
+                      diffusion_augmentation, disagreement_threshold, holdout_split, iql_losses, mixed_batch,
+                      soft_update, task_of_env_id, termination_fn)
+from eval import (CheckpointError, check_output_file, evaluate_sub_policies, fail, load_checkpoint, save_checkpoint,
+                  spearman_correlation, unwritable)
 
 
 @dataclass
@@ -59,6 +62,8 @@ class Args:
     """if toggled, `torch.backends.cudnn.deterministic=True`"""
     cuda: bool = True
     """if toggled, use a GPU when there is one"""
+    paper_scale: bool = False
+    """if toggled, start from the paper-scale budgets (`PAPER_SCALE`: U-Net, 400k steps; sized for a GPU)"""
 
     # Data
     env_id: str = "hopper-medium"
@@ -73,8 +78,8 @@ class Args:
     """discount, used for the chunk reward R_t^H = sum_h gamma^h r_{t+h}"""
 
     # Diffusion policy
-    denoiser: Literal["unet", "mlp"] = "unet"
-    """`unet`: the paper's U-Net + Transformer cross-attention; `mlp`: a small, fast MLP"""
+    denoiser: Literal["unet", "mlp"] = "mlp"
+    """`mlp`: a small, fast MLP; `unet`: the paper's U-Net + Transformer cross-attention"""
     unet_dims: tuple[int, ...] = (128, 256)
     """channels of the U-Net levels (each level halves the chunk length)"""
     mlp_hidden: int = 256
@@ -106,10 +111,14 @@ class Args:
     """states per sub-policy-objective step (a sub-batch of the diffusion batch)"""
     subpolicy_std: float = 1.0
     """std of the Gaussian surrogate pi_i = N(mu_i(s), std^2 I) in J(pi_i); it only scales the term (1.0: half a squared error per entry)"""
+    j_reading: Literal["dataset-sequence", "own-sequence"] = "dataset-sequence"
+    """the sequence J's disagreement term scores: the dataset's, or each sub-policy's own (a bounded repulsion)"""
+    repulsion_margin: float = 0.05
+    """own-sequence J: a sub-policy whose nearest partner is this far (half squared gap per entry) is not pushed"""
 
     # Optimization
-    total_steps: int = 400_000
-    """gradient steps (Uni-O4's behaviour-cloning budget; 20k with `--denoiser mlp` is the quick CPU setting)"""
+    total_steps: int = 20_000
+    """gradient steps of the offline loop"""
     batch_size: int = 256
     """chunks per gradient step"""
     learning_rate: float = 3e-4
@@ -144,10 +153,10 @@ class Args:
     # Diffusion augmentation of the dynamics model's data (paper component 3)
     augment_ratio: float = 2.0
     """the augmentation buffer holds at most augment_ratio x |D| synthetic transitions; 0 turns augmentation off"""
-    dynamics_warmup: int = 50_000
-    """steps of dynamics training on real data only before the buffer is first filled (quick CPU setting: 5000)"""
-    augment_every: int = 50_000
-    """refresh (replace) the augmentation buffer every `augment_every` steps after the warm-up (quick: 5000)"""
+    dynamics_warmup: int = 5000
+    """steps of dynamics training on real data only before the buffer is first filled"""
+    augment_every: int = 5000
+    """refresh (replace) the augmentation buffer every `augment_every` steps after the warm-up"""
     augment_starts: int = 10_000
     """dataset start states per refresh; start b is rolled out by sub-policy b mod n, so all sub-policies contribute"""
     augment_horizon: int = 20
@@ -162,17 +171,19 @@ class Args:
     """`qgrad`: Diffusion-QL's diffusion loss + q_weight * normalized -Q through the deterministic chain;
     `bppo`: Uni-O4's clipped ratio of action-level Gaussian likelihoods N(mu_i(s), min_std^2) of the chunk on
     A = Q - V + the sequence-level KL to the reference"""
-    improvement_steps: int = 10_000
-    """gradient steps of every copy (quick CPU setting: 500)"""
+    improvement_steps: int = 500
+    """gradient steps of every copy"""
     improvement_learning_rate: float | None = None
     """Adam learning rate of the copies; default 3e-5 for bppo (docs/design.md: at 1e-4 it collapsed within 1-3k steps
     without a gate, at 3e-5 it held) and 1e-4 for qgrad (its diffusion loss anchors it to the data)"""
-    ope_every: int = 1000
-    """the gate: score the copy with the penalized AM-Q every `ope_every` steps and keep the best snapshot (quick: 100)"""
+    ope_every: int = 100
+    """the gate: score the copy with the penalized AM-Q every `ope_every` steps"""
     clip_coef: float = 0.25
     """bppo: clip range of the likelihood ratio of the action-level Gaussian (Uni-O4's 0.25)"""
     improvement_kl_coef: float = 0.1
     """bppo: weight of the sequence-level KL of the copy's action-level Gaussian to its reference's"""
+    gate_confidence: float = 0.9
+    """the gate keeps a snapshot only if a paired bootstrap puts its OPE gain above 0 at this one-sided level (0: any gain)"""
     q_weight: float = 0.05
     """qgrad: weight of -Q / mean|Q| (docs/design.md: 1.0 collapsed to 3, 0.05 reached 94.5 at 2k steps
     without a gate)"""
@@ -181,9 +192,9 @@ class Args:
     settings, evaluate them, and run only the improvement stage (to compare operators without retraining)"""
 
     # Evaluation, logging, checkpoint
-    eval_every: int = 50_000
+    eval_every: int = 10_000
     """evaluate every sub-policy on the real environment every `eval_every` steps (and at the end)"""
-    eval_episodes: int = 10
+    eval_episodes: int = 5
     """episodes per sub-policy and evaluation"""
     action_steps: int | None = None
     """actions of each chunk executed in evaluation before re-planning (default: all H; fewer = receding horizon)"""
@@ -193,6 +204,142 @@ class Args:
     """print progress and write TensorBoard scalars every `log_every` steps"""
     checkpoint_path: str | None = None
     """where to write the checkpoint (default: runs/{run_name}/offline.pt)"""
+
+
+# The defaults above finish on a 2-core CPU (docs/experiments.md). `--paper-scale` starts from
+# these budgets instead (Uni-O4's 400k behaviour-cloning steps, the paper's U-Net); flags given
+# beside it still override them.
+PAPER_SCALE = {"denoiser": "unet", "total_steps": 400_000, "eval_every": 50_000, "eval_episodes": 10,
+               "dynamics_warmup": 50_000, "augment_every": 50_000, "improvement_steps": 10_000, "ope_every": 1000}
+
+
+def check_args(args: Args) -> str | None:
+    """The first argument out of its range, as a message naming the flag (None if all are valid):
+    every check is made before any work starts. Comparisons are written so that NaN fails them."""
+    flag = lambda name: f"--{name.replace('_', '-')}"
+    at_least_one = ("horizon", "obs_horizon", "mlp_hidden", "n_subpolicies", "kl_every", "kl_batch_size", "total_steps",
+                    "batch_size", "elite_every", "ope_states", "ope_horizon", "augment_every", "augment_starts",
+                    "augment_horizon", "improvement_steps", "ope_every", "eval_every", "eval_episodes",
+                    "divergence_states", "log_every")
+    for name in at_least_one:
+        if not getattr(args, name) >= 1 and not (name == "total_steps" and args.init_checkpoint is not None):
+            return f"{flag(name)} must be >= 1, got {getattr(args, name)}"
+    if not all(dim >= 1 for dim in args.unet_dims):
+        return f"--unet-dims must all be >= 1, got {args.unet_dims}"
+    if not args.diffusion_steps >= 2:
+        return f"--diffusion-steps must be >= 2 (a diffusion needs at least two noise levels), got {args.diffusion_steps}"
+    if not 1 <= args.ddim_steps <= args.diffusion_steps:
+        return f"--ddim-steps must be between 1 and --diffusion-steps ({args.diffusion_steps}), got {args.ddim_steps}"
+    for name in ("dynamics_warmup", "num_qualified", "kl_coef", "eta", "ope_penalty", "augment_ratio", "q_weight",
+                 "improvement_kl_coef"):
+        if not getattr(args, name) >= 0:
+            return f"{flag(name)} must be >= 0, got {getattr(args, name)}"
+    for name in ("tau", "min_std", "subpolicy_std", "repulsion_margin", "learning_rate", "max_grad_norm",
+                 "critic_learning_rate", "dynamics_learning_rate", "clip_coef", "improvement_learning_rate"):
+        value = getattr(args, name)
+        if value is not None and not value > 0:
+            return f"{flag(name)} must be > 0, got {value}"
+    for name, low, high in (("gamma", 0, 1), ("critic_target_rate", 0, 1), ("aug_kl_quantile", 0, 1)):
+        if not low < getattr(args, name) <= high:
+            return f"{flag(name)} must be in ({low}, {high}], got {getattr(args, name)}"
+    if not 0 < args.expectile < 1:
+        return f"--expectile must be in (0, 1), got {args.expectile}"
+    if not 0 <= args.gate_confidence < 1:
+        return f"--gate-confidence must be in [0, 1), got {args.gate_confidence}"
+    if args.eta > 0 and args.n_subpolicies > 1 and args.horizon < 3:
+        return "the kinematic divergence needs --horizon >= 3 (velocity and acceleration); use --eta 0 for shorter chunks"
+    if args.action_steps is not None and not 1 <= args.action_steps <= args.horizon:
+        return f"--action-steps must be between 1 and --horizon ({args.horizon}), got {args.action_steps}"
+    if args.num_qualified > 0 and not args.ope:
+        return ("the improvement stage scores and improves sub-policies with the critics and the dynamics model: "
+                "drop --no-ope, or pass --num-qualified 0 to train the diffusion policy alone")
+    if args.init_checkpoint is not None and not args.ope:
+        return "--init-checkpoint runs the improvement stage, which needs --ope"
+    if args.num_qualified > args.n_subpolicies:
+        return f"--num-qualified ({args.num_qualified}) cannot exceed --n-subpolicies ({args.n_subpolicies})"
+    if (args.init_checkpoint is not None and args.checkpoint_path is not None
+            and os.path.abspath(args.checkpoint_path) == os.path.abspath(args.init_checkpoint)):
+        return f"--checkpoint-path {args.checkpoint_path} is the input checkpoint; the run would overwrite it"
+    problem = unwritable("runs")
+    if problem is not None:
+        return f"runs/ (the TensorBoard logs and the default checkpoint folder) cannot be written: {problem}"
+    return check_output_file("--checkpoint-path", args.checkpoint_path)
+
+
+def parse_args(argv: list[str] | None = None) -> Args:
+    """The command line; `--paper-scale` swaps the defaults before parsing, so flags given beside it still win."""
+    argv = sys.argv[1:] if argv is None else argv
+    defaults = Args(paper_scale=True, **PAPER_SCALE) if "--paper-scale" in argv else Args()
+    return tyro.cli(Args, default=defaults, args=argv)
+
+
+# ------------------------------------------------------------------------------------------------
+# Cost: what a run will do, and how long that takes here
+# ------------------------------------------------------------------------------------------------
+# Seconds per unit of work, measured on a 2-core CPU with one thread per run and the MLP
+# denoiser (docs/experiments.md, "Speed"); the U-Net multiplies the policy's part. They are a
+# first guess: `cost_estimate` is called again with the seconds the run itself measures.
+CPU_SECONDS = {"loop_step": 0.045, "policy_step": 0.012, "ope_unit": 1.2e-5, "augment_unit": 2.1e-5,
+               "eval_unit": 5e-5, "improvement_step": 0.075}
+UNET_CPU_FACTOR = {"loop_step": 8.0, "policy_step": 30.0, "ope_unit": 16.0, "augment_unit": 16.0,
+                   "eval_unit": 16.0, "improvement_step": 30.0}
+
+
+def phase_counts(args: "Args", max_episode_steps: int) -> dict:
+    """How much of each kind of work the run does (the units of `CPU_SECONDS`):
+    loop steps; OPE = sub-policy x start state x model step x sub-policies sampled together
+    (all n are sampled for each, the perturbation couples them); augmentation = start x model
+    step x n; evaluation = sub-policy x episode x step (an upper bound: every episode runs to the
+    time limit); improvement steps."""
+    n = args.n_subpolicies
+    loop = args.total_steps if args.init_checkpoint is None else 0
+    evaluations = (loop // args.eval_every + (loop % args.eval_every != 0)) if loop else 1
+    refreshes = 0
+    if args.ope and args.augment_ratio > 0 and loop > args.dynamics_warmup:
+        refreshes = (loop - 1 - args.dynamics_warmup) // args.augment_every + 1
+    ope_rollout = args.ope_states * args.ope_horizon * n
+    gate_calls = (args.improvement_steps // args.ope_every + (args.improvement_steps % args.ope_every != 0) + 1)
+    copies = args.num_qualified
+    return {
+        "loop": {"loop_step" if args.ope else "policy_step": loop},
+        "augmentation": {"augment_unit": refreshes * args.augment_starts * args.augment_horizon * n},
+        "OPE": {"ope_unit": (evaluations * n + copies * gate_calls) * ope_rollout if args.ope else 0},
+        "evaluation": {"eval_unit": (evaluations + copies) * n * args.eval_episodes * max_episode_steps},
+        "improvement": {"improvement_step": copies * args.improvement_steps},
+    }
+
+
+def cost_estimate(counts: dict, seconds: dict) -> dict:
+    """Seconds per phase: every unit count of `phase_counts` times its seconds."""
+    return {phase: sum(count * seconds[unit] for unit, count in units.items()) for phase, units in counts.items()}
+
+
+class PhaseClock:
+    """Wall time and units of work spent per phase so far (the phases of `phase_counts`)."""
+
+    def __init__(self):
+        self.seconds, self.units = {}, {}
+
+    def add(self, phase: str, units: float, seconds: float) -> None:
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + seconds
+        self.units[phase] = self.units.get(phase, 0.0) + units
+
+    def unit_seconds(self, counts: dict, prior: dict) -> dict:
+        """Seconds per unit: measured where the phase has run, else the prior scaled by how much
+        faster or slower than its prior the measured phases ran here (the median ratio)."""
+        measured = {}
+        for phase, units in counts.items():
+            (unit,) = units
+            if self.units.get(phase, 0) > 0:
+                measured[unit] = self.seconds[phase] / self.units[phase]
+        ratio = float(np.median([measured[unit] / prior[unit] for unit in measured])) if measured else 1.0
+        return {unit: measured.get(unit, prior[unit] * ratio) for unit in prior}
+
+
+def format_cost(estimate: dict) -> str:
+    total = sum(estimate.values())
+    return (f"about {total / 60:.0f} min: " + ", ".join(f"{phase} {value / 60:.1f}" for phase, value in estimate.items())
+            + " (min, rough)")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -250,12 +397,39 @@ def load_dataset(env_id: str, dataset_id: str | None) -> tuple[minari.MinariData
     if len(sources) == 1:
         return sources[0], ids[0], float(ref_min), float(ref_max)
     combined_id = ids[0].replace("medium-v0", "medium-expert-v0")
-    if combined_id in minari.list_local_datasets():
-        combined = minari.load_dataset(combined_id)
-    else:
-        print(f"building {combined_id} from {' + '.join(ids)} (once)")
-        combined = minari.combine_datasets(sources, combined_id)
+    if combined_id not in minari.list_local_datasets():
+        build_combined(sources, combined_id)
+    combined = minari.load_dataset(combined_id)
+    expected = sum(source.total_episodes for source in sources)
+    if combined.total_episodes != expected:  # e.g. left by a build that an older version did in place
+        raise DatasetError(f"the local {combined_id} has {combined.total_episodes} episodes, not the {expected} of "
+                           f"{' + '.join(ids)}: it is incomplete. Delete {minari.storage.get_dataset_path(combined_id)} "
+                           "and run again to rebuild it")
     return combined, combined_id, float(ref_min), float(ref_max)
+
+
+def build_combined(sources: list, combined_id: str) -> None:
+    """`minari.combine_datasets` in a temporary folder beside the datasets, renamed into place when
+    complete: an interrupted build leaves no partial dataset under the real id."""
+    root = minari.storage.get_dataset_path()
+    final_path = minari.storage.get_dataset_path(combined_id)
+    print(f"building {combined_id} from {' + '.join(source.spec.dataset_id for source in sources)} (once)")
+    previous = os.environ.get("MINARI_DATASETS_PATH")
+    try:
+        with tempfile.TemporaryDirectory(dir=root, prefix=".building-") as folder:
+            os.environ["MINARI_DATASETS_PATH"] = folder
+            os.makedirs(os.path.dirname(os.path.join(folder, combined_id)), exist_ok=True)  # minari makes only the last
+            minari.combine_datasets(sources, combined_id)
+            os.makedirs(os.path.dirname(final_path), exist_ok=True)
+            os.rename(os.path.join(folder, combined_id), final_path)
+    except OSError as error:
+        raise DatasetError(f"could not build {combined_id} in {root} ({type(error).__name__}: {error}); it must be "
+                           "writable (MINARI_DATASETS_PATH)") from error
+    finally:
+        if previous is None:
+            os.environ.pop("MINARI_DATASETS_PATH", None)
+        else:
+            os.environ["MINARI_DATASETS_PATH"] = previous
 
 
 def chunk_episode(observations, actions, rewards, terminations, horizon, obs_horizon, gamma) -> dict:
@@ -301,6 +475,12 @@ def chunk_dataset(dataset: minari.MinariDataset, horizon: int, obs_horizon: int,
         all_states.append(observations[:-1])
     data = {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
     data["all_states"] = np.concatenate(all_states)
+    for key in ("all_states", "chunks", "step_rewards", "step_next_states"):
+        if not np.isfinite(data[key]).all():
+            name = {"all_states": "observations", "chunks": "actions", "step_rewards": "rewards",
+                    "step_next_states": "observations"}[key]
+            raise DatasetError(f"dataset {dataset.spec.dataset_id!r} has non-finite {name} "
+                               f"({int((~np.isfinite(data[key])).sum())} entries); it cannot be trained on")
     return data
 
 
@@ -310,19 +490,10 @@ def state_statistics(states: np.ndarray, eps: float = 1e-3) -> tuple[np.ndarray,
 
 
 if __name__ == "__main__":
-    args = tyro.cli(Args)
-    if args.eta > 0 and args.n_subpolicies > 1 and args.horizon < 3:
-        fail("the kinematic divergence needs --horizon >= 3 (velocity and acceleration); "
-             "use --eta 0 for shorter chunks")
-    if args.action_steps is not None and not 1 <= args.action_steps <= args.horizon:
-        fail(f"--action-steps must be between 1 and --horizon ({args.horizon}), got {args.action_steps}")
-    if args.num_qualified > 0 and not args.ope:
-        fail("the improvement stage scores and improves sub-policies with the critics and the dynamics model: "
-             "drop --no-ope, or pass --num-qualified 0 to train the diffusion policy alone")
-    if args.init_checkpoint is not None and not args.ope:
-        fail("--init-checkpoint runs the improvement stage, which needs --ope")
-    if args.num_qualified > args.n_subpolicies:
-        fail(f"--num-qualified ({args.num_qualified}) cannot exceed --n-subpolicies ({args.n_subpolicies})")
+    args = parse_args()
+    problem = check_args(args)
+    if problem is not None:
+        fail(problem)
     try:
         dataset, dataset_id, ref_min_score, ref_max_score = load_dataset(args.env_id, args.dataset_id)
     except DatasetError as error:
@@ -353,11 +524,31 @@ if __name__ == "__main__":
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
 
     # ---- data: chunks, masks, frozen state statistics ----------------------------------------
-    data = chunk_dataset(dataset, args.horizon, args.obs_horizon, args.gamma)
+    try:
+        data = chunk_dataset(dataset, args.horizon, args.obs_horizon, args.gamma)
+    except DatasetError as error:
+        fail(str(error))
+    except (OSError, KeyError, ValueError) as error:  # a truncated or damaged file inside the dataset
+        fail(f"dataset {dataset_id!r} could not be read ({type(error).__name__}: {error}); download it again")
     state_mean, state_std = state_statistics(data["all_states"])
     action_space = dataset.action_space
     print(f"{dataset_id}: {dataset.total_episodes} episodes, {len(data['chunks'])} chunks of H={args.horizon} "
           f"({gym_env_id}, obs {state_mean.shape[0]}, act {action_space.shape[0]}), device {device}")
+
+    # ---- the cost of this run, said up front (refined after the first --log-every steps) -------
+    cost_counts = phase_counts(args, max_episode_steps or 1000)
+    prior_seconds = {unit: seconds * (UNET_CPU_FACTOR[unit] if args.denoiser == "unet" else 1.0)
+                     for unit, seconds in CPU_SECONDS.items()}
+    clock, run_start = PhaseClock(), time.time()
+    print(f"cost: --denoiser {args.denoiser}, {cost_counts['loop']} loop steps, {args.n_subpolicies} sub-policies, "
+          f"--ope {args.ope}, {args.num_qualified} copies x {args.improvement_steps} improvement steps")
+    if device.type == "cpu":
+        print(f"cost estimate on this CPU: {format_cost(cost_estimate(cost_counts, prior_seconds))}")
+        if args.denoiser == "unet" or args.total_steps > 100_000:
+            print("warning: these settings are sized for a GPU (the U-Net or a paper-scale budget); the defaults "
+                  "are the CPU setting")
+    else:
+        print("cost estimate: after the first --log-every steps (the seconds above are measured on a CPU)")
 
     # ---- the multi-seed diffusion policy -------------------------------------------------------
     config = PolicyConfig(obs_dim=state_mean.shape[0], act_dim=action_space.shape[0], horizon=args.horizon,
@@ -427,18 +618,24 @@ if __name__ == "__main__":
     improved = []  # the improved copies (after the loop)
 
     @torch.no_grad()
-    def ope_score(model: DiffusionPolicy, sub_policy: int, uncertainty_penalty: float = 0.0) -> float:
-        """AM-Q score of one sub-policy of `model`: its deterministic chunks rolled through the
-        elites from fixed start states with fixed model noise, scored by the mean chunk Q
-        (penalized by model uncertainty for the gate). All n sub-policies are sampled together
-        (the adaptive perturbation couples them) and column `sub_policy` is kept."""
+    def ope_rollouts(model: DiffusionPolicy, sub_policy: int, uncertainty_penalty: float = 0.0):
+        """AM-Q of one sub-policy of `model` per start state (`dynamics.am_q_rollouts`): its
+        deterministic chunks rolled through the elites from fixed start states with fixed model
+        noise, Q summed per rollout (penalized by model uncertainty for the gate). All n
+        sub-policies are sampled together (the adaptive perturbation couples them) and column
+        `sub_policy` is kept."""
         q_function = lambda raw_states, env_chunks: critics.q(policy.normalize_states(raw_states),
                                                               policy.scale_actions(env_chunks))
         chunk_policy = lambda histories: model.unscale_actions(
             model.sample(model.normalize_states(histories)).actions[:, sub_policy])
         generator = torch.Generator(device=device).manual_seed(args.seed + 2)
-        return am_q_ope(chunk_policy, q_function, dynamics, is_terminal, ope_start, args.ope_horizon,
-                        generator=generator, uncertainty_penalty=uncertainty_penalty, gamma=args.gamma).item()
+        return am_q_rollouts(chunk_policy, q_function, dynamics, is_terminal, ope_start, args.ope_horizon,
+                             generator=generator, uncertainty_penalty=uncertainty_penalty, gamma=args.gamma)
+
+    def ope_score(model: DiffusionPolicy, sub_policy: int) -> float:
+        """Plain AM-Q (Uni-O4): the mean Q over every visited (state, chunk) pair."""
+        sums, counts = ope_rollouts(model, sub_policy)
+        return (sums.sum() / counts.sum()).item()
 
     def ope_scores() -> np.ndarray:
         """Plain AM-Q (Uni-O4) of every sub-policy, after re-choosing the elites on the real hold-out."""
@@ -492,11 +689,18 @@ if __name__ == "__main__":
         with torch.no_grad():
             actions = policy.sample(states[divergence_index]).actions
         mean_divergence = mean_pairwise_divergence(actions).mean().item()
+        phase_start = time.time()
         result = evaluate_sub_policies(policy, gym_env_id, args.eval_episodes, seed=args.seed * 1000,
                                        ref_min_score=ref_min_score, ref_max_score=ref_max_score,
                                        max_episode_steps=max_episode_steps, action_steps=args.action_steps)
+        clock.add("evaluation", args.n_subpolicies * args.eval_episodes * (max_episode_steps or 1000),
+                  time.time() - phase_start)
+        phase_start = time.time()
         with torch.no_grad():
             ope = ope_scores() if args.ope else None
+        if args.ope:
+            clock.add("OPE", args.n_subpolicies * args.ope_states * args.ope_horizon * args.n_subpolicies,
+                      time.time() - phase_start)
         policy.train()
         scores = result["scores"].mean(1)
         for i, score in enumerate(scores):
@@ -526,6 +730,7 @@ if __name__ == "__main__":
 
     # ---- the offline loop ------------------------------------------------------------------------
     start_time = time.time()
+    loop_start = time.time()  # the loop's own time is the wall time minus the timed phases inside it
     loss_sums, loss_counts = {}, {}
     loop_steps = range(1, args.total_steps + 1) if args.init_checkpoint is None else []  # else: trained already
     for step in loop_steps:
@@ -547,8 +752,11 @@ if __name__ == "__main__":
         if args.kl_coef > 0 and args.n_subpolicies > 1 and step % args.kl_every == 0:
             sub_batch = batch[: args.kl_batch_size]
             subpolicy_chunks = policy.sample(states[sub_batch]).actions
-            _, disagreement = subpolicy_terms(subpolicy_chunks, chunks[sub_batch], masks[sub_batch],
-                                              std=args.subpolicy_std)
+            if args.j_reading == "dataset-sequence":
+                _, disagreement = subpolicy_terms(subpolicy_chunks, chunks[sub_batch], masks[sub_batch],
+                                                  std=args.subpolicy_std)
+            else:
+                disagreement = own_sequence_repulsion(subpolicy_chunks, args.subpolicy_std, args.repulsion_margin)
             losses["subpolicy"] = -args.kl_coef * disagreement.mean()
 
         policy_loss = sum(losses.values())
@@ -596,20 +804,31 @@ if __name__ == "__main__":
                 dynamics.select_elites(*holdout)  # elites are chosen on real hold-out data only
             if augment_now:
                 policy.eval()
+                phase_start = time.time()
                 augmented = refresh_augmentation(step)
+                clock.add("augmentation", args.augment_starts * args.augment_horizon * args.n_subpolicies,
+                          time.time() - phase_start)
                 policy.train()
 
         if step % args.log_every == 0 or step == args.total_steps:
             elapsed = time.time() - start_time
             steps_per_second = step / elapsed
-            eta_seconds = (args.total_steps - step) / steps_per_second
+            loop_seconds = time.time() - loop_start - sum(value for phase, value in clock.seconds.items() if phase != "loop")
+            clock.seconds["loop"], clock.units["loop"] = loop_seconds, step
+            remaining = cost_estimate(cost_counts, clock.unit_seconds(cost_counts, prior_seconds))
+            remaining = {phase: remaining[phase] - clock.seconds.get(phase, 0.0) for phase in remaining}
+            eta_seconds = max(0.0, sum(remaining.values()))
+            for phase, seconds in clock.seconds.items():
+                writer.add_scalar(f"time/{phase}_minutes", seconds / 60, step)
+            if step == args.log_every:
+                print(f"cost estimate after {step} steps: {format_cost(cost_estimate(cost_counts, clock.unit_seconds(cost_counts, prior_seconds)))}")
             means = {name: loss_sums[name] / loss_counts[name] for name in loss_sums}
             for name, value in means.items():
                 writer.add_scalar(f"losses/{name}", value, step)
             writer.add_scalar("charts/learning_rate", scheduler.get_last_lr()[0], step)
             writer.add_scalar("charts/SPS", steps_per_second, step)
             print(f"step {step}/{args.total_steps} | " + " | ".join(f"{k} {v:.4f}" for k, v in means.items())
-                  + f" | {steps_per_second:.0f} steps/s | ETA {time.strftime('%H:%M:%S', time.gmtime(eta_seconds))}",
+                  + f" | {steps_per_second:.0f} steps/s | run ETA {time.strftime('%H:%M:%S', time.gmtime(eta_seconds))}",
                   flush=True)
             loss_sums, loss_counts = {}, {}
 
@@ -637,10 +856,12 @@ if __name__ == "__main__":
             improved_policy = copy.deepcopy(policy)
             reference = copy.deepcopy(policy).requires_grad_(False)  # bppo: pi_ref, moved only by the gate
             improvement_optimizer = torch.optim.Adam(improved_policy.parameters(), lr=improvement_learning_rate)
-            gate = BestSnapshot(improved_policy, ope_score(improved_policy, sub_policy, args.ope_penalty), step=0)
+            gate = BestSnapshot(improved_policy, ope_rollouts(improved_policy, sub_policy, args.ope_penalty), step=0,
+                                confidence=args.gate_confidence)
             print(f"sub-policy {sub_policy}: gated OPE at the start {gate.best_score:.1f}")
             start_time, loss_sums, last_logged = time.time(), {}, 0
             for step in range(1, args.improvement_steps + 1):
+                step_start = time.time()
                 batch = torch.randint(num_chunks, (args.batch_size,), device=device)
                 batch_states = states[batch, -1]
                 if args.improvement == "bppo":
@@ -658,6 +879,7 @@ if __name__ == "__main__":
                 out["loss"].backward()
                 torch.nn.utils.clip_grad_norm_(improved_policy.parameters(), args.max_grad_norm)
                 improvement_optimizer.step()
+                clock.add("improvement", 1, time.time() - step_start)
                 for name, value in out.items():
                     loss_sums[name] = loss_sums.get(name, 0.0) + value.float().mean().item()
                 if step % args.log_every == 0 or step % args.ope_every == 0 or step == args.improvement_steps:
@@ -670,12 +892,15 @@ if __name__ == "__main__":
                         + f" | ETA {time.strftime('%H:%M:%S', time.gmtime(eta_seconds))}", flush=True)
                     loss_sums = {}
                 if step % args.ope_every == 0 or step == args.improvement_steps:
-                    score = ope_score(improved_policy, sub_policy, args.ope_penalty)
-                    accepted = gate.offer(improved_policy, score, step)
+                    phase_start = time.time()
+                    accepted = gate.offer(improved_policy, ope_rollouts(improved_policy, sub_policy, args.ope_penalty),
+                                          step)
+                    clock.add("OPE", args.ope_states * args.ope_horizon * args.n_subpolicies, time.time() - phase_start)
+                    _, score, _, lower_bound = gate.history[-1]
                     if accepted and args.improvement == "bppo":
                         reference.load_state_dict(improved_policy.state_dict())
                     writer.add_scalar(f"improvement_{sub_policy}/gated_ope", score, step)
-                    print(f"  sub-policy {sub_policy} step {step}: gated OPE {score:.1f} "
+                    print(f"  sub-policy {sub_policy} step {step}: gated OPE {score:.1f}, gain bound {lower_bound:+.1f} "
                           f"({'kept' if accepted else 'rejected'}; best {gate.best_score:.1f} at step {gate.best_step})")
             gate.restore(improved_policy)  # the best-by-OPE snapshot, never simply the last
             improved_policy.eval()
@@ -684,6 +909,7 @@ if __name__ == "__main__":
                                            max_episode_steps=max_episode_steps, action_steps=args.action_steps)
             improved.append({"sub_policy": sub_policy, "operator": args.improvement,
                              "policy": improved_policy.to_checkpoint(), "ope_history": gate.history,
+                             "ope_rollouts": [part.cpu() for part in gate.best_rollouts],
                              "ope_score": gate.best_score, "best_step": gate.best_step,
                              "base_ope_score": float(base_ope[sub_policy]),
                              "base_score": float(base_scores[sub_policy]),
@@ -692,10 +918,24 @@ if __name__ == "__main__":
                   f"{gate.best_score:.1f}); real normalized score {base_scores[sub_policy]:.1f} -> "
                   f"{result['scores'][sub_policy].mean():.1f}")
             write_checkpoint(history["step"][-1])
+        # The offline choice: the gated copies compared pairwise on the same OPE rollouts; a gain
+        # inside the OPE's noise is a tie, and ties go to the copy whose base AM-Q ranked higher.
+        choice, comparisons = confident_choice([entry["ope_rollouts"] for entry in improved], args.gate_confidence)
+        for index, gain, lower_bound in comparisons:
+            print(f"offline choice: sub-policy {improved[index]['sub_policy']} vs the choice so far: gated OPE gain "
+                  f"{gain:+.1f}, lower bound {lower_bound:+.1f} "
+                  f"({'confident, it replaces it' if lower_bound > 0 else 'inside the OPE noise: a tie, the earlier stays'})")
+        improved.insert(0, improved.pop(choice))
+        for rank, entry in enumerate(improved):
+            entry["choice_rank"] = rank
+        print(f"offline choice: sub-policy {improved[0]['sub_policy']}, improved ({args.improvement})")
+        write_checkpoint(history["step"][-1])
         print("| sub-policy | AM-Q | real before | gated OPE start -> kept (step) | real after |\n|-|-|-|-|-|")
         for entry in improved:
             start = entry["ope_history"][0][1]
             print(f"| {entry['sub_policy']} | {entry['base_ope_score']:.1f} | {entry['base_score']:.1f} | "
                   f"{start:.1f} -> {entry['ope_score']:.1f} ({entry['best_step']}) | {np.mean(entry['scores']):.1f} |")
 
+    print("time per phase: " + ", ".join(f"{phase} {seconds / 60:.1f} min" for phase, seconds in clock.seconds.items())
+          + f"; whole run {(time.time() - run_start) / 60:.1f} min")
     writer.close()

@@ -11,9 +11,9 @@ import torch
 from conftest import ROOT, TINY_DATASET_ID, TINY_MAX_EPISODE_STEPS
 from diffusion import DiffusionPolicy, PolicyConfig
 from dynamics import ChunkCritics, EnsembleDynamics
-from eval import CheckpointError, evaluate_sub_policies, load_checkpoint, save_checkpoint, spearman_correlation
-from uepo_offline import (ENV_IDS, DatasetError, chunk_dataset, chunk_episode, load_dataset,
-                          minari_ids, state_statistics)
+from eval import CheckpointError, deployed_choice, evaluate_sub_policies, load_checkpoint, save_checkpoint, spearman_correlation
+from uepo_offline import (CPU_SECONDS, ENV_IDS, PAPER_SCALE, DatasetError, PhaseClock, check_args, chunk_dataset,
+                          chunk_episode, cost_estimate, load_dataset, minari_ids, parse_args, phase_counts, state_statistics)
 
 # Small, fast settings for the end-to-end runs: the diffusion policy alone (TINY_RUN), and the
 # whole offline phase with critics, dynamics, augmentation and the gated improvement (FULL_RUN).
@@ -140,8 +140,10 @@ def small_policy(denoiser="mlp"):
 def test_checkpoint_write_is_atomic_and_load_refuses_bad_files(tmp_path, monkeypatch):
     """A failed write leaves the previous checkpoint intact; corrupt, foreign or other-env
     checkpoints are refused."""
+    from test_eval import complete_checkpoint  # every field load_checkpoint requires
+
     path = str(tmp_path / "offline.pt")
-    save_checkpoint({"env_id": "Hopper-v5", "policy": small_policy().to_checkpoint()}, path)
+    save_checkpoint(complete_checkpoint("offline", n_subpolicies=3, policy=small_policy().to_checkpoint()), path)
     before = open(path, "rb").read()
 
     def broken_save(obj, file):
@@ -168,8 +170,10 @@ def test_checkpoint_write_is_atomic_and_load_refuses_bad_files(tmp_path, monkeyp
 def test_policy_reloads_to_the_same_actions(tmp_path, denoiser):
     """Saved and reloaded, a policy (weights, seeds, statistics, config) acts identically."""
     policy = small_policy(denoiser)
+    from test_eval import complete_checkpoint  # every field load_checkpoint requires
+
     path = str(tmp_path / "policy.pt")
-    save_checkpoint({"env_id": "Hopper-v5", "policy": policy.to_checkpoint()}, path)
+    save_checkpoint(complete_checkpoint("offline", n_subpolicies=3, policy=policy.to_checkpoint()), path)
     reloaded = DiffusionPolicy.from_checkpoint(load_checkpoint(path)["policy"])
     states = np.random.default_rng(0).normal(size=(5, 2, 11))
     np.testing.assert_array_equal(policy.act(states), reloaded.act(states))
@@ -250,13 +254,21 @@ def test_full_run_checkpoint_reloads_with_all_parts(full_run):
     dynamics.load_state_dict(checkpoint["dynamics"]["state_dict"])
     ope_scores = np.array(checkpoint["history"]["ope_scores"][-1])
     improved = checkpoint["improved"]
-    assert [entry["sub_policy"] for entry in improved] == list(np.argsort(-ope_scores)[:2])
+    # The copies are the top two by AM-Q; the saved order is the offline choice first.
+    assert sorted(entry["sub_policy"] for entry in improved) == sorted(np.argsort(-ope_scores)[:2])
+    assert [entry["choice_rank"] for entry in improved] == [0, 1]
+    assert "offline choice: sub-policy" in result.stdout
+    assert deployed_choice(checkpoint)[2] == improved[0]["sub_policy"]  # what eval and online deploy
     for entry in improved:
         assert entry["operator"] == "qgrad"
-        steps = [step for step, _, _ in entry["ope_history"]]
+        steps = [step for step, _, _, _ in entry["ope_history"]]
         assert steps == [0, 3, 6]
-        scores = [score for _, score, _ in entry["ope_history"]]
-        assert entry["ope_score"] == max(scores) and entry["best_step"] == steps[int(np.argmax(scores))]
+        # The kept snapshot is the last accepted one, and every acceptance had a positive gain bound.
+        accepted = [(step, score, bound) for step, score, ok, bound in entry["ope_history"] if ok]
+        assert entry["best_step"] == accepted[-1][0] and entry["ope_score"] == accepted[-1][1]
+        assert all(bound > 0 for _, _, bound in accepted[1:])
+        sums, counts = entry["ope_rollouts"]
+        assert torch.isclose(sums.sum() / counts.sum(), torch.tensor(entry["ope_score"]))
         policy = DiffusionPolicy.from_checkpoint(entry["policy"])
         replay = evaluate_sub_policies(policy, checkpoint["env_id"], episodes=2,
                                        seed=checkpoint["args"]["seed"] * 1000,
@@ -309,3 +321,110 @@ def test_each_component_switches_off(minari_path, tmp_path):
     checkpoint = load_checkpoint(str(path))
     assert checkpoint["policy"]["config"]["n_subpolicies"] == 1
     assert np.array(checkpoint["history"]["scores"][-1]).shape == (1, 2)
+
+
+def test_paper_scale_swaps_the_defaults_and_flags_beside_it_still_win():
+    """The default command is the CPU setting; --paper-scale starts from PAPER_SCALE, and a flag
+    given beside it overrides that preset."""
+    quick = parse_args([])
+    assert quick.denoiser == "mlp" and quick.total_steps == 20_000 and not quick.paper_scale
+    paper = parse_args(["--paper-scale", "--total-steps", "7"])
+    assert paper.paper_scale and paper.total_steps == 7
+    for name, value in PAPER_SCALE.items():
+        if name != "total_steps":
+            assert getattr(paper, name) == value, name
+
+
+def test_phase_counts_and_cost_estimate_arithmetic():
+    """Hand-counted: 20k steps, evaluations at 10k and 20k; refreshes at 5k, 10k, 15k; 2 copies x
+    (500 / 100 + 1 = 6) gate OPEs; the estimate is counts x seconds per unit."""
+    args = parse_args([])
+    counts = phase_counts(args, max_episode_steps=1000)
+    n, rollout = args.n_subpolicies, args.ope_states * args.ope_horizon * args.n_subpolicies
+    assert counts["loop"] == {"loop_step": 20_000}
+    assert counts["augmentation"] == {"augment_unit": 3 * args.augment_starts * args.augment_horizon * n}
+    assert counts["OPE"] == {"ope_unit": (2 * n + 2 * 6) * rollout}
+    assert counts["evaluation"] == {"eval_unit": (2 + 2) * n * args.eval_episodes * 1000}
+    assert counts["improvement"] == {"improvement_step": 1000}
+    seconds = {unit: 1.0 for unit in CPU_SECONDS}
+    seconds["loop_step"] = 0.5
+    estimate = cost_estimate(counts, seconds)
+    assert estimate["loop"] == 10_000 and estimate["improvement"] == 1000
+    # An uneven budget: 25k steps evaluate at 10k, 20k and 25k; no OPE: policy steps, no augmentation.
+    odd = phase_counts(parse_args(["--total-steps", "25000", "--no-ope", "--num-qualified", "0"]), 1000)
+    assert odd["loop"] == {"policy_step": 25_000} and odd["augmentation"] == {"augment_unit": 0}
+    assert odd["evaluation"]["eval_unit"] == 3 * n * args.eval_episodes * 1000 and odd["OPE"]["ope_unit"] == 0
+    # The clock: a measured phase replaces its prior; the others scale by the measured ratio.
+    clock = PhaseClock()
+    clock.add("loop", units=100, seconds=2 * 100 * CPU_SECONDS["loop_step"])  # twice as slow as the prior
+    measured = clock.unit_seconds(counts, CPU_SECONDS)
+    assert measured["loop_step"] == pytest.approx(2 * CPU_SECONDS["loop_step"])
+    assert measured["ope_unit"] == pytest.approx(2 * CPU_SECONDS["ope_unit"])
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["--total-steps", "0"], "--total-steps"), (["--batch-size", "0"], "--batch-size"),
+    (["--n-subpolicies", "0", "--no-ope", "--num-qualified", "0"], "--n-subpolicies"),
+    (["--total-steps", "0", "--no-ope", "--num-qualified", "0"], "--total-steps"),
+    (["--eval-every", "0"], "--eval-every"), (["--log-every", "0"], "--log-every"), (["--kl-every", "0"], "--kl-every"),
+    (["--obs-horizon", "0"], "--obs-horizon"), (["--diffusion-steps", "1"], "--diffusion-steps"),
+    (["--ddim-steps", "0"], "--ddim-steps"), (["--ddim-steps", "21"], "--ddim-steps"),
+    (["--eval-episodes", "0"], "--eval-episodes"), (["--kl-coef", "nan"], "--kl-coef"), (["--tau", "0"], "--tau"),
+    (["--gamma", "1.5"], "--gamma"), (["--gate-confidence", "1"], "--gate-confidence"),
+    (["--num-qualified", "9"], "--num-qualified"), (["--init-checkpoint", "a.pt", "--checkpoint-path", "a.pt"],
+                                                    "--checkpoint-path"),
+    (["--checkpoint-path", "/proc/no/offline.pt"], "--checkpoint-path"),
+])
+def test_check_args_names_the_flag_out_of_range(argv, flag):
+    """Every argument out of its range is refused before any work, the flag named."""
+    message = check_args(parse_args(argv))
+    assert message is not None and flag in message
+    assert check_args(parse_args([])) is None
+
+
+def test_bad_argument_exits_with_one_line_and_no_traceback():
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "uepo_offline.py"), "--ddim-steps", "0"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "--ddim-steps" in result.stderr and "Traceback" not in result.stderr
+
+
+def make_dataset(dataset_id, num_episodes, seed=0, rewards_nan=False):
+    """A tiny random-policy Hopper-v5 dataset under the current MINARI_DATASETS_PATH."""
+    import minari
+
+    from conftest import HOPPER_REF_MAX, HOPPER_REF_MIN, random_episode_buffers
+
+    buffers, env = random_episode_buffers(num_episodes, seed=seed)
+    if rewards_nan:
+        buffers[0].rewards[0] = float("nan")
+    minari.create_dataset_from_buffers(
+        dataset_id, buffers, env=env, algorithm_name="random", author="tests", author_email="none",
+        code_permalink="tests", eval_env=env.spec, description="tiny", ref_min_score=HOPPER_REF_MIN,
+        ref_max_score=HOPPER_REF_MAX)
+
+
+def test_medium_expert_is_built_whole_and_a_partial_one_is_refused(tmp_path, monkeypatch):
+    """medium-expert is combined in a temporary folder and renamed into place: it has every episode
+    of both sources and no temporary folder is left; a local medium-expert with fewer episodes
+    than its sources (what an interrupted in-place build leaves) is refused with the fix named."""
+    import minari
+
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path))
+    make_dataset("mujoco/hopper/medium-v0", 3, seed=0)
+    make_dataset("mujoco/hopper/expert-v0", 2, seed=10)
+    dataset, dataset_id, _, _ = load_dataset("hopper-medium-expert", None)
+    assert dataset_id == "mujoco/hopper/medium-expert-v0" and dataset.total_episodes == 5
+    assert not [name for name in os.listdir(tmp_path) if name.startswith(".building-")]
+    # A partial one: only the medium episodes under the combined id.
+    (tmp_path / "mujoco/hopper/medium-expert-v0").rename(tmp_path / ".complete")  # hidden: minari skips it
+    minari.combine_datasets([minari.load_dataset("mujoco/hopper/medium-v0")], "mujoco/hopper/medium-expert-v0")
+    with pytest.raises(DatasetError, match="incomplete.*Delete"):
+        load_dataset("hopper-medium-expert", None)
+
+
+def test_non_finite_dataset_is_refused_with_its_name(tmp_path, monkeypatch):
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path))
+    make_dataset("test/hopper/nan-v0", 2, rewards_nan=True)
+    dataset, *_ = load_dataset("hopper-medium", "test/hopper/nan-v0")
+    with pytest.raises(DatasetError, match="test/hopper/nan-v0.*non-finite rewards"):
+        chunk_dataset(dataset, 4, 2, 0.99)
