@@ -219,7 +219,7 @@ class PolicyConfig:
     ddim_steps: int = 5
     n_subpolicies: int = 8
     noise_seed: int = 0
-    tau: float = 0.7  # defaults as uepo_offline.Args (README, "Choosing tau and eta")
+    tau: float = 0.7  # defaults as uepo_offline.Args (docs/experiments.md, "Choosing tau and eta")
     eta: float = 0.1
     # std of the action-level Gaussian N(mu_i(s), min_std^2 I) around the deterministic chunk that
     # bppo samples from (`bppo_loss`); the name is kept so that existing checkpoints load.

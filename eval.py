@@ -669,7 +669,7 @@ def sub_policy_divergence(policy: DiffusionPolicy, state_histories: np.ndarray) 
 # The command line. Each subcommand is a dataclass of arguments (tyro) and a function.
 # ------------------------------------------------------------------------------------------------
 def mean_std_over_seeds(values) -> str:
-    """`mean +- std` with the sample std (ddof 1; 0 for a single seed), as the README's tables."""
+    """`mean +- std` with the sample std (ddof 1; 0 for a single seed), as the results tables."""
     return f"{np.mean(values):.1f} +- {np.std(values, ddof=1) if len(values) > 1 else 0.0:.1f}"
 
 

@@ -1,9 +1,7 @@
 """UEPO offline phase (arXiv 2511.10087), CleanRL style: read top to bottom.
 
-    python uepo_offline.py --env-id hopper-medium                  # paper-scale defaults (GPU)
-    python uepo_offline.py --env-id hopper-medium --denoiser mlp --total-steps 20000 \
-        --eval-every 10000 --eval-episodes 5 --dynamics-warmup 5000 --augment-every 5000 \
-        --improvement-steps 500 --ope-every 100                    # quick CPU run (README)
+    python uepo_offline.py --env-id hopper-medium                  # the CPU setting (about 30 min, 2 cores)
+    python uepo_offline.py --env-id hopper-medium --paper-scale    # the paper's budgets (GPU)
 
 1. Data: a Minari dataset -> chunked transitions (s_t, a_{t:t+H}, R_t^H, s_{t+H}, done) with
    masks, states normalized with frozen dataset statistics.
@@ -24,7 +22,7 @@
 4. An atomic checkpoint under runs/{run_name}/offline.pt (rewritten at every evaluation and
    after every improved copy) that uepo_online.py and eval.py load.
 
-Design choices are fixed in docs/design.md and listed in the README.
+Design choices are fixed in docs/design.md; measurements are in docs/experiments.md.
 """
 
 import copy
@@ -99,7 +97,7 @@ class Args:
     tau: float = 0.7
     """divergence threshold: a sub-policy closer than tau to another one (min over partners) is perturbed.
     0.7 is about the median nearest divergence of unperturbed sub-policies on hopper-medium; with eta 0.1 it gave
-    the best mean sub-policy score in the sweep (README, "Choosing tau and eta"; benchmarks/perturbation_sweep.py)"""
+    the best mean sub-policy score in the sweep (docs/experiments.md, "Choosing tau and eta")"""
     eta: float = 0.1
     """largest perturbation std (at divergence 0), in [-1, 1] action units; 0 turns the perturbation off.
     0.5 degraded every sub-policy in the sweep, 0.1-0.2 helped"""
@@ -747,7 +745,7 @@ if __name__ == "__main__":
         # only the disagreement term, weighted alpha = --kl-coef. Why not also the first term:
         # through a unimodal surrogate it is an MSE pull of every sub-policy towards the
         # conditional mean, which undoes the multimodality that the diffusion policy is for
-        # (measured: README, "Reading of J"). Back-propagates through the deterministic DDIM
+        # (measured: docs/experiments.md, "Reading of J"). Back-propagates through the deterministic DDIM
         # chain of every sub-policy, with the adaptive perturbation inside.
         if args.kl_coef > 0 and args.n_subpolicies > 1 and step % args.kl_every == 0:
             sub_batch = batch[: args.kl_batch_size]
