@@ -202,6 +202,8 @@ class Args:
     """print progress and write TensorBoard scalars every `log_every` steps"""
     checkpoint_path: str | None = None
     """where to write the checkpoint (default: runs/{run_name}/offline.pt)"""
+    resume: str | None = None
+    """continue the interrupted run of this checkpoint, with its own arguments (other flags are ignored)"""
 
 
 # The defaults above finish on a 2-core CPU (docs/experiments.md). `--paper-scale` starts from
@@ -489,6 +491,20 @@ def state_statistics(states: np.ndarray, eps: float = 1e-3) -> tuple[np.ndarray,
 
 if __name__ == "__main__":
     args = parse_args()
+    resumed = None
+    if args.resume is not None:  # the run's own arguments, and its state at its last checkpoint
+        try:
+            resumed = load_checkpoint(args.resume)
+        except CheckpointError as error:
+            fail(str(error))
+        if not resumed.get("resume"):
+            fail(f"{args.resume} holds no training state to resume from (an improvement-only run, or an older "
+                 "version): run its command again")
+        try:
+            args = Args(**{**resumed["args"], "resume": args.resume, "checkpoint_path": args.resume})
+        except TypeError as error:
+            fail(f"{args.resume} was written by another version of this script ({error}); run its command again")
+        print(f"resuming {args.resume} after step {resumed['resume']['step']} with the arguments saved in it")
     problem = check_args(args)
     if problem is not None:
         fail(problem)
@@ -509,6 +525,8 @@ if __name__ == "__main__":
     max_episode_steps = dataset.spec.env_spec.max_episode_steps  # evaluate under the data's time limit
     env_name = args.env_id if args.dataset_id is None else dataset_id.replace("/", "-")
     run_name = f"{env_name}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    if resumed is not None:
+        run_name = resumed["resume"]["run_name"]  # the same TensorBoard folder
     checkpoint_path = args.checkpoint_path or f"runs/{run_name}/offline.pt"
     writer = SummaryWriter(f"runs/{run_name}")
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n%s" % (
@@ -614,6 +632,7 @@ if __name__ == "__main__":
     history = {"step": [], "scores": [], "returns": [], "mean_divergence": [], "ope_scores": [],
                "ope_spearman": [], "dynamics_holdout_mse": [], "dynamics_holdout_nll": [], "augmentation": []}
     improved = []  # the improved copies (after the loop)
+    resume_state = {}  # "state": the loop's training state at its last evaluation (`training_state`)
 
     @torch.no_grad()
     def ope_rollouts(model: DiffusionPolicy, sub_policy: int, uncertainty_penalty: float = 0.0):
@@ -664,6 +683,21 @@ if __name__ == "__main__":
               f"(epsilon {epsilon:.3f}, cap {int(args.augment_ratio * num_chunks)})")
         return buffer
 
+    def training_state(step: int) -> dict:
+        """What --resume needs to continue the loop after `step` as if it had never stopped: the
+        optimizers, the schedule, the augmentation buffer, the loss sums since the last log and
+        every random stream the loop draws from."""
+        state = {"step": step, "run_name": run_name, "optimizer": optimizer.state_dict(),
+                 "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
+                 "loss_sums": dict(loss_sums), "loss_counts": dict(loss_counts)}
+        if device.type == "cuda":
+            state["cuda_rng"] = torch.cuda.get_rng_state(device)
+        if args.ope:
+            state.update(target_critics=target_critics.state_dict(), critic_optimizer=critic_optimizer.state_dict(),
+                         dynamics_optimizer=dynamics_optimizer.state_dict(), model_generator=model_generator.get_state(),
+                         augmented=augmented)
+        return state
+
     def write_checkpoint(step: int) -> None:
         """The atomic checkpoint: everything uepo_online.py and eval.py need (docs/design.md)."""
         model_parts = {}
@@ -677,10 +711,11 @@ if __name__ == "__main__":
             "dataset_id": dataset_id,
             "ref_min_score": ref_min_score, "ref_max_score": ref_max_score,
             "policy": policy.to_checkpoint(), "history": history, "improved": improved, **model_parts,
+            "resume": resume_state.get("state"),
         }, checkpoint_path)
         print(f"checkpoint: {checkpoint_path}")
 
-    def evaluate_and_save(step: int) -> None:
+    def evaluate_and_save(step: int, in_loop: bool) -> None:
         """Every sub-policy's normalized score and the sub-policies' mean pairwise divergence
         (on fixed dataset states), logged; then the atomic checkpoint."""
         policy.eval()
@@ -724,13 +759,34 @@ if __name__ == "__main__":
                   f"{rank_correlation:.2f}; AM-Q's pick: sub-policy {int(ope.argmax())} "
                   f"(real {scores[ope.argmax()]:.1f}); dynamics hold-out NLL "
                   f"{history['dynamics_holdout_nll'][-1]:.3f}")
+        if in_loop:  # taken after the evaluation, so a resumed run continues from exactly here
+            resume_state["state"] = training_state(step)
         write_checkpoint(step)
 
     # ---- the offline loop ------------------------------------------------------------------------
     start_time = time.time()
     loop_start = time.time()  # the loop's own time is the wall time minus the timed phases inside it
     loss_sums, loss_counts = {}, {}
-    loop_steps = range(1, args.total_steps + 1) if args.init_checkpoint is None else []  # else: trained already
+    first_step = 1
+    if resumed is not None:  # --resume: every state the loop carries, as it was after the saved step
+        state = resumed["resume"]
+        policy.load_state_dict(resumed["policy"]["state_dict"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if args.ope:
+            critics.load_state_dict(resumed["critics"]["state_dict"])
+            target_critics.load_state_dict(state["target_critics"])
+            dynamics.load_state_dict(resumed["dynamics"]["state_dict"])
+            critic_optimizer.load_state_dict(state["critic_optimizer"])
+            dynamics_optimizer.load_state_dict(state["dynamics_optimizer"])
+            model_generator.set_state(state["model_generator"])
+            augmented = state["augmented"]
+        torch.set_rng_state(state["torch_rng"])
+        if "cuda_rng" in state and device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda_rng"], device)
+        history, loss_sums, loss_counts = resumed["history"], state["loss_sums"], state["loss_counts"]
+        resume_state["state"], first_step = state, state["step"] + 1
+    loop_steps = range(first_step, args.total_steps + 1) if args.init_checkpoint is None else []  # else: trained
     for step in loop_steps:
         batch = torch.randint(num_chunks, (args.batch_size,), device=device)
 
@@ -810,15 +866,16 @@ if __name__ == "__main__":
 
         if step % args.log_every == 0 or step == args.total_steps:
             elapsed = time.time() - start_time
-            steps_per_second = step / elapsed
+            steps_per_second = (step - first_step + 1) / elapsed  # this process's steps (after a --resume: since it)
             loop_seconds = time.time() - loop_start - sum(value for phase, value in clock.seconds.items() if phase != "loop")
-            clock.seconds["loop"], clock.units["loop"] = loop_seconds, step
+            clock.seconds["loop"], clock.units["loop"] = loop_seconds, step - first_step + 1
             remaining = cost_estimate(cost_counts, clock.unit_seconds(cost_counts, prior_seconds))
             remaining = {phase: remaining[phase] - clock.seconds.get(phase, 0.0) for phase in remaining}
+            remaining["loop"] = (args.total_steps - step) * loop_seconds / (step - first_step + 1)
             eta_seconds = max(0.0, sum(remaining.values()))
             for phase, seconds in clock.seconds.items():
                 writer.add_scalar(f"time/{phase}_minutes", seconds / 60, step)
-            if step == args.log_every:
+            if step - first_step + 1 == args.log_every:
                 print(f"cost estimate after {step} steps: {format_cost(cost_estimate(cost_counts, clock.unit_seconds(cost_counts, prior_seconds)))}")
             means = {name: loss_sums[name] / loss_counts[name] for name in loss_sums}
             for name, value in means.items():
@@ -831,10 +888,10 @@ if __name__ == "__main__":
             loss_sums, loss_counts = {}, {}
 
         if step % args.eval_every == 0 or step == args.total_steps:
-            evaluate_and_save(step)
+            evaluate_and_save(step, in_loop=True)
 
     if args.init_checkpoint is not None:  # the loop ran in an earlier run: evaluate what it left
-        evaluate_and_save(saved["step"])
+        evaluate_and_save(saved["step"], in_loop=False)
 
     # ---- improvement of the best sub-policies, after the loop ----------------------------------
     # (docs/design.md, "The offline loop, critics and improvement")

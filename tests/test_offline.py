@@ -428,3 +428,58 @@ def test_non_finite_dataset_is_refused_with_its_name(tmp_path, monkeypatch):
     dataset, *_ = load_dataset("hopper-medium", "test/hopper/nan-v0")
     with pytest.raises(DatasetError, match="test/hopper/nan-v0.*non-finite rewards"):
         chunk_dataset(dataset, 4, 2, 0.99)
+
+
+KILL_AFTER_FIRST_SAVE = """
+import os, runpy, sys
+sys.path.insert(0, {root!r})
+import eval as eval_module
+real_save = eval_module.save_checkpoint
+def save_then_die(checkpoint, path):
+    real_save(checkpoint, path)
+    os._exit(137)  # killed right after the first checkpoint: no cleanup, nothing flushed
+eval_module.save_checkpoint = save_then_die
+sys.argv = [{script!r}] + sys.argv[1:]
+runpy.run_path({script!r}, run_name="__main__")
+"""
+
+
+def test_resume_after_a_kill_gives_the_uninterrupted_checkpoint(minari_path, tmp_path):
+    """A run killed right after its step-20 checkpoint and continued with --resume ends with the
+    same policy, critics, dynamics model, improved copies and history as the same run never
+    interrupted (same seed, CPU)."""
+    arguments = FULL_RUN + ["--total-steps", "40", "--eval-every", "20"]
+    whole = run_offline(arguments + ["--checkpoint-path", str(tmp_path / "whole.pt")], minari_path, tmp_path)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    killer = tmp_path / "kill_after_first_save.py"
+    killer.write_text(KILL_AFTER_FIRST_SAVE.format(root=ROOT, script=os.path.join(ROOT, "uepo_offline.py")))
+    env = {**os.environ, "MINARI_DATASETS_PATH": minari_path, "HF_HUB_OFFLINE": "1"}
+    killed = subprocess.run([sys.executable, str(killer), *arguments, "--checkpoint-path", str(tmp_path / "cut.pt")],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert killed.returncode == 137, killed.stderr[-3000:]
+    cut = load_checkpoint(str(tmp_path / "cut.pt"))
+    assert cut["step"] == 20 and cut["resume"]["step"] == 20 and not cut["improved"]
+    resumed = run_offline(["--resume", str(tmp_path / "cut.pt")], minari_path, tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming" in resumed.stdout and "after step 20" in resumed.stdout
+    a, b = load_checkpoint(str(tmp_path / "whole.pt")), load_checkpoint(str(tmp_path / "cut.pt"))
+    assert a["step"] == b["step"] == 40
+    for part in ("policy", "critics", "dynamics"):
+        for name, tensor in a[part]["state_dict"].items():
+            assert torch.equal(tensor, b[part]["state_dict"][name]), (part, name)
+    assert len(a["improved"]) == len(b["improved"]) == 2
+    for x, y in zip(a["improved"], b["improved"]):
+        assert x["sub_policy"] == y["sub_policy"] and x["ope_score"] == y["ope_score"]
+        for name, tensor in x["policy"]["state_dict"].items():
+            assert torch.equal(tensor, y["policy"]["state_dict"][name]), name
+    assert a["history"]["scores"] == b["history"]["scores"] and a["history"]["ope_scores"] == b["history"]["ope_scores"]
+
+
+def test_resume_refuses_a_checkpoint_without_training_state(minari_path, tmp_path, full_run):
+    """An improvement-only run's checkpoint has no loop to continue; the message says what to do."""
+    _, path = full_run
+    checkpoint = load_checkpoint(str(path))
+    checkpoint["resume"] = None
+    save_checkpoint({key: value for key, value in checkpoint.items() if key != "format"}, str(tmp_path / "x.pt"))
+    result = run_offline(["--resume", str(tmp_path / "x.pt")], minari_path, tmp_path)
+    assert result.returncode != 0 and "no training state" in result.stderr and "Traceback" not in result.stderr
