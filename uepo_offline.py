@@ -699,7 +699,16 @@ if __name__ == "__main__":
         return state
 
     def write_checkpoint(step: int) -> None:
-        """The atomic checkpoint: everything uepo_online.py and eval.py need (docs/design.md)."""
+        """The atomic checkpoint: everything uepo_online.py and eval.py need (docs/design.md). Never
+        a non-finite one: the run stops instead, and the previous checkpoint stays as it was."""
+        tensors = [*policy.state_dict().values()] + [t for e in improved for t in e["policy"]["state_dict"].values()]
+        if args.ope:
+            tensors += [*critics.state_dict().values(), *dynamics.state_dict().values()]
+        scores = (history["scores"][-1:] + [e["scores"] for e in improved]) if history["scores"] else []
+        if not (all(torch.isfinite(t).all() for t in tensors if t.is_floating_point())
+                and all(np.isfinite(np.asarray(row, dtype=float)).all() for row in scores)):
+            fail(f"step {step}: a network's parameters or the evaluation are not finite; stopped without saving "
+                 f"(the last checkpoint, if any, is untouched: {checkpoint_path})")
         model_parts = {}
         if args.ope:
             model_parts = {
@@ -833,8 +842,8 @@ if __name__ == "__main__":
 
         for name, value in losses.items():
             if not torch.isfinite(value):
-                raise FloatingPointError(f"step {step}: the {name} loss is {value.item()}; stopping "
-                                         f"(last checkpoint: {checkpoint_path if history['step'] else 'none'})")
+                fail(f"step {step}: the {name} loss is {value.item()}; stopped (the last checkpoint is untouched: "
+                     f"{checkpoint_path if history['step'] else 'none yet'})")
             loss_sums[name] = loss_sums.get(name, 0.0) + value.item()
             loss_counts[name] = loss_counts.get(name, 0) + 1
         optimizer.zero_grad()
@@ -928,8 +937,8 @@ if __name__ == "__main__":
                     out = qgrad_loss(improved_policy, states[batch], chunks[batch], masks[batch], sub_policy,
                                      q_fn, args.q_weight)
                 if not torch.isfinite(out["loss"]):
-                    raise FloatingPointError(f"improvement of sub-policy {sub_policy}, step {step}: the "
-                                             f"{args.improvement} loss is {out['loss'].item()}; stopping")
+                    fail(f"improvement of sub-policy {sub_policy}, step {step}: the {args.improvement} loss is "
+                         f"{out['loss'].item()}; stopped (the last checkpoint is untouched: {checkpoint_path})")
                 improvement_optimizer.zero_grad()
                 out["loss"].backward()
                 torch.nn.utils.clip_grad_norm_(improved_policy.parameters(), args.max_grad_norm)

@@ -116,8 +116,41 @@ def test_command_line_refuses_bad_names(minari_path, tmp_path):
 def test_nan_loss_stops_the_run_naming_step_and_loss(minari_path, tmp_path):
     """An exploding run stops at the first non-finite loss, saying which loss and at which step."""
     result = run_offline(TINY_RUN + ["--learning-rate", "1e30", "--kl-coef", "0"], minari_path, tmp_path)
-    assert result.returncode != 0
-    assert "FloatingPointError: step" in result.stderr and "the diffusion loss is" in result.stderr
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "error: step" in result.stderr and "the diffusion loss is" in result.stderr
+
+
+NAN_AT_SECOND_EVALUATION = """
+import runpy, sys
+sys.path.insert(0, {root!r})
+import torch
+import eval as eval_module
+real_evaluate, calls = eval_module.evaluate_sub_policies, []
+def evaluate_after_nan(policy, *args, **kwargs):
+    calls.append(1)
+    if len(calls) == 2:  # the weights go NaN between the first and the second checkpoint
+        with torch.no_grad():
+            next(policy.parameters()).fill_(float("nan"))
+    return real_evaluate(policy, *args, **kwargs)
+eval_module.evaluate_sub_policies = evaluate_after_nan
+sys.argv = [{script!r}] + sys.argv[1:]
+runpy.run_path({script!r}, run_name="__main__")
+"""
+
+
+def test_non_finite_weights_stop_before_the_save_and_keep_the_last_checkpoint(minari_path, tmp_path):
+    """Weights that turn NaN after the step-10 checkpoint stop the run at the next save, naming the
+    step; the checkpoint on disk is still the step-10 one, loadable and finite."""
+    script = tmp_path / "nan_at_second_evaluation.py"
+    script.write_text(NAN_AT_SECOND_EVALUATION.format(root=ROOT, script=os.path.join(ROOT, "uepo_offline.py")))
+    env = {**os.environ, "MINARI_DATASETS_PATH": minari_path, "HF_HUB_OFFLINE": "1"}
+    path = tmp_path / "offline.pt"
+    result = subprocess.run([sys.executable, str(script), *TINY_RUN, "--eval-every", "10", "--checkpoint-path",
+                             str(path)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "step 20" in result.stderr and "not finite; stopped without saving" in result.stderr
+    checkpoint = load_checkpoint(str(path))  # refuses non-finite weights itself
+    assert checkpoint["step"] == 10
 
 
 def test_spearman_correlation_on_hand_made_scores():
