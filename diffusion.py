@@ -13,8 +13,9 @@ Reading order:
      whose denoising estimates are too close.
 4. `OnlineActor`            - the Gaussian N(mu_i(s), diag sigma^2) that online PPO fine-tunes.
 5. `bppo_loss`, `qgrad_loss` - the offline improvement of one sub-policy (its gate,
-   `BestSnapshot`, is in dynamics.py beside AM-Q). bppo scores a sub-policy with the same likelihood as online PPO, a Gaussian around its
-   deterministic chunk mu_i(s): the policy that is improved is the one that is deployed.
+   `BestSnapshot`, is in dynamics.py beside AM-Q). bppo scores a sub-policy with the same
+   likelihood as online PPO, a Gaussian around its deterministic chunk mu_i(s): the policy that
+   is improved is the one that is deployed.
 
 Conventions: actions live in [-1, 1] inside the policy (scaled from the action space bounds);
 states are normalized with frozen dataset statistics held as buffers, so they travel with the
@@ -86,8 +87,16 @@ class MLPDenoiser(nn.Module):
     the comparison point for the paper's U-Net + Transformer.
     """
 
-    def __init__(self, obs_dim: int, act_dim: int, horizon: int, obs_horizon: int,
-                 hidden: int = 256, layers: int = 3, step_dim: int = 32):
+    def __init__(
+        self,
+        obs_dim: int,
+        act_dim: int,
+        horizon: int,
+        obs_horizon: int,
+        hidden: int = 256,
+        layers: int = 3,
+        step_dim: int = 32,
+    ):
         super().__init__()
         self.step_embedding = StepEmbedding(step_dim)
         in_dim = horizon * act_dim + obs_horizon * obs_dim + step_dim
@@ -99,8 +108,9 @@ class MLPDenoiser(nn.Module):
 
     def forward(self, noisy_chunks, steps, states):
         batch = noisy_chunks.shape[0]
-        features = torch.cat([noisy_chunks.reshape(batch, -1), states.reshape(batch, -1),
-                              self.step_embedding(steps)], dim=-1)
+        features = torch.cat(
+            [noisy_chunks.reshape(batch, -1), states.reshape(batch, -1), self.step_embedding(steps)], dim=-1
+        )
         return self.net(features).view_as(noisy_chunks)
 
 
@@ -110,13 +120,14 @@ class FiLMResidualBlock(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, cond_dim: int, groups: int = 8):
         super().__init__()
-        self.conv1 = nn.Sequential(nn.Conv1d(in_channels, out_channels, 3, padding=1),
-                                   nn.GroupNorm(groups, out_channels), nn.Mish())
-        self.conv2 = nn.Sequential(nn.Conv1d(out_channels, out_channels, 3, padding=1),
-                                   nn.GroupNorm(groups, out_channels), nn.Mish())
+        self.conv1 = nn.Sequential(
+            nn.Conv1d(in_channels, out_channels, 3, padding=1), nn.GroupNorm(groups, out_channels), nn.Mish()
+        )
+        self.conv2 = nn.Sequential(
+            nn.Conv1d(out_channels, out_channels, 3, padding=1), nn.GroupNorm(groups, out_channels), nn.Mish()
+        )
         self.film = nn.Sequential(nn.Mish(), nn.Linear(cond_dim, 2 * out_channels))
-        self.skip = (nn.Conv1d(in_channels, out_channels, 1) if in_channels != out_channels
-                     else nn.Identity())
+        self.skip = nn.Conv1d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
 
     def forward(self, x, cond):
         scale, shift = self.film(cond).unsqueeze(-1).chunk(2, dim=1)
@@ -131,11 +142,11 @@ class StateCrossAttention(nn.Module):
     def __init__(self, channels: int, token_dim: int, heads: int):
         super().__init__()
         self.norm_query = nn.LayerNorm(channels)
-        self.attention = nn.MultiheadAttention(channels, heads, kdim=token_dim, vdim=token_dim,
-                                               batch_first=True)
+        self.attention = nn.MultiheadAttention(channels, heads, kdim=token_dim, vdim=token_dim, batch_first=True)
         self.norm_ff = nn.LayerNorm(channels)
-        self.feed_forward = nn.Sequential(nn.Linear(channels, 4 * channels), nn.GELU(),
-                                          nn.Linear(4 * channels, channels))
+        self.feed_forward = nn.Sequential(
+            nn.Linear(channels, 4 * channels), nn.GELU(), nn.Linear(4 * channels, channels)
+        )
 
     def forward(self, features, state_tokens):
         h = features.transpose(1, 2)  # (B, C, L) -> (B, L, C): one query per chunk position
@@ -155,8 +166,16 @@ class UNetTransformerDenoiser(nn.Module):
     to the skip connection's length, so any H >= 1 works.
     """
 
-    def __init__(self, obs_dim: int, act_dim: int, horizon: int, obs_horizon: int,
-                 dims: tuple[int, ...] = (128, 256), cond_dim: int = 128, heads: int = 4):
+    def __init__(
+        self,
+        obs_dim: int,
+        act_dim: int,
+        horizon: int,
+        obs_horizon: int,
+        dims: tuple[int, ...] = (128, 256),
+        cond_dim: int = 128,
+        heads: int = 4,
+    ):
         super().__init__()
         self.step_embedding = StepEmbedding(cond_dim)
         self.state_tokens = nn.Linear(obs_dim, cond_dim)
@@ -166,9 +185,15 @@ class UNetTransformerDenoiser(nn.Module):
         self.down = nn.ModuleList()
         for level, (c_in, c_out) in enumerate(zip(channels[:-1], channels[1:])):
             is_last = level == len(dims) - 1
-            self.down.append(nn.ModuleList([
-                FiLMResidualBlock(c_in, c_out, cond_dim), FiLMResidualBlock(c_out, c_out, cond_dim),
-                nn.Identity() if is_last else nn.Conv1d(c_out, c_out, 3, stride=2, padding=1)]))
+            self.down.append(
+                nn.ModuleList(
+                    [
+                        FiLMResidualBlock(c_in, c_out, cond_dim),
+                        FiLMResidualBlock(c_out, c_out, cond_dim),
+                        nn.Identity() if is_last else nn.Conv1d(c_out, c_out, 3, stride=2, padding=1),
+                    ]
+                )
+            )
         mid = dims[-1]
         self.mid_in = FiLMResidualBlock(mid, mid, cond_dim)
         self.mid_attention = StateCrossAttention(mid, cond_dim, heads)
@@ -177,12 +202,16 @@ class UNetTransformerDenoiser(nn.Module):
         # Decoder: upsample the deeper features (c_deep channels), concatenate the skip of the
         # level above (c_out channels), and mix back down to c_out.
         for c_deep, c_out in zip(reversed(dims[1:]), reversed(dims[:-1])):
-            self.up.append(nn.ModuleList([
-                nn.ConvTranspose1d(c_deep, c_deep, 4, stride=2, padding=1),
-                FiLMResidualBlock(c_deep + c_out, c_out, cond_dim),
-                FiLMResidualBlock(c_out, c_out, cond_dim)]))
-        self.head = nn.Sequential(nn.Conv1d(dims[0], dims[0], 3, padding=1), nn.Mish(),
-                                  nn.Conv1d(dims[0], act_dim, 1))
+            self.up.append(
+                nn.ModuleList(
+                    [
+                        nn.ConvTranspose1d(c_deep, c_deep, 4, stride=2, padding=1),
+                        FiLMResidualBlock(c_deep + c_out, c_out, cond_dim),
+                        FiLMResidualBlock(c_out, c_out, cond_dim),
+                    ]
+                )
+            )
+        self.head = nn.Sequential(nn.Conv1d(dims[0], dims[0], 3, padding=1), nn.Mish(), nn.Conv1d(dims[0], act_dim, 1))
 
     def forward(self, noisy_chunks, steps, states):
         tokens = self.state_tokens(states) + self.token_position  # (B, To, cond_dim)
@@ -197,7 +226,7 @@ class UNetTransformerDenoiser(nn.Module):
         skips.pop()  # the bottleneck level has no skip partner
         for upsample, block1, block2 in self.up:
             skip = skips.pop()
-            x = upsample(x)[..., :skip.shape[-1]]
+            x = upsample(x)[..., : skip.shape[-1]]
             x = block2(block1(torch.cat([x, skip], dim=1), cond), cond)
         return self.head(x).transpose(1, 2)
 
@@ -208,6 +237,7 @@ class UNetTransformerDenoiser(nn.Module):
 @dataclass
 class PolicyConfig:
     """Everything needed to rebuild a DiffusionPolicy (saved in checkpoints)."""
+
     obs_dim: int
     act_dim: int
     horizon: int = 4
@@ -230,8 +260,7 @@ DENOISERS = ("mlp", "unet")
 
 
 def make_denoiser(config: PolicyConfig) -> nn.Module:
-    shape = dict(obs_dim=config.obs_dim, act_dim=config.act_dim, horizon=config.horizon,
-                 obs_horizon=config.obs_horizon)
+    shape = dict(obs_dim=config.obs_dim, act_dim=config.act_dim, horizon=config.horizon, obs_horizon=config.obs_horizon)
     if config.denoiser == "mlp":
         return MLPDenoiser(**shape, hidden=config.mlp_hidden)
     if config.denoiser == "unet":
@@ -270,8 +299,7 @@ class DiffusionPolicy(nn.Module):
         generator = torch.Generator().manual_seed(config.noise_seed)
         n, h, a = config.n_subpolicies, config.horizon, config.act_dim
         self.register_buffer("sub_policy_noise", torch.randn(n, h, a, generator=generator))
-        self.register_buffer("perturbation_noise",
-                             torch.randn(n, config.ddim_steps, h, a, generator=generator))
+        self.register_buffer("perturbation_noise", torch.randn(n, config.ddim_steps, h, a, generator=generator))
 
     # ---- units -------------------------------------------------------------------------------
     @property
@@ -317,8 +345,11 @@ class DiffusionPolicy(nn.Module):
         batch, n = x.shape[:2]
         k = self.timesteps[step_index]
         abar = self.alpha_bars[k]
-        abar_prev = (self.alpha_bars[self.timesteps[step_index + 1]]
-                     if step_index + 1 < len(self.timesteps) else torch.ones_like(abar))
+        abar_prev = (
+            self.alpha_bars[self.timesteps[step_index + 1]]
+            if step_index + 1 < len(self.timesteps)
+            else torch.ones_like(abar)
+        )
         states_per_chain = states.repeat_interleave(n, dim=0)
         steps = torch.full((batch * n,), k, device=x.device, dtype=torch.long)
         eps = self.denoiser(x.flatten(0, 1), steps, states_per_chain).view_as(x)
@@ -327,8 +358,7 @@ class DiffusionPolicy(nn.Module):
         # regularization"): sub-policy i's estimate moves by sigma_i * xi_i where its nearest
         # kinematic divergence d_i < tau. sigma is treated as a control signal (no gradient).
         if self.config.eta > 0 and n >= 2:
-            sigma = adaptive_perturbation_std(nearest_divergence(x0_hat.detach()),
-                                              self.config.tau, self.config.eta)
+            sigma = adaptive_perturbation_std(nearest_divergence(x0_hat.detach()), self.config.tau, self.config.eta)
             xi = self.perturbation_noise[:n, step_index]
             x0_hat = (x0_hat + sigma[..., None, None] * xi).clamp(-1, 1)
         # Re-derive eps from the (clipped, perturbed) estimate, then the DDIM eta=0 update.
@@ -368,8 +398,7 @@ class DiffusionPolicy(nn.Module):
     def from_checkpoint(cls, saved: dict) -> "DiffusionPolicy":
         config = PolicyConfig(**saved["config"])
         state = saved["state_dict"]
-        policy = cls(config, state["state_mean"], state["state_std"],
-                     state["action_low"], state["action_high"])
+        policy = cls(config, state["state_mean"], state["state_std"], state["action_low"], state["action_high"])
         policy.load_state_dict(state)
         return policy
 
@@ -415,8 +444,15 @@ class OnlineActor(nn.Module):
     the actor starts, and the mean of the KL anchor).
     """
 
-    def __init__(self, kind: str, policy: DiffusionPolicy, sub_policy: int, init_std: float, hidden: int = 64,
-                 mlp_horizon: int = 1):
+    def __init__(
+        self,
+        kind: str,
+        policy: DiffusionPolicy,
+        sub_policy: int,
+        init_std: float,
+        hidden: int = 64,
+        mlp_horizon: int = 1,
+    ):
         super().__init__()
         if kind not in ONLINE_ACTORS:
             raise ValueError(f"unknown online actor {kind!r}; valid: {', '.join(ONLINE_ACTORS)}")
@@ -433,8 +469,9 @@ class OnlineActor(nn.Module):
             policy.requires_grad_(False)  # the diffusion policy stays the offline one
         if kind != "diffusion":
             chunk_dim = self.horizon * self.act_dim
-            self.head = ppo_mlp(self.obs_horizon * config.obs_dim, chunk_dim, hidden,
-                                last_std=0.01 if kind == "mlp" else 0.0)
+            self.head = ppo_mlp(
+                self.obs_horizon * config.obs_dim, chunk_dim, hidden, last_std=0.01 if kind == "mlp" else 0.0
+            )
         self.log_std = nn.Parameter(torch.full((self.horizon, self.act_dim), math.log(init_std)))
 
     # ---- the Gaussian over z ---------------------------------------------------------------------
@@ -480,8 +517,9 @@ class OnlineActor(nn.Module):
     def act(self, state_history: np.ndarray) -> np.ndarray:
         """Deployment: raw state histories (B, To, S) -> the mean's chunks (B, 1, H, A) in env units
         (one "sub-policy", so that evaluation code written for DiffusionPolicy runs it unchanged)."""
-        states = self.normalize_states(torch.as_tensor(state_history, dtype=torch.float32,
-                                                       device=self.state_mean.device))
+        states = self.normalize_states(
+            torch.as_tensor(state_history, dtype=torch.float32, device=self.state_mean.device)
+        )
         z = self.mean(states, self.anchor_mean(states))
         return self.unscale_actions(self.chunk(states, z)).unsqueeze(1).cpu().numpy()
 
@@ -489,16 +527,24 @@ class OnlineActor(nn.Module):
     def to_checkpoint(self) -> dict:
         """The kind, the sub-policy, the sizes and every tensor (denoiser, frozen offline copy, head,
         log-std, statistics); the frozen diffusion policy of "residual" and "noise" is in the state dict."""
-        return {"kind": self.kind, "sub_policy": self.sub_policy, "init_std": self.init_std, "hidden": self.hidden,
-                "mlp_horizon": self.horizon if self.kind == "mlp" else 1,
-                "policy_config": asdict(self.policy_config), "state_dict": self.state_dict()}
+        return {
+            "kind": self.kind,
+            "sub_policy": self.sub_policy,
+            "init_std": self.init_std,
+            "hidden": self.hidden,
+            "mlp_horizon": self.horizon if self.kind == "mlp" else 1,
+            "policy_config": asdict(self.policy_config),
+            "state_dict": self.state_dict(),
+        }
 
     @classmethod
     def from_checkpoint(cls, saved: dict) -> "OnlineActor":
         config = PolicyConfig(**saved["policy_config"])
         zeros, ones = np.zeros(config.obs_dim), np.ones(config.obs_dim)
         policy = DiffusionPolicy(config, zeros, ones, -np.ones(config.act_dim), np.ones(config.act_dim))
-        actor = cls(saved["kind"], policy, saved["sub_policy"], saved["init_std"], saved["hidden"], saved["mlp_horizon"])
+        actor = cls(
+            saved["kind"], policy, saved["sub_policy"], saved["init_std"], saved["hidden"], saved["mlp_horizon"]
+        )
         actor.load_state_dict(saved["state_dict"])  # the real statistics, bounds and weights
         return actor
 
@@ -510,9 +556,16 @@ class OnlineActor(nn.Module):
 # sub-policies, `sub_policy`. Its partners (the other seeds) stay in every chain because the
 # adaptive perturbation couples them: they move with the copy's denoiser, and only sub-policy
 # `sub_policy` is scored, improved and deployed from that copy.
-def bppo_loss(policy: DiffusionPolicy, reference: DiffusionPolicy, states: torch.Tensor, sub_policy: int,
-              advantage_fn, clip_coef: float, kl_coef: float,
-              generator: torch.Generator | None = None) -> dict:
+def bppo_loss(
+    policy: DiffusionPolicy,
+    reference: DiffusionPolicy,
+    states: torch.Tensor,
+    sub_policy: int,
+    advantage_fn,
+    clip_coef: float,
+    kl_coef: float,
+    generator: torch.Generator | None = None,
+) -> dict:
     """Uni-O4's behaviour-proximal step with the action-level Gaussian (`--improvement bppo`).
 
     A sub-policy's likelihood is that of the Gaussian over the (H, A) chunk around its
@@ -544,18 +597,30 @@ def bppo_loss(policy: DiffusionPolicy, reference: DiffusionPolicy, states: torch
         raw_advantages = advantage_fn(sampled_chunks.clamp(-1, 1))
         advantages = (raw_advantages - raw_advantages.mean()) / (raw_advantages.std() + 1e-8)
     mean = policy.sample(states).actions[:, sub_policy]  # mu(s): back-propagates through the DDIM chain
-    log_ratio = (gaussian_log_prob(sampled_chunks, mean, std, event_dims=2)
-                 - gaussian_log_prob(sampled_chunks, reference_mean, std, event_dims=2))
+    log_ratio = gaussian_log_prob(sampled_chunks, mean, std, event_dims=2) - gaussian_log_prob(
+        sampled_chunks, reference_mean, std, event_dims=2
+    )
     ratio = torch.exp(log_ratio)
     std_t = torch.tensor(std, device=states.device)
     kl = gaussian_kl(mean, std_t, reference_mean, std_t, event_dims=2)
     surrogate = torch.min(ratio * advantages, ratio.clamp(1 - clip_coef, 1 + clip_coef) * advantages)
-    return {"loss": -surrogate.mean() + kl_coef * kl.mean(), "ratio": ratio.detach(), "kl": kl.mean().detach(),
-            "advantage_mean": raw_advantages.mean()}
+    return {
+        "loss": -surrogate.mean() + kl_coef * kl.mean(),
+        "ratio": ratio.detach(),
+        "kl": kl.mean().detach(),
+        "advantage_mean": raw_advantages.mean(),
+    }
 
 
-def qgrad_loss(policy: DiffusionPolicy, states: torch.Tensor, chunks: torch.Tensor, mask: torch.Tensor,
-               sub_policy: int, q_fn, q_weight: float) -> dict:
+def qgrad_loss(
+    policy: DiffusionPolicy,
+    states: torch.Tensor,
+    chunks: torch.Tensor,
+    mask: torch.Tensor,
+    sub_policy: int,
+    q_fn,
+    q_weight: float,
+) -> dict:
     """Diffusion-QL's step (`--improvement qgrad`): the diffusion loss on data chunks plus
 
         q_weight * (-Q(s, pi_i(s)) / mean|Q|)

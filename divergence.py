@@ -53,8 +53,9 @@ def kinematic_divergence(chunks_i: torch.Tensor, chunks_j: torch.Tensor) -> torc
     acceleration is exactly zero, so callers detach its inputs.
     """
     horizon = chunks_i.shape[-2]
-    out = torch.zeros(torch.broadcast_shapes(chunks_i.shape, chunks_j.shape)[:-2],
-                      dtype=chunks_i.dtype, device=chunks_i.device)
+    out = torch.zeros(
+        torch.broadcast_shapes(chunks_i.shape, chunks_j.shape)[:-2], dtype=chunks_i.dtype, device=chunks_i.device
+    )
     if horizon >= 2:
         velocity_gap = velocity(chunks_i) - velocity(chunks_j)
         out = out + torch.linalg.vector_norm(velocity_gap, dim=-1).mean(-1)
@@ -104,37 +105,47 @@ def adaptive_perturbation_std(nearest: torch.Tensor, tau: float, eta: float) -> 
     return eta * torch.clamp(tau - nearest, min=0.0) / tau
 
 
-def gaussian_kl(mean_p: torch.Tensor, std_p: torch.Tensor, mean_q: torch.Tensor,
-                std_q: torch.Tensor, event_dims: int) -> torch.Tensor:
+def gaussian_kl(
+    mean_p: torch.Tensor, std_p: torch.Tensor, mean_q: torch.Tensor, std_q: torch.Tensor, event_dims: int
+) -> torch.Tensor:
     """KL(p || q) of two diagonal Gaussians, summed over the last `event_dims` dimensions.
 
     "Sequence-level" KL (docs/design.md): the event is a whole action sequence (event_dims = 2:
     chunk position x action dim), instead of one action as in Uni-O4. `std_*` broadcast (a float
     tensor, or one std per chunk entry, works).
     """
-    var_p, var_q = std_p ** 2, std_q ** 2
+    var_p, var_q = std_p**2, std_q**2
     kl = torch.log(std_q / std_p) + (var_p + (mean_p - mean_q) ** 2) / (2.0 * var_q) - 0.5
     kl = torch.broadcast_to(kl, torch.broadcast_shapes(kl.shape, mean_p.shape, mean_q.shape))
     return kl.sum(dim=tuple(range(-event_dims, 0)))
 
 
-def gaussian_log_prob(value: torch.Tensor, mean: torch.Tensor, std: float | torch.Tensor,
-                      event_dims: int, mask: torch.Tensor | None = None) -> torch.Tensor:
+def gaussian_log_prob(
+    value: torch.Tensor,
+    mean: torch.Tensor,
+    std: float | torch.Tensor,
+    event_dims: int,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
     """log N(value; mean, diag std^2) summed over the last `event_dims` dims (`std` a float, or a
     tensor that broadcasts, e.g. the online actor's learned std per chunk entry).
 
     `mask` (broadcastable to `value`, 1 = counted) drops padded chunk positions.
     """
     std_t = torch.as_tensor(std, dtype=value.dtype, device=value.device)
-    per_entry = (-0.5 * ((value - mean) / std_t) ** 2 - torch.log(std_t)
-                 - 0.5 * torch.log(torch.tensor(2.0 * torch.pi, dtype=value.dtype)))
+    per_entry = (
+        -0.5 * ((value - mean) / std_t) ** 2
+        - torch.log(std_t)
+        - 0.5 * torch.log(torch.tensor(2.0 * torch.pi, dtype=value.dtype))
+    )
     if mask is not None:
         per_entry = per_entry * mask
     return per_entry.sum(dim=tuple(range(-event_dims, 0)))
 
 
-def subpolicy_terms(subpolicy_chunks: torch.Tensor, data_chunks: torch.Tensor,
-                    mask: torch.Tensor, std: float) -> tuple[torch.Tensor, torch.Tensor]:
+def subpolicy_terms(
+    subpolicy_chunks: torch.Tensor, data_chunks: torch.Tensor, mask: torch.Tensor, std: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The two expectations of the sub-policy objective J(pi_i) (below), each of shape (n,):
 
         likelihood_i   = E_D[log pi_i(a|s)]
@@ -153,8 +164,9 @@ def subpolicy_terms(subpolicy_chunks: torch.Tensor, data_chunks: torch.Tensor,
     Log-likelihoods are per action entry (divided by the number of valid entries) so that the
     scale does not depend on H or act_dim.
     """
-    log_probs = gaussian_log_prob(data_chunks.unsqueeze(1), subpolicy_chunks, std,
-                                  event_dims=2, mask=mask[:, None, :, None])  # (B, n)
+    log_probs = gaussian_log_prob(
+        data_chunks.unsqueeze(1), subpolicy_chunks, std, event_dims=2, mask=mask[:, None, :, None]
+    )  # (B, n)
     entries = mask.sum(-1, keepdim=True) * data_chunks.shape[-1]  # (B, 1)
     log_probs = log_probs / entries
     best = log_probs.max(dim=1, keepdim=True).values
@@ -179,14 +191,15 @@ def own_sequence_repulsion(subpolicy_chunks: torch.Tensor, std: float, margin: f
     if n < 2:
         raise ValueError("the repulsion between sub-policies needs at least 2 of them")
     gaps = (subpolicy_chunks.unsqueeze(2) - subpolicy_chunks.unsqueeze(1)).pow(2).sum((-1, -2))  # (B, n, n)
-    gaps = gaps / (2.0 * std ** 2 * entries)
+    gaps = gaps / (2.0 * std**2 * entries)
     eye = torch.eye(n, dtype=torch.bool, device=gaps.device)
     nearest = gaps.masked_fill(eye, float("inf")).amin(-1)  # (B, n)
     return nearest.clamp(max=margin).mean(0)
 
 
-def subpolicy_objective(subpolicy_chunks: torch.Tensor, data_chunks: torch.Tensor,
-                        mask: torch.Tensor, alpha: float, std: float) -> torch.Tensor:
+def subpolicy_objective(
+    subpolicy_chunks: torch.Tensor, data_chunks: torch.Tensor, mask: torch.Tensor, alpha: float, std: float
+) -> torch.Tensor:
     """Sub-policy objective J(pi_i) of docs/design.md (Uni-O4's equation with whole sequences), (n,):
 
         J(pi_i) = E_D[log pi_i(a|s)] + alpha * E_D[log pi_i(a|s) - max_j log pi_j(a|s)]

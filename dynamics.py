@@ -81,10 +81,11 @@ class EnsembleLinear(nn.Module):
 @dataclass
 class EnsemblePrediction:
     """Per-member Gaussian over the next step, raw units (output of `EnsembleDynamics.predict`)."""
-    next_states: torch.Tensor     # (M, B, S) mean of s' = s + mean of (s' - s)
-    rewards: torch.Tensor         # (M, B)    mean of r
+
+    next_states: torch.Tensor  # (M, B, S) mean of s' = s + mean of (s' - s)
+    rewards: torch.Tensor  # (M, B)    mean of r
     next_state_std: torch.Tensor  # (M, B, S) std of s' (= std of s' - s: s is given)
-    reward_std: torch.Tensor      # (M, B)
+    reward_std: torch.Tensor  # (M, B)
 
 
 class EnsembleDynamics(nn.Module):
@@ -107,20 +108,28 @@ class EnsembleDynamics(nn.Module):
       `disagreement`, `holdout_mse` and `select_elites` use the model as a simulator (no_grad).
     """
 
-    def __init__(self, obs_dim: int, act_dim: int, num_members: int = 7, num_elites: int = 5,
-                 hidden_dim: int = 200, num_layers: int = 4,
-                 weight_decays: tuple[float, ...] | None = None):
+    def __init__(
+        self,
+        obs_dim: int,
+        act_dim: int,
+        num_members: int = 7,
+        num_elites: int = 5,
+        hidden_dim: int = 200,
+        num_layers: int = 4,
+        weight_decays: tuple[float, ...] | None = None,
+    ):
         super().__init__()
         if not 1 <= num_elites <= num_members:
             raise ValueError(f"need 1 <= num_elites <= num_members, got {num_elites} and {num_members}")
         if weight_decays is None:
             if num_layers != len(MOBILE_WEIGHT_DECAYS) - 1:
-                raise ValueError(f"MOBILE's weight decays are for 4 hidden layers; with num_layers="
-                                 f"{num_layers} pass weight_decays with {num_layers + 1} entries")
+                raise ValueError(
+                    f"MOBILE's weight decays are for 4 hidden layers; with num_layers="
+                    f"{num_layers} pass weight_decays with {num_layers + 1} entries"
+                )
             weight_decays = MOBILE_WEIGHT_DECAYS
         if len(weight_decays) != num_layers + 1:
-            raise ValueError(f"weight_decays needs one entry per layer ({num_layers + 1}), "
-                             f"got {len(weight_decays)}")
+            raise ValueError(f"weight_decays needs one entry per layer ({num_layers + 1}), got {len(weight_decays)}")
         self.obs_dim, self.act_dim = obs_dim, act_dim
         self.num_members, self.num_elites = num_members, num_elites
         self.hidden_dim, self.num_layers = hidden_dim, num_layers
@@ -128,8 +137,9 @@ class EnsembleDynamics(nn.Module):
 
         target_dim = obs_dim + 1  # (s' - s, r)
         widths = [obs_dim + act_dim] + [hidden_dim] * num_layers + [2 * target_dim]
-        self.layers = nn.ModuleList(EnsembleLinear(num_members, w_in, w_out)
-                                    for w_in, w_out in zip(widths[:-1], widths[1:]))
+        self.layers = nn.ModuleList(
+            EnsembleLinear(num_members, w_in, w_out) for w_in, w_out in zip(widths[:-1], widths[1:])
+        )
         self.activation = nn.SiLU()
         # Learnable log-variance bounds (PETS/MOPO): the soft clamp in `bounded_logvar` keeps
         # every predicted log-variance inside them; the loss keeps them tight.
@@ -143,9 +153,15 @@ class EnsembleDynamics(nn.Module):
 
     def constructor_kwargs(self) -> dict:
         """Everything needed to rebuild the model (for checkpoints), with the state dict."""
-        return dict(obs_dim=self.obs_dim, act_dim=self.act_dim, num_members=self.num_members,
-                    num_elites=self.num_elites, hidden_dim=self.hidden_dim,
-                    num_layers=self.num_layers, weight_decays=self.weight_decays)
+        return dict(
+            obs_dim=self.obs_dim,
+            act_dim=self.act_dim,
+            num_members=self.num_members,
+            num_elites=self.num_elites,
+            hidden_dim=self.hidden_dim,
+            num_layers=self.num_layers,
+            weight_decays=self.weight_decays,
+        )
 
     # ---- inputs and targets ----------------------------------------------------------------
     @torch.no_grad()
@@ -153,8 +169,9 @@ class EnsembleDynamics(nn.Module):
         """Freeze the input standardization to the mean and std (+ INPUT_STD_EPS) of [s, a] over
         the given transitions (numpy or torch, (N, S) and (N, A)); B.2.5: inputs are standardized.
         Called once on the real training split; synthetic data does not move it."""
-        inputs = torch.cat([torch.as_tensor(states).to(torch.float64).cpu(),
-                            torch.as_tensor(actions).to(torch.float64).cpu()], dim=-1)
+        inputs = torch.cat(
+            [torch.as_tensor(states).to(torch.float64).cpu(), torch.as_tensor(actions).to(torch.float64).cpu()], dim=-1
+        )
         self.input_mean.copy_(inputs.mean(0))
         self.input_std.copy_(inputs.std(0, correction=0) + INPUT_STD_EPS)
 
@@ -199,8 +216,7 @@ class EnsembleDynamics(nn.Module):
     def weight_decay_loss(self) -> torch.Tensor:
         """MOBILE's per-layer L2 penalty, sum_l decay_l * 0.5 * ||W_l||^2 over all members'
         weights (biases are not decayed). Included in `loss`; exposed for logging."""
-        return sum(decay * 0.5 * (layer.weight ** 2).sum()
-                   for decay, layer in zip(self.weight_decays, self.layers))
+        return sum(decay * 0.5 * (layer.weight**2).sum() for decay, layer in zip(self.weight_decays, self.layers))
 
     def logvar_bound_loss(self) -> torch.Tensor:
         """0.01 * (sum max_logvar - sum min_logvar): pulls the bounds together, so that the
@@ -219,8 +235,7 @@ class EnsembleDynamics(nn.Module):
         *mean* over members would make it 14x stronger than in MOBILE.)
         """
         regularizer = self.weight_decay_loss() + self.logvar_bound_loss()
-        return (self.member_nll(states, actions, next_states, rewards).mean()
-                + regularizer / (2 * self.num_members))
+        return self.member_nll(states, actions, next_states, rewards).mean() + regularizer / (2 * self.num_members)
 
     # ---- elites --------------------------------------------------------------------------------
     @torch.no_grad()
@@ -235,7 +250,7 @@ class EnsembleDynamics(nn.Module):
         """Set `elite_indices` to the `num_elites` members with the lowest `holdout_mse` on the
         given (hold-out) transitions, best first. Returns the (M,) hold-out MSE."""
         mse = self.holdout_mse(states, actions, next_states, rewards)
-        self.elite_indices.copy_(torch.argsort(mse)[:self.num_elites])
+        self.elite_indices.copy_(torch.argsort(mse)[: self.num_elites])
         return mse
 
     # ---- using the model -------------------------------------------------------------------------
@@ -245,19 +260,27 @@ class EnsembleDynamics(nn.Module):
         mean, logvar = self(states, actions)
         std = torch.exp(0.5 * logvar)
         s = self.obs_dim
-        return EnsemblePrediction(next_states=states + mean[..., :s], rewards=mean[..., s],
-                                  next_state_std=std[..., :s], reward_std=std[..., s])
+        return EnsemblePrediction(
+            next_states=states + mean[..., :s],
+            rewards=mean[..., s],
+            next_state_std=std[..., :s],
+            reward_std=std[..., s],
+        )
 
     def random_elites(self, batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """One elite member index per row, uniformly (B.2.5: a random elite at each step): (B,)."""
-        picks = torch.randint(self.num_elites, (batch,), generator=generator,
-                              device=self.elite_indices.device)
+        picks = torch.randint(self.num_elites, (batch,), generator=generator, device=self.elite_indices.device)
         return self.elite_indices[picks]
 
     @torch.no_grad()
-    def sample_step(self, states: torch.Tensor, actions: torch.Tensor,
-                    generator: torch.Generator | None = None, deterministic: bool = False,
-                    members: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def sample_step(
+        self,
+        states: torch.Tensor,
+        actions: torch.Tensor,
+        generator: torch.Generator | None = None,
+        deterministic: bool = False,
+        members: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """One model step: next_states (B, S) and rewards (B,), raw units.
 
         Row b uses member `members[b]` (default: a random elite per row, `random_elites`) and
@@ -272,10 +295,9 @@ class EnsembleDynamics(nn.Module):
         rows = torch.arange(batch, device=states.device)
         outcome = mean[members, rows]
         if not deterministic:
-            noise = torch.randn(outcome.shape, generator=generator, device=outcome.device,
-                                dtype=outcome.dtype)
+            noise = torch.randn(outcome.shape, generator=generator, device=outcome.device, dtype=outcome.dtype)
             outcome = outcome + torch.exp(0.5 * logvar[members, rows]) * noise
-        return states + outcome[:, :self.obs_dim], outcome[:, self.obs_dim]
+        return states + outcome[:, : self.obs_dim], outcome[:, self.obs_dim]
 
     @torch.no_grad()
     def disagreement(self, states: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
@@ -314,8 +336,9 @@ class EnsembleDynamics(nn.Module):
         return mean.std(dim=0, correction=0).norm(dim=-1)
 
 
-def holdout_split(num_transitions: int, generator: torch.Generator | None = None,
-                  fraction: float = 0.2, max_holdout: int = 1000) -> tuple[torch.Tensor, torch.Tensor]:
+def holdout_split(
+    num_transitions: int, generator: torch.Generator | None = None, fraction: float = 0.2, max_holdout: int = 1000
+) -> tuple[torch.Tensor, torch.Tensor]:
     """B.2.5's split: min(20%, 1000) random transitions held out for elites and early stopping.
     Returns (train_indices, holdout_indices), disjoint, covering 0..N-1."""
     size = min(int(num_transitions * fraction), max_holdout)
@@ -336,6 +359,7 @@ def holdout_split(num_transitions: int, generator: torch.Generator | None = None
 # so obs[0] is the torso height qpos[1] (ant: qpos[2]) and obs[1] the torso angle qpos[2].
 # The bounds are the v5 defaults; strict or inclusive as in the source.
 
+
 def _backend(next_obs):
     return torch if isinstance(next_obs, torch.Tensor) else np
 
@@ -344,8 +368,10 @@ def _check_obs_dim(next_obs, task: str, dims: tuple[int, ...]) -> None:
     # A wrong size means another observation layout (e.g. positions included): the indices
     # below would then read the wrong entries silently.
     if next_obs.shape[-1] not in dims:
-        raise ValueError(f"{task} termination rule expects observations of size "
-                         f"{' or '.join(map(str, dims))} (Gymnasium v5 defaults), got {next_obs.shape[-1]}")
+        raise ValueError(
+            f"{task} termination rule expects observations of size "
+            f"{' or '.join(map(str, dims))} (Gymnasium v5 defaults), got {next_obs.shape[-1]}"
+        )
 
 
 def hopper_terminated(next_obs):
@@ -417,7 +443,8 @@ def termination_fn(task: str) -> Callable:
             f"no termination rule for task {task!r}; supported tasks: {', '.join(TERMINATION_RULES)}. "
             "To add one, write a function next_obs -> bool that reproduces the environment's "
             "`terminated` from its observation (read its is_healthy / step source) and register "
-            "it in TERMINATION_RULES in dynamics.py, with a test against the real environment.")
+            "it in TERMINATION_RULES in dynamics.py, with a test against the real environment."
+        )
     return TERMINATION_RULES[task]
 
 
@@ -463,17 +490,27 @@ def expectile_loss(differences: torch.Tensor, expectile: float) -> torch.Tensor:
     """IQL's asymmetric squared loss L_tau(u) = |tau - 1(u < 0)| u^2, averaged; u = Q - V.
     With tau > 0.5, V is pushed towards an upper expectile of Q over the data's actions."""
     weight = torch.where(differences < 0, 1.0 - expectile, expectile)
-    return (weight * differences ** 2).mean()
+    return (weight * differences**2).mean()
 
 
 def chunk_td_target(rewards, dones, chunk_lengths, next_values, gamma: float) -> torch.Tensor:
     """R_t^H + gamma^L (1 - done) V(s_{t+L}), L = the chunk's real steps (H, or fewer where the
     episode ends sooner). Terminations end the return; time-limit truncations bootstrap."""
-    return rewards + gamma ** chunk_lengths * (1.0 - dones) * next_values
+    return rewards + gamma**chunk_lengths * (1.0 - dones) * next_values
 
 
-def iql_losses(critics: ChunkCritics, target_critics: ChunkCritics, states, chunks, rewards,
-               next_states, dones, chunk_lengths, gamma: float, expectile: float) -> dict:
+def iql_losses(
+    critics: ChunkCritics,
+    target_critics: ChunkCritics,
+    states,
+    chunks,
+    rewards,
+    next_states,
+    dones,
+    chunk_lengths,
+    gamma: float,
+    expectile: float,
+) -> dict:
     """One IQL step on chunks (Kostrikov et al. 2022, with a_{t:t+H} as the action):
 
         V:  expectile regression of V(s) on min_k Q_target_k(s, a_{t:t+H})
@@ -501,19 +538,44 @@ def soft_update(target: nn.Module, source: nn.Module, rate: float) -> None:
 # AM-Q offline policy evaluation (Uni-O4; docs/design.md, "Dynamics model and diffusion augmentation")
 # --------------------------------------------------------------------------------------------
 @torch.no_grad()
-def am_q_ope(chunk_policy, q_function, dynamics, is_terminal, start_histories: torch.Tensor,
-             num_steps: int, generator: torch.Generator | None = None,
-             uncertainty_penalty: float = 0.0, gamma: float = 0.99) -> torch.Tensor:
+def am_q_ope(
+    chunk_policy,
+    q_function,
+    dynamics,
+    is_terminal,
+    start_histories: torch.Tensor,
+    num_steps: int,
+    generator: torch.Generator | None = None,
+    uncertainty_penalty: float = 0.0,
+    gamma: float = 0.99,
+) -> torch.Tensor:
     """AM-Q, the scalar score: `am_q_rollouts`' Q sums over all rollouts divided by their visited
     chunks, i.e. the mean Q over every visited (state, chunk) pair."""
-    sums, counts = am_q_rollouts(chunk_policy, q_function, dynamics, is_terminal, start_histories, num_steps,
-                                 generator, uncertainty_penalty, gamma)
+    sums, counts = am_q_rollouts(
+        chunk_policy,
+        q_function,
+        dynamics,
+        is_terminal,
+        start_histories,
+        num_steps,
+        generator,
+        uncertainty_penalty,
+        gamma,
+    )
     return sums.sum() / counts.sum()
 
 
-def am_q_rollouts(chunk_policy, q_function, dynamics, is_terminal, start_histories: torch.Tensor,
-                  num_steps: int, generator: torch.Generator | None = None,
-                  uncertainty_penalty: float = 0.0, gamma: float = 0.99) -> tuple[torch.Tensor, torch.Tensor]:
+def am_q_rollouts(
+    chunk_policy,
+    q_function,
+    dynamics,
+    is_terminal,
+    start_histories: torch.Tensor,
+    num_steps: int,
+    generator: torch.Generator | None = None,
+    uncertainty_penalty: float = 0.0,
+    gamma: float = 0.99,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """AM-Q per start state: roll a deterministic chunk policy through the learned model and sum Q.
 
     From every start history (N, To, S) (raw dataset states), the policy's chunk is applied
@@ -564,8 +626,13 @@ def am_q_rollouts(chunk_policy, q_function, dynamics, is_terminal, start_histori
     return torch.where(visited, q, 0.0).sum(0), visited.sum(0).to(q.dtype)
 
 
-def paired_gain_bound(new: tuple[torch.Tensor, torch.Tensor], kept: tuple[torch.Tensor, torch.Tensor],
-                      confidence: float, num_resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
+def paired_gain_bound(
+    new: tuple[torch.Tensor, torch.Tensor],
+    kept: tuple[torch.Tensor, torch.Tensor],
+    confidence: float,
+    num_resamples: int = 2000,
+    seed: int = 0,
+) -> tuple[float, float]:
     """The gate's confidence rule (docs/design.md, "The gate"): the AM-Q gain of `new` over `kept`
     and a one-sided lower confidence bound on it.
 
@@ -575,8 +642,10 @@ def paired_gain_bound(new: tuple[torch.Tensor, torch.Tensor], kept: tuple[torch.
     gains. A gain whose bound is above 0 is larger than the OPE's own noise (the spread of its
     start states). Fixed `seed`: the same inputs give the same decision.
     """
+
     def ratio(sums, counts):
         return sums.sum(-1) / counts.sum(-1)
+
     gain = (ratio(*new) - ratio(*kept)).item()
     generator = torch.Generator().manual_seed(seed)
     index = torch.randint(len(new[0]), (num_resamples, len(new[0])), generator=generator).to(new[0].device)
@@ -593,8 +662,9 @@ class BestSnapshot:
     inside the OPE's noise changes nothing, so the result of an improvement run is its best-by-OPE
     snapshot, never simply the last one, and never one that only looks better by chance."""
 
-    def __init__(self, model: nn.Module, rollouts: tuple[torch.Tensor, torch.Tensor], step: int = 0,
-                 confidence: float = 0.0):
+    def __init__(
+        self, model: nn.Module, rollouts: tuple[torch.Tensor, torch.Tensor], step: int = 0, confidence: float = 0.0
+    ):
         self.confidence = confidence
         self.history = []  # (step, OPE score, accepted, lower bound on the gain over the kept snapshot)
         self._keep(model, rollouts, step, float("nan"))
@@ -654,9 +724,16 @@ def disagreement_threshold(dynamics: EnsembleDynamics, states, actions, quantile
 
 
 @torch.no_grad()
-def diffusion_augmentation(chunk_policy, dynamics: EnsembleDynamics, is_terminal, start_histories: torch.Tensor,
-                           num_steps: int, epsilon: float, max_transitions: int,
-                           generator: torch.Generator | None = None) -> dict:
+def diffusion_augmentation(
+    chunk_policy,
+    dynamics: EnsembleDynamics,
+    is_terminal,
+    start_histories: torch.Tensor,
+    num_steps: int,
+    epsilon: float,
+    max_transitions: int,
+    generator: torch.Generator | None = None,
+) -> dict:
     """Synthetic transitions for the dynamics model (docs/design.md, "Dynamics model and diffusion augmentation").
 
     Start states come from the data (`start_histories`, raw, (N, To, S)); action chunks from
@@ -684,8 +761,12 @@ def diffusion_augmentation(chunk_policy, dynamics: EnsembleDynamics, is_terminal
             alive &= dynamics.disagreement(states, action) < epsilon
             next_states, rewards = dynamics.sample_step(states, action, generator=generator)
             keep = alive.nonzero().squeeze(-1)[: max_transitions - count]
-            for key, value in (("states", states), ("actions", action), ("next_states", next_states),
-                               ("rewards", rewards)):
+            for key, value in (
+                ("states", states),
+                ("actions", action),
+                ("next_states", next_states),
+                ("rewards", rewards),
+            ):
                 kept[key].append(value[keep])
             count += len(keep)
             alive &= ~torch.as_tensor(is_terminal(next_states), device=alive.device)
@@ -694,8 +775,9 @@ def diffusion_augmentation(chunk_policy, dynamics: EnsembleDynamics, is_terminal
     return {key: torch.cat(values) if values else torch.empty(0) for key, values in kept.items()}
 
 
-def mixed_batch(real: tuple, synthetic: tuple, real_rows: torch.Tensor, batch_size: int,
-                generator: torch.Generator | None = None) -> tuple:
+def mixed_batch(
+    real: tuple, synthetic: tuple, real_rows: torch.Tensor, batch_size: int, generator: torch.Generator | None = None
+) -> tuple:
     """A dynamics batch drawn uniformly from the real transitions at `real_rows` (the train split)
     and every synthetic one together, so the two mix in proportion to their sizes (docs/design.md).
 
@@ -707,5 +789,7 @@ def mixed_batch(real: tuple, synthetic: tuple, real_rows: torch.Tensor, batch_si
     draw = torch.randint(num_real + len(synthetic[0]), (batch_size,), device=real_rows.device, generator=generator)
     is_real = draw < num_real
     rows, synthetic_rows = real_rows[draw[is_real]], draw[~is_real] - num_real
-    return tuple(torch.cat([real_part[rows], synthetic_part[synthetic_rows]])
-                 for real_part, synthetic_part in zip(real, synthetic))
+    return tuple(
+        torch.cat([real_part[rows], synthetic_part[synthetic_rows]])
+        for real_part, synthetic_part in zip(real, synthetic)
+    )

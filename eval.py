@@ -70,8 +70,9 @@ class ChunkEnv(gym.Wrapper):
         self.obs_horizon, self.gamma = obs_horizon, gamma
         obs_space, act_space = env.observation_space, env.action_space
         self.observation_space = gym.spaces.Box(-np.inf, np.inf, (obs_horizon, *obs_space.shape), np.float64)
-        self.action_space = gym.spaces.Box(np.tile(act_space.low, (horizon, 1)), np.tile(act_space.high, (horizon, 1)),
-                                           dtype=act_space.dtype)
+        self.action_space = gym.spaces.Box(
+            np.tile(act_space.low, (horizon, 1)), np.tile(act_space.high, (horizon, 1)), dtype=act_space.dtype
+        )
         self.history = deque(maxlen=obs_horizon)
 
     def reset(self, **kwargs):
@@ -83,7 +84,7 @@ class ChunkEnv(gym.Wrapper):
         chunk_reward, length = 0.0, 0
         for action in chunk:
             obs, reward, terminated, truncated, info = self.env.step(action)
-            chunk_reward += self.gamma ** length * reward
+            chunk_reward += self.gamma**length * reward
             length += 1
             self.history.append(obs)
             if terminated or truncated:
@@ -116,16 +117,25 @@ def run_chunk_episodes(policy, envs: list, sub_policy_of, seeds, action_steps: i
         chunks = policy.act(np.stack([histories[k] for k in live_ids]))  # (live, n, H, A)
         for row, k in enumerate(live_ids):
             histories[k], reward, terminated, truncated, info = chunk_envs[k].step(
-                chunks[row, sub_policy_of[k]][:action_steps])
+                chunks[row, sub_policy_of[k]][:action_steps]
+            )
             returns[k] += reward
             lengths[k] += info["chunk_length"]
             live[k] = not (terminated or truncated)
     return returns, lengths
 
 
-def evaluate_sub_policies(policy, env_id: str, episodes: int, seed: int, ref_min_score: float,
-                          ref_max_score: float, max_episode_steps: int | None = None,
-                          action_steps: int | None = None, sub_policies: list[int] | None = None) -> dict:
+def evaluate_sub_policies(
+    policy,
+    env_id: str,
+    episodes: int,
+    seed: int,
+    ref_min_score: float,
+    ref_max_score: float,
+    max_episode_steps: int | None = None,
+    action_steps: int | None = None,
+    sub_policies: list[int] | None = None,
+) -> dict:
     """Deterministic returns and normalized scores of every sub-policy.
 
     Environment (i, e) runs sub-policy i on episode e, reset with seed `seed + e`, so every
@@ -139,18 +149,27 @@ def evaluate_sub_policies(policy, env_id: str, episodes: int, seed: int, ref_min
     evaluated = list(range(policy.config.n_subpolicies)) if sub_policies is None else list(sub_policies)
     envs = [gym.make(env_id, max_episode_steps=max_episode_steps) for _ in range(len(evaluated) * episodes)]
     try:
-        returns, lengths = run_chunk_episodes(policy, envs, np.repeat(evaluated, episodes),
-                                              [seed + e for _ in evaluated for e in range(episodes)], action_steps)
+        returns, lengths = run_chunk_episodes(
+            policy,
+            envs,
+            np.repeat(evaluated, episodes),
+            [seed + e for _ in evaluated for e in range(episodes)],
+            action_steps,
+        )
     finally:
         for env in envs:
             env.close()
     returns = returns.reshape(len(evaluated), episodes)
-    return {"returns": returns, "lengths": lengths.reshape(len(evaluated), episodes),
-            "scores": normalized_score(returns, ref_min_score, ref_max_score)}
+    return {
+        "returns": returns,
+        "lengths": lengths.reshape(len(evaluated), episodes),
+        "scores": normalized_score(returns, ref_min_score, ref_max_score),
+    }
 
 
 def spearman_correlation(x, y) -> float:
     """Rank correlation of two score vectors (ties get their average rank), e.g. OPE against real scores."""
+
     def ranks(values):
         values = np.asarray(values, dtype=np.float64)
         order = np.argsort(values, kind="stable")
@@ -160,6 +179,7 @@ def spearman_correlation(x, y) -> float:
             tied = values == value
             result[tied] = result[tied].mean()
         return result
+
     rank_x, rank_y = ranks(x), ranks(y)
     if rank_x.std() == 0 or rank_y.std() == 0:
         return float("nan")
@@ -220,10 +240,33 @@ class CheckpointError(ValueError):
 # The fields of each kind of checkpoint, as uepo_offline.py's `write_checkpoint` and uepo_online.py's
 # `evaluate_and_save` write them (offline "critics" and "dynamics" only with --ope). A file without one
 # is refused on load, naming it, so that no reader meets a KeyError halfway through its work.
-OFFLINE_FIELDS = ("args", "step", "env_id", "max_episode_steps", "dataset_id", "ref_min_score", "ref_max_score",
-                  "policy", "history", "improved")
-ONLINE_FIELDS = ("args", "global_step", "env_id", "max_episode_steps", "dataset_id", "ref_min_score",
-                 "ref_max_score", "offline_checkpoint", "actor", "sub_policy", "selection", "value", "history")
+OFFLINE_FIELDS = (
+    "args",
+    "step",
+    "env_id",
+    "max_episode_steps",
+    "dataset_id",
+    "ref_min_score",
+    "ref_max_score",
+    "policy",
+    "history",
+    "improved",
+)
+ONLINE_FIELDS = (
+    "args",
+    "global_step",
+    "env_id",
+    "max_episode_steps",
+    "dataset_id",
+    "ref_min_score",
+    "ref_max_score",
+    "offline_checkpoint",
+    "actor",
+    "sub_policy",
+    "selection",
+    "value",
+    "history",
+)
 IMPROVED_FIELDS = ("sub_policy", "operator", "policy", "ope_score", "scores")
 ACTOR_FIELDS = ("kind", "sub_policy", "init_std", "hidden", "mlp_horizon", "policy_config", "state_dict")
 # The buffers `from_checkpoint` reads by name before loading the state dict.
@@ -259,10 +302,15 @@ def check_int(value, low: int, high: int, name: str, path: str) -> int:
 
 
 def check_number(value, name: str, path: str, positive: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value) \
-            or (positive and not value > 0):
-        raise CheckpointError(f"{path}: {name} must be a finite number{' > 0' if positive else ''}, "
-                              f"got {reprlib.repr(value)}")
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not np.isfinite(value)
+        or (positive and not value > 0)
+    ):
+        raise CheckpointError(
+            f"{path}: {name} must be a finite number{' > 0' if positive else ''}, got {reprlib.repr(value)}"
+        )
     return float(value)
 
 
@@ -283,18 +331,26 @@ def check_policy_config(config, where: str, path: str) -> PolicyConfig:
         raise CheckpointError(f"{path}: {where} has unknown fields {sorted(set(config) - known)}")
     config = PolicyConfig(**config)
     name = lambda field: f"{where}.{field}"
-    for field, high in (("obs_dim", MAX_WIDTH), ("act_dim", MAX_WIDTH), ("mlp_hidden", MAX_WIDTH),
-                        ("horizon", MAX_HORIZON), ("obs_horizon", MAX_HORIZON),
-                        ("diffusion_steps", MAX_DIFFUSION_STEPS), ("n_subpolicies", MAX_SUBPOLICIES)):
+    for field, high in (
+        ("obs_dim", MAX_WIDTH),
+        ("act_dim", MAX_WIDTH),
+        ("mlp_hidden", MAX_WIDTH),
+        ("horizon", MAX_HORIZON),
+        ("obs_horizon", MAX_HORIZON),
+        ("diffusion_steps", MAX_DIFFUSION_STEPS),
+        ("n_subpolicies", MAX_SUBPOLICIES),
+    ):
         check_int(getattr(config, field), 1, high, name(field), path)
     check_int(config.ddim_steps, 1, config.diffusion_steps, name("ddim_steps"), path)
-    check_int(config.noise_seed, 0, 2 ** 63 - 1, name("noise_seed"), path)
+    check_int(config.noise_seed, 0, 2**63 - 1, name("noise_seed"), path)
     if config.denoiser not in DENOISERS:
-        raise CheckpointError(f"{path}: {name('denoiser')} must be one of {', '.join(DENOISERS)}, "
-                              f"got {reprlib.repr(config.denoiser)}")
+        raise CheckpointError(
+            f"{path}: {name('denoiser')} must be one of {', '.join(DENOISERS)}, got {reprlib.repr(config.denoiser)}"
+        )
     if not isinstance(config.unet_dims, (tuple, list)) or not 1 <= len(config.unet_dims) <= MAX_LAYERS:
-        raise CheckpointError(f"{path}: {name('unet_dims')} must be 1 to {MAX_LAYERS} widths, "
-                              f"got {reprlib.repr(config.unet_dims)}")
+        raise CheckpointError(
+            f"{path}: {name('unet_dims')} must be 1 to {MAX_LAYERS} widths, got {reprlib.repr(config.unet_dims)}"
+        )
     for width in config.unet_dims:
         check_int(width, 1, MAX_WIDTH, name("unet_dims"), path)
     for field in ("tau", "eta"):
@@ -328,11 +384,12 @@ def check_common(checkpoint: dict, path: str) -> None:
         if not isinstance(checkpoint[field], str):
             raise CheckpointError(f"{path}: {field} must be a string, got {reprlib.repr(checkpoint[field])}")
     if checkpoint["max_episode_steps"] is not None:
-        check_int(checkpoint["max_episode_steps"], 1, 10 ** 7, "max_episode_steps", path)
+        check_int(checkpoint["max_episode_steps"], 1, 10**7, "max_episode_steps", path)
     low = check_number(checkpoint["ref_min_score"], "ref_min_score", path)
     if not check_number(checkpoint["ref_max_score"], "ref_max_score", path) > low:  # normalized_score divides
-        raise CheckpointError(f"{path}: ref_max_score must exceed ref_min_score, got {checkpoint['ref_max_score']} "
-                              f"and {low}")
+        raise CheckpointError(
+            f"{path}: ref_max_score must exceed ref_min_score, got {checkpoint['ref_max_score']} and {low}"
+        )
     require(checkpoint["args"], (), "args", path)
     history = require(checkpoint["history"], ("scores",), "history", path)
     if not isinstance(history["scores"], list) or not history["scores"]:
@@ -368,10 +425,19 @@ def check_offline(checkpoint: dict, path: str) -> None:
         check_state_dict(checkpoint["critics"]["state_dict"], "critics.state_dict", path)
     if "dynamics" in checkpoint:
         config = require(checkpoint["dynamics"], ("config", "state_dict"), "dynamics", path)["config"]
-        require(config, ("obs_dim", "act_dim", "num_members", "num_elites", "hidden_dim", "num_layers"),
-                "dynamics.config", path)
-        for field, high in (("obs_dim", MAX_WIDTH), ("act_dim", MAX_WIDTH), ("num_members", MAX_ENSEMBLE),
-                            ("hidden_dim", MAX_WIDTH), ("num_layers", MAX_LAYERS)):
+        require(
+            config,
+            ("obs_dim", "act_dim", "num_members", "num_elites", "hidden_dim", "num_layers"),
+            "dynamics.config",
+            path,
+        )
+        for field, high in (
+            ("obs_dim", MAX_WIDTH),
+            ("act_dim", MAX_WIDTH),
+            ("num_members", MAX_ENSEMBLE),
+            ("hidden_dim", MAX_WIDTH),
+            ("num_layers", MAX_LAYERS),
+        ):
             check_int(config[field], 1, high, f"dynamics.config.{field}", path)
         check_int(config["num_elites"], 1, config["num_members"], "dynamics.config.num_elites", path)
         check_state_dict(checkpoint["dynamics"]["state_dict"], "dynamics.state_dict", path)
@@ -386,8 +452,9 @@ def check_online(checkpoint: dict, path: str) -> None:
         actor.setdefault(field, value)
     require(actor, ACTOR_FIELDS, "actor", path)
     if actor["kind"] not in ONLINE_ACTORS:
-        raise CheckpointError(f"{path}: actor.kind must be one of {', '.join(ONLINE_ACTORS)}, "
-                              f"got {reprlib.repr(actor['kind'])}")
+        raise CheckpointError(
+            f"{path}: actor.kind must be one of {', '.join(ONLINE_ACTORS)}, got {reprlib.repr(actor['kind'])}"
+        )
     n = check_policy_config(actor["policy_config"], "actor.policy_config", path).n_subpolicies
     check_int(actor["sub_policy"], 0, n - 1, "actor.sub_policy", path)
     check_int(checkpoint["sub_policy"], 0, n - 1, "sub_policy", path)
@@ -398,8 +465,9 @@ def check_online(checkpoint: dict, path: str) -> None:
     check_state_dict(checkpoint["value"], "value", path)
 
 
-def load_checkpoint(path: str, expected_env_id: str | None = None, map_location="cpu",
-                    expected_dataset: str | None = None) -> dict:
+def load_checkpoint(
+    path: str, expected_env_id: str | None = None, map_location="cpu", expected_dataset: str | None = None
+) -> dict:
     """Load a checkpoint written by `save_checkpoint`, refusing (CheckpointError, naming the file) a
     corrupt one, one of another format, one with a field missing, a size out of bounds (checked
     before any network is built from it) or non-finite weights, and one made for another Gymnasium
@@ -412,14 +480,19 @@ def load_checkpoint(path: str, expected_env_id: str | None = None, map_location=
     except pickle.UnpicklingError as error:
         # torch's own message advises weights_only=False, i.e. running code from the file: not an option here.
         found = re.search(r"Unsupported global: GLOBAL [\w.]+", str(error))
-        reason = (f"it holds Python objects beyond tensors and plain data ({found.group(0)}), never loaded since "
-                  "unpickling them can run code" if found else "the safe loader cannot read it")
+        reason = (
+            f"it holds Python objects beyond tensors and plain data ({found.group(0)}), never loaded since "
+            "unpickling them can run code"
+            if found
+            else "the safe loader cannot read it"
+        )
         raise CheckpointError(f"{path} is not a readable checkpoint: {reason}") from None
     except Exception as error:  # torch raises several types for truncated or foreign files
         message = " ".join(str(error).split())
         message = message if "weights_only" not in message else "refused by the safe loader"
-        raise CheckpointError(f"{path} is not a readable checkpoint ({type(error).__name__}: {message[:300]})") \
-            from None
+        raise CheckpointError(
+            f"{path} is not a readable checkpoint ({type(error).__name__}: {message[:300]})"
+        ) from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not a UEPO checkpoint (format {CHECKPOINT_FORMAT} expected)")
     phase = checkpoint.get("phase", "offline")
@@ -430,8 +503,9 @@ def load_checkpoint(path: str, expected_env_id: str | None = None, map_location=
         raise CheckpointError(f"{path} was made for {checkpoint['env_id']}, not {expected_env_id}")
     dataset_id = checkpoint["dataset_id"]
     if expected_dataset is not None and expected_dataset not in (dataset_id, dataset_name(dataset_id)):
-        raise CheckpointError(f"{path} was trained on the dataset {dataset_id} ({dataset_name(dataset_id)}), "
-                              f"not {expected_dataset}")
+        raise CheckpointError(
+            f"{path} was trained on the dataset {dataset_id} ({dataset_name(dataset_id)}), not {expected_dataset}"
+        )
     return checkpoint
 
 
@@ -443,8 +517,9 @@ def build_saved(saved: dict, what: str) -> "DiffusionPolicy | OnlineActor":
         return cls.from_checkpoint(saved)
     except Exception as error:  # load_state_dict: missing, unexpected or mis-shaped tensors; layer constraints
         message = " ".join(str(error).split())
-        raise CheckpointError(f"{what} does not fit its saved config ({type(error).__name__}: {message[:300]})") \
-            from None
+        raise CheckpointError(
+            f"{what} does not fit its saved config ({type(error).__name__}: {message[:300]})"
+        ) from None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -461,21 +536,36 @@ def offline_ranking(checkpoint: dict) -> list[dict]:
     online selection (uepo_online.py) takes the top few and compares them on real episodes.
     """
     if checkpoint.get("improved"):
-        candidates = [{"label": f"sub-policy {entry['sub_policy']}, improved ({entry['operator']})",
-                       "policy": entry["policy"], "sub_policy": entry["sub_policy"],
-                       "ope_score": float(entry["ope_score"]), "scores": entry["scores"]}
-                      for entry in checkpoint["improved"]]
+        candidates = [
+            {
+                "label": f"sub-policy {entry['sub_policy']}, improved ({entry['operator']})",
+                "policy": entry["policy"],
+                "sub_policy": entry["sub_policy"],
+                "ope_score": float(entry["ope_score"]),
+                "scores": entry["scores"],
+            }
+            for entry in checkpoint["improved"]
+        ]
     else:
         history, n = checkpoint["history"], checkpoint["policy"]["config"]["n_subpolicies"]
         ope = (history.get("ope_scores") or [[float("nan")] * n])[-1]
-        candidates = [{"label": f"sub-policy {i}", "policy": checkpoint["policy"], "sub_policy": i,
-                       "ope_score": float(ope[i]), "scores": history["scores"][-1][i]} for i in range(n)]
+        candidates = [
+            {
+                "label": f"sub-policy {i}",
+                "policy": checkpoint["policy"],
+                "sub_policy": i,
+                "ope_score": float(ope[i]),
+                "scores": history["scores"][-1][i],
+            }
+            for i in range(n)
+        ]
     if checkpoint.get("improved") and all("choice_rank" in entry for entry in checkpoint["improved"]):
         # The offline run's own choice (uepo_offline.py: a gated OPE gain inside the OPE's noise is a
         # tie, and ties go to the sub-policy whose base AM-Q ranked higher), then the rest.
         return [candidates[i] for i in np.argsort([entry["choice_rank"] for entry in checkpoint["improved"]])]
-    return sorted(candidates, key=lambda candidate: -candidate["ope_score"]
-                  if np.isfinite(candidate["ope_score"]) else np.inf)
+    return sorted(
+        candidates, key=lambda candidate: -candidate["ope_score"] if np.isfinite(candidate["ope_score"]) else np.inf
+    )
 
 
 def offline_candidates(checkpoint: dict, device="cpu") -> list[tuple[str, DiffusionPolicy, int, float]]:
@@ -558,8 +648,10 @@ class ScaledModel(gym.Wrapper):
     geom_friction; torsional and rolling friction unchanged). Each `gym.make` owns its model, so
     other environments are untouched."""
 
-    FIELDS = {"mass": (("body_mass", slice(None)), ("body_inertia", slice(None))),
-              "friction": (("geom_friction", (slice(None), 0)),)}
+    FIELDS = {
+        "mass": (("body_mass", slice(None)), ("body_inertia", slice(None))),
+        "friction": (("geom_friction", (slice(None), 0)),),
+    }
 
     def __init__(self, env: gym.Env, quantity: Literal["mass", "friction"], strength: float):
         super().__init__(env)
@@ -583,8 +675,9 @@ class RandomPush(gym.Wrapper):
     seconds from a step drawn uniformly in `window`. A push of strength s held 0.1 s changes the
     robot's speed by about s x 1 m/s. Episodes that end before their push are not pushed."""
 
-    def __init__(self, env: gym.Env, strength: float, seed: int, duration: float = 0.1,
-                 window: tuple[int, int] = (50, 250)):
+    def __init__(
+        self, env: gym.Env, strength: float, seed: int, duration: float = 0.1, window: tuple[int, int] = (50, 250)
+    ):
         super().__init__(env)
         model = env.unwrapped.model
         self.force = strength * float(model.body_mass.sum()) * float(np.linalg.norm(model.opt.gravity))
@@ -642,8 +735,10 @@ def dataset_state_histories(dataset_id: str, count: int, obs_horizon: int, seed:
 
     if dataset_id not in minari.list_local_datasets():
         path = os.environ.get("MINARI_DATASETS_PATH", "~/.minari/datasets (MINARI_DATASETS_PATH unset)")
-        raise DatasetMissing(f"the dataset {dataset_id!r} of this checkpoint is not in MINARI_DATASETS_PATH={path}; "
-                             f"get it with `minari download {dataset_id}`, or pass --no-divergence")
+        raise DatasetMissing(
+            f"the dataset {dataset_id!r} of this checkpoint is not in MINARI_DATASETS_PATH={path}; "
+            f"get it with `minari download {dataset_id}`, or pass --no-divergence"
+        )
     observations, episode_starts, offset = [], [], 0
     for episode in minari.load_dataset(dataset_id).iterate_episodes():
         states = np.asarray(episode.observations[:-1], dtype=np.float32)
@@ -692,8 +787,10 @@ def fail_unless_finite(path: str, label: str, values) -> None:
     """Non-finite results never pass as numbers ("nan +- nan", exit 0): NaN actions or rewards stop the command."""
     if not np.isfinite(values).all():
         count = int(np.size(values) - np.isfinite(values).sum())
-        fail(f"{path}: {label} gave non-finite results ({count} of {np.size(values)} values are NaN or "
-             "inf: its actions or returns are not finite); nothing is reported")
+        fail(
+            f"{path}: {label} gave non-finite results ({count} of {np.size(values)} values are NaN or "
+            "inf: its actions or returns are not finite); nothing is reported"
+        )
 
 
 def write_json(path: str, data: dict) -> None:
@@ -713,6 +810,7 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
 class PolicyArgs:
     """Every sub-policy of a checkpoint on real episodes, its offline OPE score, and the
     sub-policies' pairwise kinematic divergence on dataset states."""
+
     checkpoint: str
     """an offline or online checkpoint (runs/<run>/offline.pt or online.pt)"""
     sub_policy: int | None = None
@@ -766,15 +864,28 @@ def policy_command(args: PolicyArgs) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     checkpoint = load_or_fail(args.checkpoint)
     evaluate = lambda policy, sub_policies: evaluate_sub_policies(
-        policy, checkpoint["env_id"], args.episodes, seed=args.seed * 1000, ref_min_score=checkpoint["ref_min_score"],
-        ref_max_score=checkpoint["ref_max_score"], max_episode_steps=checkpoint["max_episode_steps"],
-        sub_policies=sub_policies)["scores"]
+        policy,
+        checkpoint["env_id"],
+        args.episodes,
+        seed=args.seed * 1000,
+        ref_min_score=checkpoint["ref_min_score"],
+        ref_max_score=checkpoint["ref_max_score"],
+        max_episode_steps=checkpoint["max_episode_steps"],
+        sub_policies=sub_policies,
+    )["scores"]
     rows, n, base = [], 1, None
     if checkpoint.get("phase") == "online":
         # An online checkpoint deploys one policy, the fine-tuned actor's mean.
         deployed_label, actor, _ = built_or_fail(args.checkpoint, lambda: deployed_policy(checkpoint, device))
-        rows.append({"label": deployed_label, "sub_policy": checkpoint["sub_policy"],
-                     "scores": evaluate(actor.eval(), [0])[0].tolist(), "ope": None, "ope_kind": None})
+        rows.append(
+            {
+                "label": deployed_label,
+                "sub_policy": checkpoint["sub_policy"],
+                "scores": evaluate(actor.eval(), [0])[0].tolist(),
+                "ope": None,
+                "ope_kind": None,
+            }
+        )
     else:
         base = built_or_fail(args.checkpoint, lambda: build_saved(checkpoint["policy"], "the saved policy"))
         base = base.to(device).eval()
@@ -787,53 +898,103 @@ def policy_command(args: PolicyArgs) -> dict:
         # gated OPE (the checkpoint's candidates for deployment).
         ope = (checkpoint["history"].get("ope_scores") or [None])[-1]
         for i, scores in zip(evaluated, evaluate(base, evaluated)):
-            rows.append({"label": f"sub-policy {i}", "sub_policy": i, "scores": scores.tolist(),
-                         "ope": None if ope is None else float(ope[i]), "ope_kind": None if ope is None else "AM-Q"})
+            rows.append(
+                {
+                    "label": f"sub-policy {i}",
+                    "sub_policy": i,
+                    "scores": scores.tolist(),
+                    "ope": None if ope is None else float(ope[i]),
+                    "ope_kind": None if ope is None else "AM-Q",
+                }
+            )
         for entry in checkpoint.get("improved") or []:
             if entry["sub_policy"] in evaluated:
-                copy = built_or_fail(args.checkpoint, lambda: build_saved(
-                    entry["policy"], f"the improved copy of sub-policy {entry['sub_policy']}")).to(device).eval()
+                copy = (
+                    built_or_fail(
+                        args.checkpoint,
+                        lambda: build_saved(entry["policy"], f"the improved copy of sub-policy {entry['sub_policy']}"),
+                    )
+                    .to(device)
+                    .eval()
+                )
                 scores = evaluate(copy, [entry["sub_policy"]])[0]
-                rows.append({"label": f"sub-policy {entry['sub_policy']}, improved ({entry['operator']})",
-                             "sub_policy": entry["sub_policy"], "scores": scores.tolist(),
-                             "ope": float(entry["ope_score"]), "ope_kind": "gated OPE"})
+                rows.append(
+                    {
+                        "label": f"sub-policy {entry['sub_policy']}, improved ({entry['operator']})",
+                        "sub_policy": entry["sub_policy"],
+                        "scores": scores.tolist(),
+                        "ope": float(entry["ope_score"]),
+                        "ope_kind": "gated OPE",
+                    }
+                )
     for row in rows:
         fail_unless_finite(args.checkpoint, row["label"], np.array(row["scores"]))
         row["mean"], row["std"] = float(np.mean(row["scores"])), float(np.std(row["scores"]))
         row["deployed"] = row["label"] == deployed_label
 
-    result = {"checkpoint": args.checkpoint, "phase": checkpoint.get("phase", "offline"),
-              "env_id": checkpoint["env_id"], "dataset_id": checkpoint["dataset_id"], "episodes": args.episodes,
-              "seed": args.seed, "deployed": deployed_label, "rows": rows, "divergence": None}
+    result = {
+        "checkpoint": args.checkpoint,
+        "phase": checkpoint.get("phase", "offline"),
+        "env_id": checkpoint["env_id"],
+        "dataset_id": checkpoint["dataset_id"],
+        "episodes": args.episodes,
+        "seed": args.seed,
+        "deployed": deployed_label,
+        "rows": rows,
+        "divergence": None,
+    }
     base_rows = [row for row in rows if row["ope_kind"] == "AM-Q"]
     if len(base_rows) > 2:
-        result["ope_spearman"] = spearman_correlation([row["ope"] for row in base_rows],
-                                                      [row["mean"] for row in base_rows])
+        result["ope_spearman"] = spearman_correlation(
+            [row["ope"] for row in base_rows], [row["mean"] for row in base_rows]
+        )
     if args.divergence and n > 1:  # an offline checkpoint's sub-policies
         try:
-            states = dataset_state_histories(checkpoint["dataset_id"], args.divergence_states,
-                                             base.config.obs_horizon, args.seed)
+            states = dataset_state_histories(
+                checkpoint["dataset_id"], args.divergence_states, base.config.obs_horizon, args.seed
+            )
         except DatasetMissing as error:
             fail(str(error))
         matrix = sub_policy_divergence(base, states)
         fail_unless_finite(args.checkpoint, "the divergence of the sub-policies", matrix)
-        result["divergence"] = {"states": len(states), "matrix": matrix.tolist(),
-                                "mean_pairwise": float(matrix.sum() / (n * (n - 1)))}
+        result["divergence"] = {
+            "states": len(states),
+            "matrix": matrix.tolist(),
+            "mean_pairwise": float(matrix.sum() / (n * (n - 1))),
+        }
 
-    print(f"{args.checkpoint}: {result['phase']} checkpoint for {checkpoint['env_id']} ({checkpoint['dataset_id']}), "
-          f"{args.episodes} episodes per row, seed {args.seed}\n")
-    print(markdown_table(["candidate", "normalized score", "offline OPE", "deployed"],
-                         [[row["label"], f"{row['mean']:.1f} +- {row['std']:.1f}",
-                           "-" if row["ope"] is None else f"{row['ope']:.1f} ({row['ope_kind']})",
-                           "yes" if row["deployed"] else ""] for row in rows]))
+    print(
+        f"{args.checkpoint}: {result['phase']} checkpoint for {checkpoint['env_id']} ({checkpoint['dataset_id']}), "
+        f"{args.episodes} episodes per row, seed {args.seed}\n"
+    )
+    print(
+        markdown_table(
+            ["candidate", "normalized score", "offline OPE", "deployed"],
+            [
+                [
+                    row["label"],
+                    f"{row['mean']:.1f} +- {row['std']:.1f}",
+                    "-" if row["ope"] is None else f"{row['ope']:.1f} ({row['ope_kind']})",
+                    "yes" if row["deployed"] else "",
+                ]
+                for row in rows
+            ],
+        )
+    )
     if "ope_spearman" in result:
         print(f"\nSpearman(AM-Q, real score) over the sub-policies: {result['ope_spearman']:.2f}")
     if result["divergence"] is not None:
         divergence = result["divergence"]
-        print(f"\nPairwise kinematic divergence of the sub-policies on {divergence['states']} dataset states "
-              f"(mean over pairs {divergence['mean_pairwise']:.3f}):\n")
-        print(markdown_table(["", *[str(j) for j in range(n)]],
-                             [[str(i), *[f"{value:.3f}" for value in matrix[i]]] for i in range(n)]))
+        print(
+            f"\nPairwise kinematic divergence of the sub-policies on {divergence['states']} dataset states "
+            f"(mean over pairs {divergence['mean_pairwise']:.3f}):\n"
+        )
+        print(
+            markdown_table(
+                ["", *[str(j) for j in range(n)]],
+                [[str(i), *[f"{value:.3f}" for value in matrix[i]]] for i in range(n)],
+            )
+        )
     if args.json:
         write_json(args.json, result)
     return result
@@ -844,6 +1005,7 @@ class RobustnessArgs:
     """The deployed policy of a checkpoint under perturbations, each at a few strengths (an empty
     list skips one): normalized scores and the relative drop from the clean score. All conditions
     run as one batch of environments, episode e of every condition from the same start state."""
+
     checkpoint: str
     """an offline checkpoint (its offline choice is evaluated) or an online one (its fine-tuned sub-policy)"""
     sub_policy: int | None = None
@@ -879,8 +1041,10 @@ def check_robustness_args(args: RobustnessArgs) -> str | None:
         for strength in getattr(args, name):
             if name in ("mass", "friction"):
                 if np.isfinite(strength) and strength <= -1:
-                    return (f"{flag}: a {name} change of {strength} would make it non-positive; each strength must "
-                            f"be > -1 and finite")
+                    return (
+                        f"{flag}: a {name} change of {strength} would make it non-positive; each strength must "
+                        f"be > -1 and finite"
+                    )
                 if not np.isfinite(strength):
                     return f"{flag} must be > -1 and finite, got {strength}"
             elif not (np.isfinite(strength) and strength >= 0):
@@ -905,8 +1069,9 @@ def robustness_command(args: RobustnessArgs) -> dict:
         label, sub_policy = f"sub-policy {args.sub_policy}", args.sub_policy
     policy.eval()
     state_std = policy.state_std.cpu().numpy()
-    conditions = [("none", 0.0)] + [(name, float(strength)) for name in PERTURBATIONS
-                                    for strength in getattr(args, name)]
+    conditions = [("none", 0.0)] + [
+        (name, float(strength)) for name in PERTURBATIONS for strength in getattr(args, name)
+    ]
     envs, seeds = [], []
     for name, strength in conditions:
         for episode in range(args.episodes):
@@ -928,19 +1093,45 @@ def robustness_command(args: RobustnessArgs) -> dict:
     for (name, strength), condition_scores in zip(conditions, scores):
         fail_unless_finite(args.checkpoint, f"{label} under {name} at strength {strength:g}", condition_scores)
     clean = scores[0].mean()
-    rows = [{"perturbation": name, "strength": strength, "scores": condition_scores.tolist(),
-             "mean": float(condition_scores.mean()), "std": float(condition_scores.std()),
-             "relative_drop": float((clean - condition_scores.mean()) / abs(clean)) if clean != 0 else float("nan")}
-            for (name, strength), condition_scores in zip(conditions, scores)]
-    print(f"{args.checkpoint}: {label}, {checkpoint['env_id']}, {args.episodes} episodes per condition "
-          f"({time.time() - start:.0f} s)\n")
-    print(markdown_table(["perturbation", "strength", "normalized score", "drop from clean"],
-                         [[row["perturbation"], f"{row['strength']:g}", f"{row['mean']:.1f} +- {row['std']:.1f}",
-                           "-" if row["perturbation"] == "none" else f"{100 * row['relative_drop']:.1f}%"]
-                          for row in rows]))
+    rows = [
+        {
+            "perturbation": name,
+            "strength": strength,
+            "scores": condition_scores.tolist(),
+            "mean": float(condition_scores.mean()),
+            "std": float(condition_scores.std()),
+            "relative_drop": float((clean - condition_scores.mean()) / abs(clean)) if clean != 0 else float("nan"),
+        }
+        for (name, strength), condition_scores in zip(conditions, scores)
+    ]
+    print(
+        f"{args.checkpoint}: {label}, {checkpoint['env_id']}, {args.episodes} episodes per condition "
+        f"({time.time() - start:.0f} s)\n"
+    )
+    print(
+        markdown_table(
+            ["perturbation", "strength", "normalized score", "drop from clean"],
+            [
+                [
+                    row["perturbation"],
+                    f"{row['strength']:g}",
+                    f"{row['mean']:.1f} +- {row['std']:.1f}",
+                    "-" if row["perturbation"] == "none" else f"{100 * row['relative_drop']:.1f}%",
+                ]
+                for row in rows
+            ],
+        )
+    )
     print("\nstrengths: " + "; ".join(f"{name}: {meaning}" for name, meaning in PERTURBATIONS.items()))
-    result = {"checkpoint": args.checkpoint, "policy": label, "env_id": checkpoint["env_id"],
-              "episodes": args.episodes, "seed": args.seed, "perturbations": PERTURBATIONS, "rows": rows}
+    result = {
+        "checkpoint": args.checkpoint,
+        "policy": label,
+        "env_id": checkpoint["env_id"],
+        "episodes": args.episodes,
+        "seed": args.seed,
+        "perturbations": PERTURBATIONS,
+        "rows": rows,
+    }
     if args.json:
         write_json(args.json, result)
     return result
@@ -950,6 +1141,7 @@ def robustness_command(args: RobustnessArgs) -> dict:
 class ReportArgs:
     """A paper-style table and learning curves from a folder of runs (runs/ by default layout:
     runs/{dataset}__{exp_name}__{seed}__{time}/ with the TensorBoard logs and the checkpoint)."""
+
     runs_dir: Annotated[str, tyro.conf.Positional, tyro.conf.arg(metavar="RUNS_DIR")]
     """the folder that holds the runs (searched recursively for checkpoints *.pt)"""
     out: str | None = None
@@ -1024,8 +1216,15 @@ def collect_runs(runs_dir: str) -> tuple[list[dict], list[str]]:
             parts = os.path.basename(folder).split("__")
             method = parts[1] if len(parts) == 4 else os.path.basename(folder)
             phase = checkpoint.get("phase", "offline")
-            runs.append({"dataset": dataset_name(checkpoint["dataset_id"]), "method": method, "phase": phase,
-                         "score": score, "curve": read_curve(folder, CURVE_TAGS[phase])})
+            runs.append(
+                {
+                    "dataset": dataset_name(checkpoint["dataset_id"]),
+                    "method": method,
+                    "phase": phase,
+                    "score": score,
+                    "curve": read_curve(folder, CURVE_TAGS[phase]),
+                }
+            )
     return runs, skipped
 
 
@@ -1041,17 +1240,22 @@ def report_command(args: ReportArgs) -> str:
     for line in skipped:
         print(line)
     if not runs:
-        fail(f"no usable checkpoints (*.pt) under {args.runs_dir}" + (f" ({len(skipped)} skipped, see above)"
-                                                                       if skipped else ""))
+        fail(
+            f"no usable checkpoints (*.pt) under {args.runs_dir}"
+            + (f" ({len(skipped)} skipped, see above)" if skipped else "")
+        )
     out = args.out or args.runs_dir
     os.makedirs(out, exist_ok=True)
     datasets = sorted({run["dataset"] for run in runs})
-    methods = list(args.methods) or list(dict.fromkeys(
-        run["method"] for run in sorted(runs, key=lambda run: run["phase"] != "offline")))
+    methods = list(args.methods) or list(
+        dict.fromkeys(run["method"] for run in sorted(runs, key=lambda run: run["phase"] != "offline"))
+    )
     unknown = sorted(set(methods) - {run["method"] for run in runs})
     if unknown:
-        fail(f"no runs of {', '.join(unknown)} under {args.runs_dir}; methods found: "
-             f"{', '.join(sorted({run['method'] for run in runs}))}")
+        fail(
+            f"no runs of {', '.join(unknown)} under {args.runs_dir}; methods found: "
+            f"{', '.join(sorted({run['method'] for run in runs}))}"
+        )
     runs = [run for run in runs if run["method"] in methods]
 
     # The table in the paper's layout: rows datasets, columns methods, mean +- std over seeds, and
@@ -1059,19 +1263,38 @@ def report_command(args: ReportArgs) -> str:
     cells = {(run["dataset"], run["method"]): [] for run in runs}
     for run in runs:
         cells[(run["dataset"], run["method"])].append(run["score"])
-    rows = [[dataset, *[mean_std_over_seeds(cells[(dataset, method)]) if (dataset, method) in cells else "-"
-                        for method in methods]] for dataset in datasets]
-    totals = [f"{sum(np.mean(cells[(d, method)]) for d in datasets):.1f}"
-              if all((d, method) in cells for d in datasets) else "-" for method in methods]
+    rows = [
+        [
+            dataset,
+            *[
+                mean_std_over_seeds(cells[(dataset, method)]) if (dataset, method) in cells else "-"
+                for method in methods
+            ],
+        ]
+        for dataset in datasets
+    ]
+    totals = [
+        f"{sum(np.mean(cells[(d, method)]) for d in datasets):.1f}"
+        if all((d, method) in cells for d in datasets)
+        else "-"
+        for method in methods
+    ]
     table = markdown_table(["dataset", *methods], rows + [["total", *totals]])
     seeds = {key: len(values) for key, values in cells.items()}
-    lines = [f"# Report: {args.runs_dir}", "",
-             "Normalized score (mean +- sample std over seeds) of what each run deploys at its end: online runs, the "
-             "fine-tuned sub-policy; offline runs, the offline choice (mean over sub-policies without OPE).", "",
-             table, "", "Seeds per cell: " + ", ".join(f"{d} / {m}: {k}" for (d, m), k in sorted(seeds.items()))]
+    lines = [
+        f"# Report: {args.runs_dir}",
+        "",
+        "Normalized score (mean +- sample std over seeds) of what each run deploys at its end: online runs, the "
+        "fine-tuned sub-policy; offline runs, the offline choice (mean over sub-policies without OPE).",
+        "",
+        table,
+        "",
+        "Seeds per cell: " + ", ".join(f"{d} / {m}: {k}" for (d, m), k in sorted(seeds.items())),
+    ]
     if skipped:  # the report says what it left out, not only the terminal
         lines += ["", f"Checkpoints left out ({len(skipped)}):", ""] + [
-            "- " + line.removeprefix("skipped: ") for line in skipped]
+            "- " + line.removeprefix("skipped: ") for line in skipped
+        ]
 
     # Learning curves: one figure per dataset and phase; per method the mean over seeds and a band
     # of +- one std. Evaluations fall at the first iteration past each multiple of --eval-every, so
@@ -1121,6 +1344,7 @@ def report_command(args: ReportArgs) -> str:
 class SpeedArgs:
     """Speed of the diffusion policy for each denoiser, and of a plain MLP Gaussian policy as a
     reference: offline gradient steps/s, decision latency, online environment steps/s. Prints JSON."""
+
     env_id: str = "Hopper-v5"
     """Gymnasium environment (its dimensions size the networks; the online loop runs on it)"""
     denoisers: tuple[Literal["mlp", "unet"], ...] = DENOISERS
@@ -1163,9 +1387,13 @@ class GaussianMLPPolicy(torch.nn.Module):
 
     def __init__(self, obs_dim: int, act_dim: int, hidden: int = 256):
         super().__init__()
-        layers = lambda out: torch.nn.Sequential(torch.nn.Linear(obs_dim, hidden), torch.nn.ReLU(),
-                                                 torch.nn.Linear(hidden, hidden), torch.nn.ReLU(),
-                                                 torch.nn.Linear(hidden, out))
+        layers = lambda out: torch.nn.Sequential(
+            torch.nn.Linear(obs_dim, hidden),
+            torch.nn.ReLU(),
+            torch.nn.Linear(hidden, hidden),
+            torch.nn.ReLU(),
+            torch.nn.Linear(hidden, out),
+        )
         self.mean = layers(act_dim)
         self.log_std = torch.nn.Parameter(torch.zeros(act_dim))
 
@@ -1183,9 +1411,11 @@ def median_seconds(function, repeats: int) -> float:
     return float(np.median(times))
 
 
-def gradient_steps_per_second(loss_function, optimizer: torch.optim.Optimizer, steps: int,
-                              device: torch.device) -> float:
+def gradient_steps_per_second(
+    loss_function, optimizer: torch.optim.Optimizer, steps: int, device: torch.device
+) -> float:
     """Adam steps per second on the loss that `loss_function()` returns (after 3 untimed steps)."""
+
     def step():
         loss = loss_function()
         optimizer.zero_grad()
@@ -1205,8 +1435,9 @@ def gradient_steps_per_second(loss_function, optimizer: torch.optim.Optimizer, s
 def diffusion_speed(args: SpeedArgs, denoiser: str, env: gym.Env, device: torch.device) -> dict:
     obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
     config = PolicyConfig(obs_dim=obs_dim, act_dim=act_dim, denoiser=denoiser)
-    policy = DiffusionPolicy(config, np.zeros(obs_dim), np.ones(obs_dim), env.action_space.low,
-                             env.action_space.high).to(device)
+    policy = DiffusionPolicy(
+        config, np.zeros(obs_dim), np.ones(obs_dim), env.action_space.low, env.action_space.high
+    ).to(device)
     optimizer = torch.optim.Adam(policy.parameters(), lr=3e-4)
     states = torch.randn(args.batch_size, config.obs_horizon, obs_dim, device=device)
     chunks = torch.rand(args.batch_size, config.horizon, act_dim, device=device) * 2 - 1
@@ -1228,15 +1459,17 @@ def diffusion_speed(args: SpeedArgs, denoiser: str, env: gym.Env, device: torch.
         history = np.random.default_rng(0).standard_normal((batch, config.obs_horizon, obs_dim))
         return lambda: policy.act(history)  # a whole chunk of H actions for all n sub-policies
 
-    result = {"parameters": sum(p.numel() for p in policy.denoiser.parameters()),
-              "gradient_steps_per_second": gradient_steps_per_second(offline_loss, optimizer, args.gradient_steps,
-                                                                     device)}
+    result = {
+        "parameters": sum(p.numel() for p in policy.denoiser.parameters()),
+        "gradient_steps_per_second": gradient_steps_per_second(offline_loss, optimizer, args.gradient_steps, device),
+    }
     policy.eval()
     for batch in (1, 64):
         result[f"decision_latency_ms_batch_{batch}"] = 1000 * median_seconds(decision(batch), args.decisions)
     result["actions_per_decision"] = config.horizon
-    result["online_env_steps_per_second"] = {actor: online_speed(args, policy, env, actor)
-                                             for actor in ("noise", "residual", "diffusion")}
+    result["online_env_steps_per_second"] = {
+        actor: online_speed(args, policy, env, actor) for actor in ("noise", "residual", "diffusion")
+    }
     return result
 
 
@@ -1247,15 +1480,44 @@ def online_speed(args: SpeedArgs, policy: DiffusionPolicy, env: gym.Env, actor: 
     n = policy.config.n_subpolicies
     with tempfile.TemporaryDirectory() as folder:
         path = os.path.join(folder, "fresh.pt")
-        save_checkpoint({"args": {"gamma": 0.99, "seed": 1}, "step": 0, "env_id": args.env_id,
-                         "max_episode_steps": env.spec.max_episode_steps, "dataset_id": "none",
-                         "ref_min_score": 0.0, "ref_max_score": 1.0, "policy": policy.to_checkpoint(),
-                         "history": {"scores": [[[0.0]] * n], "ope_scores": []}, "improved": []}, path)
-        command = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "uepo_online.py"),
-                   "--checkpoint", path, "--actor", actor, "--total-timesteps", str(args.online_timesteps),
-                   "--selection-top", "1", "--selection-episodes", "1", "--critic-warmup", "0",
-                   "--eval-every", str(10 ** 12), "--eval-episodes", "1", "--checkpoint-path",
-                   os.path.join(folder, "online.pt"), *([] if args.cuda else ["--no-cuda"])]
+        save_checkpoint(
+            {
+                "args": {"gamma": 0.99, "seed": 1},
+                "step": 0,
+                "env_id": args.env_id,
+                "max_episode_steps": env.spec.max_episode_steps,
+                "dataset_id": "none",
+                "ref_min_score": 0.0,
+                "ref_max_score": 1.0,
+                "policy": policy.to_checkpoint(),
+                "history": {"scores": [[[0.0]] * n], "ope_scores": []},
+                "improved": [],
+            },
+            path,
+        )
+        command = [
+            sys.executable,
+            os.path.join(os.path.dirname(os.path.abspath(__file__)), "uepo_online.py"),
+            "--checkpoint",
+            path,
+            "--actor",
+            actor,
+            "--total-timesteps",
+            str(args.online_timesteps),
+            "--selection-top",
+            "1",
+            "--selection-episodes",
+            "1",
+            "--critic-warmup",
+            "0",
+            "--eval-every",
+            str(10**12),
+            "--eval-episodes",
+            "1",
+            "--checkpoint-path",
+            os.path.join(folder, "online.pt"),
+            *([] if args.cuda else ["--no-cuda"]),
+        ]
         result = subprocess.run(command, cwd=folder, capture_output=True, text=True)
     rates = re.findall(r"(\d+) env steps/s", result.stdout)
     if result.returncode != 0 or not rates:
@@ -1267,8 +1529,10 @@ def gaussian_speed(args: SpeedArgs, env: gym.Env, device: torch.device) -> dict:
     obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
     policy = GaussianMLPPolicy(obs_dim, act_dim).to(device)
     optimizer = torch.optim.Adam(policy.parameters(), lr=3e-4)
-    states, actions = torch.randn(args.batch_size, obs_dim, device=device), torch.randn(args.batch_size, act_dim,
-                                                                                         device=device)
+    states, actions = (
+        torch.randn(args.batch_size, obs_dim, device=device),
+        torch.randn(args.batch_size, act_dim, device=device),
+    )
 
     def behaviour_cloning_loss():  # maximum likelihood of dataset actions
         return -policy.distribution(states).log_prob(actions).sum(-1).mean()
@@ -1279,11 +1543,15 @@ def gaussian_speed(args: SpeedArgs, env: gym.Env, device: torch.device) -> dict:
         @torch.no_grad()
         def act():
             return policy.mean(history.to(device)).cpu().numpy()  # one action
+
         return act
 
-    result = {"parameters": sum(p.numel() for p in policy.mean.parameters()),
-              "gradient_steps_per_second": gradient_steps_per_second(behaviour_cloning_loss, optimizer,
-                                                                     args.gradient_steps, device)}
+    result = {
+        "parameters": sum(p.numel() for p in policy.mean.parameters()),
+        "gradient_steps_per_second": gradient_steps_per_second(
+            behaviour_cloning_loss, optimizer, args.gradient_steps, device
+        ),
+    }
     for batch in (1, 64):
         result[f"decision_latency_ms_batch_{batch}"] = 1000 * median_seconds(decision(batch), args.decisions)
     result["actions_per_decision"] = 1
@@ -1295,18 +1563,28 @@ def speed_command(args: SpeedArgs) -> dict:
         fail(problem)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     env = gym.make(args.env_id)
-    result = {"env_id": args.env_id, "device": str(device), "torch_threads": torch.get_num_threads(),
-              "batch_size": args.batch_size, "policies": {}}
+    result = {
+        "env_id": args.env_id,
+        "device": str(device),
+        "torch_threads": torch.get_num_threads(),
+        "batch_size": args.batch_size,
+        "policies": {},
+    }
     for denoiser in args.denoisers:
         result["policies"][f"diffusion ({denoiser} denoiser)"] = diffusion_speed(args, denoiser, env, device)
     result["policies"]["MLP Gaussian (reference)"] = gaussian_speed(args, env, device)
     # The reference's online loop is uepo_online.py's own with `--actor mlp` (CleanRL's Gaussian MLP, one
     # action per decision); its checkpoint only lends the dimensions, so any denoiser serves.
-    fresh = DiffusionPolicy(PolicyConfig(obs_dim=env.observation_space.shape[0], act_dim=env.action_space.shape[0],
-                                         denoiser="mlp"), np.zeros(env.observation_space.shape[0]),
-                            np.ones(env.observation_space.shape[0]), env.action_space.low, env.action_space.high)
-    result["policies"]["MLP Gaussian (reference)"]["online_env_steps_per_second"] = online_speed(args, fresh, env,
-                                                                                                 "mlp")
+    fresh = DiffusionPolicy(
+        PolicyConfig(obs_dim=env.observation_space.shape[0], act_dim=env.action_space.shape[0], denoiser="mlp"),
+        np.zeros(env.observation_space.shape[0]),
+        np.ones(env.observation_space.shape[0]),
+        env.action_space.low,
+        env.action_space.high,
+    )
+    result["policies"]["MLP Gaussian (reference)"]["online_env_steps_per_second"] = online_speed(
+        args, fresh, env, "mlp"
+    )
     env.close()
     print(json.dumps(result, indent=2))
     if args.json:
@@ -1314,8 +1592,12 @@ def speed_command(args: SpeedArgs) -> dict:
     return result
 
 
-COMMANDS = {"policy": (PolicyArgs, policy_command), "robustness": (RobustnessArgs, robustness_command),
-            "report": (ReportArgs, report_command), "speed": (SpeedArgs, speed_command)}
+COMMANDS = {
+    "policy": (PolicyArgs, policy_command),
+    "robustness": (RobustnessArgs, robustness_command),
+    "report": (ReportArgs, report_command),
+    "speed": (SpeedArgs, speed_command),
+}
 
 if __name__ == "__main__":
     arguments = tyro.extras.subcommand_cli_from_dict({name: args_type for name, (args_type, _) in COMMANDS.items()})

@@ -43,11 +43,31 @@ from torch.utils.tensorboard import SummaryWriter
 
 from diffusion import DiffusionPolicy, PolicyConfig, bppo_loss, qgrad_loss
 from divergence import mean_pairwise_divergence, own_sequence_repulsion, subpolicy_terms
-from dynamics import (BestSnapshot, ChunkCritics, EnsembleDynamics, am_q_rollouts, confident_choice,
-                      diffusion_augmentation, disagreement_threshold, holdout_split, iql_losses, mixed_batch,
-                      soft_update, task_of_env_id, termination_fn)
-from eval import (CheckpointError, check_output_file, evaluate_sub_policies, fail, load_checkpoint, save_checkpoint,
-                  spearman_correlation, unwritable)
+from dynamics import (
+    BestSnapshot,
+    ChunkCritics,
+    EnsembleDynamics,
+    am_q_rollouts,
+    confident_choice,
+    diffusion_augmentation,
+    disagreement_threshold,
+    holdout_split,
+    iql_losses,
+    mixed_batch,
+    soft_update,
+    task_of_env_id,
+    termination_fn,
+)
+from eval import (
+    CheckpointError,
+    check_output_file,
+    evaluate_sub_policies,
+    fail,
+    load_checkpoint,
+    save_checkpoint,
+    spearman_correlation,
+    unwritable,
+)
 
 
 @dataclass
@@ -104,11 +124,11 @@ class Args:
     kl_coef: float = 0.1
     """alpha, weight of the disagreement term of the sub-policy objective J(pi_i) (Uni-O4's 0.1); 0 turns it off"""
     kl_every: int = 10
-    """add the sub-policy objective to the loss every `kl_every` steps (it back-propagates through the whole DDIM chain)"""
+    """add the sub-policy objective to the loss every `kl_every` steps (it back-propagates through the DDIM chain)"""
     kl_batch_size: int = 64
     """states per sub-policy-objective step (a sub-batch of the diffusion batch)"""
     subpolicy_std: float = 1.0
-    """std of the Gaussian surrogate pi_i = N(mu_i(s), std^2 I) in J(pi_i); it only scales the term (1.0: half a squared error per entry)"""
+    """std of the Gaussian surrogate pi_i = N(mu_i(s), std^2 I) in J(pi_i); it only scales the term"""
     j_reading: Literal["dataset-sequence", "own-sequence"] = "dataset-sequence"
     """the sequence J's disagreement term scores: the dataset's, or each sub-policy's own (a bounded repulsion)"""
     repulsion_margin: float = 0.05
@@ -180,8 +200,8 @@ class Args:
     """bppo: clip range of the likelihood ratio of the action-level Gaussian (Uni-O4's 0.25)"""
     improvement_kl_coef: float = 0.1
     """bppo: weight of the sequence-level KL of the copy's action-level Gaussian to its reference's"""
-    gate_confidence: float = 0.9
-    """the gate keeps a snapshot only if a paired bootstrap puts its OPE gain above 0 at this one-sided level (0: any gain)"""
+    gate_confidence: float = 0.95
+    """the gate keeps a snapshot only if its OPE gain is above 0 at this one-sided confidence (0: any gain)"""
     q_weight: float = 0.05
     """qgrad: weight of -Q / mean|Q| (docs/design.md: 1.0 collapsed to 3, 0.05 reached 94.5 at 2k steps
     without a gate)"""
@@ -209,33 +229,79 @@ class Args:
 # The defaults above finish on a 2-core CPU (docs/experiments.md). `--paper-scale` starts from
 # these budgets instead (Uni-O4's 400k behaviour-cloning steps, the paper's U-Net); flags given
 # beside it still override them.
-PAPER_SCALE = {"denoiser": "unet", "total_steps": 400_000, "eval_every": 50_000, "eval_episodes": 10,
-               "dynamics_warmup": 50_000, "augment_every": 50_000, "improvement_steps": 10_000, "ope_every": 1000}
+PAPER_SCALE = {
+    "denoiser": "unet",
+    "total_steps": 400_000,
+    "eval_every": 50_000,
+    "eval_episodes": 10,
+    "dynamics_warmup": 50_000,
+    "augment_every": 50_000,
+    "improvement_steps": 10_000,
+    "ope_every": 1000,
+}
 
 
 def check_args(args: Args) -> str | None:
     """The first argument out of its range, as a message naming the flag (None if all are valid):
     every check is made before any work starts. Comparisons are written so that NaN fails them."""
     flag = lambda name: f"--{name.replace('_', '-')}"
-    at_least_one = ("horizon", "obs_horizon", "mlp_hidden", "n_subpolicies", "kl_every", "kl_batch_size", "total_steps",
-                    "batch_size", "elite_every", "ope_states", "ope_horizon", "augment_every", "augment_starts",
-                    "augment_horizon", "improvement_steps", "ope_every", "eval_every", "eval_episodes",
-                    "divergence_states", "log_every")
+    at_least_one = (
+        "horizon",
+        "obs_horizon",
+        "mlp_hidden",
+        "n_subpolicies",
+        "kl_every",
+        "kl_batch_size",
+        "total_steps",
+        "batch_size",
+        "elite_every",
+        "ope_states",
+        "ope_horizon",
+        "augment_every",
+        "augment_starts",
+        "augment_horizon",
+        "improvement_steps",
+        "ope_every",
+        "eval_every",
+        "eval_episodes",
+        "divergence_states",
+        "log_every",
+    )
     for name in at_least_one:
         if not getattr(args, name) >= 1 and not (name == "total_steps" and args.init_checkpoint is not None):
             return f"{flag(name)} must be >= 1, got {getattr(args, name)}"
     if not all(dim >= 1 for dim in args.unet_dims):
         return f"--unet-dims must all be >= 1, got {args.unet_dims}"
     if not args.diffusion_steps >= 2:
-        return f"--diffusion-steps must be >= 2 (a diffusion needs at least two noise levels), got {args.diffusion_steps}"
+        return (
+            f"--diffusion-steps must be >= 2 (a diffusion needs at least two noise levels), got {args.diffusion_steps}"
+        )
     if not 1 <= args.ddim_steps <= args.diffusion_steps:
         return f"--ddim-steps must be between 1 and --diffusion-steps ({args.diffusion_steps}), got {args.ddim_steps}"
-    for name in ("dynamics_warmup", "num_qualified", "kl_coef", "eta", "ope_penalty", "augment_ratio", "q_weight",
-                 "improvement_kl_coef"):
+    for name in (
+        "dynamics_warmup",
+        "num_qualified",
+        "kl_coef",
+        "eta",
+        "ope_penalty",
+        "augment_ratio",
+        "q_weight",
+        "improvement_kl_coef",
+    ):
         if not getattr(args, name) >= 0:
             return f"{flag(name)} must be >= 0, got {getattr(args, name)}"
-    for name in ("tau", "min_std", "subpolicy_std", "repulsion_margin", "learning_rate", "max_grad_norm",
-                 "critic_learning_rate", "dynamics_learning_rate", "clip_coef", "improvement_learning_rate"):
+    for name in (
+        "tau",
+        "min_std",
+        "subpolicy_std",
+        "repulsion_margin",
+        "learning_rate",
+        "max_grad_norm",
+        "critic_learning_rate",
+        "dynamics_learning_rate",
+        "clip_coef",
+        "improvement_learning_rate",
+    ):
         value = getattr(args, name)
         if value is not None and not value > 0:
             return f"{flag(name)} must be > 0, got {value}"
@@ -247,18 +313,25 @@ def check_args(args: Args) -> str | None:
     if not 0 <= args.gate_confidence < 1:
         return f"--gate-confidence must be in [0, 1), got {args.gate_confidence}"
     if args.eta > 0 and args.n_subpolicies > 1 and args.horizon < 3:
-        return "the kinematic divergence needs --horizon >= 3 (velocity and acceleration); use --eta 0 for shorter chunks"
+        return (
+            "the kinematic divergence needs --horizon >= 3 (velocity and acceleration); use --eta 0 for shorter chunks"
+        )
     if args.action_steps is not None and not 1 <= args.action_steps <= args.horizon:
         return f"--action-steps must be between 1 and --horizon ({args.horizon}), got {args.action_steps}"
     if args.num_qualified > 0 and not args.ope:
-        return ("the improvement stage scores and improves sub-policies with the critics and the dynamics model: "
-                "drop --no-ope, or pass --num-qualified 0 to train the diffusion policy alone")
+        return (
+            "the improvement stage scores and improves sub-policies with the critics and the dynamics model: "
+            "drop --no-ope, or pass --num-qualified 0 to train the diffusion policy alone"
+        )
     if args.init_checkpoint is not None and not args.ope:
         return "--init-checkpoint runs the improvement stage, which needs --ope"
     if args.num_qualified > args.n_subpolicies:
         return f"--num-qualified ({args.num_qualified}) cannot exceed --n-subpolicies ({args.n_subpolicies})"
-    if (args.init_checkpoint is not None and args.checkpoint_path is not None
-            and os.path.abspath(args.checkpoint_path) == os.path.abspath(args.init_checkpoint)):
+    if (
+        args.init_checkpoint is not None
+        and args.checkpoint_path is not None
+        and os.path.abspath(args.checkpoint_path) == os.path.abspath(args.init_checkpoint)
+    ):
         return f"--checkpoint-path {args.checkpoint_path} is the input checkpoint; the run would overwrite it"
     problem = unwritable("runs")
     if problem is not None:
@@ -279,10 +352,22 @@ def parse_args(argv: list[str] | None = None) -> Args:
 # Seconds per unit of work, measured on a 2-core CPU with one thread per run and the MLP
 # denoiser (docs/experiments.md, "Speed"); the U-Net multiplies the policy's part. They are a
 # first guess: `cost_estimate` is called again with the seconds the run itself measures.
-CPU_SECONDS = {"loop_step": 0.045, "policy_step": 0.012, "ope_unit": 1.2e-5, "augment_unit": 2.1e-5,
-               "eval_unit": 5e-5, "improvement_step": 0.075}
-UNET_CPU_FACTOR = {"loop_step": 8.0, "policy_step": 30.0, "ope_unit": 16.0, "augment_unit": 16.0,
-                   "eval_unit": 16.0, "improvement_step": 30.0}
+CPU_SECONDS = {
+    "loop_step": 0.045,
+    "policy_step": 0.012,
+    "ope_unit": 1.2e-5,
+    "augment_unit": 2.1e-5,
+    "eval_unit": 5e-5,
+    "improvement_step": 0.075,
+}
+UNET_CPU_FACTOR = {
+    "loop_step": 8.0,
+    "policy_step": 30.0,
+    "ope_unit": 16.0,
+    "augment_unit": 16.0,
+    "eval_unit": 16.0,
+    "improvement_step": 30.0,
+}
 
 
 def phase_counts(args: "Args", max_episode_steps: int) -> dict:
@@ -298,7 +383,7 @@ def phase_counts(args: "Args", max_episode_steps: int) -> dict:
     if args.ope and args.augment_ratio > 0 and loop > args.dynamics_warmup:
         refreshes = (loop - 1 - args.dynamics_warmup) // args.augment_every + 1
     ope_rollout = args.ope_states * args.ope_horizon * n
-    gate_calls = (args.improvement_steps // args.ope_every + (args.improvement_steps % args.ope_every != 0) + 1)
+    gate_calls = args.improvement_steps // args.ope_every + (args.improvement_steps % args.ope_every != 0) + 1
     copies = args.num_qualified
     return {
         "loop": {"loop_step" if args.ope else "policy_step": loop},
@@ -338,8 +423,11 @@ class PhaseClock:
 
 def format_cost(estimate: dict) -> str:
     total = sum(estimate.values())
-    return (f"about {total / 60:.0f} min: " + ", ".join(f"{phase} {value / 60:.1f}" for phase, value in estimate.items())
-            + " (min, rough)")
+    return (
+        f"about {total / 60:.0f} min: "
+        + ", ".join(f"{phase} {value / 60:.1f}" for phase, value in estimate.items())
+        + " (min, rough)"
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -358,8 +446,10 @@ class DatasetError(ValueError):
 def minari_ids(env_id: str) -> list[str]:
     """`hopper-medium` -> [`mujoco/hopper/medium-v0`]; `<env>-medium-expert` -> its two sources."""
     if env_id not in ENV_IDS:
-        raise DatasetError(f"unknown --env-id {env_id!r}. Valid names: {', '.join(ENV_IDS)}. "
-                           "Any other Minari dataset: --dataset-id <minari id>.")
+        raise DatasetError(
+            f"unknown --env-id {env_id!r}. Valid names: {', '.join(ENV_IDS)}. "
+            "Any other Minari dataset: --dataset-id <minari id>."
+        )
     env, quality = env_id.split("-", 1)
     qualities = ["medium", "expert"] if quality == "medium-expert" else [quality]
     return [f"mujoco/{env}/{q}-v0" for q in qualities]
@@ -378,7 +468,8 @@ def load_minari(dataset_id: str) -> minari.MinariDataset:
             f"Minari dataset {dataset_id!r} is not local and could not be downloaded "
             f"({type(error).__name__}: {error}). Datasets are looked for in MINARI_DATASETS_PATH={path} "
             f"(local datasets there: {local}). Download it where there is internet with "
-            f"`minari download {dataset_id}` and point MINARI_DATASETS_PATH at that folder.") from error
+            f"`minari download {dataset_id}` and point MINARI_DATASETS_PATH at that folder."
+        ) from error
 
 
 def load_dataset(env_id: str, dataset_id: str | None) -> tuple[minari.MinariDataset, str, float, float]:
@@ -392,8 +483,10 @@ def load_dataset(env_id: str, dataset_id: str | None) -> tuple[minari.MinariData
     metadata = sources[0].storage.metadata
     ref_min, ref_max = metadata.get("ref_min_score"), metadata.get("ref_max_score")
     if ref_min is None or ref_max is None:
-        raise DatasetError(f"dataset {ids[0]!r} has no reference scores (ref_min_score/ref_max_score), "
-                           "so normalized scores cannot be computed")
+        raise DatasetError(
+            f"dataset {ids[0]!r} has no reference scores (ref_min_score/ref_max_score), "
+            "so normalized scores cannot be computed"
+        )
     if len(sources) == 1:
         return sources[0], ids[0], float(ref_min), float(ref_max)
     combined_id = ids[0].replace("medium-v0", "medium-expert-v0")
@@ -402,9 +495,11 @@ def load_dataset(env_id: str, dataset_id: str | None) -> tuple[minari.MinariData
     combined = minari.load_dataset(combined_id)
     expected = sum(source.total_episodes for source in sources)
     if combined.total_episodes != expected:  # e.g. left by a build that an older version did in place
-        raise DatasetError(f"the local {combined_id} has {combined.total_episodes} episodes, not the {expected} of "
-                           f"{' + '.join(ids)}: it is incomplete. Delete {minari.storage.get_dataset_path(combined_id)} "
-                           "and run again to rebuild it")
+        raise DatasetError(
+            f"the local {combined_id} has {combined.total_episodes} episodes, not the {expected} of "
+            f"{' + '.join(ids)}: it is incomplete. Delete {minari.storage.get_dataset_path(combined_id)} "
+            "and run again to rebuild it"
+        )
     return combined, combined_id, float(ref_min), float(ref_max)
 
 
@@ -423,8 +518,10 @@ def build_combined(sources: list, combined_id: str) -> None:
             os.makedirs(os.path.dirname(final_path), exist_ok=True)
             os.rename(os.path.join(folder, combined_id), final_path)
     except OSError as error:
-        raise DatasetError(f"could not build {combined_id} in {root} ({type(error).__name__}: {error}); it must be "
-                           "writable (MINARI_DATASETS_PATH)") from error
+        raise DatasetError(
+            f"could not build {combined_id} in {root} ({type(error).__name__}: {error}); it must be "
+            "writable (MINARI_DATASETS_PATH)"
+        ) from error
     finally:
         if previous is None:
             os.environ.pop("MINARI_DATASETS_PATH", None)
@@ -469,18 +566,32 @@ def chunk_dataset(dataset: minari.MinariDataset, horizon: int, obs_horizon: int,
     parts, all_states = [], []
     for episode in dataset.iterate_episodes():
         observations = np.asarray(episode.observations, dtype=np.float32)
-        parts.append(chunk_episode(observations, np.asarray(episode.actions, dtype=np.float32),
-                                   np.asarray(episode.rewards, dtype=np.float32),
-                                   np.asarray(episode.terminations), horizon, obs_horizon, gamma))
+        parts.append(
+            chunk_episode(
+                observations,
+                np.asarray(episode.actions, dtype=np.float32),
+                np.asarray(episode.rewards, dtype=np.float32),
+                np.asarray(episode.terminations),
+                horizon,
+                obs_horizon,
+                gamma,
+            )
+        )
         all_states.append(observations[:-1])
     data = {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
     data["all_states"] = np.concatenate(all_states)
     for key in ("all_states", "chunks", "step_rewards", "step_next_states"):
         if not np.isfinite(data[key]).all():
-            name = {"all_states": "observations", "chunks": "actions", "step_rewards": "rewards",
-                    "step_next_states": "observations"}[key]
-            raise DatasetError(f"dataset {dataset.spec.dataset_id!r} has non-finite {name} "
-                               f"({int((~np.isfinite(data[key])).sum())} entries); it cannot be trained on")
+            name = {
+                "all_states": "observations",
+                "chunks": "actions",
+                "step_rewards": "rewards",
+                "step_next_states": "observations",
+            }[key]
+            raise DatasetError(
+                f"dataset {dataset.spec.dataset_id!r} has non-finite {name} "
+                f"({int((~np.isfinite(data[key])).sum())} entries); it cannot be trained on"
+            )
     return data
 
 
@@ -498,8 +609,10 @@ if __name__ == "__main__":
         except CheckpointError as error:
             fail(str(error))
         if not resumed.get("resume"):
-            fail(f"{args.resume} holds no training state to resume from (an improvement-only run, or an older "
-                 "version): run its command again")
+            fail(
+                f"{args.resume} holds no training state to resume from (an improvement-only run, or an older "
+                "version): run its command again"
+            )
         try:
             args = Args(**{**resumed["args"], "resume": args.resume, "checkpoint_path": args.resume})
         except TypeError as error:
@@ -512,10 +625,16 @@ if __name__ == "__main__":
         dataset, dataset_id, ref_min_score, ref_max_score = load_dataset(args.env_id, args.dataset_id)
     except DatasetError as error:
         fail(str(error))
-    if not (isinstance(dataset.observation_space, gym.spaces.Box) and isinstance(dataset.action_space, gym.spaces.Box)
-            and len(dataset.observation_space.shape) == 1 and len(dataset.action_space.shape) == 1):
-        fail(f"{dataset_id} has observation space {dataset.observation_space} and action space "
-             f"{dataset.action_space}; this implementation needs flat Box spaces (state vectors, continuous actions)")
+    if not (
+        isinstance(dataset.observation_space, gym.spaces.Box)
+        and isinstance(dataset.action_space, gym.spaces.Box)
+        and len(dataset.observation_space.shape) == 1
+        and len(dataset.action_space.shape) == 1
+    ):
+        fail(
+            f"{dataset_id} has observation space {dataset.observation_space} and action space "
+            f"{dataset.action_space}; this implementation needs flat Box spaces (state vectors, continuous actions)"
+        )
     gym_env_id = dataset.spec.env_spec.id
     if args.ope:
         try:  # the model's rollouts (AM-Q) need the task's termination rule
@@ -529,8 +648,10 @@ if __name__ == "__main__":
         run_name = resumed["resume"]["run_name"]  # the same TensorBoard folder
     checkpoint_path = args.checkpoint_path or f"runs/{run_name}/offline.pt"
     writer = SummaryWriter(f"runs/{run_name}")
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n%s" % (
-        "\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])))
+    writer.add_text(
+        "hyperparameters",
+        "|param|value|\n|-|-|\n%s" % ("\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])),
+    )
 
     # TRY NOT TO MODIFY: seeding
     random.seed(args.seed)
@@ -548,30 +669,49 @@ if __name__ == "__main__":
         fail(f"dataset {dataset_id!r} could not be read ({type(error).__name__}: {error}); download it again")
     state_mean, state_std = state_statistics(data["all_states"])
     action_space = dataset.action_space
-    print(f"{dataset_id}: {dataset.total_episodes} episodes, {len(data['chunks'])} chunks of H={args.horizon} "
-          f"({gym_env_id}, obs {state_mean.shape[0]}, act {action_space.shape[0]}), device {device}")
+    print(
+        f"{dataset_id}: {dataset.total_episodes} episodes, {len(data['chunks'])} chunks of H={args.horizon} "
+        f"({gym_env_id}, obs {state_mean.shape[0]}, act {action_space.shape[0]}), device {device}"
+    )
 
     # ---- the cost of this run, said up front (refined after the first --log-every steps) -------
     cost_counts = phase_counts(args, max_episode_steps or 1000)
-    prior_seconds = {unit: seconds * (UNET_CPU_FACTOR[unit] if args.denoiser == "unet" else 1.0)
-                     for unit, seconds in CPU_SECONDS.items()}
+    prior_seconds = {
+        unit: seconds * (UNET_CPU_FACTOR[unit] if args.denoiser == "unet" else 1.0)
+        for unit, seconds in CPU_SECONDS.items()
+    }
     clock, run_start = PhaseClock(), time.time()
-    print(f"cost: --denoiser {args.denoiser}, {cost_counts['loop']} loop steps, {args.n_subpolicies} sub-policies, "
-          f"--ope {args.ope}, {args.num_qualified} copies x {args.improvement_steps} improvement steps")
+    print(
+        f"cost: --denoiser {args.denoiser}, {cost_counts['loop']} loop steps, {args.n_subpolicies} sub-policies, "
+        f"--ope {args.ope}, {args.num_qualified} copies x {args.improvement_steps} improvement steps"
+    )
     if device.type == "cpu":
         print(f"cost estimate on this CPU: {format_cost(cost_estimate(cost_counts, prior_seconds))}")
         if args.denoiser == "unet" or args.total_steps > 100_000:
-            print("warning: these settings are sized for a GPU (the U-Net or a paper-scale budget); the defaults "
-                  "are the CPU setting")
+            print(
+                "warning: these settings are sized for a GPU (the U-Net or a paper-scale budget); the defaults "
+                "are the CPU setting"
+            )
     else:
         print("cost estimate: after the first --log-every steps (the seconds above are measured on a CPU)")
 
     # ---- the multi-seed diffusion policy -------------------------------------------------------
-    config = PolicyConfig(obs_dim=state_mean.shape[0], act_dim=action_space.shape[0], horizon=args.horizon,
-                          obs_horizon=args.obs_horizon, denoiser=args.denoiser, mlp_hidden=args.mlp_hidden,
-                          unet_dims=tuple(args.unet_dims), diffusion_steps=args.diffusion_steps,
-                          ddim_steps=args.ddim_steps, n_subpolicies=args.n_subpolicies,
-                          noise_seed=args.noise_seed, tau=args.tau, eta=args.eta, min_std=args.min_std)
+    config = PolicyConfig(
+        obs_dim=state_mean.shape[0],
+        act_dim=action_space.shape[0],
+        horizon=args.horizon,
+        obs_horizon=args.obs_horizon,
+        denoiser=args.denoiser,
+        mlp_hidden=args.mlp_hidden,
+        unet_dims=tuple(args.unet_dims),
+        diffusion_steps=args.diffusion_steps,
+        ddim_steps=args.ddim_steps,
+        n_subpolicies=args.n_subpolicies,
+        noise_seed=args.noise_seed,
+        tau=args.tau,
+        eta=args.eta,
+        min_std=args.min_std,
+    )
     policy = DiffusionPolicy(config, state_mean, state_std, action_space.low, action_space.high).to(device)
     optimizer = torch.optim.Adam(policy.parameters(), lr=args.learning_rate)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.total_steps)
@@ -603,8 +743,12 @@ if __name__ == "__main__":
         step_next_states, step_rewards = to_device(data["step_next_states"]), to_device(data["step_rewards"])
         split_generator = torch.Generator().manual_seed(args.seed + 1)
         train_index, holdout_index = (index.to(device) for index in holdout_split(num_chunks, split_generator))
-        holdout = (step_states[holdout_index], step_actions[holdout_index], step_next_states[holdout_index],
-                   step_rewards[holdout_index])
+        holdout = (
+            step_states[holdout_index],
+            step_actions[holdout_index],
+            step_next_states[holdout_index],
+            step_rewards[holdout_index],
+        )
         dynamics.set_input_statistics(step_states[train_index], step_actions[train_index])
         # AM-Q start states: fixed dataset state histories, raw units.
         raw_histories = to_device(data["states"])
@@ -612,8 +756,12 @@ if __name__ == "__main__":
         ope_start = raw_histories[ope_index]
         # The augmentation buffer (docs/design.md, "Dynamics model and diffusion augmentation"): empty
         # until --dynamics-warmup.
-        augmented = {"states": step_states[:0], "actions": step_actions[:0], "next_states": step_next_states[:0],
-                     "rewards": step_rewards[:0]}
+        augmented = {
+            "states": step_states[:0],
+            "actions": step_actions[:0],
+            "next_states": step_next_states[:0],
+            "rewards": step_rewards[:0],
+        }
 
     # --init-checkpoint: the loop was run before; take its policy, critics and dynamics model.
     if args.init_checkpoint is not None:
@@ -622,15 +770,26 @@ if __name__ == "__main__":
         except CheckpointError as error:
             fail(str(error))
         if saved["dataset_id"] != dataset_id or "critics" not in saved or saved["policy"]["config"] != asdict(config):
-            fail(f"{args.init_checkpoint} is not a --ope checkpoint of {dataset_id} with these policy settings "
-                 f"(it has {saved['dataset_id']}, policy {saved['policy']['config']}); pass the arguments it was "
-                 "trained with")
+            fail(
+                f"{args.init_checkpoint} is not a --ope checkpoint of {dataset_id} with these policy settings "
+                f"(it has {saved['dataset_id']}, policy {saved['policy']['config']}); pass the arguments it was "
+                "trained with"
+            )
         policy.load_state_dict(saved["policy"]["state_dict"])
         critics.load_state_dict(saved["critics"]["state_dict"])
         dynamics.load_state_dict(saved["dynamics"]["state_dict"])
 
-    history = {"step": [], "scores": [], "returns": [], "mean_divergence": [], "ope_scores": [],
-               "ope_spearman": [], "dynamics_holdout_mse": [], "dynamics_holdout_nll": [], "augmentation": []}
+    history = {
+        "step": [],
+        "scores": [],
+        "returns": [],
+        "mean_divergence": [],
+        "ope_scores": [],
+        "ope_spearman": [],
+        "dynamics_holdout_mse": [],
+        "dynamics_holdout_nll": [],
+        "augmentation": [],
+    }
     improved = []  # the improved copies (after the loop)
     resume_state = {}  # "state": the loop's training state at its last evaluation (`training_state`)
 
@@ -641,13 +800,24 @@ if __name__ == "__main__":
         noise, Q summed per rollout (penalized by model uncertainty for the gate). All n
         sub-policies are sampled together (the adaptive perturbation couples them) and column
         `sub_policy` is kept."""
-        q_function = lambda raw_states, env_chunks: critics.q(policy.normalize_states(raw_states),
-                                                              policy.scale_actions(env_chunks))
+        q_function = lambda raw_states, env_chunks: critics.q(
+            policy.normalize_states(raw_states), policy.scale_actions(env_chunks)
+        )
         chunk_policy = lambda histories: model.unscale_actions(
-            model.sample(model.normalize_states(histories)).actions[:, sub_policy])
+            model.sample(model.normalize_states(histories)).actions[:, sub_policy]
+        )
         generator = torch.Generator(device=device).manual_seed(args.seed + 2)
-        return am_q_rollouts(chunk_policy, q_function, dynamics, is_terminal, ope_start, args.ope_horizon,
-                             generator=generator, uncertainty_penalty=uncertainty_penalty, gamma=args.gamma)
+        return am_q_rollouts(
+            chunk_policy,
+            q_function,
+            dynamics,
+            is_terminal,
+            ope_start,
+            args.ope_horizon,
+            generator=generator,
+            uncertainty_penalty=uncertainty_penalty,
+            gamma=args.gamma,
+        )
 
     def ope_score(model: DiffusionPolicy, sub_policy: int) -> float:
         """Plain AM-Q (Uni-O4): the mean Q over every visited (state, chunk) pair."""
@@ -669,33 +839,55 @@ if __name__ == "__main__":
         current sub-policies (start b driven by sub-policy b mod n, adaptive perturbation on) and
         the current model, kept while the ensemble disagreement stays below epsilon."""
         epsilon = disagreement_threshold(dynamics, holdout[0], holdout[1], args.aug_kl_quantile)
-        starts = raw_histories[torch.randint(num_chunks, (args.augment_starts,), device=device,
-                                             generator=model_generator)]
+        starts = raw_histories[
+            torch.randint(num_chunks, (args.augment_starts,), device=device, generator=model_generator)
+        ]
         rows = torch.arange(args.augment_starts, device=device)
         driver = rows % args.n_subpolicies
         chunk_policy = lambda histories: policy.unscale_actions(
-            policy.sample(policy.normalize_states(histories)).actions[rows, driver])
-        buffer = diffusion_augmentation(chunk_policy, dynamics, is_terminal, starts, args.augment_horizon,
-                                        epsilon, int(args.augment_ratio * num_chunks), generator=model_generator)
+            policy.sample(policy.normalize_states(histories)).actions[rows, driver]
+        )
+        buffer = diffusion_augmentation(
+            chunk_policy,
+            dynamics,
+            is_terminal,
+            starts,
+            args.augment_horizon,
+            epsilon,
+            int(args.augment_ratio * num_chunks),
+            generator=model_generator,
+        )
         history["augmentation"].append((step, len(buffer["states"]), epsilon))
         writer.add_scalar("charts/augmentation_size", len(buffer["states"]), step)
-        print(f"augmentation at step {step}: {len(buffer['states'])} synthetic transitions "
-              f"(epsilon {epsilon:.3f}, cap {int(args.augment_ratio * num_chunks)})")
+        print(
+            f"augmentation at step {step}: {len(buffer['states'])} synthetic transitions "
+            f"(epsilon {epsilon:.3f}, cap {int(args.augment_ratio * num_chunks)})"
+        )
         return buffer
 
     def training_state(step: int) -> dict:
         """What --resume needs to continue the loop after `step` as if it had never stopped: the
         optimizers, the schedule, the augmentation buffer, the loss sums since the last log and
         every random stream the loop draws from."""
-        state = {"step": step, "run_name": run_name, "optimizer": optimizer.state_dict(),
-                 "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
-                 "loss_sums": dict(loss_sums), "loss_counts": dict(loss_counts)}
+        state = {
+            "step": step,
+            "run_name": run_name,
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "loss_sums": dict(loss_sums),
+            "loss_counts": dict(loss_counts),
+        }
         if device.type == "cuda":
             state["cuda_rng"] = torch.cuda.get_rng_state(device)
         if args.ope:
-            state.update(target_critics=target_critics.state_dict(), critic_optimizer=critic_optimizer.state_dict(),
-                         dynamics_optimizer=dynamics_optimizer.state_dict(), model_generator=model_generator.get_state(),
-                         augmented=augmented)
+            state.update(
+                target_critics=target_critics.state_dict(),
+                critic_optimizer=critic_optimizer.state_dict(),
+                dynamics_optimizer=dynamics_optimizer.state_dict(),
+                model_generator=model_generator.get_state(),
+                augmented=augmented,
+            )
         return state
 
     def write_checkpoint(step: int) -> None:
@@ -705,23 +897,40 @@ if __name__ == "__main__":
         if args.ope:
             tensors += [*critics.state_dict().values(), *dynamics.state_dict().values()]
         scores = (history["scores"][-1:] + [e["scores"] for e in improved]) if history["scores"] else []
-        if not (all(torch.isfinite(t).all() for t in tensors if t.is_floating_point())
-                and all(np.isfinite(np.asarray(row, dtype=float)).all() for row in scores)):
-            fail(f"step {step}: a network's parameters or the evaluation are not finite; stopped without saving "
-                 f"(the last checkpoint, if any, is untouched: {checkpoint_path})")
+        if not (
+            all(torch.isfinite(t).all() for t in tensors if t.is_floating_point())
+            and all(np.isfinite(np.asarray(row, dtype=float)).all() for row in scores)
+        ):
+            fail(
+                f"step {step}: a network's parameters or the evaluation are not finite; stopped without saving "
+                f"(the last checkpoint, if any, is untouched: {checkpoint_path})"
+            )
         model_parts = {}
         if args.ope:
             model_parts = {
-                "critics": {"config": {"obs_dim": config.obs_dim, "act_dim": config.act_dim, "horizon": args.horizon},
-                            "state_dict": critics.state_dict()},
-                "dynamics": {"config": dynamics.constructor_kwargs(), "state_dict": dynamics.state_dict()}}
-        save_checkpoint({
-            "args": asdict(args), "step": step, "env_id": gym_env_id, "max_episode_steps": max_episode_steps,
-            "dataset_id": dataset_id,
-            "ref_min_score": ref_min_score, "ref_max_score": ref_max_score,
-            "policy": policy.to_checkpoint(), "history": history, "improved": improved, **model_parts,
-            "resume": resume_state.get("state"),
-        }, checkpoint_path)
+                "critics": {
+                    "config": {"obs_dim": config.obs_dim, "act_dim": config.act_dim, "horizon": args.horizon},
+                    "state_dict": critics.state_dict(),
+                },
+                "dynamics": {"config": dynamics.constructor_kwargs(), "state_dict": dynamics.state_dict()},
+            }
+        save_checkpoint(
+            {
+                "args": asdict(args),
+                "step": step,
+                "env_id": gym_env_id,
+                "max_episode_steps": max_episode_steps,
+                "dataset_id": dataset_id,
+                "ref_min_score": ref_min_score,
+                "ref_max_score": ref_max_score,
+                "policy": policy.to_checkpoint(),
+                "history": history,
+                "improved": improved,
+                **model_parts,
+                "resume": resume_state.get("state"),
+            },
+            checkpoint_path,
+        )
         print(f"checkpoint: {checkpoint_path}")
 
     def evaluate_and_save(step: int, in_loop: bool) -> None:
@@ -732,17 +941,30 @@ if __name__ == "__main__":
             actions = policy.sample(states[divergence_index]).actions
         mean_divergence = mean_pairwise_divergence(actions).mean().item()
         phase_start = time.time()
-        result = evaluate_sub_policies(policy, gym_env_id, args.eval_episodes, seed=args.seed * 1000,
-                                       ref_min_score=ref_min_score, ref_max_score=ref_max_score,
-                                       max_episode_steps=max_episode_steps, action_steps=args.action_steps)
-        clock.add("evaluation", args.n_subpolicies * args.eval_episodes * (max_episode_steps or 1000),
-                  time.time() - phase_start)
+        result = evaluate_sub_policies(
+            policy,
+            gym_env_id,
+            args.eval_episodes,
+            seed=args.seed * 1000,
+            ref_min_score=ref_min_score,
+            ref_max_score=ref_max_score,
+            max_episode_steps=max_episode_steps,
+            action_steps=args.action_steps,
+        )
+        clock.add(
+            "evaluation",
+            args.n_subpolicies * args.eval_episodes * (max_episode_steps or 1000),
+            time.time() - phase_start,
+        )
         phase_start = time.time()
         with torch.no_grad():
             ope = ope_scores() if args.ope else None
         if args.ope:
-            clock.add("OPE", args.n_subpolicies * args.ope_states * args.ope_horizon * args.n_subpolicies,
-                      time.time() - phase_start)
+            clock.add(
+                "OPE",
+                args.n_subpolicies * args.ope_states * args.ope_horizon * args.n_subpolicies,
+                time.time() - phase_start,
+            )
         policy.train()
         scores = result["scores"].mean(1)
         for i, score in enumerate(scores):
@@ -750,9 +972,11 @@ if __name__ == "__main__":
         writer.add_scalar("charts/normalized_score_mean", scores.mean(), step)
         writer.add_scalar("charts/normalized_score_best", scores.max(), step)
         writer.add_scalar("charts/mean_pairwise_divergence", mean_divergence, step)
-        print(f"eval step {step}: normalized score per sub-policy "
-              f"[{', '.join(f'{s:.1f}' for s in scores)}] mean {scores.mean():.1f} best {scores.max():.1f}; "
-              f"mean pairwise divergence {mean_divergence:.3f}")
+        print(
+            f"eval step {step}: normalized score per sub-policy "
+            f"[{', '.join(f'{s:.1f}' for s in scores)}] mean {scores.mean():.1f} best {scores.max():.1f}; "
+            f"mean pairwise divergence {mean_divergence:.3f}"
+        )
         history["step"].append(step)
         history["scores"].append(result["scores"].tolist())
         history["returns"].append(result["returns"].tolist())
@@ -764,10 +988,12 @@ if __name__ == "__main__":
             writer.add_scalar("charts/ope_spearman", rank_correlation, step)
             writer.add_scalar("losses/dynamics_holdout_mse", history["dynamics_holdout_mse"][-1], step)
             writer.add_scalar("losses/dynamics_holdout_nll", history["dynamics_holdout_nll"][-1], step)
-            print(f"  AM-Q per sub-policy [{', '.join(f'{q:.1f}' for q in ope)}]; Spearman with real scores "
-                  f"{rank_correlation:.2f}; AM-Q's pick: sub-policy {int(ope.argmax())} "
-                  f"(real {scores[ope.argmax()]:.1f}); dynamics hold-out NLL "
-                  f"{history['dynamics_holdout_nll'][-1]:.3f}")
+            print(
+                f"  AM-Q per sub-policy [{', '.join(f'{q:.1f}' for q in ope)}]; Spearman with real scores "
+                f"{rank_correlation:.2f}; AM-Q's pick: sub-policy {int(ope.argmax())} "
+                f"(real {scores[ope.argmax()]:.1f}); dynamics hold-out NLL "
+                f"{history['dynamics_holdout_nll'][-1]:.3f}"
+            )
         if in_loop:  # taken after the evaluation, so a resumed run continues from exactly here
             resume_state["state"] = training_state(step)
         write_checkpoint(step)
@@ -816,8 +1042,9 @@ if __name__ == "__main__":
             sub_batch = batch[: args.kl_batch_size]
             subpolicy_chunks = policy.sample(states[sub_batch]).actions
             if args.j_reading == "dataset-sequence":
-                _, disagreement = subpolicy_terms(subpolicy_chunks, chunks[sub_batch], masks[sub_batch],
-                                                  std=args.subpolicy_std)
+                _, disagreement = subpolicy_terms(
+                    subpolicy_chunks, chunks[sub_batch], masks[sub_batch], std=args.subpolicy_std
+                )
             else:
                 disagreement = own_sequence_repulsion(subpolicy_chunks, args.subpolicy_std, args.repulsion_margin)
             losses["subpolicy"] = -args.kl_coef * disagreement.mean()
@@ -828,22 +1055,37 @@ if __name__ == "__main__":
             # Chunk-level IQL critics: Q(s_t, a_{t:t+H}) towards R_t^H + gamma^L (1 - done) V(s_{t+L}),
             # V(s_t) by expectile regression on the target Q (the current state, not the history).
             critic_batch = torch.randint(num_chunks, (args.batch_size,), device=device, generator=model_generator)
-            critic_losses = iql_losses(critics, target_critics, states[critic_batch, -1], chunks[critic_batch],
-                                       chunk_rewards[critic_batch], next_states[critic_batch, -1],
-                                       dones[critic_batch], chunk_lengths[critic_batch], args.gamma, args.expectile)
+            critic_losses = iql_losses(
+                critics,
+                target_critics,
+                states[critic_batch, -1],
+                chunks[critic_batch],
+                chunk_rewards[critic_batch],
+                next_states[critic_batch, -1],
+                dones[critic_batch],
+                chunk_lengths[critic_batch],
+                args.gamma,
+                args.expectile,
+            )
             losses["critic_q"], losses["critic_v"] = critic_losses["q"], critic_losses["value"]
             # Dynamics ensemble: Gaussian NLL -E log T(s'|s, a) on a batch drawn uniformly from the
             # real one-step transitions (train split) and the augmentation buffer together, so the
             # two mix in proportion to their sizes (docs/design.md).
-            dynamics_batch = mixed_batch((step_states, step_actions, step_next_states, step_rewards),
-                                         (augmented["states"], augmented["actions"], augmented["next_states"],
-                                          augmented["rewards"]), train_index, args.batch_size, model_generator)
+            dynamics_batch = mixed_batch(
+                (step_states, step_actions, step_next_states, step_rewards),
+                (augmented["states"], augmented["actions"], augmented["next_states"], augmented["rewards"]),
+                train_index,
+                args.batch_size,
+                model_generator,
+            )
             losses["dynamics"] = dynamics.loss(*dynamics_batch)
 
         for name, value in losses.items():
             if not torch.isfinite(value):
-                fail(f"step {step}: the {name} loss is {value.item()}; stopped (the last checkpoint is untouched: "
-                     f"{checkpoint_path if history['step'] else 'none yet'})")
+                fail(
+                    f"step {step}: the {name} loss is {value.item()}; stopped (the last checkpoint is untouched: "
+                    f"{checkpoint_path if history['step'] else 'none yet'})"
+                )
             loss_sums[name] = loss_sums.get(name, 0.0) + value.item()
             loss_counts[name] = loss_counts.get(name, 0) + 1
         optimizer.zero_grad()
@@ -861,22 +1103,30 @@ if __name__ == "__main__":
             dynamics_optimizer.step()
             # Diffusion augmentation: first after the warm-up on real data, then every --augment-every
             # (not at the last step, where no dynamics update would use it).
-            augment_now = (args.augment_ratio > 0 and args.dynamics_warmup <= step < args.total_steps
-                           and (step - args.dynamics_warmup) % args.augment_every == 0)
+            augment_now = (
+                args.augment_ratio > 0
+                and args.dynamics_warmup <= step < args.total_steps
+                and (step - args.dynamics_warmup) % args.augment_every == 0
+            )
             if step % args.elite_every == 0 or augment_now:
                 dynamics.select_elites(*holdout)  # elites are chosen on real hold-out data only
             if augment_now:
                 policy.eval()
                 phase_start = time.time()
                 augmented = refresh_augmentation(step)
-                clock.add("augmentation", args.augment_starts * args.augment_horizon * args.n_subpolicies,
-                          time.time() - phase_start)
+                clock.add(
+                    "augmentation",
+                    args.augment_starts * args.augment_horizon * args.n_subpolicies,
+                    time.time() - phase_start,
+                )
                 policy.train()
 
         if step % args.log_every == 0 or step == args.total_steps:
             elapsed = time.time() - start_time
             steps_per_second = (step - first_step + 1) / elapsed  # this process's steps (after a --resume: since it)
-            loop_seconds = time.time() - loop_start - sum(value for phase, value in clock.seconds.items() if phase != "loop")
+            loop_seconds = (
+                time.time() - loop_start - sum(value for phase, value in clock.seconds.items() if phase != "loop")
+            )
             clock.seconds["loop"], clock.units["loop"] = loop_seconds, step - first_step + 1
             remaining = cost_estimate(cost_counts, clock.unit_seconds(cost_counts, prior_seconds))
             remaining = {phase: remaining[phase] - clock.seconds.get(phase, 0.0) for phase in remaining}
@@ -885,15 +1135,21 @@ if __name__ == "__main__":
             for phase, seconds in clock.seconds.items():
                 writer.add_scalar(f"time/{phase}_minutes", seconds / 60, step)
             if step - first_step + 1 == args.log_every:
-                print(f"cost estimate after {step} steps: {format_cost(cost_estimate(cost_counts, clock.unit_seconds(cost_counts, prior_seconds)))}")
+                print(
+                    f"cost estimate after {step} steps: "
+                    f"{format_cost(cost_estimate(cost_counts, clock.unit_seconds(cost_counts, prior_seconds)))}"
+                )
             means = {name: loss_sums[name] / loss_counts[name] for name in loss_sums}
             for name, value in means.items():
                 writer.add_scalar(f"losses/{name}", value, step)
             writer.add_scalar("charts/learning_rate", scheduler.get_last_lr()[0], step)
             writer.add_scalar("charts/SPS", steps_per_second, step)
-            print(f"step {step}/{args.total_steps} | " + " | ".join(f"{k} {v:.4f}" for k, v in means.items())
-                  + f" | {steps_per_second:.0f} steps/s | run ETA {time.strftime('%H:%M:%S', time.gmtime(eta_seconds))}",
-                  flush=True)
+            print(
+                f"step {step}/{args.total_steps} | "
+                + " | ".join(f"{k} {v:.4f}" for k, v in means.items())
+                + f" | {steps_per_second:.0f} steps/s | run ETA {time.strftime('%H:%M:%S', time.gmtime(eta_seconds))}",
+                flush=True,
+            )
             loss_sums, loss_counts = {}, {}
 
         if step % args.eval_every == 0 or step == args.total_steps:
@@ -920,8 +1176,12 @@ if __name__ == "__main__":
             improved_policy = copy.deepcopy(policy)
             reference = copy.deepcopy(policy).requires_grad_(False)  # bppo: pi_ref, moved only by the gate
             improvement_optimizer = torch.optim.Adam(improved_policy.parameters(), lr=improvement_learning_rate)
-            gate = BestSnapshot(improved_policy, ope_rollouts(improved_policy, sub_policy, args.ope_penalty), step=0,
-                                confidence=args.gate_confidence)
+            gate = BestSnapshot(
+                improved_policy,
+                ope_rollouts(improved_policy, sub_policy, args.ope_penalty),
+                step=0,
+                confidence=args.gate_confidence,
+            )
             print(f"sub-policy {sub_policy}: gated OPE at the start {gate.best_score:.1f}")
             start_time, loss_sums, last_logged = time.time(), {}, 0
             for step in range(1, args.improvement_steps + 1):
@@ -930,15 +1190,25 @@ if __name__ == "__main__":
                 batch_states = states[batch, -1]
                 if args.improvement == "bppo":
                     advantage_fn = lambda chunk: critics.q(batch_states, chunk) - critics.value(batch_states)
-                    out = bppo_loss(improved_policy, reference, states[batch], sub_policy, advantage_fn,
-                                    args.clip_coef, args.improvement_kl_coef)
+                    out = bppo_loss(
+                        improved_policy,
+                        reference,
+                        states[batch],
+                        sub_policy,
+                        advantage_fn,
+                        args.clip_coef,
+                        args.improvement_kl_coef,
+                    )
                 else:
                     q_fn = lambda chunk: critics.q(batch_states, chunk)
-                    out = qgrad_loss(improved_policy, states[batch], chunks[batch], masks[batch], sub_policy,
-                                     q_fn, args.q_weight)
+                    out = qgrad_loss(
+                        improved_policy, states[batch], chunks[batch], masks[batch], sub_policy, q_fn, args.q_weight
+                    )
                 if not torch.isfinite(out["loss"]):
-                    fail(f"improvement of sub-policy {sub_policy}, step {step}: the {args.improvement} loss is "
-                         f"{out['loss'].item()}; stopped (the last checkpoint is untouched: {checkpoint_path})")
+                    fail(
+                        f"improvement of sub-policy {sub_policy}, step {step}: the {args.improvement} loss is "
+                        f"{out['loss'].item()}; stopped (the last checkpoint is untouched: {checkpoint_path})"
+                    )
                 improvement_optimizer.zero_grad()
                 out["loss"].backward()
                 torch.nn.utils.clip_grad_norm_(improved_policy.parameters(), args.max_grad_norm)
@@ -951,44 +1221,72 @@ if __name__ == "__main__":
                     for name, value in loss_sums.items():
                         writer.add_scalar(f"improvement_{sub_policy}/{name}", value / logged_steps, step)
                     eta_seconds = (args.improvement_steps - step) * (time.time() - start_time) / step
-                    print(f"  sub-policy {sub_policy} step {step}/{args.improvement_steps} | " + " | ".join(
-                        f"{k} {v / logged_steps:.4f}" for k, v in loss_sums.items())
-                        + f" | ETA {time.strftime('%H:%M:%S', time.gmtime(eta_seconds))}", flush=True)
+                    print(
+                        f"  sub-policy {sub_policy} step {step}/{args.improvement_steps} | "
+                        + " | ".join(f"{k} {v / logged_steps:.4f}" for k, v in loss_sums.items())
+                        + f" | ETA {time.strftime('%H:%M:%S', time.gmtime(eta_seconds))}",
+                        flush=True,
+                    )
                     loss_sums = {}
                 if step % args.ope_every == 0 or step == args.improvement_steps:
                     phase_start = time.time()
-                    accepted = gate.offer(improved_policy, ope_rollouts(improved_policy, sub_policy, args.ope_penalty),
-                                          step)
+                    accepted = gate.offer(
+                        improved_policy, ope_rollouts(improved_policy, sub_policy, args.ope_penalty), step
+                    )
                     clock.add("OPE", args.ope_states * args.ope_horizon * args.n_subpolicies, time.time() - phase_start)
                     _, score, _, lower_bound = gate.history[-1]
                     if accepted and args.improvement == "bppo":
                         reference.load_state_dict(improved_policy.state_dict())
                     writer.add_scalar(f"improvement_{sub_policy}/gated_ope", score, step)
-                    print(f"  sub-policy {sub_policy} step {step}: gated OPE {score:.1f}, gain bound {lower_bound:+.1f} "
-                          f"({'kept' if accepted else 'rejected'}; best {gate.best_score:.1f} at step {gate.best_step})")
+                    print(
+                        f"  sub-policy {sub_policy} step {step}: gated OPE {score:.1f}, gain bound {lower_bound:+.1f} "
+                        f"({'kept' if accepted else 'rejected'}; best {gate.best_score:.1f} at step {gate.best_step})"
+                    )
             gate.restore(improved_policy)  # the best-by-OPE snapshot, never simply the last
             improved_policy.eval()
-            result = evaluate_sub_policies(improved_policy, gym_env_id, args.eval_episodes, seed=args.seed * 1000,
-                                           ref_min_score=ref_min_score, ref_max_score=ref_max_score,
-                                           max_episode_steps=max_episode_steps, action_steps=args.action_steps)
-            improved.append({"sub_policy": sub_policy, "operator": args.improvement,
-                             "policy": improved_policy.to_checkpoint(), "ope_history": gate.history,
-                             "ope_rollouts": [part.cpu() for part in gate.best_rollouts],
-                             "ope_score": gate.best_score, "best_step": gate.best_step,
-                             "base_ope_score": float(base_ope[sub_policy]),
-                             "base_score": float(base_scores[sub_policy]),
-                             "scores": result["scores"][sub_policy].tolist()})
-            print(f"sub-policy {sub_policy}: kept step {gate.best_step} (gated OPE {gate.history[0][1]:.1f} -> "
-                  f"{gate.best_score:.1f}); real normalized score {base_scores[sub_policy]:.1f} -> "
-                  f"{result['scores'][sub_policy].mean():.1f}")
+            result = evaluate_sub_policies(
+                improved_policy,
+                gym_env_id,
+                args.eval_episodes,
+                seed=args.seed * 1000,
+                ref_min_score=ref_min_score,
+                ref_max_score=ref_max_score,
+                max_episode_steps=max_episode_steps,
+                action_steps=args.action_steps,
+            )
+            improved.append(
+                {
+                    "sub_policy": sub_policy,
+                    "operator": args.improvement,
+                    "policy": improved_policy.to_checkpoint(),
+                    "ope_history": gate.history,
+                    "ope_rollouts": [part.cpu() for part in gate.best_rollouts],
+                    "ope_score": gate.best_score,
+                    "best_step": gate.best_step,
+                    "base_ope_score": float(base_ope[sub_policy]),
+                    "base_score": float(base_scores[sub_policy]),
+                    "scores": result["scores"][sub_policy].tolist(),
+                }
+            )
+            print(
+                f"sub-policy {sub_policy}: kept step {gate.best_step} (gated OPE {gate.history[0][1]:.1f} -> "
+                f"{gate.best_score:.1f}); real normalized score {base_scores[sub_policy]:.1f} -> "
+                f"{result['scores'][sub_policy].mean():.1f}"
+            )
             write_checkpoint(history["step"][-1])
         # The offline choice: the gated copies compared pairwise on the same OPE rollouts; a gain
         # inside the OPE's noise is a tie, and ties go to the copy whose base AM-Q ranked higher.
         choice, comparisons = confident_choice([entry["ope_rollouts"] for entry in improved], args.gate_confidence)
         for index, gain, lower_bound in comparisons:
-            print(f"offline choice: sub-policy {improved[index]['sub_policy']} vs the choice so far: gated OPE gain "
-                  f"{gain:+.1f}, lower bound {lower_bound:+.1f} "
-                  f"({'confident, it replaces it' if lower_bound > 0 else 'inside the OPE noise: a tie, the earlier stays'})")
+            print(
+                f"offline choice: sub-policy {improved[index]['sub_policy']} vs the choice so far: gated OPE gain "
+                f"{gain:+.1f}, lower bound {lower_bound:+.1f} "
+                + (
+                    "(confident, it replaces it)"
+                    if lower_bound > 0
+                    else "(inside the OPE noise: a tie, the earlier stays)"
+                )
+            )
         improved.insert(0, improved.pop(choice))
         for rank, entry in enumerate(improved):
             entry["choice_rank"] = rank
@@ -997,9 +1295,14 @@ if __name__ == "__main__":
         print("| sub-policy | AM-Q | real before | gated OPE start -> kept (step) | real after |\n|-|-|-|-|-|")
         for entry in improved:
             start = entry["ope_history"][0][1]
-            print(f"| {entry['sub_policy']} | {entry['base_ope_score']:.1f} | {entry['base_score']:.1f} | "
-                  f"{start:.1f} -> {entry['ope_score']:.1f} ({entry['best_step']}) | {np.mean(entry['scores']):.1f} |")
+            print(
+                f"| {entry['sub_policy']} | {entry['base_ope_score']:.1f} | {entry['base_score']:.1f} | "
+                f"{start:.1f} -> {entry['ope_score']:.1f} ({entry['best_step']}) | {np.mean(entry['scores']):.1f} |"
+            )
 
-    print("time per phase: " + ", ".join(f"{phase} {seconds / 60:.1f} min" for phase, seconds in clock.seconds.items())
-          + f"; whole run {(time.time() - run_start) / 60:.1f} min")
+    print(
+        "time per phase: "
+        + ", ".join(f"{phase} {seconds / 60:.1f} min" for phase, seconds in clock.seconds.items())
+        + f"; whole run {(time.time() - run_start) / 60:.1f} min"
+    )
     writer.close()

@@ -40,8 +40,19 @@ from torch.utils.tensorboard import SummaryWriter
 
 from diffusion import DiffusionPolicy, OnlineActor, ppo_mlp
 from divergence import gaussian_kl, gaussian_log_prob
-from eval import (GYM_ENV_IDS, CheckpointError, ChunkEnv, build_saved, check_output_file, evaluate_sub_policies, fail,
-                  load_checkpoint, offline_candidates, save_checkpoint, unwritable)
+from eval import (
+    GYM_ENV_IDS,
+    CheckpointError,
+    ChunkEnv,
+    build_saved,
+    check_output_file,
+    evaluate_sub_policies,
+    fail,
+    load_checkpoint,
+    offline_candidates,
+    save_checkpoint,
+    unwritable,
+)
 
 
 @dataclass
@@ -102,7 +113,7 @@ class Args:
     clip_coef: float = 0.2
     """PPO clip range of the likelihood ratio"""
     target_kl: float | None = 0.2
-    """stop the epochs of an update once the approximate KL of the ratios exceeds this (nats per decision); None: never"""
+    """stop an update's epochs once the approximate KL of the ratios exceeds this (nats per decision); None: never"""
     anchor_coef: float = 1.0
     """weight of the KL of the actor's Gaussian to the offline one (0 with --from-scratch and the mlp baseline)"""
     anchor_decay: bool = False
@@ -126,17 +137,34 @@ class Args:
 def check_args(args: Args) -> str | None:
     """The first argument out of its range, as a message naming the flag (None if all are valid):
     every check is made before any work starts."""
-    at_least_one = ("total_timesteps", "num_envs", "num_steps", "num_minibatches", "update_epochs", "eval_every",
-                    "eval_episodes", "selection_top", "selection_episodes", "mlp_horizon")
+    at_least_one = (
+        "total_timesteps",
+        "num_envs",
+        "num_steps",
+        "num_minibatches",
+        "update_epochs",
+        "eval_every",
+        "eval_episodes",
+        "selection_top",
+        "selection_episodes",
+        "mlp_horizon",
+    )
     for name in at_least_one:
         if getattr(args, name) < 1:
             return f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}"
     if args.num_minibatches > args.num_envs * args.num_steps:
-        return (f"--num-minibatches ({args.num_minibatches}) must be at most the decisions per rollout, "
-                f"--num-envs x --num-steps = {args.num_envs * args.num_steps}")
-    positive = {"init_std": args.init_std, "learning_rate": args.learning_rate,
-                "value_learning_rate": args.value_learning_rate, "clip_coef": args.clip_coef,
-                "max_grad_norm": args.max_grad_norm, "target_kl": args.target_kl}
+        return (
+            f"--num-minibatches ({args.num_minibatches}) must be at most the decisions per rollout, "
+            f"--num-envs x --num-steps = {args.num_envs * args.num_steps}"
+        )
+    positive = {
+        "init_std": args.init_std,
+        "learning_rate": args.learning_rate,
+        "value_learning_rate": args.value_learning_rate,
+        "clip_coef": args.clip_coef,
+        "max_grad_norm": args.max_grad_norm,
+        "target_kl": args.target_kl,
+    }
     for name, value in positive.items():
         if value is not None and not value > 0:
             return f"--{name.replace('_', '-')} must be > 0, got {value}"
@@ -146,13 +174,17 @@ def check_args(args: Args) -> str | None:
     if not 0 <= args.lr_floor <= 1 or not 0 <= args.gae_lambda <= 1:
         return f"--lr-floor and --gae-lambda must be in [0, 1], got {args.lr_floor} and {args.gae_lambda}"
     if args.from_scratch and args.actor != "diffusion":
-        return (f"--from-scratch re-initializes the denoiser, so it needs --actor diffusion (got --actor {args.actor}; "
-                f"--actor mlp is the Gaussian MLP from scratch)")
+        return (
+            f"--from-scratch re-initializes the denoiser, so it needs --actor diffusion (got --actor {args.actor}; "
+            f"--actor mlp is the Gaussian MLP from scratch)"
+        )
     if args.checkpoint_path and os.path.abspath(args.checkpoint_path) == os.path.abspath(args.checkpoint):
         return f"--checkpoint-path {args.checkpoint_path} is the input checkpoint; the run would overwrite it"
     if args.env_id is not None and not (is_dataset_name(args.env_id) or args.env_id in gym.registry):
-        return (f"--env-id must be `<env>-<quality>` with env in {', '.join(GYM_ENV_IDS)} (e.g. hopper-medium) or a "
-                f"Gymnasium id (e.g. Hopper-v5), got {args.env_id}")
+        return (
+            f"--env-id must be `<env>-<quality>` with env in {', '.join(GYM_ENV_IDS)} (e.g. hopper-medium) or a "
+            f"Gymnasium id (e.g. Hopper-v5), got {args.env_id}"
+        )
     return None
 
 
@@ -188,8 +220,9 @@ def choose_candidate(labels: list[str], scores: list[float]) -> int:
         else:
             print(f"selection: skipped {label}: its real normalized score is {score}, not finite")
     if not finite:
-        raise ValueError(f"no candidate of the selection has a finite real score ({'; '.join(labels)}); "
-                         "nothing to fine-tune")
+        raise ValueError(
+            f"no candidate of the selection has a finite real score ({'; '.join(labels)}); nothing to fine-tune"
+        )
     return max(finite, key=lambda index: scores[index])
 
 
@@ -238,15 +271,17 @@ class RewardScaler:
         self.returns = self.returns * discounts + rewards
         batch_mean, batch_var, batch_count = self.returns.mean(), self.returns.var(), len(self.returns)
         delta, total = batch_mean - self.mean, self.count + batch_count
-        self.var = (self.var * self.count + batch_var * batch_count + delta ** 2 * self.count * batch_count / total
-                    ) / total
+        self.var = (
+            self.var * self.count + batch_var * batch_count + delta**2 * self.count * batch_count / total
+        ) / total
         self.mean, self.count = self.mean + delta * batch_count / total, total
         self.returns[ended] = 0.0
         return np.clip(rewards / np.sqrt(self.var + self.epsilon), -self.clip, self.clip)
 
 
-def actor_losses(actor: OnlineActor, states, decisions, anchors, old_log_probs, advantages, clip_coef: float,
-                 init_std: float) -> dict:
+def actor_losses(
+    actor: OnlineActor, states, decisions, anchors, old_log_probs, advantages, clip_coef: float, init_std: float
+) -> dict:
     """PPO's clipped surrogate on one minibatch of decisions z (B, H, A), and the anchor.
 
         r = N(z; mean(s), sigma^2) / N(z; mean_old(s), sigma_old^2)   (the exact Gaussian ratio)
@@ -272,15 +307,20 @@ if __name__ == "__main__":
     if (problem := check_args(args) or check_paths(args)) is not None:
         fail(problem)
     from_scratch = args.from_scratch or args.actor == "mlp"
-    init_std = {"diffusion": 0.1, "residual": 0.1, "noise": 0.3, "mlp": 1.0}[args.actor] if args.init_std is None \
+    init_std = (
+        {"diffusion": 0.1, "residual": 0.1, "noise": 0.3, "mlp": 1.0}[args.actor]
+        if args.init_std is None
         else args.init_std
+    )
     learning_rate = (3e-6 if args.actor == "diffusion" else 3e-4) if args.learning_rate is None else args.learning_rate
     anchor_coef = 0.0 if from_scratch else args.anchor_coef  # no offline policy to stay near
     try:
         # A D4RL-style --env-id names the dataset too: a checkpoint of hopper-expert is no hopper-medium run.
-        checkpoint = load_checkpoint(args.checkpoint, expected_env_id=gym_env_id(args.env_id) if args.env_id else None,
-                                     expected_dataset=args.env_id if args.env_id and is_dataset_name(args.env_id)
-                                     else None)
+        checkpoint = load_checkpoint(
+            args.checkpoint,
+            expected_env_id=gym_env_id(args.env_id) if args.env_id else None,
+            expected_dataset=args.env_id if args.env_id and is_dataset_name(args.env_id) else None,
+        )
     except CheckpointError as error:
         fail(str(error))
     if checkpoint.get("phase") == "online" or "history" not in checkpoint:
@@ -292,8 +332,10 @@ if __name__ == "__main__":
     run_name = f"{env_name}__{args.exp_name}__{args.seed}__{int(time.time())}"
     checkpoint_path = args.checkpoint_path or f"runs/{run_name}/online.pt"
     writer = SummaryWriter(f"runs/{run_name}")
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n%s" % (
-        "\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])))
+    writer.add_text(
+        "hyperparameters",
+        "|param|value|\n|-|-|\n%s" % ("\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])),
+    )
 
     # TRY NOT TO MODIFY: seeding
     random.seed(args.seed)
@@ -309,14 +351,22 @@ if __name__ == "__main__":
     except CheckpointError as error:
         fail(f"{args.checkpoint}: {error}")
     evaluate = lambda policy, sub_policy, episodes: evaluate_sub_policies(
-        policy, env_id, episodes, seed=args.seed * 1000, ref_min_score=ref_min_score, ref_max_score=ref_max_score,
-        max_episode_steps=max_episode_steps, sub_policies=[sub_policy])["scores"][0]
+        policy,
+        env_id,
+        episodes,
+        seed=args.seed * 1000,
+        ref_min_score=ref_min_score,
+        ref_max_score=ref_max_score,
+        max_episode_steps=max_episode_steps,
+        sub_policies=[sub_policy],
+    )["scores"][0]
     if from_scratch:
         # Same architecture, statistics and seeds, fresh weights; sub-policy 0 (the mlp actor uses
         # only the statistics and action bounds).
         state = checkpoint["policy"]["state_dict"]
-        policy = DiffusionPolicy(base.config, state["state_mean"], state["state_std"], state["action_low"],
-                                 state["action_high"]).to(device)
+        policy = DiffusionPolicy(
+            base.config, state["state_mean"], state["state_std"], state["action_low"], state["action_high"]
+        ).to(device)
         sub_policy, selection_table = 0, "from scratch: no selection"
     else:
         # The improved copies scored by the gate's OPE, else the base sub-policies by AM-Q; best first.
@@ -330,7 +380,8 @@ if __name__ == "__main__":
             fail(f"{args.checkpoint}: {error}")
         selection_table = "| candidate | offline OPE | real normalized score | chosen |\n|-|-|-|-|\n" + "\n".join(
             f"| {label} | {ope_score:.1f} | {mean:.1f} +- {std:.1f} | {'yes' if r == chosen else ''} |"
-            for r, (label, _, _, ope_score, mean, std) in enumerate(rows))
+            for r, (label, _, _, ope_score, mean, std) in enumerate(rows)
+        )
         policy, sub_policy = copy.deepcopy(rows[chosen][1]), rows[chosen][2]
     print(selection_table)
     writer.add_text("selection", selection_table)
@@ -352,15 +403,17 @@ if __name__ == "__main__":
         env = gym.wrappers.RecordEpisodeStatistics(gym.make(env_id, max_episode_steps=max_episode_steps))
         return ChunkEnv(env, actor.horizon, actor.obs_horizon, gamma)
 
-    envs = gym.vector.SyncVectorEnv([make_env for _ in range(args.num_envs)],
-                                    autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
+    envs = gym.vector.SyncVectorEnv(
+        [make_env for _ in range(args.num_envs)], autoreset_mode=gym.vector.AutoresetMode.SAME_STEP
+    )
     reward_scaler = RewardScaler(args.num_envs)
     shape = (args.num_steps, args.num_envs)
     decision_shape = (actor.horizon, actor.act_dim)
     obs = torch.zeros(shape + (actor.obs_horizon, base.config.obs_dim), device=device)  # normalized histories
     decisions, anchors = (torch.zeros(shape + decision_shape, device=device) for _ in range(2))
     log_probs, rewards, values, next_values, terminations, ended, discounts = (
-        torch.zeros(shape, device=device) for _ in range(7))
+        torch.zeros(shape, device=device) for _ in range(7)
+    )
 
     history = {"step": [], "scores": []}
 
@@ -370,18 +423,33 @@ if __name__ == "__main__":
         scores = evaluate(actor, 0, args.eval_episodes)
         actor.train()
         if not (all(torch.isfinite(p).all() for p in actor.parameters()) and np.isfinite(scores).all()):
-            fail(f"step {step}: the policy's parameters or its evaluation are not finite; stopped without saving "
-                 f"(the last checkpoint, if any, is untouched: {checkpoint_path})")
+            fail(
+                f"step {step}: the policy's parameters or its evaluation are not finite; stopped without saving "
+                f"(the last checkpoint, if any, is untouched: {checkpoint_path})"
+            )
         history["step"].append(step)
         history["scores"].append(scores.tolist())
         writer.add_scalar("charts/normalized_score", scores.mean(), step)
         print(f"eval step {step}: normalized score {scores.mean():.1f} +- {scores.std():.1f}", flush=True)
-        save_checkpoint({
-            "phase": "online", "args": asdict(args), "global_step": step, "env_id": env_id,
-            "max_episode_steps": max_episode_steps, "dataset_id": checkpoint["dataset_id"],
-            "ref_min_score": ref_min_score, "ref_max_score": ref_max_score, "offline_checkpoint": args.checkpoint,
-            "actor": actor.to_checkpoint(), "sub_policy": sub_policy, "selection": selection_table,
-            "value": value_net.state_dict(), "history": history}, checkpoint_path)
+        save_checkpoint(
+            {
+                "phase": "online",
+                "args": asdict(args),
+                "global_step": step,
+                "env_id": env_id,
+                "max_episode_steps": max_episode_steps,
+                "dataset_id": checkpoint["dataset_id"],
+                "ref_min_score": ref_min_score,
+                "ref_max_score": ref_max_score,
+                "offline_checkpoint": args.checkpoint,
+                "actor": actor.to_checkpoint(),
+                "sub_policy": sub_policy,
+                "selection": selection_table,
+                "value": value_net.state_dict(),
+                "history": history,
+            },
+            checkpoint_path,
+        )
         return scores.mean()
 
     # ---- PPO ---------------------------------------------------------------------------------------
@@ -412,9 +480,9 @@ if __name__ == "__main__":
             lengths = step_info(infos, "chunk_length", done)
             global_step += int(lengths.sum())
             if args.reward_scaling:
-                reward = reward_scaler(reward, gamma ** lengths, done)
+                reward = reward_scaler(reward, gamma**lengths, done)
             rewards[t] = torch.as_tensor(reward, dtype=torch.float32, device=device)
-            discounts[t] = torch.as_tensor(gamma ** lengths, dtype=torch.float32, device=device)
+            discounts[t] = torch.as_tensor(gamma**lengths, dtype=torch.float32, device=device)
             terminations[t] = torch.as_tensor(terminated, dtype=torch.float32, device=device)
             ended[t] = torch.as_tensor(done, dtype=torch.float32, device=device)
             # The state each chunk ended in: the next observation, or for an episode that ended
@@ -427,11 +495,11 @@ if __name__ == "__main__":
                     writer.add_scalar("charts/episodic_return", episode["r"][row], global_step)
                     writer.add_scalar("charts/episodic_length", episode["l"][row], global_step)
             with torch.no_grad():
-                next_values[t] = value(actor.normalize_states(torch.as_tensor(final_obs, dtype=torch.float32,
-                                                                              device=device)))
+                next_values[t] = value(
+                    actor.normalize_states(torch.as_tensor(final_obs, dtype=torch.float32, device=device))
+                )
 
-        advantages, returns = chunk_gae(rewards, values, next_values, terminations, ended, discounts,
-                                        args.gae_lambda)
+        advantages, returns = chunk_gae(rewards, values, next_values, terminations, ended, discounts, args.gae_lambda)
 
         # Update: clipped surrogate of the Gaussian likelihood ratio (H x A entries) + the KL to the
         # offline Gaussian (the anchor); the value loss with its own optimizer.
@@ -444,25 +512,37 @@ if __name__ == "__main__":
         for epoch in range(args.update_epochs):
             permutation = torch.randperm(batch_size, device=device)
             for start in range(0, batch_size, minibatch_size):
-                mb = permutation[start:start + minibatch_size]
+                mb = permutation[start : start + minibatch_size]
                 v_loss = 0.5 * ((value(b_obs[mb]) - b_returns[mb]) ** 2).mean()
                 if not torch.isfinite(v_loss):
-                    fail(f"iteration {iteration} (global step {global_step}): the value loss is {v_loss.item()}; "
-                         f"stopped (the last checkpoint is untouched: {checkpoint_path})")
+                    fail(
+                        f"iteration {iteration} (global step {global_step}): the value loss is {v_loss.item()}; "
+                        f"stopped (the last checkpoint is untouched: {checkpoint_path})"
+                    )
                 value_optimizer.zero_grad()
                 v_loss.backward()
                 torch.nn.utils.clip_grad_norm_(value_net.parameters(), args.max_grad_norm)
                 value_optimizer.step()
                 if warming_up:
                     continue
-                out = actor_losses(actor, b_obs[mb], b_decisions[mb], b_anchors[mb], b_log_probs[mb],
-                                   b_advantages[mb], args.clip_coef, init_std)
+                out = actor_losses(
+                    actor,
+                    b_obs[mb],
+                    b_decisions[mb],
+                    b_anchors[mb],
+                    b_log_probs[mb],
+                    b_advantages[mb],
+                    args.clip_coef,
+                    init_std,
+                )
                 approx_kl = out["approx_kl"]
                 clipfracs.append(out["clipfrac"])
                 for name in ("policy", "anchor_kl"):
                     if not torch.isfinite(out[name]):
-                        fail(f"iteration {iteration} (global step {global_step}): the {name} loss is "
-                             f"{out[name].item()}; stopped (the last checkpoint is untouched: {checkpoint_path})")
+                        fail(
+                            f"iteration {iteration} (global step {global_step}): the {name} loss is "
+                            f"{out[name].item()}; stopped (the last checkpoint is untouched: {checkpoint_path})"
+                        )
                 actor_optimizer.zero_grad()
                 (out["policy"] + anchor_weight * out["anchor_kl"]).backward()
                 torch.nn.utils.clip_grad_norm_(actor.parameters(), args.max_grad_norm)
@@ -475,23 +555,41 @@ if __name__ == "__main__":
         explained_variance = float("nan") if variance == 0 else (1 - (b_returns - b_values).var() / variance).item()
         steps_per_second = global_step / (time.time() - start_time)
         sigma = actor.std().mean().item()
-        log = {"losses/value_loss": v_loss.item(), "losses/explained_variance": explained_variance,
-               "charts/sigma": sigma, "charts/learning_rate": actor_optimizer.param_groups[0]["lr"],
-               "charts/anchor_weight": anchor_weight,
-               "charts/SPS": steps_per_second}
+        log = {
+            "losses/value_loss": v_loss.item(),
+            "losses/explained_variance": explained_variance,
+            "charts/sigma": sigma,
+            "charts/learning_rate": actor_optimizer.param_groups[0]["lr"],
+            "charts/anchor_weight": anchor_weight,
+            "charts/SPS": steps_per_second,
+        }
         if not warming_up:
-            log.update({"losses/policy_loss": out["policy"].item(), "losses/anchor_kl": out["anchor_kl"].item(),
-                        "losses/approx_kl": approx_kl.item(), "losses/clipfrac": np.mean(clipfracs),
-                        "losses/update_epochs": epochs_run})
+            log.update(
+                {
+                    "losses/policy_loss": out["policy"].item(),
+                    "losses/anchor_kl": out["anchor_kl"].item(),
+                    "losses/approx_kl": approx_kl.item(),
+                    "losses/clipfrac": np.mean(clipfracs),
+                    "losses/update_epochs": epochs_run,
+                }
+            )
         for tag, number in log.items():
             writer.add_scalar(tag, number, global_step)
         eta_seconds = max(args.total_timesteps - global_step, 0) / steps_per_second
-        actor_part = ("critic warm-up" if warming_up else
-                      f"policy {out['policy'].item():.4f} | anchor_kl {out['anchor_kl'].item():.3f} | approx_kl {approx_kl.item():.4f} "
-                      f"| clipfrac {np.mean(clipfracs):.3f} | epochs {epochs_run}")
-        print(f"iteration {iteration} step {global_step}/{args.total_timesteps} | {actor_part} | value {v_loss.item():.4f} "
-              f"| explained_var {explained_variance:.2f} | sigma {sigma:.3f} | {steps_per_second:.0f} env steps/s | "
-              f"ETA {time.strftime('%H:%M:%S', time.gmtime(eta_seconds))}", flush=True)
+        actor_part = (
+            "critic warm-up"
+            if warming_up
+            else f"policy {out['policy'].item():.4f} | anchor_kl {out['anchor_kl'].item():.3f} | "
+            f"approx_kl {approx_kl.item():.4f} "
+            f"| clipfrac {np.mean(clipfracs):.3f} | epochs {epochs_run}"
+        )
+        print(
+            f"iteration {iteration} step {global_step}/{args.total_timesteps} | {actor_part} | "
+            f"value {v_loss.item():.4f} "
+            f"| explained_var {explained_variance:.2f} | sigma {sigma:.3f} | {steps_per_second:.0f} env steps/s | "
+            f"ETA {time.strftime('%H:%M:%S', time.gmtime(eta_seconds))}",
+            flush=True,
+        )
         if global_step >= next_eval or global_step >= args.total_timesteps:
             evaluate_and_save(global_step)
             next_eval = (global_step // args.eval_every + 1) * args.eval_every

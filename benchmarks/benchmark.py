@@ -29,8 +29,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # `uepo` runs only the improvement stage on the same seed's `uepo-no-improvement` checkpoint
 # (--init-checkpoint), so the offline loop is trained once for both columns.
 METHODS = {
-    "diffusion-bc": ("uepo_offline.py", None,
-                     ["--no-ope", "--num-qualified", "0", "--n-subpolicies", "1", "--eta", "0", "--kl-coef", "0"]),
+    "diffusion-bc": (
+        "uepo_offline.py",
+        None,
+        ["--no-ope", "--num-qualified", "0", "--n-subpolicies", "1", "--eta", "0", "--kl-coef", "0"],
+    ),
     "uepo-no-improvement": ("uepo_offline.py", None, ["--num-qualified", "0"]),
     "uepo": ("uepo_offline.py", "uepo-no-improvement", []),
     "uepo-online": ("uepo_online.py", "uepo", []),
@@ -86,8 +89,11 @@ def check_args(args: Args) -> str | None:
     unknown = [method for method in args.methods if method not in METHODS]
     if unknown:
         return f"unknown method {', '.join(unknown)}; valid methods: {', '.join(METHODS)}"
-    if len(set(args.methods)) < len(args.methods) or len(set(args.seeds)) < len(args.seeds) \
-            or len(set(args.env_ids)) < len(args.env_ids):
+    if (
+        len(set(args.methods)) < len(args.methods)
+        or len(set(args.seeds)) < len(args.seeds)
+        or len(set(args.env_ids)) < len(args.env_ids)
+    ):
         return "--env-ids, --seeds and --methods must not repeat a value"
     for name in ("extra_offline_flags", "extra_online_flags"):
         try:
@@ -112,8 +118,12 @@ def run_prefix(args: Args, env_id: str) -> str:
 def checkpoint_of(args: Args, job: Job) -> str:
     """The glob of the offline.pt written by the job this one depends on (several matches: the newest run)."""
     parent = job.dependency
-    return os.path.join(os.path.abspath(args.runs_dir), "runs",
-                        f"{run_prefix(args, parent.env_id)}__{parent.method}__{parent.seed}__*", "offline.pt")
+    return os.path.join(
+        os.path.abspath(args.runs_dir),
+        "runs",
+        f"{run_prefix(args, parent.env_id)}__{parent.method}__{parent.seed}__*",
+        "offline.pt",
+    )
 
 
 def command(args: Args, job: Job, checkpoint: str | None) -> list[str]:
@@ -121,11 +131,30 @@ def command(args: Args, job: Job, checkpoint: str | None) -> list[str]:
     script, _, flags = METHODS[job.method]
     base = [sys.executable, os.path.join(ROOT, script)]
     if script == "uepo_online.py":
-        return base + ["--checkpoint", checkpoint, "--env-id", job.env_id, "--seed", str(job.seed),
-                       *shlex.split(args.extra_online_flags), "--exp-name", job.method, *flags]
+        return base + [
+            "--checkpoint",
+            checkpoint,
+            "--env-id",
+            job.env_id,
+            "--seed",
+            str(job.seed),
+            *shlex.split(args.extra_online_flags),
+            "--exp-name",
+            job.method,
+            *flags,
+        ]
     init = [] if checkpoint is None else ["--init-checkpoint", checkpoint]
-    return base + ["--env-id", job.env_id, "--seed", str(job.seed), *shlex.split(args.extra_offline_flags),
-                   "--exp-name", job.method, *flags, *init]
+    return base + [
+        "--env-id",
+        job.env_id,
+        "--seed",
+        str(job.seed),
+        *shlex.split(args.extra_offline_flags),
+        "--exp-name",
+        job.method,
+        *flags,
+        *init,
+    ]
 
 
 if __name__ == "__main__":
@@ -139,8 +168,13 @@ if __name__ == "__main__":
     for method in args.methods:
         while (method := METHODS[method][1]) is not None:
             needed.add(method)
-    jobs = [Job(env_id, seed, method) for env_id in args.env_ids for seed in args.seeds
-            for method in METHODS if method in needed]
+    jobs = [
+        Job(env_id, seed, method)
+        for env_id in args.env_ids
+        for seed in args.seeds
+        for method in METHODS
+        if method in needed
+    ]
 
     if args.dry_run:
         for job in jobs:
@@ -160,14 +194,19 @@ if __name__ == "__main__":
             if process.poll() is not None:
                 log.close()
                 status[job] = "done" if process.returncode == 0 else "failed"
-                print(f"[{time.time() - start:7.0f}s] {status[job]:6s} {job.name} (exit code "
-                      f"{process.returncode}, {time.time() - started:.0f}s)", flush=True)
+                print(
+                    f"[{time.time() - start:7.0f}s] {status[job]:6s} {job.name} (exit code "
+                    f"{process.returncode}, {time.time() - started:.0f}s)",
+                    flush=True,
+                )
                 del running[job]
         for job in list(pending):
             if job.dependency is not None and status.get(job.dependency) in ("failed", "skipped"):
                 status[job] = "skipped"  # its input was never made
-                print(f"[{time.time() - start:7.0f}s] skip   {job.name} ({job.dependency.name} did not finish)",
-                      flush=True)
+                print(
+                    f"[{time.time() - start:7.0f}s] skip   {job.name} ({job.dependency.name} did not finish)",
+                    flush=True,
+                )
                 pending.remove(job)
             elif len(running) < args.workers and (job.dependency is None or status.get(job.dependency) == "done"):
                 pending.remove(job)
@@ -177,25 +216,40 @@ if __name__ == "__main__":
                     found = sorted(glob.glob(checkpoint_of(args, job)), key=os.path.getmtime)
                     if not found:
                         status[job] = "failed"
-                        print(f"[{time.time() - start:7.0f}s] failed {job.name} (no checkpoint "
-                              f"{checkpoint_of(args, job)})", flush=True)
+                        print(
+                            f"[{time.time() - start:7.0f}s] failed {job.name} (no checkpoint "
+                            f"{checkpoint_of(args, job)})",
+                            flush=True,
+                        )
                         continue
                     checkpoint = found[-1]
                 log_path = os.path.join(runs_dir, "logs", f"{job.name}.log")
                 log = open(log_path, "w")
-                process = subprocess.Popen(command(args, job, checkpoint), cwd=runs_dir, env=env,
-                                           stdout=log, stderr=subprocess.STDOUT)
+                process = subprocess.Popen(
+                    command(args, job, checkpoint), cwd=runs_dir, env=env, stdout=log, stderr=subprocess.STDOUT
+                )
                 running[job] = (process, log, time.time())
                 print(f"[{time.time() - start:7.0f}s] start  {job.name} (log: {log_path})", flush=True)
         time.sleep(0.5)
 
     counts = {state: sum(value == state for value in status.values()) for state in ("done", "failed", "skipped")}
-    print(f"[{time.time() - start:7.0f}s] {counts['done']} done, {counts['failed']} failed, "
-          f"{counts['skipped']} skipped", flush=True)
+    print(
+        f"[{time.time() - start:7.0f}s] {counts['done']} done, {counts['failed']} failed, {counts['skipped']} skipped",
+        flush=True,
+    )
     # The report's columns: the requested methods, in order, that have at least one finished run.
     columns = [m for m in args.methods if any(status[j] == "done" for j in jobs if j.method == m)]
     report_rc = 0
     if columns:
-        report_rc = subprocess.run([sys.executable, os.path.join(ROOT, "eval.py"), "report",
-                                    os.path.join(runs_dir, "runs"), "--methods", *columns], cwd=ROOT).returncode
+        report_rc = subprocess.run(
+            [
+                sys.executable,
+                os.path.join(ROOT, "eval.py"),
+                "report",
+                os.path.join(runs_dir, "runs"),
+                "--methods",
+                *columns,
+            ],
+            cwd=ROOT,
+        ).returncode
     sys.exit(1 if counts["failed"] or report_rc else 0)  # a skipped job means a failed one

@@ -64,8 +64,10 @@ if __name__ == "__main__":
     config.eta = 0.0
     base_mean, base_nearest = divergence_stats(policy, states)
     taus = [float(np.quantile(base_nearest.numpy(), q)) for q in args.tau_quantiles]
-    print(f"unperturbed: mean pairwise divergence {base_mean:.3f}; nearest divergence d_i quantiles "
-          + ", ".join(f"q{q:.2f}={t:.3f}" for q, t in zip(args.tau_quantiles, taus)))
+    print(
+        f"unperturbed: mean pairwise divergence {base_mean:.3f}; nearest divergence d_i quantiles "
+        + ", ".join(f"q{q:.2f}={t:.3f}" for q, t in zip(args.tau_quantiles, taus))
+    )
 
     settings = [(taus[0], 0.0)] + [(tau, eta) for tau in taus for eta in args.etas]
     print("| tau | eta | mean pairwise div | mean score | best | worst | scores per sub-policy |")
@@ -73,11 +75,19 @@ if __name__ == "__main__":
     for tau, eta in settings:
         config.tau, config.eta = tau, eta
         mean_divergence, _ = divergence_stats(policy, states)
-        result = evaluate_sub_policies(policy, checkpoint["env_id"], args.episodes, seed=args.seed * 1000,
-                                       ref_min_score=checkpoint["ref_min_score"],
-                                       ref_max_score=checkpoint["ref_max_score"],
-                                       max_episode_steps=checkpoint["max_episode_steps"])
+        result = evaluate_sub_policies(
+            policy,
+            checkpoint["env_id"],
+            args.episodes,
+            seed=args.seed * 1000,
+            ref_min_score=checkpoint["ref_min_score"],
+            ref_max_score=checkpoint["ref_max_score"],
+            max_episode_steps=checkpoint["max_episode_steps"],
+        )
         scores = result["scores"].mean(1)
         tau_text = f"{tau:.3f}" if eta > 0 else "-"
-        print(f"| {tau_text} | {eta} | {mean_divergence:.3f} | {scores.mean():.1f} | {scores.max():.1f} | "
-              f"{scores.min():.1f} | {' '.join(f'{s:.0f}' for s in scores)} |", flush=True)
+        print(
+            f"| {tau_text} | {eta} | {mean_divergence:.3f} | {scores.mean():.1f} | {scores.max():.1f} | "
+            f"{scores.min():.1f} | {' '.join(f'{s:.0f}' for s in scores)} |",
+            flush=True,
+        )

@@ -38,9 +38,16 @@ def random_episode_buffers(num_episodes: int, seed: int = 0):
             truncations.append(truncated)
             if terminated or truncated:
                 break
-        buffers.append(EpisodeBuffer(id=episode, observations=np.array(observations),
-                                     actions=np.array(actions), rewards=rewards,
-                                     terminations=terminations, truncations=truncations))
+        buffers.append(
+            EpisodeBuffer(
+                id=episode,
+                observations=np.array(observations),
+                actions=np.array(actions),
+                rewards=rewards,
+                terminations=terminations,
+                truncations=truncations,
+            )
+        )
     return buffers, env
 
 
@@ -54,10 +61,18 @@ def minari_path(tmp_path_factory):
     os.environ["MINARI_DATASETS_PATH"] = str(path)
     buffers, env = random_episode_buffers(60)
     minari.create_dataset_from_buffers(
-        TINY_DATASET_ID, buffers, env=env, algorithm_name="random policy (tests)", author="UEPO tests",
-        author_email="none", code_permalink="tests/conftest.py", eval_env=env.spec,
+        TINY_DATASET_ID,
+        buffers,
+        env=env,
+        algorithm_name="random policy (tests)",
+        author="UEPO tests",
+        author_email="none",
+        code_permalink="tests/conftest.py",
+        eval_env=env.spec,
         description="Tiny random-policy Hopper-v5 dataset made by the tests.",
-        ref_min_score=HOPPER_REF_MIN, ref_max_score=HOPPER_REF_MAX)
+        ref_min_score=HOPPER_REF_MIN,
+        ref_max_score=HOPPER_REF_MAX,
+    )
     yield str(path)
     if previous is None:
         os.environ.pop("MINARI_DATASETS_PATH", None)
@@ -80,8 +95,9 @@ def offline_checkpoint(minari_path, tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("offline_for_online")
     path = folder / "offline.pt"
-    result = run_offline(TINY_POLICY + TINY_MODEL + ["--num-qualified", "1", "--checkpoint-path", str(path)],
-                         minari_path, folder)
+    result = run_offline(
+        TINY_POLICY + TINY_MODEL + ["--num-qualified", "1", "--checkpoint-path", str(path)], minari_path, folder
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return path
 
@@ -94,5 +110,17 @@ def online_run(offline_checkpoint, tmp_path_factory):
     folder = tmp_path_factory.mktemp("online")
     path = folder / "online.pt"
     # --env-id as a Gymnasium id: the tiny dataset is no D4RL dataset (`hopper-medium` would be refused).
-    return run_online(["--checkpoint", str(offline_checkpoint), "--env-id", "Hopper-v5",
-                       "--checkpoint-path", str(path), "--target-kl", "None"] + TINY_ONLINE, folder), path
+    return run_online(
+        [
+            "--checkpoint",
+            str(offline_checkpoint),
+            "--env-id",
+            "Hopper-v5",
+            "--checkpoint-path",
+            str(path),
+            "--target-kl",
+            "None",
+        ]
+        + TINY_ONLINE,
+        folder,
+    ), path

@@ -7,26 +7,49 @@ import shlex
 import subprocess
 import sys
 
+from test_offline import TINY_MODEL, TINY_POLICY
+
 from conftest import ROOT, TINY_DATASET_ID
 from eval import load_checkpoint
-from test_offline import TINY_MODEL, TINY_POLICY
 
 
 def run_benchmark(arguments, cwd, minari_path=None, timeout=300):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     if minari_path is not None:
         env["MINARI_DATASETS_PATH"] = minari_path
-    return subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "benchmark.py"), *arguments],
-                          cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "benchmark.py"), *arguments],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def test_dry_run_lists_the_jobs_with_their_dependencies(tmp_path):
     """--dry-run prints one command per job, dependencies added and placed before their dependants,
     each with --exp-name <method>, the extra flags and the method's flags last (they win); it runs nothing."""
-    result = run_benchmark(["--dry-run", "--methods", "uepo-online", "diffusion-bc", "--seeds", "1", "2",
-                            "--env-ids", "hopper-medium", "walker2d-medium", "--runs-dir", "out",
-                            "--extra-offline-flags=--total-steps 30 --n-subpolicies 4",
-                            "--extra-online-flags=--total-timesteps 300"], tmp_path, timeout=60)
+    result = run_benchmark(
+        [
+            "--dry-run",
+            "--methods",
+            "uepo-online",
+            "diffusion-bc",
+            "--seeds",
+            "1",
+            "2",
+            "--env-ids",
+            "hopper-medium",
+            "walker2d-medium",
+            "--runs-dir",
+            "out",
+            "--extra-offline-flags=--total-steps 30 --n-subpolicies 4",
+            "--extra-online-flags=--total-timesteps 300",
+        ],
+        tmp_path,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert not (tmp_path / "out").exists()
     jobs = []  # (dataset, seed, method, command, the job it runs after)
@@ -47,21 +70,33 @@ def test_dry_run_lists_the_jobs_with_their_dependencies(tmp_path):
         if method == "uepo-online":
             assert script == "uepo_online.py" and after == f"{dataset}__uepo__{seed}"
             assert words[words.index("--checkpoint") + 1] == os.path.join(
-                str(tmp_path), "out", "runs", f"{dataset}__uepo__{seed}__*", "offline.pt")
+                str(tmp_path), "out", "runs", f"{dataset}__uepo__{seed}__*", "offline.pt"
+            )
             assert "--total-timesteps 300" in shlex.join(words) and "--total-steps" not in words
             continue
         assert script == "uepo_offline.py" and "--total-steps 30" in shlex.join(words)
         assert "--total-timesteps" not in words
         if method == "uepo":
             assert after == f"{dataset}__uepo-no-improvement__{seed}"
-            assert words[-2:] == ["--init-checkpoint", os.path.join(
-                str(tmp_path), "out", "runs", f"{dataset}__uepo-no-improvement__{seed}__*", "offline.pt")]
+            assert words[-2:] == [
+                "--init-checkpoint",
+                os.path.join(str(tmp_path), "out", "runs", f"{dataset}__uepo-no-improvement__{seed}__*", "offline.pt"),
+            ]
         else:
             assert after == "" and "--init-checkpoint" not in words
         if method == "diffusion-bc":
             # The extra --n-subpolicies 4 comes first; the method's --n-subpolicies 1 is the last one, so it counts.
-            assert words[-9:] == ["--no-ope", "--num-qualified", "0", "--n-subpolicies", "1", "--eta", "0",
-                                  "--kl-coef", "0"]
+            assert words[-9:] == [
+                "--no-ope",
+                "--num-qualified",
+                "0",
+                "--n-subpolicies",
+                "1",
+                "--eta",
+                "0",
+                "--kl-coef",
+                "0",
+            ]
     assert {method for _, _, method, _, _ in jobs} == {"diffusion-bc", "uepo-no-improvement", "uepo", "uepo-online"}
 
 
@@ -70,8 +105,21 @@ def test_tiny_benchmark_runs_the_improvement_from_its_dependency_and_reports(min
     run's checkpoint; both land in <runs-dir>/runs/ named as the scripts name them, with a log per
     job, and the report ends the benchmark with the uepo column."""
     flags = shlex.join(TINY_POLICY + TINY_MODEL)  # TINY_POLICY carries --dataset-id
-    result = run_benchmark(["--methods", "uepo", "--seeds", "1", "--workers", "2", "--runs-dir", "bench",
-                            f"--extra-offline-flags={flags}"], tmp_path, minari_path)
+    result = run_benchmark(
+        [
+            "--methods",
+            "uepo",
+            "--seeds",
+            "1",
+            "--workers",
+            "2",
+            "--runs-dir",
+            "bench",
+            f"--extra-offline-flags={flags}",
+        ],
+        tmp_path,
+        minari_path,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     runs = tmp_path / "bench" / "runs"
     prefix = TINY_DATASET_ID.replace("/", "-")
@@ -92,23 +140,32 @@ def test_tiny_benchmark_runs_the_improvement_from_its_dependency_and_reports(min
 def test_failed_job_skips_its_dependants_and_exits_non_zero(minari_path, tmp_path):
     """A job that fails (here refused by uepo_offline.py's own check) skips the job that starts from
     it; no report is made and the benchmark exits non-zero."""
-    result = run_benchmark(["--methods", "uepo", "--seeds", "1", "--runs-dir", "bench",
-                            "--extra-offline-flags=--total-steps 0"], tmp_path, minari_path)
+    result = run_benchmark(
+        ["--methods", "uepo", "--seeds", "1", "--runs-dir", "bench", "--extra-offline-flags=--total-steps 0"],
+        tmp_path,
+        minari_path,
+    )
     assert result.returncode == 1
     assert "skip   hopper-medium__uepo__1 (hopper-medium__uepo-no-improvement__1 did not finish)" in result.stdout
     assert "0 done, 1 failed, 1 skipped" in result.stdout
-    assert "--total-steps must be >= 1" in (tmp_path / "bench" / "logs" /
-                                           "hopper-medium__uepo-no-improvement__1.log").read_text()
+    assert (
+        "--total-steps must be >= 1"
+        in (tmp_path / "bench" / "logs" / "hopper-medium__uepo-no-improvement__1.log").read_text()
+    )
     assert not (tmp_path / "bench" / "runs" / "report.md").exists()
 
 
 def test_bad_arguments_are_refused_before_any_work(tmp_path):
     """--workers 0 and an unknown method exit with code 2 and a one-line message (the valid methods
     listed), no traceback, and nothing written."""
-    for arguments, message in ((["--workers", "0"], "--workers must be >= 1, got 0"),
-                               (["--methods", "uepo", "ppo"], "unknown method ppo; valid methods: diffusion-bc, "
-                                                              "uepo-no-improvement, uepo, uepo-online"),
-                               (["--seeds"], "--seeds needs at least one value")):
+    for arguments, message in (
+        (["--workers", "0"], "--workers must be >= 1, got 0"),
+        (
+            ["--methods", "uepo", "ppo"],
+            "unknown method ppo; valid methods: diffusion-bc, uepo-no-improvement, uepo, uepo-online",
+        ),
+        (["--seeds"], "--seeds needs at least one value"),
+    ):
         result = run_benchmark(arguments + ["--runs-dir", "bench"], tmp_path, timeout=60)
         assert result.returncode == 2, arguments
         assert result.stderr.strip() == f"error: {message}"

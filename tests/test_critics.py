@@ -5,8 +5,18 @@ import copy
 import pytest
 import torch
 
-from dynamics import (ChunkCritics, EnsembleDynamics, am_q_ope, chunk_td_target, diffusion_augmentation,
-                      disagreement_threshold, expectile_loss, iql_losses, mixed_batch, soft_update)
+from dynamics import (
+    ChunkCritics,
+    EnsembleDynamics,
+    am_q_ope,
+    chunk_td_target,
+    diffusion_augmentation,
+    disagreement_threshold,
+    expectile_loss,
+    iql_losses,
+    mixed_batch,
+    soft_update,
+)
 
 
 def test_expectile_loss_matches_its_definition_on_a_hand_made_example():
@@ -38,10 +48,14 @@ def test_expectile_regression_finds_the_upper_expectile():
 def test_td_target_bootstraps_through_truncation_but_not_termination():
     """R + gamma^L (1 - done) V(s'): a terminated chunk's target is R alone; a chunk cut short
     by the episode's end (L = 2) discounts V by gamma^2, a whole one by gamma^4."""
-    target = chunk_td_target(rewards=torch.tensor([1.0, 2.0, 3.0]), dones=torch.tensor([0.0, 1.0, 0.0]),
-                             chunk_lengths=torch.tensor([4.0, 4.0, 2.0]),
-                             next_values=torch.tensor([10.0, 10.0, 10.0]), gamma=0.9)
-    torch.testing.assert_close(target, torch.tensor([1.0 + 0.9 ** 4 * 10, 2.0, 3.0 + 0.9 ** 2 * 10]))
+    target = chunk_td_target(
+        rewards=torch.tensor([1.0, 2.0, 3.0]),
+        dones=torch.tensor([0.0, 1.0, 0.0]),
+        chunk_lengths=torch.tensor([4.0, 4.0, 2.0]),
+        next_values=torch.tensor([10.0, 10.0, 10.0]),
+        gamma=0.9,
+    )
+    torch.testing.assert_close(target, torch.tensor([1.0 + 0.9**4 * 10, 2.0, 3.0 + 0.9**2 * 10]))
 
 
 def test_iql_losses_fall_on_a_fixed_batch():
@@ -50,9 +64,14 @@ def test_iql_losses_fall_on_a_fixed_batch():
     torch.manual_seed(0)
     critics = ChunkCritics(obs_dim=3, act_dim=2, horizon=4, hidden=32, layers=2)
     target_critics = copy.deepcopy(critics)
-    batch = dict(states=torch.randn(64, 3), chunks=torch.rand(64, 4, 2) * 2 - 1, rewards=torch.randn(64),
-                 next_states=torch.randn(64, 3), dones=(torch.rand(64) < 0.1).float(),
-                 chunk_lengths=torch.full((64,), 4.0))
+    batch = dict(
+        states=torch.randn(64, 3),
+        chunks=torch.rand(64, 4, 2) * 2 - 1,
+        rewards=torch.randn(64),
+        next_states=torch.randn(64, 3),
+        dones=(torch.rand(64) < 0.1).float(),
+        chunk_lengths=torch.full((64,), 4.0),
+    )
     optimizer = torch.optim.Adam(critics.parameters(), lr=1e-3)
     first = iql_losses(critics, target_critics, gamma=0.99, expectile=0.7, **batch)
     for _ in range(200):
@@ -127,7 +146,7 @@ def test_am_q_ranks_a_good_policy_above_a_bad_one_on_a_toy_linear_system(fitted_
     """With a model fitted to s' = s + 0.2a, AM-Q scores steering to the goal above steering away."""
     model = fitted_toy_model
     torch.manual_seed(0)
-    start = (torch.rand(64, 1, 2) * 2 - 1)
+    start = torch.rand(64, 1, 2) * 2 - 1
     never = lambda next_states: torch.zeros(len(next_states), dtype=torch.bool)
     generator = torch.Generator().manual_seed(0)
     good = am_q_ope(toward_origin, toy_chunk_return, model, never, start, num_steps=10, generator=generator)
@@ -138,7 +157,7 @@ def test_am_q_ranks_a_good_policy_above_a_bad_one_on_a_toy_linear_system(fitted_
 def test_am_q_stops_counting_at_a_predicted_termination(fitted_toy_model):
     """If every first step terminates, AM-Q is the mean Q of the start states' chunks alone."""
     model = fitted_toy_model
-    start = (torch.rand(32, 1, 2) * 2 - 1)
+    start = torch.rand(32, 1, 2) * 2 - 1
     always = lambda next_states: torch.ones(len(next_states), dtype=torch.bool)
     score = am_q_ope(away_from_origin, toy_chunk_return, model, always, start, num_steps=10)
     expected = toy_chunk_return(start[:, -1], away_from_origin(start)).mean()
@@ -161,8 +180,9 @@ def test_augmentation_keeps_each_trajectory_until_its_first_step_at_or_above_eps
     exactly its steps at 0, 1, 2 and nothing after, whatever the horizon allows."""
     start = torch.zeros(5, 1, 2)
     never = lambda next_states: torch.zeros(len(next_states), dtype=torch.bool)
-    out = diffusion_augmentation(away_from_origin, CountingModel(), never, start, num_steps=10, epsilon=2.5,
-                                 max_transitions=1000)
+    out = diffusion_augmentation(
+        away_from_origin, CountingModel(), never, start, num_steps=10, epsilon=2.5, max_transitions=1000
+    )
     assert len(out["states"]) == 5 * 3
     assert sorted(out["states"][:, 0].tolist()) == [0.0] * 5 + [1.0] * 5 + [2.0] * 5
     torch.testing.assert_close(out["next_states"], out["states"] + 1)
@@ -173,14 +193,17 @@ def test_augmentation_never_exceeds_its_budget_and_stops_at_terminations():
     start = torch.zeros(5, 1, 2)
     never = lambda next_states: torch.zeros(len(next_states), dtype=torch.bool)
     always = lambda next_states: torch.ones(len(next_states), dtype=torch.bool)
-    unlimited = diffusion_augmentation(away_from_origin, CountingModel(), never, start, num_steps=8,
-                                       epsilon=float("inf"), max_transitions=10_000)
+    unlimited = diffusion_augmentation(
+        away_from_origin, CountingModel(), never, start, num_steps=8, epsilon=float("inf"), max_transitions=10_000
+    )
     assert len(unlimited["states"]) == 5 * 8
-    capped = diffusion_augmentation(away_from_origin, CountingModel(), never, start, num_steps=8,
-                                    epsilon=float("inf"), max_transitions=13)
+    capped = diffusion_augmentation(
+        away_from_origin, CountingModel(), never, start, num_steps=8, epsilon=float("inf"), max_transitions=13
+    )
     assert len(capped["states"]) == 13
-    terminal = diffusion_augmentation(away_from_origin, CountingModel(), always, start, num_steps=8,
-                                      epsilon=float("inf"), max_transitions=10_000)
+    terminal = diffusion_augmentation(
+        away_from_origin, CountingModel(), always, start, num_steps=8, epsilon=float("inf"), max_transitions=10_000
+    )
     assert len(terminal["states"]) == 5
 
 
@@ -194,8 +217,16 @@ def test_augmentation_filter_on_a_fitted_model_keeps_only_low_disagreement_steps
     start = torch.rand(64, 1, 2) * 4 - 2
     never = lambda next_states: torch.zeros(len(next_states), dtype=torch.bool)
     generator = torch.Generator().manual_seed(0)
-    out = diffusion_augmentation(away_from_origin, model, never, start, num_steps=10, epsilon=epsilon,
-                                 max_transitions=10_000, generator=generator)
+    out = diffusion_augmentation(
+        away_from_origin,
+        model,
+        never,
+        start,
+        num_steps=10,
+        epsilon=epsilon,
+        max_transitions=10_000,
+        generator=generator,
+    )
     assert 0 < len(out["states"]) < 64 * 10
     assert (model.disagreement(out["states"], out["actions"]) < epsilon).all()
 
@@ -231,17 +262,33 @@ def test_penalized_am_q_subtracts_the_discounted_uncertainty_to_go():
     never = lambda next_states: torch.zeros(len(next_states), dtype=torch.bool)
     zero_q = lambda states, chunks: torch.zeros(len(states))
     gamma, penalty = 0.9, 2.0
-    score = am_q_ope(away_from_origin, zero_q, ConstantUncertaintyModel(), never, start, num_steps=6,
-                     uncertainty_penalty=penalty, gamma=gamma)
-    discounted = lambda n: sum(gamma ** t for t in range(n))
+    score = am_q_ope(
+        away_from_origin,
+        zero_q,
+        ConstantUncertaintyModel(),
+        never,
+        start,
+        num_steps=6,
+        uncertainty_penalty=penalty,
+        gamma=gamma,
+    )
+    discounted = lambda n: sum(gamma**t for t in range(n))
     expected = -penalty * 0.5 * (discounted(6) + discounted(4) + discounted(2)) / 3
     assert score.item() == pytest.approx(expected, rel=1e-6)
     plain = am_q_ope(away_from_origin, zero_q, ConstantUncertaintyModel(), never, start, num_steps=6)
     assert plain.item() == 0.0
     # A termination at the first step: only the first chunk counts, with one step of penalty.
     always = lambda next_states: torch.ones(len(next_states), dtype=torch.bool)
-    score = am_q_ope(away_from_origin, zero_q, ConstantUncertaintyModel(), always, start, num_steps=6,
-                     uncertainty_penalty=penalty, gamma=gamma)
+    score = am_q_ope(
+        away_from_origin,
+        zero_q,
+        ConstantUncertaintyModel(),
+        always,
+        start,
+        num_steps=6,
+        uncertainty_penalty=penalty,
+        gamma=gamma,
+    )
     assert score.item() == pytest.approx(-penalty * 0.5, rel=1e-6)
 
 
@@ -254,9 +301,19 @@ def test_penalty_costs_more_for_a_policy_that_leaves_the_data(fitted_toy_model):
     never = lambda next_states: torch.zeros(len(next_states), dtype=torch.bool)
 
     def penalty_of(policy):
-        scores = [am_q_ope(policy, toy_chunk_return, model, never, start, num_steps=40,
-                           generator=torch.Generator().manual_seed(0), uncertainty_penalty=penalty)
-                  for penalty in (0.0, 1.0)]
+        scores = [
+            am_q_ope(
+                policy,
+                toy_chunk_return,
+                model,
+                never,
+                start,
+                num_steps=40,
+                generator=torch.Generator().manual_seed(0),
+                uncertainty_penalty=penalty,
+            )
+            for penalty in (0.0, 1.0)
+        ]
         return (scores[0] - scores[1]).item()
 
     assert penalty_of(away_from_origin) > 1.5 * penalty_of(toward_origin) > 0

@@ -4,14 +4,19 @@ fixed seeds, checkpoints, adaptive perturbation) and a toy two-mode fit (docs/de
 import io
 import math
 
-
 import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 
-from diffusion import (DiffusionPolicy, MLPDenoiser, PolicyConfig, UNetTransformerDenoiser,
-                       cosine_alpha_bars, ddim_timesteps)
+from diffusion import (
+    DiffusionPolicy,
+    MLPDenoiser,
+    PolicyConfig,
+    UNetTransformerDenoiser,
+    cosine_alpha_bars,
+    ddim_timesteps,
+)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -26,14 +31,31 @@ def single_thread():
 def make_policy(obs_dim=3, act_dim=2, seed=0, **overrides):
     """A small policy with non-trivial state statistics and action bounds."""
     torch.manual_seed(seed)
-    kwargs = dict(obs_dim=obs_dim, act_dim=act_dim, horizon=4, obs_horizon=2, denoiser="mlp",
-                  mlp_hidden=64, unet_dims=(16, 32), diffusion_steps=20, ddim_steps=5,
-                  n_subpolicies=4, noise_seed=0, tau=0.1, eta=0.1, min_std=0.1)
+    kwargs = dict(
+        obs_dim=obs_dim,
+        act_dim=act_dim,
+        horizon=4,
+        obs_horizon=2,
+        denoiser="mlp",
+        mlp_hidden=64,
+        unet_dims=(16, 32),
+        diffusion_steps=20,
+        ddim_steps=5,
+        n_subpolicies=4,
+        noise_seed=0,
+        tau=0.1,
+        eta=0.1,
+        min_std=0.1,
+    )
     kwargs.update(overrides)
     config = PolicyConfig(**kwargs)
-    return DiffusionPolicy(config, state_mean=0.5 * np.ones(obs_dim),
-                           state_std=2.0 * np.ones(obs_dim),
-                           action_low=-2.0 * np.ones(act_dim), action_high=np.linspace(1, 3, act_dim))
+    return DiffusionPolicy(
+        config,
+        state_mean=0.5 * np.ones(obs_dim),
+        state_std=2.0 * np.ones(obs_dim),
+        action_low=-2.0 * np.ones(act_dim),
+        action_high=np.linspace(1, 3, act_dim),
+    )
 
 
 def random_states(policy, batch, seed=1):
@@ -66,8 +88,7 @@ def test_cosine_alpha_bars_last_step_clipped():
     assert abar[-1].item() == pytest.approx(1e-3 * abar[-2].item(), rel=1e-4)
 
 
-@pytest.mark.parametrize("train_steps,sample_steps", [(20, 5), (20, 2), (20, 20), (100, 7),
-                                                      (1000, 50), (7, 6)])
+@pytest.mark.parametrize("train_steps,sample_steps", [(20, 5), (20, 2), (20, 20), (100, 7), (1000, 50), (7, 6)])
 def test_ddim_timesteps(train_steps, sample_steps):
     """DDIM steps descend strictly from K-1 to 0 with the requested count."""
     steps = ddim_timesteps(train_steps, sample_steps)
@@ -109,8 +130,7 @@ def test_mlp_denoiser_shape(horizon, obs_horizon):
 def test_unet_denoiser_shape(dims, horizon, obs_horizon):
     """UNetTransformerDenoiser maps (B, H, A) to (B, H, A) for odd/even/unit horizons."""
     torch.manual_seed(0)
-    net = UNetTransformerDenoiser(obs_dim=3, act_dim=2, horizon=horizon, obs_horizon=obs_horizon,
-                                  dims=dims)
+    net = UNetTransformerDenoiser(obs_dim=3, act_dim=2, horizon=horizon, obs_horizon=obs_horizon, dims=dims)
     x = torch.randn(5, horizon, 2)
     out = net(x, torch.randint(0, 20, (5,)), torch.randn(5, obs_horizon, 3))
     assert out.shape == x.shape
@@ -201,8 +221,7 @@ def test_perturbation_with_oracle_is_eta_times_seed_noise():
             mean = policy._step_mean(x, i, states)
         x0 = (target + eta * policy.perturbation_noise[:, i]).clamp(-1, 1)
         abar = policy.alpha_bars[k]
-        abar_prev = (policy.alpha_bars[policy.timesteps[i + 1]] if i + 1 < len(policy.timesteps)
-                     else torch.tensor(1.0))
+        abar_prev = policy.alpha_bars[policy.timesteps[i + 1]] if i + 1 < len(policy.timesteps) else torch.tensor(1.0)
         eps = (x - abar.sqrt() * x0) / (1 - abar).sqrt()  # the noise implied by the moved x0
         expected = abar_prev.sqrt() * x0 + (1 - abar_prev).sqrt() * eps
         torch.testing.assert_close(mean, expected, atol=1e-4, rtol=1e-4)
@@ -320,16 +339,14 @@ def test_scale_unscale_inverse_and_act():
     torch.testing.assert_close(policy.scale_actions(high), torch.ones(2))
     torch.manual_seed(5)
     env_actions = low + torch.rand(10, 4, 2) * (high - low)
-    torch.testing.assert_close(policy.unscale_actions(policy.scale_actions(env_actions)),
-                               env_actions)
+    torch.testing.assert_close(policy.unscale_actions(policy.scale_actions(env_actions)), env_actions)
     unit = torch.rand(10, 4, 2) * 2 - 1
     torch.testing.assert_close(policy.scale_actions(policy.unscale_actions(unit)), unit)
     raw = random_states(policy, 3).numpy() * 3 + 1
     acted = policy.act(raw)
     assert isinstance(acted, np.ndarray) and acted.shape == (3, 4, 4, 2)
     with torch.no_grad():
-        expected = policy.unscale_actions(
-            policy.sample(policy.normalize_states(torch.as_tensor(raw))).actions)
+        expected = policy.unscale_actions(policy.sample(policy.normalize_states(torch.as_tensor(raw))).actions)
     np.testing.assert_allclose(acted, expected.numpy(), atol=1e-6)
     assert (acted >= low.numpy() - 1e-6).all() and (acted <= high.numpy() + 1e-6).all()
 
@@ -368,9 +385,19 @@ def two_mode_batch(batch, generator):
 def two_mode_fit():
     """An MLP diffusion policy (8 seeds, eta 0) and an MSE regressor trained on the two-mode data."""
     torch.manual_seed(0)
-    config = PolicyConfig(obs_dim=2, act_dim=ACT_DIM, horizon=HORIZON, obs_horizon=1,
-                          denoiser="mlp", mlp_hidden=128, diffusion_steps=20, ddim_steps=20,
-                          n_subpolicies=8, noise_seed=0, eta=0.0)
+    config = PolicyConfig(
+        obs_dim=2,
+        act_dim=ACT_DIM,
+        horizon=HORIZON,
+        obs_horizon=1,
+        denoiser="mlp",
+        mlp_hidden=128,
+        diffusion_steps=20,
+        ddim_steps=20,
+        n_subpolicies=8,
+        noise_seed=0,
+        eta=0.0,
+    )
     policy = DiffusionPolicy(config, np.zeros(2), np.ones(2), -np.ones(ACT_DIM), np.ones(ACT_DIM))
     steps, batch = 2000, 256
     optimizer = torch.optim.Adam(policy.parameters(), lr=2e-3)
@@ -387,8 +414,9 @@ def two_mode_fit():
         schedule.step()
         losses.append(loss.item())
 
-    regressor = nn.Sequential(nn.Linear(2, 64), nn.Mish(), nn.Linear(64, 64), nn.Mish(),
-                              nn.Linear(64, HORIZON * ACT_DIM))
+    regressor = nn.Sequential(
+        nn.Linear(2, 64), nn.Mish(), nn.Linear(64, 64), nn.Mish(), nn.Linear(64, HORIZON * ACT_DIM)
+    )
     optimizer = torch.optim.Adam(regressor.parameters(), lr=2e-3)
     for _ in range(500):
         states, chunks = two_mode_batch(batch, generator)
@@ -419,7 +447,8 @@ def side_of_boundary(seeds):
 
 
 def test_subpolicies_reach_modes_where_mse_averages(two_mode_fit):
-    """Each fixed-seed sub-policy outputs the mode on its seed's side, both are reached; MSE regression averages them."""
+    """Each fixed-seed sub-policy outputs the mode on its seed's side, both are reached; MSE
+    regression averages them."""
     policy, states = two_mode_fit["policy"], two_mode_fit["states"]
     with torch.no_grad():
         actions = policy.sample(states).actions  # (B, 8, H, A)

@@ -1,21 +1,29 @@
 """Tests of divergence.py: kinematic divergence, adaptive perturbation, Gaussian KL / log-prob and
 the sub-policy objective (docs/design.md, "Divergence regularization")."""
 
-
-
 import pytest
 import torch
 from torch.distributions import Independent, Normal, kl_divergence
 
-from divergence import (acceleration, adaptive_perturbation_std, gaussian_kl, gaussian_log_prob,
-                        kinematic_divergence, mean_pairwise_divergence, nearest_divergence,
-                        own_sequence_repulsion, pairwise_divergence, subpolicy_objective, velocity)
+from divergence import (
+    acceleration,
+    adaptive_perturbation_std,
+    gaussian_kl,
+    gaussian_log_prob,
+    kinematic_divergence,
+    mean_pairwise_divergence,
+    nearest_divergence,
+    own_sequence_repulsion,
+    pairwise_divergence,
+    subpolicy_objective,
+    velocity,
+)
 
 
 def ramp(horizon, slope, curvature=0.0, act_dim=2, offset=0.0):
     """Chunk (H, A) with a_t = offset + slope * t + curvature * t^2 in every action dimension."""
     t = torch.arange(horizon, dtype=torch.float64)[:, None]
-    return (offset + slope * t + curvature * t ** 2).expand(horizon, act_dim).clone()
+    return (offset + slope * t + curvature * t**2).expand(horizon, act_dim).clone()
 
 
 # ---- kinematic divergence ---------------------------------------------------------------------
@@ -73,11 +81,12 @@ def test_velocity_term_grows_with_slope_gap():
     horizon, act_dim = 6, 2
     base = ramp(horizon, 0.1, curvature=0.05, act_dim=act_dim)
     gaps = [0.0, 0.05, 0.1, 0.3]
-    values = [kinematic_divergence(base, ramp(horizon, 0.1 + g, curvature=0.05,
-                                                act_dim=act_dim, offset=0.7)).item()
-              for g in gaps]
+    values = [
+        kinematic_divergence(base, ramp(horizon, 0.1 + g, curvature=0.05, act_dim=act_dim, offset=0.7)).item()
+        for g in gaps
+    ]
     for g, v in zip(gaps, values):
-        assert v == pytest.approx(g * act_dim ** 0.5, abs=1e-9)
+        assert v == pytest.approx(g * act_dim**0.5, abs=1e-9)
     assert all(x < y for x, y in zip(values, values[1:]))
 
 
@@ -92,8 +101,7 @@ def test_acceleration_term_opposite_curvature_adds_two():
     assert torch.allclose(acceleration(a), -acceleration(b))
     # Same velocity gaps (|2 c t|) but acceleration 3c, aligned with a's +c: only velocity differs.
     b_aligned = ramp(horizon, v0 - 3 * c / 2, curvature=3 * c / 2)
-    assert torch.allclose((velocity(a) - velocity(b)).norm(dim=-1),
-                          (velocity(a) - velocity(b_aligned)).norm(dim=-1))
+    assert torch.allclose((velocity(a) - velocity(b)).norm(dim=-1), (velocity(a) - velocity(b_aligned)).norm(dim=-1))
     opposite = kinematic_divergence(a, b).item()
     aligned = kinematic_divergence(a, b_aligned).item()
     velocity_term = (velocity(a) - velocity(b)).norm(dim=-1).mean().item()
@@ -105,8 +113,8 @@ def test_acceleration_term_opposite_curvature_adds_two():
 def test_orthogonal_accelerations_add_one():
     """Orthogonal accelerations with equal velocities at t=0 give a cosine term of 1 per step."""
     t = torch.arange(3, dtype=torch.float64)
-    a = torch.stack([t ** 2, torch.zeros(3, dtype=torch.float64)], -1)   # acceleration (2, 0)
-    b = torch.stack([torch.zeros(3, dtype=torch.float64), t ** 2], -1)   # acceleration (0, 2)
+    a = torch.stack([t**2, torch.zeros(3, dtype=torch.float64)], -1)  # acceleration (2, 0)
+    b = torch.stack([torch.zeros(3, dtype=torch.float64), t**2], -1)  # acceleration (0, 2)
     velocity_term = (velocity(a) - velocity(b)).norm(dim=-1).mean().item()
     assert kinematic_divergence(a, b).item() == pytest.approx(velocity_term + 1.0, abs=1e-6)
 
@@ -123,8 +131,7 @@ def test_pairwise_divergence_matrix():
     for b in range(2):
         for i in range(5):
             for j in range(5):
-                torch.testing.assert_close(matrix[b, i, j],
-                                           kinematic_divergence(chunks[b, i], chunks[b, j]))
+                torch.testing.assert_close(matrix[b, i, j], kinematic_divergence(chunks[b, i], chunks[b, j]))
 
 
 def test_nearest_divergence_is_off_diagonal_min():
@@ -137,7 +144,7 @@ def test_nearest_divergence_is_off_diagonal_min():
     assert nearest.shape == (3, 6)
     for b in range(3):
         for i in range(6):
-            others = torch.cat([matrix[b, i, :i], matrix[b, i, i + 1:]])
+            others = torch.cat([matrix[b, i, :i], matrix[b, i, i + 1 :]])
             torch.testing.assert_close(nearest[b, i], others.min())
     assert (nearest > 0).all()
     assert torch.equal(nearest[:, 1], matrix[:, 1, 4])
@@ -153,8 +160,7 @@ def test_nearest_divergence_needs_two():
 def test_adaptive_perturbation_std():
     """sigma = 0 for d >= tau, eta at d = 0, strictly increasing as d falls below tau."""
     tau, eta = 0.5, 0.3
-    assert torch.equal(adaptive_perturbation_std(torch.tensor([0.5, 0.7, 10.0]), tau, eta),
-                       torch.zeros(3))
+    assert torch.equal(adaptive_perturbation_std(torch.tensor([0.5, 0.7, 10.0]), tau, eta), torch.zeros(3))
     assert adaptive_perturbation_std(torch.tensor([0.0]), tau, eta).item() == pytest.approx(eta)
     grid = torch.linspace(0.0, tau, 51)[:-1]  # 0 .. just below tau, ascending d
     sigma = adaptive_perturbation_std(grid, tau, eta)
@@ -193,8 +199,9 @@ def test_gaussian_kl_broadcast_scalar_std():
     mean_p, mean_q = torch.randn(3, 4, 2), torch.randn(3, 4, 2)
     std = torch.tensor(0.3)
     ours = gaussian_kl(mean_p, std, mean_q, std, 2)
-    ref = kl_divergence(Independent(Normal(mean_p, std.expand(3, 4, 2)), 2),
-                        Independent(Normal(mean_q, std.expand(3, 4, 2)), 2))
+    ref = kl_divergence(
+        Independent(Normal(mean_p, std.expand(3, 4, 2)), 2), Independent(Normal(mean_q, std.expand(3, 4, 2)), 2)
+    )
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(ours, ((mean_p - mean_q) ** 2).sum((-1, -2)) / (2 * 0.09))
 
@@ -255,8 +262,9 @@ def test_subpolicy_objective_alpha_term_nonpositive():
     # One sub-policy equal to every data sequence is always the best: its alpha term is exactly 0.
     sub2 = sub.detach().clone()
     sub2[:, 0] = data
-    gap = (subpolicy_objective(sub2, data, mask, alpha=0.3, std=0.5)
-           - subpolicy_objective(sub2, data, mask, alpha=0.0, std=0.5))
+    gap = subpolicy_objective(sub2, data, mask, alpha=0.3, std=0.5) - subpolicy_objective(
+        sub2, data, mask, alpha=0.0, std=0.5
+    )
     assert gap[0].abs().item() < 1e-6
     assert (gap[1:] < 0).all()
 
@@ -298,11 +306,13 @@ def test_own_sequence_repulsion_is_the_nearest_half_squared_gap_and_bounded():
     c^2 / (2 std^2) per entry; a third far away does not change the nearest pair's term. The term
     grows as the pair moves apart and stops at the margin, where its gradient is zero."""
     base = torch.zeros(5, 1, 4, 3)
+
     def chunks(c, far=5.0):
         return torch.cat([base, base + c, base + far], dim=1)  # (B, 3, H, A)
+
     small = own_sequence_repulsion(chunks(0.1), std=0.5, margin=100.0)
     larger = own_sequence_repulsion(chunks(0.2), std=0.5, margin=100.0)
-    assert torch.allclose(small[:2], torch.full((2,), 0.1 ** 2 / (2 * 0.25)))
+    assert torch.allclose(small[:2], torch.full((2,), 0.1**2 / (2 * 0.25)))
     assert torch.allclose(small[2], torch.tensor((5.0 - 0.1) ** 2 / (2 * 0.25)))
     assert (larger[:2] > small[:2]).all()
     bounded = own_sequence_repulsion(chunks(0.2), std=0.5, margin=0.01)

@@ -10,8 +10,14 @@ import pytest
 import torch
 from torch.distributions import Independent, Normal, kl_divergence
 
-from dynamics import (MOBILE_WEIGHT_DECAYS, TERMINATION_RULES, EnsembleDynamics, holdout_split,
-                      task_of_env_id, termination_fn)
+from dynamics import (
+    MOBILE_WEIGHT_DECAYS,
+    TERMINATION_RULES,
+    EnsembleDynamics,
+    holdout_split,
+    task_of_env_id,
+    termination_fn,
+)
 
 TRAIN_STEPS = 250
 
@@ -83,11 +89,12 @@ def test_elites_are_the_best_holdout_members(trained, transitions):
     data, _, holdout = transitions
     s, a, s2, r = rows(data, holdout)
     prediction = model.predict(s, a)
-    errors = torch.cat([(prediction.next_states - s2).double(),
-                        (prediction.rewards - r).double().unsqueeze(-1)], dim=-1)
-    mse = (errors ** 2).mean(dim=(1, 2))
+    errors = torch.cat(
+        [(prediction.next_states - s2).double(), (prediction.rewards - r).double().unsqueeze(-1)], dim=-1
+    )
+    mse = (errors**2).mean(dim=(1, 2))
     torch.testing.assert_close(mse, model.holdout_mse(s, a, s2, r).double(), rtol=1e-4, atol=0.0)
-    assert model.elite_indices.tolist() == torch.argsort(mse)[:model.num_elites].tolist()
+    assert model.elite_indices.tolist() == torch.argsort(mse)[: model.num_elites].tolist()
     assert model.num_elites == 5 and model.num_members == 7
 
 
@@ -103,7 +110,7 @@ def test_corrupted_elite_leaves_the_elites(trained, transitions):
             layer.weight[victim] += torch.randn(layer.weight[victim].shape, generator=generator)
     mse = model.select_elites(*rows(data, holdout))
     assert victim not in model.elite_indices.tolist()
-    assert model.elite_indices.tolist() == [m for m in order if m != victim][:model.num_elites]
+    assert model.elite_indices.tolist() == [m for m in order if m != victim][: model.num_elites]
     assert mse[victim] == mse.max()
 
 
@@ -119,10 +126,11 @@ def test_loss_is_gaussian_nll_plus_mobile_regularizers(transitions):
     target = torch.cat([s2 - s, r.unsqueeze(-1)], dim=-1)
     expected_nll = -Normal(mean, torch.exp(0.5 * logvar)).log_prob(target).mean(dim=(1, 2))
     torch.testing.assert_close(model.member_nll(s, a, s2, r), expected_nll)
-    decay = sum(w * 0.5 * (layer.weight ** 2).sum() for w, layer in zip(MOBILE_WEIGHT_DECAYS, model.layers))
+    decay = sum(w * 0.5 * (layer.weight**2).sum() for w, layer in zip(MOBILE_WEIGHT_DECAYS, model.layers))
     bounds = 0.01 * (model.max_logvar.sum() - model.min_logvar.sum())
-    torch.testing.assert_close(model.loss(s, a, s2, r),
-                               expected_nll.mean() + (decay + bounds) / (2 * model.num_members))
+    torch.testing.assert_close(
+        model.loss(s, a, s2, r), expected_nll.mean() + (decay + bounds) / (2 * model.num_members)
+    )
 
 
 def test_logvar_soft_clamp_stays_inside_bounds():
@@ -229,7 +237,7 @@ def test_stochastic_step_samples_the_members_gaussian(trained, transitions):
     mean = torch.cat([p.next_states[member, 0], p.rewards[member, :1]])
     std = torch.cat([p.next_state_std[member, 0], p.reward_std[member, :1]])
     samples = torch.cat([next_states, rewards[:, None]], -1)
-    assert ((samples.mean(0) - mean).abs() < 5 * std / n ** 0.5).all()
+    assert ((samples.mean(0) - mean).abs() < 5 * std / n**0.5).all()
     assert ((samples.std(0) / std - 1).abs() < 0.05).all()
     again, _ = model.sample_step(s, a, torch.Generator().manual_seed(7), members=members)
     assert torch.equal(again, next_states)
@@ -322,8 +330,7 @@ def rollout(env_id: str, scale: float, seed: int, kick: bool = False):
     return np.array(observations), np.array(terminated), np.array(fast)
 
 
-@pytest.mark.parametrize("env_id, min_terminations", [("Hopper-v5", 100), ("Walker2d-v5", 100),
-                                                       ("Ant-v5", 30)])
+@pytest.mark.parametrize("env_id, min_terminations", [("Hopper-v5", 100), ("Walker2d-v5", 100), ("Ant-v5", 30)])
 def test_termination_rule_matches_gymnasium_on_rollouts(env_id, min_terminations):
     """On random and scaled-random rollouts of the real env (ant: also kicked upward and
     downward), the rule on every next observation equals Gymnasium's `terminated`, for numpy
@@ -356,9 +363,11 @@ def test_termination_rule_matches_is_healthy_at_the_bounds(env_id):
     unwrapped = env.unwrapped
     rng = np.random.default_rng(1)
     # (height bounds, a range of random heights, angle bounds, a range of random angles)
-    bounds = {"Hopper-v5": ((0.7,), (0.4, 1.6), (-0.2, 0.2), (-0.3, 0.3)),
-              "Walker2d-v5": ((0.8, 2.0), (0.5, 2.3), (-1.0, 1.0), (-1.3, 1.3)),
-              "Ant-v5": ((0.2, 1.0), (0.0, 1.3), (), ())}[env_id]
+    bounds = {
+        "Hopper-v5": ((0.7,), (0.4, 1.6), (-0.2, 0.2), (-0.3, 0.3)),
+        "Walker2d-v5": ((0.8, 2.0), (0.5, 2.3), (-1.0, 1.0), (-1.3, 1.3)),
+        "Ant-v5": ((0.2, 1.0), (0.0, 1.3), (), ()),
+    }[env_id]
     z_index = 2 if env_id == "Ant-v5" else 1
     rule = termination_fn(task_of_env_id(env_id))
     checked = {True: 0, False: 0}

@@ -9,18 +9,24 @@ import sys
 import gymnasium as gym
 import numpy as np
 import pytest
+from test_diffusion import make_policy
 from torch.utils.tensorboard import SummaryWriter
 
 from conftest import HOPPER_REF_MAX, HOPPER_REF_MIN, ROOT
 from diffusion import OnlineActor
 from eval import ActionNoise, ObservationNoise, RandomPush, ScaledModel, load_checkpoint, save_checkpoint
-from test_diffusion import make_policy
 
 
 def run_eval(arguments, cwd, extra_env=None):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", **(extra_env or {})}
-    return subprocess.run([sys.executable, os.path.join(ROOT, "eval.py"), *arguments],
-                          cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, os.path.join(ROOT, "eval.py"), *arguments],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 # ---- policy ------------------------------------------------------------------------------------------
@@ -30,8 +36,9 @@ def test_policy_replays_the_recorded_scores_and_measures_the_divergence(offline_
     sits beside it; the divergence matrix is symmetric with a zero diagonal; the deployed row is
     the offline choice."""
     out = tmp_path / "policy.json"
-    result = run_eval(["policy", "--checkpoint", str(offline_checkpoint), "--episodes", "2", "--json", str(out)],
-                      tmp_path)
+    result = run_eval(
+        ["policy", "--checkpoint", str(offline_checkpoint), "--episodes", "2", "--json", str(out)], tmp_path
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "| candidate | normalized score | offline OPE | deployed |" in result.stdout
     report = json.loads(out.read_text())
@@ -54,8 +61,9 @@ def test_policy_replays_the_recorded_scores_and_measures_the_divergence(offline_
 def test_policy_on_an_online_checkpoint_evaluates_the_fine_tuned_actor(online_run, tmp_path):
     _, path = online_run
     out = tmp_path / "policy.json"
-    result = run_eval(["policy", "--checkpoint", str(path), "--episodes", "2", "--no-divergence",
-                       "--json", str(out)], tmp_path)
+    result = run_eval(
+        ["policy", "--checkpoint", str(path), "--episodes", "2", "--no-divergence", "--json", str(out)], tmp_path
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(out.read_text())
     checkpoint = load_checkpoint(str(path))
@@ -69,8 +77,11 @@ def test_policy_on_an_online_checkpoint_evaluates_the_fine_tuned_actor(online_ru
 def test_policy_says_how_to_get_a_missing_dataset_and_refuses_a_bad_sub_policy(offline_checkpoint, tmp_path):
     empty = tmp_path / "no_datasets"
     empty.mkdir()
-    result = run_eval(["policy", "--checkpoint", str(offline_checkpoint), "--episodes", "1"], tmp_path,
-                      {"MINARI_DATASETS_PATH": str(empty)})
+    result = run_eval(
+        ["policy", "--checkpoint", str(offline_checkpoint), "--episodes", "1"],
+        tmp_path,
+        {"MINARI_DATASETS_PATH": str(empty)},
+    )
     assert result.returncode == 2 and "minari download" in result.stderr and "--no-divergence" in result.stderr
     result = run_eval(["policy", "--checkpoint", str(offline_checkpoint), "--sub-policy", "9"], tmp_path)
     assert result.returncode == 2 and "--sub-policy must be in [0, 3]" in result.stderr
@@ -84,9 +95,32 @@ def test_robustness_at_strength_zero_reproduces_the_clean_score(offline_checkpoi
     ignores observation noise; its short falls hardly slide, and end before the push window: those
     wrappers are tested on their own below.)"""
     out = tmp_path / "robustness.json"
-    result = run_eval(["robustness", "--checkpoint", str(offline_checkpoint), "--episodes", "2",
-                       "--observation-noise", "0", "0.5", "--action-noise", "0", "0.5", "--mass", "0", "0.5",
-                       "--friction", "0", "-0.5", "--push", "0", "--json", str(out)], tmp_path)
+    result = run_eval(
+        [
+            "robustness",
+            "--checkpoint",
+            str(offline_checkpoint),
+            "--episodes",
+            "2",
+            "--observation-noise",
+            "0",
+            "0.5",
+            "--action-noise",
+            "0",
+            "0.5",
+            "--mass",
+            "0",
+            "0.5",
+            "--friction",
+            "0",
+            "-0.5",
+            "--push",
+            "0",
+            "--json",
+            str(out),
+        ],
+        tmp_path,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "| perturbation | strength | normalized score | drop from clean |" in result.stdout
     rows = json.loads(out.read_text())["rows"]
@@ -155,7 +189,7 @@ def test_push_applies_a_force_in_its_window_only_and_moves_the_robot():
         forces.append(env.unwrapped.data.xfrc_applied[1, 0])
         positions.append(np.abs(obs - ref_obs).max())
     pushing = np.abs(forces) > 0
-    assert not pushing[:2].any() and pushing[2:2 + env.push_steps].all() and not pushing[2 + env.push_steps:].any()
+    assert not pushing[:2].any() and pushing[2 : 2 + env.push_steps].all() and not pushing[2 + env.push_steps :].any()
     assert np.abs(forces[2]) == pytest.approx(weight, rel=1e-3)
     assert positions[1] == 0 and positions[-1] > 1e-3  # identical until the push, different after
 
@@ -178,15 +212,36 @@ def test_noise_wrappers_draw_their_own_seeded_noise():
 def complete_checkpoint(phase, n_subpolicies=2, **fields):
     """A hand-made checkpoint of this phase with every field `load_checkpoint` requires (a tiny policy
     or actor of n sub-policies, one evaluation), `fields` replacing any of them."""
-    common = {"phase": phase, "args": {"seed": 1, "gamma": 0.99}, "env_id": "Hopper-v5",
-              "dataset_id": "mujoco/hopper/medium-v0", "max_episode_steps": 1000, "ref_min_score": HOPPER_REF_MIN,
-              "ref_max_score": HOPPER_REF_MAX}
+    common = {
+        "phase": phase,
+        "args": {"seed": 1, "gamma": 0.99},
+        "env_id": "Hopper-v5",
+        "dataset_id": "mujoco/hopper/medium-v0",
+        "max_episode_steps": 1000,
+        "ref_min_score": HOPPER_REF_MIN,
+        "ref_max_score": HOPPER_REF_MAX,
+    }
     if phase == "offline":
-        return {**common, "step": 0, "policy": make_policy(n_subpolicies=n_subpolicies).to_checkpoint(),
-                "improved": [], "history": {"step": [0], "scores": [[[0.0]] * n_subpolicies]}, **fields}
+        return {
+            **common,
+            "step": 0,
+            "policy": make_policy(n_subpolicies=n_subpolicies).to_checkpoint(),
+            "improved": [],
+            "history": {"step": [0], "scores": [[[0.0]] * n_subpolicies]},
+            **fields,
+        }
     actor = OnlineActor("noise", make_policy(n_subpolicies=n_subpolicies), 0, 0.3)
-    return {**common, "global_step": 0, "offline_checkpoint": "none", "actor": actor.to_checkpoint(),
-            "sub_policy": 0, "selection": "", "value": {}, "history": {"step": [0], "scores": [[0.0]]}, **fields}
+    return {
+        **common,
+        "global_step": 0,
+        "offline_checkpoint": "none",
+        "actor": actor.to_checkpoint(),
+        "sub_policy": 0,
+        "selection": "",
+        "value": {},
+        "history": {"step": [0], "scores": [[0.0]]},
+        **fields,
+    }
 
 
 def hand_made_run(runs_dir, name, phase, seed, scores, curve, dataset_id="mujoco/hopper/medium-v0", **extra):
@@ -194,8 +249,10 @@ def hand_made_run(runs_dir, name, phase, seed, scores, curve, dataset_id="mujoco
     rest of what `load_checkpoint` requires), and TensorBoard logs with the curve."""
     folder = runs_dir / name
     history = {"step": [step for step, _ in curve], "scores": scores, **extra.pop("history", {})}
-    save_checkpoint(complete_checkpoint(phase, dataset_id=dataset_id, args={"seed": seed, "gamma": 0.99},
-                                        history=history, **extra), str(folder / f"{phase}.pt"))
+    save_checkpoint(
+        complete_checkpoint(phase, dataset_id=dataset_id, args={"seed": seed, "gamma": 0.99}, history=history, **extra),
+        str(folder / f"{phase}.pt"),
+    )
     writer = SummaryWriter(str(folder))
     tag = "charts/normalized_score" if phase == "online" else "charts/normalized_score_mean"
     for step, value in curve:
@@ -208,19 +265,35 @@ def test_report_table_matches_hand_made_runs(tmp_path):
     # Online, hopper-medium: final scores 90 and 100 -> 95.0 +- 7.1 (sample std); walker2d-medium: 60.
     hand_made_run(runs, "hopper-medium__ft__1__1", "online", 1, [[50.0], [80.0, 100.0]], [(0, 50.0), (1000, 90.0)])
     hand_made_run(runs, "hopper-medium__ft__2__1", "online", 2, [[50.0], [90.0, 110.0]], [(0, 60.0), (1010, 100.0)])
-    hand_made_run(runs, "walker2d-medium__ft__1__1", "online", 1, [[60.0]], [(0, 60.0)],
-                  dataset_id="mujoco/walker2d/medium-v0")
+    hand_made_run(
+        runs, "walker2d-medium__ft__1__1", "online", 1, [[60.0]], [(0, 60.0)], dataset_id="mujoco/walker2d/medium-v0"
+    )
     # Offline, hopper-medium only: the improved copy with the best gated OPE (70) counts, not the
     # better-scoring one (90); a run without improvement counts its AM-Q pick (sub-policy 1: 40).
     base_policy = make_policy(n_subpolicies=2).to_checkpoint()
-    hand_made_run(runs, "hopper-medium__off__1__1", "offline", 1, [[[10.0], [20.0]]], [(100, 15.0)],
-                  policy=base_policy,
-                  improved=[{"sub_policy": 0, "operator": "qgrad", "policy": base_policy, "ope_score": 5.0,
-                             "scores": [70.0]},
-                            {"sub_policy": 1, "operator": "qgrad", "policy": base_policy, "ope_score": 4.0,
-                             "scores": [90.0]}])
-    hand_made_run(runs, "hopper-medium__off__2__1", "offline", 2, [[[10.0], [40.0]]], [(100, 25.0)],
-                  policy=base_policy, history={"ope_scores": [[1.0, 2.0]]})
+    hand_made_run(
+        runs,
+        "hopper-medium__off__1__1",
+        "offline",
+        1,
+        [[[10.0], [20.0]]],
+        [(100, 15.0)],
+        policy=base_policy,
+        improved=[
+            {"sub_policy": 0, "operator": "qgrad", "policy": base_policy, "ope_score": 5.0, "scores": [70.0]},
+            {"sub_policy": 1, "operator": "qgrad", "policy": base_policy, "ope_score": 4.0, "scores": [90.0]},
+        ],
+    )
+    hand_made_run(
+        runs,
+        "hopper-medium__off__2__1",
+        "offline",
+        2,
+        [[[10.0], [40.0]]],
+        [(100, 25.0)],
+        policy=base_policy,
+        history={"ope_scores": [[1.0, 2.0]]},
+    )
     result = run_eval(["report", str(runs), "--out", str(tmp_path / "report")], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     report = (tmp_path / "report" / "report.md").read_text()
@@ -228,8 +301,11 @@ def test_report_table_matches_hand_made_runs(tmp_path):
     assert "| hopper-medium | 55.0 +- 21.2 | 95.0 +- 7.1 |" in report
     assert "| walker2d-medium | - | 60.0 +- 0.0 |" in report
     assert "| total | - | 155.0 |" in report
-    for png in ("curves_hopper-medium_online.png", "curves_hopper-medium_offline.png",
-                "curves_walker2d-medium_online.png"):
+    for png in (
+        "curves_hopper-medium_online.png",
+        "curves_hopper-medium_offline.png",
+        "curves_walker2d-medium_online.png",
+    ):
         assert (tmp_path / "report" / png).stat().st_size > 1000
     result = run_eval(["report", str(runs), "--out", str(tmp_path / "ordered"), "--methods", "ft", "off"], tmp_path)
     assert result.returncode == 0 and "| dataset | ft | off |" in (tmp_path / "ordered" / "report.md").read_text()
@@ -242,8 +318,22 @@ def test_report_table_matches_hand_made_runs(tmp_path):
 # ---- speed ------------------------------------------------------------------------------------------------
 def test_speed_prints_every_figure_for_the_diffusion_policy_and_the_reference(tmp_path):
     out = tmp_path / "speed.json"
-    result = run_eval(["speed", "--denoisers", "mlp", "--gradient-steps", "2", "--decisions", "2",
-                       "--online-timesteps", "100", "--json", str(out)], tmp_path)
+    result = run_eval(
+        [
+            "speed",
+            "--denoisers",
+            "mlp",
+            "--gradient-steps",
+            "2",
+            "--decisions",
+            "2",
+            "--online-timesteps",
+            "100",
+            "--json",
+            str(out),
+        ],
+        tmp_path,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     speed = json.loads(out.read_text())
     assert set(speed["policies"]) == {"diffusion (mlp denoiser)", "MLP Gaussian (reference)"}

@@ -6,10 +6,10 @@ import copy
 
 import pytest
 import torch
+from test_diffusion import make_policy, random_states
 
 from diffusion import bppo_loss, qgrad_loss
 from dynamics import BestSnapshot, confident_choice, paired_gain_bound
-from test_diffusion import make_policy, random_states
 
 
 @pytest.fixture(autouse=True)
@@ -48,8 +48,16 @@ def trained_reference(batch):
 
 def bppo_step(policy, reference, states, advantage_fn, seed=0, lr=1e-3):
     optimizer = torch.optim.Adam(policy.parameters(), lr=lr)
-    out = bppo_loss(policy, reference, states, 1, advantage_fn, clip_coef=0.25, kl_coef=0.1,
-                    generator=torch.Generator().manual_seed(seed))
+    out = bppo_loss(
+        policy,
+        reference,
+        states,
+        1,
+        advantage_fn,
+        clip_coef=0.25,
+        kl_coef=0.1,
+        generator=torch.Generator().manual_seed(seed),
+    )
     optimizer.zero_grad()
     out["loss"].backward()
     optimizer.step()
@@ -62,8 +70,16 @@ def test_first_ratio_of_a_fresh_copy_is_one_and_its_kl_zero():
     reference = make_policy()
     improved = copy.deepcopy(reference)
     states = random_states(reference, 32)
-    out = bppo_loss(improved, reference, states, 2, first_action_advantage, clip_coef=0.25, kl_coef=0.1,
-                    generator=torch.Generator().manual_seed(0))
+    out = bppo_loss(
+        improved,
+        reference,
+        states,
+        2,
+        first_action_advantage,
+        clip_coef=0.25,
+        kl_coef=0.1,
+        generator=torch.Generator().manual_seed(0),
+    )
     torch.testing.assert_close(out["ratio"], torch.ones(32), rtol=0, atol=1e-5)
     assert out["kl"].item() == pytest.approx(0.0, abs=1e-8)
 
@@ -90,8 +106,16 @@ def test_bppo_steps_raise_the_likelihood_of_chunks_with_positive_advantage():
     for _ in range(10):
         bppo_step(improved, reference, states, first_action_advantage, seed=0, lr=3e-4)
     with torch.no_grad():
-        out = bppo_loss(improved, reference, states, 1, first_action_advantage, clip_coef=0.25, kl_coef=0.1,
-                        generator=torch.Generator().manual_seed(0))
+        out = bppo_loss(
+            improved,
+            reference,
+            states,
+            1,
+            first_action_advantage,
+            clip_coef=0.25,
+            kl_coef=0.1,
+            generator=torch.Generator().manual_seed(0),
+        )
         # The chunks bppo_loss sampled, reproduced: the reference's chunk + std * the seed-0 noise.
         reference_mean = reference.sample(states).actions[:, 1]
         noise = torch.randn(reference_mean.shape, generator=torch.Generator().manual_seed(0))
@@ -157,8 +181,8 @@ def test_gate_keeps_the_best_by_ope_snapshot_when_a_later_one_scores_lower():
 
 def test_gate_refuses_a_gain_inside_the_ope_noise_and_keeps_a_clear_one():
     """256 start states whose Q spreads with std 10. A candidate that is the kept one plus a paired
-    difference of mean +0.3 and spread 7 per start is refused at confidence 0.9 though its mean is higher; any-gain (confidence 0) would take it. A candidate
-    that is +3 on every start is kept."""
+    difference of mean +0.3 and spread 7 per start is refused at confidence 0.9 though its mean is
+    higher; any-gain (confidence 0) would take it. A candidate that is +3 on every start is kept."""
     generator = torch.Generator().manual_seed(0)
     base = 100 + 10 * torch.randn(256, generator=generator)
     noise = 7 * torch.randn(256, generator=generator)
@@ -178,7 +202,7 @@ def test_paired_gain_bound_is_the_ratio_gain_and_pairs_the_starts():
     start has no spread, so its bound equals the gain, while the same mean gain with unpaired noise
     has a bound below it."""
     kept = rollouts([10.0, 20.0, 30.0, 40.0], counts=[1, 2, 3, 4])  # ratio 100 / 10 = 10
-    new = rollouts([20.0, 40.0, 60.0, 80.0], counts=[1, 2, 3, 4])   # ratio 20
+    new = rollouts([20.0, 40.0, 60.0, 80.0], counts=[1, 2, 3, 4])  # ratio 20
     gain, bound = paired_gain_bound(new, kept, confidence=0.9)
     assert gain == pytest.approx(10.0) and bound == pytest.approx(10.0)
     spread = rollouts([30.0, 20.0, 90.0, 60.0], counts=[1, 2, 3, 4])  # ratio 20 as well

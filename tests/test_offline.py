@@ -11,26 +11,91 @@ import torch
 from conftest import ROOT, TINY_DATASET_ID, TINY_MAX_EPISODE_STEPS
 from diffusion import DiffusionPolicy, PolicyConfig
 from dynamics import ChunkCritics, EnsembleDynamics
-from eval import CheckpointError, deployed_choice, evaluate_sub_policies, load_checkpoint, save_checkpoint, spearman_correlation
-from uepo_offline import (CPU_SECONDS, ENV_IDS, PAPER_SCALE, DatasetError, PhaseClock, check_args, chunk_dataset,
-                          chunk_episode, cost_estimate, load_dataset, minari_ids, parse_args, phase_counts, state_statistics)
+from eval import (
+    CheckpointError,
+    deployed_choice,
+    evaluate_sub_policies,
+    load_checkpoint,
+    save_checkpoint,
+    spearman_correlation,
+)
+from uepo_offline import (
+    CPU_SECONDS,
+    ENV_IDS,
+    PAPER_SCALE,
+    DatasetError,
+    PhaseClock,
+    check_args,
+    chunk_dataset,
+    chunk_episode,
+    cost_estimate,
+    load_dataset,
+    minari_ids,
+    parse_args,
+    phase_counts,
+    state_statistics,
+)
 
 # Small, fast settings for the end-to-end runs: the diffusion policy alone (TINY_RUN), and the
 # whole offline phase with critics, dynamics, augmentation and the gated improvement (FULL_RUN).
-TINY_POLICY = ["--dataset-id", TINY_DATASET_ID, "--denoiser", "mlp", "--mlp-hidden", "64",
-               "--total-steps", "30", "--batch-size", "32", "--kl-every", "5", "--kl-batch-size", "8",
-               "--eval-every", "30", "--eval-episodes", "2", "--log-every", "10", "--n-subpolicies", "4"]
+TINY_POLICY = [
+    "--dataset-id",
+    TINY_DATASET_ID,
+    "--denoiser",
+    "mlp",
+    "--mlp-hidden",
+    "64",
+    "--total-steps",
+    "30",
+    "--batch-size",
+    "32",
+    "--kl-every",
+    "5",
+    "--kl-batch-size",
+    "8",
+    "--eval-every",
+    "30",
+    "--eval-episodes",
+    "2",
+    "--log-every",
+    "10",
+    "--n-subpolicies",
+    "4",
+]
 TINY_RUN = TINY_POLICY + ["--no-ope", "--num-qualified", "0"]
-TINY_MODEL = ["--ope-states", "8", "--ope-horizon", "8", "--dynamics-warmup", "10", "--augment-every", "10",
-              "--augment-starts", "16", "--augment-horizon", "8", "--augment-ratio", "0.02",
-              "--improvement-steps", "6", "--ope-every", "3"]
+TINY_MODEL = [
+    "--ope-states",
+    "8",
+    "--ope-horizon",
+    "8",
+    "--dynamics-warmup",
+    "10",
+    "--augment-every",
+    "10",
+    "--augment-starts",
+    "16",
+    "--augment-horizon",
+    "8",
+    "--augment-ratio",
+    "0.02",
+    "--improvement-steps",
+    "6",
+    "--ope-every",
+    "3",
+]
 FULL_RUN = TINY_POLICY + TINY_MODEL
 
 
 def run_offline(arguments, minari_path, cwd, extra_env=None):
     env = {**os.environ, "MINARI_DATASETS_PATH": minari_path, "HF_HUB_OFFLINE": "1", **(extra_env or {})}
-    return subprocess.run([sys.executable, os.path.join(ROOT, "uepo_offline.py"), *arguments],
-                          cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, os.path.join(ROOT, "uepo_offline.py"), *arguments],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 # ---- data ------------------------------------------------------------------------------------------
@@ -61,8 +126,15 @@ def test_chunk_episode_matches_hand_computed_example():
 def test_truncation_is_not_a_termination():
     """An episode cut by its time limit has no done chunk (values bootstrap through it)."""
     observations = np.zeros((5, 3), np.float32)
-    out = chunk_episode(observations, np.zeros((4, 2), np.float32), np.ones(4, np.float32),
-                        np.zeros(4, bool), horizon=4, obs_horizon=1, gamma=0.99)
+    out = chunk_episode(
+        observations,
+        np.zeros((4, 2), np.float32),
+        np.ones(4, np.float32),
+        np.zeros(4, bool),
+        horizon=4,
+        obs_horizon=1,
+        gamma=0.99,
+    )
     assert out["dones"].sum() == 0
 
 
@@ -145,8 +217,14 @@ def test_non_finite_weights_stop_before_the_save_and_keep_the_last_checkpoint(mi
     script.write_text(NAN_AT_SECOND_EVALUATION.format(root=ROOT, script=os.path.join(ROOT, "uepo_offline.py")))
     env = {**os.environ, "MINARI_DATASETS_PATH": minari_path, "HF_HUB_OFFLINE": "1"}
     path = tmp_path / "offline.pt"
-    result = subprocess.run([sys.executable, str(script), *TINY_RUN, "--eval-every", "10", "--checkpoint-path",
-                             str(path)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, str(script), *TINY_RUN, "--eval-every", "10", "--checkpoint-path", str(path)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "step 20" in result.stderr and "not finite; stopped without saving" in result.stderr
     checkpoint = load_checkpoint(str(path))  # refuses non-finite weights itself
@@ -165,8 +243,7 @@ def test_spearman_correlation_on_hand_made_scores():
 
 # ---- checkpoints -------------------------------------------------------------------------------------
 def small_policy(denoiser="mlp"):
-    config = PolicyConfig(obs_dim=11, act_dim=3, denoiser=denoiser, mlp_hidden=32, unet_dims=(16, 32),
-                          n_subpolicies=3)
+    config = PolicyConfig(obs_dim=11, act_dim=3, denoiser=denoiser, mlp_hidden=32, unet_dims=(16, 32), n_subpolicies=3)
     return DiffusionPolicy(config, np.zeros(11), np.ones(11), -np.ones(3), np.ones(3))
 
 
@@ -233,11 +310,15 @@ def test_end_to_end_offline_run_writes_a_checkpoint_that_reproduces_its_evaluati
     assert checkpoint["max_episode_steps"] == TINY_MAX_EPISODE_STEPS
     policy = DiffusionPolicy.from_checkpoint(checkpoint["policy"])
     assert policy.config.n_subpolicies == 4 and policy.config.denoiser == "mlp"
-    replay = evaluate_sub_policies(policy, checkpoint["env_id"], episodes=2,
-                                   seed=checkpoint["args"]["seed"] * 1000,
-                                   ref_min_score=checkpoint["ref_min_score"],
-                                   ref_max_score=checkpoint["ref_max_score"],
-                                   max_episode_steps=checkpoint["max_episode_steps"])
+    replay = evaluate_sub_policies(
+        policy,
+        checkpoint["env_id"],
+        episodes=2,
+        seed=checkpoint["args"]["seed"] * 1000,
+        ref_min_score=checkpoint["ref_min_score"],
+        ref_max_score=checkpoint["ref_max_score"],
+        max_episode_steps=checkpoint["max_episode_steps"],
+    )
     np.testing.assert_array_equal(replay["returns"], np.array(checkpoint["history"]["returns"][-1]))
     assert len(checkpoint["history"]["mean_divergence"]) == 1
     assert "critics" not in checkpoint and "dynamics" not in checkpoint
@@ -303,11 +384,15 @@ def test_full_run_checkpoint_reloads_with_all_parts(full_run):
         sums, counts = entry["ope_rollouts"]
         assert torch.isclose(sums.sum() / counts.sum(), torch.tensor(entry["ope_score"]))
         policy = DiffusionPolicy.from_checkpoint(entry["policy"])
-        replay = evaluate_sub_policies(policy, checkpoint["env_id"], episodes=2,
-                                       seed=checkpoint["args"]["seed"] * 1000,
-                                       ref_min_score=checkpoint["ref_min_score"],
-                                       ref_max_score=checkpoint["ref_max_score"],
-                                       max_episode_steps=checkpoint["max_episode_steps"])
+        replay = evaluate_sub_policies(
+            policy,
+            checkpoint["env_id"],
+            episodes=2,
+            seed=checkpoint["args"]["seed"] * 1000,
+            ref_min_score=checkpoint["ref_min_score"],
+            ref_max_score=checkpoint["ref_max_score"],
+            max_episode_steps=checkpoint["max_episode_steps"],
+        )
         np.testing.assert_array_equal(replay["scores"][entry["sub_policy"]], entry["scores"])
     assert "| sub-policy | AM-Q | real before |" in result.stdout
 
@@ -318,8 +403,21 @@ def test_init_checkpoint_runs_only_the_improvement(full_run, minari_path, tmp_pa
     one trained with other policy settings, with the reason."""
     _, path = full_run
     out = tmp_path / "bppo.pt"
-    result = run_offline(FULL_RUN + ["--init-checkpoint", str(path), "--improvement", "bppo",
-                                     "--num-qualified", "1", "--checkpoint-path", str(out)], minari_path, tmp_path)
+    result = run_offline(
+        FULL_RUN
+        + [
+            "--init-checkpoint",
+            str(path),
+            "--improvement",
+            "bppo",
+            "--num-qualified",
+            "1",
+            "--checkpoint-path",
+            str(out),
+        ],
+        minari_path,
+        tmp_path,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "step 10/30" not in result.stdout and "improvement (bppo)" in result.stdout
     original, rerun = load_checkpoint(str(path)), load_checkpoint(str(out))
@@ -395,19 +493,30 @@ def test_phase_counts_and_cost_estimate_arithmetic():
     assert measured["ope_unit"] == pytest.approx(2 * CPU_SECONDS["ope_unit"])
 
 
-@pytest.mark.parametrize("argv, flag", [
-    (["--total-steps", "0"], "--total-steps"), (["--batch-size", "0"], "--batch-size"),
-    (["--n-subpolicies", "0", "--no-ope", "--num-qualified", "0"], "--n-subpolicies"),
-    (["--total-steps", "0", "--no-ope", "--num-qualified", "0"], "--total-steps"),
-    (["--eval-every", "0"], "--eval-every"), (["--log-every", "0"], "--log-every"), (["--kl-every", "0"], "--kl-every"),
-    (["--obs-horizon", "0"], "--obs-horizon"), (["--diffusion-steps", "1"], "--diffusion-steps"),
-    (["--ddim-steps", "0"], "--ddim-steps"), (["--ddim-steps", "21"], "--ddim-steps"),
-    (["--eval-episodes", "0"], "--eval-episodes"), (["--kl-coef", "nan"], "--kl-coef"), (["--tau", "0"], "--tau"),
-    (["--gamma", "1.5"], "--gamma"), (["--gate-confidence", "1"], "--gate-confidence"),
-    (["--num-qualified", "9"], "--num-qualified"), (["--init-checkpoint", "a.pt", "--checkpoint-path", "a.pt"],
-                                                    "--checkpoint-path"),
-    (["--checkpoint-path", "/proc/no/offline.pt"], "--checkpoint-path"),
-])
+@pytest.mark.parametrize(
+    "argv, flag",
+    [
+        (["--total-steps", "0"], "--total-steps"),
+        (["--batch-size", "0"], "--batch-size"),
+        (["--n-subpolicies", "0", "--no-ope", "--num-qualified", "0"], "--n-subpolicies"),
+        (["--total-steps", "0", "--no-ope", "--num-qualified", "0"], "--total-steps"),
+        (["--eval-every", "0"], "--eval-every"),
+        (["--log-every", "0"], "--log-every"),
+        (["--kl-every", "0"], "--kl-every"),
+        (["--obs-horizon", "0"], "--obs-horizon"),
+        (["--diffusion-steps", "1"], "--diffusion-steps"),
+        (["--ddim-steps", "0"], "--ddim-steps"),
+        (["--ddim-steps", "21"], "--ddim-steps"),
+        (["--eval-episodes", "0"], "--eval-episodes"),
+        (["--kl-coef", "nan"], "--kl-coef"),
+        (["--tau", "0"], "--tau"),
+        (["--gamma", "1.5"], "--gamma"),
+        (["--gate-confidence", "1"], "--gate-confidence"),
+        (["--num-qualified", "9"], "--num-qualified"),
+        (["--init-checkpoint", "a.pt", "--checkpoint-path", "a.pt"], "--checkpoint-path"),
+        (["--checkpoint-path", "/proc/no/offline.pt"], "--checkpoint-path"),
+    ],
+)
 def test_check_args_names_the_flag_out_of_range(argv, flag):
     """Every argument out of its range is refused before any work, the flag named."""
     message = check_args(parse_args(argv))
@@ -416,8 +525,12 @@ def test_check_args_names_the_flag_out_of_range(argv, flag):
 
 
 def test_bad_argument_exits_with_one_line_and_no_traceback():
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "uepo_offline.py"), "--ddim-steps", "0"],
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "uepo_offline.py"), "--ddim-steps", "0"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode != 0 and "--ddim-steps" in result.stderr and "Traceback" not in result.stderr
 
 
@@ -431,9 +544,18 @@ def make_dataset(dataset_id, num_episodes, seed=0, rewards_nan=False):
     if rewards_nan:
         buffers[0].rewards[0] = float("nan")
     minari.create_dataset_from_buffers(
-        dataset_id, buffers, env=env, algorithm_name="random", author="tests", author_email="none",
-        code_permalink="tests", eval_env=env.spec, description="tiny", ref_min_score=HOPPER_REF_MIN,
-        ref_max_score=HOPPER_REF_MAX)
+        dataset_id,
+        buffers,
+        env=env,
+        algorithm_name="random",
+        author="tests",
+        author_email="none",
+        code_permalink="tests",
+        eval_env=env.spec,
+        description="tiny",
+        ref_min_score=HOPPER_REF_MIN,
+        ref_max_score=HOPPER_REF_MAX,
+    )
 
 
 def test_medium_expert_is_built_whole_and_a_partial_one_is_refused(tmp_path, monkeypatch):
@@ -487,8 +609,14 @@ def test_resume_after_a_kill_gives_the_uninterrupted_checkpoint(minari_path, tmp
     killer = tmp_path / "kill_after_first_save.py"
     killer.write_text(KILL_AFTER_FIRST_SAVE.format(root=ROOT, script=os.path.join(ROOT, "uepo_offline.py")))
     env = {**os.environ, "MINARI_DATASETS_PATH": minari_path, "HF_HUB_OFFLINE": "1"}
-    killed = subprocess.run([sys.executable, str(killer), *arguments, "--checkpoint-path", str(tmp_path / "cut.pt")],
-                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    killed = subprocess.run(
+        [sys.executable, str(killer), *arguments, "--checkpoint-path", str(tmp_path / "cut.pt")],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert killed.returncode == 137, killed.stderr[-3000:]
     cut = load_checkpoint(str(tmp_path / "cut.pt"))
     assert cut["step"] == 20 and cut["resume"]["step"] == 20 and not cut["improved"]

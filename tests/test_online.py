@@ -11,23 +11,46 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
+from test_diffusion import make_policy, random_states
 
 from conftest import ROOT, TINY_MAX_EPISODE_STEPS
 from diffusion import ONLINE_ACTORS, OnlineActor
-from eval import ChunkEnv, evaluate_sub_policies, load_checkpoint
-from test_diffusion import make_policy, random_states
 from divergence import gaussian_log_prob
+from eval import ChunkEnv, evaluate_sub_policies, load_checkpoint
 from uepo_online import RewardScaler, actor_losses, chunk_gae, step_info
 
-TINY_ONLINE = ["--total-timesteps", "300", "--num-envs", "2", "--num-steps", "8", "--num-minibatches", "2",
-               "--update-epochs", "2", "--eval-every", "150", "--eval-episodes", "2", "--selection-episodes", "2",
-               "--critic-warmup", "1"]
+TINY_ONLINE = [
+    "--total-timesteps",
+    "300",
+    "--num-envs",
+    "2",
+    "--num-steps",
+    "8",
+    "--num-minibatches",
+    "2",
+    "--update-epochs",
+    "2",
+    "--eval-every",
+    "150",
+    "--eval-episodes",
+    "2",
+    "--selection-episodes",
+    "2",
+    "--critic-warmup",
+    "1",
+]
 
 
 def run_online(arguments, cwd):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, os.path.join(ROOT, "uepo_online.py"), *arguments],
-                          cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, os.path.join(ROOT, "uepo_online.py"), *arguments],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 # ---- GAE over chunks ----------------------------------------------------------------------------------
@@ -41,13 +64,13 @@ def test_chunk_gae_matches_a_hand_computed_example_with_a_termination_and_a_trun
     next_values = torch.tensor([[20.0], [99.0], [7.0], [50.0]])  # V(s_1), unused, V(final obs), V(s_after)
     terminations = torch.tensor([[0.0], [1.0], [0.0], [0.0]])
     ended = torch.tensor([[0.0], [1.0], [1.0], [0.0]])
-    discounts = torch.tensor([[gamma ** 4], [gamma ** 3], [gamma ** 2], [gamma ** 4]])
+    discounts = torch.tensor([[gamma**4], [gamma**3], [gamma**2], [gamma**4]])
     advantages, returns = chunk_gae(rewards, values, next_values, terminations, ended, discounts, lam)
-    delta3 = 4 + gamma ** 4 * 50 - 40
-    delta2 = 3 + gamma ** 2 * 7 - 30
+    delta3 = 4 + gamma**4 * 50 - 40
+    delta2 = 3 + gamma**2 * 7 - 30
     delta1 = 2 - 20  # terminated: no bootstrap
-    delta0 = 1 + gamma ** 4 * 20 - 10
-    expected = [delta0 + gamma ** 4 * lam * delta1, delta1, delta2, delta3]  # the chain stops at ended chunks
+    delta0 = 1 + gamma**4 * 20 - 10
+    expected = [delta0 + gamma**4 * lam * delta1, delta1, delta2, delta3]  # the chain stops at ended chunks
     torch.testing.assert_close(advantages[:, 0], torch.tensor(expected))
     torch.testing.assert_close(returns, advantages + values)
 
@@ -66,7 +89,7 @@ def test_chunk_env_executes_a_chunk_until_the_episode_ends():
     obs, reward, terminated, truncated, info = env.step(chunk)
     ref_rewards = [reference.step(action)[1] for action in chunk]
     assert info["chunk_length"] == 4 and not truncated
-    assert reward == pytest.approx(sum(gamma ** h * r for h, r in enumerate(ref_rewards)))
+    assert reward == pytest.approx(sum(gamma**h * r for h, r in enumerate(ref_rewards)))
     obs, reward, terminated, truncated, info = env.step(chunk)
     assert info["chunk_length"] == 2 and truncated  # the 6-step limit falls inside the second chunk
 
@@ -97,7 +120,7 @@ def test_at_the_hand_over_the_ratio_is_one_and_the_anchor_kl_zero(kind):
     """Decisions sampled in a rollout, rescored in a minibatch of another size and order by the
     unchanged actor: ratio 1 (the stored likelihood is recomputed exactly) and KL 0 to the anchor."""
     actor = make_actor(kind)
-    states = random_states(actor.policy or make_policy(), 24)[:, -actor.obs_horizon:]
+    states = random_states(actor.policy or make_policy(), 24)[:, -actor.obs_horizon :]
     torch.manual_seed(0)
     with torch.no_grad():
         anchors = actor.anchor_mean(states)
@@ -105,8 +128,16 @@ def test_at_the_hand_over_the_ratio_is_one_and_the_anchor_kl_zero(kind):
         decisions = mean + actor.std() * torch.randn(mean.shape)
         log_probs = gaussian_log_prob(decisions, mean, actor.std(), event_dims=2)
     minibatch = torch.randperm(24)[:10]
-    out = actor_losses(actor, states[minibatch], decisions[minibatch], anchors[minibatch], log_probs[minibatch],
-                       torch.randn(10), clip_coef=0.2, init_std=0.1)
+    out = actor_losses(
+        actor,
+        states[minibatch],
+        decisions[minibatch],
+        anchors[minibatch],
+        log_probs[minibatch],
+        torch.randn(10),
+        clip_coef=0.2,
+        init_std=0.1,
+    )
     assert abs(out["approx_kl"].item()) < 1e-6 and out["clipfrac"] == 0.0
     if kind != "mlp":  # the mlp baseline has no offline policy to start at (anchor coef 0)
         assert abs(out["anchor_kl"].item()) < 1e-6
@@ -123,8 +154,9 @@ def test_the_deployed_mean_starts_as_the_selected_sub_policy(kind):
 def test_the_decision_log_likelihood_equals_a_hand_computation():
     """log N(z; mean, diag std^2) summed over a 1 x 2 chunk with one learned std per entry, written out."""
     z, mean, std = torch.tensor([[[0.5, -1.0]]]), torch.tensor([[[0.0, 0.0]]]), torch.tensor([[0.5, 2.0]])
-    expected = sum(-0.5 * (v / s) ** 2 - math.log(s) - 0.5 * math.log(2 * math.pi)
-                   for v, s in ((0.5, 0.5), (-1.0, 2.0)))
+    expected = sum(
+        -0.5 * (v / s) ** 2 - math.log(s) - 0.5 * math.log(2 * math.pi) for v, s in ((0.5, 0.5), (-1.0, 2.0))
+    )
     assert gaussian_log_prob(z, mean, std, event_dims=2).item() == pytest.approx(expected, abs=1e-6)
 
 
@@ -185,7 +217,7 @@ def test_the_reward_scaler_matches_a_hand_computation():
         # The prior (count 1e-4, mean 0, var 1) pooled with every return seen so far:
         count = 1e-4 + len(seen)
         mean = sum(seen) / count
-        var = (1e-4 * 1.0 + sum(v ** 2 for v in seen) - count * mean ** 2) / count
+        var = (1e-4 * 1.0 + sum(v**2 for v in seen) - count * mean**2) / count
         np.testing.assert_allclose(scaled, np.clip(r / np.sqrt(var + 1e-8), -10, 10), rtol=1e-9)
         returns[e] = 0.0
     assert scaler.returns[1] == pytest.approx(-1.0 * 0.9 + 0.5)  # env 1 restarted after its first chunk
@@ -208,10 +240,16 @@ def test_online_run_selects_fine_tunes_and_writes_a_checkpoint_that_reloads(onli
     actor = OnlineActor.from_checkpoint(checkpoint["actor"])
     assert actor.kind == "noise"  # the default
     assert actor.head[-1].weight.abs().sum() > 0  # it learned: the head started at exactly 0
-    replay = evaluate_sub_policies(actor, checkpoint["env_id"], episodes=2, seed=checkpoint["args"]["seed"] * 1000,
-                                   ref_min_score=checkpoint["ref_min_score"],
-                                   ref_max_score=checkpoint["ref_max_score"],
-                                   max_episode_steps=TINY_MAX_EPISODE_STEPS, sub_policies=[0])
+    replay = evaluate_sub_policies(
+        actor,
+        checkpoint["env_id"],
+        episodes=2,
+        seed=checkpoint["args"]["seed"] * 1000,
+        ref_min_score=checkpoint["ref_min_score"],
+        ref_max_score=checkpoint["ref_max_score"],
+        max_episode_steps=TINY_MAX_EPISODE_STEPS,
+        sub_policies=[0],
+    )
     np.testing.assert_array_equal(replay["scores"][0], checkpoint["history"]["scores"][-1])
     assert list((path.parent / "runs").iterdir()), "no TensorBoard run folder under runs/"
 
@@ -236,8 +274,12 @@ def test_the_other_actors_and_the_baselines_run_and_reload(offline_checkpoint, t
     extras = {"diffusion": [["--from-scratch"], []], "mlp": [[], ["--mlp-horizon", "2"]]}.get(actor, [[]])
     for extra in extras:
         path = tmp_path / f"{actor}{len(extra)}.pt"
-        result = run_online(["--checkpoint", str(offline_checkpoint), "--checkpoint-path", str(path), *flags, *extra]
-                            + TINY_ONLINE + ["--learning-rate", "1e-3"], tmp_path)
+        result = run_online(
+            ["--checkpoint", str(offline_checkpoint), "--checkpoint-path", str(path), *flags, *extra]
+            + TINY_ONLINE
+            + ["--learning-rate", "1e-3"],
+            tmp_path,
+        )
         assert result.returncode == 0, result.stderr[-3000:]
         assert ("from scratch: no selection" in result.stdout) == (actor == "mlp" or extra == ["--from-scratch"])
         iterations = [line for line in result.stdout.splitlines() if line.startswith("iteration")]
@@ -246,24 +288,33 @@ def test_the_other_actors_and_the_baselines_run_and_reload(offline_checkpoint, t
         loaded = OnlineActor.from_checkpoint(checkpoint["actor"])
         assert loaded.kind == actor and loaded.init_std == 0.05
         assert loaded.horizon == (4 if actor != "mlp" else 2 if extra else 1)  # mlp: per step by default
-        replay = evaluate_sub_policies(loaded, checkpoint["env_id"], episodes=2, seed=checkpoint["args"]["seed"] * 1000,
-                                       ref_min_score=checkpoint["ref_min_score"],
-                                       ref_max_score=checkpoint["ref_max_score"],
-                                       max_episode_steps=TINY_MAX_EPISODE_STEPS, sub_policies=[0])
+        replay = evaluate_sub_policies(
+            loaded,
+            checkpoint["env_id"],
+            episodes=2,
+            seed=checkpoint["args"]["seed"] * 1000,
+            ref_min_score=checkpoint["ref_min_score"],
+            ref_max_score=checkpoint["ref_max_score"],
+            max_episode_steps=TINY_MAX_EPISODE_STEPS,
+            sub_policies=[0],
+        )
         np.testing.assert_array_equal(replay["scores"][0], checkpoint["history"]["scores"][-1])
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--init-std", "0"], "--init-std must be > 0"),
-    (["--actor", "noise", "--from-scratch"], "--from-scratch re-initializes the denoiser"),
-    (["--num-envs", "0"], "--num-envs must be >= 1"),
-    (["--num-minibatches", "0"], "--num-minibatches must be >= 1"),
-    (["--num-envs", "2", "--num-steps", "4", "--num-minibatches", "9"], "--num-minibatches (9) must be at most"),
-    (["--eval-every", "0"], "--eval-every must be >= 1"),
-    (["--selection-top", "0"], "--selection-top must be >= 1"),
-    (["--anchor-coef", "-1"], "--anchor-coef must be >= 0"),
-    (["--target-kl", "0"], "--target-kl must be > 0"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--init-std", "0"], "--init-std must be > 0"),
+        (["--actor", "noise", "--from-scratch"], "--from-scratch re-initializes the denoiser"),
+        (["--num-envs", "0"], "--num-envs must be >= 1"),
+        (["--num-minibatches", "0"], "--num-minibatches must be >= 1"),
+        (["--num-envs", "2", "--num-steps", "4", "--num-minibatches", "9"], "--num-minibatches (9) must be at most"),
+        (["--eval-every", "0"], "--eval-every must be >= 1"),
+        (["--selection-top", "0"], "--selection-top must be >= 1"),
+        (["--anchor-coef", "-1"], "--anchor-coef must be >= 0"),
+        (["--target-kl", "0"], "--target-kl must be > 0"),
+    ],
+)
 def test_online_refuses_an_argument_out_of_range_before_any_work(offline_checkpoint, tmp_path, flags, message):
     refused = run_online(["--checkpoint", str(offline_checkpoint), *flags], tmp_path)
     assert refused.returncode == 2 and message in refused.stderr, refused.stderr[-2000:]
@@ -272,8 +323,9 @@ def test_online_refuses_an_argument_out_of_range_before_any_work(offline_checkpo
 
 def test_online_refuses_to_write_over_its_input_checkpoint(offline_checkpoint, tmp_path):
     before = offline_checkpoint.read_bytes()
-    refused = run_online(["--checkpoint", str(offline_checkpoint), "--checkpoint-path", str(offline_checkpoint)],
-                         tmp_path)
+    refused = run_online(
+        ["--checkpoint", str(offline_checkpoint), "--checkpoint-path", str(offline_checkpoint)], tmp_path
+    )
     assert refused.returncode == 2 and "is the input checkpoint" in refused.stderr
     assert offline_checkpoint.read_bytes() == before
 
@@ -282,11 +334,28 @@ def test_a_diverging_run_stops_with_the_step_named_and_keeps_the_last_good_check
     """An absurd actor learning rate makes the policy non-finite: the run stops with a message (no
     traceback) and the hand-over's checkpoint, the last good one, is still there and loads."""
     path = tmp_path / "online.pt"
-    result = run_online(["--checkpoint", str(offline_checkpoint), "--checkpoint-path", str(path), "--actor",
-                         "residual", "--learning-rate", "1e30", "--no-anneal-lr", "--max-grad-norm", "1e30",
-                         "--target-kl", "None"] + TINY_ONLINE, tmp_path)
+    result = run_online(
+        [
+            "--checkpoint",
+            str(offline_checkpoint),
+            "--checkpoint-path",
+            str(path),
+            "--actor",
+            "residual",
+            "--learning-rate",
+            "1e30",
+            "--no-anneal-lr",
+            "--max-grad-norm",
+            "1e30",
+            "--target-kl",
+            "None",
+        ]
+        + TINY_ONLINE,
+        tmp_path,
+    )
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert ("global step" in result.stderr and "loss is" in result.stderr) or "not finite" in result.stderr
     saved = load_checkpoint(str(path))
-    assert saved["global_step"] == 0 and all(torch.isfinite(value).all() for value in
-                                             saved["actor"]["state_dict"].values() if value.is_floating_point())
+    assert saved["global_step"] == 0 and all(
+        torch.isfinite(value).all() for value in saved["actor"]["state_dict"].values() if value.is_floating_point()
+    )

@@ -6,15 +6,25 @@ output paths checked before training and its selection never choosing a non-fini
 import math
 import time
 
-import numpy as np
 import pytest
 import torch
-
-from eval import (CheckpointError, PolicyArgs, ReportArgs, RobustnessArgs, SpeedArgs, check_policy_args,
-                  check_report_args, check_robustness_args, check_speed_args, deployed_policy, load_checkpoint,
-                  save_checkpoint)
 from test_eval import hand_made_run, run_eval
 from test_online import TINY_ONLINE, run_online
+
+from eval import (
+    CheckpointError,
+    PolicyArgs,
+    ReportArgs,
+    RobustnessArgs,
+    SpeedArgs,
+    check_policy_args,
+    check_report_args,
+    check_robustness_args,
+    check_speed_args,
+    deployed_policy,
+    load_checkpoint,
+    save_checkpoint,
+)
 from uepo_online import Args, check_args, choose_candidate
 
 
@@ -47,28 +57,31 @@ def refused(result, *words):
 NAN, INF = float("nan"), float("inf")
 
 
-@pytest.mark.parametrize("kind, changes, message", [
-    ("policy", {"episodes": 0}, "--episodes must be in [1, 1000], got 0"),
-    ("policy", {"episodes": 10 ** 6}, "--episodes must be in [1, 1000]"),
-    ("policy", {"seed": -1}, "--seed must be >= 0, got -1"),
-    ("policy", {"sub_policy": -1}, "--sub-policy must be >= 0"),
-    ("policy", {"divergence_states": 0}, "--divergence-states must be in [1, 100000], got 0"),
-    ("policy", {"checkpoint": "no_such.pt"}, "--checkpoint no_such.pt: no such file"),
-    ("robustness", {"episodes": 0}, "--episodes must be in [1, 1000], got 0"),
-    ("robustness", {"observation_noise": (0.1, NAN)}, "--observation-noise must be >= 0 and finite, got nan"),
-    ("robustness", {"action_noise": (-0.1,)}, "--action-noise must be >= 0 and finite, got -0.1"),
-    ("robustness", {"push": (INF,)}, "--push must be >= 0 and finite, got inf"),
-    ("robustness", {"mass": (NAN,)}, "--mass must be > -1 and finite, got nan"),
-    ("robustness", {"friction": (0.1, -1.0)}, "--friction: a friction change of -1.0 would make it non-positive"),
-    ("report", {"runs_dir": "no_such_folder"}, "RUNS_DIR: no folder no_such_folder"),
-    ("report", {"methods": ("ft", "ft")}, "--methods names a method twice"),
-    ("report", {"methods": ("",)}, "--methods: a method name is empty"),
-    ("speed", {"batch_size": 0}, "--batch-size must be in [1, 65536], got 0"),
-    ("speed", {"gradient_steps": 0}, "--gradient-steps must be >= 1, got 0"),
-    ("speed", {"decisions": -3}, "--decisions must be >= 1, got -3"),
-    ("speed", {"online_timesteps": 0}, "--online-timesteps must be >= 1, got 0"),
-    ("speed", {"env_id": "NoSuchEnv-v0"}, "--env-id NoSuchEnv-v0 is not a registered Gymnasium environment"),
-])
+@pytest.mark.parametrize(
+    "kind, changes, message",
+    [
+        ("policy", {"episodes": 0}, "--episodes must be in [1, 1000], got 0"),
+        ("policy", {"episodes": 10**6}, "--episodes must be in [1, 1000]"),
+        ("policy", {"seed": -1}, "--seed must be >= 0, got -1"),
+        ("policy", {"sub_policy": -1}, "--sub-policy must be >= 0"),
+        ("policy", {"divergence_states": 0}, "--divergence-states must be in [1, 100000], got 0"),
+        ("policy", {"checkpoint": "no_such.pt"}, "--checkpoint no_such.pt: no such file"),
+        ("robustness", {"episodes": 0}, "--episodes must be in [1, 1000], got 0"),
+        ("robustness", {"observation_noise": (0.1, NAN)}, "--observation-noise must be >= 0 and finite, got nan"),
+        ("robustness", {"action_noise": (-0.1,)}, "--action-noise must be >= 0 and finite, got -0.1"),
+        ("robustness", {"push": (INF,)}, "--push must be >= 0 and finite, got inf"),
+        ("robustness", {"mass": (NAN,)}, "--mass must be > -1 and finite, got nan"),
+        ("robustness", {"friction": (0.1, -1.0)}, "--friction: a friction change of -1.0 would make it non-positive"),
+        ("report", {"runs_dir": "no_such_folder"}, "RUNS_DIR: no folder no_such_folder"),
+        ("report", {"methods": ("ft", "ft")}, "--methods names a method twice"),
+        ("report", {"methods": ("",)}, "--methods: a method name is empty"),
+        ("speed", {"batch_size": 0}, "--batch-size must be in [1, 65536], got 0"),
+        ("speed", {"gradient_steps": 0}, "--gradient-steps must be >= 1, got 0"),
+        ("speed", {"decisions": -3}, "--decisions must be >= 1, got -3"),
+        ("speed", {"online_timesteps": 0}, "--online-timesteps must be >= 1, got 0"),
+        ("speed", {"env_id": "NoSuchEnv-v0"}, "--env-id NoSuchEnv-v0 is not a registered Gymnasium environment"),
+    ],
+)
 def test_eval_argument_checks_name_the_flag_and_its_range(tmp_path, monkeypatch, kind, changes, message):
     """The defaults pass; each bad value is refused with the flag and its range."""
     monkeypatch.chdir(tmp_path)
@@ -78,7 +91,8 @@ def test_eval_argument_checks_name_the_flag_and_its_range(tmp_path, monkeypatch,
         "policy": (PolicyArgs, check_policy_args, {"checkpoint": "some.pt"}),
         "robustness": (RobustnessArgs, check_robustness_args, {"checkpoint": "some.pt"}),
         "report": (ReportArgs, check_report_args, {"runs_dir": "runs"}),
-        "speed": (SpeedArgs, check_speed_args, {})}[kind]
+        "speed": (SpeedArgs, check_speed_args, {}),
+    }[kind]
     assert check(args_type(**required)) is None
     problem = check(args_type(**{**required, **changes}))
     assert problem is not None and message in problem, problem
@@ -97,22 +111,32 @@ def test_eval_output_paths_are_checked_writable_at_the_start(tmp_path, monkeypat
         problem = check_report_args(ReportArgs("runs", out="a_file/report"))
         assert "--out a_file/report" in problem and "a_file is a file, not a folder" in problem
         return
-    args_type, check, required = {"policy": (PolicyArgs, check_policy_args, {"checkpoint": "some.pt"}),
-                                   "robustness": (RobustnessArgs, check_robustness_args, {"checkpoint": "some.pt"}),
-                                   "speed": (SpeedArgs, check_speed_args, {})}[kind]
+    args_type, check, required = {
+        "policy": (PolicyArgs, check_policy_args, {"checkpoint": "some.pt"}),
+        "robustness": (RobustnessArgs, check_robustness_args, {"checkpoint": "some.pt"}),
+        "speed": (SpeedArgs, check_speed_args, {}),
+    }[kind]
     assert check(args_type(**required, json="new/folder/out.json")) is None
     problem = check(args_type(**required, json="a_file/out.json"))
     assert "--json a_file/out.json cannot be written" in problem and "is a file, not a folder" in problem
     assert "is a folder; give a file name" in check(args_type(**required, json="runs"))
 
 
-@pytest.mark.parametrize("arguments, message", [
-    (["policy", "--checkpoint", "some.pt", "--episodes", "0", "--json", "out.json"], "--episodes must be in [1, 1000]"),
-    (["robustness", "--checkpoint", "some.pt", "--observation-noise", "0.1", "nan", "--json", "out.json"],
-     "--observation-noise must be >= 0 and finite, got nan"),
-    (["report", "runs", "--out", "a_file/report"], "--out a_file/report"),
-    (["speed", "--batch-size", "0", "--json", "out.json"], "--batch-size must be in [1, 65536], got 0"),
-])
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (
+            ["policy", "--checkpoint", "some.pt", "--episodes", "0", "--json", "out.json"],
+            "--episodes must be in [1, 1000]",
+        ),
+        (
+            ["robustness", "--checkpoint", "some.pt", "--observation-noise", "0.1", "nan", "--json", "out.json"],
+            "--observation-noise must be >= 0 and finite, got nan",
+        ),
+        (["report", "runs", "--out", "a_file/report"], "--out a_file/report"),
+        (["speed", "--batch-size", "0", "--json", "out.json"], "--batch-size must be in [1, 65536], got 0"),
+    ],
+)
 def test_each_eval_subcommand_refuses_bad_arguments_on_its_command_line(tmp_path, arguments, message):
     """Through the real command line: exit 2, one line naming the flag, no traceback, nothing written."""
     (tmp_path / "some.pt").write_bytes(b"")
@@ -125,18 +149,22 @@ def test_each_eval_subcommand_refuses_bad_arguments_on_its_command_line(tmp_path
 
 
 # ---- checkpoint validation on load -------------------------------------------------------------------------------
-@pytest.mark.parametrize("phase, change, field", [
-    ("offline", lambda c: c.pop("ref_max_score"), "has no field ref_max_score"),
-    ("offline", lambda c: c["args"].pop("gamma"), "has no field args.gamma"),
-    ("offline", lambda c: c["policy"]["state_dict"].pop("state_std"), "has no field policy.state_dict.state_std"),
-    ("offline", lambda c: c["improved"][0].pop("ope_score"), "has no field improved[0].ope_score"),
-    ("offline", lambda c: c["history"].pop("scores"), "has no field history.scores"),
-    ("online", lambda c: c.pop("actor"), "has no field actor"),
-    ("online", lambda c: c["actor"].pop("policy_config"), "has no field actor.policy_config"),
-    ("online", lambda c: c["history"].pop("step"), "has no field history.step"),
-])
+@pytest.mark.parametrize(
+    "phase, change, field",
+    [
+        ("offline", lambda c: c.pop("ref_max_score"), "has no field ref_max_score"),
+        ("offline", lambda c: c["args"].pop("gamma"), "has no field args.gamma"),
+        ("offline", lambda c: c["policy"]["state_dict"].pop("state_std"), "has no field policy.state_dict.state_std"),
+        ("offline", lambda c: c["improved"][0].pop("ope_score"), "has no field improved[0].ope_score"),
+        ("offline", lambda c: c["history"].pop("scores"), "has no field history.scores"),
+        ("online", lambda c: c.pop("actor"), "has no field actor"),
+        ("online", lambda c: c["actor"].pop("policy_config"), "has no field actor.policy_config"),
+        ("online", lambda c: c["history"].pop("step"), "has no field history.step"),
+    ],
+)
 def test_a_checkpoint_with_a_missing_field_is_refused_naming_the_file_and_the_field(
-        offline_checkpoint, online_run, tmp_path, phase, change, field):
+    offline_checkpoint, online_run, tmp_path, phase, change, field
+):
     source = offline_checkpoint if phase == "offline" else online_run[1]
     load_checkpoint(str(source))  # the complete checkpoint loads
     path = rewritten(source, tmp_path / "incomplete.pt", change)
@@ -145,25 +173,47 @@ def test_a_checkpoint_with_a_missing_field_is_refused_naming_the_file_and_the_fi
     assert str(path) in str(error.value) and field in str(error.value)
 
 
-@pytest.mark.parametrize("phase, change, message", [
-    ("offline", lambda c: c["policy"]["config"].update(mlp_hidden=10 ** 7),
-     "policy.config.mlp_hidden must be an integer in [1, 4096], got 10000000"),
-    ("offline", lambda c: c["improved"][0]["policy"]["config"].update(unet_dims=(64, 2 ** 20)),
-     "improved[0].policy.config.unet_dims must be an integer in [1, 4096]"),
-    ("offline", lambda c: c["policy"]["config"].update(n_subpolicies=10 ** 6),
-     "policy.config.n_subpolicies must be an integer in [1, 64]"),
-    ("offline", lambda c: c["policy"]["config"].update(horizon=4.5), "policy.config.horizon must be an integer"),
-    ("offline", lambda c: c["policy"]["config"].update(diffusion_steps=10 ** 9),
-     "policy.config.diffusion_steps must be an integer in [1, 1000]"),
-    ("offline", lambda c: c["dynamics"]["config"].update(hidden_dim=10 ** 8),
-     "dynamics.config.hidden_dim must be an integer in [1, 4096]"),
-    ("offline", lambda c: c["critics"]["config"].update(obs_dim=-1), "critics.config.obs_dim must be an integer"),
-    ("online", lambda c: c["actor"].update(hidden=10 ** 7), "actor.hidden must be an integer in [1, 4096]"),
-    ("online", lambda c: c["actor"]["policy_config"].update(obs_dim=10 ** 9),
-     "actor.policy_config.obs_dim must be an integer in [1, 4096]"),
-])
+@pytest.mark.parametrize(
+    "phase, change, message",
+    [
+        (
+            "offline",
+            lambda c: c["policy"]["config"].update(mlp_hidden=10**7),
+            "policy.config.mlp_hidden must be an integer in [1, 4096], got 10000000",
+        ),
+        (
+            "offline",
+            lambda c: c["improved"][0]["policy"]["config"].update(unet_dims=(64, 2**20)),
+            "improved[0].policy.config.unet_dims must be an integer in [1, 4096]",
+        ),
+        (
+            "offline",
+            lambda c: c["policy"]["config"].update(n_subpolicies=10**6),
+            "policy.config.n_subpolicies must be an integer in [1, 64]",
+        ),
+        ("offline", lambda c: c["policy"]["config"].update(horizon=4.5), "policy.config.horizon must be an integer"),
+        (
+            "offline",
+            lambda c: c["policy"]["config"].update(diffusion_steps=10**9),
+            "policy.config.diffusion_steps must be an integer in [1, 1000]",
+        ),
+        (
+            "offline",
+            lambda c: c["dynamics"]["config"].update(hidden_dim=10**8),
+            "dynamics.config.hidden_dim must be an integer in [1, 4096]",
+        ),
+        ("offline", lambda c: c["critics"]["config"].update(obs_dim=-1), "critics.config.obs_dim must be an integer"),
+        ("online", lambda c: c["actor"].update(hidden=10**7), "actor.hidden must be an integer in [1, 4096]"),
+        (
+            "online",
+            lambda c: c["actor"]["policy_config"].update(obs_dim=10**9),
+            "actor.policy_config.obs_dim must be an integer in [1, 4096]",
+        ),
+    ],
+)
 def test_a_config_asking_for_enormous_networks_is_refused_before_anything_is_built(
-        offline_checkpoint, online_run, tmp_path, monkeypatch, phase, change, message):
+    offline_checkpoint, online_run, tmp_path, monkeypatch, phase, change, message
+):
     """Every size that builds a network is an integer in its bound, checked on load: no layer is made
     (building any is made to fail here), and the refusal names the field and the bound."""
     path = rewritten(offline_checkpoint if phase == "offline" else online_run[1], tmp_path / "huge.pt", change)
@@ -174,7 +224,7 @@ def test_a_config_asking_for_enormous_networks_is_refused_before_anything_is_bui
 
 
 def test_policy_refuses_a_checkpoint_with_an_enormous_width_at_once(offline_checkpoint, tmp_path):
-    path = rewritten(offline_checkpoint, tmp_path / "huge.pt", lambda c: c["policy"]["config"].update(mlp_hidden=10 ** 7))
+    path = rewritten(offline_checkpoint, tmp_path / "huge.pt", lambda c: c["policy"]["config"].update(mlp_hidden=10**7))
     start = time.time()
     result = run_eval(["policy", "--checkpoint", str(path), "--episodes", "1", "--no-divergence"], tmp_path)
     refused(result, str(path), "policy.config.mlp_hidden must be an integer in [1, 4096], got 10000000")
@@ -205,26 +255,45 @@ def test_policy_on_a_checkpoint_with_a_nan_weight_fails_instead_of_printing_nan(
 def test_policy_and_robustness_fail_on_non_finite_results_from_finite_weights(offline_checkpoint, tmp_path):
     """A zero state std (finite, so the file loads) turns every state into +-inf or NaN and the actions
     into NaN: the episodes' returns are NaN, and the commands say so instead of reporting them."""
+
     def zero_std(checkpoint):
         for saved in [checkpoint["policy"]] + [entry["policy"] for entry in checkpoint["improved"]]:
             saved["state_dict"]["state_std"].zero_()
+
     path = rewritten(offline_checkpoint, tmp_path / "zero_std.pt", zero_std)
     out = tmp_path / "policy.json"
-    result = run_eval(["policy", "--checkpoint", str(path), "--episodes", "1", "--no-divergence", "--json", str(out)],
-                      tmp_path)
+    result = run_eval(
+        ["policy", "--checkpoint", str(path), "--episodes", "1", "--no-divergence", "--json", str(out)], tmp_path
+    )
     refused(result, str(path), "gave non-finite results", "sub-policy 0")
     assert not out.exists() and "nan +- nan" not in result.stdout
-    result = run_eval(["robustness", "--checkpoint", str(path), "--episodes", "1", "--mass", "--friction", "--push",
-                       "--observation-noise", "--action-noise", "0.1"], tmp_path)
+    result = run_eval(
+        [
+            "robustness",
+            "--checkpoint",
+            str(path),
+            "--episodes",
+            "1",
+            "--mass",
+            "--friction",
+            "--push",
+            "--observation-noise",
+            "--action-noise",
+            "0.1",
+        ],
+        tmp_path,
+    )
     refused(result, str(path), "gave non-finite results", "under none at strength 0")
 
 
 def test_a_checkpoint_whose_weights_do_not_fit_its_config_is_refused_when_built(offline_checkpoint, tmp_path):
     """Sizes in bounds and finite weights, but a tensor of the wrong shape: a message, not a traceback."""
+
     def truncate(checkpoint):
         for saved in [checkpoint["policy"]] + [entry["policy"] for entry in checkpoint["improved"]]:
             key = first_denoiser_weight(saved)
             saved["state_dict"][key] = saved["state_dict"][key][:-1].clone()
+
     path = rewritten(offline_checkpoint, tmp_path / "misfit.pt", truncate)
     load_checkpoint(str(path))  # nothing to see before building
     result = run_eval(["robustness", "--checkpoint", str(path), "--episodes", "1"], tmp_path)
@@ -259,7 +328,9 @@ def test_an_unsafe_file_is_refused_without_suggesting_weights_only_false(tmp_pat
 
 # ---- the dataset of a checkpoint -------------------------------------------------------------------------------
 def test_a_checkpoint_of_another_dataset_of_the_same_environment_is_refused(offline_checkpoint, tmp_path):
-    path = rewritten(offline_checkpoint, tmp_path / "expert.pt", lambda c: c.update(dataset_id="mujoco/hopper/expert-v0"))
+    path = rewritten(
+        offline_checkpoint, tmp_path / "expert.pt", lambda c: c.update(dataset_id="mujoco/hopper/expert-v0")
+    )
     for accepted in ("hopper-expert", "mujoco/hopper/expert-v0"):
         load_checkpoint(str(path), expected_env_id="Hopper-v5", expected_dataset=accepted)
     with pytest.raises(CheckpointError) as error:
@@ -270,8 +341,9 @@ def test_a_checkpoint_of_another_dataset_of_the_same_environment_is_refused(offl
     assert not (tmp_path / "runs").exists()  # refused before the run folder is made
 
 
-@pytest.mark.parametrize("env_id, accepted", [("hopper-medium", True), ("Hopper-v5", True), ("hopper", False),
-                                              ("NoSuchEnv-v0", False)])
+@pytest.mark.parametrize(
+    "env_id, accepted", [("hopper-medium", True), ("Hopper-v5", True), ("hopper", False), ("NoSuchEnv-v0", False)]
+)
 def test_online_env_id_is_a_dataset_name_or_a_gymnasium_id(env_id, accepted):
     problem = check_args(Args(checkpoint="offline.pt", env_id=env_id))
     assert (problem is None) == accepted and (accepted or "--env-id must be" in problem), problem
@@ -281,9 +353,11 @@ def test_online_env_id_is_a_dataset_name_or_a_gymnasium_id(env_id, accepted):
 def test_report_skips_unusable_checkpoints_says_why_and_reports_the_rest(offline_checkpoint, tmp_path):
     runs = tmp_path / "runs"
     hand_made_run(runs, "hopper-medium__ft__1__1", "online", 1, [[50.0], [80.0, 100.0]], [(0, 50.0), (1000, 90.0)])
-    bad = {"nan_weight": runs / "hopper-medium__nanweight__1__1" / "offline.pt",
-           "missing": runs / "hopper-medium__missing__1__1" / "offline.pt",
-           "corrupt": runs / "hopper-medium__corrupt__1__1" / "offline.pt"}
+    bad = {
+        "nan_weight": runs / "hopper-medium__nanweight__1__1" / "offline.pt",
+        "missing": runs / "hopper-medium__missing__1__1" / "offline.pt",
+        "corrupt": runs / "hopper-medium__corrupt__1__1" / "offline.pt",
+    }
     rewritten(offline_checkpoint, bad["nan_weight"], lambda c: set_nan_weight(c["policy"]))
     rewritten(offline_checkpoint, bad["missing"], lambda c: c.pop("dataset_id"))
     bad["corrupt"].parent.mkdir()
@@ -294,8 +368,12 @@ def test_report_skips_unusable_checkpoints_says_why_and_reports_the_rest(offline
     assert result.returncode == 0, result.stderr[-3000:]
     skipped = [line for line in result.stdout.splitlines() if line.startswith("skipped: ")]
     assert len(skipped) == 4, result.stdout
-    for path, why in ((bad["nan_weight"], "non-finite weights"), (bad["missing"], "has no field dataset_id"),
-                      (bad["corrupt"], "not a readable checkpoint"), (nan_score, "final score is nan")):
+    for path, why in (
+        (bad["nan_weight"], "non-finite weights"),
+        (bad["missing"], "has no field dataset_id"),
+        (bad["corrupt"], "not a readable checkpoint"),
+        (nan_score, "final score is nan"),
+    ):
         (line,) = [line for line in skipped if str(path) in line]
         assert why in line, line
     report = (tmp_path / "report" / "report.md").read_text()
@@ -309,8 +387,9 @@ def test_report_skips_unusable_checkpoints_says_why_and_reports_the_rest(offline
 def test_online_checks_its_output_paths_before_any_work(offline_checkpoint, tmp_path):
     (tmp_path / "a_file").write_text("")
     start = time.time()
-    result = run_online(["--checkpoint", str(offline_checkpoint), "--checkpoint-path", "a_file/online.pt"]
-                        + TINY_ONLINE, tmp_path)
+    result = run_online(
+        ["--checkpoint", str(offline_checkpoint), "--checkpoint-path", "a_file/online.pt"] + TINY_ONLINE, tmp_path
+    )
     refused(result, "--checkpoint-path a_file/online.pt cannot be written", "is a file, not a folder")
     assert "eval step" not in result.stdout and not (tmp_path / "runs").exists()
     (tmp_path / "runs").write_text("")  # TensorBoard's folder (and the default checkpoint's) cannot be made
@@ -330,8 +409,10 @@ def test_the_selection_skips_non_finite_scores_and_takes_the_best_finite_one(cap
     labels = ["sub-policy 0", "sub-policy 1", "sub-policy 2", "sub-policy 3"]
     assert choose_candidate(labels, [NAN, 3.0, 7.0, INF]) == 2
     printed = capsys.readouterr().out.splitlines()
-    assert printed == ["selection: skipped sub-policy 0: its real normalized score is nan, not finite",
-                       "selection: skipped sub-policy 3: its real normalized score is inf, not finite"]
+    assert printed == [
+        "selection: skipped sub-policy 0: its real normalized score is nan, not finite",
+        "selection: skipped sub-policy 3: its real normalized score is inf, not finite",
+    ]
     assert choose_candidate(labels[:3], [5.0, 5.0, -1.0]) == 0  # ties: the first, by offline OPE order
     assert max(range(2), key=lambda r: [NAN, 1.0][r]) == 0  # why: a plain max keeps a leading NaN
     with pytest.raises(ValueError, match="no candidate of the selection has a finite real score"):
