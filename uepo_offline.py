@@ -1147,7 +1147,9 @@ if __name__ == "__main__":
             print(
                 f"step {step}/{args.total_steps} | "
                 + " | ".join(f"{k} {v:.4f}" for k, v in means.items())
-                + f" | {steps_per_second:.0f} steps/s | run ETA {time.strftime('%H:%M:%S', time.gmtime(eta_seconds))}",
+                + f" | {steps_per_second:.0f} steps/s | run ETA {time.strftime('%H:%M:%S', time.gmtime(eta_seconds))}"
+                + " | minutes: "
+                + ", ".join(f"{phase} {seconds / 60:.1f}" for phase, seconds in clock.seconds.items()),
                 flush=True,
             )
             loss_sums, loss_counts = {}, {}
