@@ -129,7 +129,7 @@ class Args:
     """states per sub-policy-objective step (a sub-batch of the diffusion batch)"""
     subpolicy_std: float = 1.0
     """std of the Gaussian surrogate pi_i = N(mu_i(s), std^2 I) in J(pi_i); it only scales the term"""
-    j_reading: Literal["dataset-sequence", "own-sequence"] = "dataset-sequence"
+    j_reading: Literal["dataset-sequence", "own-sequence"] = "own-sequence"
     """the sequence J's disagreement term scores: the dataset's, or each sub-policy's own (a bounded repulsion)"""
     repulsion_margin: float = 0.05
     """own-sequence J: a sub-policy whose nearest partner is this far (half squared gap per entry) is not pushed"""

@@ -644,3 +644,25 @@ def test_resume_refuses_a_checkpoint_without_training_state(minari_path, tmp_pat
     save_checkpoint({key: value for key, value in checkpoint.items() if key != "format"}, str(tmp_path / "x.pt"))
     result = run_offline(["--resume", str(tmp_path / "x.pt")], minari_path, tmp_path)
     assert result.returncode != 0 and "no training state" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_j_reading_chooses_the_sub_policy_term(minari_path, tmp_path):
+    """The default reads J on each sub-policy's own sequence (a repulsion: the loss term is -alpha x a
+    non-negative gap, <= 0); `--j-reading dataset-sequence` scores the data (the term is -alpha x a
+    non-positive disagreement, >= 0). The two readings train different policies."""
+    logged = {}
+    for reading in ("own-sequence", "dataset-sequence"):
+        path = tmp_path / f"{reading}.pt"
+        result = run_offline(TINY_RUN + ["--j-reading", reading, "--checkpoint-path", str(path)], minari_path, tmp_path)
+        assert result.returncode == 0, result.stderr[-3000:]
+        logged[reading] = [
+            float(line.split("subpolicy ")[1].split()[0])
+            for line in result.stdout.splitlines()
+            if line.startswith("step ")
+        ]
+    assert logged["own-sequence"] and all(value <= 0 for value in logged["own-sequence"])
+    assert all(value >= 0 for value in logged["dataset-sequence"])
+    assert parse_args([]).j_reading == "own-sequence"
+    own = load_checkpoint(str(tmp_path / "own-sequence.pt"))["policy"]["state_dict"]
+    data = load_checkpoint(str(tmp_path / "dataset-sequence.pt"))["policy"]["state_dict"]
+    assert any(not torch.equal(own[name], data[name]) for name in own)
