@@ -682,7 +682,8 @@ if __name__ == "__main__":
     }
     clock, run_start = PhaseClock(), time.time()
     print(
-        f"cost: --denoiser {args.denoiser}, {cost_counts['loop']} loop steps, {args.n_subpolicies} sub-policies, "
+        f"cost: --denoiser {args.denoiser}, {sum(cost_counts['loop'].values())} loop steps, "
+        f"{args.n_subpolicies} sub-policies, "
         f"--ope {args.ope}, {args.num_qualified} copies x {args.improvement_steps} improvement steps"
     )
     if device.type == "cpu":
