@@ -640,13 +640,16 @@ def paired_gain_bound(
     comparison is paired: a paired bootstrap resamples start states (the same ones for both) and
     recomputes both ratio estimates; the bound is the (1 - confidence) quantile of the resampled
     gains. A gain whose bound is above 0 is larger than the OPE's own noise (the spread of its
-    start states). Fixed `seed`: the same inputs give the same decision.
+    start states). Fixed `seed`: the same inputs give the same decision. `confidence` 0: the
+    bound is the gain itself (the plain "any gain" rule).
     """
 
     def ratio(sums, counts):
         return sums.sum(-1) / counts.sum(-1)
 
     gain = (ratio(*new) - ratio(*kept)).item()
+    if confidence <= 0:
+        return gain, gain
     generator = torch.Generator().manual_seed(seed)
     index = torch.randint(len(new[0]), (num_resamples, len(new[0])), generator=generator).to(new[0].device)
     resampled = ratio(new[0][index], new[1][index]) - ratio(kept[0][index], kept[1][index])
@@ -676,10 +679,7 @@ class BestSnapshot:
         self.history.append((step, self.best_score, True, lower_bound))
 
     def offer(self, model: nn.Module, rollouts: tuple[torch.Tensor, torch.Tensor], step: int) -> bool:
-        if self.confidence > 0:
-            _, lower_bound = paired_gain_bound(rollouts, self.best_rollouts, self.confidence)
-        else:
-            lower_bound = (rollouts[0].sum() / rollouts[1].sum()).item() - self.best_score
+        _, lower_bound = paired_gain_bound(rollouts, self.best_rollouts, self.confidence)
         if lower_bound > 0:
             self._keep(model, rollouts, step, lower_bound)
             return True
@@ -701,11 +701,7 @@ def confident_choice(candidate_rollouts: list, confidence: float) -> tuple[int, 
     choice, comparisons = 0, []
     for index in range(1, len(candidate_rollouts)):
         new, kept = candidate_rollouts[index], candidate_rollouts[choice]
-        if confidence > 0:
-            gain, lower_bound = paired_gain_bound(new, kept, confidence)
-        else:
-            gain = (new[0].sum() / new[1].sum() - kept[0].sum() / kept[1].sum()).item()
-            lower_bound = gain
+        gain, lower_bound = paired_gain_bound(new, kept, confidence)
         comparisons.append((index, gain, lower_bound))
         if lower_bound > 0:
             choice = index

@@ -192,11 +192,19 @@ def test_nan_loss_stops_the_run_naming_step_and_loss(minari_path, tmp_path):
     assert "error: step" in result.stderr and "the diffusion loss is" in result.stderr
 
 
-NAN_AT_SECOND_EVALUATION = """
-import runpy, sys
+# Fault injection without hooks in the script: a wrapper patches one function of eval.py (which
+# uepo_offline.py imports by name at its start) and runs the script as __main__.
+PATCHED_RUN = """
+import os, runpy, sys
 sys.path.insert(0, {root!r})
 import torch
 import eval as eval_module
+{patch}
+sys.argv = [{script!r}] + sys.argv[1:]
+runpy.run_path({script!r}, run_name="__main__")
+"""
+
+NAN_AT_SECOND_EVALUATION = """
 real_evaluate, calls = eval_module.evaluate_sub_policies, []
 def evaluate_after_nan(policy, *args, **kwargs):
     calls.append(1)
@@ -205,26 +213,25 @@ def evaluate_after_nan(policy, *args, **kwargs):
             next(policy.parameters()).fill_(float("nan"))
     return real_evaluate(policy, *args, **kwargs)
 eval_module.evaluate_sub_policies = evaluate_after_nan
-sys.argv = [{script!r}] + sys.argv[1:]
-runpy.run_path({script!r}, run_name="__main__")
 """
+
+
+def run_offline_patched(patch, arguments, minari_path, tmp_path):
+    """uepo_offline.py with `patch` applied to eval.py first (see PATCHED_RUN)."""
+    script = tmp_path / "patched_run.py"
+    script.write_text(PATCHED_RUN.format(root=ROOT, script=os.path.join(ROOT, "uepo_offline.py"), patch=patch))
+    env = {**os.environ, "MINARI_DATASETS_PATH": minari_path, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run(
+        [sys.executable, str(script), *arguments], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
 
 
 def test_non_finite_weights_stop_before_the_save_and_keep_the_last_checkpoint(minari_path, tmp_path):
     """Weights that turn NaN after the step-10 checkpoint stop the run at the next save, naming the
     step; the checkpoint on disk is still the step-10 one, loadable and finite."""
-    script = tmp_path / "nan_at_second_evaluation.py"
-    script.write_text(NAN_AT_SECOND_EVALUATION.format(root=ROOT, script=os.path.join(ROOT, "uepo_offline.py")))
-    env = {**os.environ, "MINARI_DATASETS_PATH": minari_path, "HF_HUB_OFFLINE": "1"}
     path = tmp_path / "offline.pt"
-    result = subprocess.run(
-        [sys.executable, str(script), *TINY_RUN, "--eval-every", "10", "--checkpoint-path", str(path)],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    arguments = TINY_RUN + ["--eval-every", "10", "--checkpoint-path", str(path)]
+    result = run_offline_patched(NAN_AT_SECOND_EVALUATION, arguments, minari_path, tmp_path)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "step 20" in result.stderr and "not finite; stopped without saving" in result.stderr
     checkpoint = load_checkpoint(str(path))  # refuses non-finite weights itself
@@ -586,16 +593,11 @@ def test_non_finite_dataset_is_refused_with_its_name(tmp_path, monkeypatch):
 
 
 KILL_AFTER_FIRST_SAVE = """
-import os, runpy, sys
-sys.path.insert(0, {root!r})
-import eval as eval_module
 real_save = eval_module.save_checkpoint
 def save_then_die(checkpoint, path):
     real_save(checkpoint, path)
     os._exit(137)  # killed right after the first checkpoint: no cleanup, nothing flushed
 eval_module.save_checkpoint = save_then_die
-sys.argv = [{script!r}] + sys.argv[1:]
-runpy.run_path({script!r}, run_name="__main__")
 """
 
 
@@ -606,17 +608,8 @@ def test_resume_after_a_kill_gives_the_uninterrupted_checkpoint(minari_path, tmp
     arguments = FULL_RUN + ["--total-steps", "40", "--eval-every", "20"]
     whole = run_offline(arguments + ["--checkpoint-path", str(tmp_path / "whole.pt")], minari_path, tmp_path)
     assert whole.returncode == 0, whole.stderr[-3000:]
-    killer = tmp_path / "kill_after_first_save.py"
-    killer.write_text(KILL_AFTER_FIRST_SAVE.format(root=ROOT, script=os.path.join(ROOT, "uepo_offline.py")))
-    env = {**os.environ, "MINARI_DATASETS_PATH": minari_path, "HF_HUB_OFFLINE": "1"}
-    killed = subprocess.run(
-        [sys.executable, str(killer), *arguments, "--checkpoint-path", str(tmp_path / "cut.pt")],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    cut = ["--checkpoint-path", str(tmp_path / "cut.pt")]
+    killed = run_offline_patched(KILL_AFTER_FIRST_SAVE, arguments + cut, minari_path, tmp_path)
     assert killed.returncode == 137, killed.stderr[-3000:]
     cut = load_checkpoint(str(tmp_path / "cut.pt"))
     assert cut["step"] == 20 and cut["resume"]["step"] == 20 and not cut["improved"]
