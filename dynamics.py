@@ -562,7 +562,13 @@ def am_q_ope(
         uncertainty_penalty,
         gamma,
     )
-    return sums.sum() / counts.sum()
+    return am_q_ratio(sums, counts)
+
+
+def am_q_ratio(sums: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """AM-Q from `am_q_rollouts`' per-start terms (last dim: start states): the Q summed over
+    every visited (state, chunk) pair divided by their number."""
+    return sums.sum(-1) / counts.sum(-1)
 
 
 def am_q_rollouts(
@@ -643,16 +649,12 @@ def paired_gain_bound(
     start states). Fixed `seed`: the same inputs give the same decision. `confidence` 0: the
     bound is the gain itself (the plain "any gain" rule).
     """
-
-    def ratio(sums, counts):
-        return sums.sum(-1) / counts.sum(-1)
-
-    gain = (ratio(*new) - ratio(*kept)).item()
+    gain = (am_q_ratio(*new) - am_q_ratio(*kept)).item()
     if confidence <= 0:
         return gain, gain
     generator = torch.Generator().manual_seed(seed)
     index = torch.randint(len(new[0]), (num_resamples, len(new[0])), generator=generator).to(new[0].device)
-    resampled = ratio(new[0][index], new[1][index]) - ratio(kept[0][index], kept[1][index])
+    resampled = am_q_ratio(new[0][index], new[1][index]) - am_q_ratio(kept[0][index], kept[1][index])
     return gain, torch.quantile(resampled, 1.0 - confidence).item()
 
 
@@ -674,7 +676,7 @@ class BestSnapshot:
 
     def _keep(self, model: nn.Module, rollouts, step: int, lower_bound: float) -> None:
         self.best_rollouts, self.best_step = rollouts, step
-        self.best_score = (rollouts[0].sum() / rollouts[1].sum()).item()
+        self.best_score = am_q_ratio(*rollouts).item()
         self.best_state = {key: value.detach().clone() for key, value in model.state_dict().items()}
         self.history.append((step, self.best_score, True, lower_bound))
 
@@ -683,7 +685,7 @@ class BestSnapshot:
         if lower_bound > 0:
             self._keep(model, rollouts, step, lower_bound)
             return True
-        self.history.append((step, (rollouts[0].sum() / rollouts[1].sum()).item(), False, lower_bound))
+        self.history.append((step, am_q_ratio(*rollouts).item(), False, lower_bound))
         return False
 
     def restore(self, model: nn.Module) -> None:

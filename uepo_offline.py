@@ -47,6 +47,7 @@ from dynamics import (
     BestSnapshot,
     ChunkCritics,
     EnsembleDynamics,
+    am_q_ratio,
     am_q_rollouts,
     confident_choice,
     diffusion_augmentation,
@@ -370,6 +371,17 @@ UNET_CPU_FACTOR = {
 }
 
 
+def units_per_call(args: "Args", max_episode_steps: int) -> dict:
+    """Units of work of one call of each timed phase: one sub-policy's AM-Q rollouts, one
+    augmentation refresh, one evaluation of every sub-policy (the units of `CPU_SECONDS`)."""
+    n = args.n_subpolicies
+    return {
+        "OPE": args.ope_states * args.ope_horizon * n,
+        "augmentation": args.augment_starts * args.augment_horizon * n,
+        "evaluation": n * args.eval_episodes * max_episode_steps,
+    }
+
+
 def phase_counts(args: "Args", max_episode_steps: int) -> dict:
     """How much of each kind of work the run does (the units of `CPU_SECONDS`):
     loop steps; OPE = sub-policy x start state x model step x sub-policies sampled together
@@ -377,19 +389,19 @@ def phase_counts(args: "Args", max_episode_steps: int) -> dict:
     step x n; evaluation = sub-policy x episode x step (an upper bound: every episode runs to the
     time limit); improvement steps."""
     n = args.n_subpolicies
+    units = units_per_call(args, max_episode_steps)
     loop = args.total_steps if args.init_checkpoint is None else 0
     evaluations = (loop // args.eval_every + (loop % args.eval_every != 0)) if loop else 1
     refreshes = 0
     if args.ope and args.augment_ratio > 0 and loop > args.dynamics_warmup:
         refreshes = (loop - 1 - args.dynamics_warmup) // args.augment_every + 1
-    ope_rollout = args.ope_states * args.ope_horizon * n
     gate_calls = args.improvement_steps // args.ope_every + (args.improvement_steps % args.ope_every != 0) + 1
     copies = args.num_qualified
     return {
         "loop": {"loop_step" if args.ope else "policy_step": loop},
-        "augmentation": {"augment_unit": refreshes * args.augment_starts * args.augment_horizon * n},
-        "OPE": {"ope_unit": (evaluations * n + copies * gate_calls) * ope_rollout if args.ope else 0},
-        "evaluation": {"eval_unit": (evaluations + copies) * n * args.eval_episodes * max_episode_steps},
+        "augmentation": {"augment_unit": refreshes * units["augmentation"]},
+        "OPE": {"ope_unit": (evaluations * n + copies * gate_calls) * units["OPE"] if args.ope else 0},
+        "evaluation": {"eval_unit": (evaluations + copies) * units["evaluation"]},
         "improvement": {"improvement_step": copies * args.improvement_steps},
     }
 
@@ -676,6 +688,7 @@ if __name__ == "__main__":
 
     # ---- the cost of this run, said up front (refined after the first --log-every steps) -------
     cost_counts = phase_counts(args, max_episode_steps or 1000)
+    call_units = units_per_call(args, max_episode_steps or 1000)  # what each timed call below adds
     prior_seconds = {
         unit: seconds * (UNET_CPU_FACTOR[unit] if args.denoiser == "unet" else 1.0)
         for unit, seconds in CPU_SECONDS.items()
@@ -822,8 +835,7 @@ if __name__ == "__main__":
 
     def ope_score(model: DiffusionPolicy, sub_policy: int) -> float:
         """Plain AM-Q (Uni-O4): the mean Q over every visited (state, chunk) pair."""
-        sums, counts = ope_rollouts(model, sub_policy)
-        return (sums.sum() / counts.sum()).item()
+        return am_q_ratio(*ope_rollouts(model, sub_policy)).item()
 
     def ope_scores() -> np.ndarray:
         """Plain AM-Q (Uni-O4) of every sub-policy, after re-choosing the elites on the real hold-out."""
@@ -952,20 +964,12 @@ if __name__ == "__main__":
             max_episode_steps=max_episode_steps,
             action_steps=args.action_steps,
         )
-        clock.add(
-            "evaluation",
-            args.n_subpolicies * args.eval_episodes * (max_episode_steps or 1000),
-            time.time() - phase_start,
-        )
+        clock.add("evaluation", call_units["evaluation"], time.time() - phase_start)
         phase_start = time.time()
         with torch.no_grad():
             ope = ope_scores() if args.ope else None
         if args.ope:
-            clock.add(
-                "OPE",
-                args.n_subpolicies * args.ope_states * args.ope_horizon * args.n_subpolicies,
-                time.time() - phase_start,
-            )
+            clock.add("OPE", args.n_subpolicies * call_units["OPE"], time.time() - phase_start)
         policy.train()
         scores = result["scores"].mean(1)
         for i, score in enumerate(scores):
@@ -1000,8 +1004,7 @@ if __name__ == "__main__":
         write_checkpoint(step)
 
     # ---- the offline loop ------------------------------------------------------------------------
-    start_time = time.time()
-    loop_start = time.time()  # the loop's own time is the wall time minus the timed phases inside it
+    start_time = time.time()  # the loop's own time is the wall time minus the timed phases inside it
     loss_sums, loss_counts = {}, {}
     first_step = 1
     if resumed is not None:  # --resume: every state the loop carries, as it was after the saved step
@@ -1115,18 +1118,14 @@ if __name__ == "__main__":
                 policy.eval()
                 phase_start = time.time()
                 augmented = refresh_augmentation(step)
-                clock.add(
-                    "augmentation",
-                    args.augment_starts * args.augment_horizon * args.n_subpolicies,
-                    time.time() - phase_start,
-                )
+                clock.add("augmentation", call_units["augmentation"], time.time() - phase_start)
                 policy.train()
 
         if step % args.log_every == 0 or step == args.total_steps:
             elapsed = time.time() - start_time
             steps_per_second = (step - first_step + 1) / elapsed  # this process's steps (after a --resume: since it)
             loop_seconds = (
-                time.time() - loop_start - sum(value for phase, value in clock.seconds.items() if phase != "loop")
+                time.time() - start_time - sum(value for phase, value in clock.seconds.items() if phase != "loop")
             )
             clock.seconds["loop"], clock.units["loop"] = loop_seconds, step - first_step + 1
             remaining = cost_estimate(cost_counts, clock.unit_seconds(cost_counts, prior_seconds))
@@ -1236,7 +1235,7 @@ if __name__ == "__main__":
                     accepted = gate.offer(
                         improved_policy, ope_rollouts(improved_policy, sub_policy, args.ope_penalty), step
                     )
-                    clock.add("OPE", args.ope_states * args.ope_horizon * args.n_subpolicies, time.time() - phase_start)
+                    clock.add("OPE", call_units["OPE"], time.time() - phase_start)
                     _, score, _, lower_bound = gate.history[-1]
                     if accepted and args.improvement == "bppo":
                         reference.load_state_dict(improved_policy.state_dict())
