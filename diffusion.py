@@ -7,7 +7,7 @@ Reading order:
 3. `DiffusionPolicy`        - one denoiser + n fixed noise seeds = n sub-policies:
    - `loss`: the DDPM epsilon-prediction loss
          E || eps - eps_theta(sqrt(abar_k) a_{t:t+H} + sqrt(1 - abar_k) eps, k, s_t) ||^2;
-   - `sample`: all n sub-policies in one batched reverse pass, DDIM with eta 0 started from
+   - `sample`: all n sub-policies in one batched reverse pass, deterministic DDIM (no sampling noise) started from
      sub-policy i's fixed noise eps_i, so sub-policy i is a deterministic function of the state,
      mu_i(s); at every step the adaptive perturbation of divergence.py pushes apart sub-policies
      whose denoising estimates are too close.
@@ -236,20 +236,22 @@ class UNetTransformerDenoiser(nn.Module):
 # --------------------------------------------------------------------------------------------
 @dataclass
 class PolicyConfig:
-    """Everything needed to rebuild a DiffusionPolicy (saved in checkpoints)."""
+    """Everything needed to rebuild a DiffusionPolicy (saved in checkpoints). uepo_offline.py fills
+    it from its `Args` fields of the same names (`policy_config`); the defaults here serve tests and
+    tools that build a policy directly."""
 
     obs_dim: int
     act_dim: int
     horizon: int = 4
     obs_horizon: int = 2
-    denoiser: str = "unet"
+    denoiser: str = "mlp"
     mlp_hidden: int = 256
     unet_dims: tuple[int, ...] = (128, 256)
     diffusion_steps: int = 20
     ddim_steps: int = 5
     n_subpolicies: int = 8
     noise_seed: int = 0
-    tau: float = 0.7  # defaults as uepo_offline.Args (docs/experiments.md, "Choosing tau and eta")
+    tau: float = 0.7
     eta: float = 0.1
     # std of the action-level Gaussian N(mu_i(s), min_std^2 I) around the deterministic chunk that
     # bppo samples from (`bppo_loss`); the name is kept so that existing checkpoints load.
@@ -337,7 +339,7 @@ class DiffusionPolicy(nn.Module):
 
     # ---- sampling -------------------------------------------------------------------------------
     def _step_mean(self, x: torch.Tensor, step_index: int, states: torch.Tensor) -> torch.Tensor:
-        """x_{k'} = mu_theta(x_k, k, s) for all sub-policies: one DDIM (eta 0) step, deterministic,
+        """x_{k'} = mu_theta(x_k, k, s) for all sub-policies: one deterministic DDIM step (no sampling noise),
         with the adaptive perturbation applied to the denoising estimate x0_hat.
 
         x: (B, n, H, A); states: (B, To, S). Returns (B, n, H, A).
@@ -361,7 +363,7 @@ class DiffusionPolicy(nn.Module):
             sigma = adaptive_perturbation_std(nearest_divergence(x0_hat.detach()), self.config.tau, self.config.eta)
             xi = self.perturbation_noise[:n, step_index]
             x0_hat = (x0_hat + sigma[..., None, None] * xi).clamp(-1, 1)
-        # Re-derive eps from the (clipped, perturbed) estimate, then the DDIM eta=0 update.
+        # Re-derive eps from the (clipped, perturbed) estimate, then the deterministic DDIM update.
         eps = (x - abar.sqrt() * x0_hat) / (1 - abar).sqrt()
         return abar_prev.sqrt() * x0_hat + (1 - abar_prev).sqrt() * eps
 
@@ -370,7 +372,7 @@ class DiffusionPolicy(nn.Module):
         return self.sub_policy_noise.unsqueeze(0).expand(batch, -1, -1, -1)
 
     def sample(self, states: torch.Tensor, start_noise: torch.Tensor | None = None) -> SampleOutput:
-        """All n sub-policies at every state in one batched reverse pass: DDIM with eta 0,
+        """All n sub-policies at every state in one batched reverse pass: deterministic DDIM,
 
             x_K = eps_i,   x_{k'} = mu_theta(x_k, k, s)   (`_step_mean`),   a_i(s) = clip(x_0, -1, 1),
 

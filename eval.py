@@ -1356,8 +1356,7 @@ class SpeedArgs:
     decisions: int = 30
     """timed decisions per batch size (the median is reported)"""
     online_timesteps: int = 16384
-    """environment steps of each online PPO measurement (uepo_online.py with its defaults; at least one rollout and
-    update however small this is)"""
+    """environment steps of each online PPO measurement (uepo_online.py with its defaults)"""
     json: str | None = None
     """also write the JSON to this file"""
     cuda: bool = True

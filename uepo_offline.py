@@ -1,11 +1,12 @@
 """UEPO offline phase (arXiv 2511.10087), CleanRL style: read top to bottom.
 
-    python uepo_offline.py --env-id hopper-medium                  # the CPU setting (about 30 min, 2 cores)
+    python uepo_offline.py --env-id hopper-medium                  # the CPU setting (about 15 min, 2 cores)
     python uepo_offline.py --env-id hopper-medium --paper-scale    # the paper's budgets (GPU)
 
 1. Data: a Minari dataset -> chunked transitions (s_t, a_{t:t+H}, R_t^H, s_{t+H}, done) with
    masks, states normalized with frozen dataset statistics.
-2. One training loop over `--total-steps` gradient steps (docs/design.md, "The offline loop, critics and improvement"):
+2. Phase 1, one training loop over `--total-steps` gradient steps (docs/design.md, "The offline loop, critics and
+   improvement"), each learner's update a function that returns its log dict:
    - the diffusion loss of the multi-seed diffusion policy (diffusion.py) plus, every
      `--kl-every` steps, the sub-policy objective J(pi_i) of the divergence regularization
      (divergence.py); the adaptive perturbation acts inside the sampler;
@@ -16,7 +17,7 @@
    - every `--eval-every` steps: the normalized score of every sub-policy on the real
      environment (reported, never used for a decision), their mean pairwise kinematic
      divergence, and their AM-Q scores.
-3. Improvement, after the loop: the top `--num-qualified` sub-policies by AM-Q each get a copy
+3. Phase 2, improvement after the loop: the top `--num-qualified` sub-policies by AM-Q each get a copy
    of the policy, improved by `--improvement qgrad` or `bppo` under one gate that keeps the
    best snapshot by uncertainty-penalized AM-Q.
 4. An atomic checkpoint under runs/{run_name}/offline.pt (rewritten at every evaluation and
@@ -31,7 +32,7 @@ import random
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Literal
 
 import gymnasium as gym
@@ -116,12 +117,9 @@ class Args:
 
     # Divergence regularization
     tau: float = 0.7
-    """divergence threshold: a sub-policy closer than tau to another one (min over partners) is perturbed.
-    0.7 is about the median nearest divergence of unperturbed sub-policies on hopper-medium; with eta 0.1 it gave
-    the best mean sub-policy score in the sweep (docs/experiments.md, "Choosing tau and eta")"""
+    """divergence threshold: a sub-policy closer than tau to its nearest partner is perturbed"""
     eta: float = 0.1
-    """largest perturbation std (at divergence 0), in [-1, 1] action units; 0 turns the perturbation off.
-    0.5 degraded every sub-policy in the sweep, 0.1-0.2 helped"""
+    """largest perturbation std (at divergence 0), in [-1, 1] action units; 0 turns the perturbation off"""
     kl_coef: float = 0.1
     """alpha, weight of the disagreement term of the sub-policy objective J(pi_i) (Uni-O4's 0.1); 0 turns it off"""
     kl_every: int = 10
@@ -147,9 +145,7 @@ class Args:
 
     # Chunk-level critics and dynamics model: AM-Q offline policy evaluation of the sub-policies
     ope: bool = True
-    """train the chunk-level IQL critics and the dynamics ensemble in the same loop and score every sub-policy
-    with AM-Q at every evaluation (next to its real score); the improvement stage needs them. `--no-ope
-    --num-qualified 0` trains the diffusion policy alone (diffusion BC and its ablations), about 4x faster on a CPU"""
+    """train the IQL critics and the dynamics ensemble and score sub-policies with AM-Q (needed to improve)"""
     critic_learning_rate: float = 3e-4
     """Adam learning rate of the chunk-level IQL critics Q(s, a_{t:t+H}) and V(s)"""
     expectile: float = 0.7
@@ -165,9 +161,7 @@ class Args:
     ope_horizon: int = 400
     """environment steps of every AM-Q rollout (whole chunks; 100 chunks of H = 4)"""
     ope_penalty: float = 1.0
-    """lambda of the gate's penalized AM-Q: Q minus lambda times the discounted uncertainty-to-go along the
-    model rollout, u = norm of the elites' std of mean predictions (`dynamics.am_q_ope`, MOPO's penalty form).
-    The improvement gate uses it; the ranking of the base sub-policies is plain AM-Q (Uni-O4)"""
+    """lambda of the gate's AM-Q: Q minus lambda x the discounted model uncertainty-to-go (MOPO's penalty)"""
 
     # Diffusion augmentation of the dynamics model's data (paper component 3)
     augment_ratio: float = 2.0
@@ -187,14 +181,11 @@ class Args:
     num_qualified: int = 2
     """the top `num_qualified` sub-policies by AM-Q each get a copy of the denoiser to improve; 0 turns it off"""
     improvement: Literal["bppo", "qgrad"] = "qgrad"
-    """`qgrad`: Diffusion-QL's diffusion loss + q_weight * normalized -Q through the deterministic chain;
-    `bppo`: Uni-O4's clipped ratio of action-level Gaussian likelihoods N(mu_i(s), min_std^2) of the chunk on
-    A = Q - V + the sequence-level KL to the reference"""
+    """the improvement operator: Diffusion-QL's Q gradient (`qgrad`) or Uni-O4's clipped ratio (`bppo`)"""
     improvement_steps: int = 500
     """gradient steps of every copy"""
     improvement_learning_rate: float | None = None
-    """Adam learning rate of the copies; default 3e-5 for bppo (docs/design.md: at 1e-4 it collapsed within 1-3k steps
-    without a gate, at 3e-5 it held) and 1e-4 for qgrad (its diffusion loss anchors it to the data)"""
+    """Adam learning rate of the copies (default: 3e-5 for bppo, 1e-4 for qgrad)"""
     ope_every: int = 100
     """the gate: score the copy with the penalized AM-Q every `ope_every` steps"""
     clip_coef: float = 0.25
@@ -204,11 +195,9 @@ class Args:
     gate_confidence: float = 0.95
     """the gate keeps a snapshot only if its OPE gain is above 0 at this one-sided confidence (0: any gain)"""
     q_weight: float = 0.05
-    """qgrad: weight of -Q / mean|Q| (docs/design.md: 1.0 collapsed to 3, 0.05 reached 94.5 at 2k steps
-    without a gate)"""
+    """qgrad: weight of -Q / mean|Q| beside the diffusion loss"""
     init_checkpoint: str | None = None
-    """skip the loop: take the policy, critics and dynamics from this checkpoint of the same dataset and
-    settings, evaluate them, and run only the improvement stage (to compare operators without retraining)"""
+    """skip the loop: take the networks of this checkpoint (same data, same settings) and only improve"""
 
     # Evaluation, logging, checkpoint
     eval_every: int = 10_000
@@ -612,24 +601,551 @@ def state_statistics(states: np.ndarray, eps: float = 1e-3) -> tuple[np.ndarray,
     return states.mean(0), states.std(0) + eps
 
 
-if __name__ == "__main__":
-    args = parse_args()
-    resumed = None
-    if args.resume is not None:  # the run's own arguments, and its state at its last checkpoint
-        try:
-            resumed = load_checkpoint(args.resume)
-        except CheckpointError as error:
-            fail(str(error))
-        if not resumed.get("resume"):
-            fail(
-                f"{args.resume} holds no training state to resume from (an improvement-only run, or an older "
-                "version): run its command again"
+def policy_config(args: Args, obs_dim: int, act_dim: int) -> PolicyConfig:
+    """The policy's settings are the `Args` fields of the same names (one source of truth)."""
+    names = [field.name for field in fields(PolicyConfig) if field.name not in ("obs_dim", "act_dim")]
+    return PolicyConfig(obs_dim=obs_dim, act_dim=act_dim, **{name: getattr(args, name) for name in names})
+
+
+# What every evaluation adds to the checkpoint's "history" (one entry per evaluation; AM-Q and the
+# model's hold-out error only with --ope) and the augmentation refreshes (step, size, epsilon).
+HISTORY_KEYS = (
+    "step",
+    "scores",
+    "returns",
+    "mean_divergence",
+    "ope_scores",
+    "ope_spearman",
+    "dynamics_holdout_mse",
+    "dynamics_holdout_nll",
+    "augmentation",
+)
+
+
+# ------------------------------------------------------------------------------------------------
+# What the run trains on, and what it is evaluated against
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class TaskInfo:
+    """The environment and dataset a run belongs to: saved in its checkpoint, used to evaluate."""
+
+    env_id: str  # the Gymnasium id the dataset was recorded on (e.g. Hopper-v5)
+    dataset_id: str
+    max_episode_steps: int | None  # the data's time limit, under which sub-policies are evaluated
+    ref_min_score: float
+    ref_max_score: float
+
+
+@dataclass
+class TrainingTensors:
+    """The chunked dataset on the device: `states`/`next_states` normalized (B, To, S), `chunks`
+    in [-1, 1] (B, H, A) with their `masks`; the raw one-step transitions (state, first action,
+    next state, reward) that the dynamics model learns from; `raw_histories` for model rollouts."""
+
+    states: torch.Tensor
+    chunks: torch.Tensor
+    masks: torch.Tensor
+    chunk_rewards: torch.Tensor
+    dones: torch.Tensor
+    next_states: torch.Tensor
+    transitions: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+    raw_histories: torch.Tensor
+
+
+def training_tensors(data: dict, policy: DiffusionPolicy, device: torch.device) -> TrainingTensors:
+    """`chunk_dataset`'s arrays as device tensors, normalized by the policy's frozen statistics."""
+    to_device = lambda array: torch.as_tensor(array, dtype=torch.float32, device=device)
+    return TrainingTensors(
+        states=policy.normalize_states(to_device(data["states"])),
+        chunks=policy.scale_actions(to_device(data["chunks"])).clamp(-1, 1),
+        masks=to_device(data["mask"]),
+        chunk_rewards=to_device(data["rewards"]),
+        dones=to_device(data["dones"]),
+        next_states=policy.normalize_states(to_device(data["next_states"])),
+        transitions=(
+            to_device(data["states"][:, -1]),
+            to_device(data["chunks"][:, 0]),
+            to_device(data["step_next_states"]),
+            to_device(data["step_rewards"]),
+        ),
+        raw_histories=to_device(data["states"]),
+    )
+
+
+@dataclass
+class ModelLearners:
+    """The chunk-level IQL critics and the dynamics ensemble (--ope) with their optimizers and
+    their own random stream (`generator`: batches, model noise, augmentation starts), so that
+    switching them on leaves the policy's training exactly as it is without them."""
+
+    critics: ChunkCritics
+    target_critics: ChunkCritics
+    critic_optimizer: torch.optim.Optimizer
+    dynamics: EnsembleDynamics
+    dynamics_optimizer: torch.optim.Optimizer
+    generator: torch.Generator
+
+
+# ------------------------------------------------------------------------------------------------
+# The learners' updates: each takes its batch, steps its optimizer and returns a log dict
+# ------------------------------------------------------------------------------------------------
+class NonFiniteLoss(ValueError):
+    """A loss that is NaN or infinite: the run stops, naming the step and the loss."""
+
+
+def check_finite(losses: dict, where: str) -> None:
+    for name, value in losses.items():
+        if not torch.isfinite(value):
+            raise NonFiniteLoss(f"{where}: the {name} loss is {value.item()}")
+
+
+def policy_update(policy, optimizer, scheduler, tensors: TrainingTensors, batch, step: int, args: Args) -> dict:
+    """One step of the multi-seed diffusion policy: the diffusion loss (epsilon prediction) on
+    dataset chunks plus, every --kl-every steps, the disagreement term of the sub-policy objective
+
+        J(pi_i) = E[log pi_i] + alpha * E[log pi_i - max_{j != i} log pi_j]     (alpha = --kl-coef)
+
+    (docs/design.md, "Divergence regularization"). J's first term is the diffusion model's own
+    likelihood, which the diffusion loss already maximizes (through its bound); the Gaussian
+    surrogate pi_i = N(mu_i(s), std^2) around each deterministic sequence enters only the
+    disagreement term, read on the dataset's sequence or on each sub-policy's own (--j-reading).
+    It back-propagates through the deterministic DDIM chain of every sub-policy, with the
+    adaptive perturbation inside."""
+    states, chunks, masks = tensors.states[batch], tensors.chunks[batch], tensors.masks[batch]
+    losses = {"diffusion": policy.loss(states, chunks, masks)}
+    if args.kl_coef > 0 and args.n_subpolicies > 1 and step % args.kl_every == 0:
+        sub_batch = slice(0, args.kl_batch_size)
+        subpolicy_chunks = policy.sample(states[sub_batch]).actions
+        if args.j_reading == "dataset-sequence":
+            _, disagreement = subpolicy_terms(
+                subpolicy_chunks, chunks[sub_batch], masks[sub_batch], std=args.subpolicy_std
             )
-        try:
-            args = Args(**{**resumed["args"], "resume": args.resume, "checkpoint_path": args.resume})
-        except TypeError as error:
-            fail(f"{args.resume} was written by another version of this script ({error}); run its command again")
-        print(f"resuming {args.resume} after step {resumed['resume']['step']} with the arguments saved in it")
+        else:
+            disagreement = own_sequence_repulsion(subpolicy_chunks, args.subpolicy_std, args.repulsion_margin)
+        losses["subpolicy"] = -args.kl_coef * disagreement.mean()
+    check_finite(losses, f"step {step}")
+    optimizer.zero_grad()
+    sum(losses.values()).backward()
+    torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    return {name: value.item() for name, value in losses.items()}
+
+
+def critic_update(models: ModelLearners, tensors: TrainingTensors, step: int, args: Args) -> dict:
+    """Chunk-level IQL: Q(s_t, a_{t:t+H}) towards R_t^H + gamma^L (1 - done) V(s_{t+L}), V(s_t) by
+    expectile regression on the target Q (the current state, not the history); then Polyak."""
+    batch = torch.randint(
+        len(tensors.chunks), (args.batch_size,), device=tensors.chunks.device, generator=models.generator
+    )
+    losses = iql_losses(
+        models.critics,
+        models.target_critics,
+        tensors.states[batch, -1],
+        tensors.chunks[batch],
+        tensors.chunk_rewards[batch],
+        tensors.next_states[batch, -1],
+        tensors.dones[batch],
+        tensors.masks[batch].sum(1),
+        args.gamma,
+        args.expectile,
+    )
+    losses = {"critic_q": losses["q"], "critic_v": losses["value"]}
+    check_finite(losses, f"step {step}")
+    models.critic_optimizer.zero_grad()
+    (losses["critic_q"] + losses["critic_v"]).backward()
+    models.critic_optimizer.step()
+    soft_update(models.target_critics, models.critics, args.critic_target_rate)
+    return {name: value.item() for name, value in losses.items()}
+
+
+def dynamics_update(models: ModelLearners, real: tuple, augmented: dict, train_index, step: int, args: Args) -> dict:
+    """The dynamics ensemble's Gaussian NLL -E log T(s'|s, a) on a batch drawn uniformly from the
+    real one-step transitions (train split) and the augmentation buffer together, so the two mix in
+    proportion to their sizes (docs/design.md, "Dynamics model and diffusion augmentation")."""
+    synthetic = (augmented["states"], augmented["actions"], augmented["next_states"], augmented["rewards"])
+    batch = mixed_batch(real, synthetic, train_index, args.batch_size, models.generator)
+    losses = {"dynamics": models.dynamics.loss(*batch)}
+    check_finite(losses, f"step {step}")
+    models.dynamics_optimizer.zero_grad()
+    losses["dynamics"].backward()
+    models.dynamics_optimizer.step()
+    return {"dynamics": losses["dynamics"].item()}
+
+
+def improvement_update(policy, reference, optimizer, critics, tensors, sub_policy: int, step: int, args: Args) -> dict:
+    """One step of the improvement operator for one sub-policy (docs/design.md, "The offline loop,
+    critics and improvement"): `qgrad` (Diffusion-QL's Q gradient through the DDIM chain) or `bppo`
+    (Uni-O4's clipped ratio against `reference`, the last snapshot the gate kept)."""
+    batch = torch.randint(len(tensors.chunks), (args.batch_size,), device=tensors.chunks.device)
+    states = tensors.states[batch]
+    if args.improvement == "bppo":
+        advantage_fn = lambda chunk: critics.q(states[:, -1], chunk) - critics.value(states[:, -1])
+        out = bppo_loss(policy, reference, states, sub_policy, advantage_fn, args.clip_coef, args.improvement_kl_coef)
+    else:
+        q_fn = lambda chunk: critics.q(states[:, -1], chunk)
+        out = qgrad_loss(policy, states, tensors.chunks[batch], tensors.masks[batch], sub_policy, q_fn, args.q_weight)
+    check_finite({args.improvement: out["loss"]}, f"improvement of sub-policy {sub_policy}, step {step}")
+    optimizer.zero_grad()
+    out["loss"].backward()
+    torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
+    optimizer.step()
+    return {name: value.float().mean().item() for name, value in out.items()}
+
+
+def augment_now(step: int, args: Args) -> bool:
+    """Diffusion augmentation: first after the warm-up on real data, then every --augment-every
+    (not at the last step, where no dynamics update would use it)."""
+    return (
+        args.augment_ratio > 0
+        and args.dynamics_warmup <= step < args.total_steps
+        and (step - args.dynamics_warmup) % args.augment_every == 0
+    )
+
+
+@torch.no_grad()
+def refresh_augmentation(policy, models: ModelLearners, holdout: tuple, raw_histories, is_terminal, args: Args):
+    """Diffusion augmentation (docs/design.md): a fresh buffer of synthetic transitions from the
+    current sub-policies (start b driven by sub-policy b mod n, adaptive perturbation on) and the
+    current model, kept while the ensemble disagreement stays below epsilon. Returns the buffer
+    and epsilon."""
+    epsilon = disagreement_threshold(models.dynamics, holdout[0], holdout[1], args.aug_kl_quantile)
+    device = raw_histories.device
+    starts = raw_histories[
+        torch.randint(len(raw_histories), (args.augment_starts,), device=device, generator=models.generator)
+    ]
+    rows = torch.arange(args.augment_starts, device=device)
+    driver = rows % args.n_subpolicies
+    chunk_policy = lambda histories: policy.unscale_actions(
+        policy.sample(policy.normalize_states(histories)).actions[rows, driver]
+    )
+    buffer = diffusion_augmentation(
+        chunk_policy,
+        models.dynamics,
+        is_terminal,
+        starts,
+        args.augment_horizon,
+        epsilon,
+        int(args.augment_ratio * len(raw_histories)),
+        generator=models.generator,
+    )
+    return buffer, epsilon
+
+
+# ------------------------------------------------------------------------------------------------
+# Scoring sub-policies: AM-Q in the model (offline, decides) and the real environment (reported)
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class SubPolicyOPE:
+    """AM-Q of one sub-policy of a policy (`dynamics.am_q_rollouts`): its deterministic chunks
+    rolled through the elites from fixed start states with fixed model noise (`seed`), Q summed
+    per rollout, penalized by model uncertainty for the gate. All n sub-policies are sampled
+    together (the adaptive perturbation couples them) and the column of `sub_policy` is kept."""
+
+    critics: ChunkCritics
+    dynamics: EnsembleDynamics
+    is_terminal: object  # the task's termination rule on raw next states
+    start_histories: torch.Tensor  # (N, To, S) raw dataset state histories
+    horizon: int
+    seed: int
+    gamma: float
+
+    @torch.no_grad()
+    def rollouts(self, model: DiffusionPolicy, sub_policy: int, uncertainty_penalty: float = 0.0):
+        q_function = lambda raw_states, env_chunks: self.critics.q(
+            model.normalize_states(raw_states), model.scale_actions(env_chunks)
+        )
+        chunk_policy = lambda histories: model.unscale_actions(
+            model.sample(model.normalize_states(histories)).actions[:, sub_policy]
+        )
+        generator = torch.Generator(device=self.start_histories.device).manual_seed(self.seed)
+        return am_q_rollouts(
+            chunk_policy,
+            q_function,
+            self.dynamics,
+            self.is_terminal,
+            self.start_histories,
+            self.horizon,
+            generator=generator,
+            uncertainty_penalty=uncertainty_penalty,
+            gamma=self.gamma,
+        )
+
+    @torch.no_grad()
+    def scores(self, model: DiffusionPolicy, holdout: tuple) -> dict:
+        """Plain AM-Q (Uni-O4: the mean Q over every visited pair) of every sub-policy, after
+        re-choosing the elites on the real hold-out; with the elites' hold-out MSE and NLL."""
+        holdout_mse = self.dynamics.select_elites(*holdout)
+        elites = self.dynamics.elite_indices
+        return {
+            "dynamics_holdout_mse": holdout_mse[elites].mean().item(),
+            "dynamics_holdout_nll": self.dynamics.member_nll(*holdout)[elites].mean().item(),
+            "ope_scores": [am_q_ratio(*self.rollouts(model, i)).item() for i in range(model.config.n_subpolicies)],
+        }
+
+
+def real_scores(policy: DiffusionPolicy, task: TaskInfo, args: Args) -> dict:
+    """Every sub-policy's returns and normalized scores on the real environment (reported, never
+    used for a decision): `eval.evaluate_sub_policies` with this run's episodes and seeds."""
+    policy.eval()
+    result = evaluate_sub_policies(
+        policy,
+        task.env_id,
+        args.eval_episodes,
+        seed=args.seed * 1000,
+        ref_min_score=task.ref_min_score,
+        ref_max_score=task.ref_max_score,
+        max_episode_steps=task.max_episode_steps,
+        action_steps=args.action_steps,
+    )
+    return result
+
+
+def log_evaluation(writer, record: dict, step: int) -> None:
+    """An evaluation's scores, divergence and AM-Q: printed and written to TensorBoard."""
+    scores = np.array(record["scores"]).mean(1)
+    for i, score in enumerate(scores):
+        writer.add_scalar(f"charts/normalized_score_sub_policy_{i}", score, step)
+    writer.add_scalar("charts/normalized_score_mean", scores.mean(), step)
+    writer.add_scalar("charts/normalized_score_best", scores.max(), step)
+    writer.add_scalar("charts/mean_pairwise_divergence", record["mean_divergence"], step)
+    print(
+        f"eval step {step}: normalized score per sub-policy "
+        f"[{', '.join(f'{s:.1f}' for s in scores)}] mean {scores.mean():.1f} best {scores.max():.1f}; "
+        f"mean pairwise divergence {record['mean_divergence']:.3f}"
+    )
+    if "ope_scores" in record:
+        ope = np.array(record["ope_scores"])
+        writer.add_scalar("charts/ope_spearman", record["ope_spearman"], step)
+        writer.add_scalar("losses/dynamics_holdout_mse", record["dynamics_holdout_mse"], step)
+        writer.add_scalar("losses/dynamics_holdout_nll", record["dynamics_holdout_nll"], step)
+        print(
+            f"  AM-Q per sub-policy [{', '.join(f'{q:.1f}' for q in ope)}]; Spearman with real scores "
+            f"{record['ope_spearman']:.2f}; AM-Q's pick: sub-policy {int(ope.argmax())} "
+            f"(real {scores[ope.argmax()]:.1f}); dynamics hold-out NLL {record['dynamics_holdout_nll']:.3f}"
+        )
+
+
+# ------------------------------------------------------------------------------------------------
+# Progress, checkpoints and the state --resume needs
+# ------------------------------------------------------------------------------------------------
+class ProgressLog:
+    """The loop's progress line every --log-every steps: the mean of each loss since the last
+    line, steps per second, the run's ETA from the cost estimate and the minutes per phase
+    (also to TensorBoard). `loss_sums`/`loss_counts` are part of the state --resume restores."""
+
+    def __init__(self, args: Args, cost_counts: dict, prior_seconds: dict, first_step: int, sums=None, counts=None):
+        self.args, self.cost_counts, self.prior_seconds, self.first_step = args, cost_counts, prior_seconds, first_step
+        self.loss_sums, self.loss_counts = dict(sums or {}), dict(counts or {})
+        self.start_time = time.time()  # the loop's own time: the wall time minus the timed phases inside it
+
+    def add(self, logs: dict) -> None:
+        for name, value in logs.items():
+            self.loss_sums[name] = self.loss_sums.get(name, 0.0) + value
+            self.loss_counts[name] = self.loss_counts.get(name, 0) + 1
+
+    def report(self, step: int, clock: PhaseClock, writer, learning_rate: float) -> None:
+        args, steps_done = self.args, step - self.first_step + 1  # this process's steps (after --resume: since it)
+        elapsed = time.time() - self.start_time
+        loop_seconds = elapsed - sum(value for phase, value in clock.seconds.items() if phase != "loop")
+        clock.seconds["loop"], clock.units["loop"] = loop_seconds, steps_done
+        unit_seconds = clock.unit_seconds(self.cost_counts, self.prior_seconds)
+        remaining = cost_estimate(self.cost_counts, unit_seconds)
+        remaining = {phase: remaining[phase] - clock.seconds.get(phase, 0.0) for phase in remaining}
+        remaining["loop"] = (args.total_steps - step) * loop_seconds / steps_done
+        run_remaining = max(0.0, sum(remaining.values()))
+        for phase, seconds in clock.seconds.items():
+            writer.add_scalar(f"time/{phase}_minutes", seconds / 60, step)
+        if steps_done == args.log_every:
+            print(f"cost estimate after {step} steps: {format_cost(cost_estimate(self.cost_counts, unit_seconds))}")
+        means = {name: self.loss_sums[name] / self.loss_counts[name] for name in self.loss_sums}
+        for name, value in means.items():
+            writer.add_scalar(f"losses/{name}", value, step)
+        writer.add_scalar("charts/learning_rate", learning_rate, step)
+        writer.add_scalar("charts/SPS", steps_done / elapsed, step)
+        print(
+            f"step {step}/{args.total_steps} | "
+            + " | ".join(f"{k} {v:.4f}" for k, v in means.items())
+            + f" | {steps_done / elapsed:.0f} steps/s | run ETA {time.strftime('%H:%M:%S', time.gmtime(run_remaining))}"
+            + " | minutes: "
+            + ", ".join(f"{phase} {seconds / 60:.1f}" for phase, seconds in clock.seconds.items()),
+            flush=True,
+        )
+        self.loss_sums, self.loss_counts = {}, {}
+
+
+def training_state(step, run_name, optimizer, scheduler, progress: ProgressLog, models, augmented, device) -> dict:
+    """What --resume needs to continue the loop after `step` as if it had never stopped: the
+    optimizers, the schedule, the augmentation buffer, the loss sums since the last log and every
+    random stream the loop draws from."""
+    state = {
+        "step": step,
+        "run_name": run_name,
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "torch_rng": torch.get_rng_state(),
+        "loss_sums": dict(progress.loss_sums),
+        "loss_counts": dict(progress.loss_counts),
+    }
+    if device.type == "cuda":
+        state["cuda_rng"] = torch.cuda.get_rng_state(device)
+    if models is not None:
+        state.update(
+            target_critics=models.target_critics.state_dict(),
+            critic_optimizer=models.critic_optimizer.state_dict(),
+            dynamics_optimizer=models.dynamics_optimizer.state_dict(),
+            model_generator=models.generator.get_state(),
+            augmented=augmented,
+        )
+    return state
+
+
+def write_checkpoint(path, step, args, task: TaskInfo, policy, models, history, improved, resume) -> None:
+    """The atomic checkpoint: everything uepo_online.py and eval.py need (docs/design.md). Never a
+    non-finite one: the run stops instead, and the previous checkpoint stays as it was."""
+    tensors = [*policy.state_dict().values()] + [t for e in improved for t in e["policy"]["state_dict"].values()]
+    if models is not None:
+        tensors += [*models.critics.state_dict().values(), *models.dynamics.state_dict().values()]
+    scores = (history["scores"][-1:] + [e["scores"] for e in improved]) if history["scores"] else []
+    if not (
+        all(torch.isfinite(t).all() for t in tensors if t.is_floating_point())
+        and all(np.isfinite(np.asarray(row, dtype=float)).all() for row in scores)
+    ):
+        fail(
+            f"step {step}: a network's parameters or the evaluation are not finite; stopped without saving "
+            f"(the last checkpoint, if any, is untouched: {path})"
+        )
+    model_parts = {}
+    if models is not None:
+        config = policy.config
+        model_parts = {
+            "critics": {
+                "config": {"obs_dim": config.obs_dim, "act_dim": config.act_dim, "horizon": config.horizon},
+                "state_dict": models.critics.state_dict(),
+            },
+            "dynamics": {"config": models.dynamics.constructor_kwargs(), "state_dict": models.dynamics.state_dict()},
+        }
+    save_checkpoint(
+        {
+            "args": asdict(args),
+            "step": step,
+            "env_id": task.env_id,
+            "max_episode_steps": task.max_episode_steps,
+            "dataset_id": task.dataset_id,
+            "ref_min_score": task.ref_min_score,
+            "ref_max_score": task.ref_max_score,
+            "policy": policy.to_checkpoint(),
+            "history": history,
+            "improved": improved,
+            **model_parts,
+            "resume": resume,
+        },
+        path,
+    )
+    print(f"checkpoint: {path}")
+
+
+def evaluate(policy, task: TaskInfo, args: Args, divergence_states, ope, holdout, clock: PhaseClock, units) -> dict:
+    """Every sub-policy's real normalized score (reported, never used for a decision), their mean
+    pairwise kinematic divergence on fixed dataset states and, with --ope, their AM-Q, its rank
+    correlation with the real scores, and the dynamics model's hold-out error."""
+    policy.eval()
+    with torch.no_grad():
+        record = {"mean_divergence": mean_pairwise_divergence(policy.sample(divergence_states).actions).mean().item()}
+    phase_start = time.time()
+    result = real_scores(policy, task, args)
+    clock.add("evaluation", units["evaluation"], time.time() - phase_start)
+    record.update(scores=result["scores"].tolist(), returns=result["returns"].tolist())
+    if ope is not None:
+        phase_start = time.time()
+        record.update(ope.scores(policy, holdout))
+        clock.add("OPE", args.n_subpolicies * units["OPE"], time.time() - phase_start)
+        ope_scores, scores = np.array(record["ope_scores"]), result["scores"].mean(1)
+        record["ope_spearman"] = spearman_correlation(ope_scores, scores) if args.n_subpolicies > 2 else float("nan")
+    policy.train()
+    return record
+
+
+def improve_sub_policy(policy, sub_policy: int, models, ope, tensors, args: Args, writer, clock, units):
+    """The improvement of one qualified sub-policy (docs/design.md, "The offline loop, critics and
+    improvement"): a copy of the whole policy (denoiser + the same seeds; the partners stay
+    because the perturbation couples them) improved for `sub_policy` by --improvement, under the
+    gate: every --ope-every steps the copy is scored with the uncertainty-penalized AM-Q on the
+    same starts and model noise, and a snapshot replaces the kept one only if its gain is
+    confident (`dynamics.BestSnapshot`). Returns the copy restored to its best-by-OPE snapshot
+    (never simply the last one) and the gate with its history."""
+    improved_policy = copy.deepcopy(policy)
+    reference = copy.deepcopy(policy).requires_grad_(False)  # bppo: pi_ref, moved only by the gate
+    learning_rate = args.improvement_learning_rate or {"bppo": 3e-5, "qgrad": 1e-4}[args.improvement]
+    optimizer = torch.optim.Adam(improved_policy.parameters(), lr=learning_rate)
+    gate = BestSnapshot(
+        improved_policy,
+        ope.rollouts(improved_policy, sub_policy, args.ope_penalty),
+        step=0,
+        confidence=args.gate_confidence,
+    )
+    print(f"sub-policy {sub_policy}: gated OPE at the start {gate.best_score:.1f}")
+    start_time, loss_sums, last_logged = time.time(), {}, 0
+    for step in range(1, args.improvement_steps + 1):
+        step_start = time.time()
+        logs = improvement_update(
+            improved_policy, reference, optimizer, models.critics, tensors, sub_policy, step, args
+        )
+        clock.add("improvement", 1, time.time() - step_start)
+        for name, value in logs.items():
+            loss_sums[name] = loss_sums.get(name, 0.0) + value
+        if step % args.log_every == 0 or step % args.ope_every == 0 or step == args.improvement_steps:
+            logged_steps, last_logged = step - last_logged, step
+            for name, value in loss_sums.items():
+                writer.add_scalar(f"improvement_{sub_policy}/{name}", value / logged_steps, step)
+            remaining = (args.improvement_steps - step) * (time.time() - start_time) / step
+            print(
+                f"  sub-policy {sub_policy} step {step}/{args.improvement_steps} | "
+                + " | ".join(f"{k} {v / logged_steps:.4f}" for k, v in loss_sums.items())
+                + f" | ETA {time.strftime('%H:%M:%S', time.gmtime(remaining))}",
+                flush=True,
+            )
+            loss_sums = {}
+        if step % args.ope_every == 0 or step == args.improvement_steps:
+            phase_start = time.time()
+            accepted = gate.offer(improved_policy, ope.rollouts(improved_policy, sub_policy, args.ope_penalty), step)
+            clock.add("OPE", units["OPE"], time.time() - phase_start)
+            _, score, _, lower_bound = gate.history[-1]
+            if accepted and args.improvement == "bppo":
+                reference.load_state_dict(improved_policy.state_dict())
+            writer.add_scalar(f"improvement_{sub_policy}/gated_ope", score, step)
+            print(
+                f"  sub-policy {sub_policy} step {step}: gated OPE {score:.1f}, gain bound {lower_bound:+.1f} "
+                f"({'kept' if accepted else 'rejected'}; best {gate.best_score:.1f} at step {gate.best_step})"
+            )
+    gate.restore(improved_policy)
+    improved_policy.eval()
+    return improved_policy, gate
+
+
+def resumed_run(args: Args) -> tuple[Args, dict | None]:
+    """--resume: the run's own arguments and its checkpoint (with the loop's training state)."""
+    if args.resume is None:
+        return args, None
+    try:
+        resumed = load_checkpoint(args.resume)
+    except CheckpointError as error:
+        fail(str(error))
+    if not resumed.get("resume"):
+        fail(
+            f"{args.resume} holds no training state to resume from (an improvement-only run, or an older "
+            "version): run its command again"
+        )
+    try:
+        args = Args(**{**resumed["args"], "resume": args.resume, "checkpoint_path": args.resume})
+    except TypeError as error:
+        fail(f"{args.resume} was written by another version of this script ({error}); run its command again")
+    print(f"resuming {args.resume} after step {resumed['resume']['step']} with the arguments saved in it")
+    return args, resumed
+
+
+if __name__ == "__main__":
+    args, resumed = resumed_run(parse_args())
     problem = check_args(args)
     if problem is not None:
         fail(problem)
@@ -647,13 +1163,18 @@ if __name__ == "__main__":
             f"{dataset_id} has observation space {dataset.observation_space} and action space "
             f"{dataset.action_space}; this implementation needs flat Box spaces (state vectors, continuous actions)"
         )
-    gym_env_id = dataset.spec.env_spec.id
+    task = TaskInfo(
+        env_id=dataset.spec.env_spec.id,
+        dataset_id=dataset_id,
+        max_episode_steps=dataset.spec.env_spec.max_episode_steps,
+        ref_min_score=ref_min_score,
+        ref_max_score=ref_max_score,
+    )
     if args.ope:
         try:  # the model's rollouts (AM-Q) need the task's termination rule
-            is_terminal = termination_fn(task_of_env_id(gym_env_id))
+            is_terminal = termination_fn(task_of_env_id(task.env_id))
         except ValueError as error:
             fail(str(error))
-    max_episode_steps = dataset.spec.env_spec.max_episode_steps  # evaluate under the data's time limit
     env_name = args.env_id if args.dataset_id is None else dataset_id.replace("/", "-")
     run_name = f"{env_name}__{args.exp_name}__{args.seed}__{int(time.time())}"
     if resumed is not None:
@@ -683,12 +1204,12 @@ if __name__ == "__main__":
     action_space = dataset.action_space
     print(
         f"{dataset_id}: {dataset.total_episodes} episodes, {len(data['chunks'])} chunks of H={args.horizon} "
-        f"({gym_env_id}, obs {state_mean.shape[0]}, act {action_space.shape[0]}), device {device}"
+        f"({task.env_id}, obs {state_mean.shape[0]}, act {action_space.shape[0]}), device {device}"
     )
 
     # ---- the cost of this run, said up front (refined after the first --log-every steps) -------
-    cost_counts = phase_counts(args, max_episode_steps or 1000)
-    call_units = units_per_call(args, max_episode_steps or 1000)  # what each timed call below adds
+    cost_counts = phase_counts(args, task.max_episode_steps or 1000)
+    call_units = units_per_call(args, task.max_episode_steps or 1000)  # what each timed call adds
     prior_seconds = {
         unit: seconds * (UNET_CPU_FACTOR[unit] if args.denoiser == "unet" else 1.0)
         for unit, seconds in CPU_SECONDS.items()
@@ -710,77 +1231,122 @@ if __name__ == "__main__":
         print("cost estimate: after the first --log-every steps (the seconds above are measured on a CPU)")
 
     # ---- the multi-seed diffusion policy -------------------------------------------------------
-    config = PolicyConfig(
-        obs_dim=state_mean.shape[0],
-        act_dim=action_space.shape[0],
-        horizon=args.horizon,
-        obs_horizon=args.obs_horizon,
-        denoiser=args.denoiser,
-        mlp_hidden=args.mlp_hidden,
-        unet_dims=tuple(args.unet_dims),
-        diffusion_steps=args.diffusion_steps,
-        ddim_steps=args.ddim_steps,
-        n_subpolicies=args.n_subpolicies,
-        noise_seed=args.noise_seed,
-        tau=args.tau,
-        eta=args.eta,
-        min_std=args.min_std,
-    )
+    config = policy_config(args, obs_dim=state_mean.shape[0], act_dim=action_space.shape[0])
     policy = DiffusionPolicy(config, state_mean, state_std, action_space.low, action_space.high).to(device)
     optimizer = torch.optim.Adam(policy.parameters(), lr=args.learning_rate)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.total_steps)
+    tensors = training_tensors(data, policy, device)
+    num_chunks = len(tensors.chunks)
+    divergence_states = tensors.states[torch.randperm(num_chunks, device=device)[: args.divergence_states]]
 
-    # The training tensors, on the device once: normalized states, actions scaled to [-1, 1].
-    to_device = lambda array: torch.as_tensor(array, dtype=torch.float32, device=device)
-    states = policy.normalize_states(to_device(data["states"]))
-    chunks = policy.scale_actions(to_device(data["chunks"])).clamp(-1, 1)
-    masks = to_device(data["mask"])
-    num_chunks = len(chunks)
-    divergence_index = torch.randperm(num_chunks, device=device)[: args.divergence_states]
-
-    # ---- chunk-level IQL critics and the dynamics ensemble (--ope) -----------------------------
-    # They draw from their own random stream (init, batches, hold-out split, model noise), so
-    # switching them on leaves the policy's training exactly as it is without them.
+    # ---- chunk-level IQL critics and the dynamics ensemble (--ope), on their own random stream --
+    models = ope = holdout = None
+    augmented = {}
     if args.ope:
-        model_generator = torch.Generator(device=device).manual_seed(args.seed + 1)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(args.seed + 1)
             critics = ChunkCritics(config.obs_dim, config.act_dim, args.horizon).to(device)
             dynamics = EnsembleDynamics(config.obs_dim, config.act_dim).to(device)
-        target_critics = copy.deepcopy(critics)
-        critic_optimizer = torch.optim.Adam(critics.parameters(), lr=args.critic_learning_rate)
-        dynamics_optimizer = torch.optim.Adam(dynamics.parameters(), lr=args.dynamics_learning_rate)
-        chunk_rewards, dones, chunk_lengths = to_device(data["rewards"]), to_device(data["dones"]), masks.sum(1)
-        next_states = policy.normalize_states(to_device(data["next_states"]))
-        # One-step transitions in raw units for the dynamics model (it standardizes internally).
-        step_states, step_actions = to_device(data["states"][:, -1]), to_device(data["chunks"][:, 0])
-        step_next_states, step_rewards = to_device(data["step_next_states"]), to_device(data["step_rewards"])
+        models = ModelLearners(
+            critics=critics,
+            target_critics=copy.deepcopy(critics),
+            critic_optimizer=torch.optim.Adam(critics.parameters(), lr=args.critic_learning_rate),
+            dynamics=dynamics,
+            dynamics_optimizer=torch.optim.Adam(dynamics.parameters(), lr=args.dynamics_learning_rate),
+            generator=torch.Generator(device=device).manual_seed(args.seed + 1),
+        )
         split_generator = torch.Generator().manual_seed(args.seed + 1)
         train_index, holdout_index = (index.to(device) for index in holdout_split(num_chunks, split_generator))
-        holdout = (
-            step_states[holdout_index],
-            step_actions[holdout_index],
-            step_next_states[holdout_index],
-            step_rewards[holdout_index],
-        )
-        dynamics.set_input_statistics(step_states[train_index], step_actions[train_index])
-        # AM-Q start states: fixed dataset state histories, raw units.
-        raw_histories = to_device(data["states"])
+        holdout = tuple(part[holdout_index] for part in tensors.transitions)
+        dynamics.set_input_statistics(tensors.transitions[0][train_index], tensors.transitions[1][train_index])
+        # AM-Q start states: fixed dataset state histories (raw units), fixed model noise.
         ope_index = torch.randperm(num_chunks, generator=split_generator)[: args.ope_states].to(device)
-        ope_start = raw_histories[ope_index]
-        # The augmentation buffer (docs/design.md, "Dynamics model and diffusion augmentation"): empty
-        # until --dynamics-warmup.
+        ope = SubPolicyOPE(
+            critics,
+            dynamics,
+            is_terminal,
+            tensors.raw_histories[ope_index],
+            args.ope_horizon,
+            args.seed + 2,
+            args.gamma,
+        )
+        # The augmentation buffer (docs/design.md, "Dynamics model and diffusion augmentation"):
+        # empty until --dynamics-warmup.
         augmented = {
-            "states": step_states[:0],
-            "actions": step_actions[:0],
-            "next_states": step_next_states[:0],
-            "rewards": step_rewards[:0],
+            key: part[:0] for key, part in zip(("states", "actions", "next_states", "rewards"), tensors.transitions)
         }
 
-    # --init-checkpoint: the loop was run before; take its policy, critics and dynamics model.
-    if args.init_checkpoint is not None:
+    history = {key: [] for key in HISTORY_KEYS}
+    improved = []  # the improved copies (phase 2)
+    resume = None  # the loop's training state at its last evaluation (`training_state`)
+
+    if args.init_checkpoint is None:
+        # ---- phase 1: the offline loop (docs/design.md, "The offline loop, critics and improvement")
+        first_step, sums, counts = 1, None, None
+        if resumed is not None:  # --resume: every state the loop carries, as it was after the saved step
+            resume = resumed["resume"]
+            policy.load_state_dict(resumed["policy"]["state_dict"])
+            optimizer.load_state_dict(resume["optimizer"])
+            scheduler.load_state_dict(resume["scheduler"])
+            if args.ope:
+                models.critics.load_state_dict(resumed["critics"]["state_dict"])
+                models.target_critics.load_state_dict(resume["target_critics"])
+                models.dynamics.load_state_dict(resumed["dynamics"]["state_dict"])
+                models.critic_optimizer.load_state_dict(resume["critic_optimizer"])
+                models.dynamics_optimizer.load_state_dict(resume["dynamics_optimizer"])
+                models.generator.set_state(resume["model_generator"])
+                augmented = resume["augmented"]
+            torch.set_rng_state(resume["torch_rng"])
+            if "cuda_rng" in resume and device.type == "cuda":
+                torch.cuda.set_rng_state(resume["cuda_rng"], device)
+            history, sums, counts, first_step = (
+                resumed["history"],
+                resume["loss_sums"],
+                resume["loss_counts"],
+                resume["step"] + 1,
+            )
+        progress = ProgressLog(args, cost_counts, prior_seconds, first_step, sums, counts)
+        for step in range(first_step, args.total_steps + 1):
+            batch = torch.randint(num_chunks, (args.batch_size,), device=device)
+            try:
+                logs = policy_update(policy, optimizer, scheduler, tensors, batch, step, args)
+                if args.ope:
+                    logs |= critic_update(models, tensors, step, args)
+                    logs |= dynamics_update(models, tensors.transitions, augmented, train_index, step, args)
+            except NonFiniteLoss as error:
+                last = checkpoint_path if history["step"] else "none yet"
+                fail(f"{error}; stopped (the last checkpoint is untouched: {last})")
+            progress.add(logs)
+            if args.ope and (step % args.elite_every == 0 or augment_now(step, args)):
+                models.dynamics.select_elites(*holdout)  # elites are chosen on real hold-out data only
+            if args.ope and augment_now(step, args):
+                policy.eval()
+                phase_start = time.time()
+                augmented, epsilon = refresh_augmentation(
+                    policy, models, holdout, tensors.raw_histories, is_terminal, args
+                )
+                clock.add("augmentation", call_units["augmentation"], time.time() - phase_start)
+                policy.train()
+                history["augmentation"].append((step, len(augmented["states"]), epsilon))
+                writer.add_scalar("charts/augmentation_size", len(augmented["states"]), step)
+                print(
+                    f"augmentation at step {step}: {len(augmented['states'])} synthetic transitions "
+                    f"(epsilon {epsilon:.3f}, cap {int(args.augment_ratio * num_chunks)})"
+                )
+            if step % args.log_every == 0 or step == args.total_steps:
+                progress.report(step, clock, writer, scheduler.get_last_lr()[0])
+            if step % args.eval_every == 0 or step == args.total_steps:
+                record = evaluate(policy, task, args, divergence_states, ope, holdout, clock, call_units)
+                log_evaluation(writer, record, step)
+                for key, value in {"step": step, **record}.items():
+                    history[key].append(value)
+                # taken after the evaluation, so that a resumed run continues from exactly here
+                resume = training_state(step, run_name, optimizer, scheduler, progress, models, augmented, device)
+                write_checkpoint(checkpoint_path, step, args, task, policy, models, history, improved, resume)
+    else:
+        # ---- phase 1 ran in an earlier run (--init-checkpoint): take its networks, evaluate them --
         try:
-            saved = load_checkpoint(args.init_checkpoint, expected_env_id=gym_env_id, map_location=device)
+            saved = load_checkpoint(args.init_checkpoint, expected_env_id=task.env_id, map_location=device)
         except CheckpointError as error:
             fail(str(error))
         if saved["dataset_id"] != dataset_id or "critics" not in saved or saved["policy"]["config"] != asdict(config):
@@ -790,472 +1356,29 @@ if __name__ == "__main__":
                 "trained with"
             )
         policy.load_state_dict(saved["policy"]["state_dict"])
-        critics.load_state_dict(saved["critics"]["state_dict"])
-        dynamics.load_state_dict(saved["dynamics"]["state_dict"])
+        models.critics.load_state_dict(saved["critics"]["state_dict"])
+        models.dynamics.load_state_dict(saved["dynamics"]["state_dict"])
+        record = evaluate(policy, task, args, divergence_states, ope, holdout, clock, call_units)
+        log_evaluation(writer, record, saved["step"])
+        for key, value in {"step": saved["step"], **record}.items():
+            history[key].append(value)
+        write_checkpoint(checkpoint_path, saved["step"], args, task, policy, models, history, improved, resume)
 
-    history = {
-        "step": [],
-        "scores": [],
-        "returns": [],
-        "mean_divergence": [],
-        "ope_scores": [],
-        "ope_spearman": [],
-        "dynamics_holdout_mse": [],
-        "dynamics_holdout_nll": [],
-        "augmentation": [],
-    }
-    improved = []  # the improved copies (after the loop)
-    resume_state = {}  # "state": the loop's training state at its last evaluation (`training_state`)
-
-    @torch.no_grad()
-    def ope_rollouts(model: DiffusionPolicy, sub_policy: int, uncertainty_penalty: float = 0.0):
-        """AM-Q of one sub-policy of `model` per start state (`dynamics.am_q_rollouts`): its
-        deterministic chunks rolled through the elites from fixed start states with fixed model
-        noise, Q summed per rollout (penalized by model uncertainty for the gate). All n
-        sub-policies are sampled together (the adaptive perturbation couples them) and column
-        `sub_policy` is kept."""
-        q_function = lambda raw_states, env_chunks: critics.q(
-            policy.normalize_states(raw_states), policy.scale_actions(env_chunks)
-        )
-        chunk_policy = lambda histories: model.unscale_actions(
-            model.sample(model.normalize_states(histories)).actions[:, sub_policy]
-        )
-        generator = torch.Generator(device=device).manual_seed(args.seed + 2)
-        return am_q_rollouts(
-            chunk_policy,
-            q_function,
-            dynamics,
-            is_terminal,
-            ope_start,
-            args.ope_horizon,
-            generator=generator,
-            uncertainty_penalty=uncertainty_penalty,
-            gamma=args.gamma,
-        )
-
-    def ope_score(model: DiffusionPolicy, sub_policy: int) -> float:
-        """Plain AM-Q (Uni-O4): the mean Q over every visited (state, chunk) pair."""
-        return am_q_ratio(*ope_rollouts(model, sub_policy)).item()
-
-    def ope_scores() -> np.ndarray:
-        """Plain AM-Q (Uni-O4) of every sub-policy, after re-choosing the elites on the real hold-out."""
-        holdout_mse = dynamics.select_elites(*holdout)
-        history["dynamics_holdout_mse"].append(holdout_mse[dynamics.elite_indices].mean().item())
-        with torch.no_grad():
-            holdout_nll = dynamics.member_nll(*holdout)[dynamics.elite_indices].mean().item()
-        history["dynamics_holdout_nll"].append(holdout_nll)
-        return np.array([ope_score(policy, i) for i in range(args.n_subpolicies)])
-
-    @torch.no_grad()
-    def refresh_augmentation(step: int) -> dict:
-        """Diffusion augmentation (docs/design.md): a fresh buffer of synthetic transitions from the
-        current sub-policies (start b driven by sub-policy b mod n, adaptive perturbation on) and
-        the current model, kept while the ensemble disagreement stays below epsilon."""
-        epsilon = disagreement_threshold(dynamics, holdout[0], holdout[1], args.aug_kl_quantile)
-        starts = raw_histories[
-            torch.randint(num_chunks, (args.augment_starts,), device=device, generator=model_generator)
-        ]
-        rows = torch.arange(args.augment_starts, device=device)
-        driver = rows % args.n_subpolicies
-        chunk_policy = lambda histories: policy.unscale_actions(
-            policy.sample(policy.normalize_states(histories)).actions[rows, driver]
-        )
-        buffer = diffusion_augmentation(
-            chunk_policy,
-            dynamics,
-            is_terminal,
-            starts,
-            args.augment_horizon,
-            epsilon,
-            int(args.augment_ratio * num_chunks),
-            generator=model_generator,
-        )
-        history["augmentation"].append((step, len(buffer["states"]), epsilon))
-        writer.add_scalar("charts/augmentation_size", len(buffer["states"]), step)
-        print(
-            f"augmentation at step {step}: {len(buffer['states'])} synthetic transitions "
-            f"(epsilon {epsilon:.3f}, cap {int(args.augment_ratio * num_chunks)})"
-        )
-        return buffer
-
-    def training_state(step: int) -> dict:
-        """What --resume needs to continue the loop after `step` as if it had never stopped: the
-        optimizers, the schedule, the augmentation buffer, the loss sums since the last log and
-        every random stream the loop draws from."""
-        state = {
-            "step": step,
-            "run_name": run_name,
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "torch_rng": torch.get_rng_state(),
-            "loss_sums": dict(loss_sums),
-            "loss_counts": dict(loss_counts),
-        }
-        if device.type == "cuda":
-            state["cuda_rng"] = torch.cuda.get_rng_state(device)
-        if args.ope:
-            state.update(
-                target_critics=target_critics.state_dict(),
-                critic_optimizer=critic_optimizer.state_dict(),
-                dynamics_optimizer=dynamics_optimizer.state_dict(),
-                model_generator=model_generator.get_state(),
-                augmented=augmented,
-            )
-        return state
-
-    def write_checkpoint(step: int) -> None:
-        """The atomic checkpoint: everything uepo_online.py and eval.py need (docs/design.md). Never
-        a non-finite one: the run stops instead, and the previous checkpoint stays as it was."""
-        tensors = [*policy.state_dict().values()] + [t for e in improved for t in e["policy"]["state_dict"].values()]
-        if args.ope:
-            tensors += [*critics.state_dict().values(), *dynamics.state_dict().values()]
-        scores = (history["scores"][-1:] + [e["scores"] for e in improved]) if history["scores"] else []
-        if not (
-            all(torch.isfinite(t).all() for t in tensors if t.is_floating_point())
-            and all(np.isfinite(np.asarray(row, dtype=float)).all() for row in scores)
-        ):
-            fail(
-                f"step {step}: a network's parameters or the evaluation are not finite; stopped without saving "
-                f"(the last checkpoint, if any, is untouched: {checkpoint_path})"
-            )
-        model_parts = {}
-        if args.ope:
-            model_parts = {
-                "critics": {
-                    "config": {"obs_dim": config.obs_dim, "act_dim": config.act_dim, "horizon": args.horizon},
-                    "state_dict": critics.state_dict(),
-                },
-                "dynamics": {"config": dynamics.constructor_kwargs(), "state_dict": dynamics.state_dict()},
-            }
-        save_checkpoint(
-            {
-                "args": asdict(args),
-                "step": step,
-                "env_id": gym_env_id,
-                "max_episode_steps": max_episode_steps,
-                "dataset_id": dataset_id,
-                "ref_min_score": ref_min_score,
-                "ref_max_score": ref_max_score,
-                "policy": policy.to_checkpoint(),
-                "history": history,
-                "improved": improved,
-                **model_parts,
-                "resume": resume_state.get("state"),
-            },
-            checkpoint_path,
-        )
-        print(f"checkpoint: {checkpoint_path}")
-
-    def evaluate_and_save(step: int, in_loop: bool) -> None:
-        """Every sub-policy's normalized score and the sub-policies' mean pairwise divergence
-        (on fixed dataset states), logged; then the atomic checkpoint."""
-        policy.eval()
-        with torch.no_grad():
-            actions = policy.sample(states[divergence_index]).actions
-        mean_divergence = mean_pairwise_divergence(actions).mean().item()
-        phase_start = time.time()
-        result = evaluate_sub_policies(
-            policy,
-            gym_env_id,
-            args.eval_episodes,
-            seed=args.seed * 1000,
-            ref_min_score=ref_min_score,
-            ref_max_score=ref_max_score,
-            max_episode_steps=max_episode_steps,
-            action_steps=args.action_steps,
-        )
-        clock.add("evaluation", call_units["evaluation"], time.time() - phase_start)
-        phase_start = time.time()
-        with torch.no_grad():
-            ope = ope_scores() if args.ope else None
-        if args.ope:
-            clock.add("OPE", args.n_subpolicies * call_units["OPE"], time.time() - phase_start)
-        policy.train()
-        scores = result["scores"].mean(1)
-        for i, score in enumerate(scores):
-            writer.add_scalar(f"charts/normalized_score_sub_policy_{i}", score, step)
-        writer.add_scalar("charts/normalized_score_mean", scores.mean(), step)
-        writer.add_scalar("charts/normalized_score_best", scores.max(), step)
-        writer.add_scalar("charts/mean_pairwise_divergence", mean_divergence, step)
-        print(
-            f"eval step {step}: normalized score per sub-policy "
-            f"[{', '.join(f'{s:.1f}' for s in scores)}] mean {scores.mean():.1f} best {scores.max():.1f}; "
-            f"mean pairwise divergence {mean_divergence:.3f}"
-        )
-        history["step"].append(step)
-        history["scores"].append(result["scores"].tolist())
-        history["returns"].append(result["returns"].tolist())
-        history["mean_divergence"].append(mean_divergence)
-        if args.ope:
-            history["ope_scores"].append(ope.tolist())
-            rank_correlation = spearman_correlation(ope, scores) if args.n_subpolicies > 2 else float("nan")
-            history["ope_spearman"].append(rank_correlation)
-            writer.add_scalar("charts/ope_spearman", rank_correlation, step)
-            writer.add_scalar("losses/dynamics_holdout_mse", history["dynamics_holdout_mse"][-1], step)
-            writer.add_scalar("losses/dynamics_holdout_nll", history["dynamics_holdout_nll"][-1], step)
-            print(
-                f"  AM-Q per sub-policy [{', '.join(f'{q:.1f}' for q in ope)}]; Spearman with real scores "
-                f"{rank_correlation:.2f}; AM-Q's pick: sub-policy {int(ope.argmax())} "
-                f"(real {scores[ope.argmax()]:.1f}); dynamics hold-out NLL "
-                f"{history['dynamics_holdout_nll'][-1]:.3f}"
-            )
-        if in_loop:  # taken after the evaluation, so a resumed run continues from exactly here
-            resume_state["state"] = training_state(step)
-        write_checkpoint(step)
-
-    # ---- the offline loop ------------------------------------------------------------------------
-    start_time = time.time()  # the loop's own time is the wall time minus the timed phases inside it
-    loss_sums, loss_counts = {}, {}
-    first_step = 1
-    if resumed is not None:  # --resume: every state the loop carries, as it was after the saved step
-        state = resumed["resume"]
-        policy.load_state_dict(resumed["policy"]["state_dict"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if args.ope:
-            critics.load_state_dict(resumed["critics"]["state_dict"])
-            target_critics.load_state_dict(state["target_critics"])
-            dynamics.load_state_dict(resumed["dynamics"]["state_dict"])
-            critic_optimizer.load_state_dict(state["critic_optimizer"])
-            dynamics_optimizer.load_state_dict(state["dynamics_optimizer"])
-            model_generator.set_state(state["model_generator"])
-            augmented = state["augmented"]
-        torch.set_rng_state(state["torch_rng"])
-        if "cuda_rng" in state and device.type == "cuda":
-            torch.cuda.set_rng_state(state["cuda_rng"], device)
-        history, loss_sums, loss_counts = resumed["history"], state["loss_sums"], state["loss_counts"]
-        resume_state["state"], first_step = state, state["step"] + 1
-    loop_steps = range(first_step, args.total_steps + 1) if args.init_checkpoint is None else []  # else: trained
-    for step in loop_steps:
-        batch = torch.randint(num_chunks, (args.batch_size,), device=device)
-
-        # Diffusion loss (epsilon prediction) on dataset chunks.
-        diffusion_loss = policy.loss(states[batch], chunks[batch], masks[batch])
-        losses = {"diffusion": diffusion_loss}
-
-        # Sub-policy objective J(pi_i) = E[log pi_i] + alpha * E[log pi_i - max_j log pi_j]
-        # (docs/design.md, sequence-level disagreement). Its first term is the diffusion model's own
-        # likelihood, which the diffusion loss above already maximizes (through its bound). The
-        # Gaussian surrogate pi_i = N(mu_i(s), std^2) around each deterministic sequence enters
-        # only the disagreement term, weighted alpha = --kl-coef. Why not also the first term:
-        # through a unimodal surrogate it is an MSE pull of every sub-policy towards the
-        # conditional mean, which undoes the multimodality that the diffusion policy is for
-        # (measured: docs/experiments.md, "Reading of J"). Back-propagates through the deterministic DDIM
-        # chain of every sub-policy, with the adaptive perturbation inside.
-        if args.kl_coef > 0 and args.n_subpolicies > 1 and step % args.kl_every == 0:
-            sub_batch = batch[: args.kl_batch_size]
-            subpolicy_chunks = policy.sample(states[sub_batch]).actions
-            if args.j_reading == "dataset-sequence":
-                _, disagreement = subpolicy_terms(
-                    subpolicy_chunks, chunks[sub_batch], masks[sub_batch], std=args.subpolicy_std
-                )
-            else:
-                disagreement = own_sequence_repulsion(subpolicy_chunks, args.subpolicy_std, args.repulsion_margin)
-            losses["subpolicy"] = -args.kl_coef * disagreement.mean()
-
-        policy_loss = sum(losses.values())
-
-        if args.ope:
-            # Chunk-level IQL critics: Q(s_t, a_{t:t+H}) towards R_t^H + gamma^L (1 - done) V(s_{t+L}),
-            # V(s_t) by expectile regression on the target Q (the current state, not the history).
-            critic_batch = torch.randint(num_chunks, (args.batch_size,), device=device, generator=model_generator)
-            critic_losses = iql_losses(
-                critics,
-                target_critics,
-                states[critic_batch, -1],
-                chunks[critic_batch],
-                chunk_rewards[critic_batch],
-                next_states[critic_batch, -1],
-                dones[critic_batch],
-                chunk_lengths[critic_batch],
-                args.gamma,
-                args.expectile,
-            )
-            losses["critic_q"], losses["critic_v"] = critic_losses["q"], critic_losses["value"]
-            # Dynamics ensemble: Gaussian NLL -E log T(s'|s, a) on a batch drawn uniformly from the
-            # real one-step transitions (train split) and the augmentation buffer together, so the
-            # two mix in proportion to their sizes (docs/design.md).
-            dynamics_batch = mixed_batch(
-                (step_states, step_actions, step_next_states, step_rewards),
-                (augmented["states"], augmented["actions"], augmented["next_states"], augmented["rewards"]),
-                train_index,
-                args.batch_size,
-                model_generator,
-            )
-            losses["dynamics"] = dynamics.loss(*dynamics_batch)
-
-        for name, value in losses.items():
-            if not torch.isfinite(value):
-                fail(
-                    f"step {step}: the {name} loss is {value.item()}; stopped (the last checkpoint is untouched: "
-                    f"{checkpoint_path if history['step'] else 'none yet'})"
-                )
-            loss_sums[name] = loss_sums.get(name, 0.0) + value.item()
-            loss_counts[name] = loss_counts.get(name, 0) + 1
-        optimizer.zero_grad()
-        policy_loss.backward()
-        torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        if args.ope:
-            critic_optimizer.zero_grad()
-            (losses["critic_q"] + losses["critic_v"]).backward()
-            critic_optimizer.step()
-            soft_update(target_critics, critics, args.critic_target_rate)
-            dynamics_optimizer.zero_grad()
-            losses["dynamics"].backward()
-            dynamics_optimizer.step()
-            # Diffusion augmentation: first after the warm-up on real data, then every --augment-every
-            # (not at the last step, where no dynamics update would use it).
-            augment_now = (
-                args.augment_ratio > 0
-                and args.dynamics_warmup <= step < args.total_steps
-                and (step - args.dynamics_warmup) % args.augment_every == 0
-            )
-            if step % args.elite_every == 0 or augment_now:
-                dynamics.select_elites(*holdout)  # elites are chosen on real hold-out data only
-            if augment_now:
-                policy.eval()
-                phase_start = time.time()
-                augmented = refresh_augmentation(step)
-                clock.add("augmentation", call_units["augmentation"], time.time() - phase_start)
-                policy.train()
-
-        if step % args.log_every == 0 or step == args.total_steps:
-            elapsed = time.time() - start_time
-            steps_per_second = (step - first_step + 1) / elapsed  # this process's steps (after a --resume: since it)
-            loop_seconds = (
-                time.time() - start_time - sum(value for phase, value in clock.seconds.items() if phase != "loop")
-            )
-            clock.seconds["loop"], clock.units["loop"] = loop_seconds, step - first_step + 1
-            remaining = cost_estimate(cost_counts, clock.unit_seconds(cost_counts, prior_seconds))
-            remaining = {phase: remaining[phase] - clock.seconds.get(phase, 0.0) for phase in remaining}
-            remaining["loop"] = (args.total_steps - step) * loop_seconds / (step - first_step + 1)
-            eta_seconds = max(0.0, sum(remaining.values()))
-            for phase, seconds in clock.seconds.items():
-                writer.add_scalar(f"time/{phase}_minutes", seconds / 60, step)
-            if step - first_step + 1 == args.log_every:
-                print(
-                    f"cost estimate after {step} steps: "
-                    f"{format_cost(cost_estimate(cost_counts, clock.unit_seconds(cost_counts, prior_seconds)))}"
-                )
-            means = {name: loss_sums[name] / loss_counts[name] for name in loss_sums}
-            for name, value in means.items():
-                writer.add_scalar(f"losses/{name}", value, step)
-            writer.add_scalar("charts/learning_rate", scheduler.get_last_lr()[0], step)
-            writer.add_scalar("charts/SPS", steps_per_second, step)
-            print(
-                f"step {step}/{args.total_steps} | "
-                + " | ".join(f"{k} {v:.4f}" for k, v in means.items())
-                + f" | {steps_per_second:.0f} steps/s | run ETA {time.strftime('%H:%M:%S', time.gmtime(eta_seconds))}"
-                + " | minutes: "
-                + ", ".join(f"{phase} {seconds / 60:.1f}" for phase, seconds in clock.seconds.items()),
-                flush=True,
-            )
-            loss_sums, loss_counts = {}, {}
-
-        if step % args.eval_every == 0 or step == args.total_steps:
-            evaluate_and_save(step, in_loop=True)
-
-    if args.init_checkpoint is not None:  # the loop ran in an earlier run: evaluate what it left
-        evaluate_and_save(saved["step"], in_loop=False)
-
-    # ---- improvement of the best sub-policies, after the loop ----------------------------------
-    # (docs/design.md, "The offline loop, critics and improvement")
-    # The top --num-qualified sub-policies by AM-Q each get a copy of the whole policy (denoiser
-    # + the same seeds; the partners stay because the perturbation couples them), improved for
-    # that sub-policy by one operator under one gate: every --ope-every steps the copy is scored
-    # with the uncertainty-penalized AM-Q and only a better score replaces the kept snapshot.
-    # The critics and the dynamics model are frozen from here on.
+    # ---- phase 2: improvement of the best sub-policies by AM-Q (docs/design.md, "The offline loop,
+    # critics and improvement"); the critics and the dynamics model are frozen from here on.
     if args.num_qualified > 0:
-        critics.requires_grad_(False)
-        base_ope = np.array(history["ope_scores"][-1])
-        base_scores = np.array(history["scores"][-1]).mean(1)
+        models.critics.requires_grad_(False)
+        base_ope, base_scores = np.array(history["ope_scores"][-1]), np.array(history["scores"][-1]).mean(1)
         qualified = [int(i) for i in np.argsort(-base_ope)[: args.num_qualified]]
-        improvement_learning_rate = args.improvement_learning_rate or {"bppo": 3e-5, "qgrad": 1e-4}[args.improvement]
         print(f"improvement ({args.improvement}): sub-policies {qualified} qualify by AM-Q")
         for sub_policy in qualified:
-            improved_policy = copy.deepcopy(policy)
-            reference = copy.deepcopy(policy).requires_grad_(False)  # bppo: pi_ref, moved only by the gate
-            improvement_optimizer = torch.optim.Adam(improved_policy.parameters(), lr=improvement_learning_rate)
-            gate = BestSnapshot(
-                improved_policy,
-                ope_rollouts(improved_policy, sub_policy, args.ope_penalty),
-                step=0,
-                confidence=args.gate_confidence,
-            )
-            print(f"sub-policy {sub_policy}: gated OPE at the start {gate.best_score:.1f}")
-            start_time, loss_sums, last_logged = time.time(), {}, 0
-            for step in range(1, args.improvement_steps + 1):
-                step_start = time.time()
-                batch = torch.randint(num_chunks, (args.batch_size,), device=device)
-                batch_states = states[batch, -1]
-                if args.improvement == "bppo":
-                    advantage_fn = lambda chunk: critics.q(batch_states, chunk) - critics.value(batch_states)
-                    out = bppo_loss(
-                        improved_policy,
-                        reference,
-                        states[batch],
-                        sub_policy,
-                        advantage_fn,
-                        args.clip_coef,
-                        args.improvement_kl_coef,
-                    )
-                else:
-                    q_fn = lambda chunk: critics.q(batch_states, chunk)
-                    out = qgrad_loss(
-                        improved_policy, states[batch], chunks[batch], masks[batch], sub_policy, q_fn, args.q_weight
-                    )
-                if not torch.isfinite(out["loss"]):
-                    fail(
-                        f"improvement of sub-policy {sub_policy}, step {step}: the {args.improvement} loss is "
-                        f"{out['loss'].item()}; stopped (the last checkpoint is untouched: {checkpoint_path})"
-                    )
-                improvement_optimizer.zero_grad()
-                out["loss"].backward()
-                torch.nn.utils.clip_grad_norm_(improved_policy.parameters(), args.max_grad_norm)
-                improvement_optimizer.step()
-                clock.add("improvement", 1, time.time() - step_start)
-                for name, value in out.items():
-                    loss_sums[name] = loss_sums.get(name, 0.0) + value.float().mean().item()
-                if step % args.log_every == 0 or step % args.ope_every == 0 or step == args.improvement_steps:
-                    logged_steps, last_logged = step - last_logged, step
-                    for name, value in loss_sums.items():
-                        writer.add_scalar(f"improvement_{sub_policy}/{name}", value / logged_steps, step)
-                    eta_seconds = (args.improvement_steps - step) * (time.time() - start_time) / step
-                    print(
-                        f"  sub-policy {sub_policy} step {step}/{args.improvement_steps} | "
-                        + " | ".join(f"{k} {v / logged_steps:.4f}" for k, v in loss_sums.items())
-                        + f" | ETA {time.strftime('%H:%M:%S', time.gmtime(eta_seconds))}",
-                        flush=True,
-                    )
-                    loss_sums = {}
-                if step % args.ope_every == 0 or step == args.improvement_steps:
-                    phase_start = time.time()
-                    accepted = gate.offer(
-                        improved_policy, ope_rollouts(improved_policy, sub_policy, args.ope_penalty), step
-                    )
-                    clock.add("OPE", call_units["OPE"], time.time() - phase_start)
-                    _, score, _, lower_bound = gate.history[-1]
-                    if accepted and args.improvement == "bppo":
-                        reference.load_state_dict(improved_policy.state_dict())
-                    writer.add_scalar(f"improvement_{sub_policy}/gated_ope", score, step)
-                    print(
-                        f"  sub-policy {sub_policy} step {step}: gated OPE {score:.1f}, gain bound {lower_bound:+.1f} "
-                        f"({'kept' if accepted else 'rejected'}; best {gate.best_score:.1f} at step {gate.best_step})"
-                    )
-            gate.restore(improved_policy)  # the best-by-OPE snapshot, never simply the last
-            improved_policy.eval()
-            result = evaluate_sub_policies(
-                improved_policy,
-                gym_env_id,
-                args.eval_episodes,
-                seed=args.seed * 1000,
-                ref_min_score=ref_min_score,
-                ref_max_score=ref_max_score,
-                max_episode_steps=max_episode_steps,
-                action_steps=args.action_steps,
-            )
+            try:
+                improved_policy, gate = improve_sub_policy(
+                    policy, sub_policy, models, ope, tensors, args, writer, clock, call_units
+                )
+            except NonFiniteLoss as error:
+                fail(f"{error}; stopped (the last checkpoint is untouched: {checkpoint_path})")
+            scores = real_scores(improved_policy, task, args)["scores"][sub_policy]
             improved.append(
                 {
                     "sub_policy": sub_policy,
@@ -1267,39 +1390,38 @@ if __name__ == "__main__":
                     "best_step": gate.best_step,
                     "base_ope_score": float(base_ope[sub_policy]),
                     "base_score": float(base_scores[sub_policy]),
-                    "scores": result["scores"][sub_policy].tolist(),
+                    "scores": scores.tolist(),
                 }
             )
             print(
                 f"sub-policy {sub_policy}: kept step {gate.best_step} (gated OPE {gate.history[0][1]:.1f} -> "
-                f"{gate.best_score:.1f}); real normalized score {base_scores[sub_policy]:.1f} -> "
-                f"{result['scores'][sub_policy].mean():.1f}"
+                f"{gate.best_score:.1f}); real normalized score {base_scores[sub_policy]:.1f} -> {scores.mean():.1f}"
             )
-            write_checkpoint(history["step"][-1])
+            write_checkpoint(
+                checkpoint_path, history["step"][-1], args, task, policy, models, history, improved, resume
+            )
         # The offline choice: the gated copies compared pairwise on the same OPE rollouts; a gain
         # inside the OPE's noise is a tie, and ties go to the copy whose base AM-Q ranked higher.
         choice, comparisons = confident_choice([entry["ope_rollouts"] for entry in improved], args.gate_confidence)
         for index, gain, lower_bound in comparisons:
+            verdict = (
+                "confident, it replaces it" if lower_bound > 0 else "inside the OPE noise: a tie, the earlier stays"
+            )
             print(
                 f"offline choice: sub-policy {improved[index]['sub_policy']} vs the choice so far: gated OPE gain "
-                f"{gain:+.1f}, lower bound {lower_bound:+.1f} "
-                + (
-                    "(confident, it replaces it)"
-                    if lower_bound > 0
-                    else "(inside the OPE noise: a tie, the earlier stays)"
-                )
+                f"{gain:+.1f}, lower bound {lower_bound:+.1f} ({verdict})"
             )
         improved.insert(0, improved.pop(choice))
         for rank, entry in enumerate(improved):
             entry["choice_rank"] = rank
         print(f"offline choice: sub-policy {improved[0]['sub_policy']}, improved ({args.improvement})")
-        write_checkpoint(history["step"][-1])
+        write_checkpoint(checkpoint_path, history["step"][-1], args, task, policy, models, history, improved, resume)
         print("| sub-policy | AM-Q | real before | gated OPE start -> kept (step) | real after |\n|-|-|-|-|-|")
         for entry in improved:
-            start = entry["ope_history"][0][1]
             print(
                 f"| {entry['sub_policy']} | {entry['base_ope_score']:.1f} | {entry['base_score']:.1f} | "
-                f"{start:.1f} -> {entry['ope_score']:.1f} ({entry['best_step']}) | {np.mean(entry['scores']):.1f} |"
+                f"{entry['ope_history'][0][1]:.1f} -> {entry['ope_score']:.1f} ({entry['best_step']}) | "
+                f"{np.mean(entry['scores']):.1f} |"
             )
 
     print(

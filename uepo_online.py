@@ -68,14 +68,11 @@ class Args:
     cuda: bool = True
     """if toggled, use a GPU when there is one"""
     env_id: str | None = None
-    """if given, the checkpoint must be for this environment (a Gymnasium id such as `Hopper-v5`) or, with a D4RL-style
-    name such as `hopper-medium`, for this environment and dataset"""
+    """if given, the checkpoint must be for this environment (`Hopper-v5`) or dataset (`hopper-medium`)"""
 
     # The actor
     actor: Literal["diffusion", "residual", "noise", "mlp"] = "noise"
-    """what PPO fine-tunes: `noise` a Gaussian MLP that sets the selected sub-policy's initial noise (frozen
-    denoiser); `residual` a Gaussian MLP added to its chunk; `diffusion` the denoiser itself, a Gaussian around the
-    chunk; `mlp` CleanRL's Gaussian MLP PPO from scratch, per step (the baseline)"""
+    """what PPO fine-tunes: the initial noise (`noise`), a residual, the denoiser, or a Gaussian MLP (`mlp`)"""
     from_scratch: bool = False
     """with `--actor diffusion`: a freshly initialized denoiser (sub-policy 0, no selection, no anchor)"""
     mlp_horizon: int = 1
@@ -302,6 +299,59 @@ def actor_losses(
     return {"policy": policy_loss, "anchor_kl": anchor_kl, "approx_kl": approx_kl, "clipfrac": clipfrac}
 
 
+def real_scores(policy, sub_policy: int, episodes: int, checkpoint: dict, seed: int) -> np.ndarray:
+    """Normalized scores of one sub-policy (or the online actor, sub-policy 0) on `episodes` real
+    episodes reset with fixed seeds, under the dataset's time limit (`eval.evaluate_sub_policies`)."""
+    return evaluate_sub_policies(
+        policy,
+        checkpoint["env_id"],
+        episodes,
+        seed=seed * 1000,
+        ref_min_score=checkpoint["ref_min_score"],
+        ref_max_score=checkpoint["ref_max_score"],
+        max_episode_steps=checkpoint["max_episode_steps"],
+        sub_policies=[sub_policy],
+    )["scores"][0]
+
+
+def evaluate_and_save(step, actor, value_net, history, writer, args, checkpoint, selection, path) -> None:
+    """The deterministic policy's normalized score (fixed start states), logged, then the atomic
+    checkpoint; never a non-finite one (the run stops and the previous checkpoint stays).
+    `selection`: (the chosen sub-policy, the selection table)."""
+    actor.eval()
+    scores = real_scores(actor, 0, args.eval_episodes, checkpoint, args.seed)
+    actor.train()
+    if not (all(torch.isfinite(p).all() for p in actor.parameters()) and np.isfinite(scores).all()):
+        fail(
+            f"step {step}: the policy's parameters or its evaluation are not finite; stopped without saving "
+            f"(the last checkpoint, if any, is untouched: {path})"
+        )
+    history["step"].append(step)
+    history["scores"].append(scores.tolist())
+    writer.add_scalar("charts/normalized_score", scores.mean(), step)
+    print(f"eval step {step}: normalized score {scores.mean():.1f} +- {scores.std():.1f}", flush=True)
+    sub_policy, selection_table = selection
+    save_checkpoint(
+        {
+            "phase": "online",
+            "args": asdict(args),
+            "global_step": step,
+            "env_id": checkpoint["env_id"],
+            "max_episode_steps": checkpoint["max_episode_steps"],
+            "dataset_id": checkpoint["dataset_id"],
+            "ref_min_score": checkpoint["ref_min_score"],
+            "ref_max_score": checkpoint["ref_max_score"],
+            "offline_checkpoint": args.checkpoint,
+            "actor": actor.to_checkpoint(),
+            "sub_policy": sub_policy,
+            "selection": selection_table,
+            "value": value_net.state_dict(),
+            "history": history,
+        },
+        path,
+    )
+
+
 if __name__ == "__main__":
     args = tyro.cli(Args)
     if (problem := check_args(args) or check_paths(args)) is not None:
@@ -326,7 +376,6 @@ if __name__ == "__main__":
     if checkpoint.get("phase") == "online" or "history" not in checkpoint:
         fail(f"{args.checkpoint} is not an offline checkpoint of uepo_offline.py")
     env_id, max_episode_steps = checkpoint["env_id"], checkpoint["max_episode_steps"]
-    ref_min_score, ref_max_score = checkpoint["ref_min_score"], checkpoint["ref_max_score"]
     gamma = checkpoint["args"]["gamma"]
     env_name = args.env_id or checkpoint["dataset_id"].replace("/", "-")
     run_name = f"{env_name}__{args.exp_name}__{args.seed}__{int(time.time())}"
@@ -350,16 +399,6 @@ if __name__ == "__main__":
         candidates = [] if from_scratch else offline_candidates(checkpoint, device)
     except CheckpointError as error:
         fail(f"{args.checkpoint}: {error}")
-    evaluate = lambda policy, sub_policy, episodes: evaluate_sub_policies(
-        policy,
-        env_id,
-        episodes,
-        seed=args.seed * 1000,
-        ref_min_score=ref_min_score,
-        ref_max_score=ref_max_score,
-        max_episode_steps=max_episode_steps,
-        sub_policies=[sub_policy],
-    )["scores"][0]
     if from_scratch:
         # Same architecture, statistics and seeds, fresh weights; sub-policy 0 (the mlp actor uses
         # only the statistics and action bounds).
@@ -372,7 +411,7 @@ if __name__ == "__main__":
         # The improved copies scored by the gate's OPE, else the base sub-policies by AM-Q; best first.
         rows = []
         for label, candidate, i, ope_score in candidates[: args.selection_top]:
-            scores = evaluate(candidate, i, args.selection_episodes)
+            scores = real_scores(candidate, i, args.selection_episodes, checkpoint, args.seed)
             rows.append((label, candidate, i, ope_score, scores.mean(), scores.std()))
         try:
             chosen = choose_candidate([row[0] for row in rows], [row[4] for row in rows])
@@ -417,44 +456,11 @@ if __name__ == "__main__":
 
     history = {"step": [], "scores": []}
 
-    def evaluate_and_save(step: int) -> float:
-        """The deterministic policy's normalized score (fixed start states), then the checkpoint."""
-        actor.eval()
-        scores = evaluate(actor, 0, args.eval_episodes)
-        actor.train()
-        if not (all(torch.isfinite(p).all() for p in actor.parameters()) and np.isfinite(scores).all()):
-            fail(
-                f"step {step}: the policy's parameters or its evaluation are not finite; stopped without saving "
-                f"(the last checkpoint, if any, is untouched: {checkpoint_path})"
-            )
-        history["step"].append(step)
-        history["scores"].append(scores.tolist())
-        writer.add_scalar("charts/normalized_score", scores.mean(), step)
-        print(f"eval step {step}: normalized score {scores.mean():.1f} +- {scores.std():.1f}", flush=True)
-        save_checkpoint(
-            {
-                "phase": "online",
-                "args": asdict(args),
-                "global_step": step,
-                "env_id": env_id,
-                "max_episode_steps": max_episode_steps,
-                "dataset_id": checkpoint["dataset_id"],
-                "ref_min_score": ref_min_score,
-                "ref_max_score": ref_max_score,
-                "offline_checkpoint": args.checkpoint,
-                "actor": actor.to_checkpoint(),
-                "sub_policy": sub_policy,
-                "selection": selection_table,
-                "value": value_net.state_dict(),
-                "history": history,
-            },
-            checkpoint_path,
-        )
-        return scores.mean()
-
     # ---- PPO ---------------------------------------------------------------------------------------
     global_step, next_eval, iteration = 0, args.eval_every, 0
-    evaluate_and_save(0)  # the hand-over
+    evaluate_and_save(
+        0, actor, value_net, history, writer, args, checkpoint, (sub_policy, selection_table), checkpoint_path
+    )  # the hand-over
     start_time = time.time()
     next_obs, _ = envs.reset(seed=args.seed)
     while global_step < args.total_timesteps:
@@ -575,7 +581,7 @@ if __name__ == "__main__":
             )
         for tag, number in log.items():
             writer.add_scalar(tag, number, global_step)
-        eta_seconds = max(args.total_timesteps - global_step, 0) / steps_per_second
+        remaining_seconds = max(args.total_timesteps - global_step, 0) / steps_per_second
         actor_part = (
             "critic warm-up"
             if warming_up
@@ -587,11 +593,21 @@ if __name__ == "__main__":
             f"iteration {iteration} step {global_step}/{args.total_timesteps} | {actor_part} | "
             f"value {v_loss.item():.4f} "
             f"| explained_var {explained_variance:.2f} | sigma {sigma:.3f} | {steps_per_second:.0f} env steps/s | "
-            f"ETA {time.strftime('%H:%M:%S', time.gmtime(eta_seconds))}",
+            f"ETA {time.strftime('%H:%M:%S', time.gmtime(remaining_seconds))}",
             flush=True,
         )
         if global_step >= next_eval or global_step >= args.total_timesteps:
-            evaluate_and_save(global_step)
+            evaluate_and_save(
+                global_step,
+                actor,
+                value_net,
+                history,
+                writer,
+                args,
+                checkpoint,
+                (sub_policy, selection_table),
+                checkpoint_path,
+            )
             next_eval = (global_step // args.eval_every + 1) * args.eval_every
 
     envs.close()

@@ -16,7 +16,6 @@ import os
 import sys
 from dataclasses import dataclass
 
-import minari
 import numpy as np
 import torch
 import tyro
@@ -24,8 +23,7 @@ import tyro
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from diffusion import DiffusionPolicy  # noqa: E402
 from divergence import mean_pairwise_divergence, nearest_divergence  # noqa: E402
-from eval import evaluate_sub_policies, load_checkpoint  # noqa: E402
-from uepo_offline import chunk_dataset  # noqa: E402
+from eval import dataset_state_histories, evaluate_sub_policies, load_checkpoint  # noqa: E402
 
 
 @dataclass
@@ -55,11 +53,8 @@ if __name__ == "__main__":
     checkpoint = load_checkpoint(args.checkpoint)
     policy = DiffusionPolicy.from_checkpoint(checkpoint["policy"]).eval()
     config = policy.config
-    dataset = minari.load_dataset(checkpoint["dataset_id"])
-    data = chunk_dataset(dataset, config.horizon, config.obs_horizon, gamma=0.99)
-    rng = np.random.default_rng(args.seed)
-    index = rng.choice(len(data["states"]), size=args.states, replace=False)
-    states = policy.normalize_states(torch.as_tensor(data["states"][index], dtype=torch.float32))
+    histories = dataset_state_histories(checkpoint["dataset_id"], args.states, config.obs_horizon, args.seed)
+    states = policy.normalize_states(torch.as_tensor(histories, dtype=torch.float32))
 
     config.eta = 0.0
     base_mean, base_nearest = divergence_stats(policy, states)
