@@ -4,6 +4,7 @@
     python uepo_online.py --checkpoint ... --actor residual                         # an alternative actor
     python uepo_online.py --checkpoint ... --actor diffusion --from-scratch         # diffusion baseline
     python uepo_online.py --checkpoint ... --actor mlp                              # Gaussian MLP baseline
+    python uepo_online.py --resume runs/<run>/online.pt                             # continue an interrupted run
 
 1. Load the offline checkpoint of uepo_offline.py; a corrupt or incomplete one, or (with
    `--env-id`) one made for another environment or dataset, is refused with the reason. Where the
@@ -22,7 +23,9 @@
    fresh value network is warmed up for `--critic-warmup` rollouts before the actor moves.
 4. The deterministic policy (the actor's mean) is evaluated every `--eval-every` environment
    steps (and at step 0, the hand-over); TensorBoard under runs/ with CleanRL's names plus
-   `charts/normalized_score` and `charts/sigma`; an atomic checkpoint runs/{run_name}/online.pt.
+   `charts/normalized_score` and `charts/sigma`; an atomic checkpoint runs/{run_name}/online.pt
+   that also holds the training state after that evaluation (optimizers, reward scaler, every
+   environment, random streams), from which `--resume` continues the run exactly.
 """
 
 import copy
@@ -50,15 +53,18 @@ from eval import (
     fail,
     load_checkpoint,
     offline_candidates,
+    require,
+    restore_vector_env_state,
     save_checkpoint,
     unwritable,
+    vector_env_state,
 )
 
 
 @dataclass
 class Args:
-    checkpoint: str
-    """the offline checkpoint to fine-tune (runs/<offline run>/offline.pt)"""
+    checkpoint: str | None = None
+    """the offline checkpoint to fine-tune (runs/<offline run>/offline.pt); not needed with --resume"""
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """the name of this experiment"""
     seed: int = 1
@@ -129,11 +135,15 @@ class Args:
     """episodes per evaluation (the same start states every time)"""
     checkpoint_path: str | None = None
     """where to write the online checkpoint (default: runs/{run_name}/online.pt)"""
+    resume: str | None = None
+    """continue the interrupted run of this online checkpoint, with its own arguments (other flags are ignored)"""
 
 
 def check_args(args: Args) -> str | None:
     """The first argument out of its range, as a message naming the flag (None if all are valid):
     every check is made before any work starts."""
+    if args.checkpoint is None:
+        return "--checkpoint is required: the offline checkpoint to fine-tune (or --resume an online checkpoint)"
     at_least_one = (
         "total_timesteps",
         "num_envs",
@@ -253,6 +263,17 @@ def step_info(infos: dict, key: str, ended: np.ndarray) -> np.ndarray:
     return values
 
 
+def make_env(env_id: str, max_episode_steps: int | None, horizon: int, obs_horizon: int, gamma: float):
+    """CleanRL's make_env: a thunk for gym.vector.SyncVectorEnv that builds one training environment,
+    the chunk-level MDP (`eval.ChunkEnv`) over the dataset's time limit, with episode statistics."""
+
+    def thunk():
+        env = gym.wrappers.RecordEpisodeStatistics(gym.make(env_id, max_episode_steps=max_episode_steps))
+        return ChunkEnv(env, horizon, obs_horizon, gamma)
+
+    return thunk
+
+
 class RewardScaler:
     """Running return-std reward scaling (CleanRL's `NormalizeReward`, at the chunk level): each
     environment keeps a discounted sum of its past chunk rewards, G <- d G + R with d = gamma^L of the
@@ -274,6 +295,19 @@ class RewardScaler:
         self.mean, self.count = self.mean + delta * batch_count / total, total
         self.returns[ended] = 0.0
         return np.clip(rewards / np.sqrt(self.var + self.epsilon), -self.clip, self.clip)
+
+    def state_dict(self) -> dict:
+        """The running statistics, as a tensor and numbers (for --resume)."""
+        return {
+            "returns": torch.from_numpy(self.returns.copy()),
+            "mean": float(self.mean),
+            "var": float(self.var),
+            "count": float(self.count),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.returns = state["returns"].numpy().copy()
+        self.mean, self.var, self.count = state["mean"], state["var"], state["count"]
 
 
 def actor_losses(
@@ -314,10 +348,9 @@ def real_scores(policy, sub_policy: int, episodes: int, checkpoint: dict, seed: 
     )["scores"][0]
 
 
-def evaluate_and_save(step, actor, value_net, history, writer, args, checkpoint, selection, path) -> None:
-    """The deterministic policy's normalized score (fixed start states), logged, then the atomic
-    checkpoint; never a non-finite one (the run stops and the previous checkpoint stays).
-    `selection`: (the chosen sub-policy, the selection table)."""
+def evaluate(step, actor, history, writer, args, checkpoint, path) -> None:
+    """The deterministic policy's normalized score (fixed start states), recorded in `history` and
+    logged; never a non-finite one: the run stops, and the previous checkpoint at `path` stays."""
     actor.eval()
     scores = real_scores(actor, 0, args.eval_episodes, checkpoint, args.seed)
     actor.train()
@@ -330,6 +363,38 @@ def evaluate_and_save(step, actor, value_net, history, writer, args, checkpoint,
     history["scores"].append(scores.tolist())
     writer.add_scalar("charts/normalized_score", scores.mean(), step)
     print(f"eval step {step}: normalized score {scores.mean():.1f} +- {scores.std():.1f}", flush=True)
+
+
+def training_state(
+    global_step, next_eval, iteration, run_name, gamma, optimizers, reward_scaler, envs, next_obs, device
+) -> dict:
+    """What --resume needs to continue the loop after an evaluation as if it had never stopped: the
+    counters, both optimizers, the reward scaler, every environment (`eval.vector_env_state`) and
+    the observations the next rollout starts from, and torch's random stream (exploration noise,
+    minibatches; the loop draws from no numpy or Python global stream). `envs` None: the hand-over,
+    before the environments' first reset (which a resumed run then makes, as this one does)."""
+    actor_optimizer, value_optimizer = optimizers
+    state = {
+        "global_step": global_step,
+        "next_eval": next_eval,
+        "iteration": iteration,
+        "run_name": run_name,
+        "gamma": gamma,  # the offline run's, so that --resume needs only this file
+        "actor_optimizer": actor_optimizer.state_dict(),
+        "value_optimizer": value_optimizer.state_dict(),
+        "reward_scaler": reward_scaler.state_dict(),
+        "envs": None if envs is None else vector_env_state(envs),
+        "next_obs": None if next_obs is None else torch.from_numpy(np.array(next_obs)),
+        "torch_rng": torch.get_rng_state(),
+    }
+    if device.type == "cuda":
+        state["cuda_rng"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def write_checkpoint(step, actor, value_net, history, args, checkpoint, selection, path, resume) -> None:
+    """The atomic checkpoint: what eval.py reads (`eval.check_online`), and `resume`, the training
+    state after this evaluation (`training_state`). `selection`: (the chosen sub-policy, the table)."""
     sub_policy, selection_table = selection
     save_checkpoint(
         {
@@ -347,13 +412,65 @@ def evaluate_and_save(step, actor, value_net, history, writer, args, checkpoint,
             "selection": selection_table,
             "value": value_net.state_dict(),
             "history": history,
+            "resume": resume,
         },
         path,
     )
 
 
+# The fields of the training state that --resume reads.
+TRAINING_STATE_FIELDS = (
+    "global_step",
+    "next_eval",
+    "iteration",
+    "run_name",
+    "gamma",
+    "actor_optimizer",
+    "value_optimizer",
+    "reward_scaler",
+    "envs",
+    "next_obs",
+    "torch_rng",
+)
+
+
+def resumed_run(args: Args) -> tuple[Args, dict | None]:
+    """--resume: the run's own arguments (flags given beside it are named and ignored; the run goes
+    on writing to the resumed file) and its checkpoint, with the training state after its last
+    evaluation. An unreadable file, an offline checkpoint or one without training state ends the
+    script with a one-line message."""
+    if args.resume is None:
+        return args, None
+    try:
+        resumed = load_checkpoint(args.resume)
+        if resumed.get("phase") != "online":
+            raise CheckpointError(
+                f"{args.resume} is an offline checkpoint, not one of uepo_online.py (continue an offline run "
+                "with uepo_offline.py --resume)"
+            )
+        if not resumed.get("resume"):
+            raise CheckpointError(
+                f"{args.resume} holds no training state to resume from (an older version, or an environment "
+                "whose state is not saved): "
+                "run its command again"
+            )
+        require(resumed["resume"], TRAINING_STATE_FIELDS, "resume", args.resume)
+    except CheckpointError as error:
+        fail(str(error))
+    defaults = asdict(Args())
+    ignored = [name for name, value in asdict(args).items() if name != "resume" and value != defaults[name]]
+    try:
+        args = Args(**{**resumed["args"], "resume": args.resume, "checkpoint_path": args.resume})
+    except TypeError as error:
+        fail(f"{args.resume} was written by another version of this script ({error}); run its command again")
+    if ignored:
+        print(f"ignored beside --resume: {', '.join('--' + name.replace('_', '-') for name in ignored)}")
+    print(f"resuming {args.resume} after step {resumed['global_step']} with the arguments saved in it")
+    return args, resumed
+
+
 if __name__ == "__main__":
-    args = tyro.cli(Args)
+    args, resumed = resumed_run(tyro.cli(Args))
     if (problem := check_args(args) or check_paths(args)) is not None:
         fail(problem)
     from_scratch = args.from_scratch or args.actor == "mlp"
@@ -364,21 +481,28 @@ if __name__ == "__main__":
     )
     learning_rate = (3e-6 if args.actor == "diffusion" else 3e-4) if args.learning_rate is None else args.learning_rate
     anchor_coef = 0.0 if from_scratch else args.anchor_coef  # no offline policy to stay near
-    try:
-        # A D4RL-style --env-id names the dataset too: a checkpoint of hopper-expert is no hopper-medium run.
-        checkpoint = load_checkpoint(
-            args.checkpoint,
-            expected_env_id=gym_env_id(args.env_id) if args.env_id else None,
-            expected_dataset=args.env_id if args.env_id and is_dataset_name(args.env_id) else None,
-        )
-    except CheckpointError as error:
-        fail(str(error))
-    if checkpoint.get("phase") == "online" or "history" not in checkpoint:
-        fail(f"{args.checkpoint} is not an offline checkpoint of uepo_offline.py")
+    if resumed is None:
+        try:
+            # A D4RL-style --env-id names the dataset too: a checkpoint of hopper-expert is no hopper-medium run.
+            checkpoint = load_checkpoint(
+                args.checkpoint,
+                expected_env_id=gym_env_id(args.env_id) if args.env_id else None,
+                expected_dataset=args.env_id if args.env_id and is_dataset_name(args.env_id) else None,
+            )
+        except CheckpointError as error:
+            fail(str(error))
+        if checkpoint.get("phase") == "online" or "history" not in checkpoint:
+            fail(f"{args.checkpoint} is not an offline checkpoint of uepo_offline.py")
+        gamma = checkpoint["args"]["gamma"]
+    else:
+        # --resume: the task (environment, time limit, reference scores) and gamma come from the online
+        # checkpoint; the offline one is not read again, its selection was made.
+        checkpoint, gamma = resumed, resumed["resume"]["gamma"]
     env_id, max_episode_steps = checkpoint["env_id"], checkpoint["max_episode_steps"]
-    gamma = checkpoint["args"]["gamma"]
     env_name = args.env_id or checkpoint["dataset_id"].replace("/", "-")
     run_name = f"{env_name}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    if resumed is not None:
+        run_name = resumed["resume"]["run_name"]  # the same TensorBoard folder
     checkpoint_path = args.checkpoint_path or f"runs/{run_name}/online.pt"
     writer = SummaryWriter(f"runs/{run_name}")
     writer.add_text(
@@ -394,41 +518,51 @@ if __name__ == "__main__":
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
 
     # ---- selection: top-k by offline OPE, then the best over real episodes (Uni-O4) ---------
-    try:
-        base = build_saved(checkpoint["policy"], "the saved policy").to(device)
-        candidates = [] if from_scratch else offline_candidates(checkpoint, device)
-    except CheckpointError as error:
-        fail(f"{args.checkpoint}: {error}")
-    if from_scratch:
-        # Same architecture, statistics and seeds, fresh weights; sub-policy 0 (the mlp actor uses
-        # only the statistics and action bounds).
-        state = checkpoint["policy"]["state_dict"]
-        policy = DiffusionPolicy(
-            base.config, state["state_mean"], state["state_std"], state["action_low"], state["action_high"]
-        ).to(device)
-        sub_policy, selection_table = 0, "from scratch: no selection"
+    if resumed is not None:  # --resume: the interrupted run made it; its actor is built below
+        sub_policy, selection_table = resumed["sub_policy"], resumed["selection"]
     else:
-        # The improved copies scored by the gate's OPE, else the base sub-policies by AM-Q; best first.
-        rows = []
-        for label, candidate, i, ope_score in candidates[: args.selection_top]:
-            scores = real_scores(candidate, i, args.selection_episodes, checkpoint, args.seed)
-            rows.append((label, candidate, i, ope_score, scores.mean(), scores.std()))
         try:
-            chosen = choose_candidate([row[0] for row in rows], [row[4] for row in rows])
-        except ValueError as error:
+            base = build_saved(checkpoint["policy"], "the saved policy").to(device)
+            candidates = [] if from_scratch else offline_candidates(checkpoint, device)
+        except CheckpointError as error:
             fail(f"{args.checkpoint}: {error}")
-        selection_table = "| candidate | offline OPE | real normalized score | chosen |\n|-|-|-|-|\n" + "\n".join(
-            f"| {label} | {ope_score:.1f} | {mean:.1f} +- {std:.1f} | {'yes' if r == chosen else ''} |"
-            for r, (label, _, _, ope_score, mean, std) in enumerate(rows)
-        )
-        policy, sub_policy = copy.deepcopy(rows[chosen][1]), rows[chosen][2]
+        if from_scratch:
+            # Same architecture, statistics and seeds, fresh weights; sub-policy 0 (the mlp actor uses
+            # only the statistics and action bounds).
+            state = checkpoint["policy"]["state_dict"]
+            policy = DiffusionPolicy(
+                base.config, state["state_mean"], state["state_std"], state["action_low"], state["action_high"]
+            ).to(device)
+            sub_policy, selection_table = 0, "from scratch: no selection"
+        else:
+            # The improved copies scored by the gate's OPE, else the base sub-policies by AM-Q; best first.
+            rows = []
+            for label, candidate, i, ope_score in candidates[: args.selection_top]:
+                scores = real_scores(candidate, i, args.selection_episodes, checkpoint, args.seed)
+                rows.append((label, candidate, i, ope_score, scores.mean(), scores.std()))
+            try:
+                chosen = choose_candidate([row[0] for row in rows], [row[4] for row in rows])
+            except ValueError as error:
+                fail(f"{args.checkpoint}: {error}")
+            selection_table = "| candidate | offline OPE | real normalized score | chosen |\n|-|-|-|-|\n" + "\n".join(
+                f"| {label} | {ope_score:.1f} | {mean:.1f} +- {std:.1f} | {'yes' if r == chosen else ''} |"
+                for r, (label, _, _, ope_score, mean, std) in enumerate(rows)
+            )
+            policy, sub_policy = copy.deepcopy(rows[chosen][1]), rows[chosen][2]
     print(selection_table)
     writer.add_text("selection", selection_table)
 
     # ---- actor: a Gaussian over decisions z whose mean is the deployed policy (diffusion.OnlineActor) --
-    actor = OnlineActor(args.actor, policy, sub_policy, init_std, mlp_horizon=args.mlp_horizon).to(device)
+    if resumed is None:
+        actor = OnlineActor(args.actor, policy, sub_policy, init_std, mlp_horizon=args.mlp_horizon).to(device)
+    else:  # the interrupted run's, as saved at its last evaluation
+        try:
+            actor = build_saved(resumed["actor"], f"{args.resume}: the actor").to(device)
+        except CheckpointError as error:
+            fail(str(error))
+    obs_dim = actor.policy_config.obs_dim
     # ---- value network: CleanRL's critic on the normalized state history, fitted from scratch ----
-    value_net = ppo_mlp(actor.obs_horizon * base.config.obs_dim, 1, last_std=1.0).to(device)
+    value_net = ppo_mlp(actor.obs_horizon * obs_dim, 1, last_std=1.0).to(device)
     value = lambda states: value_net(states.flatten(1)).squeeze(-1)
     # Separate optimizers and gradient clipping: the actor's and the critic's steps do not compete.
     actor_optimizer = torch.optim.Adam([p for p in actor.parameters() if p.requires_grad], lr=learning_rate, eps=1e-5)
@@ -438,17 +572,14 @@ if __name__ == "__main__":
     # SAME_STEP autoreset: an episode that ends returns its final observation in the infos and is
     # reset in the same call; a chunk never crosses an episode boundary (ChunkEnv), so the next
     # decision of that environment starts the new episode cleanly.
-    def make_env():
-        env = gym.wrappers.RecordEpisodeStatistics(gym.make(env_id, max_episode_steps=max_episode_steps))
-        return ChunkEnv(env, actor.horizon, actor.obs_horizon, gamma)
-
     envs = gym.vector.SyncVectorEnv(
-        [make_env for _ in range(args.num_envs)], autoreset_mode=gym.vector.AutoresetMode.SAME_STEP
+        [make_env(env_id, max_episode_steps, actor.horizon, actor.obs_horizon, gamma) for _ in range(args.num_envs)],
+        autoreset_mode=gym.vector.AutoresetMode.SAME_STEP,
     )
     reward_scaler = RewardScaler(args.num_envs)
     shape = (args.num_steps, args.num_envs)
     decision_shape = (actor.horizon, actor.act_dim)
-    obs = torch.zeros(shape + (actor.obs_horizon, base.config.obs_dim), device=device)  # normalized histories
+    obs = torch.zeros(shape + (actor.obs_horizon, obs_dim), device=device)  # normalized histories
     decisions, anchors = (torch.zeros(shape + decision_shape, device=device) for _ in range(2))
     log_probs, rewards, values, next_values, terminations, ended, discounts = (
         torch.zeros(shape, device=device) for _ in range(7)
@@ -458,11 +589,27 @@ if __name__ == "__main__":
 
     # ---- PPO ---------------------------------------------------------------------------------------
     global_step, next_eval, iteration = 0, args.eval_every, 0
-    evaluate_and_save(
-        0, actor, value_net, history, writer, args, checkpoint, (sub_policy, selection_table), checkpoint_path
-    )  # the hand-over
-    start_time = time.time()
+    optimizers, selection = (actor_optimizer, value_optimizer), (sub_policy, selection_table)
+    if resumed is None:
+        evaluate(0, actor, history, writer, args, checkpoint, checkpoint_path)  # the hand-over
+        # Its training state is taken before the environments' first reset, which a resumed run makes too.
+        resume = training_state(0, next_eval, 0, run_name, gamma, optimizers, reward_scaler, None, None, device)
+        write_checkpoint(0, actor, value_net, history, args, checkpoint, selection, checkpoint_path, resume)
+    else:  # --resume: every state the loop carries, as it was after the saved evaluation
+        resume, history = resumed["resume"], resumed["history"]
+        global_step, next_eval, iteration = resume["global_step"], resume["next_eval"], resume["iteration"]
+        value_net.load_state_dict(resumed["value"])
+        actor_optimizer.load_state_dict(resume["actor_optimizer"])
+        value_optimizer.load_state_dict(resume["value_optimizer"])
+        reward_scaler.load_state_dict(resume["reward_scaler"])
+        torch.set_rng_state(resume["torch_rng"])
+        if "cuda_rng" in resume and device.type == "cuda":
+            torch.cuda.set_rng_state(resume["cuda_rng"], device)
     next_obs, _ = envs.reset(seed=args.seed)
+    if resumed is not None and resume["envs"] is not None:  # saved after the hand-over: the environments then
+        restore_vector_env_state(envs, resume["envs"])  # (the reset above makes the wrappers accept steps)
+        next_obs = resume["next_obs"].numpy()
+    start_time, start_step = time.time(), global_step
     while global_step < args.total_timesteps:
         iteration += 1
         warming_up = iteration <= args.critic_warmup  # only the value network learns
@@ -559,7 +706,7 @@ if __name__ == "__main__":
 
         variance = b_returns.var()
         explained_variance = float("nan") if variance == 0 else (1 - (b_returns - b_values).var() / variance).item()
-        steps_per_second = global_step / (time.time() - start_time)
+        steps_per_second = (global_step - start_step) / (time.time() - start_time)  # this process's steps
         sigma = actor.std().mean().item()
         log = {
             "losses/value_loss": v_loss.item(),
@@ -597,18 +744,28 @@ if __name__ == "__main__":
             flush=True,
         )
         if global_step >= next_eval or global_step >= args.total_timesteps:
-            evaluate_and_save(
-                global_step,
-                actor,
-                value_net,
-                history,
-                writer,
-                args,
-                checkpoint,
-                (sub_policy, selection_table),
-                checkpoint_path,
-            )
             next_eval = (global_step // args.eval_every + 1) * args.eval_every
+            evaluate(global_step, actor, history, writer, args, checkpoint, checkpoint_path)
+            # taken after the evaluation, so that a resumed run continues from exactly here
+            try:
+                resume = training_state(
+                    global_step,
+                    next_eval,
+                    iteration,
+                    run_name,
+                    gamma,
+                    optimizers,
+                    reward_scaler,
+                    envs,
+                    next_obs,
+                    device,
+                )
+            except ValueError as error:  # an environment whose state cannot be saved: no --resume for this run
+                resume = None
+                print(f"note: no training state saved ({error}); --resume cannot continue this run")
+            write_checkpoint(
+                global_step, actor, value_net, history, args, checkpoint, selection, checkpoint_path, resume
+            )
 
     envs.close()
     writer.close()
