@@ -662,15 +662,22 @@ class BestSnapshot:
     """The improvement gate's memory (docs/design.md, "The offline loop, critics and improvement",
     The gate): the parameters with the best OPE score seen so far. `offer` takes the new
     snapshot's `am_q_rollouts` (same start states and model noise as the kept one's) and keeps it
-    only if its gain over the kept snapshot is confident: the lower bound of `paired_gain_bound`
-    at `confidence` is above 0 (`confidence` 0: any gain, the bound is the gain itself). A gain
-    inside the OPE's noise changes nothing, so the result of an improvement run is its best-by-OPE
-    snapshot, never simply the last one, and never one that only looks better by chance."""
+    only if its gain over the kept snapshot is one the OPE can be trusted with: the lower bound of
+    `paired_gain_bound` at `confidence` (`confidence` 0: the gain itself) is above `margin` times
+    the kept snapshot's score. The bound covers the OPE's noise; the margin covers a share of its
+    bias, which the noise does not show (a model can be confidently wrong by a few percent). So the
+    result of an improvement run is its best-by-OPE snapshot, never simply the last one, and never
+    one that only looks better by chance or by a small model error."""
 
     def __init__(
-        self, model: nn.Module, rollouts: tuple[torch.Tensor, torch.Tensor], step: int = 0, confidence: float = 0.0
+        self,
+        model: nn.Module,
+        rollouts: tuple[torch.Tensor, torch.Tensor],
+        step: int = 0,
+        confidence: float = 0.0,
+        margin: float = 0.0,
     ):
-        self.confidence = confidence
+        self.confidence, self.margin = confidence, margin
         self.history = []  # (step, OPE score, accepted, lower bound on the gain over the kept snapshot)
         self._keep(model, rollouts, step, float("nan"))
 
@@ -682,7 +689,7 @@ class BestSnapshot:
 
     def offer(self, model: nn.Module, rollouts: tuple[torch.Tensor, torch.Tensor], step: int) -> bool:
         _, lower_bound = paired_gain_bound(rollouts, self.best_rollouts, self.confidence)
-        if lower_bound > 0:
+        if lower_bound > self.margin * abs(self.best_score):
             self._keep(model, rollouts, step, lower_bound)
             return True
         self.history.append((step, am_q_ratio(*rollouts).item(), False, lower_bound))
@@ -692,20 +699,23 @@ class BestSnapshot:
         model.load_state_dict(self.best_state)
 
 
-def confident_choice(candidate_rollouts: list, confidence: float) -> tuple[int, list[tuple[int, float, float]]]:
+def confident_choice(
+    candidate_rollouts: list, confidence: float, margin: float = 0.0
+) -> tuple[int, list[tuple[int, float, float]]]:
     """The offline choice among gated candidates (docs/design.md, "The gate"), given their
     `am_q_rollouts` in order of preference (the improved copies in the order their base
     sub-policies qualified, best plain AM-Q first). A later candidate replaces the current
-    choice only if its paired gain over it is confident (lower bound > 0, as in `BestSnapshot`);
-    a gain inside the OPE's noise is a tie, and a tie goes to the earlier candidate.
-    Returns the chosen index and, for every later candidate, (index, gain, lower bound) against
-    the choice it was compared with."""
+    choice only by the gate's rule (`BestSnapshot`: the lower bound of its paired gain above
+    `margin` times the current choice's score); any smaller gain is a tie, and a tie goes to the
+    earlier candidate. Returns the chosen index and, for every later candidate, (index, gain,
+    lower bound, the bound it needed) against the choice it was compared with."""
     choice, comparisons = 0, []
     for index in range(1, len(candidate_rollouts)):
         new, kept = candidate_rollouts[index], candidate_rollouts[choice]
         gain, lower_bound = paired_gain_bound(new, kept, confidence)
-        comparisons.append((index, gain, lower_bound))
-        if lower_bound > 0:
+        required = margin * abs(am_q_ratio(*kept).item())
+        comparisons.append((index, gain, lower_bound, required))
+        if lower_bound > required:
             choice = index
     return choice, comparisons
 

@@ -193,7 +193,9 @@ class Args:
     improvement_kl_coef: float = 0.1
     """bppo: weight of the sequence-level KL of the copy's action-level Gaussian to its reference's"""
     gate_confidence: float = 0.95
-    """the gate keeps a snapshot only if its OPE gain is above 0 at this one-sided confidence (0: any gain)"""
+    """one-sided confidence of the lower bound on a snapshot's OPE gain (0: the gain itself)"""
+    gate_margin: float = 0.02
+    """a snapshot is kept only if that lower bound exceeds this fraction of the kept snapshot's OPE score"""
     q_weight: float = 0.05
     """qgrad: weight of -Q / mean|Q| beside the diffusion loss"""
     init_checkpoint: str | None = None
@@ -302,6 +304,8 @@ def check_args(args: Args) -> str | None:
         return f"--expectile must be in (0, 1), got {args.expectile}"
     if not 0 <= args.gate_confidence < 1:
         return f"--gate-confidence must be in [0, 1), got {args.gate_confidence}"
+    if not 0 <= args.gate_margin < 1:
+        return f"--gate-margin must be in [0, 1), got {args.gate_margin}"
     if args.eta > 0 and args.n_subpolicies > 1 and args.horizon < 3:
         return (
             "the kinematic divergence needs --horizon >= 3 (velocity and acceleration); use --eta 0 for shorter chunks"
@@ -1083,6 +1087,7 @@ def improve_sub_policy(policy, sub_policy: int, models, ope, tensors, args: Args
         ope.rollouts(improved_policy, sub_policy, args.ope_penalty),
         step=0,
         confidence=args.gate_confidence,
+        margin=args.gate_margin,
     )
     print(f"sub-policy {sub_policy}: gated OPE at the start {gate.best_score:.1f}")
     start_time, loss_sums, last_logged = time.time(), {}, 0
@@ -1108,6 +1113,7 @@ def improve_sub_policy(policy, sub_policy: int, models, ope, tensors, args: Args
             loss_sums = {}
         if step % args.ope_every == 0 or step == args.improvement_steps:
             phase_start = time.time()
+            required = args.gate_margin * abs(gate.best_score)  # what the gain's lower bound must exceed
             accepted = gate.offer(improved_policy, ope.rollouts(improved_policy, sub_policy, args.ope_penalty), step)
             clock.add("OPE", units["OPE"], time.time() - phase_start)
             _, score, _, lower_bound = gate.history[-1]
@@ -1116,7 +1122,8 @@ def improve_sub_policy(policy, sub_policy: int, models, ope, tensors, args: Args
             writer.add_scalar(f"improvement_{sub_policy}/gated_ope", score, step)
             print(
                 f"  sub-policy {sub_policy} step {step}: gated OPE {score:.1f}, gain bound {lower_bound:+.1f} "
-                f"({'kept' if accepted else 'rejected'}; best {gate.best_score:.1f} at step {gate.best_step})"
+                f"(needs > {required:+.1f}: {'kept' if accepted else 'rejected'}; best {gate.best_score:.1f} "
+                f"at step {gate.best_step})"
             )
     gate.restore(improved_policy)
     improved_policy.eval()
@@ -1400,16 +1407,17 @@ if __name__ == "__main__":
             write_checkpoint(
                 checkpoint_path, history["step"][-1], args, task, policy, models, history, improved, resume
             )
-        # The offline choice: the gated copies compared pairwise on the same OPE rollouts; a gain
-        # inside the OPE's noise is a tie, and ties go to the copy whose base AM-Q ranked higher.
-        choice, comparisons = confident_choice([entry["ope_rollouts"] for entry in improved], args.gate_confidence)
-        for index, gain, lower_bound in comparisons:
-            verdict = (
-                "confident, it replaces it" if lower_bound > 0 else "inside the OPE noise: a tie, the earlier stays"
-            )
+        # The offline choice: the gated copies compared pairwise on the same OPE rollouts, by the
+        # gate's rule; a gain it does not trust is a tie, and ties go to the copy whose base AM-Q
+        # ranked higher.
+        choice, comparisons = confident_choice(
+            [entry["ope_rollouts"] for entry in improved], args.gate_confidence, args.gate_margin
+        )
+        for index, gain, lower_bound, required in comparisons:
+            verdict = "it replaces it" if lower_bound > required else "not a trusted gain: a tie, the earlier stays"
             print(
                 f"offline choice: sub-policy {improved[index]['sub_policy']} vs the choice so far: gated OPE gain "
-                f"{gain:+.1f}, lower bound {lower_bound:+.1f} ({verdict})"
+                f"{gain:+.1f}, lower bound {lower_bound:+.1f}, needs > {required:+.1f} ({verdict})"
             )
         improved.insert(0, improved.pop(choice))
         for rank, entry in enumerate(improved):

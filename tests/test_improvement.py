@@ -220,7 +220,25 @@ def test_offline_choice_breaks_ties_towards_the_earlier_candidate():
     clear = first + 5.0
     choice, comparisons = confident_choice([rollouts(first), rollouts(tie)], confidence=0.9)
     assert choice == 0 and comparisons[0][0] == 1 and comparisons[0][1] > 0 and comparisons[0][2] <= 0
+    assert comparisons[0][3] == 0.0  # no margin asked
     choice, _ = confident_choice([rollouts(first), rollouts(tie)], confidence=0.0)
     assert choice == 1  # any-gain takes the higher mean
     choice, _ = confident_choice([rollouts(first), rollouts(tie), rollouts(clear)], confidence=0.9)
+    assert choice == 2
+
+
+def test_the_gate_margin_refuses_a_confident_gain_smaller_than_its_share_of_the_score():
+    """Kept score 100 on every start; a candidate +1.5 on every start has no spread, so its bound
+    is +1.5: kept without a margin, refused at margin 0.02 (needs > 2.0), and +3 passes it. The
+    offline choice applies the same rule and reports the bound each comparison needed."""
+    base = torch.full((256,), 100.0)
+    model = torch.nn.Linear(2, 1)
+    assert BestSnapshot(model, rollouts(base), confidence=0.95).offer(model, rollouts(base + 1.5), step=100)
+    gate = BestSnapshot(model, rollouts(base), confidence=0.95, margin=0.02)
+    assert not gate.offer(model, rollouts(base + 1.5), step=100)
+    assert gate.history[-1][3] == pytest.approx(1.5)  # confident, but below 2% of 100
+    assert gate.offer(model, rollouts(base + 3.0), step=200) and gate.best_step == 200
+    choice, comparisons = confident_choice([rollouts(base), rollouts(base + 1.5)], confidence=0.95, margin=0.02)
+    assert choice == 0 and comparisons[0][3] == pytest.approx(2.0)
+    choice, _ = confident_choice([rollouts(base), rollouts(base + 1.5), rollouts(base + 3.0)], 0.95, margin=0.02)
     assert choice == 2

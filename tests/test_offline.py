@@ -384,10 +384,12 @@ def test_full_run_checkpoint_reloads_with_all_parts(full_run):
         assert entry["operator"] == "qgrad"
         steps = [step for step, _, _, _ in entry["ope_history"]]
         assert steps == [0, 3, 6]
-        # The kept snapshot is the last accepted one, and every acceptance had a positive gain bound.
+        # The kept snapshot is the last accepted one, and every acceptance had a gain bound above
+        # --gate-margin times the score it replaced.
         accepted = [(step, score, bound) for step, score, ok, bound in entry["ope_history"] if ok]
         assert entry["best_step"] == accepted[-1][0] and entry["ope_score"] == accepted[-1][1]
-        assert all(bound > 0 for _, _, bound in accepted[1:])
+        margin = checkpoint["args"]["gate_margin"]
+        assert all(new[2] > margin * abs(old[1]) for old, new in zip(accepted, accepted[1:]))
         sums, counts = entry["ope_rollouts"]
         assert torch.isclose(sums.sum() / counts.sum(), torch.tensor(entry["ope_score"]))
         policy = DiffusionPolicy.from_checkpoint(entry["policy"])
@@ -519,6 +521,7 @@ def test_phase_counts_and_cost_estimate_arithmetic():
         (["--tau", "0"], "--tau"),
         (["--gamma", "1.5"], "--gamma"),
         (["--gate-confidence", "1"], "--gate-confidence"),
+        (["--gate-margin", "nan"], "--gate-margin"),
         (["--num-qualified", "9"], "--num-qualified"),
         (["--init-checkpoint", "a.pt", "--checkpoint-path", "a.pt"], "--checkpoint-path"),
         (["--checkpoint-path", "/proc/no/offline.pt"], "--checkpoint-path"),
