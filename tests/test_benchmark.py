@@ -7,6 +7,7 @@ import shlex
 import subprocess
 import sys
 
+import torch
 from test_offline import TINY_MODEL, TINY_POLICY
 
 from conftest import ROOT, TINY_DATASET_ID
@@ -170,3 +171,36 @@ def test_bad_arguments_are_refused_before_any_work(tmp_path):
         assert result.returncode == 2, arguments
         assert result.stderr.strip() == f"error: {message}"
         assert "Traceback" not in result.stderr and not (tmp_path / "bench").exists()
+
+
+def test_gate_replay_records_every_snapshot_and_replays_the_runs_own_decisions(
+    offline_checkpoint, minari_path, tmp_path
+):
+    """benchmarks/gate_replay.py: `record` runs the improvement stage (two copies, snapshots at
+    steps 0, 3, 6) and scores every snapshot on real episodes; replaying the run's own gate rule
+    on the recorded OPE gives the steps its gate kept and the copy its offline choice took."""
+    output = tmp_path / "recorded.pt"
+    flags = shlex.join(TINY_POLICY + TINY_MODEL + ["--num-qualified", "2"])
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "MINARI_DATASETS_PATH": minari_path}
+    script = os.path.join(ROOT, "benchmarks", "gate_replay.py")
+    record = [sys.executable, script, "record", str(offline_checkpoint), str(output), "--episodes", "2"]
+    result = subprocess.run(
+        record + ["--same-stream", f"--offline-flags={flags}"], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    from gate_replay import replayed_choice
+
+    copies = torch.load(output, weights_only=True)
+    run = load_checkpoint(str(output) + ".run.pt")
+    assert [len(copy["snapshots"]) for copy in copies] == [3, 3]
+    assert all(len(snapshot["real"]) == 2 for copy in copies for snapshot in copy["snapshots"])
+    args = run["args"]
+    kept_steps, choice = replayed_choice(copies, args["gate_confidence"], args["gate_margin"])
+    by_sub_policy = {entry["sub_policy"]: entry for entry in run["improved"]}
+    assert kept_steps == [by_sub_policy[copy["sub_policy"]]["best_step"] for copy in copies]
+    assert copies[choice]["sub_policy"] == run["improved"][0]["sub_policy"]  # the run's offline choice
+    table = subprocess.run(
+        [sys.executable, script, "replay", str(output)], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert table.returncode == 0 and "| no improvement (AM-Q's pick) |" in table.stdout
