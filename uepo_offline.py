@@ -1422,7 +1422,11 @@ if __name__ == "__main__":
         improved.insert(0, improved.pop(choice))
         for rank, entry in enumerate(improved):
             entry["choice_rank"] = rank
-        print(f"offline choice: sub-policy {improved[0]['sub_policy']}, improved ({args.improvement})")
+        chosen = improved[0]
+        print(
+            f"offline choice: sub-policy {chosen['sub_policy']}, its {args.improvement} copy as kept at step "
+            f"{chosen['best_step']}" + (" (the unimproved sub-policy)" if chosen["best_step"] == 0 else "")
+        )
         write_checkpoint(checkpoint_path, history["step"][-1], args, task, policy, models, history, improved, resume)
         print("| sub-policy | AM-Q | real before | gated OPE start -> kept (step) | real after |\n|-|-|-|-|-|")
         for entry in improved:
