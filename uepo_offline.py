@@ -1370,6 +1370,13 @@ if __name__ == "__main__":
         for key, value in {"step": saved["step"], **record}.items():
             history[key].append(value)
         write_checkpoint(checkpoint_path, saved["step"], args, task, policy, models, history, improved, resume)
+        # Continue the loop's random stream where it stopped (saved for --resume after its last
+        # evaluation, where the one-command run goes on), if its run was the same seed: the
+        # improvement then draws what the one-command run draws, so both give the same copies.
+        if saved.get("resume") and saved["args"]["seed"] == args.seed:
+            torch.set_rng_state(saved["resume"]["torch_rng"])
+            if "cuda_rng" in saved["resume"] and device.type == "cuda":
+                torch.cuda.set_rng_state(saved["resume"]["cuda_rng"], device)
 
     # ---- phase 2: improvement of the best sub-policies by AM-Q (docs/design.md, "The offline loop,
     # critics and improvement"); the critics and the dynamics model are frozen from here on.

@@ -1,6 +1,7 @@
 """uepo_offline.py: data, bad input, the end-to-end offline run and its checkpoint."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -404,6 +405,26 @@ def test_full_run_checkpoint_reloads_with_all_parts(full_run):
         )
         np.testing.assert_array_equal(replay["scores"][entry["sub_policy"]], entry["scores"])
     assert "| sub-policy | AM-Q | real before |" in result.stdout
+
+
+def test_improvement_from_the_loops_checkpoint_equals_the_one_command_run(full_run, minari_path, tmp_path):
+    """--init-checkpoint with the loop's own seed continues its random stream, so the loop and the
+    improvement run as two commands give the one-command run's improved copies, bit for bit."""
+    _, path = full_run
+    out = tmp_path / "split.pt"
+    result = run_offline(
+        FULL_RUN + ["--init-checkpoint", str(path), "--checkpoint-path", str(out)], minari_path, tmp_path
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    one_command, split = load_checkpoint(str(path)), load_checkpoint(str(out))
+    assert [e["sub_policy"] for e in split["improved"]] == [e["sub_policy"] for e in one_command["improved"]]
+    # The improvement's losses at every logged step (they depend on every batch it drew).
+    losses = lambda out: [line.split(" | ETA")[0] for line in out.splitlines() if re.search(r"step \d+/6 \|", line)]
+    assert losses(result.stdout) == losses(full_run[0].stdout) and len(losses(result.stdout)) == 4
+    for a, b in zip(one_command["improved"], split["improved"]):
+        assert a["best_step"] == b["best_step"] and a["ope_history"][1:] == b["ope_history"][1:]
+        for name, tensor in a["policy"]["state_dict"].items():
+            assert torch.equal(tensor, b["policy"]["state_dict"][name]), name
 
 
 def test_init_checkpoint_runs_only_the_improvement(full_run, minari_path, tmp_path):
