@@ -242,6 +242,21 @@ def evaluate_sub_policies(
     }
 
 
+def evaluate_saved_task(policy, checkpoint: dict, episodes: int, seed: int, sub_policies=None) -> dict:
+    """`evaluate_sub_policies` on the environment, time limit and reference scores a checkpoint
+    was made with, episodes reset with seeds `seed * 1000 + e` (the training scripts' seeds)."""
+    return evaluate_sub_policies(
+        policy,
+        checkpoint["env_id"],
+        episodes,
+        seed=seed * 1000,
+        ref_min_score=checkpoint["ref_min_score"],
+        ref_max_score=checkpoint["ref_max_score"],
+        max_episode_steps=checkpoint["max_episode_steps"],
+        sub_policies=sub_policies,
+    )
+
+
 def spearman_correlation(x, y) -> float:
     """Rank correlation of two score vectors (ties get their average rank), e.g. OPE against real scores."""
 
@@ -939,15 +954,8 @@ def policy_command(args: PolicyArgs) -> dict:
         fail(problem)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     checkpoint = load_or_fail(args.checkpoint)
-    evaluate = lambda policy, sub_policies: evaluate_sub_policies(
-        policy,
-        checkpoint["env_id"],
-        args.episodes,
-        seed=args.seed * 1000,
-        ref_min_score=checkpoint["ref_min_score"],
-        ref_max_score=checkpoint["ref_max_score"],
-        max_episode_steps=checkpoint["max_episode_steps"],
-        sub_policies=sub_policies,
+    evaluate = lambda policy, sub_policies: evaluate_saved_task(
+        policy, checkpoint, args.episodes, args.seed, sub_policies
     )["scores"]
     rows, n, base = [], 1, None
     if checkpoint.get("phase") == "online":

@@ -49,7 +49,7 @@ from eval import (
     ChunkEnv,
     build_saved,
     check_output_file,
-    evaluate_sub_policies,
+    evaluate_saved_task,
     fail,
     load_checkpoint,
     offline_candidates,
@@ -335,17 +335,8 @@ def actor_losses(
 
 def real_scores(policy, sub_policy: int, episodes: int, checkpoint: dict, seed: int) -> np.ndarray:
     """Normalized scores of one sub-policy (or the online actor, sub-policy 0) on `episodes` real
-    episodes reset with fixed seeds, under the dataset's time limit (`eval.evaluate_sub_policies`)."""
-    return evaluate_sub_policies(
-        policy,
-        checkpoint["env_id"],
-        episodes,
-        seed=seed * 1000,
-        ref_min_score=checkpoint["ref_min_score"],
-        ref_max_score=checkpoint["ref_max_score"],
-        max_episode_steps=checkpoint["max_episode_steps"],
-        sub_policies=[sub_policy],
-    )["scores"][0]
+    episodes reset with fixed seeds, under the dataset's time limit (`eval.evaluate_saved_task`)."""
+    return evaluate_saved_task(policy, checkpoint, episodes, seed, [sub_policy])["scores"][0]
 
 
 def evaluate(step, actor, history, writer, args, checkpoint, path) -> None:

@@ -23,7 +23,7 @@ import tyro
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from diffusion import DiffusionPolicy  # noqa: E402
 from divergence import mean_pairwise_divergence, nearest_divergence  # noqa: E402
-from eval import dataset_state_histories, evaluate_sub_policies, load_checkpoint  # noqa: E402
+from eval import dataset_state_histories, evaluate_saved_task, load_checkpoint  # noqa: E402
 
 
 @dataclass
@@ -70,15 +70,7 @@ if __name__ == "__main__":
     for tau, eta in settings:
         config.tau, config.eta = tau, eta
         mean_divergence, _ = divergence_stats(policy, states)
-        result = evaluate_sub_policies(
-            policy,
-            checkpoint["env_id"],
-            args.episodes,
-            seed=args.seed * 1000,
-            ref_min_score=checkpoint["ref_min_score"],
-            ref_max_score=checkpoint["ref_max_score"],
-            max_episode_steps=checkpoint["max_episode_steps"],
-        )
+        result = evaluate_saved_task(policy, checkpoint, args.episodes, args.seed)
         scores = result["scores"].mean(1)
         tau_text = f"{tau:.3f}" if eta > 0 else "-"
         print(
