@@ -905,8 +905,11 @@ def real_scores(policy: DiffusionPolicy, task: TaskInfo, args: Args) -> dict:
     return result
 
 
-def log_evaluation(writer, record: dict, step: int) -> None:
-    """An evaluation's scores, divergence and AM-Q: printed and written to TensorBoard."""
+def log_evaluation(writer, record: dict, step: int, history: dict) -> None:
+    """An evaluation's scores, divergence and AM-Q: printed, written to TensorBoard and appended to
+    the checkpoint's `history` (one entry per key of `HISTORY_KEYS` it fills)."""
+    for key, value in {"step": step, **record}.items():
+        history[key].append(value)
     scores = np.array(record["scores"]).mean(1)
     for i, score in enumerate(scores):
         writer.add_scalar(f"charts/normalized_score_sub_policy_{i}", score, step)
@@ -1324,9 +1327,10 @@ if __name__ == "__main__":
                 last = checkpoint_path if history["step"] else "none yet"
                 fail(f"{error}; stopped (the last checkpoint is untouched: {last})")
             progress.add(logs)
-            if args.ope and (step % args.elite_every == 0 or augment_now(step, args)):
+            refresh = args.ope and augment_now(step, args)
+            if refresh or (args.ope and step % args.elite_every == 0):
                 models.dynamics.select_elites(*holdout)  # elites are chosen on real hold-out data only
-            if args.ope and augment_now(step, args):
+            if refresh:
                 policy.eval()
                 phase_start = time.time()
                 augmented, epsilon = refresh_augmentation(
@@ -1344,9 +1348,7 @@ if __name__ == "__main__":
                 progress.report(step, clock, writer, scheduler.get_last_lr()[0])
             if step % args.eval_every == 0 or step == args.total_steps:
                 record = evaluate(policy, task, args, divergence_states, ope, holdout, clock, call_units)
-                log_evaluation(writer, record, step)
-                for key, value in {"step": step, **record}.items():
-                    history[key].append(value)
+                log_evaluation(writer, record, step, history)
                 # taken after the evaluation, so that a resumed run continues from exactly here
                 resume = training_state(step, run_name, optimizer, scheduler, progress, models, augmented, device)
                 write_checkpoint(checkpoint_path, step, args, task, policy, models, history, improved, resume)
@@ -1366,9 +1368,7 @@ if __name__ == "__main__":
         models.critics.load_state_dict(saved["critics"]["state_dict"])
         models.dynamics.load_state_dict(saved["dynamics"]["state_dict"])
         record = evaluate(policy, task, args, divergence_states, ope, holdout, clock, call_units)
-        log_evaluation(writer, record, saved["step"])
-        for key, value in {"step": saved["step"], **record}.items():
-            history[key].append(value)
+        log_evaluation(writer, record, saved["step"], history)
         write_checkpoint(checkpoint_path, saved["step"], args, task, policy, models, history, improved, resume)
         # Continue the loop's random stream where it stopped (saved for --resume after its last
         # evaluation, where the one-command run goes on), if its run was the same seed: the
