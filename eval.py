@@ -242,9 +242,12 @@ def evaluate_sub_policies(
     }
 
 
-def evaluate_saved_task(policy, checkpoint: dict, episodes: int, seed: int, sub_policies=None) -> dict:
+def evaluate_saved_task(
+    policy, checkpoint: dict, episodes: int, seed: int, sub_policies=None, action_steps: int | None = None
+) -> dict:
     """`evaluate_sub_policies` on the environment, time limit and reference scores a checkpoint
-    was made with, episodes reset with seeds `seed * 1000 + e` (the training scripts' seeds)."""
+    was made with, episodes reset with seeds `seed * 1000 + e` (the training scripts' seeds);
+    `action_steps` < H re-plans after that many actions of each chunk (receding horizon)."""
     return evaluate_sub_policies(
         policy,
         checkpoint["env_id"],
@@ -254,6 +257,7 @@ def evaluate_saved_task(policy, checkpoint: dict, episodes: int, seed: int, sub_
         ref_max_score=checkpoint["ref_max_score"],
         max_episode_steps=checkpoint["max_episode_steps"],
         sub_policies=sub_policies,
+        action_steps=action_steps,
     )
 
 
@@ -854,9 +858,10 @@ def sub_policy_divergence(policy: DiffusionPolicy, state_histories: np.ndarray) 
 # ------------------------------------------------------------------------------------------------
 # The command line. Each subcommand is a dataclass of arguments (tyro) and a function.
 # ------------------------------------------------------------------------------------------------
-def mean_std_over_seeds(values) -> str:
+def mean_std_over_seeds(values, digits: int = 1) -> str:
     """`mean +- std` with the sample std (ddof 1; 0 for a single seed), as the results tables."""
-    return f"{np.mean(values):.1f} +- {np.std(values, ddof=1) if len(values) > 1 else 0.0:.1f}"
+    std = np.std(values, ddof=1) if len(values) > 1 else 0.0
+    return f"{np.mean(values):.{digits}f} +- {std:.{digits}f}"
 
 
 def load_or_fail(path: str) -> dict:
@@ -910,6 +915,8 @@ class PolicyArgs:
     """episodes per sub-policy (the same start states for all)"""
     seed: int = 1
     """episode e is reset with seed `seed * 1000 + e`, the training scripts' evaluation seeds"""
+    action_steps: int | None = None
+    """actions of each chunk executed before re-planning (default: all H; 1 re-plans at every step)"""
     divergence: bool = True
     """measure the pairwise divergence on dataset states (needs the dataset in MINARI_DATASETS_PATH)"""
     divergence_states: int = 256
@@ -946,6 +953,8 @@ def check_policy_args(args: PolicyArgs) -> str | None:
         return problem
     if not 1 <= args.divergence_states <= MAX_DIVERGENCE_STATES:
         return f"--divergence-states must be in [1, {MAX_DIVERGENCE_STATES}], got {args.divergence_states}"
+    if args.action_steps is not None and args.action_steps < 1:
+        return f"--action-steps must be >= 1 (and at most the checkpoint's horizon H), got {args.action_steps}"
     return check_output_file("--json", args.json)
 
 
@@ -954,8 +963,13 @@ def policy_command(args: PolicyArgs) -> dict:
         fail(problem)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     checkpoint = load_or_fail(args.checkpoint)
+    saved = (
+        checkpoint["actor"]["policy_config"] if checkpoint.get("phase") == "online" else checkpoint["policy"]["config"]
+    )
+    if args.action_steps is not None and args.action_steps > (horizon := saved["horizon"]):
+        fail(f"--action-steps must be at most the checkpoint's horizon H = {horizon}, got {args.action_steps}")
     evaluate = lambda policy, sub_policies: evaluate_saved_task(
-        policy, checkpoint, args.episodes, args.seed, sub_policies
+        policy, checkpoint, args.episodes, args.seed, sub_policies, args.action_steps
     )["scores"]
     rows, n, base = [], 1, None
     if checkpoint.get("phase") == "online":

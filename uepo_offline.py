@@ -888,6 +888,41 @@ class SubPolicyOPE:
         }
 
 
+def offline_models(args: Args, config: PolicyConfig, tensors: TrainingTensors, is_terminal, device):
+    """--ope: the chunk-level IQL critics and the dynamics ensemble with their optimizers, created on
+    their own random stream (seed + 1); the real hold-out split (min(20%, 1000) transitions, for the
+    elites); the AM-Q of every sub-policy from fixed dataset start states with fixed model noise;
+    and the augmentation buffer, empty until --dynamics-warmup. Returns (models, train_index,
+    holdout, ope, augmented)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(args.seed + 1)
+        critics = ChunkCritics(config.obs_dim, config.act_dim, args.horizon).to(device)
+        dynamics = EnsembleDynamics(config.obs_dim, config.act_dim).to(device)
+    models = ModelLearners(
+        critics=critics,
+        target_critics=copy.deepcopy(critics),
+        critic_optimizer=torch.optim.Adam(critics.parameters(), lr=args.critic_learning_rate),
+        dynamics=dynamics,
+        dynamics_optimizer=torch.optim.Adam(dynamics.parameters(), lr=args.dynamics_learning_rate),
+        generator=torch.Generator(device=device).manual_seed(args.seed + 1),
+    )
+    num_chunks = len(tensors.chunks)
+    split_generator = torch.Generator().manual_seed(args.seed + 1)
+    train_index, holdout_index = (index.to(device) for index in holdout_split(num_chunks, split_generator))
+    holdout = tuple(part[holdout_index] for part in tensors.transitions)
+    dynamics.set_input_statistics(tensors.transitions[0][train_index], tensors.transitions[1][train_index])
+    # AM-Q start states: fixed dataset state histories (raw units), fixed model noise.
+    ope_index = torch.randperm(num_chunks, generator=split_generator)[: args.ope_states].to(device)
+    ope = SubPolicyOPE(
+        critics, dynamics, is_terminal, tensors.raw_histories[ope_index], args.ope_horizon, args.seed + 2, args.gamma
+    )
+    # The augmentation buffer (docs/design.md, "Dynamics model and diffusion augmentation").
+    augmented = {
+        key: part[:0] for key, part in zip(("states", "actions", "next_states", "rewards"), tensors.transitions)
+    }
+    return models, train_index, holdout, ope, augmented
+
+
 def real_scores(policy: DiffusionPolicy, task: TaskInfo, args: Args) -> dict:
     """Every sub-policy's returns and normalized scores on the real environment (reported, never
     used for a decision): `eval.evaluate_sub_policies` with this run's episodes and seeds."""
@@ -1250,41 +1285,10 @@ if __name__ == "__main__":
     divergence_states = tensors.states[torch.randperm(num_chunks, device=device)[: args.divergence_states]]
 
     # ---- chunk-level IQL critics and the dynamics ensemble (--ope), on their own random stream --
-    models = ope = holdout = None
+    models = ope = holdout = train_index = None
     augmented = {}
     if args.ope:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(args.seed + 1)
-            critics = ChunkCritics(config.obs_dim, config.act_dim, args.horizon).to(device)
-            dynamics = EnsembleDynamics(config.obs_dim, config.act_dim).to(device)
-        models = ModelLearners(
-            critics=critics,
-            target_critics=copy.deepcopy(critics),
-            critic_optimizer=torch.optim.Adam(critics.parameters(), lr=args.critic_learning_rate),
-            dynamics=dynamics,
-            dynamics_optimizer=torch.optim.Adam(dynamics.parameters(), lr=args.dynamics_learning_rate),
-            generator=torch.Generator(device=device).manual_seed(args.seed + 1),
-        )
-        split_generator = torch.Generator().manual_seed(args.seed + 1)
-        train_index, holdout_index = (index.to(device) for index in holdout_split(num_chunks, split_generator))
-        holdout = tuple(part[holdout_index] for part in tensors.transitions)
-        dynamics.set_input_statistics(tensors.transitions[0][train_index], tensors.transitions[1][train_index])
-        # AM-Q start states: fixed dataset state histories (raw units), fixed model noise.
-        ope_index = torch.randperm(num_chunks, generator=split_generator)[: args.ope_states].to(device)
-        ope = SubPolicyOPE(
-            critics,
-            dynamics,
-            is_terminal,
-            tensors.raw_histories[ope_index],
-            args.ope_horizon,
-            args.seed + 2,
-            args.gamma,
-        )
-        # The augmentation buffer (docs/design.md, "Dynamics model and diffusion augmentation"):
-        # empty until --dynamics-warmup.
-        augmented = {
-            key: part[:0] for key, part in zip(("states", "actions", "next_states", "rewards"), tensors.transitions)
-        }
+        models, train_index, holdout, ope, augmented = offline_models(args, config, tensors, is_terminal, device)
 
     history = {key: [] for key in HISTORY_KEYS}
     improved = []  # the improved copies (phase 2)

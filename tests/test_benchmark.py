@@ -204,3 +204,33 @@ def test_gate_replay_records_every_snapshot_and_replays_the_runs_own_decisions(
         [sys.executable, script, "replay", str(output)], cwd=tmp_path, env=env, capture_output=True, text=True
     )
     assert table.returncode == 0 and "| no improvement (AM-Q's pick) |" in table.stdout
+
+
+def test_augmentation_volume_fills_each_buffer_to_its_cap_and_scores_the_model(
+    offline_checkpoint, minari_path, monkeypatch
+):
+    """benchmarks/augmentation_volume.py: the start states it chooses let every refresh fill the
+    buffer to ratio x |D| when nothing cuts the rollouts short (the tiny run's policy is too far
+    from its data for the real filter to keep any step, and its random data terminates within a
+    few steps: both are switched off here), none at ratio 0; each model gets a finite hold-out NLL and an AM-Q score per sub-policy, and the synthetic
+    data changes the model (the NLLs differ)."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import uepo_offline
+    from augmentation_volume import measure, starts_for_volume
+
+    assert starts_for_volume(2.0, 1000, 20) == 200 and starts_for_volume(0.5, 1001, 20) == 51
+    import augmentation_volume
+
+    monkeypatch.setattr(uepo_offline, "disagreement_threshold", lambda *args: float("inf"))
+    monkeypatch.setattr(
+        augmentation_volume, "termination_fn", lambda task: lambda states: torch.zeros(len(states), dtype=torch.bool)
+    )
+    checkpoint = load_checkpoint(str(offline_checkpoint))
+    runs = measure(checkpoint, (0.0, 1.0), steps=None)
+    assert [run["ratio"] for run in runs] == [0.0, 1.0]
+    assert runs[0]["buffer_sizes"] == [] and runs[0]["cap"] == 0
+    assert len(runs[1]["buffer_sizes"]) == 2 and all(size == runs[1]["cap"] > 0 for size in runs[1]["buffer_sizes"])
+    for run in runs:
+        assert torch.isfinite(torch.tensor(run["holdout_nll"]))
+        assert len(run["ope_scores"]) == len(run["real_scores"]) == checkpoint["policy"]["config"]["n_subpolicies"]
+    assert runs[0]["holdout_nll"] != runs[1]["holdout_nll"]
