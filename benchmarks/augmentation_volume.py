@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import uepo_offline as offline  # noqa: E402
 from diffusion import DiffusionPolicy  # noqa: E402
 from dynamics import task_of_env_id, termination_fn  # noqa: E402
-from eval import fail, load_checkpoint, mean_std_over_seeds, spearman_correlation  # noqa: E402
+from eval import fail, load_or_fail, mean_std_over_seeds, spearman_correlation  # noqa: E402
 
 
 @dataclass
@@ -78,7 +78,10 @@ def measure(checkpoint: dict, ratios, steps: int | None, **overrides) -> list[di
     run = replace(offline.Args(**checkpoint["args"]), **overrides)
     if steps is not None:
         run = replace(run, total_steps=steps)
-    dataset, _, _, _ = offline.load_dataset(run.env_id, run.dataset_id)
+    try:
+        dataset, _, _, _ = offline.load_dataset(run.env_id, run.dataset_id)
+    except offline.DatasetError as error:
+        fail(str(error))
     data = offline.chunk_dataset(dataset, run.horizon, run.obs_horizon, run.gamma)
     policy = DiffusionPolicy.from_checkpoint(checkpoint["policy"]).eval()
     tensors = offline.training_tensors(data, policy, torch.device("cpu"))
@@ -128,7 +131,7 @@ if __name__ == "__main__":
     torch.set_num_threads(1)
     runs = []
     for path in args.checkpoints:
-        checkpoint = load_checkpoint(path)
+        checkpoint = load_or_fail(path)
         if "critics" not in checkpoint:
             fail(f"{path} has no critics and dynamics model: run uepo_offline.py with --ope")
         runs += measure(checkpoint, args.ratios, args.steps)

@@ -7,6 +7,7 @@ import shlex
 import subprocess
 import sys
 
+import pytest
 import torch
 from test_offline import TINY_MODEL, TINY_POLICY
 
@@ -212,15 +213,15 @@ def test_augmentation_volume_fills_each_buffer_to_its_cap_and_scores_the_model(
     """benchmarks/augmentation_volume.py: the start states it chooses let every refresh fill the
     buffer to ratio x |D| when nothing cuts the rollouts short (the tiny run's policy is too far
     from its data for the real filter to keep any step, and its random data terminates within a
-    few steps: both are switched off here), none at ratio 0; each model gets a finite hold-out NLL and an AM-Q score per sub-policy, and the synthetic
-    data changes the model (the NLLs differ)."""
+    few steps: both are switched off here), none at ratio 0; each model gets a finite hold-out
+    NLL and an AM-Q score per sub-policy, and the synthetic data changes the model (the NLLs differ)."""
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-    import uepo_offline
+    import augmentation_volume
     from augmentation_volume import measure, starts_for_volume
 
-    assert starts_for_volume(2.0, 1000, 20) == 200 and starts_for_volume(0.5, 1001, 20) == 51
-    import augmentation_volume
+    import uepo_offline
 
+    assert starts_for_volume(2.0, 1000, 20) == 200 and starts_for_volume(0.5, 1001, 20) == 51
     monkeypatch.setattr(uepo_offline, "disagreement_threshold", lambda *args: float("inf"))
     monkeypatch.setattr(
         augmentation_volume, "termination_fn", lambda task: lambda states: torch.zeros(len(states), dtype=torch.bool)
@@ -234,3 +235,27 @@ def test_augmentation_volume_fills_each_buffer_to_its_cap_and_scores_the_model(
         assert torch.isfinite(torch.tensor(run["holdout_nll"]))
         assert len(run["ope_scores"]) == len(run["real_scores"]) == checkpoint["policy"]["config"]["n_subpolicies"]
     assert runs[0]["holdout_nll"] != runs[1]["holdout_nll"]
+
+
+def test_ope_diagnosis_recomputes_the_runs_am_q_beside_the_model_and_the_real_episode(offline_checkpoint, minari_path):
+    """benchmarks/ope_diagnosis.py: one row per sub-policy whose AM-Q is the one the run recorded
+    at its last evaluation (the same start states, model noise, elites and critics), with the
+    model's and the real episode's reward per step and the model's one-step error (>= 0)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "MINARI_DATASETS_PATH": minari_path}
+    script = os.path.join(ROOT, "benchmarks", "ope_diagnosis.py")
+    result = subprocess.run(
+        [sys.executable, script, "--checkpoint", str(offline_checkpoint)], env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    checkpoint = load_checkpoint(str(offline_checkpoint))
+    rows = [line.split("|")[1:-1] for line in result.stdout.splitlines() if re.match(r"\| \d+ \|", line)]
+    recorded = checkpoint["history"]["ope_scores"][-1]
+    assert len(rows) == len(recorded) == checkpoint["policy"]["config"]["n_subpolicies"]
+    for row, ope in zip(rows, recorded):
+        assert float(row[2]) == pytest.approx(ope, abs=0.051)
+        assert float(row[6]) >= 0
+    assert "Spearman with the real scores: AM-Q" in result.stdout
+    missing = subprocess.run(
+        [sys.executable, script, "--checkpoint", "no_such.pt"], env=env, capture_output=True, text=True
+    )
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr
