@@ -259,3 +259,17 @@ def test_ope_diagnosis_recomputes_the_runs_am_q_beside_the_model_and_the_real_ep
         [sys.executable, script, "--checkpoint", "no_such.pt"], env=env, capture_output=True, text=True
     )
     assert missing.returncode == 2 and "Traceback" not in missing.stderr
+
+
+def test_loop_speed_times_each_learner_for_each_variant(minari_path):
+    """benchmarks/loop_speed.py: one row per variant with a positive time for each learner."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "MINARI_DATASETS_PATH": minari_path}
+    script = os.path.join(ROOT, "benchmarks", "loop_speed.py")
+    arguments = ["--dataset-id", TINY_DATASET_ID, "--variants", "plain", "fused", "--steps", "3", "--warmup", "1"]
+    result = subprocess.run([sys.executable, script, *arguments], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line.split("|")[1:-1] for line in result.stdout.splitlines() if re.match(r"\| (plain|fused) \|", line)]
+    assert [row[0].strip() for row in rows] == ["plain", "fused"]
+    assert all(float(value) > 0 for row in rows for value in row[1:5])
+    refused = subprocess.run([sys.executable, script, "--variants", "jit"], env=env, capture_output=True, text=True)
+    assert refused.returncode == 2 and "plain, fused, compile" in refused.stderr and "Traceback" not in refused.stderr
