@@ -182,11 +182,11 @@ class Args:
     """the top `num_qualified` sub-policies by AM-Q each get a copy of the denoiser to improve; 0 turns it off"""
     improvement: Literal["bppo", "qgrad"] = "qgrad"
     """the improvement operator: Diffusion-QL's Q gradient (`qgrad`) or Uni-O4's clipped ratio (`bppo`)"""
-    improvement_steps: int = 500
+    improvement_steps: int = 2000
     """gradient steps of every copy"""
     improvement_learning_rate: float | None = None
     """Adam learning rate of the copies (default: 3e-5 for bppo, 1e-4 for qgrad)"""
-    ope_every: int = 100
+    ope_every: int = 250
     """the gate: score the copy with the penalized AM-Q every `ope_every` steps"""
     clip_coef: float = 0.25
     """bppo: clip range of the likelihood ratio of the action-level Gaussian (Uni-O4's 0.25)"""

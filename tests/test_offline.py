@@ -498,19 +498,19 @@ def test_paper_scale_swaps_the_defaults_and_flags_beside_it_still_win():
 
 def test_phase_counts_and_cost_estimate_arithmetic():
     """Hand-counted: 20k steps, evaluations at 10k and 20k; refreshes at 5k, 10k, 15k; 2 copies x
-    (500 / 100 + 1 = 6) gate OPEs; the estimate is counts x seconds per unit."""
+    (2000 / 250 + 1 = 9) gate OPEs; the estimate is counts x seconds per unit."""
     args = parse_args([])
     counts = phase_counts(args, max_episode_steps=1000)
     n, rollout = args.n_subpolicies, args.ope_states * args.ope_horizon * args.n_subpolicies
     assert counts["loop"] == {"loop_step": 20_000}
     assert counts["augmentation"] == {"augment_unit": 3 * args.augment_starts * args.augment_horizon * n}
-    assert counts["OPE"] == {"ope_unit": (2 * n + 2 * 6) * rollout}
+    assert counts["OPE"] == {"ope_unit": (2 * n + 2 * 9) * rollout}
     assert counts["evaluation"] == {"eval_unit": (2 + 2) * n * args.eval_episodes * 1000}
-    assert counts["improvement"] == {"improvement_step": 1000}
+    assert counts["improvement"] == {"improvement_step": 4000}
     seconds = {unit: 1.0 for unit in CPU_SECONDS}
     seconds["loop_step"] = 0.5
     estimate = cost_estimate(counts, seconds)
-    assert estimate["loop"] == 10_000 and estimate["improvement"] == 1000
+    assert estimate["loop"] == 10_000 and estimate["improvement"] == 4000
     # An uneven budget: 25k steps evaluate at 10k, 20k and 25k; no OPE: policy steps, no augmentation.
     odd = phase_counts(parse_args(["--total-steps", "25000", "--no-ope", "--num-qualified", "0"]), 1000)
     assert odd["loop"] == {"policy_step": 25_000} and odd["augmentation"] == {"augment_unit": 0}
