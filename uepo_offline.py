@@ -923,6 +923,19 @@ def offline_models(args: Args, config: PolicyConfig, tensors: TrainingTensors, i
     return models, train_index, holdout, ope, augmented
 
 
+def saved_run_data(checkpoint: dict, run: Args, device=torch.device("cpu")):
+    """An offline checkpoint's policy with its run's data (the training tensors and the task's
+    termination rule), for tools that redo part of the offline phase on a saved run (benchmarks/).
+    Returns (policy, tensors, is_terminal)."""
+    try:
+        dataset, _, _, _ = load_dataset(run.env_id, run.dataset_id)
+    except DatasetError as error:
+        fail(str(error))
+    data = chunk_dataset(dataset, run.horizon, run.obs_horizon, run.gamma)
+    policy = DiffusionPolicy.from_checkpoint(checkpoint["policy"]).to(device).eval()
+    return policy, training_tensors(data, policy, device), termination_fn(task_of_env_id(checkpoint["env_id"]))
+
+
 def real_scores(policy: DiffusionPolicy, task: TaskInfo, args: Args) -> dict:
     """Every sub-policy's returns and normalized scores on the real environment (reported, never
     used for a decision): `eval.evaluate_sub_policies` with this run's episodes and seeds."""

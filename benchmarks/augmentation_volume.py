@@ -29,8 +29,6 @@ import tyro
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import uepo_offline as offline  # noqa: E402
-from diffusion import DiffusionPolicy  # noqa: E402
-from dynamics import task_of_env_id, termination_fn  # noqa: E402
 from eval import fail, load_or_fail, mean_std_over_seeds, spearman_correlation  # noqa: E402
 
 
@@ -78,14 +76,7 @@ def measure(checkpoint: dict, ratios, steps: int | None, **overrides) -> list[di
     run = replace(offline.Args(**checkpoint["args"]), **overrides)
     if steps is not None:
         run = replace(run, total_steps=steps)
-    try:
-        dataset, _, _, _ = offline.load_dataset(run.env_id, run.dataset_id)
-    except offline.DatasetError as error:
-        fail(str(error))
-    data = offline.chunk_dataset(dataset, run.horizon, run.obs_horizon, run.gamma)
-    policy = DiffusionPolicy.from_checkpoint(checkpoint["policy"]).eval()
-    tensors = offline.training_tensors(data, policy, torch.device("cpu"))
-    is_terminal = termination_fn(task_of_env_id(checkpoint["env_id"]))
+    policy, tensors, is_terminal = offline.saved_run_data(checkpoint, run)
     real = np.asarray(checkpoint["history"]["scores"][-1]).mean(1)
     results = []
     for ratio in ratios:

@@ -26,7 +26,7 @@ import tyro
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import uepo_offline as offline  # noqa: E402
 from diffusion import DiffusionPolicy  # noqa: E402
-from dynamics import am_q_ratio, task_of_env_id, termination_fn  # noqa: E402
+from dynamics import am_q_ratio  # noqa: E402
 from eval import fail, load_or_fail, spearman_correlation  # noqa: E402
 
 
@@ -96,14 +96,7 @@ if __name__ == "__main__":
     if "critics" not in checkpoint:
         fail(f"{args.checkpoint} has no critics and dynamics model: run uepo_offline.py with --ope")
     run = offline.Args(**checkpoint["args"])
-    try:
-        dataset, _, _, _ = offline.load_dataset(run.env_id, run.dataset_id)
-    except offline.DatasetError as error:
-        fail(str(error))
-    data = offline.chunk_dataset(dataset, run.horizon, run.obs_horizon, run.gamma)
-    policy = DiffusionPolicy.from_checkpoint(checkpoint["policy"]).eval()
-    tensors = offline.training_tensors(data, policy, torch.device("cpu"))
-    is_terminal = termination_fn(task_of_env_id(checkpoint["env_id"]))
+    policy, tensors, is_terminal = offline.saved_run_data(checkpoint, run)
     _, _, holdout, ope, _ = offline.offline_models(run, policy.config, tensors, is_terminal, torch.device("cpu"))
     ope.critics.load_state_dict(checkpoint["critics"]["state_dict"])
     ope.dynamics.load_state_dict(checkpoint["dynamics"]["state_dict"])

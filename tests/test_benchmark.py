@@ -216,7 +216,6 @@ def test_augmentation_volume_fills_each_buffer_to_its_cap_and_scores_the_model(
     few steps: both are switched off here), none at ratio 0; each model gets a finite hold-out
     NLL and an AM-Q score per sub-policy, and the synthetic data changes the model (the NLLs differ)."""
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-    import augmentation_volume
     from augmentation_volume import measure, starts_for_volume
 
     import uepo_offline
@@ -224,7 +223,7 @@ def test_augmentation_volume_fills_each_buffer_to_its_cap_and_scores_the_model(
     assert starts_for_volume(2.0, 1000, 20) == 200 and starts_for_volume(0.5, 1001, 20) == 51
     monkeypatch.setattr(uepo_offline, "disagreement_threshold", lambda *args: float("inf"))
     monkeypatch.setattr(
-        augmentation_volume, "termination_fn", lambda task: lambda states: torch.zeros(len(states), dtype=torch.bool)
+        uepo_offline, "termination_fn", lambda task: lambda states: torch.zeros(len(states), dtype=torch.bool)
     )
     checkpoint = load_checkpoint(str(offline_checkpoint))
     runs = measure(checkpoint, (0.0, 1.0), steps=None)
