@@ -50,12 +50,9 @@ def starts_for_volume(ratio: float, num_transitions: int, horizon: int) -> int:
     return math.ceil(2 * ratio * num_transitions / horizon)
 
 
-def train_dynamics(run: offline.Args, policy, models, tensors, train_index, holdout, is_terminal) -> list[int]:
-    """The offline loop's dynamics part alone (the same update, elite choice and refresh schedule);
-    returns the buffer's size after each refresh."""
-    augmented = {
-        key: part[:0] for key, part in zip(("states", "actions", "next_states", "rewards"), tensors.transitions)
-    }
+def train_dynamics(run: offline.Args, policy, models, tensors, train_index, holdout, augmented, is_terminal):
+    """The offline loop's dynamics part alone (the same update, elite choice and refresh schedule),
+    from `offline_models`' empty augmentation buffer; returns the buffer's size after each refresh."""
     sizes = []
     for step in range(1, run.total_steps + 1):
         offline.dynamics_update(models, tensors.transitions, augmented, train_index, step, run)
@@ -86,11 +83,11 @@ def measure(checkpoint: dict, ratios, steps: int | None, **overrides) -> list[di
             augment_ratio=ratio,
             augment_starts=max(1, starts_for_volume(ratio, len(tensors.chunks), run.augment_horizon)),
         )
-        models, train_index, holdout, ope, _ = offline.offline_models(
+        models, train_index, holdout, ope, augmented = offline.offline_models(
             run_r, policy.config, tensors, is_terminal, torch.device("cpu")
         )
         models.critics.load_state_dict(checkpoint["critics"]["state_dict"])
-        sizes = train_dynamics(run_r, policy, models, tensors, train_index, holdout, is_terminal)
+        sizes = train_dynamics(run_r, policy, models, tensors, train_index, holdout, augmented, is_terminal)
         scores = ope.scores(policy, holdout)
         results.append(
             {
