@@ -272,3 +272,38 @@ def test_loop_speed_times_each_learner_for_each_variant(minari_path):
     assert all(float(value) > 0 for row in rows for value in row[1:5])
     refused = subprocess.run([sys.executable, script, "--variants", "jit"], env=env, capture_output=True, text=True)
     assert refused.returncode == 2 and "plain, fused, compile" in refused.stderr and "Traceback" not in refused.stderr
+
+
+def test_choice_rescore_reproduces_the_runs_gated_scores_on_its_own_starts(offline_checkpoint, minari_path):
+    """benchmarks/choice_rescore.py: on the run's own start states and noise the kept copy's gated
+    AM-Q is the one its gate recorded and the choice is the run's; on fresh start states the same
+    table is printed with other scores; a checkpoint without copies is refused without a traceback."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import choice_rescore
+
+    checkpoint = load_checkpoint(str(offline_checkpoint))
+    own = choice_rescore.rescored_choice(checkpoint, choice_rescore.rescored_ope(checkpoint, 8, None))
+    recorded = sorted(checkpoint["improved"], key=lambda entry: -entry["base_ope_score"])
+    assert [row["sub_policy"] for row in own["copies"]] == [entry["sub_policy"] for entry in recorded]
+    for row, entry in zip(own["copies"], recorded):
+        assert row["copy"] == pytest.approx(entry["ope_score"], rel=1e-4, abs=1e-3)
+    assert recorded[own["choice"]]["choice_rank"] == 0
+    fresh = choice_rescore.rescored_choice(checkpoint, choice_rescore.rescored_ope(checkpoint, 16, 100))
+    assert fresh["copies"][0]["copy"] != pytest.approx(own["copies"][0]["copy"], rel=1e-6)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    script = os.path.join(ROOT, "benchmarks", "choice_rescore.py")
+    result = subprocess.run(
+        [sys.executable, script, "--checkpoint", str(offline_checkpoint), "--ope-states", "16"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "gated AM-Q on 16 fresh start states" in result.stdout and "offline choice here: sub-policy" in result.stdout
+    refused = subprocess.run(
+        [sys.executable, script, "--checkpoint", str(offline_checkpoint), "--ope-states", "0"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert refused.returncode == 2 and "--ope-states" in refused.stderr and "Traceback" not in refused.stderr
