@@ -45,10 +45,7 @@ def rescored_ope(checkpoint: dict, ope_states: int, ope_seed: int | None) -> off
     with `ope_seed` None, exactly the run's own."""
     run = offline.Args(**checkpoint["args"])
     policy, tensors, is_terminal = offline.saved_run_data(checkpoint, run)
-    _, _, holdout, ope, _ = offline.offline_models(run, policy.config, tensors, is_terminal, torch.device("cpu"))
-    ope.critics.load_state_dict(checkpoint["critics"]["state_dict"])
-    ope.dynamics.load_state_dict(checkpoint["dynamics"]["state_dict"])
-    ope.dynamics.select_elites(*holdout)  # as the run did before its last OPE
+    ope, _ = offline.saved_run_ope(checkpoint, run, policy, tensors, is_terminal)
     if ope_seed is None:
         return ope
     generator = torch.Generator().manual_seed(ope_seed)

@@ -97,10 +97,7 @@ if __name__ == "__main__":
         fail(f"{args.checkpoint} has no critics and dynamics model: run uepo_offline.py with --ope")
     run = offline.Args(**checkpoint["args"])
     policy, tensors, is_terminal = offline.saved_run_data(checkpoint, run)
-    _, _, holdout, ope, _ = offline.offline_models(run, policy.config, tensors, is_terminal, torch.device("cpu"))
-    ope.critics.load_state_dict(checkpoint["critics"]["state_dict"])
-    ope.dynamics.load_state_dict(checkpoint["dynamics"]["state_dict"])
-    ope.dynamics.select_elites(*holdout)  # as the run did before its last OPE
+    ope, holdout = offline.saved_run_ope(checkpoint, run, policy, tensors, is_terminal)
     holdout_mse = one_step_mse(ope.dynamics, holdout[0], holdout[1], holdout[2])
     real = np.asarray(checkpoint["history"]["scores"][-1]).mean(1)
     seed = (run.seed if args.seed is None else args.seed) * 1000
