@@ -277,7 +277,7 @@ def test_loop_speed_times_each_learner_for_each_variant(minari_path):
 def test_choice_rescore_reproduces_the_runs_gated_scores_on_its_own_starts(offline_checkpoint, minari_path):
     """benchmarks/choice_rescore.py: on the run's own start states and noise the kept copy's gated
     AM-Q is the one its gate recorded and the choice is the run's; on fresh start states the same
-    table is printed with other scores; a checkpoint without copies is refused without a traceback."""
+    table is printed with other scores; --ope-states 0 is refused without a traceback."""
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
     import choice_rescore
 
