@@ -572,6 +572,47 @@ def am_q_ratio(sums: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     return sums.sum(-1) / counts.sum(-1)
 
 
+def model_rollout(
+    chunk_policy,
+    dynamics,
+    is_terminal,
+    start_histories: torch.Tensor,
+    num_steps: int,
+    generator: torch.Generator | None = None,
+) -> dict:
+    """Roll a deterministic chunk policy through the learned model: from every start history
+    (N, To, S) (raw states), the policy's chunk is applied step by step through
+    `dynamics.sample_step` (a random elite per row) for `num_steps` environment steps in whole
+    chunks; a rollout is dead after its first predicted termination. The one rollout loop of
+    AM-Q (`am_q_rollouts`) and of the model's episode return (`model_returns`).
+
+    chunk_policy: (N, To, S) raw histories -> (N, H, A) chunks in environment units.
+    is_terminal:  (N, S) raw next states -> (N,) bool (the task's termination rule).
+    Returns lists over chunks of "chunk_states" (N, S), "chunks" (N, H, A), "chunk_alive" (N,)
+    (alive at the chunk's start), and lists over steps of "states" (N, S), "actions" (N, A),
+    "alive" (N,) (alive before the step) and "rewards" (N,) (the model's prediction).
+    """
+    histories = start_histories.clone()
+    alive = torch.ones(len(histories), dtype=torch.bool, device=histories.device)
+    out = {key: [] for key in ("chunk_states", "chunks", "chunk_alive", "states", "actions", "alive", "rewards")}
+    steps = 0
+    while steps < num_steps and alive.any():
+        chunks = chunk_policy(histories)
+        out["chunk_states"].append(histories[:, -1])
+        out["chunks"].append(chunks)
+        out["chunk_alive"].append(alive.clone())
+        for action in chunks.unbind(dim=1):
+            next_states, rewards = dynamics.sample_step(histories[:, -1], action, generator=generator)
+            out["states"].append(histories[:, -1])
+            out["actions"].append(action)
+            out["alive"].append(alive.clone())
+            out["rewards"].append(rewards)
+            alive &= ~torch.as_tensor(is_terminal(next_states), device=alive.device)
+            histories = torch.cat([histories[:, 1:], next_states[:, None]], dim=1)
+        steps += chunks.shape[1]
+    return out
+
+
 def am_q_rollouts(
     chunk_policy,
     q_function,
@@ -583,13 +624,11 @@ def am_q_rollouts(
     uncertainty_penalty: float = 0.0,
     gamma: float = 0.99,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """AM-Q per start state: roll a deterministic chunk policy through the learned model and sum Q.
+    """AM-Q per start state: roll a deterministic chunk policy through the learned model
+    (`model_rollout`) and sum Q over its visited (state, chunk) pairs.
 
-    From every start history (N, To, S) (raw dataset states), the policy's chunk is applied
-    step by step through `dynamics.sample_step` (a random elite per row) for `num_steps`
-    environment steps in whole chunks; a rollout stops counting at its first predicted
-    termination. Returns, per start (N,), the sum of Q over its visited (state, chunk) pairs and
-    their number; AM-Q (`am_q_ope`) is the mean over all visited pairs: Uni-O4's estimate, no
+    Returns, per start (N,), the sum of Q over its visited (state, chunk) pairs and their
+    number; AM-Q (`am_q_ope`) is the mean over all visited pairs: Uni-O4's estimate, no
     discount, no penalty. The per-start terms let the gate compare two policies start by start
     (`paired_gain_bound`).
 
@@ -603,34 +642,37 @@ def am_q_rollouts(
     penalty's value). A policy that drives the model where its members are unsure loses score
     even if Q overrates its actions there.
 
-    chunk_policy: (N, To, S) raw histories -> (N, H, A) chunks in environment units.
-    q_function:   ((N, S) raw states, (N, H, A) chunks) -> (N,).
-    is_terminal:  (N, S) raw next states -> (N,) bool (the task's termination rule).
+    q_function: ((N, S) raw states, (N, H, A) chunks) -> (N,); the rest as `model_rollout`.
     """
-    histories = start_histories.clone()
-    alive = torch.ones(len(histories), dtype=torch.bool, device=histories.device)
-    chunk_q, chunk_alive, step_penalties, steps = [], [], [], 0
-    while steps < num_steps and alive.any():
-        chunks = chunk_policy(histories)
-        chunk_q.append(q_function(histories[:, -1], chunks))
-        chunk_alive.append(alive.clone())
-        for action in chunks.unbind(dim=1):
-            if uncertainty_penalty > 0:
-                step_penalties.append(dynamics.uncertainty(histories[:, -1], action) * alive)
-            next_states, _ = dynamics.sample_step(histories[:, -1], action, generator=generator)
-            alive &= ~torch.as_tensor(is_terminal(next_states), device=alive.device)
-            histories = torch.cat([histories[:, 1:], next_states[:, None]], dim=1)
-        steps += chunks.shape[1]
-    q, visited = torch.stack(chunk_q), torch.stack(chunk_alive)  # (chunks, N)
+    rollout = model_rollout(chunk_policy, dynamics, is_terminal, start_histories, num_steps, generator)
+    q = torch.stack([q_function(states, chunks) for states, chunks in zip(rollout["chunk_states"], rollout["chunks"])])
+    visited = torch.stack(rollout["chunk_alive"])  # (chunks, N)
     if uncertainty_penalty > 0:
         # Discounted penalty-to-go at every step, read at the chunk starts.
-        to_go, penalties_to_go = torch.zeros_like(step_penalties[0]), []
-        for penalty in reversed(step_penalties):
-            to_go = penalty + gamma * to_go
+        to_go, penalties_to_go = torch.zeros_like(q[0]), []
+        for states, actions, alive in zip(*(reversed(rollout[key]) for key in ("states", "actions", "alive"))):
+            to_go = dynamics.uncertainty(states, actions) * alive + gamma * to_go
             penalties_to_go.append(to_go)
-        horizon = len(step_penalties) // len(chunk_q)
+        horizon = len(rollout["states"]) // len(q)
         q = q - uncertainty_penalty * torch.stack(penalties_to_go[::-1][::horizon])
     return torch.where(visited, q, 0.0).sum(0), visited.sum(0).to(q.dtype)
+
+
+def model_returns(
+    chunk_policy,
+    dynamics,
+    is_terminal,
+    start_histories: torch.Tensor,
+    num_steps: int,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """The model's episode return per start (N,): the undiscounted sum of the rewards the model
+    predicts along a `model_rollout` of `num_steps` steps, up to and including the step of its
+    first predicted termination (as the environment pays them). From episode starts with
+    `num_steps` the time limit, a Monte-Carlo estimate in the model of what the real score
+    measures (the offline choice, docs/design.md, "The offline choice")."""
+    rollout = model_rollout(chunk_policy, dynamics, is_terminal, start_histories, num_steps, generator)
+    return (torch.stack(rollout["rewards"]) * torch.stack(rollout["alive"])).sum(0)
 
 
 def paired_gain_bound(

@@ -56,6 +56,7 @@ from dynamics import (
     holdout_split,
     iql_losses,
     mixed_batch,
+    model_returns,
     soft_update,
     task_of_env_id,
     termination_fn,
@@ -188,6 +189,8 @@ class Args:
     """Adam learning rate of the copies (default: 3e-5 for bppo, 1e-4 for qgrad)"""
     ope_every: int = 250
     """the gate: score the copy with the penalized AM-Q every `ope_every` steps"""
+    choice_starts: int = 256
+    """the offline choice: dataset episode starts from which each kept copy runs one time limit in the model"""
     clip_coef: float = 0.25
     """bppo: clip range of the likelihood ratio of the action-level Gaussian (Uni-O4's 0.25)"""
     improvement_kl_coef: float = 0.1
@@ -256,6 +259,7 @@ def check_args(args: Args) -> str | None:
         "augment_horizon",
         "improvement_steps",
         "ope_every",
+        "choice_starts",
         "eval_every",
         "eval_episodes",
         "divergence_states",
@@ -369,11 +373,13 @@ UNET_CPU_FACTOR = {
 
 
 def units_per_call(args: "Args", max_episode_steps: int) -> dict:
-    """Units of work of one call of each timed phase: one sub-policy's AM-Q rollouts, one
-    augmentation refresh, one evaluation of every sub-policy (the units of `CPU_SECONDS`)."""
+    """Units of work of one call of each timed phase: one sub-policy's AM-Q rollouts, one copy's
+    episodes in the model for the offline choice, one augmentation refresh, one evaluation of
+    every sub-policy (the units of `CPU_SECONDS`)."""
     n = args.n_subpolicies
     return {
         "OPE": args.ope_states * args.ope_horizon * n,
+        "choice": args.choice_starts * max_episode_steps * n,
         "augmentation": args.augment_starts * args.augment_horizon * n,
         "evaluation": n * args.eval_episodes * max_episode_steps,
     }
@@ -381,8 +387,9 @@ def units_per_call(args: "Args", max_episode_steps: int) -> dict:
 
 def phase_counts(args: "Args", max_episode_steps: int) -> dict:
     """How much of each kind of work the run does (the units of `CPU_SECONDS`):
-    loop steps; OPE = sub-policy x start state x model step x sub-policies sampled together
-    (all n are sampled for each, the perturbation couples them); augmentation = start x model
+    loop steps; OPE = sub-policy (or copy, for the gate and the choice) x start state x model
+    step x sub-policies sampled together (all n are sampled for each, the perturbation couples
+    them); augmentation = start x model
     step x n; evaluation = sub-policy x episode x step (an upper bound: every episode runs to the
     time limit); improvement steps."""
     n = args.n_subpolicies
@@ -397,7 +404,11 @@ def phase_counts(args: "Args", max_episode_steps: int) -> dict:
     return {
         "loop": {"loop_step" if args.ope else "policy_step": loop},
         "augmentation": {"augment_unit": refreshes * units["augmentation"]},
-        "OPE": {"ope_unit": (evaluations * n + copies * gate_calls) * units["OPE"] if args.ope else 0},
+        "OPE": {
+            "ope_unit": (evaluations * n + copies * gate_calls) * units["OPE"] + copies * units["choice"]
+            if args.ope
+            else 0
+        },
         "evaluation": {"eval_unit": (evaluations + copies) * units["evaluation"]},
         "improvement": {"improvement_step": copies * args.improvement_steps},
     }
@@ -548,6 +559,7 @@ def chunk_episode(observations, actions, rewards, terminations, horizon, obs_hor
     next_states (T, To, S)  the history at s_{t+H} (at the episode's last state if it ends sooner)
     dones       (T,)        1 if the episode terminated inside the chunk. Truncations (time
                             limits) are not terminations: the value bootstraps through them.
+    episode_start (T,)      True at t = 0 (the offline choice's rollouts start there)
     step_next_states (T, S), step_rewards (T,): the one-step transitions (s_t, a_t, s_{t+1}, r_t)
                             for the dynamics model, which works per environment step.
     """
@@ -567,6 +579,7 @@ def chunk_episode(observations, actions, rewards, terminations, horizon, obs_hor
         "dones": (np.where(mask, terminations[clipped], False)).any(1).astype(np.float32),
         "step_next_states": observations[steps + 1],
         "step_rewards": rewards,
+        "episode_start": steps == 0,
     }
 
 
@@ -648,7 +661,8 @@ class TaskInfo:
 class TrainingTensors:
     """The chunked dataset on the device: `states`/`next_states` normalized (B, To, S), `chunks`
     in [-1, 1] (B, H, A) with their `masks`; the raw one-step transitions (state, first action,
-    next state, reward) that the dynamics model learns from; `raw_histories` for model rollouts."""
+    next state, reward) that the dynamics model learns from; `raw_histories` for model rollouts and
+    `episode_starts`, the raw histories at the episodes' first states."""
 
     states: torch.Tensor
     chunks: torch.Tensor
@@ -658,6 +672,7 @@ class TrainingTensors:
     next_states: torch.Tensor
     transitions: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
     raw_histories: torch.Tensor
+    episode_starts: torch.Tensor
 
 
 def training_tensors(data: dict, policy: DiffusionPolicy, device: torch.device) -> TrainingTensors:
@@ -677,6 +692,7 @@ def training_tensors(data: dict, policy: DiffusionPolicy, device: torch.device) 
             to_device(data["step_rewards"]),
         ),
         raw_histories=to_device(data["states"]),
+        episode_starts=to_device(data["states"][data["episode_start"]]),
     )
 
 
@@ -847,8 +863,9 @@ def refresh_augmentation(policy, models: ModelLearners, holdout: tuple, raw_hist
 class SubPolicyOPE:
     """AM-Q of one sub-policy of a policy (`dynamics.am_q_rollouts`): its deterministic chunks
     rolled through the elites from fixed start states with fixed model noise (`seed`), Q summed
-    per rollout, penalized by model uncertainty for the gate. All n sub-policies are sampled
-    together (the adaptive perturbation couples them) and the column of `sub_policy` is kept."""
+    per rollout, penalized by model uncertainty for the gate; or the model's return of the same
+    rollouts (`returns`, the offline choice). All n sub-policies are sampled together (the
+    adaptive perturbation couples them) and the column of `sub_policy` is kept."""
 
     critics: ChunkCritics
     dynamics: EnsembleDynamics
@@ -858,17 +875,21 @@ class SubPolicyOPE:
     seed: int
     gamma: float
 
+    @staticmethod
+    def chunk_policy(model: DiffusionPolicy, sub_policy: int):
+        """Sub-policy `sub_policy`'s deterministic chunks, raw histories in, environment units out."""
+        return lambda histories: model.unscale_actions(
+            model.sample(model.normalize_states(histories)).actions[:, sub_policy]
+        )
+
     @torch.no_grad()
     def rollouts(self, model: DiffusionPolicy, sub_policy: int, uncertainty_penalty: float = 0.0):
         q_function = lambda raw_states, env_chunks: self.critics.q(
             model.normalize_states(raw_states), model.scale_actions(env_chunks)
         )
-        chunk_policy = lambda histories: model.unscale_actions(
-            model.sample(model.normalize_states(histories)).actions[:, sub_policy]
-        )
         generator = torch.Generator(device=self.start_histories.device).manual_seed(self.seed)
         return am_q_rollouts(
-            chunk_policy,
+            self.chunk_policy(model, sub_policy),
             q_function,
             self.dynamics,
             self.is_terminal,
@@ -877,6 +898,19 @@ class SubPolicyOPE:
             generator=generator,
             uncertainty_penalty=uncertainty_penalty,
             gamma=self.gamma,
+        )
+
+    @torch.no_grad()
+    def returns(self, model: DiffusionPolicy, sub_policy: int) -> torch.Tensor:
+        """The model's return per start state over `horizon` steps (`dynamics.model_returns`)."""
+        generator = torch.Generator(device=self.start_histories.device).manual_seed(self.seed)
+        return model_returns(
+            self.chunk_policy(model, sub_policy),
+            self.dynamics,
+            self.is_terminal,
+            self.start_histories,
+            self.horizon,
+            generator=generator,
         )
 
     @torch.no_grad()
@@ -925,6 +959,16 @@ def offline_models(args: Args, config: PolicyConfig, tensors: TrainingTensors, i
         key: part[:0] for key, part in zip(("states", "actions", "next_states", "rewards"), tensors.transitions)
     }
     return models, train_index, holdout, ope, augmented
+
+
+def choice_evaluator(ope: SubPolicyOPE, tensors: TrainingTensors, args: Args, time_limit: int) -> SubPolicyOPE:
+    """The offline choice's evaluator (docs/design.md, "The offline choice"): `ope`'s critics and
+    dynamics model, rolled for one time limit from --choice-starts of the dataset's episode starts
+    (a fixed draw, all of them if there are fewer) with fixed model noise."""
+    generator = torch.Generator().manual_seed(args.seed + 3)
+    index = torch.randperm(len(tensors.episode_starts), generator=generator)[: args.choice_starts]
+    starts = tensors.episode_starts[index.to(tensors.episode_starts.device)]
+    return SubPolicyOPE(ope.critics, ope.dynamics, ope.is_terminal, starts, time_limit, args.seed + 3, args.gamma)
 
 
 def saved_run_data(checkpoint: dict, run: Args, device=torch.device("cpu")):
@@ -1422,6 +1466,7 @@ if __name__ == "__main__":
         base_ope, base_scores = np.array(history["ope_scores"][-1]), np.array(history["scores"][-1]).mean(1)
         qualified = [int(i) for i in np.argsort(-base_ope)[: args.num_qualified]]
         print(f"improvement ({args.improvement}): sub-policies {qualified} qualify by AM-Q")
+        choice_ope = choice_evaluator(ope, tensors, args, task.max_episode_steps or 1000)
         for sub_policy in qualified:
             try:
                 improved_policy, gate = improve_sub_policy(
@@ -1429,6 +1474,9 @@ if __name__ == "__main__":
                 )
             except NonFiniteLoss as error:
                 fail(f"{error}; stopped (the last checkpoint is untouched: {checkpoint_path})")
+            phase_start = time.time()
+            returns = choice_ope.returns(improved_policy, sub_policy)
+            clock.add("OPE", call_units["choice"], time.time() - phase_start)
             scores = real_scores(improved_policy, task, args)["scores"][sub_policy]
             improved.append(
                 {
@@ -1441,26 +1489,32 @@ if __name__ == "__main__":
                     "best_step": gate.best_step,
                     "base_ope_score": float(base_ope[sub_policy]),
                     "base_score": float(base_scores[sub_policy]),
+                    "model_returns": returns.cpu(),
+                    "model_return": returns.mean().item(),
                     "scores": scores.tolist(),
                 }
             )
             print(
                 f"sub-policy {sub_policy}: kept step {gate.best_step} (gated OPE {gate.history[0][1]:.1f} -> "
-                f"{gate.best_score:.1f}); real normalized score {base_scores[sub_policy]:.1f} -> {scores.mean():.1f}"
+                f"{gate.best_score:.1f}; model return {returns.mean():.1f}); real normalized score "
+                f"{base_scores[sub_policy]:.1f} -> {scores.mean():.1f}"
             )
             write_checkpoint(
                 checkpoint_path, history["step"][-1], args, task, policy, models, history, improved, resume
             )
-        # The offline choice: the gated copies compared pairwise on the same OPE rollouts, by the
-        # gate's rule; a gain it does not trust is a tie, and ties go to the copy whose base AM-Q
-        # ranked higher.
+        # The offline choice (docs/design.md, "The offline choice"): the kept copies compared by
+        # their return in the model over whole episodes from the same episode starts and model
+        # noise, by the gate's rule; a gain it does not trust is a tie, and ties go to the copy
+        # whose base AM-Q ranked higher.
         choice, comparisons = confident_choice(
-            [entry["ope_rollouts"] for entry in improved], args.gate_confidence, args.gate_margin
+            [(entry["model_returns"], torch.ones_like(entry["model_returns"])) for entry in improved],
+            args.gate_confidence,
+            args.gate_margin,
         )
         for index, gain, lower_bound, required in comparisons:
             verdict = "it replaces it" if lower_bound > required else "not a trusted gain: a tie, the earlier stays"
             print(
-                f"offline choice: sub-policy {improved[index]['sub_policy']} vs the choice so far: gated OPE gain "
+                f"offline choice: sub-policy {improved[index]['sub_policy']} vs the choice so far: model return gain "
                 f"{gain:+.1f}, lower bound {lower_bound:+.1f}, needs > {required:+.1f} ({verdict})"
             )
         improved.insert(0, improved.pop(choice))
@@ -1472,12 +1526,15 @@ if __name__ == "__main__":
             f"{chosen['best_step']}" + (" (the unimproved sub-policy)" if chosen["best_step"] == 0 else "")
         )
         write_checkpoint(checkpoint_path, history["step"][-1], args, task, policy, models, history, improved, resume)
-        print("| sub-policy | AM-Q | real before | gated OPE start -> kept (step) | real after |\n|-|-|-|-|-|")
+        print(
+            "| sub-policy | AM-Q | real before | gated OPE start -> kept (step) | model return | real after |"
+            "\n|-|-|-|-|-|-|"
+        )
         for entry in improved:
             print(
                 f"| {entry['sub_policy']} | {entry['base_ope_score']:.1f} | {entry['base_score']:.1f} | "
                 f"{entry['ope_history'][0][1]:.1f} -> {entry['ope_score']:.1f} ({entry['best_step']}) | "
-                f"{np.mean(entry['scores']):.1f} |"
+                f"{entry['model_return']:.1f} | {np.mean(entry['scores']):.1f} |"
             )
 
     print(

@@ -15,6 +15,7 @@ from dynamics import (
     expectile_loss,
     iql_losses,
     mixed_batch,
+    model_returns,
     soft_update,
 )
 
@@ -245,6 +246,20 @@ def test_mixed_batch_draws_real_and_synthetic_in_proportion():
     states, *_ = mixed_batch(real, empty, train_rows, 64, torch.Generator().manual_seed(1))
     expected = train_rows[torch.randint(300, (64,), generator=torch.Generator().manual_seed(1))]
     assert torch.equal(states[:, 0], expected.float())
+
+
+# ---- the model's episode return (the offline choice) ----------------------------------------------
+def test_model_return_sums_the_predicted_rewards_up_to_the_first_termination():
+    """s' = s + 1 with reward 1, terminal once s'_0 >= 5: from s_0 = 0 the return is 5 (the
+    terminating step's reward counts, as the environment pays it), from s_0 = 2 it is 3, and
+    nothing after counts though the rollout goes on for the other starts; without a termination
+    it is the number of steps, in whole chunks of 2 (8 for num_steps 7)."""
+    start = torch.tensor([[[0.0, 0.0]], [[2.0, 0.0]]])
+    ends_at_5 = lambda next_states: next_states[:, 0] >= 5
+    returns = model_returns(away_from_origin, CountingModel(), ends_at_5, start, num_steps=20)
+    assert returns.tolist() == [5.0, 3.0]
+    never = lambda next_states: torch.zeros(len(next_states), dtype=torch.bool)
+    assert model_returns(away_from_origin, CountingModel(), never, start, num_steps=7).tolist() == [8.0, 8.0]
 
 
 # ---- the gate's penalized AM-Q ----------------------------------------------------------------------

@@ -242,3 +242,54 @@ def test_the_gate_margin_refuses_a_confident_gain_smaller_than_its_share_of_the_
     assert choice == 0 and comparisons[0][3] == pytest.approx(2.0)
     choice, _ = confident_choice([rollouts(base), rollouts(base + 1.5), rollouts(base + 3.0)], 0.95, margin=0.02)
     assert choice == 2
+
+
+class RecordingOPE:
+    """A stand-in for the AM-Q evaluator: scores the offered copy by a fixed Q on fixed states and
+    keeps a copy of every set of weights it was handed."""
+
+    def __init__(self, states, q_fn):
+        self.states, self.q_fn, self.seen = states, q_fn, []
+
+    def rollouts(self, policy, sub_policy, penalty):
+        self.seen.append({name: value.detach().clone() for name, value in policy.state_dict().items()})
+        with torch.no_grad():
+            return rollouts(self.q_fn(policy.sample(self.states).actions[:, sub_policy]))
+
+
+def test_improvement_ema_scores_and_keeps_the_moving_average_of_the_trained_weights():
+    """--improvement-ema d: what the gate scores at step k is a_k = d a_(k-1) + (1 - d) w_k, with
+    w_k the weights the plain stage (--improvement-ema 0) trains on the same batches (qgrad's
+    training does not depend on the gate), and the stage returns the average the gate kept."""
+    from types import SimpleNamespace
+
+    from uepo_offline import Args, PhaseClock, improve_sub_policy
+
+    policy = make_policy(eta=0.0)
+    states = random_states(policy, 64)
+    chunks, mask = train_on_zero_chunks(policy, states, steps=100)
+    q_fn = lambda chunk: -((chunk - 0.5) ** 2).sum((1, 2))
+    models = SimpleNamespace(critics=SimpleNamespace(q=lambda s, chunk: q_fn(chunk)))
+    tensors = SimpleNamespace(states=states, chunks=chunks, masks=mask)
+    writer = SimpleNamespace(add_scalar=lambda *args: None)
+
+    def stage(ema):
+        args = Args(improvement_steps=6, ope_every=1, batch_size=16, improvement_ema=ema, gate_confidence=0.0)
+        ope = RecordingOPE(states[:16], q_fn)
+        torch.manual_seed(5)  # the same batches in both runs
+        kept, gate = improve_sub_policy(policy, 2, models, ope, tensors, args, writer, PhaseClock(), {"OPE": 1})
+        return kept, gate, ope.seen
+
+    _, _, trained = stage(0.0)
+    kept, gate, scored = stage(0.75)
+    assert len(trained) == len(scored) == 7  # the start and every step
+    names = [name for name, _ in policy.named_parameters()]  # the buffers (schedule, seeds) never train
+    average = {name: trained[0][name] for name in names}
+    for step in range(7):
+        if step > 0:
+            average = {name: 0.75 * average[name] + 0.25 * trained[step][name] for name in names}
+        for name in names:
+            torch.testing.assert_close(scored[step][name], average[name], rtol=1e-5, atol=1e-6)
+    assert any(not torch.equal(scored[6][name], trained[6][name]) for name in names)
+    for name, value in kept.state_dict().items():
+        assert torch.equal(value, scored[gate.best_step][name])

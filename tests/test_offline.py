@@ -11,7 +11,7 @@ import torch
 
 from conftest import ROOT, TINY_DATASET_ID, TINY_MAX_EPISODE_STEPS
 from diffusion import DiffusionPolicy, PolicyConfig
-from dynamics import ChunkCritics, EnsembleDynamics
+from dynamics import ChunkCritics, EnsembleDynamics, confident_choice
 from eval import (
     CheckpointError,
     deployed_choice,
@@ -122,6 +122,7 @@ def test_chunk_episode_matches_hand_computed_example():
     np.testing.assert_array_equal(out["dones"], [0, 0, 1, 1, 1])  # chunks that reach the termination
     np.testing.assert_array_equal(out["step_next_states"][:, 0], [1, 2, 3, 4, 5])  # one-step transitions
     np.testing.assert_array_equal(out["step_rewards"], rewards)
+    np.testing.assert_array_equal(out["episode_start"], [True, False, False, False, False])
 
 
 def test_truncation_is_not_a_termination():
@@ -148,6 +149,12 @@ def test_chunk_dataset_on_tiny_minari_dataset(tiny_dataset):
     episodes = tiny_dataset.total_episodes
     assert (data["mask"][:, -1] == 0).sum() == 3 * episodes  # the last 3 steps of every episode pad
     assert data["dones"].sum() > 0
+    # One start per episode, at its first state (the history repeats it), where the offline
+    # choice's model episodes begin.
+    starts = data["states"][data["episode_start"]]
+    assert len(starts) == episodes and (starts == starts[:, :1]).all()
+    first_states = np.stack([episode.observations[0] for episode in tiny_dataset.iterate_episodes()])
+    np.testing.assert_array_equal(starts[:, -1], first_states.astype(np.float32))
     mean, std = state_statistics(data["all_states"])
     assert mean.shape == (11,) and (std >= 1e-3).all()
 
@@ -404,6 +411,15 @@ def test_full_run_checkpoint_reloads_with_all_parts(full_run):
             max_episode_steps=checkpoint["max_episode_steps"],
         )
         np.testing.assert_array_equal(replay["scores"][entry["sub_policy"]], entry["scores"])
+    # The offline choice: the copies' model returns over whole episodes from the same episode
+    # starts, compared by the gate's rule; the checkpoint lists them in that order.
+    returns = [entry["model_returns"] for entry in improved]
+    assert all(r.shape == returns[0].shape and r.isfinite().all() for r in returns)
+    rule = (checkpoint["args"]["gate_confidence"], checkpoint["args"]["gate_margin"])
+    by_qualification = sorted(range(len(improved)), key=lambda k: -improved[k]["base_ope_score"])
+    choice, _ = confident_choice([(returns[k], torch.ones_like(returns[k])) for k in by_qualification], *rule)
+    assert by_qualification[choice] == 0
+    assert "offline choice: sub-policy" in result.stdout and "model return gain" in result.stdout
     assert "| sub-policy | AM-Q | real before |" in result.stdout
 
 
@@ -498,13 +514,14 @@ def test_paper_scale_swaps_the_defaults_and_flags_beside_it_still_win():
 
 def test_phase_counts_and_cost_estimate_arithmetic():
     """Hand-counted: 20k steps, evaluations at 10k and 20k; refreshes at 5k, 10k, 15k; 2 copies x
-    (2000 / 250 + 1 = 9) gate OPEs; the estimate is counts x seconds per unit."""
+    (2000 / 250 + 1 = 9) gate OPEs and one choice rollout each (256 starts x the 1000-step time
+    limit); the estimate is counts x seconds per unit."""
     args = parse_args([])
     counts = phase_counts(args, max_episode_steps=1000)
     n, rollout = args.n_subpolicies, args.ope_states * args.ope_horizon * args.n_subpolicies
     assert counts["loop"] == {"loop_step": 20_000}
     assert counts["augmentation"] == {"augment_unit": 3 * args.augment_starts * args.augment_horizon * n}
-    assert counts["OPE"] == {"ope_unit": (2 * n + 2 * 9) * rollout}
+    assert counts["OPE"] == {"ope_unit": (2 * n + 2 * 9) * rollout + 2 * 256 * 1000 * n}
     assert counts["evaluation"] == {"eval_unit": (2 + 2) * n * args.eval_episodes * 1000}
     assert counts["improvement"] == {"improvement_step": 4000}
     seconds = {unit: 1.0 for unit in CPU_SECONDS}
@@ -538,6 +555,7 @@ def test_phase_counts_and_cost_estimate_arithmetic():
         (["--ddim-steps", "0"], "--ddim-steps"),
         (["--ddim-steps", "21"], "--ddim-steps"),
         (["--eval-episodes", "0"], "--eval-episodes"),
+        (["--choice-starts", "0"], "--choice-starts"),
         (["--kl-coef", "nan"], "--kl-coef"),
         (["--tau", "0"], "--tau"),
         (["--gamma", "1.5"], "--gamma"),
