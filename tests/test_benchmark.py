@@ -276,19 +276,21 @@ def test_loop_speed_times_each_learner_for_each_variant(minari_path):
 
 def test_choice_rescore_reproduces_the_runs_gated_scores_on_its_own_starts(offline_checkpoint, minari_path):
     """benchmarks/choice_rescore.py: on the run's own start states and noise the kept copy's gated
-    AM-Q is the one its gate recorded and the choice is the run's; on fresh start states the same
-    table is printed with other scores; --ope-states 0 is refused without a traceback."""
+    AM-Q is the one its gate recorded, its model return the one the run recorded, and the choice
+    by the model return is the run's; on fresh start states the same table is printed with other
+    AM-Q scores; --ope-states 0 is refused without a traceback."""
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
     import choice_rescore
 
     checkpoint = load_checkpoint(str(offline_checkpoint))
-    own = choice_rescore.rescored_choice(checkpoint, choice_rescore.rescored_ope(checkpoint, 8, None))
+    own = choice_rescore.rescored_choice(checkpoint, *choice_rescore.rescored_ope(checkpoint, 8, None))
     recorded = sorted(checkpoint["improved"], key=lambda entry: -entry["base_ope_score"])
     assert [row["sub_policy"] for row in own["copies"]] == [entry["sub_policy"] for entry in recorded]
     for row, entry in zip(own["copies"], recorded):
         assert row["copy"] == pytest.approx(entry["ope_score"], rel=1e-4, abs=1e-3)
+        assert row["model_return"] == pytest.approx(entry["model_return"], rel=1e-4, abs=1e-3)
     assert recorded[own["choice"]]["choice_rank"] == 0
-    fresh = choice_rescore.rescored_choice(checkpoint, choice_rescore.rescored_ope(checkpoint, 16, 100))
+    fresh = choice_rescore.rescored_choice(checkpoint, *choice_rescore.rescored_ope(checkpoint, 16, 100))
     assert fresh["copies"][0]["copy"] != pytest.approx(own["copies"][0]["copy"], rel=1e-6)
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     script = os.path.join(ROOT, "benchmarks", "choice_rescore.py")
@@ -299,7 +301,9 @@ def test_choice_rescore_reproduces_the_runs_gated_scores_on_its_own_starts(offli
         text=True,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "gated AM-Q on 16 fresh start states" in result.stdout and "offline choice here: sub-policy" in result.stdout
+    assert (
+        "gated AM-Q on 16 fresh start states" in result.stdout and "offline choice here (model return)" in result.stdout
+    )
     refused = subprocess.run(
         [sys.executable, script, "--checkpoint", str(offline_checkpoint), "--ope-states", "0"],
         env=env,
