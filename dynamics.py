@@ -529,8 +529,7 @@ def iql_losses(
 
 @torch.no_grad()
 def soft_update(target: nn.Module, source: nn.Module, rate: float) -> None:
-    """Polyak averaging, target <- (1 - rate) target + rate source: the target critics (IQL: rate
-    0.005) and the improvement's moving average of a copy's weights (`--improvement-ema`)."""
+    """Polyak averaging of the target critics (IQL: rate 0.005)."""
     for target_param, param in zip(target.parameters(), source.parameters()):
         target_param.lerp_(param, rate)
 

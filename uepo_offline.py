@@ -201,8 +201,6 @@ class Args:
     """a snapshot is kept only if that lower bound exceeds this fraction of the kept snapshot's OPE score"""
     q_weight: float = 0.05
     """qgrad: weight of -Q / mean|Q| beside the diffusion loss"""
-    improvement_ema: float = 0.0
-    """decay per step of the moving average of the copy's weights that the gate scores and keeps (0: the weights)"""
     init_checkpoint: str | None = None
     """skip the loop: take the networks of this checkpoint (same data, same settings) and only improve"""
 
@@ -312,8 +310,6 @@ def check_args(args: Args) -> str | None:
         return f"--gate-confidence must be in [0, 1), got {args.gate_confidence}"
     if not 0 <= args.gate_margin < 1:
         return f"--gate-margin must be in [0, 1), got {args.gate_margin}"
-    if not 0 <= args.improvement_ema < 1:
-        return f"--improvement-ema must be in [0, 1), got {args.improvement_ema}"
     if args.eta > 0 and args.n_subpolicies > 1 and args.horizon < 3:
         return (
             "the kinematic divergence needs --horizon >= 3 (velocity and acceleration); use --eta 0 for shorter chunks"
@@ -1190,14 +1186,11 @@ def improve_sub_policy(policy, sub_policy: int, models, ope, tensors, args: Args
     (never simply the last one) and the gate with its history."""
     improved_policy = copy.deepcopy(policy)
     reference = copy.deepcopy(policy).requires_grad_(False)  # bppo: pi_ref, moved only by the gate
-    # What the gate scores: with --improvement-ema, a moving average of the trained weights
-    # (Diffusion-QL's EMA actor), which smooths the step-to-step swings of the trained copy.
-    scored_policy = copy.deepcopy(policy).requires_grad_(False) if args.improvement_ema > 0 else improved_policy
     learning_rate = args.improvement_learning_rate or {"bppo": 3e-5, "qgrad": 1e-4}[args.improvement]
     optimizer = torch.optim.Adam(improved_policy.parameters(), lr=learning_rate)
     gate = BestSnapshot(
-        scored_policy,
-        ope.rollouts(scored_policy, sub_policy, args.ope_penalty),
+        improved_policy,
+        ope.rollouts(improved_policy, sub_policy, args.ope_penalty),
         step=0,
         confidence=args.gate_confidence,
         margin=args.gate_margin,
@@ -1209,8 +1202,6 @@ def improve_sub_policy(policy, sub_policy: int, models, ope, tensors, args: Args
         logs = improvement_update(
             improved_policy, reference, optimizer, models.critics, tensors, sub_policy, step, args
         )
-        if args.improvement_ema > 0:
-            soft_update(scored_policy, improved_policy, 1 - args.improvement_ema)
         clock.add("improvement", 1, time.time() - step_start)
         for name, value in logs.items():
             loss_sums[name] = loss_sums.get(name, 0.0) + value
@@ -1229,20 +1220,20 @@ def improve_sub_policy(policy, sub_policy: int, models, ope, tensors, args: Args
         if step % args.ope_every == 0 or step == args.improvement_steps:
             phase_start = time.time()
             required = args.gate_margin * abs(gate.best_score)  # what the gain's lower bound must exceed
-            accepted = gate.offer(scored_policy, ope.rollouts(scored_policy, sub_policy, args.ope_penalty), step)
+            accepted = gate.offer(improved_policy, ope.rollouts(improved_policy, sub_policy, args.ope_penalty), step)
             clock.add("OPE", units["OPE"], time.time() - phase_start)
             _, score, _, lower_bound = gate.history[-1]
             if accepted and args.improvement == "bppo":
-                reference.load_state_dict(scored_policy.state_dict())
+                reference.load_state_dict(improved_policy.state_dict())
             writer.add_scalar(f"improvement_{sub_policy}/gated_ope", score, step)
             print(
                 f"  sub-policy {sub_policy} step {step}: gated OPE {score:.1f}, gain bound {lower_bound:+.1f} "
                 f"(needs > {required:+.1f}: {'kept' if accepted else 'rejected'}; best {gate.best_score:.1f} "
                 f"at step {gate.best_step})"
             )
-    gate.restore(scored_policy)
-    scored_policy.eval()
-    return scored_policy, gate
+    gate.restore(improved_policy)
+    improved_policy.eval()
+    return improved_policy, gate
 
 
 def resumed_run(args: Args) -> tuple[Args, dict | None]:
