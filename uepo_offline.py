@@ -1,6 +1,6 @@
 """UEPO offline phase (arXiv 2511.10087), CleanRL style: read top to bottom.
 
-    python uepo_offline.py --env-id hopper-medium                  # the CPU setting (about 15 min, 2 cores)
+    python uepo_offline.py --env-id hopper-medium                  # the CPU setting (about 20 min, 2 cores)
     python uepo_offline.py --env-id hopper-medium --paper-scale    # the paper's budgets (GPU)
 
 1. Data: a Minari dataset -> chunked transitions (s_t, a_{t:t+H}, R_t^H, s_{t+H}, done) with
@@ -19,7 +19,8 @@
      divergence, and their AM-Q scores.
 3. Phase 2, improvement after the loop: the top `--num-qualified` sub-policies by AM-Q each get a copy
    of the policy, improved by `--improvement qgrad` or `bppo` under one gate that keeps the
-   best snapshot by uncertainty-penalized AM-Q.
+   best snapshot by uncertainty-penalized AM-Q; the offline choice between the kept copies is
+   by their return over whole episodes in the model (docs/design.md, "The offline choice").
 4. An atomic checkpoint under runs/{run_name}/offline.pt (rewritten at every evaluation and
    after every improved copy) that uepo_online.py and eval.py load.
 
