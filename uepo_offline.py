@@ -1,6 +1,6 @@
 """UEPO offline phase (arXiv 2511.10087), CleanRL style: read top to bottom.
 
-    python uepo_offline.py --env-id hopper-medium                  # the CPU setting (about 20 min, 2 cores)
+    python uepo_offline.py --env-id hopper-medium                  # the CPU setting (about 22 min, 2 cores)
     python uepo_offline.py --env-id hopper-medium --paper-scale    # the paper's budgets (GPU)
 
 1. Data: a Minari dataset -> chunked transitions (s_t, a_{t:t+H}, R_t^H, s_{t+H}, done) with
