@@ -386,9 +386,8 @@ def phase_counts(args: "Args", max_episode_steps: int) -> dict:
     """How much of each kind of work the run does (the units of `CPU_SECONDS`):
     loop steps; OPE = sub-policy (or copy, for the gate and the choice) x start state x model
     step x sub-policies sampled together (all n are sampled for each, the perturbation couples
-    them); augmentation = start x model
-    step x n; evaluation = sub-policy x episode x step (an upper bound: every episode runs to the
-    time limit); improvement steps."""
+    them); augmentation = start x model step x n; evaluation = sub-policy x episode x step (an
+    upper bound: every episode runs to the time limit); improvement steps."""
     n = args.n_subpolicies
     units = units_per_call(args, max_episode_steps)
     loop = args.total_steps if args.init_checkpoint is None else 0
@@ -860,8 +859,8 @@ def refresh_augmentation(policy, models: ModelLearners, holdout: tuple, raw_hist
 class SubPolicyOPE:
     """AM-Q of one sub-policy of a policy (`dynamics.am_q_rollouts`): its deterministic chunks
     rolled through the elites from fixed start states with fixed model noise (`seed`), Q summed
-    per rollout, penalized by model uncertainty for the gate; or the model's return of the same
-    rollouts (`returns`, the offline choice). All n sub-policies are sampled together (the
+    per rollout, penalized by model uncertainty for the gate; or the model's return along such
+    rollouts (`returns`, for `choice_evaluator`). All n sub-policies are sampled together (the
     adaptive perturbation couples them) and the column of `sub_policy` is kept."""
 
     critics: ChunkCritics
