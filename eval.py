@@ -621,14 +621,17 @@ def build_saved(saved: dict, what: str) -> "DiffusionPolicy | OnlineActor":
 # Which policy a checkpoint offers
 # ------------------------------------------------------------------------------------------------
 def offline_ranking(checkpoint: dict) -> list[dict]:
-    """The deployment candidates of an offline checkpoint, best offline OPE score first, read from
-    the checkpoint without building any policy: dicts with the label, the saved policy, the
+    """The deployment candidates of an offline checkpoint, the offline choice first, read from the
+    checkpoint without building any policy: dicts with the label, the saved policy, the
     sub-policy, its OPE score and its recorded real scores (the run's last evaluation).
 
-    The improved copies with their gated OPE when the offline run made them, else the base
-    sub-policies with their last AM-Q. Without OPE (a run with --no-ope) the scores are NaN and
-    the order is the sub-policies' own. The first candidate is "the offline choice"; Uni-O4's
-    online selection (uepo_online.py) takes the top few and compares them on real episodes.
+    The improved copies when the offline run made them, in the run's own choice order (their
+    return in the model, compared by the gate's confidence rule: docs/design.md, "The offline
+    choice"; a checkpoint without that order: best gated OPE first), else the base sub-policies,
+    best last AM-Q first. Without OPE (a run with --no-ope)
+    the scores are NaN and the order is the sub-policies' own. The first candidate is "the offline
+    choice"; Uni-O4's online selection (uepo_online.py) takes the top few and compares them on
+    real episodes.
     """
     if checkpoint.get("improved"):
         candidates = [
@@ -655,8 +658,8 @@ def offline_ranking(checkpoint: dict) -> list[dict]:
             for i in range(n)
         ]
     if checkpoint.get("improved") and all("choice_rank" in entry for entry in checkpoint["improved"]):
-        # The offline run's own choice (uepo_offline.py: a gated OPE gain inside the OPE's noise is a
-        # tie, and ties go to the sub-policy whose base AM-Q ranked higher), then the rest.
+        # The offline run's own choice (uepo_offline.py: a model-return gain inside the returns' noise
+        # is a tie, and ties go to the sub-policy whose base AM-Q ranked higher), then the rest.
         return [candidates[i] for i in np.argsort([entry["choice_rank"] for entry in checkpoint["improved"]])]
     return sorted(
         candidates, key=lambda candidate: -candidate["ope_score"] if np.isfinite(candidate["ope_score"]) else np.inf
@@ -1269,8 +1272,8 @@ CURVE_TAGS = {"online": "charts/normalized_score", "offline": "charts/normalized
 
 def final_score(checkpoint: dict) -> float:
     """A run's result: the mean normalized score of what it deploys at its last evaluation.
-    Online: the fine-tuned sub-policy. Offline: the offline choice (`offline_ranking`, first: the
-    improved copy with the best gated OPE, else the AM-Q pick); a run without OPE has no choice,
+    Online: the fine-tuned sub-policy. Offline: the offline choice (`offline_ranking`'s first: the
+    improved copy the run chose, else the AM-Q pick); a run without OPE has no choice,
     so it counts the mean over its sub-policies (the expected score of an uninformed pick)."""
     if checkpoint.get("phase") == "online":
         return float(np.mean(checkpoint["history"]["scores"][-1]))
