@@ -78,6 +78,13 @@ class Job:
         return None if parent is None else Job(self.env_id, self.seed, parent)
 
 
+def chain_length(method: str, needed: set[str]) -> int:
+    """How many jobs of one dataset and seed run one after the other from this method's job on: 1
+    plus the longest chain among the needed methods that start from its checkpoint."""
+    dependants = [other for other in needed if METHODS[other][1] == method]
+    return 1 + max((chain_length(other, needed) for other in dependants), default=0)
+
+
 def check_args(args: Args) -> str | None:
     """The first argument out of its range, as a one-line message (None if all are valid)."""
     for name in ("workers", "threads"):
@@ -175,6 +182,11 @@ if __name__ == "__main__":
         for method in METHODS
         if method in needed
     ]
+    # Start order: the jobs that head the longest chain of needed jobs first (for the README's table,
+    # every seed's offline loop before the improvement stages and behaviour cloning), so the last
+    # chain does not start late and leave a worker idle at the end; the sort is stable, so a
+    # dependency still comes before its dependants.
+    jobs.sort(key=lambda job: -chain_length(job.method, needed))
 
     if args.dry_run:
         for job in jobs:

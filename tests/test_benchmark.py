@@ -66,6 +66,8 @@ def test_dry_run_lists_the_jobs_with_their_dependencies(tmp_path):
         for seed in (1, 2):
             chain = [order.index((dataset, seed, method)) for method in ("uepo-no-improvement", "uepo", "uepo-online")]
             assert chain == sorted(chain)
+    # Longest chains first: every offline loop (3 jobs from it on), then every improvement stage (2).
+    assert [method for _, _, method in order[:8]] == ["uepo-no-improvement"] * 4 + ["uepo"] * 4
     for dataset, seed, method, words, after in jobs:
         script = os.path.basename(words[1])
         assert words[0] == sys.executable and os.path.dirname(words[1]) == ROOT
