@@ -628,10 +628,9 @@ def offline_ranking(checkpoint: dict) -> list[dict]:
     The improved copies when the offline run made them, in the run's own choice order (their
     return in the model, compared by the gate's confidence rule: docs/design.md, "The offline
     choice"; a checkpoint without that order: best gated OPE first), else the base sub-policies,
-    best last AM-Q first. Without OPE (a run with --no-ope)
-    the scores are NaN and the order is the sub-policies' own. The first candidate is "the offline
-    choice"; Uni-O4's online selection (uepo_online.py) takes the top few and compares them on
-    real episodes.
+    best last AM-Q first. Without OPE (a run with --no-ope) the scores are NaN and the order is
+    the sub-policies' own. The first candidate is "the offline choice"; Uni-O4's online selection
+    (uepo_online.py) takes the top few and compares them on real episodes.
     """
     if checkpoint.get("improved"):
         candidates = [
