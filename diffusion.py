@@ -249,6 +249,7 @@ class PolicyConfig:
     unet_dims: tuple[int, ...] = (128, 256)
     diffusion_steps: int = 20
     ddim_steps: int = 5
+    prediction: str = "epsilon"
     n_subpolicies: int = 8
     noise_seed: int = 0
     tau: float = 0.7
@@ -259,6 +260,7 @@ class PolicyConfig:
 
 
 DENOISERS = ("mlp", "unet")
+PREDICTIONS = ("epsilon", "sample")
 
 
 def make_denoiser(config: PolicyConfig) -> nn.Module:
@@ -334,7 +336,8 @@ class DiffusionPolicy(nn.Module):
         noise = torch.randn_like(chunks)
         abar = self.alpha_bars[steps][:, None, None]
         noisy = abar.sqrt() * chunks + (1 - abar).sqrt() * noise
-        squared_error = (self.denoiser(noisy, steps, states) - noise) ** 2 * mask[..., None]
+        target = chunks if self.config.prediction == "sample" else noise
+        squared_error = (self.denoiser(noisy, steps, states) - target) ** 2 * mask[..., None]
         return squared_error.sum() / (mask.sum() * chunks.shape[-1])
 
     # ---- sampling -------------------------------------------------------------------------------
@@ -354,8 +357,11 @@ class DiffusionPolicy(nn.Module):
         )
         states_per_chain = states.repeat_interleave(n, dim=0)
         steps = torch.full((batch * n,), k, device=x.device, dtype=torch.long)
-        eps = self.denoiser(x.flatten(0, 1), steps, states_per_chain).view_as(x)
-        x0_hat = ((x - (1 - abar).sqrt() * eps) / abar.sqrt()).clamp(-1, 1)
+        output = self.denoiser(x.flatten(0, 1), steps, states_per_chain).view_as(x)
+        if self.config.prediction == "sample":
+            x0_hat = output.clamp(-1, 1)
+        else:
+            x0_hat = ((x - (1 - abar).sqrt() * output) / abar.sqrt()).clamp(-1, 1)
         # Adaptive perturbation (paper: "diffusion-sampling-guided dynamic divergence
         # regularization"): sub-policy i's estimate moves by sigma_i * xi_i where its nearest
         # kinematic divergence d_i < tau. sigma is treated as a control signal (no gradient).

@@ -42,7 +42,7 @@ import torch
 import tyro
 from gymnasium.envs.mujoco import MujocoEnv
 
-from diffusion import DENOISERS, ONLINE_ACTORS, DiffusionPolicy, OnlineActor, PolicyConfig
+from diffusion import DENOISERS, ONLINE_ACTORS, PREDICTIONS, DiffusionPolicy, OnlineActor, PolicyConfig
 from divergence import pairwise_divergence, subpolicy_terms
 
 CHECKPOINT_FORMAT = "uepo-v1"
@@ -438,6 +438,11 @@ def check_policy_config(config, where: str, path: str) -> PolicyConfig:
         check_int(getattr(config, field), 1, high, name(field), path)
     check_int(config.ddim_steps, 1, config.diffusion_steps, name("ddim_steps"), path)
     check_int(config.noise_seed, 0, 2**63 - 1, name("noise_seed"), path)
+    if config.prediction not in PREDICTIONS:
+        raise CheckpointError(
+            f"{path}: {name('prediction')} must be one of {', '.join(PREDICTIONS)}, "
+            f"got {reprlib.repr(config.prediction)}"
+        )
     if config.denoiser not in DENOISERS:
         raise CheckpointError(
             f"{path}: {name('denoiser')} must be one of {', '.join(DENOISERS)}, got {reprlib.repr(config.denoiser)}"
@@ -1302,7 +1307,19 @@ def collect_runs(runs_dir: str) -> tuple[list[dict], list[str]]:
     naming the file and why)."""
     runs, skipped = [], []
     for folder, _, files in sorted(os.walk(runs_dir)):
-        for name in sorted(file for file in files if file.endswith(".pt")):
+        if "scores.json" in files:  # a baseline's run (benchmarks/baselines.py): one policy, its final scores
+            path = os.path.join(folder, "scores.json")
+            try:
+                with open(path) as f:
+                    saved = json.load(f)
+                score, dataset = float(np.mean(saved["scores"])), dataset_name(saved["dataset_id"])
+            except (OSError, ValueError, KeyError, TypeError) as error:
+                skipped.append(f"skipped: {path}: not a baseline's scores ({type(error).__name__}: {error})")
+                continue
+            method = os.path.basename(folder).split("__")[1] if folder.count("__") >= 3 else os.path.basename(folder)
+            curve = read_curve(folder, "charts/normalized_score")
+            runs.append({"dataset": dataset, "method": method, "phase": "offline", "score": score, "curve": curve})
+        for name in sorted(file for file in files if file.endswith(".pt") and file != "actor.pt"):
             path = os.path.join(folder, name)
             try:
                 checkpoint = load_checkpoint(path)

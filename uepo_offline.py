@@ -110,6 +110,8 @@ class Args:
     """K, DDPM training steps (cosine schedule)"""
     ddim_steps: int = 5
     """DDIM steps when sampling (a subsequence of the K training steps)"""
+    prediction: Literal["epsilon", "sample"] = "epsilon"
+    """what the denoiser predicts: the noise (eps) or the clean chunk (x0)"""
     n_subpolicies: int = 8
     """n fixed noise seeds = n sub-policies; 1 turns the multi-seed ensemble off"""
     noise_seed: int = 0

@@ -37,6 +37,9 @@ METHODS = {
     "uepo-no-improvement": ("uepo_offline.py", None, ["--num-qualified", "0"]),
     "uepo": ("uepo_offline.py", "uepo-no-improvement", []),
     "uepo-online": ("uepo_online.py", "uepo", []),
+    # The per-step baselines a user would run instead (benchmarks/baselines.py).
+    "mse-bc": ("benchmarks/baselines.py", None, ["--algo", "mse-bc"]),
+    "td3-bc": ("benchmarks/baselines.py", None, ["--algo", "td3-bc"]),
 }
 
 
@@ -58,6 +61,8 @@ class Args:
     """flags added to every uepo_offline.py command, one string (`--extra-offline-flags="--total-steps 100"`)"""
     extra_online_flags: str = ""
     """flags added to every uepo_online.py command, one string (`--extra-online-flags="--total-timesteps 1000"`)"""
+    extra_baseline_flags: str = ""
+    """flags added to every benchmarks/baselines.py command, one string (`--extra-baseline-flags="--hidden 64"`)"""
     dry_run: bool = False
     """print the commands in the order they would start, run nothing"""
 
@@ -102,7 +107,7 @@ def check_args(args: Args) -> str | None:
         or len(set(args.env_ids)) < len(args.env_ids)
     ):
         return "--env-ids, --seeds and --methods must not repeat a value"
-    for name in ("extra_offline_flags", "extra_online_flags"):
+    for name in ("extra_offline_flags", "extra_online_flags", "extra_baseline_flags"):
         try:
             shlex.split(getattr(args, name))
         except ValueError as error:
@@ -150,6 +155,9 @@ def command(args: Args, job: Job, checkpoint: str | None) -> list[str]:
             job.method,
             *flags,
         ]
+    if script == "benchmarks/baselines.py":
+        extra = shlex.split(args.extra_baseline_flags)
+        return base + ["--env-id", job.env_id, "--seed", str(job.seed), *extra, "--exp-name", job.method, *flags]
     init = [] if checkpoint is None else ["--init-checkpoint", checkpoint]
     return base + [
         "--env-id",

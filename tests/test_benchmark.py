@@ -1,6 +1,7 @@
 """benchmarks/benchmark.py: the job list (--dry-run), one tiny real benchmark ending in the report,
 a failed job skipping its dependants, and bad arguments."""
 
+import json
 import os
 import re
 import shlex
@@ -166,7 +167,7 @@ def test_bad_arguments_are_refused_before_any_work(tmp_path):
         (["--workers", "0"], "--workers must be >= 1, got 0"),
         (
             ["--methods", "uepo", "ppo"],
-            "unknown method ppo; valid methods: diffusion-bc, uepo-no-improvement, uepo, uepo-online",
+            "unknown method ppo; valid methods: diffusion-bc, uepo-no-improvement, uepo, uepo-online, mse-bc, td3-bc",
         ),
         (["--seeds"], "--seeds needs at least one value"),
     ):
@@ -313,3 +314,40 @@ def test_choice_rescore_reproduces_the_runs_gated_scores_on_its_own_starts(offli
         text=True,
     )
     assert refused.returncode == 2 and "--ope-states" in refused.stderr and "Traceback" not in refused.stderr
+
+
+def test_seed_temperature_at_one_reproduces_the_runs_scores_and_at_zero_makes_one_policy(
+    offline_checkpoint, minari_path, tmp_path
+):
+    """benchmarks/seed_temperature.py: at temperature 1 every sub-policy scores what the run's last
+    evaluation recorded (the same episodes); at 0 every sub-policy starts from x_K = 0 with no
+    perturbation noise, so all of them are one policy with one score."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "MINARI_DATASETS_PATH": minari_path}
+    out = tmp_path / "temperature.json"
+    checkpoint = load_checkpoint(str(offline_checkpoint))
+    episodes = len(checkpoint["history"]["scores"][-1][0])
+    result = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "benchmarks", "seed_temperature.py"),
+            "--checkpoint",
+            str(offline_checkpoint),
+            "--temperatures",
+            "0",
+            "1",
+            "--episodes",
+            str(episodes),
+            "--seed",
+            str(checkpoint["args"]["seed"]),
+            "--json",
+            str(out),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    zero, one = json.loads(out.read_text())["rows"]
+    recorded = [sum(scores) / len(scores) for scores in checkpoint["history"]["scores"][-1]]
+    assert one["scores"] == pytest.approx(recorded, abs=1e-6)
+    assert zero["best"] == pytest.approx(zero["worst"], abs=1e-6)

@@ -486,3 +486,34 @@ def test_many_seeds_clear_of_boundary_reach_their_mode(two_mode_fit):
         policy.sub_policy_noise = stored  # the fixture is shared
     target = MODES[(side[clear] < 0).long()]  # (n_clear, H, A)
     assert (actions - target).abs().max().item() < 0.2
+
+
+# ---- the clean-chunk ("sample") prediction ----------------------------------------------------
+class ConstantDenoiser(nn.Module):
+    """A denoiser whose output is the same chunk c for every input."""
+
+    def __init__(self, chunk: torch.Tensor):
+        super().__init__()
+        self.chunk = chunk
+
+    def forward(self, noisy_chunks, steps, states):
+        return self.chunk.expand_as(noisy_chunks)
+
+
+def test_sample_prediction_learns_the_chunk_and_deploys_its_estimate_for_every_seed():
+    """With --prediction sample the loss target is the data chunk: a denoiser that outputs the data
+    chunk has zero loss. Sampling takes its output as the clean estimate at every DDIM step, so a
+    denoiser that always says c makes every sub-policy deploy clamp(c, -1, 1), whatever its seed
+    (eta 0: no perturbation); under epsilon prediction the same denoiser gives seed-dependent chunks."""
+    chunk = torch.tensor([[0.5, -0.25], [1.5, 0.0], [-0.1, 0.2], [0.3, -2.0]])
+    policy = make_policy(prediction="sample", eta=0.0)
+    policy.denoiser = ConstantDenoiser(chunk)
+    states = random_states(policy, 3)
+    loss = policy.loss(states, chunk.expand(3, -1, -1), torch.ones(3, 4))
+    assert loss.item() == pytest.approx(0.0, abs=1e-12)
+    actions = policy.sample(states).actions
+    assert torch.allclose(actions, chunk.clamp(-1, 1).expand_as(actions), atol=1e-6)
+    epsilon = make_policy(prediction="epsilon", eta=0.0)
+    epsilon.denoiser = ConstantDenoiser(chunk)
+    seeds = epsilon.sample(states).actions
+    assert not torch.allclose(seeds[:, 0], seeds[:, 1])

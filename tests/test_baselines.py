@@ -1,0 +1,114 @@
+"""benchmarks/baselines.py: the MSE BC loss and TD3+BC's critic target on hand-computable cases, a
+tiny run of each baseline that the report then reads, and refused arguments."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT, TINY_DATASET_ID
+
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+from baselines import ChunkMLP, mse_bc_update, td3_bc_critic_target, twin_critic  # noqa: E402
+
+from eval import collect_runs  # noqa: E402
+
+
+def constant_actor(value: float, horizon: int = 1, act_dim: int = 2) -> ChunkMLP:
+    """A ChunkMLP whose output is tanh(value) everywhere (last layer: zero weights, bias value)."""
+    actor = ChunkMLP(3, act_dim, horizon, 1, 8, np.zeros(3), np.ones(3), -np.ones(act_dim), np.ones(act_dim))
+    with torch.no_grad():
+        actor.net[-2].weight.zero_()
+        actor.net[-2].bias.fill_(value)
+    return actor
+
+
+def test_mse_bc_loss_averages_the_real_positions_only():
+    """Prediction 0 against chunks [[1, 1], [3, 3]] and [[2, 2], [9, 9]] with the second position of
+    the second chunk padded: the loss is (1 + 9 + 4) / 3, the padded 81 does not count."""
+    actor = constant_actor(0.0, horizon=2)
+    optimizer = torch.optim.SGD(actor.parameters(), lr=0.0)
+    batch = {
+        "states": torch.zeros(2, 1, 3),
+        "chunks": torch.tensor([[[1.0, 1.0], [3.0, 3.0]], [[2.0, 2.0], [9.0, 9.0]]]),
+        "mask": torch.tensor([[1.0, 1.0], [1.0, 0.0]]),
+    }
+    assert mse_bc_update(actor, optimizer, batch)["bc"].item() == pytest.approx(14 / 3)
+
+
+def test_td3_bc_target_bootstraps_the_smaller_twin_unless_terminated():
+    """Constant target critics Q1 = 2 and Q2 = 5 (so the target policy's smoothing noise cannot move
+    them): y = r + gamma * min(Q1, Q2) = 1 + 0.5 * 2 without termination, y = r with it."""
+    actor = constant_actor(0.0)
+    critic = twin_critic(3, 2, 8)
+    with torch.no_grad():
+        for q, value in zip(critic, (2.0, 5.0)):
+            q[-1].weight.zero_()
+            q[-1].bias.fill_(value)
+    batch = {
+        "chunks": torch.zeros(2, 1, 2),
+        "next_states": torch.zeros(2, 1, 3),
+        "rewards": torch.tensor([1.0, 1.0]),
+        "dones": torch.tensor([0.0, 1.0]),
+    }
+    target = td3_bc_critic_target(actor, critic, batch, gamma=0.5)
+    assert torch.allclose(target, torch.tensor([2.0, 1.0]))
+
+
+def run_baseline(arguments, cwd, minari_path):
+    env = {**os.environ, "MINARI_DATASETS_PATH": minari_path, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "baselines.py"), *arguments],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+@pytest.mark.parametrize("algo", ["mse-bc", "td3-bc"])
+def test_tiny_baseline_run_writes_scores_that_the_report_reads(algo, minari_path, tmp_path):
+    """A short run of each baseline writes its scores (one per episode), the actor's weights and a
+    TensorBoard log; `eval.collect_runs` reads it as one run of its method on the dataset."""
+    arguments = ["--dataset-id", TINY_DATASET_ID, "--algo", algo, "--total-steps", "20", "--batch-size", "32"]
+    result = run_baseline(arguments + ["--eval-episodes", "2", "--eval-every", "10"], tmp_path, minari_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (folder,) = os.listdir(tmp_path / "runs")
+    saved = json.loads((tmp_path / "runs" / folder / "scores.json").read_text())
+    assert len(saved["scores"]) == 2 and np.isfinite(saved["scores"]).all()
+    assert (tmp_path / "runs" / folder / "actor.pt").is_file()
+    runs, skipped = collect_runs(str(tmp_path / "runs"))
+    assert not skipped and [(run["method"], run["score"]) for run in runs] == [(algo, pytest.approx(saved["mean"]))]
+
+
+def test_mse_bc_loss_falls_on_a_fixed_batch():
+    """200 Adam steps of MSE BC on one batch of random states and chunks: the loss falls by half."""
+    torch.manual_seed(0)
+    actor = ChunkMLP(3, 2, 2, 1, 64, np.zeros(3), np.ones(3), -np.ones(2), np.ones(2))
+    optimizer = torch.optim.Adam(actor.parameters(), lr=1e-3)
+    batch = {"states": torch.randn(64, 1, 3), "chunks": torch.rand(64, 2, 2) * 2 - 1, "mask": torch.ones(64, 2)}
+    losses = [mse_bc_update(actor, optimizer, batch)["bc"].item() for _ in range(200)]
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_baseline_arguments_are_refused_in_one_line(tmp_path):
+    """An out-of-range flag and TD3+BC on chunks exit with code 2 and one line, before any data is read."""
+    for arguments, message in (
+        (["--total-steps", "0"], "--total-steps must be in [1, 10000000], got 0"),
+        (["--algo", "td3-bc", "--horizon", "4"], "td3-bc is per step: --horizon and --obs-horizon must be 1"),
+        (["--learning-rate", "inf"], "--learning-rate must be in (0, 1], got inf"),
+    ):
+        result = subprocess.run(
+            [sys.executable, os.path.join(ROOT, "benchmarks", "baselines.py"), *arguments],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert result.returncode == 2 and result.stderr.strip() == f"error: {message}", arguments
+        assert not (tmp_path / "runs").exists()
