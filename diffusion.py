@@ -249,9 +249,13 @@ class PolicyConfig:
     unet_dims: tuple[int, ...] = (128, 256)
     diffusion_steps: int = 20
     ddim_steps: int = 5
+    # "epsilon" here (not the scripts' default) so that checkpoints saved before the field existed
+    # load as what they are.
     prediction: str = "epsilon"
     n_subpolicies: int = 8
     noise_seed: int = 0
+    # sub-policy 0 starts from x_K = 0 (False in checkpoints saved before the field existed).
+    zero_seed: bool = False
     tau: float = 0.7
     eta: float = 0.1
     # std of the action-level Gaussian N(mu_i(s), min_std^2 I) around the deterministic chunk that
@@ -303,6 +307,8 @@ class DiffusionPolicy(nn.Module):
         generator = torch.Generator().manual_seed(config.noise_seed)
         n, h, a = config.n_subpolicies, config.horizon, config.act_dim
         self.register_buffer("sub_policy_noise", torch.randn(n, h, a, generator=generator))
+        if config.zero_seed:  # sub-policy 0 is the chain from x_K = 0, the others keep their draws
+            self.sub_policy_noise[0] = 0.0
         self.register_buffer("perturbation_noise", torch.randn(n, config.ddim_steps, h, a, generator=generator))
 
     # ---- units -------------------------------------------------------------------------------

@@ -110,12 +110,14 @@ class Args:
     """K, DDPM training steps (cosine schedule)"""
     ddim_steps: int = 5
     """DDIM steps when sampling (a subsequence of the K training steps)"""
-    prediction: Literal["epsilon", "sample"] = "epsilon"
+    prediction: Literal["epsilon", "sample"] = "sample"
     """what the denoiser predicts: the noise (eps) or the clean chunk (x0)"""
     n_subpolicies: int = 8
     """n fixed noise seeds = n sub-policies; 1 turns the multi-seed ensemble off"""
     noise_seed: int = 0
     """seed of the generator that draws the sub-policies' fixed noises"""
+    zero_seed: bool = True
+    """sub-policy 0 starts from x_K = 0 (the others from their drawn noises)"""
     min_std: float = 0.1
     """std of the action-level Gaussian around the deterministic chunk that bppo samples from (its likelihood ratios)"""
 
