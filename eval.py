@@ -439,7 +439,9 @@ def check_policy_config(config, where: str, path: str) -> PolicyConfig:
     check_int(config.ddim_steps, 1, config.diffusion_steps, name("ddim_steps"), path)
     check_int(config.noise_seed, 0, 2**63 - 1, name("noise_seed"), path)
     if not isinstance(config.zero_seed, bool):
-        raise CheckpointError(f"{path}: {name('zero_seed')} must be true or false, got {reprlib.repr(config.zero_seed)}")
+        raise CheckpointError(
+            f"{path}: {name('zero_seed')} must be true or false, got {reprlib.repr(config.zero_seed)}"
+        )
     if config.prediction not in PREDICTIONS:
         raise CheckpointError(
             f"{path}: {name('prediction')} must be one of {', '.join(PREDICTIONS)}, "

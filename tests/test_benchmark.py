@@ -351,3 +351,40 @@ def test_seed_temperature_at_one_reproduces_the_runs_scores_and_at_zero_makes_on
     recorded = [sum(scores) / len(scores) for scores in checkpoint["history"]["scores"][-1]]
     assert one["scores"] == pytest.approx(recorded, abs=1e-6)
     assert zero["best"] == pytest.approx(zero["worst"], abs=1e-6)
+
+
+def test_scorers_rank_a_saved_runs_sub_policies_and_price_the_choice(offline_checkpoint, minari_path, tmp_path):
+    """benchmarks/scorers.py: one score per sub-policy and scorer, AM-Q as the run recorded it, the
+    penalized return never above the plain one (the penalty is >= 0), and per scorer a Spearman in
+    [-1, 1] and a regret that is the best real score minus that of its first-ranked sub-policy."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    from scorers import SCORERS, regret
+
+    assert regret([3.0, 1.0, 2.0], [10.0, 20.0, 5.0]) == 10.0 and regret([1.0, 3.0], [10.0, 20.0]) == 0.0
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "MINARI_DATASETS_PATH": minari_path}
+    out = tmp_path / "scorers.json"
+    arguments = ["--critic-states", "64", "--episode-starts", "4", "--short-states", "16", "--short-steps", "8"]
+    result = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "benchmarks", "scorers.py"),
+            "--checkpoint",
+            str(offline_checkpoint),
+            *arguments,
+            "--json",
+            str(out),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    saved = json.loads(out.read_text())
+    checkpoint = load_checkpoint(str(offline_checkpoint))
+    n = checkpoint["policy"]["config"]["n_subpolicies"]
+    assert all(len(saved["scores"][name]) == n for name in SCORERS)
+    assert saved["scores"]["am_q"] == pytest.approx(checkpoint["history"]["ope_scores"][-1])
+    assert all(p <= m + 1e-4 for p, m in zip(saved["scores"]["mopo_return"], saved["scores"]["model_return"]))
+    for name in SCORERS:
+        assert -1 <= saved["summary"][name]["spearman"] <= 1
+        assert saved["summary"][name]["regret"] == pytest.approx(regret(saved["scores"][name], saved["real"]))
