@@ -316,10 +316,21 @@ def unwritable(folder: str) -> str | None:
     return None
 
 
-def check_output_file(flag: str, path: str | None) -> str | None:
-    """A file option (`--json`, `--checkpoint-path`) that cannot be written, as a message naming the flag."""
+def same_file(a: str, b: str) -> bool:
+    """Whether two paths name one file (the same absolute path, or links to one existing file)."""
+    if os.path.abspath(a) == os.path.abspath(b):
+        return True
+    return os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b)
+
+
+def check_output_file(flag: str, path: str | None, inputs: dict | None = None) -> str | None:
+    """A file option (`--json`, `--checkpoint-path`) that cannot be written, or that names one of the
+    command's `inputs` ({flag: path}: writing it would replace that input), as a message naming the flag."""
     if path is None:
         return None
+    for input_flag, input_path in (inputs or {}).items():
+        if input_path is not None and same_file(path, input_path):
+            return f"{flag} {path} is the {input_flag} file; writing it would replace that input: give another file"
     if os.path.isdir(path):
         return f"{flag} {path} is a folder; give a file name"
     problem = unwritable(os.path.dirname(os.path.abspath(path)))
@@ -901,10 +912,17 @@ def fail_unless_finite(path: str, label: str, values) -> None:
 
 
 def write_json(path: str, data: dict) -> None:
+    """Written beside `path` and renamed into place, as checkpoints are: an interrupted write loses nothing."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    with open(path, "w") as file:
-        json.dump(data, file, indent=2)
+    temporary = f"{path}.tmp.{os.getpid()}"
+    try:
+        with open(temporary, "w") as file:
+            json.dump(data, file, indent=2)
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
     print(f"json: {path}")
 
 
@@ -966,7 +984,7 @@ def check_policy_args(args: PolicyArgs) -> str | None:
         return f"--divergence-states must be in [1, {MAX_DIVERGENCE_STATES}], got {args.divergence_states}"
     if args.action_steps is not None and args.action_steps < 1:
         return f"--action-steps must be >= 1 (and at most the checkpoint's horizon H), got {args.action_steps}"
-    return check_output_file("--json", args.json)
+    return check_output_file("--json", args.json, inputs={"--checkpoint": args.checkpoint})
 
 
 def policy_command(args: PolicyArgs) -> dict:
@@ -1158,7 +1176,7 @@ def check_robustness_args(args: RobustnessArgs) -> str | None:
                     return f"{flag} must be > -1 and finite, got {strength}"
             elif not (np.isfinite(strength) and strength >= 0):
                 return f"{flag} must be >= 0 and finite, got {strength}"
-    return check_output_file("--json", args.json)
+    return check_output_file("--json", args.json, inputs={"--checkpoint": args.checkpoint})
 
 
 def robustness_command(args: RobustnessArgs) -> dict:

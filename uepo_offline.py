@@ -330,16 +330,12 @@ def check_args(args: Args) -> str | None:
         return "--init-checkpoint runs the improvement stage, which needs --ope"
     if args.num_qualified > args.n_subpolicies:
         return f"--num-qualified ({args.num_qualified}) cannot exceed --n-subpolicies ({args.n_subpolicies})"
-    if (
-        args.init_checkpoint is not None
-        and args.checkpoint_path is not None
-        and os.path.abspath(args.checkpoint_path) == os.path.abspath(args.init_checkpoint)
-    ):
-        return f"--checkpoint-path {args.checkpoint_path} is the input checkpoint; the run would overwrite it"
     problem = unwritable("runs")
     if problem is not None:
         return f"runs/ (the TensorBoard logs and the default checkpoint folder) cannot be written: {problem}"
-    return check_output_file("--checkpoint-path", args.checkpoint_path)
+    return check_output_file(
+        "--checkpoint-path", args.checkpoint_path, inputs={"--init-checkpoint": args.init_checkpoint}
+    )
 
 
 def parse_args(argv: list[str] | None = None) -> Args:

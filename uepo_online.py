@@ -185,8 +185,6 @@ def check_args(args: Args) -> str | None:
             f"--from-scratch re-initializes the denoiser, so it needs --actor diffusion (got --actor {args.actor}; "
             f"--actor mlp is the Gaussian MLP from scratch)"
         )
-    if args.checkpoint_path and os.path.abspath(args.checkpoint_path) == os.path.abspath(args.checkpoint):
-        return f"--checkpoint-path {args.checkpoint_path} is the input checkpoint; the run would overwrite it"
     if args.env_id is not None and not (is_dataset_name(args.env_id) or args.env_id in gym.registry):
         return (
             f"--env-id must be `<env>-<quality>` with env in {', '.join(GYM_ENV_IDS)} (e.g. hopper-medium) or a "
@@ -201,7 +199,7 @@ def check_paths(args: Args) -> str | None:
     problem = unwritable("runs")
     if problem is not None:
         return f"runs/ (the TensorBoard logs and the default checkpoint folder) cannot be written: {problem}"
-    return check_output_file("--checkpoint-path", args.checkpoint_path)
+    return check_output_file("--checkpoint-path", args.checkpoint_path, inputs={"--checkpoint": args.checkpoint})
 
 
 def is_dataset_name(name: str) -> bool:

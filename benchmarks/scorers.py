@@ -29,7 +29,7 @@ import tyro
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import uepo_offline as offline  # noqa: E402
 from dynamics import model_rollout  # noqa: E402
-from eval import fail, load_or_fail, spearman_correlation, write_json  # noqa: E402
+from eval import check_output_file, fail, load_or_fail, spearman_correlation, write_json  # noqa: E402
 
 SCORERS = ("am_q", "critic", "model_return", "mopo_return", "short_return")
 
@@ -78,6 +78,8 @@ if __name__ == "__main__":
             fail(f"--{name.replace('_', '-')} must be in [1, 100000], got {getattr(args, name)}")
     if not 0 <= args.penalty <= 1e6:
         fail(f"--penalty must be in [0, 1e6], got {args.penalty}")
+    if (problem := check_output_file("--json", args.json, inputs={"--checkpoint": args.checkpoint})) is not None:
+        fail(problem)
     torch.set_num_threads(1)
     checkpoint = load_or_fail(args.checkpoint)
     if "critics" not in checkpoint or checkpoint.get("phase") == "online":

@@ -19,7 +19,15 @@ import torch
 import tyro
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from eval import CheckpointError, build_saved, evaluate_saved_task, fail, load_checkpoint, write_json  # noqa: E402
+from eval import (  # noqa: E402
+    CheckpointError,
+    build_saved,
+    check_output_file,
+    evaluate_saved_task,
+    fail,
+    load_checkpoint,
+    write_json,
+)
 
 
 @dataclass
@@ -51,8 +59,8 @@ if __name__ == "__main__":
         fail(f"--temperatures must be in [0, 10], got {args.temperatures}")
     if not 1 <= args.episodes <= 1000 or not 0 <= args.seed <= 2**31 - 1:
         fail("--episodes must be in [1, 1000] and --seed in [0, 2^31 - 1]")
-    if args.json is not None and os.path.abspath(args.json) == os.path.abspath(args.checkpoint):
-        fail("--json must not be the checkpoint")
+    if (problem := check_output_file("--json", args.json, inputs={"--checkpoint": args.checkpoint})) is not None:
+        fail(problem)
     try:
         checkpoint = load_checkpoint(args.checkpoint)
         if checkpoint.get("phase") == "online":

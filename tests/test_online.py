@@ -323,15 +323,6 @@ def test_online_refuses_an_argument_out_of_range_before_any_work(offline_checkpo
     assert "Traceback" not in refused.stderr and not (tmp_path / "runs").exists()
 
 
-def test_online_refuses_to_write_over_its_input_checkpoint(offline_checkpoint, tmp_path):
-    before = offline_checkpoint.read_bytes()
-    refused = run_online(
-        ["--checkpoint", str(offline_checkpoint), "--checkpoint-path", str(offline_checkpoint)], tmp_path
-    )
-    assert refused.returncode == 2 and "is the input checkpoint" in refused.stderr
-    assert offline_checkpoint.read_bytes() == before
-
-
 def test_a_diverging_run_stops_with_the_step_named_and_keeps_the_last_good_checkpoint(offline_checkpoint, tmp_path):
     """An absurd actor learning rate makes the policy non-finite: the run stops with a message (no
     traceback) and the hand-over's checkpoint, the last good one, is still there and loads."""

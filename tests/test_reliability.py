@@ -428,3 +428,49 @@ def test_report_writes_the_curves_of_a_dataset_id_with_slashes(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "| test/hopper/random-v0 | 60.0 +- 0.0 |" in (runs / "report.md").read_text()
     assert (runs / "curves_test-hopper-random-v0_online.png").stat().st_size > 1000
+
+
+# ---- one rule: no command writes over one of its inputs ----------------------------------------------
+OUTPUT_OVER_INPUT = {
+    "uepo_online.py": ["--checkpoint", "{input}", "--checkpoint-path", "{output}"],
+    "uepo_offline.py": ["--init-checkpoint", "{input}", "--checkpoint-path", "{output}"],
+    "eval.py policy": ["--checkpoint", "{input}", "--json", "{output}"],
+    "eval.py robustness": ["--checkpoint", "{input}", "--json", "{output}"],
+    "benchmarks/seed_temperature.py": ["--checkpoint", "{input}", "--json", "{output}"],
+    "benchmarks/scorers.py": ["--checkpoint", "{input}", "--json", "{output}"],
+}
+
+
+@pytest.mark.parametrize("command", list(OUTPUT_OVER_INPUT))
+@pytest.mark.parametrize("through_link", [False, True])
+def test_no_command_writes_over_its_input(offline_checkpoint, minari_path, tmp_path, command, through_link):
+    """Every command's output file is checked against its input files before any work: the same
+    path, or a link to the input, is refused in one line (exit 2) and the input is left as it was."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    source = tmp_path / "input.pt"
+    shutil.copy(offline_checkpoint, source)
+    output = source
+    if through_link:
+        output = tmp_path / "link.pt"
+        output.symlink_to(source)
+    before = source.read_bytes()
+    script, *subcommand = command.split()
+    arguments = [a.format(input=source, output=output) for a in OUTPUT_OVER_INPUT[command]]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "MINARI_DATASETS_PATH": minari_path}
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, script), *subcommand, *arguments],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "would replace that input" in result.stderr and "Traceback" not in result.stderr
+    assert source.read_bytes() == before
