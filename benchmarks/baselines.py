@@ -8,7 +8,8 @@
   executed open loop like the diffusion policy's chunks): the same learner as the diffusion
   policy's simplest rival on the same decision unit, a probe of what the chunking costs.
 - `td3-bc`: TD3+BC (Fujimoto & Gu 2021) with its published recipe: normalized states, actor and
-  twin critics of 256x2, alpha 2.5, target policy noise 0.2 clipped at 0.5, delayed actor updates.
+  twin critics of 256x2, alpha 2.5, target policy noise 0.2 clipped at 0.5, delayed actor updates;
+  the default 30k steps are a CPU budget (`--total-steps 1000000` is the published one).
 
 Scores: the final policy on `--eval-episodes` real episodes reset with seeds `seed * 1000 + e`
 (as the offline script's evaluation), the dataset's time limit, D4RL's normalization. Written to
