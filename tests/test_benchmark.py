@@ -30,6 +30,17 @@ def run_benchmark(arguments, cwd, minari_path=None, timeout=300):
     )
 
 
+def run_tool(script: str, arguments: list, minari_path: str):
+    """A script of benchmarks/ on the tiny dataset's folder, its output captured."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "MINARI_DATASETS_PATH": minari_path}
+    return subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", script), *map(str, arguments)],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+
+
 def test_dry_run_lists_the_jobs_with_their_dependencies(tmp_path):
     """--dry-run prints one command per job, dependencies added and placed before their dependants,
     each with --exp-name <method>, the extra flags and the method's flags last (they win); it runs nothing."""
@@ -322,30 +333,12 @@ def test_seed_temperature_at_one_reproduces_the_runs_scores_and_at_zero_makes_on
     """benchmarks/seed_temperature.py: at temperature 1 every sub-policy scores what the run's last
     evaluation recorded (the same episodes); at 0 every sub-policy starts from x_K = 0 with no
     perturbation noise, so all of them are one policy with one score."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "MINARI_DATASETS_PATH": minari_path}
     out = tmp_path / "temperature.json"
     checkpoint = load_checkpoint(str(offline_checkpoint))
     episodes = len(checkpoint["history"]["scores"][-1][0])
-    result = subprocess.run(
-        [
-            sys.executable,
-            os.path.join(ROOT, "benchmarks", "seed_temperature.py"),
-            "--checkpoint",
-            str(offline_checkpoint),
-            "--temperatures",
-            "0",
-            "1",
-            "--episodes",
-            str(episodes),
-            "--seed",
-            str(checkpoint["args"]["seed"]),
-            "--json",
-            str(out),
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-    )
+    arguments = ["--checkpoint", offline_checkpoint, "--temperatures", 0, 1, "--episodes", episodes]
+    seed = checkpoint["args"]["seed"]
+    result = run_tool("seed_temperature.py", arguments + ["--seed", seed, "--json", out], minari_path)
     assert result.returncode == 0, result.stderr[-3000:]
     zero, one = json.loads(out.read_text())["rows"]
     recorded = [sum(scores) / len(scores) for scores in checkpoint["history"]["scores"][-1]]
@@ -361,23 +354,9 @@ def test_scorers_rank_a_saved_runs_sub_policies_and_price_the_choice(offline_che
     from scorers import SCORERS, regret
 
     assert regret([3.0, 1.0, 2.0], [10.0, 20.0, 5.0]) == 10.0 and regret([1.0, 3.0], [10.0, 20.0]) == 0.0
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "MINARI_DATASETS_PATH": minari_path}
     out = tmp_path / "scorers.json"
-    arguments = ["--critic-states", "64", "--episode-starts", "4", "--short-states", "16", "--short-steps", "8"]
-    result = subprocess.run(
-        [
-            sys.executable,
-            os.path.join(ROOT, "benchmarks", "scorers.py"),
-            "--checkpoint",
-            str(offline_checkpoint),
-            *arguments,
-            "--json",
-            str(out),
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-    )
+    arguments = ["--critic-states", 64, "--episode-starts", 4, "--short-states", 16, "--short-steps", 8]
+    result = run_tool("scorers.py", ["--checkpoint", offline_checkpoint, *arguments, "--json", out], minari_path)
     assert result.returncode == 0, result.stderr[-3000:]
     saved = json.loads(out.read_text())
     checkpoint = load_checkpoint(str(offline_checkpoint))
