@@ -367,3 +367,30 @@ def test_scorers_rank_a_saved_runs_sub_policies_and_price_the_choice(offline_che
     for name in SCORERS:
         assert -1 <= saved["summary"][name]["spearman"] <= 1
         assert saved["summary"][name]["regret"] == pytest.approx(regret(saved["scores"][name], saved["real"]))
+
+
+def test_dry_run_runs_the_baselines_with_their_own_flags(tmp_path):
+    """The baseline methods run benchmarks/baselines.py with --algo <method>, the dataset, seed and
+    --exp-name, the baseline extra flags and none of the offline script's."""
+    result = run_benchmark(
+        [
+            "--dry-run",
+            "--methods",
+            "mse-bc",
+            "td3-bc",
+            "--seeds",
+            "3",
+            "--extra-offline-flags=--total-steps 30",
+            "--extra-baseline-flags=--hidden 64",
+        ],
+        tmp_path,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    commands = [shlex.split(line) for line in result.stdout.strip().splitlines()]
+    assert len(commands) == 2
+    for words, method in zip(commands, ("mse-bc", "td3-bc")):
+        assert words[1].endswith(os.path.join("benchmarks", "baselines.py"))
+        assert words[2:] == [
+            "--env-id", "hopper-medium", "--seed", "3", "--hidden", "64", "--exp-name", method, "--algo", method
+        ]  # fmt: skip
