@@ -394,3 +394,57 @@ def test_dry_run_runs_the_baselines_with_their_own_flags(tmp_path):
         assert words[2:] == [
             "--env-id", "hopper-medium", "--seed", "3", "--hidden", "64", "--exp-name", method, "--algo", method
         ]  # fmt: skip
+
+
+def test_one_step_policies_loss_by_hand_and_a_run_on_a_saved_checkpoint(offline_checkpoint, minari_path, tmp_path):
+    """benchmarks/one_step_policies.py. The loss by hand: with every Q > 0 the normalized Q term is
+    exactly -w, so the loss is the distillation error minus w; sub-policy i of the students is
+    mu(., eps_i) (column i of `sample`). Then a run on a saved checkpoint: one score per student and
+    scorer, and w = 0 (distillation only) brings the students' chunks closer to the teacher's than
+    an untrained network's."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    from one_step_policies import Args, OneStepPolicies, one_step_loss, teacher_chunks, train_students
+
+    from diffusion import DiffusionPolicy
+
+    checkpoint = load_checkpoint(str(offline_checkpoint))
+    teacher = DiffusionPolicy.from_checkpoint(checkpoint["policy"]).eval()
+    torch.manual_seed(0)
+    students = OneStepPolicies(teacher, hidden=16)
+    states = torch.randn(5, teacher.obs_horizon, teacher.config.obs_dim)
+    chunks = students.sample(states).actions
+    n = teacher.config.n_subpolicies
+    assert chunks.shape == (5, n, teacher.horizon, teacher.config.act_dim)
+    last = n - 1
+    assert torch.allclose(chunks[:, last], students(states, teacher.sub_policy_noise[last].expand(5, -1, -1)))
+
+    class PositiveCritic:  # Q(s, a) = 2 + sum(a^2): positive everywhere
+        def q(self, s, a):
+            return 2 + (a**2).flatten(1).sum(-1)
+
+    targets = torch.zeros(5, teacher.horizon, teacher.config.act_dim)
+    index = torch.arange(5) % n
+    log = one_step_loss(students, PositiveCritic(), states, targets, index, q_weight=0.7)
+    expected = (students(states, teacher.sub_policy_noise[index]) ** 2).mean() - 0.7
+    assert log["loss"].item() == pytest.approx(expected.item(), abs=1e-6)
+
+    targets = teacher_chunks(teacher, states, batch_size=2)
+    assert torch.allclose(targets, teacher.sample(states).actions, atol=1e-6)
+    untrained = ((OneStepPolicies(teacher, hidden=64).sample(states).actions - targets) ** 2).mean()
+    trained = train_students(
+        PositiveCritic(), states, targets, 0.0, Args(checkpoint="", steps=300, batch_size=5, hidden=64), teacher
+    )
+    assert ((trained.sample(states).actions - targets) ** 2).mean() < 0.5 * untrained
+
+    out = tmp_path / "one_step.json"
+    arguments = ["--q-weights", 0, 1, "--steps", 20, "--distill-states", 64, "--episodes", 1, "--episode-starts", 2]
+    result = run_tool(
+        "one_step_policies.py", ["--checkpoint", offline_checkpoint, *arguments, "--json", out], minari_path
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    saved = json.loads(out.read_text())
+    assert [row["q_weight"] for row in saved["results"]] == [0, 1]
+    for row in saved["results"]:
+        assert len(row["real"]) == n and all(len(row["scores"][name]) == n for name in row["summary"])
+    refused = run_tool("one_step_policies.py", ["--checkpoint", offline_checkpoint, "--q-weights", -1], minari_path)
+    assert refused.returncode == 2 and "--q-weights" in refused.stderr and "Traceback" not in refused.stderr
