@@ -448,3 +448,24 @@ def test_one_step_policies_loss_by_hand_and_a_run_on_a_saved_checkpoint(offline_
         assert len(row["real"]) == n and all(len(row["scores"][name]) == n for name in row["summary"])
     refused = run_tool("one_step_policies.py", ["--checkpoint", offline_checkpoint, "--q-weights", -1], minari_path)
     assert refused.returncode == 2 and "--q-weights" in refused.stderr and "Traceback" not in refused.stderr
+
+
+def test_seed_bank_group_zero_is_the_run_and_the_bank_grows_by_fresh_groups(offline_checkpoint, minari_path, tmp_path):
+    """benchmarks/seed_bank.py: group 0 is the run's own sub-policies (its real scores and AM-Q as
+    the run's last evaluation recorded them, on the same episodes), each further group adds n
+    sub-policies with fresh seeds, and the bank's summary picks the argmax of each scorer."""
+    out = tmp_path / "bank.json"
+    checkpoint = load_checkpoint(str(offline_checkpoint))
+    episodes = len(checkpoint["history"]["scores"][-1][0])
+    arguments = ["--groups", 2, "--episodes", episodes, "--seed", checkpoint["args"]["seed"], "--episode-starts", 2]
+    result = run_tool("seed_bank.py", ["--checkpoint", offline_checkpoint, *arguments, "--json", out], minari_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    saved = json.loads(out.read_text())
+    n = checkpoint["policy"]["config"]["n_subpolicies"]
+    recorded = [sum(scores) / len(scores) for scores in checkpoint["history"]["scores"][-1]]
+    assert len(saved["real"]) == 2 * n and saved["real"][:n] == pytest.approx(recorded, abs=1e-6)
+    assert saved["scores"]["am_q"][:n] == pytest.approx(checkpoint["history"]["ope_scores"][-1], rel=1e-4)
+    assert saved["scores"]["am_q"][n:] != pytest.approx(saved["scores"]["am_q"][:n], rel=1e-4)
+    for name, values in saved["scores"].items():
+        pick = max(range(2 * n), key=lambda i: values[i])
+        assert saved["bank"][name]["pick"] == pick and saved["bank"][name]["pick_real"] == saved["real"][pick]
