@@ -36,17 +36,13 @@ import torch.nn as nn
 import tyro
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from scorers import regret, rollout_returns  # noqa: E402  (this folder is on the path when run as a script)
+from scorers import load_saved_run, model_scores, ranking_summary  # noqa: E402  (this folder is on the path when run as a script)
 
-import uepo_offline as offline  # noqa: E402
 from diffusion import DiffusionPolicy, SampleOutput  # noqa: E402
-from dynamics import am_q_ratio  # noqa: E402
 from eval import (  # noqa: E402
     check_output_file,
     evaluate_saved_task,
     fail,
-    load_or_fail,
-    spearman_correlation,
     write_json,
 )
 
@@ -177,12 +173,7 @@ if __name__ == "__main__":
     if (problem := check_output_file("--json", args.json, inputs={"--checkpoint": args.checkpoint})) is not None:
         fail(problem)
     torch.set_num_threads(1)
-    checkpoint = load_or_fail(args.checkpoint)
-    if "critics" not in checkpoint or checkpoint.get("phase") == "online":
-        fail(f"{args.checkpoint} is not an offline checkpoint with critics and a model (uepo_offline.py --ope)")
-    run = offline.Args(**checkpoint["args"])
-    teacher, tensors, is_terminal = offline.saved_run_data(checkpoint, run)
-    ope, _ = offline.saved_run_ope(checkpoint, run, teacher, tensors, is_terminal)
+    checkpoint, teacher, tensors, ope = load_saved_run(args.checkpoint)
     ope.critics.requires_grad_(False)
     starts_generator = torch.Generator().manual_seed(args.seed)
     starts = tensors.episode_starts[torch.randperm(len(tensors.episode_starts), generator=starts_generator)]
@@ -199,21 +190,15 @@ if __name__ == "__main__":
         students = train_students(ope.critics, distill_states, targets, q_weight, args, teacher)
         real = evaluate_saved_task(students, checkpoint, args.episodes, args.seed, sub_policies=sub_policies)
         real = real["scores"].mean(1)
-        scores = {name: [] for name in SCORERS}
-        for i in sub_policies:
-            scores["am_q"].append(am_q_ratio(*ope.rollouts(students, i)).item())
-            whole, penalized = rollout_returns(ope, students, i, starts, time_limit, args.penalty, args.seed)
-            scores["model_return"].append(whole.mean().item())
-            scores["mopo_return"].append(penalized.mean().item())
-        summary = {
-            name: {"spearman": spearman_correlation(scores[name], real), "regret": regret(scores[name], real)}
-            for name in SCORERS
-        }
+        per_student = [
+            model_scores(ope, students, i, starts, time_limit, args.penalty, args.seed) for i in sub_policies
+        ]
+        scores = {name: [row[name] for row in per_student] for name in SCORERS}
+        summary = ranking_summary(scores, real)
         print(f"w = {q_weight:g}: real {np.round(real, 1).tolist()}, mean {real.mean():.1f}, best {real.max():.1f}")
         for name, values in summary.items():
-            choice = int(np.argmax(scores[name]))
             print(
-                f"  {name}: picks {choice} ({real[choice]:.1f}), Spearman {values['spearman']:+.2f}, "
+                f"  {name}: picks {values['pick']} ({values['pick_real']:.1f}), Spearman {values['spearman']:+.2f}, "
                 f"regret {values['regret']:.1f}",
                 flush=True,
             )

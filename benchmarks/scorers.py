@@ -28,7 +28,7 @@ import tyro
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import uepo_offline as offline  # noqa: E402
-from dynamics import model_rollout  # noqa: E402
+from dynamics import am_q_ratio, model_rollout  # noqa: E402
 from eval import check_output_file, fail, load_or_fail, spearman_correlation, write_json  # noqa: E402
 
 SCORERS = ("am_q", "critic", "model_return", "mopo_return", "short_return")
@@ -71,6 +71,45 @@ def regret(scores, real) -> float:
     return float(np.max(real) - real[int(np.argmax(scores))])
 
 
+def ranking_summary(scores: dict, real) -> dict:
+    """Per scorer (name -> one score per candidate): its pick, the pick's real score, Spearman with
+    the real scores and the regret of the pick."""
+    real = np.asarray(real)
+    return {
+        name: {
+            "pick": int(np.argmax(values)),
+            "pick_real": float(real[int(np.argmax(values))]),
+            "spearman": spearman_correlation(values, real),
+            "regret": regret(values, real),
+        }
+        for name, values in scores.items()
+    }
+
+
+def model_scores(ope: offline.SubPolicyOPE, policy, sub_policy: int, starts, steps: int, penalty: float, seed: int):
+    """One sub-policy's AM-Q as the run scores it, and its mean model return from `starts` over
+    `steps`, plain and penalized (`rollout_returns`): {"am_q", "model_return", "mopo_return"}."""
+    whole, penalized = rollout_returns(ope, policy, sub_policy, starts, steps, penalty, seed)
+    return {
+        "am_q": am_q_ratio(*ope.rollouts(policy, sub_policy)).item(),
+        "model_return": whole.mean().item(),
+        "mopo_return": penalized.mean().item(),
+    }
+
+
+def load_saved_run(path: str):
+    """An offline checkpoint with critics and a model, its run's policy and data, and its AM-Q as the
+    run scored it (`uepo_offline.saved_run_ope`); any other file ends the script with one line.
+    Returns (checkpoint, policy, tensors, ope)."""
+    checkpoint = load_or_fail(path)
+    if "critics" not in checkpoint or checkpoint.get("phase") == "online":
+        fail(f"{path} is not an offline checkpoint with critics and a model (uepo_offline.py --ope)")
+    run = offline.Args(**checkpoint["args"])
+    policy, tensors, is_terminal = offline.saved_run_data(checkpoint, run)
+    ope, _ = offline.saved_run_ope(checkpoint, run, policy, tensors, is_terminal)
+    return checkpoint, policy, tensors, ope
+
+
 if __name__ == "__main__":
     args = tyro.cli(Args)
     for name in ("critic_states", "episode_starts", "short_states", "short_steps"):
@@ -81,12 +120,7 @@ if __name__ == "__main__":
     if (problem := check_output_file("--json", args.json, inputs={"--checkpoint": args.checkpoint})) is not None:
         fail(problem)
     torch.set_num_threads(1)
-    checkpoint = load_or_fail(args.checkpoint)
-    if "critics" not in checkpoint or checkpoint.get("phase") == "online":
-        fail(f"{args.checkpoint} is not an offline checkpoint with critics and a model (uepo_offline.py --ope)")
-    run = offline.Args(**checkpoint["args"])
-    policy, tensors, is_terminal = offline.saved_run_data(checkpoint, run)
-    ope, _ = offline.saved_run_ope(checkpoint, run, policy, tensors, is_terminal)
+    checkpoint, policy, tensors, ope = load_saved_run(args.checkpoint)
     generator = torch.Generator().manual_seed(args.seed)
     draw = lambda count, total: torch.randperm(total, generator=generator)[:count]
     critic_index = draw(args.critic_states, len(tensors.states))
@@ -110,10 +144,7 @@ if __name__ == "__main__":
         scores["short_return"].append(short.mean().item())
         row = " | ".join(f"{scores[name][i]:.1f}" for name in SCORERS)
         print(f"| {i} | {real[i]:.1f} | {row} |", flush=True)
-    summary = {
-        name: {"spearman": spearman_correlation(scores[name], real), "regret": regret(scores[name], real)}
-        for name in SCORERS
-    }
+    summary = ranking_summary(scores, real)
     for name, values in summary.items():
         print(f"{name}: Spearman {values['spearman']:+.2f}, regret {values['regret']:.1f}")
     if args.json:

@@ -25,17 +25,13 @@ import torch
 import tyro
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from scorers import regret, rollout_returns  # noqa: E402  (this folder is on the path when run as a script)
+from scorers import load_saved_run, model_scores, ranking_summary  # noqa: E402  (this folder is on the path when run as a script)
 
-import uepo_offline as offline  # noqa: E402
-from dynamics import am_q_ratio  # noqa: E402
 from eval import (  # noqa: E402
     build_saved,
     check_output_file,
     evaluate_saved_task,
     fail,
-    load_or_fail,
-    spearman_correlation,
     write_json,
 )
 
@@ -73,19 +69,6 @@ def seed_group(policy, group: int, bank_seed: int):
     return copy
 
 
-def summary(scores: dict, real: np.ndarray) -> dict:
-    """Per scorer: its pick, the pick's real score, Spearman with the real scores and the regret."""
-    return {
-        name: {
-            "pick": int(np.argmax(values)),
-            "pick_real": float(real[int(np.argmax(values))]),
-            "spearman": spearman_correlation(values, real),
-            "regret": regret(values, real),
-        }
-        for name, values in scores.items()
-    }
-
-
 if __name__ == "__main__":
     args = tyro.cli(Args)
     for name, low, high in (("groups", 1, 64), ("episodes", 1, 1000), ("episode_starts", 1, 10_000)):
@@ -96,12 +79,7 @@ if __name__ == "__main__":
     if (problem := check_output_file("--json", args.json, inputs={"--checkpoint": args.checkpoint})) is not None:
         fail(problem)
     torch.set_num_threads(1)
-    checkpoint = load_or_fail(args.checkpoint)
-    if "critics" not in checkpoint or checkpoint.get("phase") == "online":
-        fail(f"{args.checkpoint} is not an offline checkpoint with critics and a model (uepo_offline.py --ope)")
-    run = offline.Args(**checkpoint["args"])
-    policy, tensors, is_terminal = offline.saved_run_data(checkpoint, run)
-    ope, _ = offline.saved_run_ope(checkpoint, run, policy, tensors, is_terminal)
+    checkpoint, policy, tensors, ope = load_saved_run(args.checkpoint)
     generator = torch.Generator().manual_seed(args.seed)
     starts = tensors.episode_starts[torch.randperm(len(tensors.episode_starts), generator=generator)]
     starts = starts[: args.episode_starts]
@@ -114,13 +92,13 @@ if __name__ == "__main__":
         group_real = evaluate_saved_task(bank, checkpoint, args.episodes, args.seed)["scores"].mean(1)
         real.extend(group_real.tolist())
         for i in range(n):
-            scores["am_q"].append(am_q_ratio(*ope.rollouts(bank, i)).item())
-            _, penalized = rollout_returns(ope, bank, i, starts, time_limit, args.penalty, args.seed)
-            scores["mopo_return"].append(penalized.mean().item())
+            row = model_scores(ope, bank, i, starts, time_limit, args.penalty, args.seed)
+            for name in SCORERS:
+                scores[name].append(row[name])
         print(f"group {group}: real {np.round(group_real, 1).tolist()}", flush=True)
     real = np.asarray(real)
-    own = summary({name: values[:n] for name, values in scores.items()}, real[:n])
-    whole = summary(scores, real)
+    own = ranking_summary({name: values[:n] for name, values in scores.items()}, real[:n])
+    whole = ranking_summary(scores, real)
     print(
         f"bank of {len(real)}: mean {real.mean():.1f}, best {real.max():.1f}; "
         f"the run's own {n}: best {real[:n].max():.1f}"
