@@ -527,6 +527,9 @@ class OnlineActor(nn.Module):
     def unscale_actions(self, actions: torch.Tensor) -> torch.Tensor:
         return self.action_low + (actions + 1) * 0.5 * (self.action_high - self.action_low)
 
+    def scale_actions(self, actions: torch.Tensor) -> torch.Tensor:
+        return 2 * (actions - self.action_low) / (self.action_high - self.action_low) - 1
+
     @torch.no_grad()
     def act(self, state_history: np.ndarray) -> np.ndarray:
         """Deployment: raw state histories (B, To, S) -> the mean's chunks (B, 1, H, A) in env units

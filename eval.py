@@ -370,7 +370,6 @@ ONLINE_FIELDS = (
     "actor",
     "sub_policy",
     "selection",
-    "value",
     "history",
 )
 IMPROVED_FIELDS = ("sub_policy", "operator", "policy", "ope_score", "scores")
@@ -577,7 +576,11 @@ def check_online(checkpoint: dict, path: str) -> None:
     check_int(actor["hidden"], 1, MAX_WIDTH, "actor.hidden", path)
     check_int(actor["mlp_horizon"], 1, MAX_HORIZON, "actor.mlp_horizon", path)
     check_state_dict(actor["state_dict"], "actor.state_dict", path, STATISTICS)
-    check_state_dict(checkpoint["value"], "value", path)
+    # the learner: PPO's value network or TD3's chunk critics
+    learner = [name for name in ("value", "critics") if name in checkpoint]
+    if len(learner) != 1:
+        raise CheckpointError(f"{path}: an online checkpoint holds a `value` or a `critics` state dict, got {learner}")
+    check_state_dict(checkpoint[learner[0]], learner[0], path)
 
 
 def load_checkpoint(

@@ -31,6 +31,7 @@
 import copy
 import os
 import random
+import sys
 import time
 from dataclasses import asdict, dataclass
 from typing import Literal
@@ -43,6 +44,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from diffusion import DiffusionPolicy, OnlineActor, ppo_mlp
 from divergence import gaussian_kl, gaussian_log_prob
+from dynamics import ChunkCritics, chunk_td_target, soft_update
 from eval import (
     GYM_ENV_IDS,
     CheckpointError,
@@ -59,6 +61,7 @@ from eval import (
     unwritable,
     vector_env_state,
 )
+from uepo_offline import DatasetError, NonFiniteLoss, check_finite, chunk_dataset, load_dataset
 
 
 @dataclass
@@ -76,7 +79,9 @@ class Args:
     env_id: str | None = None
     """if given, the checkpoint must be for this environment (`Hopper-v5`) or dataset (`hopper-medium`)"""
 
-    # The actor
+    # The learner and the actor
+    algo: Literal["ppo", "td3"] = "ppo"
+    """`ppo` (the paper's), or `td3`: off-policy TD3 on chunks with the offline data in every batch"""
     actor: Literal["diffusion", "residual", "noise", "mlp"] = "noise"
     """what PPO fine-tunes: the initial noise (`noise`), a residual, the denoiser, or a Gaussian MLP (`mlp`)"""
     from_scratch: bool = False
@@ -128,6 +133,34 @@ class Args:
     critic_warmup: int = 3
     """rollouts at the start that train only the value network (the actor frozen)"""
 
+    # TD3 on chunks (--algo td3): the offline data in every batch, RLPD-style
+    batch_size: int = 256
+    """transitions per critic update"""
+    offline_ratio: float = 0.5
+    """share of every batch drawn from the offline dataset (the rest from the online replay)"""
+    offline_rows: int = 100_000
+    """dataset chunks kept for the batches (a random subset; the frozen sub-policy is precomputed on them)"""
+    buffer_size: int = 1_000_000
+    """online decisions kept (a ring buffer)"""
+    utd_ratio: int = 1
+    """critic updates per decision collected (updates-to-data ratio)"""
+    critic_learning_rate: float = 3e-4
+    """Adam learning rate of the chunk critics"""
+    tau: float = 0.005
+    """Polyak rate of the target critics"""
+    exploration_noise: float = 0.1
+    """std of the Gaussian noise added to the actor's z while collecting (z in [-1, 1] units)"""
+    policy_noise: float = 0.2
+    """std of TD3's target policy smoothing noise"""
+    noise_clip: float = 0.5
+    """TD3's target noise is clipped to +- this"""
+    policy_frequency: int = 2
+    """critic updates per actor update (TD3's delayed policy update)"""
+    q_weight: float = 2.5
+    """actor loss: -q_weight Q / mean|Q| + |z - anchor|^2 (TD3+BC's alpha; anchor = the selected sub-policy)"""
+    offline_critic_updates: int = 5000
+    """critic updates on the offline data alone before the first online step (the actor frozen)"""
+
     # Evaluation and checkpoint
     eval_every: int = 20_000
     """evaluate the deterministic policy every `eval_every` environment steps (and at step 0 and the end)"""
@@ -155,6 +188,11 @@ def check_args(args: Args) -> str | None:
         "selection_top",
         "selection_episodes",
         "mlp_horizon",
+        "batch_size",
+        "offline_rows",
+        "buffer_size",
+        "utd_ratio",
+        "policy_frequency",
     )
     for name in at_least_one:
         if getattr(args, name) < 1:
@@ -171,15 +209,29 @@ def check_args(args: Args) -> str | None:
         "clip_coef": args.clip_coef,
         "max_grad_norm": args.max_grad_norm,
         "target_kl": args.target_kl,
+        "critic_learning_rate": args.critic_learning_rate,
+        "q_weight": args.q_weight,
     }
     for name, value in positive.items():
         if value is not None and not value > 0:
             return f"--{name.replace('_', '-')} must be > 0, got {value}"
-    for name in ("anchor_coef", "critic_warmup"):
+    for name in (
+        "anchor_coef",
+        "critic_warmup",
+        "exploration_noise",
+        "policy_noise",
+        "noise_clip",
+        "offline_critic_updates",
+    ):
         if not getattr(args, name) >= 0:
             return f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}"
-    if not 0 <= args.lr_floor <= 1 or not 0 <= args.gae_lambda <= 1:
-        return f"--lr-floor and --gae-lambda must be in [0, 1], got {args.lr_floor} and {args.gae_lambda}"
+    for name in ("lr_floor", "gae_lambda", "offline_ratio", "tau"):
+        if not 0 <= getattr(args, name) <= 1:
+            return f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(args, name)}"
+    if args.algo == "td3" and args.actor == "diffusion":
+        return "--algo td3 trains --actor residual, noise or mlp (the denoiser itself is fine-tuned by --algo ppo only)"
+    if args.algo == "td3" and args.resume is not None:
+        return "--resume continues --algo ppo runs only (a td3 checkpoint keeps its learner, not its replay buffer)"
     if args.from_scratch and args.actor != "diffusion":
         return (
             f"--from-scratch re-initializes the denoiser, so it needs --actor diffusion (got --actor {args.actor}; "
@@ -331,6 +383,119 @@ def actor_losses(
     return {"policy": policy_loss, "anchor_kl": anchor_kl, "approx_kl": approx_kl, "clipfrac": clipfrac}
 
 
+# ------------------------------------------------------------------------------------------------
+# TD3 on chunks with the offline data in every batch (--algo td3; docs/design.md, "Online fine-tuning")
+# ------------------------------------------------------------------------------------------------
+class ChunkReplay:
+    """Decisions as the critics and the actor learn from them, in preallocated tensors (a ring buffer
+    of `capacity` rows): the normalized state history before (`states`) and after (`next_states`)
+    the chunk, the executed chunk in [-1, 1] (H, A), its discounted reward R = sum_h gamma^h r_h over
+    its L executed steps (`lengths`), whether the episode terminated inside it (a time-limit
+    truncation is no termination: the target bootstraps through it), and the offline policy's z at
+    both histories (`actor.anchor_mean`: the frozen sub-policy's chunk, or its seed), so that an
+    update never runs the diffusion chain."""
+
+    def __init__(self, capacity: int, example: dict):
+        self.data = {
+            key: torch.zeros((capacity,) + value.shape[1:], device=value.device) for key, value in example.items()
+        }
+        self.capacity, self.size, self.position = capacity, 0, 0
+
+    def add(self, rows: dict) -> None:
+        index = (self.position + torch.arange(len(rows["states"]))) % self.capacity
+        for key, value in rows.items():
+            self.data[key][index] = value
+        self.position = int(index[-1] + 1) % self.capacity
+        self.size = min(self.size + len(index), self.capacity)
+
+    def sample(self, count: int) -> dict:
+        index = torch.randint(self.size, (count,))
+        return {key: value[index] for key, value in self.data.items()}
+
+
+@torch.no_grad()
+def offline_replay(checkpoint: dict, actor: OnlineActor, rows: int, gamma: float, seed: int) -> ChunkReplay:
+    """The offline run's dataset chunked as the actor acts (`uepo_offline.chunk_dataset` with its H,
+    its state history and gamma), a random `rows` of its chunks, with the offline policy's z computed
+    once on every history (in batches: the chain is the costly part)."""
+    try:
+        dataset, *_ = load_dataset(checkpoint["args"]["env_id"], checkpoint["dataset_id"])
+    except DatasetError as error:
+        fail(str(error))
+    data = chunk_dataset(dataset, actor.horizon, actor.obs_horizon, gamma)
+    index = torch.randperm(len(data["chunks"]), generator=torch.Generator().manual_seed(seed))[:rows].numpy()
+    device = actor.state_mean.device
+    part = lambda key: torch.as_tensor(data[key][index], dtype=torch.float32, device=device)
+    states, next_states = actor.normalize_states(part("states")), actor.normalize_states(part("next_states"))
+    anchors = lambda histories: torch.cat([actor.anchor_mean(batch) for batch in histories.split(4096)])
+    rows = {
+        "states": states,
+        "anchors": anchors(states),
+        "chunks": actor.scale_actions(part("chunks")).clamp(-1, 1),
+        "rewards": part("rewards"),
+        "lengths": part("mask").sum(1),
+        "terminals": part("dones"),
+        "next_states": next_states,
+        "next_anchors": anchors(next_states),
+    }
+    replay = ChunkReplay(len(index), rows)
+    replay.add(rows)
+    return replay
+
+
+def mixed_sample(offline: ChunkReplay, online: ChunkReplay, batch_size: int, offline_ratio: float) -> tuple[dict, int]:
+    """RLPD's symmetric sampling: `offline_ratio` of the batch from the offline data, the rest from
+    the online replay (all offline while it is empty). Returns the batch, offline rows first, and
+    the number of offline rows."""
+    num_offline = batch_size if online.size == 0 else round(batch_size * offline_ratio)
+    parts = (
+        [offline.sample(num_offline), online.sample(batch_size - num_offline)]
+        if num_offline < batch_size
+        else [offline.sample(batch_size)]
+    )
+    return {key: torch.cat([part[key] for part in parts]) for key in parts[0]}, num_offline
+
+
+def td3_critic_update(critics, target_critics, optimizer, actor: OnlineActor, batch: dict, args: Args, gamma: float):
+    """TD3's critic step on chunks (Q-chunking: the chunk is the action, the target jumps H steps):
+
+        z'   = mean(s') + clip(N(0, policy_noise^2), -noise_clip, noise_clip),  a' = chunk(z')
+        y    = R + gamma^L (1 - terminated) min_k Q'_k(s', a')          (`dynamics.chunk_td_target`)
+        loss = sum_k mean (Q_k(s, a) - y)^2
+
+    Q sees the current state (the last of the history) and the chunk in [-1, 1]."""
+    with torch.no_grad():
+        noise = (torch.randn_like(batch["next_anchors"]) * args.policy_noise).clamp(-args.noise_clip, args.noise_clip)
+        next_chunks = actor.chunk(batch["next_states"], actor.mean(batch["next_states"], batch["next_anchors"]) + noise)
+        next_q = target_critics.q(batch["next_states"][:, -1], next_chunks)
+        target = chunk_td_target(batch["rewards"], batch["terminals"], batch["lengths"], next_q, gamma)
+    q1, q2 = critics.q_heads(batch["states"][:, -1], batch["chunks"])
+    loss = ((q1 - target) ** 2).mean() + ((q2 - target) ** 2).mean()
+    check_finite({"critic": loss}, "the critic update")
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    return {"losses/critic_loss": loss.item()}, q1.detach()
+
+
+def td3_actor_update(actor: OnlineActor, critics, optimizer, batch: dict, q_weight: float) -> dict:
+    """The actor's step, TD3+BC's form with the offline policy as the reference:
+
+        z = mean(s),  loss = -q_weight Q_1(s, chunk(z)) / mean|Q_1| + mean (z - anchor(s))^2
+
+    The second term keeps z near the selected sub-policy's (0 for an actor from scratch, `mlp`,
+    which has no offline policy); dividing Q by its batch magnitude makes q_weight scale-free."""
+    z = actor.mean(batch["states"], batch["anchors"])
+    q = critics.q_heads(batch["states"][:, -1], actor.chunk(batch["states"], z))[0]
+    distance = ((z - batch["anchors"]) ** 2).mean()
+    loss = -q_weight * q.mean() / q.abs().mean().detach().clamp_min(1e-6) + (0.0 if actor.kind == "mlp" else distance)
+    check_finite({"actor": loss}, "the actor update")
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    return {"losses/actor_loss": loss.item(), "charts/distance_to_offline": distance.item()}
+
+
 def real_scores(policy, sub_policy: int, episodes: int, checkpoint: dict, seed: int) -> np.ndarray:
     """Normalized scores of one sub-policy (or the online actor, sub-policy 0) on `episodes` real
     episodes reset with fixed seeds, under the dataset's time limit (`eval.evaluate_saved_task`)."""
@@ -381,9 +546,10 @@ def training_state(
     return state
 
 
-def write_checkpoint(step, actor, value_net, history, args, checkpoint, selection, path, resume) -> None:
+def write_checkpoint(step, actor, learner, history, args, checkpoint, selection, path, resume) -> None:
     """The atomic checkpoint: what eval.py reads (`eval.check_online`), and `resume`, the training
-    state after this evaluation (`training_state`). `selection`: (the chosen sub-policy, the table)."""
+    state after this evaluation (`training_state`; None for --algo td3). `learner`: {"value": the
+    PPO value network's state dict} or {"critics": TD3's}. `selection`: (the sub-policy, the table)."""
     sub_policy, selection_table = selection
     save_checkpoint(
         {
@@ -399,7 +565,7 @@ def write_checkpoint(step, actor, value_net, history, args, checkpoint, selectio
             "actor": actor.to_checkpoint(),
             "sub_policy": sub_policy,
             "selection": selection_table,
-            "value": value_net.state_dict(),
+            **learner,
             "history": history,
             "resume": resume,
         },
@@ -456,6 +622,135 @@ def resumed_run(args: Args) -> tuple[Args, dict | None]:
         print(f"ignored beside --resume: {', '.join('--' + name.replace('_', '-') for name in ignored)}")
     print(f"resuming {args.resume} after step {resumed['global_step']} with the arguments saved in it")
     return args, resumed
+
+
+def train_td3(args: Args, actor: OnlineActor, checkpoint: dict, gamma: float, learning_rate: float, writer, run):
+    """--algo td3: the off-policy loop (docs/design.md, "Online fine-tuning"). `run` is (run_name,
+    the selection, the checkpoint path, the device). Critics: the offline run's chunk critics (the
+    IQL heads, trained on this dataset) when the actor acts in its chunks, else fresh ones; then
+    `--offline-critic-updates` TD3 critic updates on the offline data alone, the actor frozen at
+    the hand-over. Every decision collected (one chunk per environment, z = mean(s) + exploration
+    noise) is followed by `--utd-ratio` critic updates per environment on mixed batches, the actor
+    updated every `--policy-frequency` of them. No --resume: the checkpoint keeps the learner,
+    not the replay buffer."""
+    run_name, selection, checkpoint_path, device = run
+    obs_dim, horizon = actor.policy_config.obs_dim, actor.horizon
+    critics = ChunkCritics(obs_dim, actor.act_dim, horizon).to(device)
+    if "critics" in checkpoint and actor.kind != "mlp":
+        critics.load_state_dict(checkpoint["critics"]["state_dict"])
+    target_critics = copy.deepcopy(critics).requires_grad_(False)
+    critic_optimizer = torch.optim.Adam(critics.parameters(), lr=args.critic_learning_rate)
+    actor_optimizer = torch.optim.Adam(actor.head.parameters(), lr=learning_rate)
+    history = {"step": [], "scores": []}
+    evaluate(0, actor, history, writer, args, checkpoint, checkpoint_path)  # the hand-over
+    learner = {"critics": critics.state_dict()}
+    write_checkpoint(0, actor, learner, history, args, checkpoint, selection, checkpoint_path, None)
+
+    offline = offline_replay(checkpoint, actor, args.offline_rows, gamma, args.seed)
+    for update in range(1, args.offline_critic_updates + 1):  # the critics learn the hand-over's values first
+        try:
+            log, _ = td3_critic_update(
+                critics, target_critics, critic_optimizer, actor, offline.sample(args.batch_size), args, gamma
+            )
+        except NonFiniteLoss as error:
+            fail(
+                f"offline critic update {update}: {error}; stopped (the last checkpoint is untouched: "
+                f"{checkpoint_path})"
+            )
+        soft_update(target_critics, critics, args.tau)
+        if update % 1000 == 0 or update == args.offline_critic_updates:
+            print(
+                f"offline critic update {update}/{args.offline_critic_updates} | critic {log['losses/critic_loss']:.3f}"
+            )
+
+    envs = gym.vector.SyncVectorEnv(
+        [
+            make_env(checkpoint["env_id"], checkpoint["max_episode_steps"], horizon, actor.obs_horizon, gamma)
+            for _ in range(args.num_envs)
+        ],
+        autoreset_mode=gym.vector.AutoresetMode.SAME_STEP,
+    )
+    normalized = lambda observations: actor.normalize_states(
+        torch.as_tensor(observations, dtype=torch.float32, device=device)
+    )
+    next_obs, _ = envs.reset(seed=args.seed)
+    states = normalized(next_obs)
+    anchors = actor.anchor_mean(states)
+    online = None
+    global_step, next_eval, updates, start_time, actor_log = 0, args.eval_every, 0, time.time(), {}
+    while global_step < args.total_timesteps:
+        # Collect one decision per environment: z = mean(s) + exploration noise, its chunk executed.
+        with torch.no_grad():
+            z = actor.mean(states, anchors) + args.exploration_noise * torch.randn_like(anchors)
+            chunks = actor.chunk(states, z)
+        next_obs, reward, terminated, truncated, infos = envs.step(actor.unscale_actions(chunks).cpu().numpy())
+        done = terminated | truncated
+        lengths = step_info(infos, "chunk_length", done)
+        global_step += int(lengths.sum())
+        final_obs = np.array(next_obs)
+        if done.any():  # the state each chunk ended in (autoreset replaced it): the final observation
+            final_obs[done] = np.stack(infos["final_obs"][done])
+            episode = infos["final_info"]["episode"]
+            for row in np.flatnonzero(done & infos["final_info"]["_episode"]):
+                writer.add_scalar("charts/episodic_return", episode["r"][row], global_step)
+        next_states = normalized(final_obs)
+        next_anchors = actor.anchor_mean(next_states)
+        rows = {
+            "states": states,
+            "anchors": anchors,
+            "chunks": chunks,
+            "rewards": torch.as_tensor(reward, dtype=torch.float32, device=device),
+            "lengths": torch.as_tensor(lengths, dtype=torch.float32, device=device),
+            "terminals": torch.as_tensor(terminated, dtype=torch.float32, device=device),
+            "next_states": next_states,
+            "next_anchors": next_anchors,
+        }
+        if online is None:
+            online = ChunkReplay(min(args.buffer_size, args.total_timesteps + args.num_envs), rows)
+        online.add(rows)
+        states = normalized(next_obs)
+        anchors = next_anchors if not done.any() else actor.anchor_mean(states)
+
+        # Learn: --utd-ratio critic updates per decision on mixed batches, the actor every --policy-frequency.
+        try:
+            for _ in range(args.utd_ratio * args.num_envs):
+                batch, num_offline = mixed_sample(offline, online, args.batch_size, args.offline_ratio)
+                log, q = td3_critic_update(critics, target_critics, critic_optimizer, actor, batch, args, gamma)
+                updates += 1
+                if updates % args.policy_frequency == 0:
+                    actor_log = td3_actor_update(actor, critics, actor_optimizer, batch, args.q_weight)
+                soft_update(target_critics, critics, args.tau)
+        except NonFiniteLoss as error:
+            fail(f"step {global_step}: {error}; stopped (the last checkpoint is untouched: {checkpoint_path})")
+
+        if global_step // 5000 != (global_step - int(lengths.sum())) // 5000 or global_step >= args.total_timesteps:
+            steps_per_second = global_step / (time.time() - start_time)
+            log.update(
+                {
+                    **actor_log,
+                    "losses/q_offline": q[:num_offline].mean().item(),
+                    "losses/q_online": q[num_offline:].mean().item(),
+                    "charts/updates_per_step": updates / global_step,
+                    "charts/exploration_noise": args.exploration_noise,
+                    "charts/SPS": steps_per_second,
+                }
+            )
+            for tag, number in log.items():
+                writer.add_scalar(tag, number, global_step)
+            eta = time.strftime("%H:%M:%S", time.gmtime(max(args.total_timesteps - global_step, 0) / steps_per_second))
+            print(
+                f"step {global_step}/{args.total_timesteps} | critic {log['losses/critic_loss']:.3f} | "
+                f"Q offline {log['losses/q_offline']:.1f} online {log['losses/q_online']:.1f} | "
+                f"distance {log.get('charts/distance_to_offline', 0.0):.4f} | {steps_per_second:.0f} env steps/s "
+                f"| ETA {eta}",
+                flush=True,
+            )
+        if global_step >= next_eval or global_step >= args.total_timesteps:
+            next_eval = (global_step // args.eval_every + 1) * args.eval_every
+            evaluate(global_step, actor, history, writer, args, checkpoint, checkpoint_path)
+            learner = {"critics": critics.state_dict()}
+            write_checkpoint(global_step, actor, learner, history, args, checkpoint, selection, checkpoint_path, None)
+    envs.close()
 
 
 if __name__ == "__main__":
@@ -549,6 +844,11 @@ if __name__ == "__main__":
             actor = build_saved(resumed["actor"], f"{args.resume}: the actor").to(device)
         except CheckpointError as error:
             fail(str(error))
+    if args.algo == "td3":  # the off-policy learner has its own loop; the rest of main is PPO's
+        run = (run_name, (sub_policy, selection_table), checkpoint_path, device)
+        train_td3(args, actor, checkpoint, gamma, learning_rate, writer, run)
+        writer.close()
+        sys.exit(0)
     obs_dim = actor.policy_config.obs_dim
     # ---- value network: CleanRL's critic on the normalized state history, fitted from scratch ----
     value_net = ppo_mlp(actor.obs_horizon * obs_dim, 1, last_std=1.0).to(device)
@@ -583,7 +883,9 @@ if __name__ == "__main__":
         evaluate(0, actor, history, writer, args, checkpoint, checkpoint_path)  # the hand-over
         # Its training state is taken before the environments' first reset, which a resumed run makes too.
         resume = training_state(0, next_eval, 0, run_name, gamma, optimizers, reward_scaler, None, None, device)
-        write_checkpoint(0, actor, value_net, history, args, checkpoint, selection, checkpoint_path, resume)
+        write_checkpoint(
+            0, actor, {"value": value_net.state_dict()}, history, args, checkpoint, selection, checkpoint_path, resume
+        )
     else:  # --resume: every state the loop carries, as it was after the saved evaluation
         resume, history = resumed["resume"], resumed["history"]
         global_step, next_eval, iteration = resume["global_step"], resume["next_eval"], resume["iteration"]
@@ -753,7 +1055,15 @@ if __name__ == "__main__":
                 resume = None
                 print(f"note: no training state saved ({error}); --resume cannot continue this run")
             write_checkpoint(
-                global_step, actor, value_net, history, args, checkpoint, selection, checkpoint_path, resume
+                global_step,
+                actor,
+                {"value": value_net.state_dict()},
+                history,
+                args,
+                checkpoint,
+                selection,
+                checkpoint_path,
+                resume,
             )
 
     envs.close()

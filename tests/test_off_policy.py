@@ -1,0 +1,177 @@
+"""uepo_online.py --algo td3: the chunk critic's target by hand (summed discounted rewards, gamma^L
+bootstrap, none after a termination, one after a time-limit truncation), RLPD's mixed batches, the
+replay's ring buffer, the actor step's direction, and a tiny end-to-end run whose first evaluation
+is exactly the selected sub-policy's score and whose checkpoint reloads to its last evaluation."""
+
+import numpy as np
+import pytest
+import torch
+from test_diffusion import make_policy
+from test_online import run_online
+
+from conftest import TINY_MAX_EPISODE_STEPS
+from diffusion import OnlineActor
+from dynamics import ChunkCritics
+from eval import evaluate_sub_policies, load_checkpoint
+from uepo_online import Args, ChunkReplay, mixed_sample, td3_actor_update, td3_critic_update
+
+
+def constant_critics(q1: float, q2: float) -> ChunkCritics:
+    """Chunk critics whose two heads output the constants q1 and q2 everywhere."""
+    critics = ChunkCritics(obs_dim=3, act_dim=2, horizon=4)
+    for head, value in ((critics.q1, q1), (critics.q2, q2)):
+        torch.nn.init.zeros_(head[-1].weight)
+        torch.nn.init.constant_(head[-1].bias, value)
+    return critics
+
+
+def replay_rows(count: int, start: float = 0.0) -> dict:
+    """`count` decisions of a 3-dim state, 2-step history, 4 x 2 chunks; rewards start, start + 1, ..."""
+    return {
+        "states": torch.zeros(count, 2, 3),
+        "anchors": torch.zeros(count, 4, 2),
+        "chunks": torch.zeros(count, 4, 2),
+        "rewards": start + torch.arange(count, dtype=torch.float32),
+        "lengths": torch.full((count,), 4.0),
+        "terminals": torch.zeros(count),
+        "next_states": torch.zeros(count, 2, 3),
+        "next_anchors": torch.zeros(count, 4, 2),
+    }
+
+
+def test_the_chunk_critic_target_equals_a_hand_computation():
+    """Three decisions: a full chunk (R = 1.5, L = 4), one that terminated after 2 steps (R = 2.0) and
+    one cut by the time limit after 3 steps (R = 0.5). Target critics output 10 and 7 (min 7), the
+    critics 3 and 4, gamma 0.9, no target noise:
+        y = 1.5 + 0.9^4 * 7,  2.0,  0.5 + 0.9^3 * 7;  loss = mean (3 - y)^2 + mean (4 - y)^2."""
+    actor = OnlineActor("residual", make_policy(), sub_policy=2, init_std=0.1)
+    batch = replay_rows(3)
+    batch["rewards"] = torch.tensor([1.5, 2.0, 0.5])
+    batch["lengths"] = torch.tensor([4.0, 2.0, 3.0])
+    batch["terminals"] = torch.tensor([0.0, 1.0, 0.0])  # the third was truncated: not a termination
+    critics, target_critics = constant_critics(3.0, 4.0), constant_critics(10.0, 7.0)
+    optimizer = torch.optim.SGD(critics.parameters(), lr=0.0)
+    args = Args(policy_noise=0.0)
+    log, q1 = td3_critic_update(critics, target_critics, optimizer, actor, batch, args, gamma=0.9)
+    y = np.array([1.5 + 0.9**4 * 7, 2.0, 0.5 + 0.9**3 * 7])
+    expected = ((3.0 - y) ** 2).mean() + ((4.0 - y) ** 2).mean()
+    assert log["losses/critic_loss"] == pytest.approx(expected, rel=1e-6)
+    np.testing.assert_allclose(q1.numpy(), 3.0)
+
+
+def test_a_mixed_batch_takes_the_offline_share_and_all_offline_before_online_data():
+    offline_rows, online_rows = replay_rows(50), replay_rows(20, start=1000.0)  # online rewards >= 1000
+    offline, online = ChunkReplay(50, offline_rows), ChunkReplay(30, online_rows)
+    offline.add(offline_rows)
+    batch, num_offline = mixed_sample(offline, online, 64, offline_ratio=0.25)
+    assert num_offline == 64 and (batch["rewards"] < 50).all()  # the online replay is still empty
+    online.add(online_rows)
+    batch, num_offline = mixed_sample(offline, online, 64, offline_ratio=0.25)
+    assert num_offline == 16 and len(batch["rewards"]) == 64
+    assert (batch["rewards"][:16] < 50).all() and (batch["rewards"][16:] >= 1000).all()
+
+
+def test_the_replay_is_a_ring_buffer():
+    replay = ChunkReplay(3, replay_rows(1))
+    replay.add(replay_rows(2))  # rewards 0, 1
+    replay.add(replay_rows(2, start=10.0))  # 10 overwrites nothing, 11 overwrites row 0
+    assert replay.size == 3 and replay.position == 1
+    np.testing.assert_array_equal(replay.data["rewards"].numpy(), [11.0, 1.0, 10.0])
+
+
+class LinearQ:
+    """A critic whose Q is w . chunk (both heads), for the direction of the actor's step."""
+
+    def __init__(self, weight: torch.Tensor):
+        self.weight = weight
+
+    def q_heads(self, states, chunks):
+        q = (chunks * self.weight).flatten(1).sum(1) + 10.0
+        return q, q
+
+
+def test_the_actor_step_raises_q_and_starts_from_the_anchor():
+    """At the hand-over z = anchor, so the distance term and its gradient are 0; one step with a
+    linear Q moves the deployed chunks along w (Q rises), and q_weight 0 leaves the actor where it is."""
+    torch.manual_seed(0)
+    weight = torch.randn(4, 2)
+    states = torch.randn(32, 2, 3)
+    for q_weight in (0.0, 1.0):
+        actor = OnlineActor("residual", make_policy(), sub_policy=2, init_std=0.1)
+        anchors = actor.anchor_mean(states)
+        batch = {"states": states, "anchors": anchors}
+        optimizer = torch.optim.Adam(actor.head.parameters(), lr=1e-2)
+        before = LinearQ(weight).q_heads(states, actor.chunk(states, actor.mean(states, anchors)))[0].mean()
+        log = td3_actor_update(actor, LinearQ(weight), optimizer, batch, q_weight)
+        assert log["charts/distance_to_offline"] == 0.0
+        with torch.no_grad():
+            after = LinearQ(weight).q_heads(states, actor.chunk(states, actor.mean(states, anchors)))[0].mean()
+        assert (after > before + 1e-3) if q_weight > 0 else after == pytest.approx(before.item(), abs=1e-6)
+
+
+TINY_TD3 = [
+    "--algo",
+    "td3",
+    "--actor",
+    "residual",
+    "--total-timesteps",
+    "300",
+    "--num-envs",
+    "2",
+    "--batch-size",
+    "32",
+    "--offline-rows",
+    "500",
+    "--offline-critic-updates",
+    "20",
+    "--eval-every",
+    "150",
+    "--eval-episodes",
+    "2",
+    "--selection-episodes",
+    "2",
+]
+
+
+def test_a_td3_run_starts_at_the_selected_sub_policy_learns_and_reloads(offline_checkpoint, tmp_path):
+    """The first evaluation is the selected candidate's selection score (same policy, same episodes):
+    deployment starts exactly at the hand-over. The actor's residual learns, the checkpoint holds the
+    critics, and its actor reproduces the last evaluation."""
+    path = tmp_path / "online.pt"
+    result = run_online(["--checkpoint", str(offline_checkpoint), "--checkpoint-path", str(path), *TINY_TD3], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "offline critic update 20/20" in result.stdout and "env steps/s | ETA" in result.stdout
+    chosen = [line for line in result.stdout.splitlines() if line.endswith("| yes |")]
+    selection_score = float(chosen[0].split("|")[3].split("+-")[0])
+    checkpoint = load_checkpoint(str(path), expected_env_id="Hopper-v5")
+    assert "critics" in checkpoint and "value" not in checkpoint and checkpoint["resume"] is None
+    assert np.mean(checkpoint["history"]["scores"][0]) == pytest.approx(selection_score, abs=0.051)
+    assert checkpoint["history"]["step"][0] == 0 and checkpoint["global_step"] >= 300
+    actor = OnlineActor.from_checkpoint(checkpoint["actor"])
+    assert actor.kind == "residual" and actor.head[-1].weight.abs().sum() > 0  # it started at exactly 0
+    replay = evaluate_sub_policies(
+        actor,
+        checkpoint["env_id"],
+        episodes=2,
+        seed=checkpoint["args"]["seed"] * 1000,
+        ref_min_score=checkpoint["ref_min_score"],
+        ref_max_score=checkpoint["ref_max_score"],
+        max_episode_steps=TINY_MAX_EPISODE_STEPS,
+        sub_policies=[0],
+    )
+    np.testing.assert_array_equal(replay["scores"][0], checkpoint["history"]["scores"][-1])
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--actor", "diffusion"], "--algo td3 trains --actor residual, noise or mlp"),
+        (["--offline-ratio", "1.5"], "--offline-ratio must be in [0, 1]"),
+        (["--utd-ratio", "0"], "--utd-ratio must be >= 1"),
+        (["--q-weight", "0"], "--q-weight must be > 0"),
+    ],
+)
+def test_td3_refuses_an_argument_out_of_range_before_any_work(offline_checkpoint, tmp_path, flags, message):
+    refused = run_online(["--checkpoint", str(offline_checkpoint), "--algo", "td3", *flags], tmp_path)
+    assert refused.returncode == 2 and message in refused.stderr, refused.stderr[-2000:]
+    assert "Traceback" not in refused.stderr and not (tmp_path / "runs").exists()
