@@ -158,6 +158,8 @@ class Args:
     """critic updates per actor update (TD3's delayed policy update)"""
     q_weight: float = 2.5
     """actor loss: -q_weight Q / mean|Q| + |z - anchor|^2 (TD3+BC's alpha; anchor = the selected sub-policy)"""
+    actor_learning_starts: int = 0
+    """environment steps collected with the actor frozen at the hand-over (the critics learn from the start)"""
     offline_critic_updates: int = 5000
     """critic updates on the offline data alone before the first online step (the actor frozen)"""
 
@@ -222,6 +224,7 @@ def check_args(args: Args) -> str | None:
         "policy_noise",
         "noise_clip",
         "offline_critic_updates",
+        "actor_learning_starts",
     ):
         if not getattr(args, name) >= 0:
             return f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}"
@@ -717,7 +720,7 @@ def train_td3(args: Args, actor: OnlineActor, checkpoint: dict, gamma: float, le
                 batch, num_offline = mixed_sample(offline, online, args.batch_size, args.offline_ratio)
                 log, q = td3_critic_update(critics, target_critics, critic_optimizer, actor, batch, args, gamma)
                 updates += 1
-                if updates % args.policy_frequency == 0:
+                if updates % args.policy_frequency == 0 and global_step >= args.actor_learning_starts:
                     actor_log = td3_actor_update(actor, critics, actor_optimizer, batch, args.q_weight)
                 soft_update(target_critics, critics, args.tau)
         except NonFiniteLoss as error:

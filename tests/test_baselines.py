@@ -112,3 +112,24 @@ def test_baseline_arguments_are_refused_in_one_line(tmp_path):
         )
         assert result.returncode == 2 and result.stderr.strip() == f"error: {message}", arguments
         assert not (tmp_path / "runs").exists()
+
+
+def test_sac_from_scratch_runs_the_online_protocol_and_learns(minari_path, tmp_path):
+    """benchmarks/sac_online.py: evaluations at step 0, every --eval-every and at the end, in the
+    online script's units, and the actor moved from its initialization (updates after the random steps)."""
+    env = {**os.environ, "MINARI_DATASETS_PATH": minari_path, "HF_HUB_OFFLINE": "1"}
+    arguments = ["--dataset-id", TINY_DATASET_ID, "--total-timesteps", "400", "--learning-starts", "200"]
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "sac_online.py"), *arguments]
+        + ["--eval-every", "200", "--eval-episodes", "2"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    (folder,) = os.listdir(tmp_path / "runs")
+    saved = json.loads((tmp_path / "runs" / folder / "scores.json").read_text())
+    assert saved["step"] == [0, 200, 400] and all(len(row) == 2 for row in saved["scores"])
+    assert "critic_loss" in result.stdout.splitlines()[-2] and saved["scores"][0] != saved["scores"][-1]
