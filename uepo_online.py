@@ -123,7 +123,7 @@ class Args:
     target_kl: float | None = 0.2
     """stop an update's epochs once the approximate KL of the ratios exceeds this (nats per decision); None: never"""
     anchor_coef: float = 1.0
-    """weight of the KL of the actor's Gaussian to the offline one (0 with --from-scratch and the mlp baseline)"""
+    """weight of staying at the offline policy: ppo's KL to its Gaussian, td3's |z - anchor|^2 (0 for mlp)"""
     anchor_decay: bool = False
     """decay the anchor's weight linearly to 0 over `--total-timesteps`"""
     max_grad_norm: float = 0.5
@@ -481,17 +481,20 @@ def td3_critic_update(critics, target_critics, optimizer, actor: OnlineActor, ba
     return {"losses/critic_loss": loss.item()}, q1.detach()
 
 
-def td3_actor_update(actor: OnlineActor, critics, optimizer, batch: dict, q_weight: float) -> dict:
+def td3_actor_update(
+    actor: OnlineActor, critics, optimizer, batch: dict, q_weight: float, anchor_weight: float
+) -> dict:
     """The actor's step, TD3+BC's form with the offline policy as the reference:
 
-        z = mean(s),  loss = -q_weight Q_1(s, chunk(z)) / mean|Q_1| + mean (z - anchor(s))^2
+        z = mean(s),  loss = -q_weight Q_1(s, chunk(z)) / mean|Q_1| + anchor_weight mean (z - anchor(s))^2
 
-    The second term keeps z near the selected sub-policy's (0 for an actor from scratch, `mlp`,
-    which has no offline policy); dividing Q by its batch magnitude makes q_weight scale-free."""
+    The second term keeps z near the selected sub-policy's (`--anchor-coef`, decayed with
+    `--anchor-decay`; 0 for the actor from scratch, `mlp`, which has no offline policy); dividing
+    Q by its batch magnitude makes q_weight scale-free."""
     z = actor.mean(batch["states"], batch["anchors"])
     q = critics.q_heads(batch["states"][:, -1], actor.chunk(batch["states"], z))[0]
     distance = ((z - batch["anchors"]) ** 2).mean()
-    loss = -q_weight * q.mean() / q.abs().mean().detach().clamp_min(1e-6) + (0.0 if actor.kind == "mlp" else distance)
+    loss = -q_weight * q.mean() / q.abs().mean().detach().clamp_min(1e-6) + anchor_weight * distance
     check_finite({"actor": loss}, "the actor update")
     optimizer.zero_grad()
     loss.backward()
@@ -637,6 +640,7 @@ def train_td3(args: Args, actor: OnlineActor, checkpoint: dict, gamma: float, le
     updated every `--policy-frequency` of them. No --resume: the checkpoint keeps the learner,
     not the replay buffer."""
     run_name, selection, checkpoint_path, device = run
+    anchor_coef = 0.0 if actor.kind == "mlp" else args.anchor_coef  # no offline policy to stay near
     obs_dim, horizon = actor.policy_config.obs_dim, actor.horizon
     critics = ChunkCritics(obs_dim, actor.act_dim, horizon).to(device)
     if "critics" in checkpoint and actor.kind != "mlp":
@@ -721,7 +725,8 @@ def train_td3(args: Args, actor: OnlineActor, checkpoint: dict, gamma: float, le
                 log, q = td3_critic_update(critics, target_critics, critic_optimizer, actor, batch, args, gamma)
                 updates += 1
                 if updates % args.policy_frequency == 0 and global_step >= args.actor_learning_starts:
-                    actor_log = td3_actor_update(actor, critics, actor_optimizer, batch, args.q_weight)
+                    anchor_weight = anchor_coef * (1 - global_step / args.total_timesteps if args.anchor_decay else 1)
+                    actor_log = td3_actor_update(actor, critics, actor_optimizer, batch, args.q_weight, anchor_weight)
                 soft_update(target_critics, critics, args.tau)
         except NonFiniteLoss as error:
             fail(f"step {global_step}: {error}; stopped (the last checkpoint is untouched: {checkpoint_path})")

@@ -102,7 +102,7 @@ def test_the_actor_step_raises_q_and_starts_from_the_anchor():
         batch = {"states": states, "anchors": anchors}
         optimizer = torch.optim.Adam(actor.head.parameters(), lr=1e-2)
         before = LinearQ(weight).q_heads(states, actor.chunk(states, actor.mean(states, anchors)))[0].mean()
-        log = td3_actor_update(actor, LinearQ(weight), optimizer, batch, q_weight)
+        log = td3_actor_update(actor, LinearQ(weight), optimizer, batch, q_weight, anchor_weight=1.0)
         assert log["charts/distance_to_offline"] == 0.0
         with torch.no_grad():
             after = LinearQ(weight).q_heads(states, actor.chunk(states, actor.mean(states, anchors)))[0].mean()
