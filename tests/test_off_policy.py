@@ -112,8 +112,6 @@ def test_the_actor_step_raises_q_and_starts_from_the_anchor():
 TINY_TD3 = [
     "--algo",
     "td3",
-    "--actor",
-    "residual",
     "--total-timesteps",
     "300",
     "--num-envs",
@@ -133,22 +131,32 @@ TINY_TD3 = [
 ]
 
 
-def test_a_td3_run_starts_at_the_selected_sub_policy_learns_and_reloads(offline_checkpoint, tmp_path):
-    """The first evaluation is the selected candidate's selection score (same policy, same episodes):
-    deployment starts exactly at the hand-over. The actor's residual learns, the checkpoint holds the
-    critics, and its actor reproduces the last evaluation."""
+@pytest.mark.parametrize("actor_kind", ["residual", "mlp"])
+def test_a_td3_run_starts_at_the_selected_sub_policy_learns_and_reloads(offline_checkpoint, tmp_path, actor_kind):
+    """The first evaluation of the residual actor is the selected candidate's selection score (same
+    policy, same episodes): deployment starts exactly at the hand-over. The actor learns (the
+    residual from exactly 0; `mlp`, the actor from scratch, in chunks of 2), the checkpoint holds
+    the critics, and its actor reproduces the last evaluation."""
     path = tmp_path / "online.pt"
-    result = run_online(["--checkpoint", str(offline_checkpoint), "--checkpoint-path", str(path), *TINY_TD3], tmp_path)
+    flags = ["--actor", actor_kind] + (["--mlp-horizon", "2"] if actor_kind == "mlp" else [])
+    result = run_online(
+        ["--checkpoint", str(offline_checkpoint), "--checkpoint-path", str(path), *TINY_TD3, *flags], tmp_path
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "offline critic update 20/20" in result.stdout and "env steps/s | ETA" in result.stdout
-    chosen = [line for line in result.stdout.splitlines() if line.endswith("| yes |")]
-    selection_score = float(chosen[0].split("|")[3].split("+-")[0])
     checkpoint = load_checkpoint(str(path), expected_env_id="Hopper-v5")
     assert "critics" in checkpoint and "value" not in checkpoint and checkpoint["resume"] is None
-    assert np.mean(checkpoint["history"]["scores"][0]) == pytest.approx(selection_score, abs=0.051)
     assert checkpoint["history"]["step"][0] == 0 and checkpoint["global_step"] >= 300
     actor = OnlineActor.from_checkpoint(checkpoint["actor"])
-    assert actor.kind == "residual" and actor.head[-1].weight.abs().sum() > 0  # it started at exactly 0
+    assert actor.kind == actor_kind and actor.horizon == (4 if actor_kind == "residual" else 2)
+    if actor_kind == "residual":
+        chosen = [line for line in result.stdout.splitlines() if line.endswith("| yes |")]
+        selection_score = float(chosen[0].split("|")[3].split("+-")[0])
+        assert np.mean(checkpoint["history"]["scores"][0]) == pytest.approx(selection_score, abs=0.051)
+        assert actor.head[-1].weight.abs().sum() > 0  # it started at exactly 0
+    else:
+        assert "from scratch: no selection" in result.stdout
+        assert checkpoint["history"]["scores"][0] != checkpoint["history"]["scores"][-1]
     replay = evaluate_sub_policies(
         actor,
         checkpoint["env_id"],
