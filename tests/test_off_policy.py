@@ -7,12 +7,11 @@ import numpy as np
 import pytest
 import torch
 from test_diffusion import make_policy
-from test_online import run_online
+from test_online import assert_reloads_to_its_last_evaluation, run_online
 
-from conftest import TINY_MAX_EPISODE_STEPS
 from diffusion import OnlineActor
 from dynamics import ChunkCritics
-from eval import evaluate_sub_policies, load_checkpoint
+from eval import load_checkpoint
 from uepo_online import Args, ChunkReplay, mixed_sample, td3_actor_update, td3_critic_update
 
 
@@ -157,17 +156,7 @@ def test_a_td3_run_starts_at_the_selected_sub_policy_learns_and_reloads(offline_
     else:
         assert "from scratch: no selection" in result.stdout
         assert checkpoint["history"]["scores"][0] != checkpoint["history"]["scores"][-1]
-    replay = evaluate_sub_policies(
-        actor,
-        checkpoint["env_id"],
-        episodes=2,
-        seed=checkpoint["args"]["seed"] * 1000,
-        ref_min_score=checkpoint["ref_min_score"],
-        ref_max_score=checkpoint["ref_max_score"],
-        max_episode_steps=TINY_MAX_EPISODE_STEPS,
-        sub_policies=[0],
-    )
-    np.testing.assert_array_equal(replay["scores"][0], checkpoint["history"]["scores"][-1])
+    assert_reloads_to_its_last_evaluation(actor, checkpoint)
 
 
 @pytest.mark.parametrize(

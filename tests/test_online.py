@@ -55,6 +55,21 @@ def run_online(arguments, cwd):
     )
 
 
+def assert_reloads_to_its_last_evaluation(actor: OnlineActor, checkpoint: dict) -> None:
+    """The reloaded actor, on the run's 2 evaluation episodes, scores exactly its last recorded evaluation."""
+    replay = evaluate_sub_policies(
+        actor,
+        checkpoint["env_id"],
+        episodes=2,
+        seed=checkpoint["args"]["seed"] * 1000,
+        ref_min_score=checkpoint["ref_min_score"],
+        ref_max_score=checkpoint["ref_max_score"],
+        max_episode_steps=TINY_MAX_EPISODE_STEPS,
+        sub_policies=[0],
+    )
+    np.testing.assert_array_equal(replay["scores"][0], checkpoint["history"]["scores"][-1])
+
+
 # ---- GAE over chunks ----------------------------------------------------------------------------------
 def test_chunk_gae_matches_a_hand_computed_example_with_a_termination_and_a_truncation():
     """One environment, 4 chunks: chunk 1 terminates (no bootstrap), chunk 2 is cut by the time
@@ -242,17 +257,7 @@ def test_online_run_selects_fine_tunes_and_writes_a_checkpoint_that_reloads(onli
     actor = OnlineActor.from_checkpoint(checkpoint["actor"])
     assert actor.kind == "noise"  # the default
     assert actor.head[-1].weight.abs().sum() > 0  # it learned: the head started at exactly 0
-    replay = evaluate_sub_policies(
-        actor,
-        checkpoint["env_id"],
-        episodes=2,
-        seed=checkpoint["args"]["seed"] * 1000,
-        ref_min_score=checkpoint["ref_min_score"],
-        ref_max_score=checkpoint["ref_max_score"],
-        max_episode_steps=TINY_MAX_EPISODE_STEPS,
-        sub_policies=[0],
-    )
-    np.testing.assert_array_equal(replay["scores"][0], checkpoint["history"]["scores"][-1])
+    assert_reloads_to_its_last_evaluation(actor, checkpoint)
     assert list((path.parent / "runs").iterdir()), "no TensorBoard run folder under runs/"
 
 
@@ -290,17 +295,7 @@ def test_the_other_actors_and_the_baselines_run_and_reload(offline_checkpoint, t
         loaded = OnlineActor.from_checkpoint(checkpoint["actor"])
         assert loaded.kind == actor and loaded.init_std == 0.05
         assert loaded.horizon == (4 if actor != "mlp" else 2 if extra else 1)  # mlp: per step by default
-        replay = evaluate_sub_policies(
-            loaded,
-            checkpoint["env_id"],
-            episodes=2,
-            seed=checkpoint["args"]["seed"] * 1000,
-            ref_min_score=checkpoint["ref_min_score"],
-            ref_max_score=checkpoint["ref_max_score"],
-            max_episode_steps=TINY_MAX_EPISODE_STEPS,
-            sub_policies=[0],
-        )
-        np.testing.assert_array_equal(replay["scores"][0], checkpoint["history"]["scores"][-1])
+        assert_reloads_to_its_last_evaluation(loaded, checkpoint)
 
 
 @pytest.mark.parametrize(
