@@ -156,8 +156,8 @@ class Args:
     """TD3's target noise is clipped to +- this"""
     policy_frequency: int = 2
     """critic updates per actor update (TD3's delayed policy update)"""
-    q_weight: float = 2.5
-    """actor loss: -q_weight Q / mean|Q| + |z - anchor|^2 (TD3+BC's alpha; anchor = the selected sub-policy)"""
+    q_weight: float = 0.5
+    """td3 actor loss: -q_weight Q / mean|Q| + anchor_coef |z - anchor|^2 (TD3+BC's alpha is 2.5)"""
     actor_learning_starts: int = 0
     """environment steps collected with the actor frozen at the hand-over (the critics learn from the start)"""
     offline_critic_updates: int = 5000
