@@ -611,9 +611,8 @@ def resumed_run(args: Args) -> tuple[Args, dict | None]:
             )
         if not resumed.get("resume"):
             raise CheckpointError(
-                f"{args.resume} holds no training state to resume from (an older version, or an environment "
-                "whose state is not saved): "
-                "run its command again"
+                f"{args.resume} holds no training state to resume from (a --algo td3 run, which keeps no "
+                "replay buffer; an older version; or an environment whose state is not saved): run its command again"
             )
         require(resumed["resume"], TRAINING_STATE_FIELDS, "resume", args.resume)
     except CheckpointError as error:
