@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 from test_diffusion import make_policy
-from test_online import assert_reloads_to_its_last_evaluation, run_online
+from test_online import TINY_ONLINE, assert_reloads_to_its_last_evaluation, run_online
 
 from diffusion import OnlineActor
 from dynamics import ChunkCritics
@@ -108,25 +108,17 @@ def test_the_actor_step_raises_q_and_starts_from_the_anchor():
         assert (after > before + 1e-3) if q_weight > 0 else after == pytest.approx(before.item(), abs=1e-6)
 
 
+# The online tests' tiny run (its PPO-only flags are unused by td3) with td3's own sizes.
 TINY_TD3 = [
     "--algo",
     "td3",
-    "--total-timesteps",
-    "300",
-    "--num-envs",
-    "2",
+    *TINY_ONLINE,
     "--batch-size",
     "32",
     "--offline-rows",
     "500",
     "--offline-critic-updates",
     "20",
-    "--eval-every",
-    "150",
-    "--eval-episodes",
-    "2",
-    "--selection-episodes",
-    "2",
 ]
 
 
