@@ -83,7 +83,7 @@ class Args:
     algo: Literal["ppo", "td3"] = "ppo"
     """`ppo` (the paper's), or `td3`: off-policy TD3 on chunks with the offline data in every batch"""
     actor: Literal["diffusion", "residual", "noise", "mlp"] = "noise"
-    """what PPO fine-tunes: the initial noise (`noise`), a residual, the denoiser, or a Gaussian MLP (`mlp`)"""
+    """what is fine-tuned: the initial noise (`noise`), a residual, the denoiser (ppo), or an MLP (`mlp`)"""
     from_scratch: bool = False
     """with `--actor diffusion`: a freshly initialized denoiser (sub-policy 0, no selection, no anchor)"""
     mlp_horizon: int = 1
