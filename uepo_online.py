@@ -233,8 +233,6 @@ def check_args(args: Args) -> str | None:
             return f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(args, name)}"
     if args.algo == "td3" and args.actor == "diffusion":
         return "--algo td3 trains --actor residual, noise or mlp (the denoiser itself is fine-tuned by --algo ppo only)"
-    if args.algo == "td3" and args.resume is not None:
-        return "--resume continues --algo ppo runs only (a td3 checkpoint keeps its learner, not its replay buffer)"
     if args.from_scratch and args.actor != "diffusion":
         return (
             f"--from-scratch re-initializes the denoiser, so it needs --actor diffusion (got --actor {args.actor}; "
@@ -502,6 +500,12 @@ def td3_actor_update(
     return {"losses/actor_loss": loss.item(), "charts/distance_to_offline": distance.item()}
 
 
+def anchor_weight_at(global_step: int, anchor_coef: float, args: Args) -> float:
+    """The weight of staying at the offline policy now: `anchor_coef`, or with --anchor-decay that
+    weight falling linearly to 0 over --total-timesteps (both learners)."""
+    return anchor_coef * (1.0 - global_step / args.total_timesteps if args.anchor_decay else 1.0)
+
+
 def real_scores(policy, sub_policy: int, episodes: int, checkpoint: dict, seed: int) -> np.ndarray:
     """Normalized scores of one sub-policy (or the online actor, sub-policy 0) on `episodes` real
     episodes reset with fixed seeds, under the dataset's time limit (`eval.evaluate_saved_task`)."""
@@ -724,8 +728,8 @@ def train_td3(args: Args, actor: OnlineActor, checkpoint: dict, gamma: float, le
                 log, q = td3_critic_update(critics, target_critics, critic_optimizer, actor, batch, args, gamma)
                 updates += 1
                 if updates % args.policy_frequency == 0 and global_step >= args.actor_learning_starts:
-                    anchor_weight = anchor_coef * (1 - global_step / args.total_timesteps if args.anchor_decay else 1)
-                    actor_log = td3_actor_update(actor, critics, actor_optimizer, batch, args.q_weight, anchor_weight)
+                    weight = anchor_weight_at(global_step, anchor_coef, args)
+                    actor_log = td3_actor_update(actor, critics, actor_optimizer, batch, args.q_weight, weight)
                 soft_update(target_critics, critics, args.tau)
         except NonFiniteLoss as error:
             fail(f"step {global_step}: {error}; stopped (the last checkpoint is untouched: {checkpoint_path})")
@@ -911,7 +915,7 @@ if __name__ == "__main__":
     while global_step < args.total_timesteps:
         iteration += 1
         warming_up = iteration <= args.critic_warmup  # only the value network learns
-        anchor_weight = anchor_coef * (1.0 - global_step / args.total_timesteps if args.anchor_decay else 1.0)
+        anchor_weight = anchor_weight_at(global_step, anchor_coef, args)
         if args.anneal_lr:
             fraction = max(1.0 - global_step / args.total_timesteps, args.lr_floor)
             actor_optimizer.param_groups[0]["lr"] = fraction * learning_rate
