@@ -125,7 +125,9 @@ class Args:
     anchor_coef: float = 1.0
     """weight of staying at the offline policy: ppo's KL to its Gaussian, td3's |z - anchor|^2 (0 for mlp)"""
     anchor_decay: bool = False
-    """decay the anchor's weight linearly to 0 over `--total-timesteps`"""
+    """decay the anchor's weight linearly over `--total-timesteps`, down to `--anchor-floor` of it"""
+    anchor_floor: float = 0.0
+    """with --anchor-decay, the fraction of `--anchor-coef` kept once the decay reaches it"""
     max_grad_norm: float = 0.5
     """gradient clipping, actor and value network each"""
     reward_scaling: bool = True
@@ -228,7 +230,7 @@ def check_args(args: Args) -> str | None:
     ):
         if not getattr(args, name) >= 0:
             return f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}"
-    for name in ("lr_floor", "gae_lambda", "offline_ratio", "tau"):
+    for name in ("lr_floor", "gae_lambda", "offline_ratio", "tau", "anchor_floor"):
         if not 0 <= getattr(args, name) <= 1:
             return f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(args, name)}"
     if args.algo == "td3" and args.actor == "diffusion":
@@ -502,8 +504,11 @@ def td3_actor_update(
 
 def anchor_weight_at(global_step: int, anchor_coef: float, args: Args) -> float:
     """The weight of staying at the offline policy now: `anchor_coef`, or with --anchor-decay that
-    weight falling linearly to 0 over --total-timesteps (both learners)."""
-    return anchor_coef * (1.0 - global_step / args.total_timesteps if args.anchor_decay else 1.0)
+    weight falling linearly over --total-timesteps until it reaches --anchor-floor of itself (both
+    learners)."""
+    if not args.anchor_decay:
+        return anchor_coef
+    return anchor_coef * max(1.0 - global_step / args.total_timesteps, args.anchor_floor)
 
 
 def real_scores(policy, sub_policy: int, episodes: int, checkpoint: dict, seed: int) -> np.ndarray:
