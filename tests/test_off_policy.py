@@ -12,7 +12,7 @@ from test_online import TINY_ONLINE, assert_reloads_to_its_last_evaluation, run_
 from diffusion import OnlineActor
 from dynamics import ChunkCritics
 from eval import load_checkpoint
-from uepo_online import Args, ChunkReplay, mixed_sample, td3_actor_update, td3_critic_update
+from uepo_online import Args, ChunkReplay, anchor_weight_at, mixed_sample, td3_actor_update, td3_critic_update
 
 
 def constant_critics(q1: float, q2: float) -> ChunkCritics:
@@ -89,6 +89,16 @@ class LinearQ:
         return q, q
 
 
+def test_the_anchor_weight_decays_linearly_to_its_floor_and_stays_there():
+    args = Args(total_timesteps=1000)
+    assert [anchor_weight_at(step, 2.0, args) for step in (0, 500, 1000)] == [2.0, 2.0, 2.0]  # no decay
+    args = Args(total_timesteps=1000, anchor_decay=True)
+    assert [anchor_weight_at(step, 2.0, args) for step in (0, 500, 1000)] == [2.0, 1.0, 0.0]
+    args = Args(total_timesteps=1000, anchor_decay=True, anchor_floor=0.25)
+    weights = [anchor_weight_at(step, 2.0, args) for step in (0, 500, 750, 900, 1000)]
+    assert weights == pytest.approx([2.0, 1.0, 0.5, 0.5, 0.5])
+
+
 def test_the_actor_step_raises_q_and_starts_from_the_anchor():
     """At the hand-over z = anchor, so the distance term and its gradient are 0; one step with a
     linear Q moves the deployed chunks along w (Q rises), and q_weight 0 leaves the actor where it is."""
@@ -158,6 +168,7 @@ def test_a_td3_run_starts_at_the_selected_sub_policy_learns_and_reloads(offline_
         (["--offline-ratio", "1.5"], "--offline-ratio must be in [0, 1]"),
         (["--utd-ratio", "0"], "--utd-ratio must be >= 1"),
         (["--q-weight", "0"], "--q-weight must be > 0"),
+        (["--anchor-decay", "--anchor-floor", "2"], "--anchor-floor must be in [0, 1]"),
     ],
 )
 def test_td3_refuses_an_argument_out_of_range_before_any_work(offline_checkpoint, tmp_path, flags, message):
