@@ -233,6 +233,8 @@ def check_args(args: Args) -> str | None:
     for name in ("lr_floor", "gae_lambda", "offline_ratio", "tau", "anchor_floor"):
         if not 0 <= getattr(args, name) <= 1:
             return f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(args, name)}"
+    if args.anchor_floor > 0 and not args.anchor_decay:
+        return "--anchor-floor bounds the decay of --anchor-decay; without it the anchor weight is constant"
     if args.algo == "td3" and args.actor == "diffusion":
         return "--algo td3 trains --actor residual, noise or mlp (the denoiser itself is fine-tuned by --algo ppo only)"
     if args.from_scratch and args.actor != "diffusion":

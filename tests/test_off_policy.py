@@ -169,6 +169,7 @@ def test_a_td3_run_starts_at_the_selected_sub_policy_learns_and_reloads(offline_
         (["--utd-ratio", "0"], "--utd-ratio must be >= 1"),
         (["--q-weight", "0"], "--q-weight must be > 0"),
         (["--anchor-decay", "--anchor-floor", "2"], "--anchor-floor must be in [0, 1]"),
+        (["--anchor-floor", "0.1"], "--anchor-floor bounds the decay of --anchor-decay"),
     ],
 )
 def test_td3_refuses_an_argument_out_of_range_before_any_work(offline_checkpoint, tmp_path, flags, message):
