@@ -445,7 +445,8 @@ class OnlineActor(nn.Module):
       the gradient reaching the denoiser through i's chain (partners and perturbation scale as in
       evaluation, the scale without gradient).
     - "residual": z is the chunk; mean = the frozen sub-policy i's chunk + a small MLP of the state
-      whose output starts at 0.
+      whose output starts at 0; with `residual_bound` b the offset is b tanh(MLP), at most b from
+      the sub-policy's chunk in every entry (Policy Decorator, arXiv 2412.13630).
     - "noise" (DSRL, arXiv 2506.15799): z is sub-policy i's initial noise x_K; mean = its fixed seed
       eps_i + a small MLP starting at 0; the chunk is the frozen denoiser's DDIM chain from z. Online
       RL steers which seed acts in each state: the online continuation of "a sub-policy is a seed".
@@ -466,11 +467,13 @@ class OnlineActor(nn.Module):
         init_std: float,
         hidden: int = 64,
         mlp_horizon: int = 1,
+        residual_bound: float | None = None,
     ):
         super().__init__()
         if kind not in ONLINE_ACTORS:
             raise ValueError(f"unknown online actor {kind!r}; valid: {', '.join(ONLINE_ACTORS)}")
         self.kind, self.sub_policy, self.init_std, self.hidden = kind, sub_policy, init_std, hidden
+        self.residual_bound = residual_bound if kind == "residual" else None
         config = self.policy_config = policy.config
         self.horizon, self.obs_horizon = (mlp_horizon, 1) if kind == "mlp" else (config.horizon, config.obs_horizon)
         self.act_dim = config.act_dim
@@ -510,6 +513,8 @@ class OnlineActor(nn.Module):
         if self.kind == "diffusion":
             return self.policy.sample(states).actions[:, self.sub_policy]
         offset = self.head(states.flatten(1)).view(-1, self.horizon, self.act_dim)
+        if self.residual_bound is not None:
+            offset = self.residual_bound * torch.tanh(offset)
         return offset if self.kind == "mlp" else anchor + offset
 
     def chunk(self, states: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
@@ -550,6 +555,7 @@ class OnlineActor(nn.Module):
             "init_std": self.init_std,
             "hidden": self.hidden,
             "mlp_horizon": self.horizon if self.kind == "mlp" else 1,
+            "residual_bound": self.residual_bound,
             "policy_config": asdict(self.policy_config),
             "state_dict": self.state_dict(),
         }
@@ -560,7 +566,13 @@ class OnlineActor(nn.Module):
         zeros, ones = np.zeros(config.obs_dim), np.ones(config.obs_dim)
         policy = DiffusionPolicy(config, zeros, ones, -np.ones(config.act_dim), np.ones(config.act_dim))
         actor = cls(
-            saved["kind"], policy, saved["sub_policy"], saved["init_std"], saved["hidden"], saved["mlp_horizon"]
+            saved["kind"],
+            policy,
+            saved["sub_policy"],
+            saved["init_std"],
+            saved["hidden"],
+            saved["mlp_horizon"],
+            saved.get("residual_bound"),  # absent in checkpoints written before the bound existed
         )
         actor.load_state_dict(saved["state_dict"])  # the real statistics, bounds and weights
         return actor

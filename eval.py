@@ -1641,6 +1641,8 @@ def online_speed(args: SpeedArgs, policy: DiffusionPolicy, env: gym.Env, actor: 
             os.path.join(os.path.dirname(os.path.abspath(__file__)), "uepo_online.py"),
             "--checkpoint",
             path,
+            "--algo",
+            "ppo",
             "--actor",
             actor,
             "--total-timesteps",

@@ -1,10 +1,10 @@
 """UEPO online phase (arXiv 2511.10087), CleanRL style: read top to bottom.
 
-    python uepo_online.py --checkpoint runs/<offline run>/offline.pt                 # 1M env steps
-    python uepo_online.py --checkpoint ... --actor residual                         # an alternative actor
-    python uepo_online.py --checkpoint ... --actor diffusion --from-scratch         # diffusion baseline
-    python uepo_online.py --checkpoint ... --actor mlp                              # Gaussian MLP baseline
-    python uepo_online.py --resume runs/<run>/online.pt                             # continue an interrupted run
+    python uepo_online.py --checkpoint runs/<offline run>/offline.pt                 # TD3, 250k env steps
+    python uepo_online.py --checkpoint ... --algo ppo                               # the paper's PPO, 1M
+    python uepo_online.py --checkpoint ... --actor mlp --mlp-horizon 4              # RLPD-style: fresh actor
+    python uepo_online.py --checkpoint ... --algo ppo --actor diffusion --from-scratch   # diffusion baseline
+    python uepo_online.py --resume runs/<run>/online.pt                             # continue a PPO run
 
 1. Load the offline checkpoint of uepo_offline.py; a corrupt or incomplete one, or (with
    `--env-id`) one made for another environment or dataset, is refused with the reason. Where the
@@ -13,19 +13,23 @@
    candidates by their offline OPE score (the improved copies when the offline run made them,
    else the base sub-policies), then the best of them over real episodes. The table that led
    to the choice is printed and logged to TensorBoard.
-3. PPO on the chunk-level MDP (`eval.ChunkEnv`): one decision = one chunk of H actions, its
+3. By default (`--algo td3`, `train_td3`) TD3 on chunks: the critics learn the offline data first,
+   then every batch mixes offline and online decisions; the actor is a residual on the selected
+   sub-policy's chunk, kept near it by an anchor. With `--algo ppo`, the paper's learner:
+   PPO on the chunk-level MDP (`eval.ChunkEnv`): one decision = one chunk of H actions, its
    reward the discounted sum of its rewards; vectorized Gymnasium environments; GAE over
    chunks with the discount gamma^L of each chunk's length L; time-limit truncations bootstrap
    from the final observation; rewards scaled by the running std of a discounted return.
    The actor (`diffusion.OnlineActor`) is a Gaussian over decisions z whose mean is the policy
-   that is deployed: by default z is the selected sub-policy's initial noise and the frozen
+   that is deployed: by default (PPO) z is the selected sub-policy's initial noise and the frozen
    denoiser decodes it (`--actor noise`); the ratio is the exact Gaussian likelihood ratio. A
    fresh value network is warmed up for `--critic-warmup` rollouts before the actor moves.
 4. The deterministic policy (the actor's mean) is evaluated every `--eval-every` environment
    steps (and at step 0, the hand-over); TensorBoard under runs/ with CleanRL's names plus
    `charts/normalized_score` and `charts/sigma`; an atomic checkpoint runs/{run_name}/online.pt
    that also holds the training state after that evaluation (optimizers, reward scaler, every
-   environment, random streams), from which `--resume` continues the run exactly.
+   environment, random streams), from which `--resume` continues a PPO run exactly (TD3's keeps
+   no replay buffer).
 """
 
 import copy
@@ -33,7 +37,7 @@ import os
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Literal
 
 import gymnasium as gym
@@ -80,12 +84,14 @@ class Args:
     """if given, the checkpoint must be for this environment (`Hopper-v5`) or dataset (`hopper-medium`)"""
 
     # The learner and the actor
-    algo: Literal["ppo", "td3"] = "ppo"
-    """`ppo` (the paper's), or `td3`: off-policy TD3 on chunks with the offline data in every batch"""
-    actor: Literal["diffusion", "residual", "noise", "mlp"] = "noise"
-    """what is fine-tuned: the initial noise (`noise`), a residual, the denoiser (ppo), or an MLP (`mlp`)"""
+    algo: Literal["ppo", "td3"] = "td3"
+    """`td3`: off-policy TD3 on chunks with the offline data in every batch, or `ppo` (the paper's)"""
+    actor: Literal["diffusion", "residual", "noise", "mlp"] | None = None
+    """what is fine-tuned: a residual, the initial noise, the denoiser (ppo), or an MLP (default: `ALGO_DEFAULTS`)"""
     from_scratch: bool = False
     """with `--actor diffusion`: a freshly initialized denoiser (sub-policy 0, no selection, no anchor)"""
+    residual_bound: float | None = None
+    """with `--actor residual`: the most the actor may move any chunk entry from the sub-policy's (none: unbounded)"""
     mlp_horizon: int = 1
     """actions per decision of `--actor mlp` (1: CleanRL's per-step PPO; 4: the chunk-level MDP of the other actors)"""
     init_std: float | None = None
@@ -97,11 +103,13 @@ class Args:
     selection_episodes: int = 10
     """real episodes per candidate in the selection"""
 
-    # PPO
-    total_timesteps: int = 1_000_000
+    # Both learners (None: their learner's default, `ALGO_DEFAULTS`)
+    total_timesteps: int | None = None
     """environment steps (actions executed, not chunks)"""
-    num_envs: int = 16
+    num_envs: int | None = None
     """parallel Gymnasium environments (gym.vector.SyncVectorEnv)"""
+
+    # PPO
     num_steps: int = 64
     """decisions per environment per rollout"""
     learning_rate: float | None = None
@@ -166,7 +174,7 @@ class Args:
     """critic updates on the offline data alone before the first online step (the actor frozen)"""
 
     # Evaluation and checkpoint
-    eval_every: int = 20_000
+    eval_every: int | None = None
     """evaluate the deterministic policy every `eval_every` environment steps (and at step 0 and the end)"""
     eval_episodes: int = 10
     """episodes per evaluation (the same start states every time)"""
@@ -174,6 +182,20 @@ class Args:
     """where to write the online checkpoint (default: runs/{run_name}/online.pt)"""
     resume: str | None = None
     """continue the interrupted run of this online checkpoint, with its own arguments (other flags are ignored)"""
+
+
+# What each learner was measured with (docs/experiments.md), for the flags left at None. TD3 learns from
+# one environment; PPO needs 16 for its rollouts and a million steps to move at all.
+ALGO_DEFAULTS = {
+    "td3": {"actor": "residual", "num_envs": 1, "total_timesteps": 250_000, "eval_every": 25_000},
+    "ppo": {"actor": "noise", "num_envs": 16, "total_timesteps": 1_000_000, "eval_every": 20_000},
+}
+
+
+def with_algo_defaults(args: Args) -> Args:
+    """`args` with every flag left at None in `ALGO_DEFAULTS` set to its learner's default."""
+    unset = {name: value for name, value in ALGO_DEFAULTS[args.algo].items() if getattr(args, name) is None}
+    return replace(args, **unset)
 
 
 def check_args(args: Args) -> str | None:
@@ -215,6 +237,7 @@ def check_args(args: Args) -> str | None:
         "target_kl": args.target_kl,
         "critic_learning_rate": args.critic_learning_rate,
         "q_weight": args.q_weight,
+        "residual_bound": args.residual_bound,
     }
     for name, value in positive.items():
         if value is not None and not value > 0:
@@ -235,6 +258,8 @@ def check_args(args: Args) -> str | None:
             return f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(args, name)}"
     if args.anchor_floor > 0 and not args.anchor_decay:
         return "--anchor-floor bounds the decay of --anchor-decay; without it the anchor weight is constant"
+    if args.residual_bound is not None and args.actor != "residual":
+        return f"--residual-bound bounds the offset of --actor residual (got --actor {args.actor})"
     if args.algo == "td3" and args.actor == "diffusion":
         return "--algo td3 trains --actor residual, noise or mlp (the denoiser itself is fine-tuned by --algo ppo only)"
     if args.from_scratch and args.actor != "diffusion":
@@ -773,6 +798,7 @@ def train_td3(args: Args, actor: OnlineActor, checkpoint: dict, gamma: float, le
 
 if __name__ == "__main__":
     args, resumed = resumed_run(tyro.cli(Args))
+    args = with_algo_defaults(args)
     if (problem := check_args(args) or check_paths(args)) is not None:
         fail(problem)
     from_scratch = args.from_scratch or args.actor == "mlp"
@@ -856,7 +882,9 @@ if __name__ == "__main__":
 
     # ---- actor: a Gaussian over decisions z whose mean is the deployed policy (diffusion.OnlineActor) --
     if resumed is None:
-        actor = OnlineActor(args.actor, policy, sub_policy, init_std, mlp_horizon=args.mlp_horizon).to(device)
+        actor = OnlineActor(
+            args.actor, policy, sub_policy, init_std, mlp_horizon=args.mlp_horizon, residual_bound=args.residual_bound
+        ).to(device)
     else:  # the interrupted run's, as saved at its last evaluation
         try:
             actor = build_saved(resumed["actor"], f"{args.resume}: the actor").to(device)

@@ -12,7 +12,15 @@ from test_online import TINY_ONLINE, assert_reloads_to_its_last_evaluation, run_
 from diffusion import OnlineActor
 from dynamics import ChunkCritics
 from eval import load_checkpoint
-from uepo_online import Args, ChunkReplay, anchor_weight_at, mixed_sample, td3_actor_update, td3_critic_update
+from uepo_online import (
+    Args,
+    ChunkReplay,
+    anchor_weight_at,
+    mixed_sample,
+    td3_actor_update,
+    td3_critic_update,
+    with_algo_defaults,
+)
 
 
 def constant_critics(q1: float, q2: float) -> ChunkCritics:
@@ -118,11 +126,40 @@ def test_the_actor_step_raises_q_and_starts_from_the_anchor():
         assert (after > before + 1e-3) if q_weight > 0 else after == pytest.approx(before.item(), abs=1e-6)
 
 
+def test_each_learner_fills_the_flags_left_unset_with_its_own_defaults():
+    """td3 is the default learner, with the residual actor on one environment for 250k steps; PPO keeps
+    its 16 environments, the noise actor and 1M steps; a flag given stays as given."""
+    args = with_algo_defaults(Args())
+    assert (args.algo, args.actor, args.num_envs, args.total_timesteps) == ("td3", "residual", 1, 250_000)
+    args = with_algo_defaults(Args(algo="ppo"))
+    assert (args.actor, args.num_envs, args.total_timesteps) == ("noise", 16, 1_000_000)
+    args = with_algo_defaults(Args(algo="ppo", actor="residual", num_envs=4))
+    assert (args.actor, args.num_envs, args.total_timesteps) == ("residual", 4, 1_000_000)
+
+
+def test_the_bounded_residual_starts_at_the_sub_policy_stays_within_its_bound_and_reloads():
+    """With `residual_bound` b the deployed chunk starts at the sub-policy's chunk and, whatever the
+    head outputs, stays within b of it in every entry; the bound travels with the checkpoint."""
+    torch.manual_seed(0)
+    states = torch.randn(16, 2, 3)
+    actor = OnlineActor("residual", make_policy(), sub_policy=2, init_std=0.1, residual_bound=0.2)
+    anchors = actor.anchor_mean(states)
+    assert torch.equal(actor.mean(states, anchors), anchors)
+    with torch.no_grad():
+        torch.nn.init.normal_(actor.head[-1].weight, std=100.0)  # a head far outside the bound
+        torch.nn.init.normal_(actor.head[-1].bias, std=100.0)
+    offsets = (actor.mean(states, anchors) - anchors).abs()
+    assert offsets.max() <= 0.2 + 1e-6 and offsets.max() > 0.19  # saturated, not beyond
+    reloaded = OnlineActor.from_checkpoint(actor.to_checkpoint())
+    assert reloaded.residual_bound == 0.2
+    torch.testing.assert_close(reloaded.mean(states, anchors), actor.mean(states, anchors))
+
+
 # The online tests' tiny run (its PPO-only flags are unused by td3) with td3's own sizes.
 TINY_TD3 = [
+    *TINY_ONLINE,
     "--algo",
     "td3",
-    *TINY_ONLINE,
     "--batch-size",
     "32",
     "--offline-rows",
@@ -170,6 +207,8 @@ def test_a_td3_run_starts_at_the_selected_sub_policy_learns_and_reloads(offline_
         (["--q-weight", "0"], "--q-weight must be > 0"),
         (["--anchor-decay", "--anchor-floor", "2"], "--anchor-floor must be in [0, 1]"),
         (["--anchor-floor", "0.1"], "--anchor-floor bounds the decay of --anchor-decay"),
+        (["--actor", "noise", "--residual-bound", "0.2"], "--residual-bound bounds the offset of --actor residual"),
+        (["--actor", "residual", "--residual-bound", "0"], "--residual-bound must be > 0"),
     ],
 )
 def test_td3_refuses_an_argument_out_of_range_before_any_work(offline_checkpoint, tmp_path, flags, message):

@@ -21,7 +21,10 @@ from divergence import gaussian_log_prob
 from eval import ChunkEnv, evaluate_sub_policies, load_checkpoint, restore_vector_env_state, vector_env_state
 from uepo_online import RewardScaler, actor_losses, chunk_gae, make_env, step_info
 
+# A tiny PPO run (the paper's learner; --algo td3 after it in TINY_TD3 overrides it: the last flag wins).
 TINY_ONLINE = [
+    "--algo",
+    "ppo",
     "--total-timesteps",
     "300",
     "--num-envs",

@@ -25,7 +25,7 @@ from eval import (
     load_checkpoint,
     save_checkpoint,
 )
-from uepo_online import Args, check_args, choose_candidate
+from uepo_online import Args, check_args, choose_candidate, with_algo_defaults
 
 
 def rewritten(source, target, change):
@@ -345,7 +345,7 @@ def test_a_checkpoint_of_another_dataset_of_the_same_environment_is_refused(offl
     "env_id, accepted", [("hopper-medium", True), ("Hopper-v5", True), ("hopper", False), ("NoSuchEnv-v0", False)]
 )
 def test_online_env_id_is_a_dataset_name_or_a_gymnasium_id(env_id, accepted):
-    problem = check_args(Args(checkpoint="offline.pt", env_id=env_id))
+    problem = check_args(with_algo_defaults(Args(checkpoint="offline.pt", env_id=env_id)))
     assert (problem is None) == accepted and (accepted or "--env-id must be" in problem), problem
 
 
