@@ -87,7 +87,7 @@ class Args:
     algo: Literal["ppo", "td3"] = "td3"
     """`td3`: off-policy TD3 on chunks with the offline data in every batch, or `ppo` (the paper's)"""
     actor: Literal["diffusion", "residual", "noise", "mlp"] | None = None
-    """what is fine-tuned: a residual, the initial noise, the denoiser (ppo), or an MLP (default: `ALGO_DEFAULTS`)"""
+    """what is fine-tuned: a residual (td3's default), the initial noise (ppo's), the denoiser, or an MLP"""
     from_scratch: bool = False
     """with `--actor diffusion`: a freshly initialized denoiser (sub-policy 0, no selection, no anchor)"""
     residual_bound: float | None = None
@@ -105,9 +105,9 @@ class Args:
 
     # Both learners (None: their learner's default, `ALGO_DEFAULTS`)
     total_timesteps: int | None = None
-    """environment steps (actions executed, not chunks)"""
+    """environment steps, actions not chunks (default: 250k for td3, 1M for ppo)"""
     num_envs: int | None = None
-    """parallel Gymnasium environments (gym.vector.SyncVectorEnv)"""
+    """parallel Gymnasium environments (default: 1 for td3, 16 for ppo)"""
 
     # PPO
     num_steps: int = 64
@@ -175,7 +175,7 @@ class Args:
 
     # Evaluation and checkpoint
     eval_every: int | None = None
-    """evaluate the deterministic policy every `eval_every` environment steps (and at step 0 and the end)"""
+    """evaluate the deterministic policy every this many steps, and at 0 and the end (25k td3, 20k ppo)"""
     eval_episodes: int = 10
     """episodes per evaluation (the same start states every time)"""
     checkpoint_path: str | None = None
