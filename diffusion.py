@@ -446,7 +446,9 @@ class OnlineActor(nn.Module):
       evaluation, the scale without gradient).
     - "residual": z is the chunk; mean = the frozen sub-policy i's chunk + a small MLP of the state
       whose output starts at 0; with `residual_bound` b the offset is b tanh(MLP), at most b from
-      the sub-policy's chunk in every entry (Policy Decorator, arXiv 2412.13630).
+      the sub-policy's chunk in every entry (Policy Decorator, arXiv 2412.13630). With
+      `action_steps` k < H a decision is only the first k actions of that chunk, re-planned after
+      them (receding horizon: z, the head and the critics' chunk are k actions long).
     - "noise" (DSRL, arXiv 2506.15799): z is sub-policy i's initial noise x_K; mean = its fixed seed
       eps_i + a small MLP starting at 0; the chunk is the frozen denoiser's DDIM chain from z. Online
       RL steers which seed acts in each state: the online continuation of "a sub-policy is a seed".
@@ -468,14 +470,22 @@ class OnlineActor(nn.Module):
         hidden: int = 64,
         mlp_horizon: int = 1,
         residual_bound: float | None = None,
+        action_steps: int | None = None,
     ):
         super().__init__()
         if kind not in ONLINE_ACTORS:
             raise ValueError(f"unknown online actor {kind!r}; valid: {', '.join(ONLINE_ACTORS)}")
         self.kind, self.sub_policy, self.init_std, self.hidden = kind, sub_policy, init_std, hidden
-        self.residual_bound = residual_bound if kind == "residual" else None
+        if kind != "residual" and (residual_bound is not None or action_steps is not None):
+            raise ValueError(f"residual_bound and action_steps are options of the residual actor, not of {kind!r}")
+        self.residual_bound, self.action_steps = residual_bound, action_steps
         config = self.policy_config = policy.config
+        if action_steps is not None and not 1 <= action_steps <= config.horizon:
+            raise ValueError(
+                f"action_steps must be in [1, {config.horizon}] (the policy's horizon H), got {action_steps}"
+            )
         self.horizon, self.obs_horizon = (mlp_horizon, 1) if kind == "mlp" else (config.horizon, config.obs_horizon)
+        self.horizon = action_steps or self.horizon
         self.act_dim = config.act_dim
         for name in ("state_mean", "state_std", "action_low", "action_high"):
             self.register_buffer(name, getattr(policy, name).clone())
@@ -501,8 +511,8 @@ class OnlineActor(nn.Module):
         batch = states.shape[0]
         if self.kind == "diffusion":
             return self.reference.sample(states).actions[:, self.sub_policy]
-        if self.kind == "residual":
-            return self.policy.sample(states).actions[:, self.sub_policy]
+        if self.kind == "residual":  # the first `horizon` actions (all H unless action_steps is set)
+            return self.policy.sample(states).actions[:, self.sub_policy, : self.horizon]
         if self.kind == "noise":
             return self.policy.sub_policy_noise[self.sub_policy].expand(batch, -1, -1)
         return torch.zeros(batch, self.horizon, self.act_dim, device=states.device)  # mlp: no offline policy
@@ -556,6 +566,7 @@ class OnlineActor(nn.Module):
             "hidden": self.hidden,
             "mlp_horizon": self.horizon if self.kind == "mlp" else 1,
             "residual_bound": self.residual_bound,
+            "action_steps": self.action_steps,
             "policy_config": asdict(self.policy_config),
             "state_dict": self.state_dict(),
         }
@@ -572,7 +583,8 @@ class OnlineActor(nn.Module):
             saved["init_std"],
             saved["hidden"],
             saved["mlp_horizon"],
-            saved.get("residual_bound"),  # absent in checkpoints written before the bound existed
+            saved.get("residual_bound"),  # these two are absent in checkpoints written before they existed
+            saved.get("action_steps"),
         )
         actor.load_state_dict(saved["state_dict"])  # the real statistics, bounds and weights
         return actor

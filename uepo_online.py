@@ -92,6 +92,8 @@ class Args:
     """with `--actor diffusion`: a freshly initialized denoiser (sub-policy 0, no selection, no anchor)"""
     residual_bound: float | None = None
     """with `--actor residual`: the most the actor may move any chunk entry from the sub-policy's (none: unbounded)"""
+    action_steps: int | None = None
+    """with `--actor residual`: actions of the sub-policy's chunk per decision, re-planned after them (none: all H)"""
     mlp_horizon: int = 1
     """actions per decision of `--actor mlp` (1: CleanRL's per-step PPO; 4: the chunk-level MDP of the other actors)"""
     init_std: float | None = None
@@ -260,6 +262,11 @@ def check_args(args: Args) -> str | None:
         return "--anchor-floor bounds the decay of --anchor-decay; without it the anchor weight is constant"
     if args.residual_bound is not None and args.actor != "residual":
         return f"--residual-bound bounds the offset of --actor residual (got --actor {args.actor})"
+    if args.action_steps is not None and (args.actor != "residual" or args.action_steps < 1):
+        return (
+            f"--action-steps shortens the decisions of --actor residual and is >= 1 "
+            f"(got {args.action_steps} with --actor {args.actor})"
+        )
     if args.algo == "td3" and args.actor == "diffusion":
         return "--algo td3 trains --actor residual, noise or mlp (the denoiser itself is fine-tuned by --algo ppo only)"
     if args.from_scratch and args.actor != "diffusion":
@@ -521,12 +528,20 @@ def td3_actor_update(
     z = actor.mean(batch["states"], batch["anchors"])
     q = critics.q_heads(batch["states"][:, -1], actor.chunk(batch["states"], z))[0]
     distance = ((z - batch["anchors"]) ** 2).mean()
-    loss = -q_weight * q.mean() / q.abs().mean().detach().clamp_min(1e-6) + anchor_weight * distance
+    # The environment gets a chunk-valued z clipped to [-1, 1], and the clip passes no gradient: an
+    # entry pushed past the edge would drift there unchecked, out of reach of Q and of the exploration
+    # noise. A quadratic penalty on the excess keeps z at the box; it is 0 inside, so 0 at the hand-over.
+    excess = 0.0 if actor.kind == "noise" else ((z.abs() - 1).clamp_min(0) ** 2).mean()
+    loss = -q_weight * q.mean() / q.abs().mean().detach().clamp_min(1e-6) + anchor_weight * distance + excess
     check_finite({"actor": loss}, "the actor update")
     optimizer.zero_grad()
     loss.backward()
     optimizer.step()
-    return {"losses/actor_loss": loss.item(), "charts/distance_to_offline": distance.item()}
+    return {
+        "losses/actor_loss": loss.item(),
+        "charts/distance_to_offline": distance.item(),
+        "charts/box_excess": float(excess),
+    }
 
 
 def anchor_weight_at(global_step: int, anchor_coef: float, args: Args) -> float:
@@ -538,10 +553,11 @@ def anchor_weight_at(global_step: int, anchor_coef: float, args: Args) -> float:
     return anchor_coef * max(1.0 - global_step / args.total_timesteps, args.anchor_floor)
 
 
-def real_scores(policy, sub_policy: int, episodes: int, checkpoint: dict, seed: int) -> np.ndarray:
+def real_scores(policy, sub_policy: int, episodes: int, checkpoint: dict, seed: int, action_steps=None) -> np.ndarray:
     """Normalized scores of one sub-policy (or the online actor, sub-policy 0) on `episodes` real
-    episodes reset with fixed seeds, under the dataset's time limit (`eval.evaluate_saved_task`)."""
-    return evaluate_saved_task(policy, checkpoint, episodes, seed, [sub_policy])["scores"][0]
+    episodes reset with fixed seeds, under the dataset's time limit (`eval.evaluate_saved_task`);
+    `action_steps`: re-plan after that many actions of each chunk (None: whole chunks)."""
+    return evaluate_saved_task(policy, checkpoint, episodes, seed, [sub_policy], action_steps)["scores"][0]
 
 
 def evaluate(step, actor, history, writer, args, checkpoint, path) -> None:
@@ -668,7 +684,7 @@ def resumed_run(args: Args) -> tuple[Args, dict | None]:
 def train_td3(args: Args, actor: OnlineActor, checkpoint: dict, gamma: float, learning_rate: float, writer, run):
     """--algo td3: the off-policy loop (docs/design.md, "Online fine-tuning"). `run` is (run_name,
     the selection, the checkpoint path, the device). Critics: the offline run's chunk critics (the
-    IQL heads, trained on this dataset) when the actor acts in its chunks, else fresh ones; then
+    IQL heads, trained on this dataset) when the actor acts in their whole chunks, else fresh ones; then
     `--offline-critic-updates` TD3 critic updates on the offline data alone, the actor frozen at
     the hand-over. Every decision collected (one chunk per environment, z = mean(s) + exploration
     noise) is followed by `--utd-ratio` critic updates per environment on mixed batches, the actor
@@ -678,7 +694,7 @@ def train_td3(args: Args, actor: OnlineActor, checkpoint: dict, gamma: float, le
     anchor_coef = 0.0 if actor.kind == "mlp" else args.anchor_coef  # no offline policy to stay near
     obs_dim, horizon = actor.policy_config.obs_dim, actor.horizon
     critics = ChunkCritics(obs_dim, actor.act_dim, horizon).to(device)
-    if "critics" in checkpoint and actor.kind != "mlp":
+    if "critics" in checkpoint and actor.kind != "mlp" and horizon == actor.policy_config.horizon:
         critics.load_state_dict(checkpoint["critics"]["state_dict"])
     target_critics = copy.deepcopy(critics).requires_grad_(False)
     critic_optimizer = torch.optim.Adam(critics.parameters(), lr=args.critic_learning_rate)
@@ -866,7 +882,8 @@ if __name__ == "__main__":
             # The improved copies scored by the gate's OPE, else the base sub-policies by AM-Q; best first.
             rows = []
             for label, candidate, i, ope_score in candidates[: args.selection_top]:
-                scores = real_scores(candidate, i, args.selection_episodes, checkpoint, args.seed)
+                # With --action-steps the candidates act as the actor will: re-planned after that many actions.
+                scores = real_scores(candidate, i, args.selection_episodes, checkpoint, args.seed, args.action_steps)
                 rows.append((label, candidate, i, ope_score, scores.mean(), scores.std()))
             try:
                 chosen = choose_candidate([row[0] for row in rows], [row[4] for row in rows])
@@ -882,9 +899,18 @@ if __name__ == "__main__":
 
     # ---- actor: a Gaussian over decisions z whose mean is the deployed policy (diffusion.OnlineActor) --
     if resumed is None:
-        actor = OnlineActor(
-            args.actor, policy, sub_policy, init_std, mlp_horizon=args.mlp_horizon, residual_bound=args.residual_bound
-        ).to(device)
+        try:
+            actor = OnlineActor(
+                args.actor,
+                policy,
+                sub_policy,
+                init_std,
+                mlp_horizon=args.mlp_horizon,
+                residual_bound=args.residual_bound,
+                action_steps=args.action_steps,
+            ).to(device)
+        except ValueError as error:  # --action-steps beyond the policy's horizon
+            fail(f"{args.checkpoint}: {error}")
     else:  # the interrupted run's, as saved at its last evaluation
         try:
             actor = build_saved(resumed["actor"], f"{args.resume}: the actor").to(device)

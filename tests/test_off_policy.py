@@ -155,6 +155,26 @@ def test_the_bounded_residual_starts_at_the_sub_policy_stays_within_its_bound_an
     torch.testing.assert_close(reloaded.mean(states, anchors), actor.mean(states, anchors))
 
 
+def test_a_residual_actor_that_re_plans_starts_at_the_first_actions_of_the_sub_policy_chunk():
+    """With `action_steps` k the residual actor decides k actions at a time: at the start exactly the
+    first k actions of the sub-policy's chunk, its head k actions wide; k travels with the checkpoint,
+    and a k beyond the policy's horizon, or for another actor, is refused."""
+    torch.manual_seed(0)
+    states = torch.randn(8, 2, 3)
+    policy = make_policy()
+    actor = OnlineActor("residual", policy, sub_policy=2, init_std=0.1, action_steps=1)
+    full_chunk = OnlineActor("residual", policy, sub_policy=2, init_std=0.1).anchor_mean(states)
+    anchors = actor.anchor_mean(states)
+    assert anchors.shape == (8, 1, policy.config.act_dim) and torch.equal(anchors, full_chunk[:, :1])
+    assert torch.equal(actor.mean(states, anchors), anchors) and actor.horizon == 1
+    reloaded = OnlineActor.from_checkpoint(actor.to_checkpoint())
+    assert reloaded.horizon == 1 and reloaded.action_steps == 1
+    with pytest.raises(ValueError, match="action_steps must be in"):
+        OnlineActor("residual", policy, sub_policy=2, init_std=0.1, action_steps=policy.config.horizon + 1)
+    with pytest.raises(ValueError, match="options of the residual actor"):
+        OnlineActor("mlp", policy, sub_policy=2, init_std=0.1, action_steps=1)
+
+
 # The online tests' tiny run (its PPO-only flags are unused by td3) with td3's own sizes.
 TINY_TD3 = [
     *TINY_ONLINE,
@@ -169,14 +189,20 @@ TINY_TD3 = [
 ]
 
 
-@pytest.mark.parametrize("actor_kind", ["residual", "mlp"])
-def test_a_td3_run_starts_at_the_selected_sub_policy_learns_and_reloads(offline_checkpoint, tmp_path, actor_kind):
+@pytest.mark.parametrize(
+    "actor_kind, flags, horizon",
+    [("residual", [], 4), ("residual", ["--action-steps", "1"], 1), ("mlp", ["--mlp-horizon", "2"], 2)],
+)
+def test_a_td3_run_starts_at_the_selected_sub_policy_learns_and_reloads(
+    offline_checkpoint, tmp_path, actor_kind, flags, horizon
+):
     """The first evaluation of the residual actor is the selected candidate's selection score (same
-    policy, same episodes): deployment starts exactly at the hand-over. The actor learns (the
-    residual from exactly 0; `mlp`, the actor from scratch, in chunks of 2), the checkpoint holds
-    the critics, and its actor reproduces the last evaluation."""
+    policy, same episodes): deployment starts exactly at the hand-over, also when it re-plans after
+    every action (`--action-steps 1`: decisions, critics and selection on single actions). The actor
+    learns (the residual from exactly 0; `mlp`, the actor from scratch, in chunks of 2), the
+    checkpoint holds the critics, and its actor reproduces the last evaluation."""
     path = tmp_path / "online.pt"
-    flags = ["--actor", actor_kind] + (["--mlp-horizon", "2"] if actor_kind == "mlp" else [])
+    flags = ["--actor", actor_kind, *flags]
     result = run_online(
         ["--checkpoint", str(offline_checkpoint), "--checkpoint-path", str(path), *TINY_TD3, *flags], tmp_path
     )
@@ -186,7 +212,7 @@ def test_a_td3_run_starts_at_the_selected_sub_policy_learns_and_reloads(offline_
     assert "critics" in checkpoint and "value" not in checkpoint and checkpoint["resume"] is None
     assert checkpoint["history"]["step"][0] == 0 and checkpoint["global_step"] >= 300
     actor = OnlineActor.from_checkpoint(checkpoint["actor"])
-    assert actor.kind == actor_kind and actor.horizon == (4 if actor_kind == "residual" else 2)
+    assert actor.kind == actor_kind and actor.horizon == horizon
     if actor_kind == "residual":
         chosen = [line for line in result.stdout.splitlines() if line.endswith("| yes |")]
         selection_score = float(chosen[0].split("|")[3].split("+-")[0])
@@ -209,6 +235,8 @@ def test_a_td3_run_starts_at_the_selected_sub_policy_learns_and_reloads(offline_
         (["--anchor-floor", "0.1"], "--anchor-floor bounds the decay of --anchor-decay"),
         (["--actor", "noise", "--residual-bound", "0.2"], "--residual-bound bounds the offset of --actor residual"),
         (["--actor", "residual", "--residual-bound", "0"], "--residual-bound must be > 0"),
+        (["--actor", "mlp", "--action-steps", "1"], "--action-steps shortens the decisions of --actor residual"),
+        (["--action-steps", "0"], "--action-steps shortens the decisions of --actor residual"),
     ],
 )
 def test_td3_refuses_an_argument_out_of_range_before_any_work(offline_checkpoint, tmp_path, flags, message):
