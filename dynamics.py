@@ -451,10 +451,11 @@ def termination_fn(task: str) -> Callable:
 # --------------------------------------------------------------------------------------------
 # Chunk-level IQL critics (docs/design.md, "The offline loop, critics and improvement")
 # --------------------------------------------------------------------------------------------
-def mlp(in_dim: int, hidden: int, layers: int, out_dim: int) -> nn.Sequential:
+def mlp(in_dim: int, hidden: int, layers: int, out_dim: int, layer_norm: bool = False) -> nn.Sequential:
+    """`layers` hidden ReLU layers of `hidden` units, each after a LayerNorm with `layer_norm`."""
     blocks, width = [], in_dim
     for _ in range(layers):
-        blocks += [nn.Linear(width, hidden), nn.ReLU()]
+        blocks += [nn.Linear(width, hidden), *([nn.LayerNorm(hidden)] if layer_norm else []), nn.ReLU()]
         width = hidden
     return nn.Sequential(*blocks, nn.Linear(width, out_dim))
 
@@ -464,14 +465,18 @@ class ChunkCritics(nn.Module):
     chunks scaled to [-1, 1]. s_t is the current state alone (the Markov state): the history the
     policy conditions on helps it act, not the value of where it is.
 
-    Sizes (paper silent): 3 x 256 ReLU for each network, IQL's own for locomotion.
+    Sizes (paper silent): 3 x 256 ReLU for each network, IQL's own for locomotion. `layer_norm`:
+    a LayerNorm in every hidden layer of the Q heads (RLPD, arXiv 2302.02948: it bounds how far Q
+    can extrapolate beyond the data's actions, which an online actor would otherwise exploit).
     """
 
-    def __init__(self, obs_dim: int, act_dim: int, horizon: int, hidden: int = 256, layers: int = 3):
+    def __init__(
+        self, obs_dim: int, act_dim: int, horizon: int, hidden: int = 256, layers: int = 3, layer_norm: bool = False
+    ):
         super().__init__()
         chunk_dim = horizon * act_dim
-        self.q1 = mlp(obs_dim + chunk_dim, hidden, layers, 1)
-        self.q2 = mlp(obs_dim + chunk_dim, hidden, layers, 1)
+        self.q1 = mlp(obs_dim + chunk_dim, hidden, layers, 1, layer_norm)
+        self.q2 = mlp(obs_dim + chunk_dim, hidden, layers, 1, layer_norm)
         self.v = mlp(obs_dim, hidden, layers, 1)
 
     def q_heads(self, states: torch.Tensor, chunks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -158,6 +158,8 @@ class Args:
     """critic updates per decision collected (updates-to-data ratio)"""
     critic_learning_rate: float = 3e-4
     """Adam learning rate of the chunk critics"""
+    critic_layer_norm: bool = False
+    """LayerNorm in the critics' hidden layers (RLPD); the critics then start fresh (the offline run's have none)"""
     tau: float = 0.005
     """Polyak rate of the target critics"""
     exploration_noise: float = 0.1
@@ -684,7 +686,8 @@ def resumed_run(args: Args) -> tuple[Args, dict | None]:
 def train_td3(args: Args, actor: OnlineActor, checkpoint: dict, gamma: float, learning_rate: float, writer, run):
     """--algo td3: the off-policy loop (docs/design.md, "Online fine-tuning"). `run` is (run_name,
     the selection, the checkpoint path, the device). Critics: the offline run's chunk critics (the
-    IQL heads, trained on this dataset) when the actor acts in their whole chunks, else fresh ones; then
+    IQL heads, trained on this dataset) when the actor acts in their whole chunks and
+    `--critic-layer-norm` is off, else fresh ones; then
     `--offline-critic-updates` TD3 critic updates on the offline data alone, the actor frozen at
     the hand-over. Every decision collected (one chunk per environment, z = mean(s) + exploration
     noise) is followed by `--utd-ratio` critic updates per environment on mixed batches, the actor
@@ -693,8 +696,9 @@ def train_td3(args: Args, actor: OnlineActor, checkpoint: dict, gamma: float, le
     run_name, selection, checkpoint_path, device = run
     anchor_coef = 0.0 if actor.kind == "mlp" else args.anchor_coef  # no offline policy to stay near
     obs_dim, horizon = actor.policy_config.obs_dim, actor.horizon
-    critics = ChunkCritics(obs_dim, actor.act_dim, horizon).to(device)
-    if "critics" in checkpoint and actor.kind != "mlp" and horizon == actor.policy_config.horizon:
+    critics = ChunkCritics(obs_dim, actor.act_dim, horizon, layer_norm=args.critic_layer_norm).to(device)
+    offline_critics = actor.kind != "mlp" and horizon == actor.policy_config.horizon and not args.critic_layer_norm
+    if "critics" in checkpoint and offline_critics:
         critics.load_state_dict(checkpoint["critics"]["state_dict"])
     target_critics = copy.deepcopy(critics).requires_grad_(False)
     critic_optimizer = torch.optim.Adam(critics.parameters(), lr=args.critic_learning_rate)

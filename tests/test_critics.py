@@ -332,3 +332,22 @@ def test_penalty_costs_more_for_a_policy_that_leaves_the_data(fitted_toy_model):
         return (scores[0] - scores[1]).item()
 
     assert penalty_of(away_from_origin) > 1.5 * penalty_of(toward_origin) > 0
+
+
+def test_layer_norm_critics_stay_bounded_far_from_the_data_where_plain_ones_grow():
+    """With `layer_norm` every hidden layer's output is normalized, so however far a chunk lies from
+    anything seen, |Q| <= |w_last| sqrt(hidden) + |b_last| (ReLU of unit-variance features has norm at
+    most sqrt(hidden)); the plain heads grow with the input's scale (ReLU networks are positively
+    homogeneous far out)."""
+    torch.manual_seed(0)
+    states, chunks = torch.randn(64, 3), torch.randn(64, 4, 2)
+    bounded = ChunkCritics(obs_dim=3, act_dim=2, horizon=4, hidden=32, layers=2, layer_norm=True)
+    plain = ChunkCritics(obs_dim=3, act_dim=2, horizon=4, hidden=32, layers=2)
+    assert any(isinstance(layer, torch.nn.LayerNorm) for layer in bounded.q1)
+    last = bounded.q1[-1]
+    bound = last.weight.norm().item() * 32**0.5 + last.bias.abs().item()
+    with torch.no_grad():
+        for scale in (1.0, 1e3, 1e6):
+            assert bounded.q_heads(states * scale, chunks * scale)[0].abs().max() <= bound + 1e-4
+        near, far = (plain.q_heads(states * scale, chunks * scale)[0].abs().mean() for scale in (1.0, 1e3))
+    assert far > 100 * near

@@ -191,7 +191,11 @@ TINY_TD3 = [
 
 @pytest.mark.parametrize(
     "actor_kind, flags, horizon",
-    [("residual", [], 4), ("residual", ["--action-steps", "1"], 1), ("mlp", ["--mlp-horizon", "2"], 2)],
+    [
+        ("residual", [], 4),
+        ("residual", ["--action-steps", "1"], 1),
+        ("mlp", ["--mlp-horizon", "2", "--critic-layer-norm"], 2),
+    ],
 )
 def test_a_td3_run_starts_at_the_selected_sub_policy_learns_and_reloads(
     offline_checkpoint, tmp_path, actor_kind, flags, horizon
@@ -199,8 +203,8 @@ def test_a_td3_run_starts_at_the_selected_sub_policy_learns_and_reloads(
     """The first evaluation of the residual actor is the selected candidate's selection score (same
     policy, same episodes): deployment starts exactly at the hand-over, also when it re-plans after
     every action (`--action-steps 1`: decisions, critics and selection on single actions). The actor
-    learns (the residual from exactly 0; `mlp`, the actor from scratch, in chunks of 2), the
-    checkpoint holds the critics, and its actor reproduces the last evaluation."""
+    learns (the residual from exactly 0; `mlp`, the actor from scratch, in chunks of 2, with
+    LayerNorm critics), the checkpoint holds the critics, and its actor reproduces the last evaluation."""
     path = tmp_path / "online.pt"
     flags = ["--actor", actor_kind, *flags]
     result = run_online(
@@ -210,6 +214,8 @@ def test_a_td3_run_starts_at_the_selected_sub_policy_learns_and_reloads(
     assert "offline critic update 20/20" in result.stdout and "env steps/s | ETA" in result.stdout
     checkpoint = load_checkpoint(str(path), expected_env_id="Hopper-v5")
     assert "critics" in checkpoint and "value" not in checkpoint and checkpoint["resume"] is None
+    layer_norms = [key for key, value in checkpoint["critics"].items() if key.endswith(".1.weight") and value.ndim == 1]
+    assert bool(layer_norms) == ("--critic-layer-norm" in flags)  # RLPD's LayerNorm critics, when asked for
     assert checkpoint["history"]["step"][0] == 0 and checkpoint["global_step"] >= 300
     actor = OnlineActor.from_checkpoint(checkpoint["actor"])
     assert actor.kind == actor_kind and actor.horizon == horizon
