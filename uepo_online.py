@@ -533,7 +533,7 @@ def td3_actor_update(
     # The environment gets a chunk-valued z clipped to [-1, 1], and the clip passes no gradient: an
     # entry pushed past the edge would drift there unchecked, out of reach of Q and of the exploration
     # noise. A quadratic penalty on the excess keeps z at the box; it is 0 inside, so 0 at the hand-over.
-    excess = 0.0 if actor.kind == "noise" else ((z.abs() - 1).clamp_min(0) ** 2).mean()
+    excess = torch.zeros(()) if actor.kind == "noise" else ((z.abs() - 1).clamp_min(0) ** 2).mean()
     loss = -q_weight * q.mean() / q.abs().mean().detach().clamp_min(1e-6) + anchor_weight * distance + excess
     check_finite({"actor": loss}, "the actor update")
     optimizer.zero_grad()
@@ -542,7 +542,7 @@ def td3_actor_update(
     return {
         "losses/actor_loss": loss.item(),
         "charts/distance_to_offline": distance.item(),
-        "charts/box_excess": float(excess),
+        "charts/box_excess": excess.item(),
     }
 
 
