@@ -842,6 +842,8 @@ if __name__ == "__main__":
         if checkpoint.get("phase") == "online" or "history" not in checkpoint:
             fail(f"{args.checkpoint} is not an offline checkpoint of uepo_offline.py")
         gamma = checkpoint["args"]["gamma"]
+        if args.action_steps is not None and args.action_steps > (horizon := checkpoint["policy"]["config"]["horizon"]):
+            fail(f"--action-steps must be at most the checkpoint's horizon H = {horizon}, got {args.action_steps}")
     else:
         # --resume: the task (environment, time limit, reference scores) and gamma come from the online
         # checkpoint; the offline one is not read again, its selection was made.
@@ -903,18 +905,15 @@ if __name__ == "__main__":
 
     # ---- actor: a Gaussian over decisions z whose mean is the deployed policy (diffusion.OnlineActor) --
     if resumed is None:
-        try:
-            actor = OnlineActor(
-                args.actor,
-                policy,
-                sub_policy,
-                init_std,
-                mlp_horizon=args.mlp_horizon,
-                residual_bound=args.residual_bound,
-                action_steps=args.action_steps,
-            ).to(device)
-        except ValueError as error:  # --action-steps beyond the policy's horizon
-            fail(f"{args.checkpoint}: {error}")
+        actor = OnlineActor(
+            args.actor,
+            policy,
+            sub_policy,
+            init_std,
+            mlp_horizon=args.mlp_horizon,
+            residual_bound=args.residual_bound,
+            action_steps=args.action_steps,
+        ).to(device)
     else:  # the interrupted run's, as saved at its last evaluation
         try:
             actor = build_saved(resumed["actor"], f"{args.resume}: the actor").to(device)

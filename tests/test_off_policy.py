@@ -243,6 +243,7 @@ def test_a_td3_run_starts_at_the_selected_sub_policy_learns_and_reloads(
         (["--actor", "residual", "--residual-bound", "0"], "--residual-bound must be > 0"),
         (["--actor", "mlp", "--action-steps", "1"], "--action-steps shortens the decisions of --actor residual"),
         (["--action-steps", "0"], "--action-steps shortens the decisions of --actor residual"),
+        (["--action-steps", "5"], "--action-steps must be at most the checkpoint's horizon H = 4"),
     ],
 )
 def test_td3_refuses_an_argument_out_of_range_before_any_work(offline_checkpoint, tmp_path, flags, message):
