@@ -15,11 +15,12 @@
    to the choice is printed and logged to TensorBoard.
 3. By default (`--algo td3`, `train_td3`) TD3 on chunks: the critics learn the offline data first,
    then every batch mixes offline and online decisions; the actor is a residual on the selected
-   sub-policy's chunk, kept near it by an anchor. With `--algo ppo`, the paper's learner:
-   PPO on the chunk-level MDP (`eval.ChunkEnv`): one decision = one chunk of H actions, its
-   reward the discounted sum of its rewards; vectorized Gymnasium environments; GAE over
-   chunks with the discount gamma^L of each chunk's length L; time-limit truncations bootstrap
-   from the final observation; rewards scaled by the running std of a discounted return.
+   sub-policy's chunk, kept near it by an anchor whose weight falls to a tenth over the run.
+   With `--algo ppo`, the paper's learner: PPO on the chunk-level MDP (`eval.ChunkEnv`): one
+   decision = one chunk of H actions, its reward the discounted sum of its rewards; vectorized
+   Gymnasium environments; GAE over chunks with the discount gamma^L of each chunk's length L;
+   time-limit truncations bootstrap from the final observation; rewards scaled by the running
+   std of a discounted return.
    The actor (`diffusion.OnlineActor`) is a Gaussian over decisions z whose mean is the policy
    that is deployed: by default (PPO) z is the selected sub-policy's initial noise and the frozen
    denoiser decodes it (`--actor noise`); the ratio is the exact Gaussian likelihood ratio. A
@@ -134,10 +135,8 @@ class Args:
     """stop an update's epochs once the approximate KL of the ratios exceeds this (nats per decision); None: never"""
     anchor_coef: float = 1.0
     """weight of staying at the offline policy: ppo's KL to its Gaussian, td3's |z - anchor|^2 (0 for mlp)"""
-    anchor_decay: bool = False
-    """decay the anchor's weight linearly over `--total-timesteps`, down to `--anchor-floor` of it"""
-    anchor_floor: float = 0.0
-    """with --anchor-decay, the fraction of `--anchor-coef` kept once the decay reaches it"""
+    anchor_floor: float | None = None
+    """fraction of --anchor-coef the anchor falls to, linearly over the run (td3 0.1; ppo 1: constant)"""
     max_grad_norm: float = 0.5
     """gradient clipping, actor and value network each"""
     reward_scaling: bool = True
@@ -158,8 +157,8 @@ class Args:
     """critic updates per decision collected (updates-to-data ratio)"""
     critic_learning_rate: float = 3e-4
     """Adam learning rate of the chunk critics"""
-    critic_layer_norm: bool = False
-    """LayerNorm in the critics' hidden layers (RLPD); the critics then start fresh (the offline run's have none)"""
+    critic_layer_norm: bool = True
+    """LayerNorm in the critics' hidden layers (RLPD); fresh critics (the offline run's have none)"""
     tau: float = 0.005
     """Polyak rate of the target critics"""
     exploration_noise: float = 0.1
@@ -174,7 +173,7 @@ class Args:
     """td3 actor loss: -q_weight Q / mean|Q| + anchor_coef |z - anchor|^2 (TD3+BC's alpha is 2.5)"""
     actor_learning_starts: int = 0
     """environment steps collected with the actor frozen at the hand-over (the critics learn from the start)"""
-    offline_critic_updates: int = 5000
+    offline_critic_updates: int = 25_000
     """critic updates on the offline data alone before the first online step (the actor frozen)"""
 
     # Evaluation and checkpoint
@@ -191,8 +190,8 @@ class Args:
 # What each learner was measured with (docs/experiments.md), for the flags left at None. TD3 learns from
 # one environment; PPO needs 16 for its rollouts and a million steps to move at all.
 ALGO_DEFAULTS = {
-    "td3": {"actor": "residual", "num_envs": 1, "total_timesteps": 250_000, "eval_every": 25_000},
-    "ppo": {"actor": "noise", "num_envs": 16, "total_timesteps": 1_000_000, "eval_every": 20_000},
+    "td3": {"actor": "residual", "num_envs": 1, "total_timesteps": 250_000, "eval_every": 25_000, "anchor_floor": 0.1},
+    "ppo": {"actor": "noise", "num_envs": 16, "total_timesteps": 1_000_000, "eval_every": 20_000, "anchor_floor": 1.0},
 }
 
 
@@ -260,8 +259,6 @@ def check_args(args: Args) -> str | None:
     for name in ("lr_floor", "gae_lambda", "offline_ratio", "tau", "anchor_floor"):
         if not 0 <= getattr(args, name) <= 1:
             return f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(args, name)}"
-    if args.anchor_floor > 0 and not args.anchor_decay:
-        return "--anchor-floor bounds the decay of --anchor-decay; without it the anchor weight is constant"
     if args.residual_bound is not None and args.actor != "residual":
         return f"--residual-bound bounds the offset of --actor residual (got --actor {args.actor})"
     if args.action_steps is not None and (args.actor != "residual" or args.action_steps < 1):
@@ -525,7 +522,7 @@ def td3_actor_update(
         z = mean(s),  loss = -q_weight Q_1(s, chunk(z)) / mean|Q_1| + anchor_weight mean (z - anchor(s))^2
 
     The second term keeps z near the selected sub-policy's (`--anchor-coef`, decayed with
-    `--anchor-decay`; 0 for the actor from scratch, `mlp`, which has no offline policy); dividing
+    `--anchor-floor`; 0 for the actor from scratch, `mlp`, which has no offline policy); dividing
     Q by its batch magnitude makes q_weight scale-free."""
     z = actor.mean(batch["states"], batch["anchors"])
     q = critics.q_heads(batch["states"][:, -1], actor.chunk(batch["states"], z))[0]
@@ -547,11 +544,9 @@ def td3_actor_update(
 
 
 def anchor_weight_at(global_step: int, anchor_coef: float, args: Args) -> float:
-    """The weight of staying at the offline policy now: `anchor_coef`, or with --anchor-decay that
-    weight falling linearly over --total-timesteps until it reaches --anchor-floor of itself (both
-    learners)."""
-    if not args.anchor_decay:
-        return anchor_coef
+    """The weight of staying at the offline policy now: `anchor_coef` falling linearly over
+    --total-timesteps until it reaches --anchor-floor of itself (both learners; a floor of 1 keeps
+    it constant)."""
     return anchor_coef * max(1.0 - global_step / args.total_timesteps, args.anchor_floor)
 
 

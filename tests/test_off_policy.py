@@ -98,11 +98,11 @@ class LinearQ:
 
 
 def test_the_anchor_weight_decays_linearly_to_its_floor_and_stays_there():
-    args = Args(total_timesteps=1000)
+    args = Args(total_timesteps=1000, anchor_floor=1.0)
     assert [anchor_weight_at(step, 2.0, args) for step in (0, 500, 1000)] == [2.0, 2.0, 2.0]  # no decay
-    args = Args(total_timesteps=1000, anchor_decay=True)
+    args = Args(total_timesteps=1000, anchor_floor=0.0)
     assert [anchor_weight_at(step, 2.0, args) for step in (0, 500, 1000)] == [2.0, 1.0, 0.0]
-    args = Args(total_timesteps=1000, anchor_decay=True, anchor_floor=0.25)
+    args = Args(total_timesteps=1000, anchor_floor=0.25)
     weights = [anchor_weight_at(step, 2.0, args) for step in (0, 500, 750, 900, 1000)]
     assert weights == pytest.approx([2.0, 1.0, 0.5, 0.5, 0.5])
 
@@ -127,14 +127,16 @@ def test_the_actor_step_raises_q_and_starts_from_the_anchor():
 
 
 def test_each_learner_fills_the_flags_left_unset_with_its_own_defaults():
-    """td3 is the default learner, with the residual actor on one environment for 250k steps; PPO keeps
-    its 16 environments, the noise actor and 1M steps; a flag given stays as given."""
+    """td3 is the default learner, with the residual actor on one environment for 250k steps and its
+    anchor decayed to a tenth; PPO keeps its 16 environments, the noise actor, 1M steps and a constant
+    anchor; a flag given stays as given."""
     args = with_algo_defaults(Args())
     assert (args.algo, args.actor, args.num_envs, args.total_timesteps) == ("td3", "residual", 1, 250_000)
+    assert args.anchor_floor == 0.1
     args = with_algo_defaults(Args(algo="ppo"))
-    assert (args.actor, args.num_envs, args.total_timesteps) == ("noise", 16, 1_000_000)
-    args = with_algo_defaults(Args(algo="ppo", actor="residual", num_envs=4))
-    assert (args.actor, args.num_envs, args.total_timesteps) == ("residual", 4, 1_000_000)
+    assert (args.actor, args.num_envs, args.total_timesteps, args.anchor_floor) == ("noise", 16, 1_000_000, 1.0)
+    args = with_algo_defaults(Args(algo="ppo", actor="residual", num_envs=4, anchor_floor=0.0))
+    assert (args.actor, args.num_envs, args.total_timesteps, args.anchor_floor) == ("residual", 4, 1_000_000, 0.0)
 
 
 def test_the_bounded_residual_starts_at_the_sub_policy_stays_within_its_bound_and_reloads():
@@ -192,9 +194,9 @@ TINY_TD3 = [
 @pytest.mark.parametrize(
     "actor_kind, flags, horizon",
     [
-        ("residual", [], 4),
+        ("residual", ["--no-critic-layer-norm"], 4),
         ("residual", ["--action-steps", "1"], 1),
-        ("mlp", ["--mlp-horizon", "2", "--critic-layer-norm"], 2),
+        ("mlp", ["--mlp-horizon", "2"], 2),
     ],
 )
 def test_a_td3_run_starts_at_the_selected_sub_policy_learns_and_reloads(
@@ -203,8 +205,9 @@ def test_a_td3_run_starts_at_the_selected_sub_policy_learns_and_reloads(
     """The first evaluation of the residual actor is the selected candidate's selection score (same
     policy, same episodes): deployment starts exactly at the hand-over, also when it re-plans after
     every action (`--action-steps 1`: decisions, critics and selection on single actions). The actor
-    learns (the residual from exactly 0; `mlp`, the actor from scratch, in chunks of 2, with
-    LayerNorm critics), the checkpoint holds the critics, and its actor reproduces the last evaluation."""
+    learns (the residual from exactly 0, also with the offline run's critics, `--no-critic-layer-norm`;
+    `mlp`, the actor from scratch, in chunks of 2), the checkpoint holds the critics (LayerNorm ones by
+    default), and its actor reproduces the last evaluation."""
     path = tmp_path / "online.pt"
     flags = ["--actor", actor_kind, *flags]
     result = run_online(
@@ -215,7 +218,7 @@ def test_a_td3_run_starts_at_the_selected_sub_policy_learns_and_reloads(
     checkpoint = load_checkpoint(str(path), expected_env_id="Hopper-v5")
     assert "critics" in checkpoint and "value" not in checkpoint and checkpoint["resume"] is None
     layer_norms = [key for key, value in checkpoint["critics"].items() if key.endswith(".1.weight") and value.ndim == 1]
-    assert bool(layer_norms) == ("--critic-layer-norm" in flags)  # RLPD's LayerNorm critics, when asked for
+    assert bool(layer_norms) == ("--no-critic-layer-norm" not in flags)  # RLPD's LayerNorm critics by default
     assert checkpoint["history"]["step"][0] == 0 and checkpoint["global_step"] >= 300
     actor = OnlineActor.from_checkpoint(checkpoint["actor"])
     assert actor.kind == actor_kind and actor.horizon == horizon
@@ -237,8 +240,7 @@ def test_a_td3_run_starts_at_the_selected_sub_policy_learns_and_reloads(
         (["--offline-ratio", "1.5"], "--offline-ratio must be in [0, 1]"),
         (["--utd-ratio", "0"], "--utd-ratio must be >= 1"),
         (["--q-weight", "0"], "--q-weight must be > 0"),
-        (["--anchor-decay", "--anchor-floor", "2"], "--anchor-floor must be in [0, 1]"),
-        (["--anchor-floor", "0.1"], "--anchor-floor bounds the decay of --anchor-decay"),
+        (["--anchor-floor", "2"], "--anchor-floor must be in [0, 1]"),
         (["--actor", "noise", "--residual-bound", "0.2"], "--residual-bound bounds the offset of --actor residual"),
         (["--actor", "residual", "--residual-bound", "0"], "--residual-bound must be > 0"),
         (["--actor", "mlp", "--action-steps", "1"], "--action-steps shortens the decisions of --actor residual"),

@@ -280,7 +280,18 @@ def test_the_other_actors_and_the_baselines_run_and_reload(offline_checkpoint, t
     (per step, or with --mlp-horizon in chunks) run, keep their own --init-std, and reload to the
     recorded score.
     A --target-kl that the first epoch exceeds stops every update after that epoch."""
-    flags = ["--actor", actor, "--init-std", "0.05", "--target-kl", "1e-9", "--anchor-coef", "0.5", "--anchor-decay"]
+    flags = [
+        "--actor",
+        actor,
+        "--init-std",
+        "0.05",
+        "--target-kl",
+        "1e-9",
+        "--anchor-coef",
+        "0.5",
+        "--anchor-floor",
+        "0",
+    ]
     extras = {"diffusion": [["--from-scratch"], []], "mlp": [[], ["--mlp-horizon", "2"]]}.get(actor, [[]])
     for extra in extras:
         path = tmp_path / f"{actor}{len(extra)}.pt"
