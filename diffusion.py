@@ -420,7 +420,7 @@ class DiffusionPolicy(nn.Module):
 # --------------------------------------------------------------------------------------------
 # The online actor (docs/design.md, "Online fine-tuning")
 # --------------------------------------------------------------------------------------------
-ONLINE_ACTORS = ("diffusion", "residual", "noise", "mlp")
+ONLINE_ACTORS = ("diffusion", "residual", "fql", "noise", "mlp")
 # Bounds of the learned log-std (std 1e-3 .. 2): exploration never vanishes nor swamps the mean.
 LOG_STD_MIN, LOG_STD_MAX = math.log(1e-3), math.log(2.0)
 
@@ -449,6 +449,11 @@ class OnlineActor(nn.Module):
       the sub-policy's chunk in every entry (Policy Decorator, arXiv 2412.13630). With
       `action_steps` k < H a decision is only the first k actions of that chunk, re-planned after
       them (receding horizon: z, the head and the critics' chunk are k actions long).
+    - "fql": the residual at any initial noise (the one-step policy mu(s, eps) of flow Q-learning, FQL,
+      arXiv 2502.02538, as a residual): mean = the frozen chain's chunk from x_K = eps in sub-policy
+      i's slot + a small MLP of (state, eps) starting at 0. Off-policy training draws eps ~ N(0, I)
+      per decision, so the actor explores and learns around every draw of the diffusion policy;
+      deployment uses eps = sub-policy i's fixed seed, where it starts exactly at the hand-over.
     - "noise" (DSRL, arXiv 2506.15799): z is sub-policy i's initial noise x_K; mean = its fixed seed
       eps_i + a small MLP starting at 0; the chunk is the frozen denoiser's DDIM chain from z. Online
       RL steers which seed acts in each state: the online continuation of "a sub-policy is a seed".
@@ -492,13 +497,12 @@ class OnlineActor(nn.Module):
         self.policy = None if kind == "mlp" else policy
         if kind == "diffusion":
             self.reference = copy.deepcopy(policy).requires_grad_(False)  # the offline policy, frozen
-        elif kind in ("residual", "noise"):
+        elif kind in ("residual", "fql", "noise"):
             policy.requires_grad_(False)  # the diffusion policy stays the offline one
         if kind != "diffusion":
             chunk_dim = self.horizon * self.act_dim
-            self.head = ppo_mlp(
-                self.obs_horizon * config.obs_dim, chunk_dim, hidden, last_std=0.01 if kind == "mlp" else 0.0
-            )
+            head_in = self.obs_horizon * config.obs_dim + (chunk_dim if kind == "fql" else 0)  # fql: (s, eps)
+            self.head = ppo_mlp(head_in, chunk_dim, hidden, last_std=0.01 if kind == "mlp" else 0.0)
         self.log_std = nn.Parameter(torch.full((self.horizon, self.act_dim), math.log(init_std)))
 
     # ---- the Gaussian over z ---------------------------------------------------------------------
@@ -506,23 +510,33 @@ class OnlineActor(nn.Module):
         return self.log_std.clamp(LOG_STD_MIN, LOG_STD_MAX).exp()
 
     @torch.no_grad()
-    def anchor_mean(self, states: torch.Tensor) -> torch.Tensor:
-        """The offline policy's mean of z at normalized state histories (B, To, S): (B, H, A)."""
+    def anchor_mean(self, states: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """The offline policy's mean of z at normalized state histories (B, To, S): (B, H, A).
+        "fql": the chain's chunk from `noise` (B, H, A) in sub-policy i's slot (None: its fixed seed)."""
         batch = states.shape[0]
         if self.kind == "diffusion":
             return self.reference.sample(states).actions[:, self.sub_policy]
-        if self.kind == "residual":  # the first `horizon` actions (all H unless action_steps is set)
+        if self.kind == "fql" and noise is not None:
+            start = self.policy.initial_noise(batch).clone()
+            start[:, self.sub_policy] = noise
+            return self.policy.sample(states, start_noise=start).actions[:, self.sub_policy]
+        if self.kind in ("residual", "fql"):  # the first `horizon` actions (all H unless action_steps is set)
             return self.policy.sample(states).actions[:, self.sub_policy, : self.horizon]
         if self.kind == "noise":
             return self.policy.sub_policy_noise[self.sub_policy].expand(batch, -1, -1)
         return torch.zeros(batch, self.horizon, self.act_dim, device=states.device)  # mlp: no offline policy
 
-    def mean(self, states: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
-        """The current mean of z (B, H, A), differentiable; `anchor` = `anchor_mean(states)` (kept from
-        the rollout, so that the frozen chain is not run again in every update)."""
+    def mean(self, states: torch.Tensor, anchor: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """The current mean of z (B, H, A), differentiable; `anchor` = `anchor_mean(states, noise)` (kept
+        from the rollout, so that the frozen chain is not run again in every update); `noise`: fql's eps."""
         if self.kind == "diffusion":
             return self.policy.sample(states).actions[:, self.sub_policy]
-        offset = self.head(states.flatten(1)).view(-1, self.horizon, self.act_dim)
+        inputs = states.flatten(1)
+        if self.kind == "fql":
+            if noise is None:  # deployment: the selected sub-policy's fixed seed
+                noise = self.policy.sub_policy_noise[self.sub_policy].expand(states.shape[0], -1, -1)
+            inputs = torch.cat([inputs, noise.flatten(1)], 1)
+        offset = self.head(inputs).view(-1, self.horizon, self.act_dim)
         if self.residual_bound is not None:
             offset = self.residual_bound * torch.tanh(offset)
         return offset if self.kind == "mlp" else anchor + offset

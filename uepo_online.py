@@ -87,7 +87,7 @@ class Args:
     # The learner and the actor
     algo: Literal["ppo", "td3"] = "td3"
     """`td3`: off-policy TD3 on chunks with the offline data in every batch, or `ppo` (the paper's)"""
-    actor: Literal["diffusion", "residual", "noise", "mlp"] | None = None
+    actor: Literal["diffusion", "residual", "fql", "noise", "mlp"] | None = None
     """what is fine-tuned: a residual (td3's default), the initial noise (ppo's), the denoiser, or an MLP"""
     from_scratch: bool = False
     """with `--actor diffusion`: a freshly initialized denoiser (sub-policy 0, no selection, no anchor)"""
@@ -267,7 +267,9 @@ def check_args(args: Args) -> str | None:
             f"(got {args.action_steps} with --actor {args.actor})"
         )
     if args.algo == "td3" and args.actor == "diffusion":
-        return "--algo td3 trains --actor residual, noise or mlp (the denoiser itself is fine-tuned by --algo ppo only)"
+        return "--algo td3 trains --actor residual, fql, noise or mlp (the denoiser itself is fine-tuned by --algo ppo only)"
+    if args.algo == "ppo" and args.actor == "fql":
+        return "--actor fql learns from replayed draws of its noise: --algo td3 only"
     if args.from_scratch and args.actor != "diffusion":
         return (
             f"--from-scratch re-initializes the denoiser, so it needs --actor diffusion (got --actor {args.actor}; "
@@ -463,20 +465,33 @@ def offline_replay(checkpoint: dict, actor: OnlineActor, rows: int, gamma: float
     device = actor.state_mean.device
     part = lambda key: torch.as_tensor(data[key][index], dtype=torch.float32, device=device)
     states, next_states = actor.normalize_states(part("states")), actor.normalize_states(part("next_states"))
-    anchors = lambda histories: torch.cat([actor.anchor_mean(batch) for batch in histories.split(4096)])
+    noises, next_noises = draw_noise(actor, len(index)), draw_noise(actor, len(index))
+    anchors = lambda histories, eps: torch.cat(
+        [actor.anchor_mean(batch, noise) for batch, noise in zip(histories.split(4096), eps.split(4096))]
+    )
     rows = {
         "states": states,
-        "anchors": anchors(states),
+        "noises": noises,
+        "anchors": anchors(states, noises),
         "chunks": actor.scale_actions(part("chunks")).clamp(-1, 1),
         "rewards": part("rewards"),
         "lengths": part("mask").sum(1),
         "terminals": part("dones"),
         "next_states": next_states,
-        "next_anchors": anchors(next_states),
+        "next_noises": next_noises,
+        "next_anchors": anchors(next_states, next_noises),
     }
     replay = ChunkReplay(len(index), rows)
     replay.add(rows)
     return replay
+
+
+def draw_noise(actor: OnlineActor, count: int) -> torch.Tensor:
+    """fql's eps ~ N(0, I) for `count` decisions (B, H, A); zeros for the other actors, which ignore it
+    (one replay layout for all)."""
+    shape = (count, actor.horizon, actor.act_dim)
+    device = actor.state_mean.device
+    return torch.randn(shape, device=device) if actor.kind == "fql" else torch.zeros(shape, device=device)
 
 
 def mixed_sample(offline: ChunkReplay, online: ChunkReplay, batch_size: int, offline_ratio: float) -> tuple[dict, int]:
@@ -502,7 +517,8 @@ def td3_critic_update(critics, target_critics, optimizer, actor: OnlineActor, ba
     Q sees the current state (the last of the history) and the chunk in [-1, 1]."""
     with torch.no_grad():
         noise = (torch.randn_like(batch["next_anchors"]) * args.policy_noise).clamp(-args.noise_clip, args.noise_clip)
-        next_chunks = actor.chunk(batch["next_states"], actor.mean(batch["next_states"], batch["next_anchors"]) + noise)
+        next_z = actor.mean(batch["next_states"], batch["next_anchors"], batch["next_noises"])
+        next_chunks = actor.chunk(batch["next_states"], next_z + noise)
         next_q = target_critics.q(batch["next_states"][:, -1], next_chunks)
         target = chunk_td_target(batch["rewards"], batch["terminals"], batch["lengths"], next_q, gamma)
     q1, q2 = critics.q_heads(batch["states"][:, -1], batch["chunks"])
@@ -524,7 +540,7 @@ def td3_actor_update(
     The second term keeps z near the selected sub-policy's (`--anchor-coef`, decayed with
     `--anchor-floor`; 0 for the actor from scratch, `mlp`, which has no offline policy); dividing
     Q by its batch magnitude makes q_weight scale-free."""
-    z = actor.mean(batch["states"], batch["anchors"])
+    z = actor.mean(batch["states"], batch["anchors"], batch["noises"])
     q = critics.q_heads(batch["states"][:, -1], actor.chunk(batch["states"], z))[0]
     distance = ((z - batch["anchors"]) ** 2).mean()
     # The environment gets a chunk-valued z clipped to [-1, 1], and the clip passes no gradient: an
@@ -732,13 +748,14 @@ def train_td3(args: Args, actor: OnlineActor, checkpoint: dict, gamma: float, le
     )
     next_obs, _ = envs.reset(seed=args.seed)
     states = normalized(next_obs)
-    anchors = actor.anchor_mean(states)
+    noises = draw_noise(actor, args.num_envs)  # fql: a fresh eps per decision (FQL's mu(s, eps))
+    anchors = actor.anchor_mean(states, noises)
     online = None
     global_step, next_eval, updates, start_time, actor_log = 0, args.eval_every, 0, time.time(), {}
     while global_step < args.total_timesteps:
         # Collect one decision per environment: z = mean(s) + exploration noise, its chunk executed.
         with torch.no_grad():
-            z = actor.mean(states, anchors) + args.exploration_noise * torch.randn_like(anchors)
+            z = actor.mean(states, anchors, noises) + args.exploration_noise * torch.randn_like(anchors)
             chunks = actor.chunk(states, z)
         next_obs, reward, terminated, truncated, infos = envs.step(actor.unscale_actions(chunks).cpu().numpy())
         done = terminated | truncated
@@ -751,22 +768,26 @@ def train_td3(args: Args, actor: OnlineActor, checkpoint: dict, gamma: float, le
             for row in np.flatnonzero(done & infos["final_info"]["_episode"]):
                 writer.add_scalar("charts/episodic_return", episode["r"][row], global_step)
         next_states = normalized(final_obs)
-        next_anchors = actor.anchor_mean(next_states)
+        next_noises = draw_noise(actor, args.num_envs)
+        next_anchors = actor.anchor_mean(next_states, next_noises)
         rows = {
             "states": states,
+            "noises": noises,
             "anchors": anchors,
             "chunks": chunks,
             "rewards": torch.as_tensor(reward, dtype=torch.float32, device=device),
             "lengths": torch.as_tensor(lengths, dtype=torch.float32, device=device),
             "terminals": torch.as_tensor(terminated, dtype=torch.float32, device=device),
             "next_states": next_states,
+            "next_noises": next_noises,
             "next_anchors": next_anchors,
         }
         if online is None:
             online = ChunkReplay(min(args.buffer_size, args.total_timesteps + args.num_envs), rows)
         online.add(rows)
         states = normalized(next_obs)
-        anchors = next_anchors if not done.any() else actor.anchor_mean(states)
+        noises = next_noises
+        anchors = next_anchors if not done.any() else actor.anchor_mean(states, noises)
 
         # Learn: --utd-ratio critic updates per decision on mixed batches, the actor every --policy-frequency.
         try:
@@ -818,7 +839,7 @@ if __name__ == "__main__":
         fail(problem)
     from_scratch = args.from_scratch or args.actor == "mlp"
     init_std = (
-        {"diffusion": 0.1, "residual": 0.1, "noise": 0.3, "mlp": 1.0}[args.actor]
+        {"diffusion": 0.1, "residual": 0.1, "fql": 0.1, "noise": 0.3, "mlp": 1.0}[args.actor]
         if args.init_std is None
         else args.init_std
     )

@@ -36,12 +36,14 @@ def replay_rows(count: int, start: float = 0.0) -> dict:
     """`count` decisions of a 3-dim state, 2-step history, 4 x 2 chunks; rewards start, start + 1, ..."""
     return {
         "states": torch.zeros(count, 2, 3),
+        "noises": torch.zeros(count, 4, 2),
         "anchors": torch.zeros(count, 4, 2),
         "chunks": torch.zeros(count, 4, 2),
         "rewards": start + torch.arange(count, dtype=torch.float32),
         "lengths": torch.full((count,), 4.0),
         "terminals": torch.zeros(count),
         "next_states": torch.zeros(count, 2, 3),
+        "next_noises": torch.zeros(count, 4, 2),
         "next_anchors": torch.zeros(count, 4, 2),
     }
 
@@ -177,6 +179,33 @@ def test_a_residual_actor_that_re_plans_starts_at_the_first_actions_of_the_sub_p
         OnlineActor("mlp", policy, sub_policy=2, init_std=0.1, action_steps=1)
 
 
+def test_the_fql_actor_deploys_the_sub_policy_and_learns_around_every_draw_of_the_noise():
+    """--actor fql: at the fixed seed (deployment) its anchor and mean are exactly the residual actor's,
+    the selected sub-policy's chunk; at another eps the anchor is the frozen chain's chunk from that eps
+    in the sub-policy's slot, and the mean starts there too. Once the head has learned, its offset
+    depends on eps (the one-step policy mu(s, eps)); the checkpoint reloads to the same means."""
+    torch.manual_seed(0)
+    states, policy = torch.randn(8, 2, 3), make_policy()
+    actor = OnlineActor("fql", policy, sub_policy=2, init_std=0.1)
+    fixed = OnlineActor("residual", policy, sub_policy=2, init_std=0.1).anchor_mean(states)
+    seed = policy.sub_policy_noise[2].expand(8, -1, -1)
+    assert torch.equal(actor.anchor_mean(states), fixed) and torch.equal(actor.anchor_mean(states, seed), fixed)
+    assert torch.equal(actor.mean(states, fixed), fixed)
+    eps = torch.randn(8, 4, 2)
+    start = policy.initial_noise(8).clone()
+    start[:, 2] = eps
+    drawn = actor.anchor_mean(states, eps)
+    assert torch.equal(drawn, policy.sample(states, start_noise=start).actions[:, 2]) and not torch.equal(drawn, fixed)
+    assert torch.equal(actor.mean(states, drawn, eps), drawn)
+    with torch.no_grad():
+        torch.nn.init.normal_(actor.head[-1].weight, std=0.1)
+    other = torch.randn(8, 4, 2)
+    assert not torch.allclose(actor.mean(states, drawn, eps) - drawn, actor.mean(states, drawn, other) - drawn)
+    reloaded = OnlineActor.from_checkpoint(actor.to_checkpoint())
+    torch.testing.assert_close(reloaded.mean(states, drawn, eps), actor.mean(states, drawn, eps))
+    torch.testing.assert_close(reloaded.mean(states, fixed), actor.mean(states, fixed))
+
+
 # The online tests' tiny run (its PPO-only flags are unused by td3) with td3's own sizes.
 TINY_TD3 = [
     *TINY_ONLINE,
@@ -196,6 +225,7 @@ TINY_TD3 = [
     [
         ("residual", ["--no-critic-layer-norm"], 4),
         ("residual", ["--action-steps", "1"], 1),
+        ("fql", [], 4),
         ("mlp", ["--mlp-horizon", "2"], 2),
     ],
 )
@@ -222,7 +252,7 @@ def test_a_td3_run_starts_at_the_selected_sub_policy_learns_and_reloads(
     assert checkpoint["history"]["step"][0] == 0 and checkpoint["global_step"] >= 300
     actor = OnlineActor.from_checkpoint(checkpoint["actor"])
     assert actor.kind == actor_kind and actor.horizon == horizon
-    if actor_kind == "residual":
+    if actor_kind in ("residual", "fql"):
         chosen = [line for line in result.stdout.splitlines() if line.endswith("| yes |")]
         selection_score = float(chosen[0].split("|")[3].split("+-")[0])
         assert np.mean(checkpoint["history"]["scores"][0]) == pytest.approx(selection_score, abs=0.051)
@@ -236,7 +266,8 @@ def test_a_td3_run_starts_at_the_selected_sub_policy_learns_and_reloads(
 @pytest.mark.parametrize(
     "flags, message",
     [
-        (["--actor", "diffusion"], "--algo td3 trains --actor residual, noise or mlp"),
+        (["--actor", "diffusion"], "--algo td3 trains --actor residual, fql, noise or mlp"),
+        (["--algo", "ppo", "--actor", "fql"], "--actor fql learns from replayed draws of its noise: --algo td3 only"),
         (["--offline-ratio", "1.5"], "--offline-ratio must be in [0, 1]"),
         (["--utd-ratio", "0"], "--utd-ratio must be >= 1"),
         (["--q-weight", "0"], "--q-weight must be > 0"),
