@@ -267,7 +267,7 @@ def check_args(args: Args) -> str | None:
             f"(got {args.action_steps} with --actor {args.actor})"
         )
     if args.algo == "td3" and args.actor == "diffusion":
-        return "--algo td3 trains --actor residual, fql, noise or mlp (the denoiser itself is fine-tuned by --algo ppo only)"
+        return "--algo td3 trains --actor residual, fql, noise or mlp (the denoiser is fine-tuned by --algo ppo only)"
     if args.algo == "ppo" and args.actor == "fql":
         return "--actor fql learns from replayed draws of its noise: --algo td3 only"
     if args.from_scratch and args.actor != "diffusion":
