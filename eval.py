@@ -300,6 +300,26 @@ def fail(message: str):
     sys.exit(2)
 
 
+SEED_RANGE = "[0, 4294967295]"  # numpy's seeds: 0 .. 2^32 - 1
+
+
+def out_of_range(args, ranges: dict[str, str]) -> str | None:
+    """The first flag of `ranges` ({field: interval}) whose value lies outside its interval, as a message
+    naming the flag, or None. Intervals are written as in mathematics, "[1, 64]" or "(0, 1]": every
+    numeric flag has a finite lower and upper bound (the upper ones from memory and time, refused before
+    anything is allocated), and NaN fails every comparison. A tuple is checked entry by entry; None (a
+    flag left to its learner's default) passes."""
+    for name, interval in ranges.items():
+        low, high = (float(bound) for bound in interval[1:-1].split(","))
+        value = getattr(args, name)
+        for entry in [entry for entry in (value if isinstance(value, (tuple, list)) else [value]) if entry is not None]:
+            above = low < entry if interval[0] == "(" else low <= entry
+            below = entry < high if interval[-1] == ")" else entry <= high
+            if not (above and below):
+                return f"--{name.replace('_', '-')} must be in {interval}, got {entry}"
+    return None
+
+
 def unwritable(folder: str) -> str | None:
     """Why files cannot be written into `folder` (made if missing, as the writers do), or None. The
     scripts check their output paths at the start: a bad one then fails before the work, not after it."""

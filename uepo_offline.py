@@ -63,11 +63,13 @@ from dynamics import (
     termination_fn,
 )
 from eval import (
+    SEED_RANGE,
     CheckpointError,
     check_output_file,
     evaluate_sub_policies,
     fail,
     load_checkpoint,
+    out_of_range,
     save_checkpoint,
     spearman_correlation,
     unwritable,
@@ -241,80 +243,73 @@ PAPER_SCALE = {
 }
 
 
+# Every numeric flag's range (`eval.out_of_range`): upper bounds far above every setting used here, so
+# that a request that cannot fit in memory or time is refused before anything is allocated.
+RANGES = {
+    "seed": SEED_RANGE,
+    "noise_seed": SEED_RANGE,
+    "horizon": "[1, 64]",
+    "obs_horizon": "[1, 64]",
+    "gamma": "(0, 1]",
+    "unet_dims": "[1, 4096]",
+    "mlp_hidden": "[1, 4096]",
+    "diffusion_steps": "[2, 1000]",
+    "ddim_steps": "[1, 1000]",
+    "n_subpolicies": "[1, 64]",
+    "min_std": "(0, 10]",
+    "tau": "(0, 1000]",
+    "eta": "[0, 10]",
+    "kl_coef": "[0, 1000]",
+    "kl_every": "[1, 1000000]",
+    "kl_batch_size": "[1, 65536]",
+    "subpolicy_std": "(0, 10]",
+    "repulsion_margin": "(0, 1000]",
+    "total_steps": "[0, 10000000]",
+    "batch_size": "[1, 65536]",
+    "learning_rate": "(0, 1]",
+    "max_grad_norm": "(0, 1000000]",
+    "critic_learning_rate": "(0, 1]",
+    "expectile": "(0, 1)",
+    "critic_target_rate": "(0, 1]",
+    "dynamics_learning_rate": "(0, 1]",
+    "elite_every": "[1, 10000000]",
+    "ope_states": "[1, 65536]",
+    "ope_horizon": "[1, 10000]",
+    "ope_penalty": "[0, 1000000]",
+    "augment_ratio": "[0, 100]",
+    "dynamics_warmup": "[0, 10000000]",
+    "augment_every": "[1, 10000000]",
+    "augment_starts": "[1, 10000000]",
+    "augment_horizon": "[1, 1000]",
+    "aug_kl_quantile": "(0, 1]",
+    "num_qualified": "[0, 64]",
+    "improvement_steps": "[1, 1000000]",
+    "improvement_learning_rate": "(0, 1]",
+    "ope_every": "[1, 1000000]",
+    "choice_starts": "[1, 65536]",
+    "clip_coef": "(0, 10]",
+    "improvement_kl_coef": "[0, 1000000]",
+    "gate_confidence": "[0, 1)",
+    "gate_margin": "[0, 1)",
+    "q_weight": "[0, 1000000]",
+    "eval_every": "[1, 10000000]",
+    "eval_episodes": "[1, 1000]",
+    "action_steps": "[1, 64]",
+    "divergence_states": "[1, 100000]",
+    "log_every": "[1, 10000000]",
+}
+
+
 def check_args(args: Args) -> str | None:
     """The first argument out of its range, as a message naming the flag (None if all are valid):
     every check is made before any work starts. Comparisons are written so that NaN fails them."""
-    flag = lambda name: f"--{name.replace('_', '-')}"
-    at_least_one = (
-        "horizon",
-        "obs_horizon",
-        "mlp_hidden",
-        "n_subpolicies",
-        "kl_every",
-        "kl_batch_size",
-        "total_steps",
-        "batch_size",
-        "elite_every",
-        "ope_states",
-        "ope_horizon",
-        "augment_every",
-        "augment_starts",
-        "augment_horizon",
-        "improvement_steps",
-        "ope_every",
-        "choice_starts",
-        "eval_every",
-        "eval_episodes",
-        "divergence_states",
-        "log_every",
-    )
-    for name in at_least_one:
-        if not getattr(args, name) >= 1 and not (name == "total_steps" and args.init_checkpoint is not None):
-            return f"{flag(name)} must be >= 1, got {getattr(args, name)}"
-    if not all(dim >= 1 for dim in args.unet_dims):
-        return f"--unet-dims must all be >= 1, got {args.unet_dims}"
-    if not args.diffusion_steps >= 2:
-        return (
-            f"--diffusion-steps must be >= 2 (a diffusion needs at least two noise levels), got {args.diffusion_steps}"
-        )
-    if not 1 <= args.ddim_steps <= args.diffusion_steps:
-        return f"--ddim-steps must be between 1 and --diffusion-steps ({args.diffusion_steps}), got {args.ddim_steps}"
-    for name in (
-        "dynamics_warmup",
-        "num_qualified",
-        "kl_coef",
-        "eta",
-        "ope_penalty",
-        "augment_ratio",
-        "q_weight",
-        "improvement_kl_coef",
-    ):
-        if not getattr(args, name) >= 0:
-            return f"{flag(name)} must be >= 0, got {getattr(args, name)}"
-    for name in (
-        "tau",
-        "min_std",
-        "subpolicy_std",
-        "repulsion_margin",
-        "learning_rate",
-        "max_grad_norm",
-        "critic_learning_rate",
-        "dynamics_learning_rate",
-        "clip_coef",
-        "improvement_learning_rate",
-    ):
-        value = getattr(args, name)
-        if value is not None and not value > 0:
-            return f"{flag(name)} must be > 0, got {value}"
-    for name, low, high in (("gamma", 0, 1), ("critic_target_rate", 0, 1), ("aug_kl_quantile", 0, 1)):
-        if not low < getattr(args, name) <= high:
-            return f"{flag(name)} must be in ({low}, {high}], got {getattr(args, name)}"
-    if not 0 < args.expectile < 1:
-        return f"--expectile must be in (0, 1), got {args.expectile}"
-    if not 0 <= args.gate_confidence < 1:
-        return f"--gate-confidence must be in [0, 1), got {args.gate_confidence}"
-    if not 0 <= args.gate_margin < 1:
-        return f"--gate-margin must be in [0, 1), got {args.gate_margin}"
+    problem = out_of_range(args, RANGES)
+    if problem is not None:
+        return problem
+    if args.total_steps == 0 and args.init_checkpoint is None:
+        return "--total-steps must be >= 1 (0 only with --init-checkpoint, which skips the loop)"
+    if not args.ddim_steps <= args.diffusion_steps:
+        return f"--ddim-steps must be at most --diffusion-steps ({args.diffusion_steps}), got {args.ddim_steps}"
     if args.eta > 0 and args.n_subpolicies > 1 and args.horizon < 3:
         return (
             "the kinematic divergence needs --horizon >= 3 (velocity and acceleration); use --eta 0 for shorter chunks"

@@ -52,6 +52,7 @@ from divergence import gaussian_kl, gaussian_log_prob
 from dynamics import ChunkCritics, chunk_td_target, soft_update
 from eval import (
     GYM_ENV_IDS,
+    SEED_RANGE,
     CheckpointError,
     ChunkEnv,
     build_saved,
@@ -60,6 +61,7 @@ from eval import (
     fail,
     load_checkpoint,
     offline_candidates,
+    out_of_range,
     require,
     restore_vector_env_state,
     save_checkpoint,
@@ -201,71 +203,67 @@ def with_algo_defaults(args: Args) -> Args:
     return replace(args, **unset)
 
 
+# Every numeric flag's range (`eval.out_of_range`): upper bounds far above every setting used here, so
+# that a request that cannot fit in memory or time is refused before anything is allocated.
+RANGES = {
+    "seed": SEED_RANGE,
+    "residual_bound": "(0, 10]",
+    "action_steps": "[1, 64]",
+    "mlp_horizon": "[1, 64]",
+    "init_std": "(0, 2]",
+    "selection_top": "[1, 64]",
+    "selection_episodes": "[1, 1000]",
+    "total_timesteps": "[1, 100000000]",
+    "num_envs": "[1, 256]",
+    "num_steps": "[1, 4096]",
+    "learning_rate": "(0, 1]",
+    "value_learning_rate": "(0, 1]",
+    "lr_floor": "[0, 1]",
+    "gae_lambda": "[0, 1]",
+    "num_minibatches": "[1, 65536]",
+    "update_epochs": "[1, 1000]",
+    "clip_coef": "(0, 10]",
+    "target_kl": "(0, 100]",
+    "anchor_coef": "[0, 1000]",
+    "anchor_floor": "[0, 1]",
+    "max_grad_norm": "(0, 1000000]",
+    "critic_warmup": "[0, 1000]",
+    "batch_size": "[1, 65536]",
+    "offline_ratio": "[0, 1]",
+    "offline_rows": "[1, 2000000]",
+    "buffer_size": "[1, 10000000]",
+    "utd_ratio": "[1, 1000]",
+    "critic_learning_rate": "(0, 1]",
+    "tau": "[0, 1]",
+    "exploration_noise": "[0, 10]",
+    "policy_noise": "[0, 10]",
+    "noise_clip": "[0, 10]",
+    "policy_frequency": "[1, 1000]",
+    "q_weight": "(0, 1000000]",
+    "actor_learning_starts": "[0, 100000000]",
+    "offline_critic_updates": "[0, 10000000]",
+    "eval_every": "[1, 100000000]",
+    "eval_episodes": "[1, 1000]",
+}
+
+
 def check_args(args: Args) -> str | None:
     """The first argument out of its range, as a message naming the flag (None if all are valid):
     every check is made before any work starts."""
     if args.checkpoint is None:
         return "--checkpoint is required: the offline checkpoint to fine-tune (or --resume an online checkpoint)"
-    at_least_one = (
-        "total_timesteps",
-        "num_envs",
-        "num_steps",
-        "num_minibatches",
-        "update_epochs",
-        "eval_every",
-        "eval_episodes",
-        "selection_top",
-        "selection_episodes",
-        "mlp_horizon",
-        "batch_size",
-        "offline_rows",
-        "buffer_size",
-        "utd_ratio",
-        "policy_frequency",
-    )
-    for name in at_least_one:
-        if getattr(args, name) < 1:
-            return f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}"
+    problem = out_of_range(args, RANGES)
+    if problem is not None:
+        return problem
     if args.num_minibatches > args.num_envs * args.num_steps:
         return (
             f"--num-minibatches ({args.num_minibatches}) must be at most the decisions per rollout, "
             f"--num-envs x --num-steps = {args.num_envs * args.num_steps}"
         )
-    positive = {
-        "init_std": args.init_std,
-        "learning_rate": args.learning_rate,
-        "value_learning_rate": args.value_learning_rate,
-        "clip_coef": args.clip_coef,
-        "max_grad_norm": args.max_grad_norm,
-        "target_kl": args.target_kl,
-        "critic_learning_rate": args.critic_learning_rate,
-        "q_weight": args.q_weight,
-        "residual_bound": args.residual_bound,
-    }
-    for name, value in positive.items():
-        if value is not None and not value > 0:
-            return f"--{name.replace('_', '-')} must be > 0, got {value}"
-    for name in (
-        "anchor_coef",
-        "critic_warmup",
-        "exploration_noise",
-        "policy_noise",
-        "noise_clip",
-        "offline_critic_updates",
-        "actor_learning_starts",
-    ):
-        if not getattr(args, name) >= 0:
-            return f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}"
-    for name in ("lr_floor", "gae_lambda", "offline_ratio", "tau", "anchor_floor"):
-        if not 0 <= getattr(args, name) <= 1:
-            return f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(args, name)}"
     if args.residual_bound is not None and args.actor != "residual":
         return f"--residual-bound bounds the offset of --actor residual (got --actor {args.actor})"
-    if args.action_steps is not None and (args.actor != "residual" or args.action_steps < 1):
-        return (
-            f"--action-steps shortens the decisions of --actor residual and is >= 1 "
-            f"(got {args.action_steps} with --actor {args.actor})"
-        )
+    if args.action_steps is not None and args.actor != "residual":
+        return f"--action-steps shortens the decisions of --actor residual (got --actor {args.actor})"
     if args.algo == "td3" and args.actor == "diffusion":
         return "--algo td3 trains --actor residual, fql, noise or mlp (the denoiser is fine-tuned by --algo ppo only)"
     if args.algo == "ppo" and args.actor == "fql":

@@ -315,15 +315,15 @@ def test_the_other_actors_and_the_baselines_run_and_reload(offline_checkpoint, t
 @pytest.mark.parametrize(
     "flags, message",
     [
-        (["--init-std", "0"], "--init-std must be > 0"),
+        (["--init-std", "0"], "--init-std must be in (0, 2], got 0"),
         (["--actor", "noise", "--from-scratch"], "--from-scratch re-initializes the denoiser"),
-        (["--num-envs", "0"], "--num-envs must be >= 1"),
-        (["--num-minibatches", "0"], "--num-minibatches must be >= 1"),
+        (["--num-envs", "0"], "--num-envs must be in [1, 256], got 0"),
+        (["--num-minibatches", "0"], "--num-minibatches must be in [1, 65536], got 0"),
         (["--num-envs", "2", "--num-steps", "4", "--num-minibatches", "9"], "--num-minibatches (9) must be at most"),
-        (["--eval-every", "0"], "--eval-every must be >= 1"),
-        (["--selection-top", "0"], "--selection-top must be >= 1"),
-        (["--anchor-coef", "-1"], "--anchor-coef must be >= 0"),
-        (["--target-kl", "0"], "--target-kl must be > 0"),
+        (["--eval-every", "0"], "--eval-every must be in [1, 100000000], got 0"),
+        (["--selection-top", "0"], "--selection-top must be in [1, 64], got 0"),
+        (["--anchor-coef", "-1"], "--anchor-coef must be in [0, 1000], got -1"),
+        (["--target-kl", "0"], "--target-kl must be in (0, 100], got 0"),
     ],
 )
 def test_online_refuses_an_argument_out_of_range_before_any_work(offline_checkpoint, tmp_path, flags, message):

@@ -3,8 +3,10 @@ before any work, checkpoints validated on load (fields, sizes before any network
 weights, environment and dataset), non-finite results never reported as numbers, and uepo_online.py's
 output paths checked before training and its selection never choosing a non-finite score."""
 
+import dataclasses
 import math
 import time
+import typing
 
 import pytest
 import torch
@@ -474,3 +476,48 @@ def test_no_command_writes_over_its_input(offline_checkpoint, minari_path, tmp_p
     assert result.returncode == 2, result.stderr[-2000:]
     assert "would replace that input" in result.stderr and "Traceback" not in result.stderr
     assert source.read_bytes() == before
+
+
+# ---- the training scripts: one range per numeric flag -----------------------------------------------------------
+def numeric_flags(args_class) -> set[str]:
+    """The fields of an Args dataclass that hold numbers (int or float, optional, or tuples of them)."""
+    hints = typing.get_type_hints(args_class)
+    return {name for name, hint in hints.items() if hint in (int, float) or {int, float} & set(typing.get_args(hint))}
+
+
+def beyond(interval: str, integer: bool) -> list:
+    """Values outside an interval written "[low, high]" or "(low, high)": past each end, an open end
+    itself, and (for floats) the non-finite ones."""
+    low, high = (float(bound) for bound in interval[1:-1].split(","))
+    values = [int(high) + 1, int(low) - 1] if integer else [high * 2 + 1, low - 1, NAN, INF, -INF]
+    return values + ([low] if interval[0] == "(" else []) + ([high] if interval[-1] == ")" else [])
+
+
+@pytest.mark.parametrize("script", ["offline", "online"])
+def test_every_numeric_flag_of_the_training_scripts_has_a_finite_range_checked_before_any_work(script):
+    """One rule for every number a user types: each numeric flag of uepo_offline.py and uepo_online.py
+    has a finite lower and upper bound in its script's RANGES table, and a value outside it (beyond the
+    upper bound, below the lower one, NaN, inf) is refused by `check_args` with the flag and the interval
+    named, while the defaults pass. The upper bounds refuse requests that cannot fit (`--batch-size
+    1e12`, `--n-subpolicies 1e9`) before anything is allocated; seeds stay in numpy's range."""
+    if script == "offline":
+        import uepo_offline as module
+
+        defaults = module.parse_args([])
+    else:
+        import uepo_online as module
+
+        defaults = with_algo_defaults(module.Args(checkpoint="offline.pt"))
+    assert module.check_args(defaults) is None
+    assert numeric_flags(module.Args) == set(module.RANGES)
+    hints = typing.get_type_hints(module.Args)
+    for name, interval in module.RANGES.items():
+        integer = int in (hints[name], *typing.get_args(hints[name]))
+        tuple_flag = typing.get_origin(hints[name]) is tuple
+        low, high = (float(bound) for bound in interval[1:-1].split(","))
+        assert math.isfinite(low) and math.isfinite(high) and low < high, name
+        for value in beyond(interval, integer):
+            changed = dataclasses.replace(defaults, **{name: (value,) if tuple_flag else value})
+            problem = module.check_args(changed)
+            flag = "--" + name.replace("_", "-")
+            assert problem is not None and problem.startswith(f"{flag} must be in {interval}"), (name, value, problem)
