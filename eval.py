@@ -320,6 +320,16 @@ def out_of_range(args, ranges: dict[str, str]) -> str | None:
     return None
 
 
+def report_interrupt(message: str, kind, value, traceback) -> None:
+    """The training scripts' `sys.excepthook` (with `message` bound by functools.partial): Ctrl-C ends
+    the run with one line, `message` naming the last checkpoint (written atomically, so intact) and
+    how to continue, instead of Python's traceback; any other exception keeps Python's report."""
+    if issubclass(kind, KeyboardInterrupt):
+        print(f"interrupted: {message}", file=sys.stderr)
+    else:
+        sys.__excepthook__(kind, value, traceback)
+
+
 def unwritable(folder: str) -> str | None:
     """Why files cannot be written into `folder` (made if missing, as the writers do), or None. The
     scripts check their output paths at the start: a bad one then fails before the work, not after it."""
@@ -604,13 +614,18 @@ def check_online(checkpoint: dict, path: str) -> None:
 
 
 def load_checkpoint(
-    path: str, expected_env_id: str | None = None, map_location="cpu", expected_dataset: str | None = None
+    path: str,
+    expected_env_id: str | None = None,
+    map_location="cpu",
+    expected_dataset: str | None = None,
+    phase: str | None = None,
 ) -> dict:
     """Load a checkpoint written by `save_checkpoint`, refusing (CheckpointError, naming the file) a
     corrupt one, one of another format, one with a field missing, a size out of bounds (checked
-    before any network is built from it) or non-finite weights, and one made for another Gymnasium
-    environment than `expected_env_id` or (`expected_dataset`, a Minari id or a D4RL-style name such
-    as `hopper-medium`) trained on another dataset."""
+    before any network is built from it) or non-finite weights, one of the other `phase` than the
+    command needs ("offline" or "online"), and one made for another Gymnasium environment than
+    `expected_env_id` or (`expected_dataset`, a Minari id or a D4RL-style name such as
+    `hopper-medium`) trained on another dataset."""
     if not os.path.isfile(path):
         raise CheckpointError(f"no checkpoint at {path}")
     try:
@@ -633,10 +648,16 @@ def load_checkpoint(
         ) from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not a UEPO checkpoint (format {CHECKPOINT_FORMAT} expected)")
-    phase = checkpoint.get("phase", "offline")
-    if phase not in ("offline", "online"):
-        raise CheckpointError(f"{path}: phase must be offline or online, got {reprlib.repr(phase)}")
-    (check_online if phase == "online" else check_offline)(checkpoint, path)
+    if checkpoint.get("phase", "offline") not in ("offline", "online"):
+        raise CheckpointError(f"{path}: phase must be offline or online, got {reprlib.repr(checkpoint['phase'])}")
+    if phase is not None and checkpoint.get("phase", "offline") != phase:
+        written_by = {"offline": "uepo_offline.py", "online": "uepo_online.py"}
+        actual = checkpoint.get("phase", "offline")
+        raise CheckpointError(
+            f"{path} is an {actual} checkpoint (of {written_by[actual]}); this needs an {phase} one "
+            f"(of {written_by[phase]})"
+        )
+    (check_online if checkpoint.get("phase", "offline") == "online" else check_offline)(checkpoint, path)
     if expected_env_id is not None and checkpoint["env_id"] != expected_env_id:
         raise CheckpointError(f"{path} was made for {checkpoint['env_id']}, not {expected_env_id}")
     dataset_id = checkpoint["dataset_id"]
@@ -645,6 +666,22 @@ def load_checkpoint(
             f"{path} was trained on the dataset {dataset_id} ({dataset_name(dataset_id)}), not {expected_dataset}"
         )
     return checkpoint
+
+
+def unfinished_stage(checkpoint: dict) -> str | None:
+    """The stage an offline checkpoint's run did not finish, in words, or None: the loop (its last
+    step short of --total-steps) or the improvement stage (fewer improved copies than --num-qualified,
+    or no offline choice among them). Such a checkpoint is a run cut off, to be continued with
+    `uepo_offline.py --resume`, never a result to fine-tune or report."""
+    args, improved = checkpoint["args"], checkpoint.get("improved") or []
+    if args.get("init_checkpoint") is None and checkpoint["step"] < args.get("total_steps", 0):
+        return f"the loop (step {checkpoint['step']} of {args['total_steps']})"
+    if len(improved) < args.get("num_qualified", 0) or not all("choice_rank" in entry for entry in improved):
+        return (
+            f"the improvement stage ({len(improved)} of {args.get('num_qualified', 0)} copies improved, "
+            "no offline choice made)"
+        )
+    return None
 
 
 def build_saved(saved: dict, what: str) -> "DiffusionPolicy | OnlineActor":

@@ -28,6 +28,7 @@ Design choices are fixed in docs/design.md; measurements are in docs/experiments
 """
 
 import copy
+import functools
 import os
 import random
 import sys
@@ -70,8 +71,10 @@ from eval import (
     fail,
     load_checkpoint,
     out_of_range,
+    report_interrupt,
     save_checkpoint,
     spearman_correlation,
+    unfinished_stage,
     unwritable,
 )
 
@@ -1236,9 +1239,11 @@ def resumed_run(args: Args) -> tuple[Args, dict | None]:
     if args.resume is None:
         return args, None
     try:
-        resumed = load_checkpoint(args.resume)
+        resumed = load_checkpoint(args.resume, phase="offline")
     except CheckpointError as error:
         fail(str(error))
+    if unfinished_stage(resumed) is None:
+        fail(f"{args.resume} is a finished run: nothing to resume (its checkpoint is the result)")
     if not resumed.get("resume"):
         fail(
             f"{args.resume} holds no training state to resume from (an improvement-only run, or an older "
@@ -1288,6 +1293,9 @@ if __name__ == "__main__":
     if resumed is not None:
         run_name = resumed["resume"]["run_name"]  # the same TensorBoard folder
     checkpoint_path = args.checkpoint_path or f"runs/{run_name}/offline.pt"
+    sys.excepthook = functools.partial(
+        report_interrupt, f"the last checkpoint (if any) is {checkpoint_path}; continue with --resume {checkpoint_path}"
+    )
     writer = SummaryWriter(f"runs/{run_name}")
     writer.add_text(
         "hyperparameters",
@@ -1422,7 +1430,9 @@ if __name__ == "__main__":
     else:
         # ---- phase 1 ran in an earlier run (--init-checkpoint): take its networks, evaluate them --
         try:
-            saved = load_checkpoint(args.init_checkpoint, expected_env_id=task.env_id, map_location=device)
+            saved = load_checkpoint(
+                args.init_checkpoint, expected_env_id=task.env_id, map_location=device, phase="offline"
+            )
         except CheckpointError as error:
             fail(str(error))
         if saved["dataset_id"] != dataset_id or "critics" not in saved or saved["policy"]["config"] != asdict(config):

@@ -34,6 +34,7 @@
 """
 
 import copy
+import functools
 import os
 import random
 import sys
@@ -62,9 +63,11 @@ from eval import (
     load_checkpoint,
     offline_candidates,
     out_of_range,
+    report_interrupt,
     require,
     restore_vector_env_state,
     save_checkpoint,
+    unfinished_stage,
     unwritable,
     vector_env_state,
 )
@@ -666,12 +669,7 @@ def resumed_run(args: Args) -> tuple[Args, dict | None]:
     if args.resume is None:
         return args, None
     try:
-        resumed = load_checkpoint(args.resume)
-        if resumed.get("phase") != "online":
-            raise CheckpointError(
-                f"{args.resume} is an offline checkpoint, not one of uepo_online.py (continue an offline run "
-                "with uepo_offline.py --resume)"
-            )
+        resumed = load_checkpoint(args.resume, phase="online")
         if not resumed.get("resume"):
             raise CheckpointError(
                 f"{args.resume} holds no training state to resume from (a --algo td3 run, which keeps no "
@@ -850,11 +848,12 @@ if __name__ == "__main__":
                 args.checkpoint,
                 expected_env_id=gym_env_id(args.env_id) if args.env_id else None,
                 expected_dataset=args.env_id if args.env_id and is_dataset_name(args.env_id) else None,
+                phase="offline",
             )
         except CheckpointError as error:
             fail(str(error))
-        if checkpoint.get("phase") == "online" or "history" not in checkpoint:
-            fail(f"{args.checkpoint} is not an offline checkpoint of uepo_offline.py")
+        if (stage := unfinished_stage(checkpoint)) is not None:
+            fail(f"{args.checkpoint} is a run cut off in {stage}: finish it with uepo_offline.py --resume")
         gamma = checkpoint["args"]["gamma"]
         if args.action_steps is not None and args.action_steps > (horizon := checkpoint["policy"]["config"]["horizon"]):
             fail(f"--action-steps must be at most the checkpoint's horizon H = {horizon}, got {args.action_steps}")
@@ -868,6 +867,8 @@ if __name__ == "__main__":
     if resumed is not None:
         run_name = resumed["resume"]["run_name"]  # the same TensorBoard folder
     checkpoint_path = args.checkpoint_path or f"runs/{run_name}/online.pt"
+    how = f"continue with --resume {checkpoint_path}" if args.algo == "ppo" else "td3 keeps no replay: start again"
+    sys.excepthook = functools.partial(report_interrupt, f"the last checkpoint (if any) is {checkpoint_path}; {how}")
     writer = SummaryWriter(f"runs/{run_name}")
     writer.add_text(
         "hyperparameters",

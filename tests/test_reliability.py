@@ -5,6 +5,10 @@ output paths checked before training and its selection never choosing a non-fini
 
 import dataclasses
 import math
+import os
+import signal
+import subprocess
+import sys
 import time
 import typing
 
@@ -521,3 +525,73 @@ def test_every_numeric_flag_of_the_training_scripts_has_a_finite_range_checked_b
             problem = module.check_args(changed)
             flag = "--" + name.replace("_", "-")
             assert problem is not None and problem.startswith(f"{flag} must be in {interval}"), (name, value, problem)
+
+
+# ---- checkpoints: accepted only for the stage the command needs, and only when that stage finished ------------
+def cut_off_in_the_loop(checkpoint):
+    checkpoint["step"] = checkpoint["args"]["total_steps"] - 1
+
+
+def cut_off_in_the_improvement(checkpoint):
+    checkpoint["improved"] = []
+
+
+@pytest.mark.parametrize(
+    "script, flag, which, message",
+    [
+        ("online", "--checkpoint", "online", "is an online checkpoint (of uepo_online.py); this needs an offline one"),
+        ("online", "--checkpoint", "loop", "is a run cut off in the loop (step"),
+        ("online", "--checkpoint", "improvement", "cut off in the improvement stage (0 of 1 copies improved"),
+        ("offline", "--resume", "online", "is an online checkpoint (of uepo_online.py); this needs an offline one"),
+        ("offline", "--init-checkpoint", "online", "is an online checkpoint (of uepo_online.py)"),
+        ("offline", "--resume", "offline", "is a finished run: nothing to resume"),
+    ],
+)
+def test_a_checkpoint_is_accepted_only_for_a_finished_stage_of_the_phase_the_command_needs(
+    minari_path, offline_checkpoint, online_run, tmp_path, script, flag, which, message
+):
+    """One rule for checkpoints given to a command: one of the other phase (offline vs online) is
+    refused by name, and an offline run cut off in its loop or its improvement stage is never
+    fine-tuned (it is to be continued with --resume); a finished one is never "resumed" into doing
+    nothing. Exit 2, the file named, one line, nothing written."""
+    from test_offline import TINY_MODEL, TINY_POLICY, run_offline
+
+    path = {"online": online_run[1], "offline": offline_checkpoint}.get(which)
+    if which in ("loop", "improvement"):
+        change = cut_off_in_the_loop if which == "loop" else cut_off_in_the_improvement
+        path = rewritten(offline_checkpoint, tmp_path / "cut.pt", change)
+    if script == "online":
+        result = run_online([flag, str(path)], tmp_path)
+    else:
+        result = run_offline([*TINY_POLICY, *TINY_MODEL, flag, str(path)], minari_path, tmp_path)
+    refused(result, str(path), message)
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("*.pt"))
+
+
+def test_ctrl_c_ends_a_run_with_one_line_naming_the_intact_checkpoint_and_how_to_resume(minari_path, tmp_path):
+    """SIGINT during the offline loop, after its first checkpoint: no traceback, one line that names the
+    checkpoint and the --resume command; the checkpoint on disk loads."""
+    from test_offline import ROOT, TINY_RUN
+
+    path = tmp_path / "offline.pt"
+    env = {**os.environ, "MINARI_DATASETS_PATH": minari_path, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    arguments = [*TINY_RUN, "--total-steps", "100000", "--eval-every", "10", "--checkpoint-path", str(path)]
+    process = subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, "uepo_offline.py"), *arguments],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    for line in process.stdout:  # wait for the first checkpoint, then interrupt
+        if line.startswith("checkpoint:"):
+            break
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert "Traceback" not in stderr, stderr[-2000:]
+    assert stderr.strip().splitlines() == [
+        f"interrupted: the last checkpoint (if any) is {path}; continue with --resume {path}"
+    ]
+    assert load_checkpoint(str(path))["step"] >= 10
