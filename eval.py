@@ -50,6 +50,12 @@ CHECKPOINT_FORMAT = "uepo-v1"
 GYM_ENV_IDS = {"hopper": "Hopper-v5", "walker2d": "Walker2d-v5", "halfcheetah": "HalfCheetah-v5", "ant": "Ant-v5"}
 
 
+def is_dataset_name(name: str) -> bool:
+    """`hopper-medium` (a D4RL-style dataset name: an env of GYM_ENV_IDS and a quality), not `Hopper-v5`."""
+    task, _, quality = name.partition("-")
+    return task in GYM_ENV_IDS and quality != ""
+
+
 def normalized_score(returns, ref_min_score: float, ref_max_score: float) -> np.ndarray:
     return 100.0 * (np.asarray(returns, dtype=np.float64) - ref_min_score) / (ref_max_score - ref_min_score)
 

@@ -60,6 +60,7 @@ from eval import (
     check_output_file,
     evaluate_saved_task,
     fail,
+    is_dataset_name,
     load_checkpoint,
     offline_candidates,
     out_of_range,
@@ -291,12 +292,6 @@ def check_paths(args: Args) -> str | None:
     if problem is not None:
         return f"runs/ (the TensorBoard logs and the default checkpoint folder) cannot be written: {problem}"
     return check_output_file("--checkpoint-path", args.checkpoint_path, inputs={"--checkpoint": args.checkpoint})
-
-
-def is_dataset_name(name: str) -> bool:
-    """`hopper-medium` (a D4RL-style dataset name: an env of GYM_ENV_IDS and a quality), not `Hopper-v5`."""
-    task, _, quality = name.partition("-")
-    return task in GYM_ENV_IDS and quality != ""
 
 
 def gym_env_id(name: str) -> str:

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 import tyro
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from eval import GYM_ENV_IDS, SEED_RANGE, is_dataset_name, out_of_range, unwritable  # noqa: E402
 
 # method (= --exp-name = report column) -> (script, the method whose checkpoint it starts from, its flags).
 # `uepo` runs only the improvement stage on the same seed's `uepo-no-improvement` checkpoint
@@ -92,9 +94,9 @@ def chain_length(method: str, needed: set[str]) -> int:
 
 def check_args(args: Args) -> str | None:
     """The first argument out of its range, as a one-line message (None if all are valid)."""
-    for name in ("workers", "threads"):
-        if not getattr(args, name) >= 1:
-            return f"--{name} must be >= 1, got {getattr(args, name)}"
+    problem = out_of_range(args, {"workers": "[1, 64]", "threads": "[1, 256]", "seeds": SEED_RANGE})
+    if problem is not None:
+        return problem
     for name in ("env_ids", "seeds", "methods"):
         if not getattr(args, name):
             return f"--{name.replace('_', '-')} needs at least one value"
@@ -107,6 +109,15 @@ def check_args(args: Args) -> str | None:
         or len(set(args.env_ids)) < len(args.env_ids)
     ):
         return "--env-ids, --seeds and --methods must not repeat a value"
+    unknown = [env_id for env_id in args.env_ids if not is_dataset_name(env_id)]
+    if unknown:
+        return (
+            f"--env-ids takes datasets named `<env>-<quality>` with env in {', '.join(GYM_ENV_IDS)} "
+            f"(e.g. hopper-medium), got {', '.join(unknown)}"
+        )
+    problem = unwritable(args.runs_dir)
+    if problem is not None:
+        return f"--runs-dir {args.runs_dir} cannot be written: {problem}"
     for name in ("extra_offline_flags", "extra_online_flags", "extra_baseline_flags"):
         try:
             shlex.split(getattr(args, name))

@@ -172,19 +172,25 @@ def test_failed_job_skips_its_dependants_and_exits_non_zero(minari_path, tmp_pat
 
 
 def test_bad_arguments_are_refused_before_any_work(tmp_path):
-    """--workers 0 and an unknown method exit with code 2 and a one-line message (the valid methods
-    listed), no traceback, and nothing written."""
+    """Numbers out of range, a dataset name that is none, an unwritable --runs-dir (a file) and an
+    unknown method exit with code 2 and a one-line message (the valid values listed), no traceback,
+    and nothing written, also with --dry-run."""
+    (tmp_path / "a_file").write_text("")
     for arguments, message in (
-        (["--workers", "0"], "--workers must be >= 1, got 0"),
+        (["--workers", "0"], "--workers must be in [1, 64], got 0"),
+        (["--seeds", "-1"], "--seeds must be in [0, 4294967295], got -1"),
+        (["--env-ids", "foo-bar", "--dry-run"], "--env-ids takes datasets named `<env>-<quality>` with env in hopper"),
+        (["--runs-dir", "a_file", "--dry-run"], f"--runs-dir a_file cannot be written: {tmp_path / 'a_file'} is"),
         (
             ["--methods", "uepo", "ppo"],
             "unknown method ppo; valid methods: diffusion-bc, uepo-no-improvement, uepo, uepo-online, mse-bc, td3-bc",
         ),
         (["--seeds"], "--seeds needs at least one value"),
     ):
-        result = run_benchmark(arguments + ["--runs-dir", "bench"], tmp_path, timeout=60)
+        runs_dir = [] if "--runs-dir" in arguments else ["--runs-dir", "bench"]
+        result = run_benchmark(arguments + runs_dir, tmp_path, timeout=60)
         assert result.returncode == 2, arguments
-        assert result.stderr.strip() == f"error: {message}"
+        assert result.stderr.startswith(f"error: {message}") and len(result.stderr.strip().splitlines()) == 1
         assert "Traceback" not in result.stderr and not (tmp_path / "bench").exists()
 
 
