@@ -50,6 +50,17 @@ CHECKPOINT_FORMAT = "uepo-v1"
 GYM_ENV_IDS = {"hopper": "Hopper-v5", "walker2d": "Walker2d-v5", "halfcheetah": "HalfCheetah-v5", "ant": "Ant-v5"}
 
 
+def spaces_problem(name: str, observation_space, action_space) -> str | None:
+    """Why a dataset's or environment's spaces do not fit this implementation (flat Box observations
+    and actions: state vectors, continuous actions), as a message naming it, or None."""
+    if all(isinstance(space, gym.spaces.Box) and len(space.shape) == 1 for space in (observation_space, action_space)):
+        return None
+    return (
+        f"{name} has observation space {observation_space} and action space {action_space}; this implementation "
+        "needs flat Box spaces (state vectors, continuous actions)"
+    )
+
+
 def is_dataset_name(name: str) -> bool:
     """`hopper-medium` (a D4RL-style dataset name: an env of GYM_ENV_IDS and a quality), not `Hopper-v5`."""
     task, _, quality = name.partition("-")
@@ -908,26 +919,54 @@ def perturbed_env(env: gym.Env, perturbation: str, strength: float, seed: int, s
 # Dataset states (the divergence of `eval.py policy` is measured on them, as in training)
 # ------------------------------------------------------------------------------------------------
 class DatasetMissing(RuntimeError):
-    """The checkpoint's dataset is not in this machine's MINARI_DATASETS_PATH."""
+    """A dataset that is not in this machine's MINARI_DATASETS_PATH, or cannot be read there."""
+
+
+def local_dataset(dataset_id: str):
+    """The local Minari dataset `dataset_id`, or None where MINARI_DATASETS_PATH has no folder for it.
+    A folder that minari cannot read (damaged metadata, a missing data file) raises DatasetMissing
+    naming it: such a dataset is damaged, not missing, and is never downloaded over."""
+    import minari  # only the dataset readers of eval.py need it
+
+    folder = minari.storage.get_dataset_path(dataset_id)
+    if not os.path.isdir(os.path.join(folder, "data")):
+        return None
+    try:
+        dataset = minari.load_dataset(dataset_id)
+        dataset.total_episodes  # reads the data file's episode index
+        return dataset
+    except Exception as error:  # minari and h5py raise many types for damaged files
+        raise DatasetMissing(
+            f"the local dataset {dataset_id!r} in {folder} cannot be read ({type(error).__name__}: "
+            f"{' '.join(str(error).split())[:200]}): delete that folder and download it again"
+        ) from None
 
 
 def dataset_state_histories(dataset_id: str, count: int, obs_horizon: int, seed: int) -> np.ndarray:
     """`count` state histories (count, To, S) at uniformly drawn dataset steps, the first state of
     the episode repeated before its start (as in training)."""
-    import minari  # only this part of eval.py reads datasets
-
-    if dataset_id not in minari.list_local_datasets():
+    try:
+        dataset = local_dataset(dataset_id)
+    except DatasetMissing as error:
+        raise DatasetMissing(f"{error}, or pass --no-divergence") from None
+    if dataset is None:
         path = os.environ.get("MINARI_DATASETS_PATH", "~/.minari/datasets (MINARI_DATASETS_PATH unset)")
         raise DatasetMissing(
             f"the dataset {dataset_id!r} of this checkpoint is not in MINARI_DATASETS_PATH={path}; "
             f"get it with `minari download {dataset_id}`, or pass --no-divergence"
         )
     observations, episode_starts, offset = [], [], 0
-    for episode in minari.load_dataset(dataset_id).iterate_episodes():
-        states = np.asarray(episode.observations[:-1], dtype=np.float32)
-        observations.append(states)
-        episode_starts.append(np.full(len(states), offset))
-        offset += len(states)
+    try:
+        for episode in dataset.iterate_episodes():
+            states = np.asarray(episode.observations[:-1], dtype=np.float32)
+            observations.append(states)
+            episode_starts.append(np.full(len(states), offset))
+            offset += len(states)
+    except Exception as error:  # minari and h5py raise many types for a damaged or truncated file
+        raise DatasetMissing(
+            f"the local dataset {dataset_id!r} cannot be read ({type(error).__name__}: "
+            f"{' '.join(str(error).split())[:200]}); download it again, or pass --no-divergence"
+        ) from None
     observations, episode_starts = np.concatenate(observations), np.concatenate(episode_starts)
     rows = np.random.default_rng(seed).choice(len(observations), size=min(count, len(observations)), replace=False)
     history = np.maximum(rows[:, None] + np.arange(-obs_horizon + 1, 1)[None, :], episode_starts[rows][:, None])
@@ -1576,6 +1615,11 @@ def check_speed_args(args: SpeedArgs) -> str | None:
     every check is made before any work starts."""
     if args.env_id not in gym.registry:
         return f"--env-id {args.env_id} is not a registered Gymnasium environment (e.g. Hopper-v5)"
+    env = gym.make(args.env_id)
+    problem = spaces_problem(f"--env-id {args.env_id}", env.observation_space, env.action_space)
+    env.close()
+    if problem is not None:
+        return problem
     if not 1 <= args.batch_size <= MAX_SPEED_BATCH:
         return f"--batch-size must be in [1, {MAX_SPEED_BATCH}], got {args.batch_size}"
     for name in ("gradient_steps", "decisions", "online_timesteps"):

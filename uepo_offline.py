@@ -37,7 +37,6 @@ import time
 from dataclasses import asdict, dataclass, fields
 from typing import Literal
 
-import gymnasium as gym
 import minari
 import numpy as np
 import torch
@@ -66,13 +65,16 @@ from dynamics import (
 from eval import (
     SEED_RANGE,
     CheckpointError,
+    DatasetMissing,
     check_output_file,
     evaluate_sub_policies,
     fail,
     load_checkpoint,
+    local_dataset,
     out_of_range,
     report_interrupt,
     save_checkpoint,
+    spaces_problem,
     spearman_correlation,
     unfinished_stage,
     unwritable,
@@ -470,9 +472,15 @@ def minari_ids(env_id: str) -> list[str]:
 
 
 def load_minari(dataset_id: str) -> minari.MinariDataset:
-    """A local dataset, else a download; where neither works, say where datasets are looked for."""
-    if dataset_id in minari.list_local_datasets():
-        return minari.load_dataset(dataset_id)
+    """A local dataset, else a download; where neither works, say where datasets are looked for. A
+    local folder that minari cannot read (damaged metadata, a missing or truncated data file) is named
+    as such, not taken for a missing dataset."""
+    try:
+        dataset = local_dataset(dataset_id)
+    except DatasetMissing as error:
+        raise DatasetError(str(error)) from None
+    if dataset is not None:
+        return dataset
     try:
         return minari.load_dataset(dataset_id, download=True)
     except Exception as error:  # network errors, unknown remote ids: all end the same way
@@ -1266,16 +1274,8 @@ if __name__ == "__main__":
         dataset, dataset_id, ref_min_score, ref_max_score = load_dataset(args.env_id, args.dataset_id)
     except DatasetError as error:
         fail(str(error))
-    if not (
-        isinstance(dataset.observation_space, gym.spaces.Box)
-        and isinstance(dataset.action_space, gym.spaces.Box)
-        and len(dataset.observation_space.shape) == 1
-        and len(dataset.action_space.shape) == 1
-    ):
-        fail(
-            f"{dataset_id} has observation space {dataset.observation_space} and action space "
-            f"{dataset.action_space}; this implementation needs flat Box spaces (state vectors, continuous actions)"
-        )
+    if (problem := spaces_problem(dataset_id, dataset.observation_space, dataset.action_space)) is not None:
+        fail(problem)
     task = TaskInfo(
         env_id=dataset.spec.env_spec.id,
         dataset_id=dataset_id,

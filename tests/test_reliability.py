@@ -6,6 +6,7 @@ output paths checked before training and its selection never choosing a non-fini
 import dataclasses
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -595,3 +596,38 @@ def test_ctrl_c_ends_a_run_with_one_line_naming_the_intact_checkpoint_and_how_to
         f"interrupted: the last checkpoint (if any) is {path}; continue with --resume {path}"
     ]
     assert load_checkpoint(str(path))["step"] >= 10
+
+
+# ---- datasets and action spaces: one-line errors in every command that reads them -------------------------------
+@pytest.mark.parametrize("damage", ["no data file", "corrupt metadata"])
+def test_a_damaged_local_dataset_is_one_line_naming_it_in_every_command_that_reads_it(
+    minari_path, offline_checkpoint, tmp_path, damage
+):
+    """A local dataset folder whose data file is missing or whose metadata is not JSON: uepo_offline.py
+    and eval.py policy (its divergence step) stop with one line naming the dataset (never minari's
+    traceback, never "could not be downloaded" for a folder that is there)."""
+    from test_offline import TINY_DATASET_ID, TINY_RUN, run_offline
+
+    damaged = tmp_path / "datasets"
+    shutil.copytree(minari_path, damaged)
+    data = damaged / TINY_DATASET_ID / "data"
+    if damage == "no data file":
+        next(path for path in data.iterdir() if path.suffix == ".hdf5").unlink()
+    else:
+        (data / "metadata.json").write_text("{not json")
+    offline = run_offline(TINY_RUN, str(damaged), tmp_path)
+    refused(offline, TINY_DATASET_ID, "cannot be read", "download it again")
+    policy = run_eval(
+        ["policy", "--checkpoint", str(offline_checkpoint), "--episodes", "1"],
+        tmp_path,
+        extra_env={"MINARI_DATASETS_PATH": str(damaged)},
+    )
+    refused(policy, TINY_DATASET_ID, "--no-divergence")
+    for result in (offline, policy):
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_an_environment_without_flat_box_spaces_is_refused_by_name(tmp_path):
+    """eval.py speed on a discrete-action environment: one line naming it and what is needed."""
+    result = run_eval(["speed", "--env-id", "CartPole-v1"], tmp_path)
+    refused(result, "--env-id CartPole-v1 has observation space", "needs flat Box spaces")
