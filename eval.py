@@ -279,7 +279,10 @@ def evaluate_saved_task(
 
 
 def spearman_correlation(x, y) -> float:
-    """Rank correlation of two score vectors (ties get their average rank), e.g. OPE against real scores."""
+    """Rank correlation of two score vectors (ties get their average rank), e.g. OPE against real scores;
+    NaN where either is constant or holds a non-finite value (no ranking to compare)."""
+    if not (np.isfinite(np.asarray(x, dtype=np.float64)).all() and np.isfinite(np.asarray(y, dtype=np.float64)).all()):
+        return float("nan")
 
     def ranks(values):
         values = np.asarray(values, dtype=np.float64)
@@ -1092,6 +1095,9 @@ def check_policy_args(args: PolicyArgs) -> str | None:
     return check_output_file("--json", args.json, inputs={"--checkpoint": args.checkpoint})
 
 
+SUB_POLICY_OF_ONLINE = "--sub-policy picks a sub-policy of an offline checkpoint; an online one deploys one policy"
+
+
 def policy_command(args: PolicyArgs) -> dict:
     if (problem := check_policy_args(args)) is not None:
         fail(problem)
@@ -1106,6 +1112,8 @@ def policy_command(args: PolicyArgs) -> dict:
         policy, checkpoint, args.episodes, args.seed, sub_policies, args.action_steps
     )["scores"]
     rows, n, base = [], 1, None
+    if checkpoint.get("phase") == "online" and args.sub_policy is not None:
+        fail(SUB_POLICY_OF_ONLINE)
     if checkpoint.get("phase") == "online":
         # An online checkpoint deploys one policy, the fine-tuned actor's mean.
         deployed_label, actor, _ = built_or_fail(args.checkpoint, lambda: deployed_policy(checkpoint, device))
@@ -1214,7 +1222,9 @@ def policy_command(args: PolicyArgs) -> dict:
         )
     )
     if "ope_spearman" in result:
-        print(f"\nSpearman(AM-Q, real score) over the sub-policies: {result['ope_spearman']:.2f}")
+        spearman = result["ope_spearman"]
+        shown = f"{spearman:.2f}" if np.isfinite(spearman) else "not defined (an AM-Q is not finite, or all equal)"
+        print(f"\nSpearman(AM-Q, real score) over the sub-policies: {shown}")
     if result["divergence"] is not None:
         divergence = result["divergence"]
         print(
@@ -1292,7 +1302,7 @@ def robustness_command(args: RobustnessArgs) -> dict:
     if args.sub_policy is None:
         label, policy, sub_policy = built_or_fail(args.checkpoint, lambda: deployed_policy(checkpoint, device))
     elif checkpoint.get("phase") == "online":
-        fail("--sub-policy picks a sub-policy of an offline checkpoint; an online checkpoint deploys one policy")
+        fail(SUB_POLICY_OF_ONLINE)
     else:
         policy = built_or_fail(args.checkpoint, lambda: build_saved(checkpoint["policy"], "the saved policy"))
         policy = policy.to(device)

@@ -254,6 +254,7 @@ def test_spearman_correlation_on_hand_made_scores():
     expected = np.corrcoef([0, 1.5, 1.5, 3], [0, 1, 2, 3])[0, 1]
     assert spearman_correlation([1, 5, 5, 9], [1, 2, 3, 4]) == pytest.approx(expected)
     assert np.isnan(spearman_correlation([1, 1, 1], [1, 2, 3]))  # no ranking to compare
+    assert np.isnan(spearman_correlation([np.nan, np.nan, np.nan, 1.0], [4, 3, 2, 1]))  # nor with NaN scores
 
 
 # ---- checkpoints -------------------------------------------------------------------------------------

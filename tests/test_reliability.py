@@ -631,3 +631,11 @@ def test_an_environment_without_flat_box_spaces_is_refused_by_name(tmp_path):
     """eval.py speed on a discrete-action environment: one line naming it and what is needed."""
     result = run_eval(["speed", "--env-id", "CartPole-v1"], tmp_path)
     refused(result, "--env-id CartPole-v1 has observation space", "needs flat Box spaces")
+
+
+@pytest.mark.parametrize("command", ["policy", "robustness"])
+def test_sub_policy_of_an_online_checkpoint_is_refused_not_ignored(online_run, tmp_path, command):
+    """An online checkpoint deploys one policy: `--sub-policy 0` is refused by both commands (policy
+    ignored it and reported the online actor as if it were that sub-policy)."""
+    result = run_eval([command, "--checkpoint", str(online_run[1]), "--sub-policy", "0", "--episodes", "1"], tmp_path)
+    refused(result, "--sub-policy picks a sub-policy of an offline checkpoint; an online one deploys one policy")
