@@ -1771,7 +1771,7 @@ def online_speed(args: SpeedArgs, policy: DiffusionPolicy, env: gym.Env, actor: 
             "--critic-warmup",
             "0",
             "--eval-every",
-            str(10**12),
+            str(10**8),  # the largest --eval-every: no evaluation within the measured steps
             "--eval-episodes",
             "1",
             "--checkpoint-path",

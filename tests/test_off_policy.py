@@ -118,7 +118,7 @@ def test_the_actor_step_raises_q_and_starts_from_the_anchor():
     for q_weight in (0.0, 1.0):
         actor = OnlineActor("residual", make_policy(), sub_policy=2, init_std=0.1)
         anchors = actor.anchor_mean(states)
-        batch = {"states": states, "anchors": anchors}
+        batch = {"states": states, "anchors": anchors, "noises": torch.zeros_like(anchors)}
         optimizer = torch.optim.Adam(actor.head.parameters(), lr=1e-2)
         before = LinearQ(weight).q_heads(states, actor.chunk(states, actor.mean(states, anchors)))[0].mean()
         log = td3_actor_update(actor, LinearQ(weight), optimizer, batch, q_weight, anchor_weight=1.0)
