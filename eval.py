@@ -994,9 +994,34 @@ def mean_std_over_seeds(values, digits: int = 1) -> str:
     return f"{np.mean(values):.{digits}f} +- {std:.{digits}f}"
 
 
+def check_environment(checkpoint: dict, path: str) -> None:
+    """The networks of a checkpoint fit the environment it names: a registered Gymnasium id with flat
+    Box spaces whose state and action sizes are the saved policy's (a file relabelled for another
+    environment would otherwise fail inside a tensor product)."""
+    env_id = checkpoint["env_id"]
+    if env_id not in gym.registry:
+        raise CheckpointError(f"{path}: env_id {env_id!r} is not a registered Gymnasium environment")
+    env = gym.make(env_id)
+    problem = spaces_problem(env_id, env.observation_space, env.action_space)
+    sizes = None if problem else (env.observation_space.shape[0], env.action_space.shape[0])
+    env.close()
+    if problem is not None:
+        raise CheckpointError(f"{path}: {problem}")
+    online = checkpoint.get("phase") == "online"
+    config = checkpoint["actor"]["policy_config"] if online else checkpoint["policy"]["config"]
+    if sizes != (config["obs_dim"], config["act_dim"]):
+        raise CheckpointError(
+            f"{path} names {env_id} (states of {sizes[0]}, actions of {sizes[1]}), but its networks take states "
+            f"of {config['obs_dim']} and actions of {config['act_dim']}"
+        )
+
+
 def load_or_fail(path: str) -> dict:
+    """A checkpoint whose policy is to be run in its environment, or a one-line error naming the file."""
     try:
-        return load_checkpoint(path)
+        checkpoint = load_checkpoint(path)
+        check_environment(checkpoint, path)
+        return checkpoint
     except CheckpointError as error:
         fail(str(error))
 

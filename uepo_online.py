@@ -57,6 +57,7 @@ from eval import (
     CheckpointError,
     ChunkEnv,
     build_saved,
+    check_environment,
     check_output_file,
     evaluate_saved_task,
     fail,
@@ -845,6 +846,7 @@ if __name__ == "__main__":
                 expected_dataset=args.env_id if args.env_id and is_dataset_name(args.env_id) else None,
                 phase="offline",
             )
+            check_environment(checkpoint, args.checkpoint)
         except CheckpointError as error:
             fail(str(error))
         if (stage := unfinished_stage(checkpoint)) is not None:

@@ -639,3 +639,17 @@ def test_sub_policy_of_an_online_checkpoint_is_refused_not_ignored(online_run, t
     ignored it and reported the online actor as if it were that sub-policy)."""
     result = run_eval([command, "--checkpoint", str(online_run[1]), "--sub-policy", "0", "--episodes", "1"], tmp_path)
     refused(result, "--sub-policy picks a sub-policy of an offline checkpoint; an online one deploys one policy")
+
+
+@pytest.mark.parametrize("command", ["eval.py policy", "uepo_online.py"])
+def test_a_checkpoint_relabelled_for_another_environment_is_refused_naming_both_sizes(
+    offline_checkpoint, tmp_path, command
+):
+    """A Hopper checkpoint whose env_id says Walker2d-v5: every command that runs its policy in the
+    environment refuses it in one line (state and action sizes named), never a tensor size mismatch."""
+    path = rewritten(offline_checkpoint, tmp_path / "relabelled.pt", lambda c: c.update(env_id="Walker2d-v5"))
+    if command == "eval.py policy":
+        result = run_eval(["policy", "--checkpoint", str(path), "--episodes", "1"], tmp_path)
+    else:
+        result = run_online(["--checkpoint", str(path)], tmp_path)
+    refused(result, f"{path} names Walker2d-v5 (states of 17, actions of 6), but its networks take states of 11")
