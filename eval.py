@@ -1480,7 +1480,11 @@ def collect_runs(runs_dir: str) -> tuple[list[dict], list[str]]:
                 continue
             method = os.path.basename(folder).split("__")[1] if folder.count("__") >= 3 else os.path.basename(folder)
             curve = read_curve(folder, "charts/normalized_score")
-            runs.append({"dataset": dataset, "method": method, "phase": "offline", "score": score, "curve": curve})
+            seed = saved.get("args", {}).get("seed")
+            runs.append(
+                {"dataset": dataset, "method": method, "phase": "offline", "score": score, "curve": curve}
+                | {"seed": seed, "path": path}
+            )
         for name in sorted(file for file in files if file.endswith(".pt") and file != "actor.pt"):
             path = os.path.join(folder, name)
             try:
@@ -1502,9 +1506,33 @@ def collect_runs(runs_dir: str) -> tuple[list[dict], list[str]]:
                     "phase": phase,
                     "score": score,
                     "curve": read_curve(folder, CURVE_TAGS[phase]),
+                    "seed": checkpoint["args"].get("seed"),
+                    "path": path,
                 }
             )
-    return runs, skipped
+    return one_run_per_seed(runs, skipped)
+
+
+def one_run_per_seed(runs: list[dict], skipped: list[str]) -> tuple[list[dict], list[str]]:
+    """A run is identified by its dataset, method and seed: where several checkpoints share one (the
+    offline and online checkpoints of one run folder, or one seed run twice), one is counted, the
+    online phase over the offline one, else the last in folder order (run names end in their start
+    time), and a line in `skipped` names both files; a seed is never averaged in twice."""
+    kept = {}
+    for run in runs:
+        key = (run["dataset"], run["method"], run["seed"] if run["seed"] is not None else run["path"])
+        if key in kept:
+            earlier = kept[key]
+            newer = run if (run["phase"] == "online" or earlier["phase"] == "offline") else earlier
+            older = earlier if newer is run else run
+            skipped.append(
+                f"skipped: {older['path']}: the same {run['dataset']} run of {run['method']}, seed {run['seed']}, "
+                f"as {newer['path']}, which is counted"
+            )
+            kept[key] = newer
+        else:
+            kept[key] = run
+    return list(kept.values()), skipped
 
 
 def report_command(args: ReportArgs) -> str:

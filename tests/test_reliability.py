@@ -15,6 +15,7 @@ import typing
 
 import pytest
 import torch
+from test_diffusion import make_policy
 from test_eval import hand_made_run, run_eval
 from test_online import TINY_ONLINE, run_online
 
@@ -653,3 +654,21 @@ def test_a_checkpoint_relabelled_for_another_environment_is_refused_naming_both_
     else:
         result = run_online(["--checkpoint", str(path)], tmp_path)
     refused(result, f"{path} names Walker2d-v5 (states of 17, actions of 6), but its networks take states of 11")
+
+
+def test_the_report_counts_each_dataset_method_and_seed_once(tmp_path):
+    """One seed run twice (two folders) and an offline checkpoint beside an online one of the same
+    method and seed: the report counts seed 1 once (the later folder's 80, the online phase's 90 over
+    its offline 10), names the files it left out, and averages seeds 1 and 2 only."""
+    runs = tmp_path / "runs"
+    hand_made_run(runs, "hopper-medium__ft__1__100", "online", 1, [[50.0], [70.0]], [(0, 50.0), (1000, 70.0)])
+    hand_made_run(runs, "hopper-medium__ft__1__200", "online", 1, [[50.0], [80.0]], [(0, 50.0), (1000, 80.0)])
+    hand_made_run(runs, "hopper-medium__ft__2__100", "online", 2, [[50.0], [90.0]], [(0, 50.0), (1000, 90.0)])
+    offline_policy = make_policy(n_subpolicies=1).to_checkpoint()
+    hand_made_run(runs, "hopper-medium__ft__2__100", "offline", 2, [[[10.0]]], [(100, 10.0)], policy=offline_policy)
+    result = run_eval(["report", str(runs), "--out", str(tmp_path / "report")], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert "| hopper-medium | 85.0 +- 7.1 |" in report  # seeds 1 (80) and 2 (90), each once
+    for left_out in ("hopper-medium__ft__1__100/online.pt", "hopper-medium__ft__2__100/offline.pt"):
+        assert left_out in result.stdout + result.stderr and left_out in report
