@@ -1242,6 +1242,23 @@ def improve_sub_policy(policy, sub_policy: int, models, ope, tensors, args: Args
     return improved_policy, gate
 
 
+def init_checkpoint(args: Args, task: TaskInfo, dataset_id: str, state_mean, action_space) -> dict:
+    """--init-checkpoint: the offline checkpoint whose networks the improvement stage starts from,
+    refused unless it is a --ope run of this dataset with these policy settings."""
+    try:
+        saved = load_checkpoint(args.init_checkpoint, expected_env_id=task.env_id, phase="offline")
+    except CheckpointError as error:
+        fail(str(error))
+    config = asdict(policy_config(args, obs_dim=state_mean.shape[0], act_dim=action_space.shape[0]))
+    if saved["dataset_id"] != dataset_id or "critics" not in saved or saved["policy"]["config"] != config:
+        fail(
+            f"{args.init_checkpoint} is not a --ope checkpoint of {dataset_id} with these policy settings "
+            f"(it has {saved['dataset_id']}, policy {saved['policy']['config']}); pass the arguments it was "
+            "trained with"
+        )
+    return saved
+
+
 def resumed_run(args: Args) -> tuple[Args, dict | None]:
     """--resume: the run's own arguments and its checkpoint (with the loop's training state)."""
     if args.resume is None:
@@ -1288,19 +1305,6 @@ if __name__ == "__main__":
             is_terminal = termination_fn(task_of_env_id(task.env_id))
         except ValueError as error:
             fail(str(error))
-    env_name = args.env_id if args.dataset_id is None else dataset_id.replace("/", "-")
-    run_name = f"{env_name}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    if resumed is not None:
-        run_name = resumed["resume"]["run_name"]  # the same TensorBoard folder
-    checkpoint_path = args.checkpoint_path or f"runs/{run_name}/offline.pt"
-    sys.excepthook = functools.partial(
-        report_interrupt, f"the last checkpoint (if any) is {checkpoint_path}; continue with --resume {checkpoint_path}"
-    )
-    writer = SummaryWriter(f"runs/{run_name}")
-    writer.add_text(
-        "hyperparameters",
-        "|param|value|\n|-|-|\n%s" % ("\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])),
-    )
 
     # TRY NOT TO MODIFY: seeding
     random.seed(args.seed)
@@ -1321,6 +1325,21 @@ if __name__ == "__main__":
     print(
         f"{dataset_id}: {dataset.total_episodes} episodes, {len(data['chunks'])} chunks of H={args.horizon} "
         f"({task.env_id}, obs {state_mean.shape[0]}, act {action_space.shape[0]}), device {device}"
+    )
+    # The inputs are read and checked: only now the run gets its folder (a refused input leaves none).
+    saved = None if args.init_checkpoint is None else init_checkpoint(args, task, dataset_id, state_mean, action_space)
+    env_name = args.env_id if args.dataset_id is None else dataset_id.replace("/", "-")
+    run_name = f"{env_name}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    if resumed is not None:
+        run_name = resumed["resume"]["run_name"]  # the same TensorBoard folder
+    checkpoint_path = args.checkpoint_path or f"runs/{run_name}/offline.pt"
+    sys.excepthook = functools.partial(
+        report_interrupt, f"the last checkpoint (if any) is {checkpoint_path}; continue with --resume {checkpoint_path}"
+    )
+    writer = SummaryWriter(f"runs/{run_name}")
+    writer.add_text(
+        "hyperparameters",
+        "|param|value|\n|-|-|\n%s" % ("\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])),
     )
 
     # ---- the cost of this run, said up front (refined after the first --log-every steps) -------
@@ -1429,18 +1448,6 @@ if __name__ == "__main__":
                 write_checkpoint(checkpoint_path, step, args, task, policy, models, history, improved, resume)
     else:
         # ---- phase 1 ran in an earlier run (--init-checkpoint): take its networks, evaluate them --
-        try:
-            saved = load_checkpoint(
-                args.init_checkpoint, expected_env_id=task.env_id, map_location=device, phase="offline"
-            )
-        except CheckpointError as error:
-            fail(str(error))
-        if saved["dataset_id"] != dataset_id or "critics" not in saved or saved["policy"]["config"] != asdict(config):
-            fail(
-                f"{args.init_checkpoint} is not a --ope checkpoint of {dataset_id} with these policy settings "
-                f"(it has {saved['dataset_id']}, policy {saved['policy']['config']}); pass the arguments it was "
-                "trained with"
-            )
         policy.load_state_dict(saved["policy"]["state_dict"])
         models.critics.load_state_dict(saved["critics"]["state_dict"])
         models.dynamics.load_state_dict(saved["dynamics"]["state_dict"])
