@@ -673,10 +673,11 @@ def test_resume_after_a_kill_gives_the_uninterrupted_checkpoint(minari_path, tmp
 
 
 def test_resume_refuses_a_checkpoint_without_training_state(minari_path, tmp_path, full_run):
-    """An improvement-only run's checkpoint has no loop to continue; the message says what to do."""
+    """A run cut off in its improvement stage whose checkpoint holds no loop state (as an improvement-only
+    run's) has nothing to continue from; the message says what to do."""
     _, path = full_run
     checkpoint = load_checkpoint(str(path))
-    checkpoint["resume"] = None
+    checkpoint["resume"], checkpoint["improved"] = None, []
     save_checkpoint({key: value for key, value in checkpoint.items() if key != "format"}, str(tmp_path / "x.pt"))
     result = run_offline(["--resume", str(tmp_path / "x.pt")], minari_path, tmp_path)
     assert result.returncode != 0 and "no training state" in result.stderr and "Traceback" not in result.stderr
