@@ -1089,35 +1089,21 @@ class PolicyArgs:
     """if toggled, use a GPU when there is one"""
 
 
-# Every episode is one live environment at the same time (`run_chunk_episodes`), and the divergence
-# samples all its states in one batch: the upper bounds keep a typo from exhausting the memory.
-MAX_EPISODES = 1000
-MAX_DIVERGENCE_STATES = 100_000
-
-
-def check_checkpoint_and_episodes(args) -> str | None:
-    """The arguments `policy` and `robustness` share, checked the same way."""
-    if not os.path.isfile(args.checkpoint):
-        return f"--checkpoint {args.checkpoint}: no such file"
-    if args.sub_policy is not None and args.sub_policy < 0:
-        return f"--sub-policy must be >= 0 (and below the checkpoint's number of sub-policies), got {args.sub_policy}"
-    if not 1 <= args.episodes <= MAX_EPISODES:
-        return f"--episodes must be in [1, {MAX_EPISODES}], got {args.episodes}"
-    if args.seed < 0:  # environment seeds are seed * 1000 + e, and Gymnasium takes non-negative seeds only
-        return f"--seed must be >= 0, got {args.seed}"
-    return None
+# Every numeric flag's range (`out_of_range`). Every episode is one live environment at the same time
+# (`run_chunk_episodes`), and the divergence samples all its states in one batch: the upper bounds keep
+# a typo from exhausting the memory.
+EPISODE_RANGES = {"sub_policy": f"[0, {MAX_SUBPOLICIES - 1}]", "episodes": "[1, 1000]", "seed": SEED_RANGE}
+POLICY_RANGES = {**EPISODE_RANGES, "action_steps": f"[1, {MAX_HORIZON}]", "divergence_states": "[1, 100000]"}
 
 
 def check_policy_args(args: PolicyArgs) -> str | None:
     """The first argument out of its range, as a message naming the flag (None if all are valid):
     every check is made before any work starts."""
-    if (problem := check_checkpoint_and_episodes(args)) is not None:
-        return problem
-    if not 1 <= args.divergence_states <= MAX_DIVERGENCE_STATES:
-        return f"--divergence-states must be in [1, {MAX_DIVERGENCE_STATES}], got {args.divergence_states}"
-    if args.action_steps is not None and args.action_steps < 1:
-        return f"--action-steps must be >= 1 (and at most the checkpoint's horizon H), got {args.action_steps}"
-    return check_output_file("--json", args.json, inputs={"--checkpoint": args.checkpoint})
+    if not os.path.isfile(args.checkpoint):
+        return f"--checkpoint {args.checkpoint}: no such file"
+    return out_of_range(args, POLICY_RANGES) or check_output_file(
+        "--json", args.json, inputs={"--checkpoint": args.checkpoint}
+    )
 
 
 SUB_POLICY_OF_ONLINE = "--sub-policy picks a sub-policy of an offline checkpoint; an online one deploys one policy"
@@ -1297,26 +1283,25 @@ class RobustnessArgs:
     """if toggled, use a GPU when there is one"""
 
 
+# A mass or friction change is > -1 (the quantity stays positive); noise and push strengths are >= 0.
+ROBUSTNESS_RANGES = {
+    **EPISODE_RANGES,
+    "observation_noise": "[0, 100]",
+    "action_noise": "[0, 100]",
+    "mass": "(-1, 100]",
+    "friction": "(-1, 100]",
+    "push": "[0, 100]",
+}
+
+
 def check_robustness_args(args: RobustnessArgs) -> str | None:
     """The first argument out of its range, as a message naming the flag (None if all are valid):
-    every check is made before any work starts. Noise and push strengths are >= 0; a mass or friction
-    change is > -1 (the quantity stays positive); NaN is no strength."""
-    if (problem := check_checkpoint_and_episodes(args)) is not None:
-        return problem
-    for name in PERTURBATIONS:
-        flag = f"--{name.replace('_', '-')}"
-        for strength in getattr(args, name):
-            if name in ("mass", "friction"):
-                if np.isfinite(strength) and strength <= -1:
-                    return (
-                        f"{flag}: a {name} change of {strength} would make it non-positive; each strength must "
-                        f"be > -1 and finite"
-                    )
-                if not np.isfinite(strength):
-                    return f"{flag} must be > -1 and finite, got {strength}"
-            elif not (np.isfinite(strength) and strength >= 0):
-                return f"{flag} must be >= 0 and finite, got {strength}"
-    return check_output_file("--json", args.json, inputs={"--checkpoint": args.checkpoint})
+    every check is made before any work starts."""
+    if not os.path.isfile(args.checkpoint):
+        return f"--checkpoint {args.checkpoint}: no such file"
+    return out_of_range(args, ROBUSTNESS_RANGES) or check_output_file(
+        "--json", args.json, inputs={"--checkpoint": args.checkpoint}
+    )
 
 
 def robustness_command(args: RobustnessArgs) -> dict:
@@ -1670,7 +1655,13 @@ class SpeedArgs:
     """if toggled, use a GPU when there is one"""
 
 
-MAX_SPEED_BATCH = 65_536  # one batch of states and chunks in memory at once
+# One batch of states and chunks in memory at once; the step counts keep a typo from running for days.
+SPEED_RANGES = {
+    "batch_size": "[1, 65536]",
+    "gradient_steps": "[1, 100000]",
+    "decisions": "[1, 100000]",
+    "online_timesteps": "[1, 10000000]",
+}
 
 
 def check_speed_args(args: SpeedArgs) -> str | None:
@@ -1683,12 +1674,7 @@ def check_speed_args(args: SpeedArgs) -> str | None:
     env.close()
     if problem is not None:
         return problem
-    if not 1 <= args.batch_size <= MAX_SPEED_BATCH:
-        return f"--batch-size must be in [1, {MAX_SPEED_BATCH}], got {args.batch_size}"
-    for name in ("gradient_steps", "decisions", "online_timesteps"):
-        if getattr(args, name) < 1:
-            return f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}"
-    return check_output_file("--json", args.json)
+    return out_of_range(args, SPEED_RANGES) or check_output_file("--json", args.json)
 
 
 class GaussianMLPPolicy(torch.nn.Module):

@@ -70,23 +70,23 @@ NAN, INF = float("nan"), float("inf")
     [
         ("policy", {"episodes": 0}, "--episodes must be in [1, 1000], got 0"),
         ("policy", {"episodes": 10**6}, "--episodes must be in [1, 1000]"),
-        ("policy", {"seed": -1}, "--seed must be >= 0, got -1"),
-        ("policy", {"sub_policy": -1}, "--sub-policy must be >= 0"),
+        ("policy", {"seed": -1}, "--seed must be in [0, 4294967295], got -1"),
+        ("policy", {"sub_policy": -1}, "--sub-policy must be in [0, 63], got -1"),
         ("policy", {"divergence_states": 0}, "--divergence-states must be in [1, 100000], got 0"),
         ("policy", {"checkpoint": "no_such.pt"}, "--checkpoint no_such.pt: no such file"),
         ("robustness", {"episodes": 0}, "--episodes must be in [1, 1000], got 0"),
-        ("robustness", {"observation_noise": (0.1, NAN)}, "--observation-noise must be >= 0 and finite, got nan"),
-        ("robustness", {"action_noise": (-0.1,)}, "--action-noise must be >= 0 and finite, got -0.1"),
-        ("robustness", {"push": (INF,)}, "--push must be >= 0 and finite, got inf"),
-        ("robustness", {"mass": (NAN,)}, "--mass must be > -1 and finite, got nan"),
-        ("robustness", {"friction": (0.1, -1.0)}, "--friction: a friction change of -1.0 would make it non-positive"),
+        ("robustness", {"observation_noise": (0.1, NAN)}, "--observation-noise must be in [0, 100], got nan"),
+        ("robustness", {"action_noise": (-0.1,)}, "--action-noise must be in [0, 100], got -0.1"),
+        ("robustness", {"push": (INF,)}, "--push must be in [0, 100], got inf"),
+        ("robustness", {"mass": (NAN,)}, "--mass must be in (-1, 100], got nan"),
+        ("robustness", {"friction": (0.1, -1.0)}, "--friction must be in (-1, 100], got -1.0"),
         ("report", {"runs_dir": "no_such_folder"}, "RUNS_DIR: no folder no_such_folder"),
         ("report", {"methods": ("ft", "ft")}, "--methods names a method twice"),
         ("report", {"methods": ("",)}, "--methods: a method name is empty"),
         ("speed", {"batch_size": 0}, "--batch-size must be in [1, 65536], got 0"),
-        ("speed", {"gradient_steps": 0}, "--gradient-steps must be >= 1, got 0"),
-        ("speed", {"decisions": -3}, "--decisions must be >= 1, got -3"),
-        ("speed", {"online_timesteps": 0}, "--online-timesteps must be >= 1, got 0"),
+        ("speed", {"gradient_steps": 0}, "--gradient-steps must be in [1, 100000], got 0"),
+        ("speed", {"decisions": -3}, "--decisions must be in [1, 100000], got -3"),
+        ("speed", {"online_timesteps": 0}, "--online-timesteps must be in [1, 10000000], got 0"),
         ("speed", {"env_id": "NoSuchEnv-v0"}, "--env-id NoSuchEnv-v0 is not a registered Gymnasium environment"),
     ],
 )
@@ -139,7 +139,7 @@ def test_eval_output_paths_are_checked_writable_at_the_start(tmp_path, monkeypat
         ),
         (
             ["robustness", "--checkpoint", "some.pt", "--observation-noise", "0.1", "nan", "--json", "out.json"],
-            "--observation-noise must be >= 0 and finite, got nan",
+            "--observation-noise must be in [0, 100], got nan",
         ),
         (["report", "runs", "--out", "a_file/report"], "--out a_file/report"),
         (["speed", "--batch-size", "0", "--json", "out.json"], "--batch-size must be in [1, 65536], got 0"),
@@ -499,32 +499,46 @@ def beyond(interval: str, integer: bool) -> list:
     return values + ([low] if interval[0] == "(" else []) + ([high] if interval[-1] == ")" else [])
 
 
-@pytest.mark.parametrize("script", ["offline", "online"])
-def test_every_numeric_flag_of_the_training_scripts_has_a_finite_range_checked_before_any_work(script):
-    """One rule for every number a user types: each numeric flag of uepo_offline.py and uepo_online.py
-    has a finite lower and upper bound in its script's RANGES table, and a value outside it (beyond the
-    upper bound, below the lower one, NaN, inf) is refused by `check_args` with the flag and the interval
-    named, while the defaults pass. The upper bounds refuse requests that cannot fit (`--batch-size
-    1e12`, `--n-subpolicies 1e9`) before anything is allocated; seeds stay in numpy's range."""
+@pytest.mark.parametrize("script", ["offline", "online", "policy", "robustness", "speed"])
+def test_every_numeric_flag_has_a_finite_range_checked_before_any_work(script, tmp_path):
+    """One rule for every number a user types: each numeric flag of uepo_offline.py, uepo_online.py and
+    eval.py's policy, robustness and speed commands has a finite lower and upper bound in its RANGES
+    table, and a value outside it (beyond the upper bound, below the lower one, NaN, inf) is refused by
+    the command's check with the flag and the interval named, while the defaults pass. The upper bounds
+    refuse requests that cannot fit (`--batch-size 1e12`, `--n-subpolicies 1e9`) before anything is
+    allocated; seeds stay in numpy's range."""
+    import eval as eval_module
+
+    checkpoint = tmp_path / "some.pt"
+    checkpoint.write_bytes(b"")  # the argument checks look only at the file's existence
     if script == "offline":
-        import uepo_offline as module
+        import uepo_offline as script_module
 
-        defaults = module.parse_args([])
+        args_class, check, ranges = script_module.Args, script_module.check_args, script_module.RANGES
+        defaults = script_module.parse_args([])
+    elif script == "online":
+        import uepo_online as script_module
+
+        args_class, check, ranges = script_module.Args, script_module.check_args, script_module.RANGES
+        defaults = with_algo_defaults(args_class(checkpoint="offline.pt"))
     else:
-        import uepo_online as module
-
-        defaults = with_algo_defaults(module.Args(checkpoint="offline.pt"))
-    assert module.check_args(defaults) is None
-    assert numeric_flags(module.Args) == set(module.RANGES)
-    hints = typing.get_type_hints(module.Args)
-    for name, interval in module.RANGES.items():
+        args_class, check, ranges = {
+            "policy": (PolicyArgs, check_policy_args, eval_module.POLICY_RANGES),
+            "robustness": (RobustnessArgs, check_robustness_args, eval_module.ROBUSTNESS_RANGES),
+            "speed": (SpeedArgs, check_speed_args, eval_module.SPEED_RANGES),
+        }[script]
+        defaults = args_class() if script == "speed" else args_class(checkpoint=str(checkpoint))
+    assert check(defaults) is None
+    assert numeric_flags(args_class) == set(ranges)
+    hints = typing.get_type_hints(args_class)
+    for name, interval in ranges.items():
         integer = int in (hints[name], *typing.get_args(hints[name]))
         tuple_flag = typing.get_origin(hints[name]) is tuple
         low, high = (float(bound) for bound in interval[1:-1].split(","))
         assert math.isfinite(low) and math.isfinite(high) and low < high, name
         for value in beyond(interval, integer):
             changed = dataclasses.replace(defaults, **{name: (value,) if tuple_flag else value})
-            problem = module.check_args(changed)
+            problem = check(changed)
             flag = "--" + name.replace("_", "-")
             assert problem is not None and problem.startswith(f"{flag} must be in {interval}"), (name, value, problem)
 
