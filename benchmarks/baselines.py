@@ -34,7 +34,7 @@ import tyro
 from torch.utils.tensorboard import SummaryWriter
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from eval import evaluate_sub_policies, fail  # noqa: E402
+from eval import evaluate_sub_policies, fail, out_of_range  # noqa: E402
 from uepo_offline import DatasetError, chunk_dataset, load_dataset, state_statistics  # noqa: E402
 
 
@@ -164,24 +164,26 @@ def td3_bc_update(nets: dict, batch: dict, step: int, args: Args) -> dict:
     return log
 
 
+# Every numeric flag's range (eval.out_of_range, as in the training scripts).
+RANGES = {
+    "total_steps": "[1, 10000000]",
+    "batch_size": "[1, 1000000]",
+    "hidden": "[1, 4096]",
+    "horizon": "[1, 64]",
+    "obs_horizon": "[1, 64]",
+    "eval_episodes": "[1, 1000]",
+    "eval_every": "[0, 10000000]",
+    "threads": "[1, 256]",
+    "seed": "[0, 2147483647]",
+    "learning_rate": "(0, 1]",
+    "gamma": "(0, 1]",
+    "alpha": "(0, 1000000]",
+}
+
+
 def check_args(args: Args) -> str | None:
-    ranges = {
-        "total_steps": (1, 10_000_000),
-        "batch_size": (1, 1_000_000),
-        "hidden": (1, 4096),
-        "horizon": (1, 64),
-        "obs_horizon": (1, 64),
-        "eval_episodes": (1, 1000),
-        "eval_every": (0, 10_000_000),
-        "threads": (1, 256),
-        "seed": (0, 2**31 - 1),
-    }
-    for name, (low, high) in ranges.items():
-        if not low <= getattr(args, name) <= high:
-            return f"--{name.replace('_', '-')} must be in [{low}, {high}], got {getattr(args, name)}"
-    for name, (low, high) in {"learning_rate": (0, 1), "gamma": (0, 1), "alpha": (0, 1e6)}.items():
-        if not low < getattr(args, name) <= high:
-            return f"--{name.replace('_', '-')} must be in ({low}, {high}], got {getattr(args, name)}"
+    if (problem := out_of_range(args, RANGES)) is not None:
+        return problem
     if args.algo == "td3-bc" and (args.horizon, args.obs_horizon) != (1, 1):
         return "td3-bc is per step: --horizon and --obs-horizon must be 1"
     return None

@@ -19,6 +19,7 @@ from test_diffusion import make_policy
 from test_eval import hand_made_run, run_eval
 from test_online import TINY_ONLINE, run_online
 
+from conftest import ROOT
 from eval import (
     CheckpointError,
     PolicyArgs,
@@ -499,14 +500,14 @@ def beyond(interval: str, integer: bool) -> list:
     return values + ([low] if interval[0] == "(" else []) + ([high] if interval[-1] == ")" else [])
 
 
-@pytest.mark.parametrize("script", ["offline", "online", "policy", "robustness", "speed"])
+@pytest.mark.parametrize("script", ["offline", "online", "policy", "robustness", "speed", "baselines"])
 def test_every_numeric_flag_has_a_finite_range_checked_before_any_work(script, tmp_path):
-    """One rule for every number a user types: each numeric flag of uepo_offline.py, uepo_online.py and
-    eval.py's policy, robustness and speed commands has a finite lower and upper bound in its RANGES
-    table, and a value outside it (beyond the upper bound, below the lower one, NaN, inf) is refused by
-    the command's check with the flag and the interval named, while the defaults pass. The upper bounds
-    refuse requests that cannot fit (`--batch-size 1e12`, `--n-subpolicies 1e9`) before anything is
-    allocated; seeds stay in numpy's range."""
+    """One rule for every number a user types: each numeric flag of uepo_offline.py, uepo_online.py,
+    eval.py's policy, robustness and speed commands and the baselines' script has a finite lower and
+    upper bound in its RANGES table, and a value outside it (beyond the upper bound, below the lower
+    one, NaN, inf) is refused by the command's check with the flag and the interval named, while the
+    defaults pass. The upper bounds refuse requests that cannot fit (`--batch-size 1e12`,
+    `--n-subpolicies 1e9`) before anything is allocated; seeds stay in numpy's range."""
     import eval as eval_module
 
     checkpoint = tmp_path / "some.pt"
@@ -521,6 +522,12 @@ def test_every_numeric_flag_has_a_finite_range_checked_before_any_work(script, t
 
         args_class, check, ranges = script_module.Args, script_module.check_args, script_module.RANGES
         defaults = with_algo_defaults(args_class(checkpoint="offline.pt"))
+    elif script == "baselines":
+        sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+        import baselines as script_module
+
+        args_class, check, ranges = script_module.Args, script_module.check_args, script_module.RANGES
+        defaults = args_class()
     else:
         args_class, check, ranges = {
             "policy": (PolicyArgs, check_policy_args, eval_module.POLICY_RANGES),
