@@ -10,6 +10,7 @@ import sys
 
 import pytest
 import torch
+import tyro
 from test_offline import TINY_MODEL, TINY_POLICY
 
 from conftest import ROOT, TINY_DATASET_ID
@@ -171,27 +172,35 @@ def test_failed_job_skips_its_dependants_and_exits_non_zero(minari_path, tmp_pat
     assert not (tmp_path / "bench" / "runs" / "report.md").exists()
 
 
-def test_bad_arguments_are_refused_before_any_work(tmp_path):
-    """Numbers out of range, a dataset name that is none, an unwritable --runs-dir (a file) and an
-    unknown method exit with code 2 and a one-line message (the valid values listed), no traceback,
-    and nothing written, also with --dry-run."""
-    (tmp_path / "a_file").write_text("")
-    for arguments, message in (
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
         (["--workers", "0"], "--workers must be in [1, 64], got 0"),
         (["--seeds", "-1"], "--seeds must be in [0, 4294967295], got -1"),
-        (["--env-ids", "foo-bar", "--dry-run"], "--env-ids takes datasets named `<env>-<quality>` with env in hopper"),
-        (["--runs-dir", "a_file", "--dry-run"], f"--runs-dir a_file cannot be written: {tmp_path / 'a_file'} is"),
-        (
-            ["--methods", "uepo", "ppo"],
-            "unknown method ppo; valid methods: diffusion-bc, uepo-no-improvement, uepo, uepo-online, mse-bc, td3-bc",
-        ),
-        (["--seeds"], "--seeds needs at least one value"),
-    ):
-        runs_dir = [] if "--runs-dir" in arguments else ["--runs-dir", "bench"]
-        result = run_benchmark(arguments + runs_dir, tmp_path, timeout=60)
-        assert result.returncode == 2, arguments
-        assert result.stderr.startswith(f"error: {message}") and len(result.stderr.strip().splitlines()) == 1
-        assert "Traceback" not in result.stderr and not (tmp_path / "bench").exists()
+        (["--env-ids", "foo-bar"], "--env-ids takes datasets named `<env>-<quality>` with env in hopper"),
+        (["--runs-dir", "a_file"], "--runs-dir a_file cannot be written: "),
+        (["--methods", "uepo", "ppo"], "unknown method ppo; valid methods: diffusion-bc, uepo-no-improvement, uepo"),
+        (["--seeds", "1", "1"], "--env-ids, --seeds and --methods must not repeat a value"),
+    ],
+)
+def test_bad_arguments_are_refused_before_any_work(tmp_path, monkeypatch, arguments, message):
+    """Numbers out of range, a dataset name that is none, an unwritable --runs-dir (a file), an unknown
+    method and a repeated value are refused by the check with the valid values named."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import benchmark
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a_file").write_text("")
+    problem = benchmark.check_args(tyro.cli(benchmark.Args, args=arguments))
+    assert problem is not None and problem.startswith(message), problem
+
+
+def test_a_refused_benchmark_exits_2_with_one_line_and_writes_nothing(tmp_path):
+    """The command line's side of the check, also with --dry-run: exit 2, one line, nothing written."""
+    result = run_benchmark(["--env-ids", "foo-bar", "--dry-run", "--runs-dir", "bench"], tmp_path, timeout=60)
+    assert result.returncode == 2 and result.stderr.startswith("error: --env-ids takes datasets named")
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+    assert not (tmp_path / "bench").exists()
 
 
 def test_gate_replay_records_every_snapshot_and_replays_the_runs_own_decisions(
