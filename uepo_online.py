@@ -866,11 +866,6 @@ if __name__ == "__main__":
     checkpoint_path = args.checkpoint_path or f"runs/{run_name}/online.pt"
     how = f"continue with --resume {checkpoint_path}" if args.algo == "ppo" else "td3 keeps no replay: start again"
     sys.excepthook = functools.partial(report_interrupt, f"the last checkpoint (if any) is {checkpoint_path}; {how}")
-    writer = SummaryWriter(f"runs/{run_name}")
-    writer.add_text(
-        "hyperparameters",
-        "|param|value|\n|-|-|\n%s" % ("\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])),
-    )
 
     # TRY NOT TO MODIFY: seeding
     random.seed(args.seed)
@@ -912,6 +907,12 @@ if __name__ == "__main__":
                 for r, (label, _, _, ope_score, mean, std) in enumerate(rows)
             )
             policy, sub_policy = copy.deepcopy(rows[chosen][1]), rows[chosen][2]
+    # The inputs are read, checked and the selection made: only now the run gets its folder.
+    writer = SummaryWriter(f"runs/{run_name}")
+    writer.add_text(
+        "hyperparameters",
+        "|param|value|\n|-|-|\n%s" % ("\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])),
+    )
     print(selection_table)
     writer.add_text("selection", selection_table)
 
