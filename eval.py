@@ -1454,12 +1454,16 @@ def collect_runs(runs_dir: str) -> tuple[list[dict], list[str]]:
     naming the file and why)."""
     runs, skipped = [], []
     for folder, _, files in sorted(os.walk(runs_dir)):
-        if "scores.json" in files:  # a baseline's run (benchmarks/baselines.py): one policy, its final scores
+        if "scores.json" in files:
+            # A baseline's run: offline (benchmarks/baselines.py) its final scores; online
+            # (benchmarks/sac_online.py) a curve, evaluations at "step", of which the last is its score.
             path = os.path.join(folder, "scores.json")
             try:
                 with open(path) as f:
                     saved = json.load(f)
-                score, dataset = float(np.mean(saved["scores"])), dataset_name(saved["dataset_id"])
+                phase = "online" if "step" in saved else "offline"
+                final = saved["scores"][-1] if phase == "online" else saved["scores"]
+                score, dataset = float(np.mean(final)), dataset_name(saved["dataset_id"])
             except (OSError, ValueError, KeyError, TypeError) as error:
                 skipped.append(f"skipped: {path}: not a baseline's scores ({type(error).__name__}: {error})")
                 continue
@@ -1467,7 +1471,7 @@ def collect_runs(runs_dir: str) -> tuple[list[dict], list[str]]:
             curve = read_curve(folder, "charts/normalized_score")
             seed = saved.get("args", {}).get("seed")
             runs.append(
-                {"dataset": dataset, "method": method, "phase": "offline", "score": score, "curve": curve}
+                {"dataset": dataset, "method": method, "phase": phase, "score": score, "curve": curve}
                 | {"seed": seed, "path": path}
             )
         for name in sorted(file for file in files if file.endswith(".pt") and file != "actor.pt"):

@@ -4,6 +4,7 @@ weights, environment and dataset), non-finite results never reported as numbers,
 output paths checked before training and its selection never choosing a non-finite score."""
 
 import dataclasses
+import json
 import math
 import os
 import shutil
@@ -694,3 +695,16 @@ def test_the_report_counts_each_dataset_method_and_seed_once(tmp_path):
     assert "| hopper-medium | 85.0 +- 7.1 |" in report  # seeds 1 (80) and 2 (90), each once
     for left_out in ("hopper-medium__ft__1__100/online.pt", "hopper-medium__ft__2__100/offline.pt"):
         assert left_out in result.stdout + result.stderr and left_out in report
+
+
+def test_the_report_scores_an_online_baseline_by_its_last_evaluation(tmp_path):
+    """benchmarks/sac_online.py's scores.json is a curve (evaluations at "step"): the report scores it
+    by its last evaluation (70), not by the mean over the whole curve (48.3), as an online run."""
+    folder = tmp_path / "runs" / "hopper-medium__sac__1__1"
+    folder.mkdir(parents=True)
+    saved = {"args": {"seed": 1}, "dataset_id": "mujoco/hopper/medium-v0", "step": [0, 1000]}
+    (folder / "scores.json").write_text(json.dumps({**saved, "scores": [[5.0], [60.0, 80.0]]}))
+    result = run_eval(["report", str(tmp_path / "runs"), "--out", str(tmp_path / "report")], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert "| dataset | sac |" in report and "| hopper-medium | 70.0 +- 0.0 |" in report, report
