@@ -236,7 +236,7 @@ RANGES = {
     "batch_size": "[1, 65536]",
     "offline_ratio": "[0, 1]",
     "offline_rows": "[1, 2000000]",
-    "buffer_size": "[1, 10000000]",
+    "buffer_size": "[1, 2000000]",
     "utd_ratio": "[1, 1000]",
     "critic_learning_rate": "(0, 1]",
     "tau": "[0, 1]",
