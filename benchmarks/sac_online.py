@@ -28,7 +28,7 @@ import tyro
 from torch.utils.tensorboard import SummaryWriter
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from eval import evaluate_sub_policies, fail  # noqa: E402
+from eval import SEED_RANGE, evaluate_sub_policies, fail, out_of_range  # noqa: E402
 from uepo_offline import DatasetError, load_dataset  # noqa: E402
 
 
@@ -54,6 +54,18 @@ class Args:
     """episodes per evaluation"""
     threads: int = 1
     """torch intra-op threads"""
+
+
+# Every numeric flag's range (eval.out_of_range, as in the training scripts).
+RANGES = {
+    "seed": SEED_RANGE,
+    "total_timesteps": "[1, 100000000]",
+    "learning_starts": "[0, 100000000]",
+    "buffer_size": "[1, 10000000]",
+    "eval_every": "[1, 100000000]",
+    "eval_episodes": "[1, 1000]",
+    "threads": "[1, 256]",
+}
 
 
 class Actor(nn.Module):
@@ -133,11 +145,10 @@ def sac_update(nets: dict, batch: tuple, update_actor: bool, gamma: float = 0.99
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
-    for name in ("total_timesteps", "buffer_size", "eval_every", "eval_episodes", "threads"):
-        if not 1 <= getattr(args, name) <= 100_000_000:
-            fail(f"--{name.replace('_', '-')} must be in [1, 1e8], got {getattr(args, name)}")
-    if not 0 <= args.learning_starts <= args.total_timesteps or not 0 <= args.seed < 2**31:
-        fail("--learning-starts must be in [0, --total-timesteps] and --seed in [0, 2^31)")
+    if (problem := out_of_range(args, RANGES)) is not None:
+        fail(problem)
+    if args.learning_starts > args.total_timesteps:
+        fail(f"--learning-starts ({args.learning_starts}) must be at most --total-timesteps ({args.total_timesteps})")
     try:
         dataset, dataset_id, ref_min, ref_max = load_dataset(args.env_id, args.dataset_id)
     except DatasetError as error:

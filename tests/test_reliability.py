@@ -4,6 +4,7 @@ weights, environment and dataset), non-finite results never reported as numbers,
 output paths checked before training and its selection never choosing a non-finite score."""
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -501,10 +502,10 @@ def beyond(interval: str, integer: bool) -> list:
     return values + ([low] if interval[0] == "(" else []) + ([high] if interval[-1] == ")" else [])
 
 
-@pytest.mark.parametrize("script", ["offline", "online", "policy", "robustness", "speed", "baselines"])
+@pytest.mark.parametrize("script", ["offline", "online", "policy", "robustness", "speed", "baselines", "sac_online"])
 def test_every_numeric_flag_has_a_finite_range_checked_before_any_work(script, tmp_path):
     """One rule for every number a user types: each numeric flag of uepo_offline.py, uepo_online.py,
-    eval.py's policy, robustness and speed commands and the baselines' script has a finite lower and
+    eval.py's policy, robustness and speed commands and the baselines' scripts has a finite lower and
     upper bound in its RANGES table, and a value outside it (beyond the upper bound, below the lower
     one, NaN, inf) is refused by the command's check with the flag and the interval named, while the
     defaults pass. The upper bounds refuse requests that cannot fit (`--batch-size 1e12`,
@@ -529,6 +530,12 @@ def test_every_numeric_flag_has_a_finite_range_checked_before_any_work(script, t
 
         args_class, check, ranges = script_module.Args, script_module.check_args, script_module.RANGES
         defaults = args_class()
+    elif script == "sac_online":  # its check is the shared rule itself, run before anything else
+        sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+        import sac_online as script_module
+
+        args_class, ranges, defaults = script_module.Args, script_module.RANGES, script_module.Args()
+        check = functools.partial(eval_module.out_of_range, ranges=ranges)
     else:
         args_class, check, ranges = {
             "policy": (PolicyArgs, check_policy_args, eval_module.POLICY_RANGES),
