@@ -668,16 +668,16 @@ def load_checkpoint(
         ) from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not a UEPO checkpoint (format {CHECKPOINT_FORMAT} expected)")
-    if checkpoint.get("phase", "offline") not in ("offline", "online"):
-        raise CheckpointError(f"{path}: phase must be offline or online, got {reprlib.repr(checkpoint['phase'])}")
-    if phase is not None and checkpoint.get("phase", "offline") != phase:
+    actual = checkpoint.get("phase", "offline")
+    if actual not in ("offline", "online"):
+        raise CheckpointError(f"{path}: phase must be offline or online, got {reprlib.repr(actual)}")
+    if phase is not None and actual != phase:
         written_by = {"offline": "uepo_offline.py", "online": "uepo_online.py"}
-        actual = checkpoint.get("phase", "offline")
         raise CheckpointError(
             f"{path} is an {actual} checkpoint (of {written_by[actual]}); this needs an {phase} one "
             f"(of {written_by[phase]})"
         )
-    (check_online if checkpoint.get("phase", "offline") == "online" else check_offline)(checkpoint, path)
+    (check_online if actual == "online" else check_offline)(checkpoint, path)
     if expected_env_id is not None and checkpoint["env_id"] != expected_env_id:
         raise CheckpointError(f"{path} was made for {checkpoint['env_id']}, not {expected_env_id}")
     dataset_id = checkpoint["dataset_id"]
@@ -1469,10 +1469,16 @@ def collect_runs(runs_dir: str) -> tuple[list[dict], list[str]]:
                 continue
             method = os.path.basename(folder).split("__")[1] if folder.count("__") >= 3 else os.path.basename(folder)
             curve = read_curve(folder, "charts/normalized_score")
-            seed = saved.get("args", {}).get("seed")
             runs.append(
-                {"dataset": dataset, "method": method, "phase": phase, "score": score, "curve": curve}
-                | {"seed": seed, "path": path}
+                {
+                    "dataset": dataset,
+                    "method": method,
+                    "phase": phase,
+                    "score": score,
+                    "curve": curve,
+                    "seed": saved.get("args", {}).get("seed"),
+                    "path": path,
+                }
             )
         for name in sorted(file for file in files if file.endswith(".pt") and file != "actor.pt"):
             path = os.path.join(folder, name)
