@@ -973,30 +973,6 @@ def choice_evaluator(ope: SubPolicyOPE, tensors: TrainingTensors, args: Args, ti
     return SubPolicyOPE(ope.critics, ope.dynamics, ope.is_terminal, starts, time_limit, args.seed + 3, args.gamma)
 
 
-def saved_run_data(checkpoint: dict, run: Args, device=torch.device("cpu")):
-    """An offline checkpoint's policy with its run's data (the training tensors and the task's
-    termination rule), for tools that redo part of the offline phase on a saved run (benchmarks/).
-    Returns (policy, tensors, is_terminal)."""
-    try:
-        dataset, _, _, _ = load_dataset(run.env_id, run.dataset_id)
-    except DatasetError as error:
-        fail(str(error))
-    data = chunk_dataset(dataset, run.horizon, run.obs_horizon, run.gamma)
-    policy = DiffusionPolicy.from_checkpoint(checkpoint["policy"]).to(device).eval()
-    return policy, training_tensors(data, policy, device), termination_fn(task_of_env_id(checkpoint["env_id"]))
-
-
-def saved_run_ope(checkpoint: dict, run: Args, policy: DiffusionPolicy, tensors: TrainingTensors, is_terminal):
-    """A saved run's AM-Q as it scored at its end (`SubPolicyOPE`: the same start states and model
-    noise, its critics and dynamics model, the elites re-chosen on the same real hold-out), for
-    tools that re-score a saved run (benchmarks/). Returns (ope, holdout)."""
-    _, _, holdout, ope, _ = offline_models(run, policy.config, tensors, is_terminal, torch.device("cpu"))
-    ope.critics.load_state_dict(checkpoint["critics"]["state_dict"])
-    ope.dynamics.load_state_dict(checkpoint["dynamics"]["state_dict"])
-    ope.dynamics.select_elites(*holdout)  # as the run did before its last OPE
-    return ope, holdout
-
-
 def real_scores(policy: DiffusionPolicy, task: TaskInfo, args: Args) -> dict:
     """Every sub-policy's returns and normalized scores on the real environment (reported, never
     used for a decision): `eval.evaluate_sub_policies` with this run's episodes and seeds."""

@@ -447,8 +447,6 @@ OUTPUT_OVER_INPUT = {
     "uepo_offline.py": ["--init-checkpoint", "{input}", "--checkpoint-path", "{output}"],
     "eval.py policy": ["--checkpoint", "{input}", "--json", "{output}"],
     "eval.py robustness": ["--checkpoint", "{input}", "--json", "{output}"],
-    "benchmarks/seed_temperature.py": ["--checkpoint", "{input}", "--json", "{output}"],
-    "benchmarks/scorers.py": ["--checkpoint", "{input}", "--json", "{output}"],
 }
 
 
