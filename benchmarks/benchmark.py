@@ -1,7 +1,7 @@
 """The paper-style results table in one command (as CleanRL's `cleanrl_utils/benchmark.py`).
 
 Runs every dataset x seed x method as its own process, at most `--workers` at a time, then
-`python eval.py report` over the runs. The README's offline table (3 seeds of hopper-medium):
+`python benchmarks/report.py` over the runs. The README's offline table (3 seeds of hopper-medium):
 
     MINARI_DATASETS_PATH=<folder> python benchmarks/benchmark.py --env-ids hopper-medium \\
         --seeds 1 2 3 --methods diffusion-bc uepo-no-improvement uepo --workers 2
@@ -275,8 +275,7 @@ if __name__ == "__main__":
         report_rc = subprocess.run(
             [
                 sys.executable,
-                os.path.join(ROOT, "eval.py"),
-                "report",
+                os.path.join(ROOT, "benchmarks", "report.py"),
                 os.path.join(runs_dir, "runs"),
                 "--methods",
                 *columns,

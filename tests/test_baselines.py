@@ -14,8 +14,7 @@ from conftest import ROOT, TINY_DATASET_ID
 
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 from baselines import ChunkMLP, mse_bc_update, td3_bc_critic_target, twin_critic  # noqa: E402
-
-from eval import collect_runs  # noqa: E402
+from report import collect_runs  # noqa: E402
 
 
 def constant_actor(value: float, horizon: int = 1, act_dim: int = 2) -> ChunkMLP:
@@ -74,7 +73,7 @@ def run_baseline(arguments, cwd, minari_path):
 @pytest.mark.parametrize("algo", ["mse-bc", "td3-bc"])
 def test_tiny_baseline_run_writes_scores_that_the_report_reads(algo, minari_path, tmp_path):
     """A short run of each baseline writes its scores (one per episode), the actor's weights and a
-    TensorBoard log; `eval.collect_runs` reads it as one run of its method on the dataset."""
+    TensorBoard log; `report.collect_runs` reads it as one run of its method on the dataset."""
     arguments = ["--dataset-id", TINY_DATASET_ID, "--algo", algo, "--total-steps", "20", "--batch-size", "32"]
     result = run_baseline(arguments + ["--eval-episodes", "2", "--eval-every", "10"], tmp_path, minari_path)
     assert result.returncode == 0, result.stderr[-3000:]

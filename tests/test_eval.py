@@ -1,5 +1,5 @@
-"""eval.py's command line: `policy`, `robustness`, `report` and `speed` on tiny checkpoints, and the
-perturbation wrappers it builds on."""
+"""The checkpoint tools on tiny checkpoints: eval.py (every sub-policy of a checkpoint) and
+benchmarks/robustness.py (with its perturbation wrappers), report.py and speed.py."""
 
 import json
 import os
@@ -14,13 +14,26 @@ from torch.utils.tensorboard import SummaryWriter
 
 from conftest import HOPPER_REF_MAX, HOPPER_REF_MIN, ROOT
 from diffusion import OnlineActor
-from eval import ActionNoise, ObservationNoise, RandomPush, ScaledModel, load_checkpoint, save_checkpoint
+from eval import load_checkpoint, save_checkpoint
+
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+from robustness import ActionNoise, ObservationNoise, RandomPush, ScaledModel  # noqa: E402
+
+# The tools by the name the tests give them: `policy` is eval.py, the others live in benchmarks/.
+TOOLS = {
+    "policy": ["eval.py"],
+    "robustness": ["benchmarks", "robustness.py"],
+    "report": ["benchmarks", "report.py"],
+    "speed": ["benchmarks", "speed.py"],
+}
 
 
 def run_eval(arguments, cwd, extra_env=None):
+    """`arguments[0]` names the tool (`TOOLS`), the rest are its command line."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", **(extra_env or {})}
+    tool, *rest = arguments
     return subprocess.run(
-        [sys.executable, os.path.join(ROOT, "eval.py"), *arguments],
+        [sys.executable, os.path.join(ROOT, *TOOLS[tool]), *rest],
         cwd=cwd,
         env=env,
         capture_output=True,

@@ -1,4 +1,4 @@
-"""Bad input gets a clear error and loses nothing: every argument of eval.py's subcommands checked
+"""Bad input gets a clear error and loses nothing: every argument of eval.py and benchmarks/ checked
 before any work, checkpoints validated on load (fields, sizes before any network is built, finite
 weights, environment and dataset), non-finite results never reported as numbers, and uepo_online.py's
 output paths checked before training and its selection never choosing a non-finite score."""
@@ -22,20 +22,15 @@ from test_eval import hand_made_run, run_eval
 from test_online import TINY_ONLINE, run_online
 
 from conftest import ROOT
-from eval import (
-    CheckpointError,
-    PolicyArgs,
-    ReportArgs,
-    RobustnessArgs,
-    SpeedArgs,
-    check_policy_args,
-    check_report_args,
-    check_robustness_args,
-    check_speed_args,
-    deployed_policy,
-    load_checkpoint,
-    save_checkpoint,
-)
+from eval import CheckpointError, PolicyArgs, check_policy_args, deployed_policy, load_checkpoint, save_checkpoint
+
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+import robustness  # noqa: E402
+import speed  # noqa: E402
+from report import ReportArgs, check_report_args  # noqa: E402
+from robustness import RobustnessArgs, check_robustness_args  # noqa: E402
+from speed import SpeedArgs, check_speed_args  # noqa: E402
+
 from uepo_online import Args, check_args, choose_candidate, with_algo_defaults
 
 
@@ -64,7 +59,7 @@ def refused(result, *words):
         assert word in result.stderr, (word, result.stderr[-2000:])
 
 
-# ---- eval.py: every argument checked before any work ---------------------------------------------------------
+# ---- eval.py and benchmarks/: every argument checked before any work -----------------------------------------
 NAN, INF = float("nan"), float("inf")
 
 
@@ -445,8 +440,8 @@ def test_report_writes_the_curves_of_a_dataset_id_with_slashes(tmp_path):
 OUTPUT_OVER_INPUT = {
     "uepo_online.py": ["--checkpoint", "{input}", "--checkpoint-path", "{output}"],
     "uepo_offline.py": ["--init-checkpoint", "{input}", "--checkpoint-path", "{output}"],
-    "eval.py policy": ["--checkpoint", "{input}", "--json", "{output}"],
-    "eval.py robustness": ["--checkpoint", "{input}", "--json", "{output}"],
+    "eval.py": ["--checkpoint", "{input}", "--json", "{output}"],
+    "benchmarks/robustness.py": ["--checkpoint", "{input}", "--json", "{output}"],
 }
 
 
@@ -503,7 +498,7 @@ def beyond(interval: str, integer: bool) -> list:
 @pytest.mark.parametrize("script", ["offline", "online", "policy", "robustness", "speed", "baselines", "sac_online"])
 def test_every_numeric_flag_has_a_finite_range_checked_before_any_work(script, tmp_path):
     """One rule for every number a user types: each numeric flag of uepo_offline.py, uepo_online.py,
-    eval.py's policy, robustness and speed commands and the baselines' scripts has a finite lower and
+    eval.py and the scripts of benchmarks/ has a finite lower and
     upper bound in its RANGES table, and a value outside it (beyond the upper bound, below the lower
     one, NaN, inf) is refused by the command's check with the flag and the interval named, while the
     defaults pass. The upper bounds refuse requests that cannot fit (`--batch-size 1e12`,
@@ -537,8 +532,8 @@ def test_every_numeric_flag_has_a_finite_range_checked_before_any_work(script, t
     else:
         args_class, check, ranges = {
             "policy": (PolicyArgs, check_policy_args, eval_module.POLICY_RANGES),
-            "robustness": (RobustnessArgs, check_robustness_args, eval_module.ROBUSTNESS_RANGES),
-            "speed": (SpeedArgs, check_speed_args, eval_module.SPEED_RANGES),
+            "robustness": (RobustnessArgs, check_robustness_args, robustness.ROBUSTNESS_RANGES),
+            "speed": (SpeedArgs, check_speed_args, speed.SPEED_RANGES),
         }[script]
         defaults = args_class() if script == "speed" else args_class(checkpoint=str(checkpoint))
     assert check(defaults) is None
@@ -632,7 +627,7 @@ def test_a_damaged_local_dataset_is_one_line_naming_it_in_every_command_that_rea
     minari_path, offline_checkpoint, tmp_path, damage
 ):
     """A local dataset folder whose data file is missing or whose metadata is not JSON: uepo_offline.py
-    and eval.py policy (its divergence step) stop with one line naming the dataset (never minari's
+    and eval.py (its divergence step) stop with one line naming the dataset (never minari's
     traceback, never "could not be downloaded" for a folder that is there)."""
     from test_offline import TINY_DATASET_ID, TINY_RUN, run_offline
 
@@ -657,7 +652,7 @@ def test_a_damaged_local_dataset_is_one_line_naming_it_in_every_command_that_rea
 
 
 def test_an_environment_without_flat_box_spaces_is_refused_by_name(tmp_path):
-    """eval.py speed on a discrete-action environment: one line naming it and what is needed."""
+    """benchmarks/speed.py on a discrete-action environment: one line naming it and what is needed."""
     result = run_eval(["speed", "--env-id", "CartPole-v1"], tmp_path)
     refused(result, "--env-id CartPole-v1 has observation space", "needs flat Box spaces")
 
@@ -670,14 +665,14 @@ def test_sub_policy_of_an_online_checkpoint_is_refused_not_ignored(online_run, t
     refused(result, "--sub-policy picks a sub-policy of an offline checkpoint; an online one deploys one policy")
 
 
-@pytest.mark.parametrize("command", ["eval.py policy", "uepo_online.py"])
+@pytest.mark.parametrize("command", ["eval.py", "uepo_online.py"])
 def test_a_checkpoint_relabelled_for_another_environment_is_refused_naming_both_sizes(
     offline_checkpoint, tmp_path, command
 ):
     """A Hopper checkpoint whose env_id says Walker2d-v5: every command that runs its policy in the
     environment refuses it in one line (state and action sizes named), never a tensor size mismatch."""
     path = rewritten(offline_checkpoint, tmp_path / "relabelled.pt", lambda c: c.update(env_id="Walker2d-v5"))
-    if command == "eval.py policy":
+    if command == "eval.py":
         result = run_eval(["policy", "--checkpoint", str(path), "--episodes", "1"], tmp_path)
     else:
         result = run_online(["--checkpoint", str(path)], tmp_path)
