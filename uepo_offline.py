@@ -42,6 +42,7 @@ import numpy as np
 import torch
 import tyro
 from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
 
 from diffusion import DiffusionPolicy, PolicyConfig, bppo_loss, qgrad_loss
 from divergence import mean_pairwise_divergence, own_sequence_repulsion, subpolicy_terms
@@ -343,107 +344,6 @@ def parse_args(argv: list[str] | None = None) -> Args:
     argv = sys.argv[1:] if argv is None else argv
     defaults = Args(paper_scale=True, **PAPER_SCALE) if "--paper-scale" in argv else Args()
     return tyro.cli(Args, default=defaults, args=argv)
-
-
-# ------------------------------------------------------------------------------------------------
-# Cost: what a run will do, and how long that takes here
-# ------------------------------------------------------------------------------------------------
-# Seconds per unit of work, measured on a 2-core CPU with one thread per run and the MLP
-# denoiser (docs/experiments.md, "Speed"); the U-Net multiplies the policy's part. They are a
-# first guess: `cost_estimate` is called again with the seconds the run itself measures.
-CPU_SECONDS = {
-    "loop_step": 0.045,
-    "policy_step": 0.012,
-    "ope_unit": 1.2e-5,
-    "augment_unit": 2.1e-5,
-    "eval_unit": 5e-5,
-    "improvement_step": 0.075,
-}
-UNET_CPU_FACTOR = {
-    "loop_step": 8.0,
-    "policy_step": 30.0,
-    "ope_unit": 16.0,
-    "augment_unit": 16.0,
-    "eval_unit": 16.0,
-    "improvement_step": 30.0,
-}
-
-
-def units_per_call(args: "Args", max_episode_steps: int) -> dict:
-    """Units of work of one call of each timed phase: one sub-policy's AM-Q rollouts, one copy's
-    episodes in the model for the offline choice, one augmentation refresh, one evaluation of
-    every sub-policy (the units of `CPU_SECONDS`)."""
-    n = args.n_subpolicies
-    return {
-        "OPE": args.ope_states * args.ope_horizon * n,
-        "choice": args.choice_starts * max_episode_steps * n,
-        "augmentation": args.augment_starts * args.augment_horizon * n,
-        "evaluation": n * args.eval_episodes * max_episode_steps,
-    }
-
-
-def phase_counts(args: "Args", max_episode_steps: int) -> dict:
-    """How much of each kind of work the run does (the units of `CPU_SECONDS`):
-    loop steps; OPE = sub-policy (or copy, for the gate and the choice) x start state x model
-    step x sub-policies sampled together (all n are sampled for each, the perturbation couples
-    them); augmentation = start x model step x n; evaluation = sub-policy x episode x step (an
-    upper bound: every episode runs to the time limit); improvement steps."""
-    n = args.n_subpolicies
-    units = units_per_call(args, max_episode_steps)
-    loop = args.total_steps if args.init_checkpoint is None else 0
-    evaluations = (loop // args.eval_every + (loop % args.eval_every != 0)) if loop else 1
-    refreshes = 0
-    if args.ope and args.augment_ratio > 0 and loop > args.dynamics_warmup:
-        refreshes = (loop - 1 - args.dynamics_warmup) // args.augment_every + 1
-    gate_calls = args.improvement_steps // args.ope_every + (args.improvement_steps % args.ope_every != 0) + 1
-    copies = args.num_qualified
-    return {
-        "loop": {"loop_step" if args.ope else "policy_step": loop},
-        "augmentation": {"augment_unit": refreshes * units["augmentation"]},
-        "OPE": {
-            "ope_unit": (evaluations * n + copies * gate_calls) * units["OPE"] + copies * units["choice"]
-            if args.ope
-            else 0
-        },
-        "evaluation": {"eval_unit": (evaluations + copies) * units["evaluation"]},
-        "improvement": {"improvement_step": copies * args.improvement_steps},
-    }
-
-
-def cost_estimate(counts: dict, seconds: dict) -> dict:
-    """Seconds per phase: every unit count of `phase_counts` times its seconds."""
-    return {phase: sum(count * seconds[unit] for unit, count in units.items()) for phase, units in counts.items()}
-
-
-class PhaseClock:
-    """Wall time and units of work spent per phase so far (the phases of `phase_counts`)."""
-
-    def __init__(self):
-        self.seconds, self.units = {}, {}
-
-    def add(self, phase: str, units: float, seconds: float) -> None:
-        self.seconds[phase] = self.seconds.get(phase, 0.0) + seconds
-        self.units[phase] = self.units.get(phase, 0.0) + units
-
-    def unit_seconds(self, counts: dict, prior: dict) -> dict:
-        """Seconds per unit: measured where the phase has run, else the prior scaled by how much
-        faster or slower than its prior the measured phases ran here (the median ratio)."""
-        measured = {}
-        for phase, units in counts.items():
-            (unit,) = units
-            if self.units.get(phase, 0) > 0:
-                measured[unit] = self.seconds[phase] / self.units[phase]
-        ratio = float(np.median([measured[unit] / prior[unit] for unit in measured])) if measured else 1.0
-        return {unit: measured.get(unit, prior[unit] * ratio) for unit in prior}
-
-
-def format_cost(estimate: dict) -> str:
-    total = sum(estimate.values())
-    return (
-        f"about {total / 60:.0f} min: "
-        + ", ".join(f"{phase} {value / 60:.1f}" for phase, value in estimate.items())
-        + " (min, rough)"
-    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1001,7 +901,7 @@ def log_evaluation(writer, record: dict, step: int, history: dict) -> None:
     writer.add_scalar("charts/normalized_score_mean", scores.mean(), step)
     writer.add_scalar("charts/normalized_score_best", scores.max(), step)
     writer.add_scalar("charts/mean_pairwise_divergence", record["mean_divergence"], step)
-    print(
+    tqdm.write(
         f"eval step {step}: normalized score per sub-policy "
         f"[{', '.join(f'{s:.1f}' for s in scores)}] mean {scores.mean():.1f} best {scores.max():.1f}; "
         f"mean pairwise divergence {record['mean_divergence']:.3f}"
@@ -1011,7 +911,7 @@ def log_evaluation(writer, record: dict, step: int, history: dict) -> None:
         writer.add_scalar("charts/ope_spearman", record["ope_spearman"], step)
         writer.add_scalar("losses/dynamics_holdout_mse", record["dynamics_holdout_mse"], step)
         writer.add_scalar("losses/dynamics_holdout_nll", record["dynamics_holdout_nll"], step)
-        print(
+        tqdm.write(
             f"  AM-Q per sub-policy [{', '.join(f'{q:.1f}' for q in ope)}]; Spearman with real scores "
             f"{record['ope_spearman']:.2f}; AM-Q's pick: sub-policy {int(ope.argmax())} "
             f"(real {scores[ope.argmax()]:.1f}); dynamics hold-out NLL {record['dynamics_holdout_nll']:.3f}"
@@ -1021,63 +921,36 @@ def log_evaluation(writer, record: dict, step: int, history: dict) -> None:
 # ------------------------------------------------------------------------------------------------
 # Progress, checkpoints and the state --resume needs
 # ------------------------------------------------------------------------------------------------
-class ProgressLog:
-    """The loop's progress line every --log-every steps: the mean of each loss since the last
-    line, steps per second, the run's ETA from the cost estimate and the minutes per phase
-    (also to TensorBoard). `loss_sums`/`loss_counts` are part of the state --resume restores."""
+BAR = {"mininterval": 5.0, "dynamic_ncols": True}  # the progress bars (tqdm): steps, rate, ETA, losses
 
-    def __init__(self, args: Args, cost_counts: dict, prior_seconds: dict, first_step: int, sums=None, counts=None):
-        self.args, self.cost_counts, self.prior_seconds, self.first_step = args, cost_counts, prior_seconds, first_step
-        self.loss_sums, self.loss_counts = dict(sums or {}), dict(counts or {})
-        self.start_time = time.time()  # the loop's own time: the wall time minus the timed phases inside it
+
+class LossMeans:
+    """Each loss's mean since the last `log`: written to TensorBoard under `prefix` and shown on the bar."""
+
+    def __init__(self, writer, prefix: str):
+        self.writer, self.prefix, self.sums, self.counts = writer, prefix, {}, {}
 
     def add(self, logs: dict) -> None:
         for name, value in logs.items():
-            self.loss_sums[name] = self.loss_sums.get(name, 0.0) + value
-            self.loss_counts[name] = self.loss_counts.get(name, 0) + 1
+            self.sums[name], self.counts[name] = self.sums.get(name, 0.0) + value, self.counts.get(name, 0) + 1
 
-    def report(self, step: int, clock: PhaseClock, writer, learning_rate: float) -> None:
-        args, steps_done = self.args, step - self.first_step + 1  # this process's steps (after --resume: since it)
-        elapsed = time.time() - self.start_time
-        loop_seconds = elapsed - sum(value for phase, value in clock.seconds.items() if phase != "loop")
-        clock.seconds["loop"], clock.units["loop"] = loop_seconds, steps_done
-        unit_seconds = clock.unit_seconds(self.cost_counts, self.prior_seconds)
-        remaining = cost_estimate(self.cost_counts, unit_seconds)
-        remaining = {phase: remaining[phase] - clock.seconds.get(phase, 0.0) for phase in remaining}
-        remaining["loop"] = (args.total_steps - step) * loop_seconds / steps_done
-        run_remaining = max(0.0, sum(remaining.values()))
-        for phase, seconds in clock.seconds.items():
-            writer.add_scalar(f"time/{phase}_minutes", seconds / 60, step)
-        if steps_done == args.log_every:
-            print(f"cost estimate after {step} steps: {format_cost(cost_estimate(self.cost_counts, unit_seconds))}")
-        means = {name: self.loss_sums[name] / self.loss_counts[name] for name in self.loss_sums}
+    def log(self, step: int, progress) -> None:
+        means = {name: self.sums[name] / self.counts[name] for name in self.sums}
         for name, value in means.items():
-            writer.add_scalar(f"losses/{name}", value, step)
-        writer.add_scalar("charts/learning_rate", learning_rate, step)
-        writer.add_scalar("charts/SPS", steps_done / elapsed, step)
-        print(
-            f"step {step}/{args.total_steps} | "
-            + " | ".join(f"{k} {v:.4f}" for k, v in means.items())
-            + f" | {steps_done / elapsed:.0f} steps/s | run ETA {time.strftime('%H:%M:%S', time.gmtime(run_remaining))}"
-            + " | minutes: "
-            + ", ".join(f"{phase} {seconds / 60:.1f}" for phase, seconds in clock.seconds.items()),
-            flush=True,
-        )
-        self.loss_sums, self.loss_counts = {}, {}
+            self.writer.add_scalar(f"{self.prefix}/{name}", value, step)
+        progress.set_postfix({name: f"{value:.4f}" for name, value in means.items()}, refresh=False)
+        self.sums, self.counts = {}, {}
 
 
-def training_state(step, run_name, optimizer, scheduler, progress: ProgressLog, models, augmented, device) -> dict:
+def training_state(step, run_name, optimizer, scheduler, models, augmented, device) -> dict:
     """What --resume needs to continue the loop after `step` as if it had never stopped: the
-    optimizers, the schedule, the augmentation buffer, the loss sums since the last log and every
-    random stream the loop draws from."""
+    optimizers, the schedule, the augmentation buffer and every random stream the loop draws from."""
     state = {
         "step": step,
         "run_name": run_name,
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "torch_rng": torch.get_rng_state(),
-        "loss_sums": dict(progress.loss_sums),
-        "loss_counts": dict(progress.loss_counts),
     }
     if device.type == "cuda":
         state["cuda_rng"] = torch.cuda.get_rng_state(device)
@@ -1134,31 +1007,27 @@ def write_checkpoint(path, step, args, task: TaskInfo, policy, models, history, 
         },
         path,
     )
-    print(f"checkpoint: {path}")
+    tqdm.write(f"checkpoint: {path}")
 
 
-def evaluate(policy, task: TaskInfo, args: Args, divergence_states, ope, holdout, clock: PhaseClock, units) -> dict:
+def evaluate(policy, task: TaskInfo, args: Args, divergence_states, ope, holdout) -> dict:
     """Every sub-policy's real normalized score (reported, never used for a decision), their mean
     pairwise kinematic divergence on fixed dataset states and, with --ope, their AM-Q, its rank
     correlation with the real scores, and the dynamics model's hold-out error."""
     policy.eval()
     with torch.no_grad():
         record = {"mean_divergence": mean_pairwise_divergence(policy.sample(divergence_states).actions).mean().item()}
-    phase_start = time.time()
     result = real_scores(policy, task, args)
-    clock.add("evaluation", units["evaluation"], time.time() - phase_start)
     record.update(scores=result["scores"].tolist(), returns=result["returns"].tolist())
     if ope is not None:
-        phase_start = time.time()
         record.update(ope.scores(policy, holdout))
-        clock.add("OPE", args.n_subpolicies * units["OPE"], time.time() - phase_start)
         ope_scores, scores = np.array(record["ope_scores"]), result["scores"].mean(1)
         record["ope_spearman"] = spearman_correlation(ope_scores, scores) if args.n_subpolicies > 2 else float("nan")
     policy.train()
     return record
 
 
-def improve_sub_policy(policy, sub_policy: int, models, ope, tensors, args: Args, writer, clock, units):
+def improve_sub_policy(policy, sub_policy: int, models, ope, tensors, args: Args, writer):
     """The improvement of one qualified sub-policy (docs/design.md, "The offline loop, critics and
     improvement"): a copy of the whole policy (denoiser + the same seeds; the partners stay
     because the perturbation couples them) improved for `sub_policy` by --improvement, under the
@@ -1178,37 +1047,21 @@ def improve_sub_policy(policy, sub_policy: int, models, ope, tensors, args: Args
         margin=args.gate_margin,
     )
     print(f"sub-policy {sub_policy}: gated OPE at the start {gate.best_score:.1f}")
-    start_time, loss_sums, last_logged = time.time(), {}, 0
-    for step in range(1, args.improvement_steps + 1):
-        step_start = time.time()
-        logs = improvement_update(
-            improved_policy, reference, optimizer, models.critics, tensors, sub_policy, step, args
+    means = LossMeans(writer, f"improvement_{sub_policy}")
+    for step in (progress := tqdm(range(1, args.improvement_steps + 1), f"improving sub-policy {sub_policy}", **BAR)):
+        means.add(
+            improvement_update(improved_policy, reference, optimizer, models.critics, tensors, sub_policy, step, args)
         )
-        clock.add("improvement", 1, time.time() - step_start)
-        for name, value in logs.items():
-            loss_sums[name] = loss_sums.get(name, 0.0) + value
         if step % args.log_every == 0 or step % args.ope_every == 0 or step == args.improvement_steps:
-            logged_steps, last_logged = step - last_logged, step
-            for name, value in loss_sums.items():
-                writer.add_scalar(f"improvement_{sub_policy}/{name}", value / logged_steps, step)
-            remaining = (args.improvement_steps - step) * (time.time() - start_time) / step
-            print(
-                f"  sub-policy {sub_policy} step {step}/{args.improvement_steps} | "
-                + " | ".join(f"{k} {v / logged_steps:.4f}" for k, v in loss_sums.items())
-                + f" | ETA {time.strftime('%H:%M:%S', time.gmtime(remaining))}",
-                flush=True,
-            )
-            loss_sums = {}
+            means.log(step, progress)
         if step % args.ope_every == 0 or step == args.improvement_steps:
-            phase_start = time.time()
             required = args.gate_margin * abs(gate.best_score)  # what the gain's lower bound must exceed
             accepted = gate.offer(improved_policy, ope.rollouts(improved_policy, sub_policy, args.ope_penalty), step)
-            clock.add("OPE", units["OPE"], time.time() - phase_start)
             _, score, _, lower_bound = gate.history[-1]
             if accepted and args.improvement == "bppo":
                 reference.load_state_dict(improved_policy.state_dict())
             writer.add_scalar(f"improvement_{sub_policy}/gated_ope", score, step)
-            print(
+            tqdm.write(
                 f"  sub-policy {sub_policy} step {step}: gated OPE {score:.1f}, gain bound {lower_bound:+.1f} "
                 f"(needs > {required:+.1f}: {'kept' if accepted else 'rejected'}; best {gate.best_score:.1f} "
                 f"at step {gate.best_step})"
@@ -1318,28 +1171,9 @@ if __name__ == "__main__":
         "|param|value|\n|-|-|\n%s" % ("\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])),
     )
 
-    # ---- the cost of this run, said up front (refined after the first --log-every steps) -------
-    cost_counts = phase_counts(args, task.max_episode_steps or 1000)
-    call_units = units_per_call(args, task.max_episode_steps or 1000)  # what each timed call adds
-    prior_seconds = {
-        unit: seconds * (UNET_CPU_FACTOR[unit] if args.denoiser == "unet" else 1.0)
-        for unit, seconds in CPU_SECONDS.items()
-    }
-    clock, run_start = PhaseClock(), time.time()
-    print(
-        f"cost: --denoiser {args.denoiser}, {sum(cost_counts['loop'].values())} loop steps, "
-        f"{args.n_subpolicies} sub-policies, "
-        f"--ope {args.ope}, {args.num_qualified} copies x {args.improvement_steps} improvement steps"
-    )
-    if device.type == "cpu":
-        print(f"cost estimate on this CPU: {format_cost(cost_estimate(cost_counts, prior_seconds))}")
-        if args.denoiser == "unet" or args.total_steps > 100_000:
-            print(
-                "warning: these settings are sized for a GPU (the U-Net or a paper-scale budget); the defaults "
-                "are the CPU setting"
-            )
-    else:
-        print("cost estimate: after the first --log-every steps (the seconds above are measured on a CPU)")
+    run_start = time.time()
+    if device.type == "cpu" and (args.denoiser == "unet" or args.total_steps > 100_000):
+        print("warning: the U-Net or a paper-scale budget is sized for a GPU; the defaults are the CPU setting")
 
     # ---- the multi-seed diffusion policy -------------------------------------------------------
     config = policy_config(args, obs_dim=state_mean.shape[0], act_dim=action_space.shape[0])
@@ -1362,7 +1196,7 @@ if __name__ == "__main__":
 
     if args.init_checkpoint is None:
         # ---- phase 1: the offline loop (docs/design.md, "The offline loop, critics and improvement")
-        first_step, sums, counts = 1, None, None
+        first_step = 1
         if resumed is not None:  # --resume: every state the loop carries, as it was after the saved step
             resume = resumed["resume"]
             policy.load_state_dict(resumed["policy"]["state_dict"])
@@ -1379,14 +1213,11 @@ if __name__ == "__main__":
             torch.set_rng_state(resume["torch_rng"])
             if "cuda_rng" in resume and device.type == "cuda":
                 torch.cuda.set_rng_state(resume["cuda_rng"], device)
-            history, sums, counts, first_step = (
-                resumed["history"],
-                resume["loss_sums"],
-                resume["loss_counts"],
-                resume["step"] + 1,
-            )
-        progress = ProgressLog(args, cost_counts, prior_seconds, first_step, sums, counts)
-        for step in range(first_step, args.total_steps + 1):
+            history, first_step = resumed["history"], resume["step"] + 1
+        means = LossMeans(writer, "losses")
+        progress = tqdm(range(first_step, args.total_steps + 1), "offline loop", initial=first_step - 1, **BAR)
+        progress.total = args.total_steps
+        for step in progress:
             batch = torch.randint(num_chunks, (args.batch_size,), device=device)
             try:
                 logs = policy_update(policy, optimizer, scheduler, tensors, batch, step, args)
@@ -1396,38 +1227,38 @@ if __name__ == "__main__":
             except NonFiniteLoss as error:
                 last = checkpoint_path if history["step"] else "none yet"
                 fail(f"{error}; stopped (the last checkpoint is untouched: {last})")
-            progress.add(logs)
+            means.add(logs)
             refresh = args.ope and augment_now(step, args)
             if refresh or (args.ope and step % args.elite_every == 0):
                 models.dynamics.select_elites(*holdout)  # elites are chosen on real hold-out data only
             if refresh:
                 policy.eval()
-                phase_start = time.time()
                 augmented, epsilon = refresh_augmentation(
                     policy, models, holdout, tensors.raw_histories, is_terminal, args
                 )
-                clock.add("augmentation", call_units["augmentation"], time.time() - phase_start)
                 policy.train()
                 history["augmentation"].append((step, len(augmented["states"]), epsilon))
                 writer.add_scalar("charts/augmentation_size", len(augmented["states"]), step)
-                print(
+                tqdm.write(
                     f"augmentation at step {step}: {len(augmented['states'])} synthetic transitions "
                     f"(epsilon {epsilon:.3f}, cap {int(args.augment_ratio * num_chunks)})"
                 )
             if step % args.log_every == 0 or step == args.total_steps:
-                progress.report(step, clock, writer, scheduler.get_last_lr()[0])
+                means.log(step, progress)
+                writer.add_scalar("charts/learning_rate", scheduler.get_last_lr()[0], step)
+                writer.add_scalar("charts/SPS", progress.format_dict["rate"] or 0.0, step)
             if step % args.eval_every == 0 or step == args.total_steps:
-                record = evaluate(policy, task, args, divergence_states, ope, holdout, clock, call_units)
+                record = evaluate(policy, task, args, divergence_states, ope, holdout)
                 log_evaluation(writer, record, step, history)
                 # taken after the evaluation, so that a resumed run continues from exactly here
-                resume = training_state(step, run_name, optimizer, scheduler, progress, models, augmented, device)
+                resume = training_state(step, run_name, optimizer, scheduler, models, augmented, device)
                 write_checkpoint(checkpoint_path, step, args, task, policy, models, history, improved, resume)
     else:
         # ---- phase 1 ran in an earlier run (--init-checkpoint): take its networks, evaluate them --
         policy.load_state_dict(saved["policy"]["state_dict"])
         models.critics.load_state_dict(saved["critics"]["state_dict"])
         models.dynamics.load_state_dict(saved["dynamics"]["state_dict"])
-        record = evaluate(policy, task, args, divergence_states, ope, holdout, clock, call_units)
+        record = evaluate(policy, task, args, divergence_states, ope, holdout)
         log_evaluation(writer, record, saved["step"], history)
         write_checkpoint(checkpoint_path, saved["step"], args, task, policy, models, history, improved, resume)
         # Continue the loop's random stream where it stopped (saved for --resume after its last
@@ -1448,14 +1279,10 @@ if __name__ == "__main__":
         choice_ope = choice_evaluator(ope, tensors, args, task.max_episode_steps or 1000)
         for sub_policy in qualified:
             try:
-                improved_policy, gate = improve_sub_policy(
-                    policy, sub_policy, models, ope, tensors, args, writer, clock, call_units
-                )
+                improved_policy, gate = improve_sub_policy(policy, sub_policy, models, ope, tensors, args, writer)
             except NonFiniteLoss as error:
                 fail(f"{error}; stopped (the last checkpoint is untouched: {checkpoint_path})")
-            phase_start = time.time()
             returns = choice_ope.returns(improved_policy, sub_policy)
-            clock.add("OPE", call_units["choice"], time.time() - phase_start)
             scores = real_scores(improved_policy, task, args)["scores"][sub_policy]
             improved.append(
                 {
@@ -1516,9 +1343,5 @@ if __name__ == "__main__":
                 f"{entry['model_return']:.1f} | {np.mean(entry['scores']):.1f} |"
             )
 
-    print(
-        "time per phase: "
-        + ", ".join(f"{phase} {seconds / 60:.1f} min" for phase, seconds in clock.seconds.items())
-        + f"; whole run {(time.time() - run_start) / 60:.1f} min"
-    )
+    print(f"whole run {(time.time() - run_start) / 60:.1f} min")
     writer.close()

@@ -124,3 +124,16 @@ def online_run(offline_checkpoint, tmp_path_factory):
         + TINY_ONLINE,
         folder,
     ), path
+
+
+def logged_scalars(folder) -> dict:
+    """Every TensorBoard scalar written under `folder` (all runs in it): {tag: [(step, value), ...]}."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    scalars = {}
+    for run in sorted(os.listdir(os.path.join(folder, "runs"))):
+        accumulator = EventAccumulator(os.path.join(folder, "runs", run), size_guidance={"scalars": 0})
+        accumulator.Reload()
+        for tag in accumulator.Tags()["scalars"]:
+            scalars.setdefault(tag, []).extend((event.step, event.value) for event in accumulator.Scalars(tag))
+    return scalars

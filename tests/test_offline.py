@@ -1,7 +1,6 @@
 """uepo_offline.py: data, bad input, the end-to-end offline run and its checkpoint."""
 
 import os
-import re
 import subprocess
 import sys
 
@@ -9,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, TINY_DATASET_ID, TINY_MAX_EPISODE_STEPS
+from conftest import ROOT, TINY_DATASET_ID, TINY_MAX_EPISODE_STEPS, logged_scalars
 from diffusion import DiffusionPolicy, PolicyConfig
 from dynamics import ChunkCritics, EnsembleDynamics, confident_choice
 from eval import (
@@ -21,19 +20,16 @@ from eval import (
     spearman_correlation,
 )
 from uepo_offline import (
-    CPU_SECONDS,
     ENV_IDS,
     PAPER_SCALE,
     DatasetError,
-    PhaseClock,
+    LossMeans,
     check_args,
     chunk_dataset,
     chunk_episode,
-    cost_estimate,
     load_dataset,
     minari_ids,
     parse_args,
-    phase_counts,
     state_statistics,
 )
 
@@ -329,7 +325,8 @@ def test_end_to_end_offline_run_writes_a_checkpoint_that_reproduces_its_evaluati
     policy reproduces the recorded evaluation returns exactly (same actions, same episodes)."""
     result, path = tiny_run
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "step 30/30" in result.stdout and "ETA" in result.stdout and "subpolicy" in result.stdout
+    # the progress bar (stderr): steps done of all, elapsed<remaining, and the losses' means
+    assert "offline loop: 100%" in result.stderr and "30/30 [" in result.stderr and "subpolicy=" in result.stderr
     assert "eval step 30" in result.stdout
     assert list((path.parent / "runs").iterdir()), "no TensorBoard run folder under runs/"
     checkpoint = load_checkpoint(str(path), expected_env_id="Hopper-v5")
@@ -365,7 +362,7 @@ def test_full_run_scores_augments_and_leaves_the_policy_training_unchanged(tiny_
     policy is bit-identical to the run without any of this (its own random stream)."""
     result, path = full_run
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "critic_q" in result.stdout and "dynamics" in result.stdout and "AM-Q per sub-policy" in result.stdout
+    assert "critic_q=" in result.stderr and "dynamics=" in result.stderr and "AM-Q per sub-policy" in result.stdout
     checkpoint = load_checkpoint(str(path))
     history = checkpoint["history"]
     ope_scores = np.array(history["ope_scores"][-1])
@@ -446,9 +443,6 @@ def test_improvement_from_the_loops_checkpoint_equals_the_one_command_run(full_r
     assert result.returncode == 0, result.stderr[-3000:]
     one_command, split = load_checkpoint(str(path)), load_checkpoint(str(out))
     assert [e["sub_policy"] for e in split["improved"]] == [e["sub_policy"] for e in one_command["improved"]]
-    # The improvement's losses at every logged step (they depend on every batch it drew).
-    losses = lambda out: [line.split(" | ETA")[0] for line in out.splitlines() if re.search(r"step \d+/6 \|", line)]
-    assert losses(result.stdout) == losses(full_run[0].stdout) and len(losses(result.stdout)) == 4
     for a, b in zip(one_command["improved"], split["improved"]):
         assert a["best_step"] == b["best_step"] and a["ope_history"][1:] == b["ope_history"][1:]
         for name, tensor in a["policy"]["state_dict"].items():
@@ -481,8 +475,8 @@ def test_init_checkpoint_runs_only_the_improvement(full_run, minari_path, tmp_pa
     original, rerun = load_checkpoint(str(path)), load_checkpoint(str(out))
     assert rerun["history"]["scores"][-1] == original["history"]["scores"][-1]
     assert [entry["operator"] for entry in rerun["improved"]] == ["bppo"]
-    ratio_lines = [line for line in result.stdout.splitlines() if "step 3/6" in line and "ratio" in line]
-    assert ratio_lines, result.stdout[-2000:]
+    ratio = [tag for tag in logged_scalars(tmp_path) if tag.startswith("improvement_") and tag.endswith("/ratio")]
+    assert ratio, "bppo logs its likelihood ratio"
     # Refusals: another environment; other policy settings.
     foreign = load_checkpoint(str(path))
     foreign["env_id"] = "Walker2d-v5"
@@ -524,32 +518,27 @@ def test_paper_scale_swaps_the_defaults_and_flags_beside_it_still_win():
             assert getattr(paper, name) == value, name
 
 
-def test_phase_counts_and_cost_estimate_arithmetic():
-    """Hand-counted: 20k steps, evaluations at 10k and 20k; refreshes at 5k, 10k, 15k; 2 copies x
-    (2000 / 250 + 1 = 9) gate OPEs and one choice rollout each (256 starts x the 1000-step time
-    limit); the estimate is counts x seconds per unit."""
-    args = parse_args([])
-    counts = phase_counts(args, max_episode_steps=1000)
-    n, rollout = args.n_subpolicies, args.ope_states * args.ope_horizon * args.n_subpolicies
-    assert counts["loop"] == {"loop_step": 20_000}
-    assert counts["augmentation"] == {"augment_unit": 3 * args.augment_starts * args.augment_horizon * n}
-    assert counts["OPE"] == {"ope_unit": (2 * n + 2 * 9) * rollout + 2 * 256 * 1000 * n}
-    assert counts["evaluation"] == {"eval_unit": (2 + 2) * n * args.eval_episodes * 1000}
-    assert counts["improvement"] == {"improvement_step": 4000}
-    seconds = {unit: 1.0 for unit in CPU_SECONDS}
-    seconds["loop_step"] = 0.5
-    estimate = cost_estimate(counts, seconds)
-    assert estimate["loop"] == 10_000 and estimate["improvement"] == 4000
-    # An uneven budget: 25k steps evaluate at 10k, 20k and 25k; no OPE: policy steps, no augmentation.
-    odd = phase_counts(parse_args(["--total-steps", "25000", "--no-ope", "--num-qualified", "0"]), 1000)
-    assert odd["loop"] == {"policy_step": 25_000} and odd["augmentation"] == {"augment_unit": 0}
-    assert odd["evaluation"]["eval_unit"] == 3 * n * args.eval_episodes * 1000 and odd["OPE"]["ope_unit"] == 0
-    # The clock: a measured phase replaces its prior; the others scale by the measured ratio.
-    clock = PhaseClock()
-    clock.add("loop", units=100, seconds=2 * 100 * CPU_SECONDS["loop_step"])  # twice as slow as the prior
-    measured = clock.unit_seconds(counts, CPU_SECONDS)
-    assert measured["loop_step"] == pytest.approx(2 * CPU_SECONDS["loop_step"])
-    assert measured["ope_unit"] == pytest.approx(2 * CPU_SECONDS["ope_unit"])
+def test_loss_means_are_per_loss_since_the_last_log_and_reach_tensorboard_and_the_bar():
+    """A loss logged every step and one logged every other step: each is averaged over its own
+    entries since the last log, written under the prefix, shown on the bar, and then reset."""
+    written, shown = [], {}
+
+    class Writer:
+        def add_scalar(self, tag, value, step):
+            written.append((tag, value, step))
+
+    class Bar:
+        def set_postfix(self, values, refresh):
+            shown.update(values)
+
+    means = LossMeans(Writer(), "losses")
+    for logs in [{"a": 1.0, "b": 10.0}, {"a": 3.0}, {"a": 5.0, "b": 20.0}]:
+        means.add(logs)
+    means.log(3, Bar())
+    assert written == [("losses/a", 3.0, 3), ("losses/b", 15.0, 3)] and shown == {"a": "3.0000", "b": "15.0000"}
+    means.add({"a": 7.0})
+    means.log(4, Bar())
+    assert written[-1] == ("losses/a", 7.0, 4) and len(written) == 3
 
 
 @pytest.mark.parametrize(
@@ -700,17 +689,15 @@ def test_j_reading_chooses_the_sub_policy_term(minari_path, tmp_path):
     non-positive disagreement, >= 0). The two readings train different policies."""
     logged = {}
     for reading in ("own-sequence", "dataset-sequence"):
-        path = tmp_path / f"{reading}.pt"
-        result = run_offline(TINY_RUN + ["--j-reading", reading, "--checkpoint-path", str(path)], minari_path, tmp_path)
+        folder = tmp_path / reading
+        folder.mkdir()
+        path = folder / "offline.pt"
+        result = run_offline(TINY_RUN + ["--j-reading", reading, "--checkpoint-path", str(path)], minari_path, folder)
         assert result.returncode == 0, result.stderr[-3000:]
-        logged[reading] = [
-            float(line.split("subpolicy ")[1].split()[0])
-            for line in result.stdout.splitlines()
-            if line.startswith("step ")
-        ]
+        logged[reading] = [value for _, value in logged_scalars(folder)["losses/subpolicy"]]
     assert logged["own-sequence"] and all(value <= 0 for value in logged["own-sequence"])
     assert all(value >= 0 for value in logged["dataset-sequence"])
     assert parse_args([]).j_reading == "own-sequence"
-    own = load_checkpoint(str(tmp_path / "own-sequence.pt"))["policy"]["state_dict"]
-    data = load_checkpoint(str(tmp_path / "dataset-sequence.pt"))["policy"]["state_dict"]
+    own = load_checkpoint(str(tmp_path / "own-sequence" / "offline.pt"))["policy"]["state_dict"]
+    data = load_checkpoint(str(tmp_path / "dataset-sequence" / "offline.pt"))["policy"]["state_dict"]
     assert any(not torch.equal(own[name], data[name]) for name in own)
