@@ -12,12 +12,11 @@ As a component (imported by uepo_offline.py and uepo_online.py, which it never i
   `vector_env_state` / `restore_vector_env_state`: its environments' state, for `--resume`.
 - `offline_ranking` / `offline_candidates` / `deployed_policy`: which (policy, sub-policy) a
   checkpoint offers, and which one it deploys.
-- `save_checkpoint` / `load_checkpoint`: atomic writes; loads that refuse a corrupt file, a field
-  missing, a network size out of bounds (before anything is built), non-finite weights, or a
-  checkpoint made for another environment or dataset.
+- `save_checkpoint` / `load_checkpoint` / `build_saved`: atomic writes; safe loads that refuse a
+  corrupt file, a field missing, non-finite weights, a checkpoint made for another environment or
+  dataset, and (when built) networks whose sizes do not fit the saved tensors.
 """
 
-import dataclasses
 import json
 import os
 import pickle
@@ -25,6 +24,7 @@ import re
 import reprlib
 import sys
 import tempfile
+import warnings
 from collections import deque
 from dataclasses import dataclass
 
@@ -35,7 +35,7 @@ import torch
 import tyro
 from gymnasium.envs.mujoco import MujocoEnv
 
-from diffusion import DENOISERS, ONLINE_ACTORS, PREDICTIONS, DiffusionPolicy, OnlineActor, PolicyConfig
+from diffusion import DiffusionPolicy, OnlineActor
 from divergence import pairwise_divergence
 
 CHECKPOINT_FORMAT = "uepo-v1"
@@ -382,248 +382,51 @@ def check_output_file(flag: str, path: str | None, inputs: dict | None = None) -
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used: unreadable, of another format, for another environment or
-    dataset, with a field missing or out of bounds, or with non-finite weights."""
+    dataset, with a field missing, non-finite weights or sizes that do not fit its tensors."""
 
 
-# The fields of each kind of checkpoint, as uepo_offline.py's and uepo_online.py's `write_checkpoint`
-# write them (offline "critics" and "dynamics" only with --ope). A file without one is refused on load,
-# naming it, so that no reader meets a KeyError halfway through its work. (The training state of
-# --resume, "resume", is read by the scripts alone.)
-OFFLINE_FIELDS = (
-    "args",
-    "step",
-    "env_id",
-    "max_episode_steps",
-    "dataset_id",
-    "ref_min_score",
-    "ref_max_score",
-    "policy",
-    "history",
-    "improved",
-)
-ONLINE_FIELDS = (
-    "args",
-    "global_step",
-    "env_id",
-    "max_episode_steps",
-    "dataset_id",
-    "ref_min_score",
-    "ref_max_score",
-    "offline_checkpoint",
-    "actor",
-    "sub_policy",
-    "selection",
-    "history",
-)
-IMPROVED_FIELDS = ("sub_policy", "operator", "policy", "ope_score", "scores")
-ACTOR_FIELDS = ("kind", "sub_policy", "init_std", "hidden", "mlp_horizon", "policy_config", "state_dict")
-# The buffers `from_checkpoint` reads by name before loading the state dict.
-STATISTICS = ("state_mean", "state_std", "action_low", "action_high")
-# Fields added after checkpoints were first written, with the value older files implicitly have: an
-# `--actor mlp` actor from before --mlp-horizon acted one step per decision.
-LATER_ACTOR_FIELDS = {"mlp_horizon": 1}
-
-# Bounds of the saved sizes that networks are built from, checked before anything is built, so that a
-# corrupt or hostile file cannot ask for layers of billions of units. Far above every setting used here.
-MAX_WIDTH = 4096  # hidden widths, U-Net channels, state and action dimensions
-MAX_HORIZON = 64  # actions per chunk, states per history
-MAX_SUBPOLICIES = 64
-MAX_DIFFUSION_STEPS = 1000
-MAX_ENSEMBLE = 64  # dynamics members
-MAX_LAYERS = 16  # dynamics hidden layers, U-Net levels
+# The fields the readers use, as paths ("improved.*.scores": in every improved copy; "critics" and
+# "dynamics" exist only with --ope, "resume" is read by the scripts alone). A file without one is
+# refused on load naming it, never a KeyError halfway through a command.
+REQUIRED = {
+    "offline": (
+        *("args.gamma", "step", "env_id", "max_episode_steps", "dataset_id", "ref_min_score", "ref_max_score"),
+        *("policy.config", *(f"policy.state_dict.{name}" for name in ("state_mean", "state_std"))),
+        *("history.scores", "improved.*.sub_policy", "improved.*.policy.config", "improved.*.policy.state_dict"),
+        *("improved.*.operator", "improved.*.ope_score", "improved.*.scores"),
+    ),
+    "online": (
+        *("args", "global_step", "env_id", "max_episode_steps", "dataset_id", "ref_min_score", "ref_max_score"),
+        *("offline_checkpoint", "sub_policy", "selection", "history.step", "history.scores"),
+        *(f"actor.{name}" for name in ("kind", "sub_policy", "init_std", "hidden", "policy_config", "state_dict")),
+    ),
+}
 
 
-def require(container, fields, where: str, path: str) -> dict:
-    """`container` as a dict with every one of `fields`; else a CheckpointError naming the first missing one."""
-    if not isinstance(container, dict):
-        raise CheckpointError(f"{path}: {where or 'the file'} is not a dictionary")
-    for field in fields:
-        if field not in container:
-            raise CheckpointError(f"{path} has no field {f'{where}.' if where else ''}{field}")
-    return container
+def missing_field(container, path: str, where: str = "") -> str | None:
+    """The first field of `path` (see REQUIRED) that `container` lacks, as a dotted name; None if none."""
+    head, _, rest = path.partition(".")
+    if head == "*":
+        items = enumerate(container if isinstance(container, list) else [])
+        found = (missing_field(item, rest, f"{where}[{k}]") for k, item in items)
+        return next((name for name in found if name), None)
+    name = f"{where}.{head}" if where else head
+    if not isinstance(container, dict) or head not in container:
+        return name
+    return missing_field(container[head], rest, name) if rest else None
 
 
-def check_int(value, low: int, high: int, name: str, path: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise CheckpointError(f"{path}: {name} must be an integer in [{low}, {high}], got {reprlib.repr(value)}")
-    return value
-
-
-def check_number(value, name: str, path: str, positive: bool = False) -> float:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or not np.isfinite(value)
-        or (positive and not value > 0)
-    ):
-        raise CheckpointError(
-            f"{path}: {name} must be a finite number{' > 0' if positive else ''}, got {reprlib.repr(value)}"
-        )
-    return float(value)
-
-
-def check_numbers(value, name: str, path: str) -> np.ndarray:
-    """A (nested) list of numbers, as a float array (NaN allowed: a recorded score may be one)."""
-    try:
-        return np.asarray(value, dtype=np.float64)
-    except (TypeError, ValueError):
-        raise CheckpointError(f"{path}: {name} is not a list of numbers") from None
-
-
-def check_policy_config(config, where: str, path: str) -> PolicyConfig:
-    """A saved PolicyConfig with every size an integer in its bound (absent fields take their defaults,
-    as `PolicyConfig(**config)` does)."""
-    require(config, ("obs_dim", "act_dim"), where, path)
-    known = {field.name for field in dataclasses.fields(PolicyConfig)}
-    if set(config) - known:
-        raise CheckpointError(f"{path}: {where} has unknown fields {sorted(set(config) - known)}")
-    config = PolicyConfig(**config)
-    name = lambda field: f"{where}.{field}"
-    for field, high in (
-        ("obs_dim", MAX_WIDTH),
-        ("act_dim", MAX_WIDTH),
-        ("mlp_hidden", MAX_WIDTH),
-        ("horizon", MAX_HORIZON),
-        ("obs_horizon", MAX_HORIZON),
-        ("diffusion_steps", MAX_DIFFUSION_STEPS),
-        ("n_subpolicies", MAX_SUBPOLICIES),
-    ):
-        check_int(getattr(config, field), 1, high, name(field), path)
-    check_int(config.ddim_steps, 1, config.diffusion_steps, name("ddim_steps"), path)
-    check_int(config.noise_seed, 0, 2**63 - 1, name("noise_seed"), path)
-    if not isinstance(config.zero_seed, bool):
-        raise CheckpointError(
-            f"{path}: {name('zero_seed')} must be true or false, got {reprlib.repr(config.zero_seed)}"
-        )
-    if config.prediction not in PREDICTIONS:
-        raise CheckpointError(
-            f"{path}: {name('prediction')} must be one of {', '.join(PREDICTIONS)}, "
-            f"got {reprlib.repr(config.prediction)}"
-        )
-    if config.denoiser not in DENOISERS:
-        raise CheckpointError(
-            f"{path}: {name('denoiser')} must be one of {', '.join(DENOISERS)}, got {reprlib.repr(config.denoiser)}"
-        )
-    if not isinstance(config.unet_dims, (tuple, list)) or not 1 <= len(config.unet_dims) <= MAX_LAYERS:
-        raise CheckpointError(
-            f"{path}: {name('unet_dims')} must be 1 to {MAX_LAYERS} widths, got {reprlib.repr(config.unet_dims)}"
-        )
-    for width in config.unet_dims:
-        check_int(width, 1, MAX_WIDTH, name("unet_dims"), path)
-    for field in ("tau", "eta"):
-        check_number(getattr(config, field), name(field), path)
-    check_number(config.min_std, name("min_std"), path, positive=True)
-    return config
-
-
-def check_state_dict(state, where: str, path: str, buffers=()) -> None:
-    """Tensors only, the named buffers present, every floating-point one finite: a NaN weight makes a
-    policy act NaN, whose episodes would score NaN (or, clipped, anything) without a word."""
-    if not isinstance(state, dict) or not all(isinstance(tensor, torch.Tensor) for tensor in state.values()):
-        raise CheckpointError(f"{path}: {where} is not a state dict of tensors")
-    require(state, buffers, where, path)
-    for key, tensor in state.items():
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            raise CheckpointError(f"{path}: {where}.{key} has non-finite weights (NaN or inf)")
-
-
-def check_saved_policy(saved, where: str, path: str) -> PolicyConfig:
-    """A saved DiffusionPolicy (`to_checkpoint`): its config in bounds, its weights finite."""
-    require(saved, ("config", "state_dict"), where, path)
-    config = check_policy_config(saved["config"], f"{where}.config", path)
-    check_state_dict(saved["state_dict"], f"{where}.state_dict", path, STATISTICS)
-    return config
-
-
-def check_common(checkpoint: dict, path: str) -> None:
-    """What both kinds share: names, the time limit, reference scores, and a history of scores."""
-    for field in ("env_id", "dataset_id"):
-        if not isinstance(checkpoint[field], str):
-            raise CheckpointError(f"{path}: {field} must be a string, got {reprlib.repr(checkpoint[field])}")
-    if checkpoint["max_episode_steps"] is not None:
-        check_int(checkpoint["max_episode_steps"], 1, 10**7, "max_episode_steps", path)
-    low = check_number(checkpoint["ref_min_score"], "ref_min_score", path)
-    if not check_number(checkpoint["ref_max_score"], "ref_max_score", path) > low:  # normalized_score divides
-        raise CheckpointError(
-            f"{path}: ref_max_score must exceed ref_min_score, got {checkpoint['ref_max_score']} and {low}"
-        )
-    require(checkpoint["args"], (), "args", path)
-    history = require(checkpoint["history"], ("scores",), "history", path)
-    if not isinstance(history["scores"], list) or not history["scores"]:
-        raise CheckpointError(f"{path}: history.scores holds no evaluation")
-    check_numbers(history["scores"][-1], "history.scores", path)
-
-
-def check_offline(checkpoint: dict, path: str) -> None:
-    require(checkpoint, OFFLINE_FIELDS, "", path)
-    check_common(checkpoint, path)
-    require(checkpoint["args"], ("gamma",), "args", path)  # uepo_online.py discounts with the offline gamma
-    n = check_saved_policy(checkpoint["policy"], "policy", path).n_subpolicies
-    history = checkpoint["history"]
-    last = check_numbers(history["scores"][-1], "history.scores", path)
-    if last.ndim == 0 or len(last) != n:  # offline_ranking reads one row per sub-policy
-        raise CheckpointError(f"{path}: history.scores does not hold one row per sub-policy ({n})")
-    if history.get("ope_scores") and check_numbers(history["ope_scores"][-1], "history.ope_scores", path).shape != (n,):
-        raise CheckpointError(f"{path}: history.ope_scores does not hold one score per sub-policy ({n})")
-    if not isinstance(checkpoint["improved"], list):
-        raise CheckpointError(f"{path}: improved is not a list")
-    for k, entry in enumerate(checkpoint["improved"]):
-        where = f"improved[{k}]"
-        require(entry, IMPROVED_FIELDS, where, path)
-        check_int(entry["sub_policy"], 0, n - 1, f"{where}.sub_policy", path)
-        check_saved_policy(entry["policy"], f"{where}.policy", path)
-        check_numbers(entry["ope_score"], f"{where}.ope_score", path)
-        check_numbers(entry["scores"], f"{where}.scores", path)
-    if "critics" in checkpoint:
-        config = require(checkpoint["critics"], ("config", "state_dict"), "critics", path)["config"]
-        require(config, ("obs_dim", "act_dim", "horizon"), "critics.config", path)
-        for field, high in (("obs_dim", MAX_WIDTH), ("act_dim", MAX_WIDTH), ("horizon", MAX_HORIZON)):
-            check_int(config[field], 1, high, f"critics.config.{field}", path)
-        check_state_dict(checkpoint["critics"]["state_dict"], "critics.state_dict", path)
-    if "dynamics" in checkpoint:
-        config = require(checkpoint["dynamics"], ("config", "state_dict"), "dynamics", path)["config"]
-        require(
-            config,
-            ("obs_dim", "act_dim", "num_members", "num_elites", "hidden_dim", "num_layers"),
-            "dynamics.config",
-            path,
-        )
-        for field, high in (
-            ("obs_dim", MAX_WIDTH),
-            ("act_dim", MAX_WIDTH),
-            ("num_members", MAX_ENSEMBLE),
-            ("hidden_dim", MAX_WIDTH),
-            ("num_layers", MAX_LAYERS),
-        ):
-            check_int(config[field], 1, high, f"dynamics.config.{field}", path)
-        check_int(config["num_elites"], 1, config["num_members"], "dynamics.config.num_elites", path)
-        check_state_dict(checkpoint["dynamics"]["state_dict"], "dynamics.state_dict", path)
-
-
-def check_online(checkpoint: dict, path: str) -> None:
-    require(checkpoint, ONLINE_FIELDS, "", path)
-    check_common(checkpoint, path)
-    require(checkpoint["history"], ("step",), "history", path)
-    actor = require(checkpoint["actor"], (), "actor", path)
-    for field, value in LATER_ACTOR_FIELDS.items():
-        actor.setdefault(field, value)
-    require(actor, ACTOR_FIELDS, "actor", path)
-    if actor["kind"] not in ONLINE_ACTORS:
-        raise CheckpointError(
-            f"{path}: actor.kind must be one of {', '.join(ONLINE_ACTORS)}, got {reprlib.repr(actor['kind'])}"
-        )
-    n = check_policy_config(actor["policy_config"], "actor.policy_config", path).n_subpolicies
-    check_int(actor["sub_policy"], 0, n - 1, "actor.sub_policy", path)
-    check_int(checkpoint["sub_policy"], 0, n - 1, "sub_policy", path)
-    check_number(actor["init_std"], "actor.init_std", path, positive=True)
-    check_int(actor["hidden"], 1, MAX_WIDTH, "actor.hidden", path)
-    check_int(actor["mlp_horizon"], 1, MAX_HORIZON, "actor.mlp_horizon", path)
-    check_state_dict(actor["state_dict"], "actor.state_dict", path, STATISTICS)
-    # the learner: PPO's value network or TD3's chunk critics
-    learner = [name for name in ("value", "critics") if name in checkpoint]
-    if len(learner) != 1:
-        raise CheckpointError(f"{path}: an online checkpoint holds a `value` or a `critics` state dict, got {learner}")
-    check_state_dict(checkpoint[learner[0]], learner[0], path)
+def non_finite_tensor(value, where: str = "") -> str | None:
+    """The name of the first floating-point tensor in `value` (nested dicts and lists) with a NaN or
+    inf entry: a NaN weight makes a policy act NaN, whose episodes would score anything silently."""
+    if isinstance(value, torch.Tensor):
+        return where if value.is_floating_point() and not torch.isfinite(value).all() else None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        name = f"{where}[{key}]" if isinstance(key, int) else f"{where}.{key}" if where else str(key)
+        if (found := non_finite_tensor(item, name)) is not None:
+            return found
+    return None
 
 
 def load_checkpoint(
@@ -633,12 +436,13 @@ def load_checkpoint(
     expected_dataset: str | None = None,
     phase: str | None = None,
 ) -> dict:
-    """Load a checkpoint written by `save_checkpoint`, refusing (CheckpointError, naming the file) a
-    corrupt one, one of another format, one with a field missing, a size out of bounds (checked
-    before any network is built from it) or non-finite weights, one of the other `phase` than the
-    command needs ("offline" or "online"), and one made for another Gymnasium environment than
-    `expected_env_id` or (`expected_dataset`, a Minari id or a D4RL-style name such as
-    `hopper-medium`) trained on another dataset."""
+    """Load a checkpoint written by `save_checkpoint` with torch's safe loader (tensors and plain data
+    only), refusing (CheckpointError, naming the file) a corrupt or unsafe file, one of another format,
+    one of the other `phase` than the command needs ("offline" or "online"), one without a field the
+    readers use (`REQUIRED`), one with non-finite weights, and one made for another Gymnasium
+    environment than `expected_env_id` or (`expected_dataset`, a Minari id or a D4RL-style name such
+    as `hopper-medium`) trained on another dataset. Sizes are checked when a network is built
+    (`build_saved`)."""
     if not os.path.isfile(path):
         raise CheckpointError(f"no checkpoint at {path}")
     try:
@@ -662,15 +466,21 @@ def load_checkpoint(
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not a UEPO checkpoint (format {CHECKPOINT_FORMAT} expected)")
     actual = checkpoint.get("phase", "offline")
-    if actual not in ("offline", "online"):
+    written_by = {"offline": "uepo_offline.py", "online": "uepo_online.py"}
+    if actual not in written_by:
         raise CheckpointError(f"{path}: phase must be offline or online, got {reprlib.repr(actual)}")
     if phase is not None and actual != phase:
-        written_by = {"offline": "uepo_offline.py", "online": "uepo_online.py"}
         raise CheckpointError(
             f"{path} is an {actual} checkpoint (of {written_by[actual]}); this needs an {phase} one "
             f"(of {written_by[phase]})"
         )
-    (check_online if actual == "online" else check_offline)(checkpoint, path)
+    if actual == "online" and isinstance(checkpoint.get("actor"), dict):
+        checkpoint["actor"].setdefault("mlp_horizon", 1)  # written before --mlp-horizon: one step per decision
+    for field in REQUIRED[actual]:
+        if (name := missing_field(checkpoint, field)) is not None:
+            raise CheckpointError(f"{path} has no field {name}")
+    if (name := non_finite_tensor(checkpoint)) is not None:
+        raise CheckpointError(f"{path}: {name} has non-finite weights (NaN or inf)")
     if expected_env_id is not None and checkpoint["env_id"] != expected_env_id:
         raise CheckpointError(f"{path} was made for {checkpoint['env_id']}, not {expected_env_id}")
     dataset_id = checkpoint["dataset_id"]
@@ -698,12 +508,17 @@ def unfinished_stage(checkpoint: dict) -> str | None:
 
 
 def build_saved(saved: dict, what: str) -> "DiffusionPolicy | OnlineActor":
-    """A saved DiffusionPolicy or OnlineActor (which has a "kind") of a checkpoint that `load_checkpoint`
-    checked, built; weights that do not fit the saved config are a CheckpointError naming `what`."""
+    """A saved DiffusionPolicy or OnlineActor (which has a "kind") of a checkpoint, built. It is built
+    first on the meta device, which allocates nothing: a config whose networks do not fit the saved
+    tensors (a size changed, even to billions of units; a tensor missing or misshaped) is refused, a
+    CheckpointError naming `what`, before any memory is taken."""
     cls = OnlineActor if "kind" in saved else DiffusionPolicy
     try:
+        with warnings.catch_warnings(), torch.device("meta"):
+            warnings.simplefilter("ignore")  # loading into meta tensors copies nothing, by design here
+            cls.from_checkpoint(saved)
         return cls.from_checkpoint(saved)
-    except Exception as error:  # load_state_dict: missing, unexpected or mis-shaped tensors; layer constraints
+    except Exception as error:  # load_state_dict: missing, unexpected or mis-shaped tensors; bad config values
         message = " ".join(str(error).split())
         raise CheckpointError(
             f"{what} does not fit its saved config ({type(error).__name__}: {message[:300]})"
@@ -964,8 +779,8 @@ class PolicyArgs:
 # Every numeric flag's range (`out_of_range`). Every episode is one live environment at the same time
 # (`run_chunk_episodes`), and the divergence samples all its states in one batch: the upper bounds keep
 # a typo from exhausting the memory.
-EPISODE_RANGES = {"sub_policy": f"[0, {MAX_SUBPOLICIES - 1}]", "episodes": "[1, 1000]", "seed": SEED_RANGE}
-POLICY_RANGES = {**EPISODE_RANGES, "action_steps": f"[1, {MAX_HORIZON}]", "divergence_states": "[1, 100000]"}
+EPISODE_RANGES = {"sub_policy": "[0, 63]", "episodes": "[1, 1000]", "seed": SEED_RANGE}
+POLICY_RANGES = {**EPISODE_RANGES, "action_steps": "[1, 64]", "divergence_states": "[1, 100000]"}
 
 
 def check_policy_args(args: PolicyArgs) -> str | None:

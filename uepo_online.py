@@ -63,10 +63,10 @@ from eval import (
     fail,
     is_dataset_name,
     load_checkpoint,
+    missing_field,
     offline_candidates,
     out_of_range,
     report_interrupt,
-    require,
     restore_vector_env_state,
     save_checkpoint,
     unfinished_stage,
@@ -615,7 +615,7 @@ def training_state(
 
 
 def write_checkpoint(step, actor, learner, history, args, checkpoint, selection, path, resume) -> None:
-    """The atomic checkpoint: what eval.py reads (`eval.check_online`), and `resume`, the training
+    """The atomic checkpoint: what eval.py reads (`eval.REQUIRED`), and `resume`, the training
     state after this evaluation (`training_state`; None for --algo td3). `learner`: {"value": the
     PPO value network's state dict} or {"critics": TD3's}. `selection`: (the sub-policy, the table)."""
     sub_policy, selection_table = selection
@@ -671,7 +671,9 @@ def resumed_run(args: Args) -> tuple[Args, dict | None]:
                 f"{args.resume} holds no training state to resume from (a --algo td3 run, which keeps no "
                 "replay buffer; an older version; or an environment whose state is not saved): run its command again"
             )
-        require(resumed["resume"], TRAINING_STATE_FIELDS, "resume", args.resume)
+        for field in TRAINING_STATE_FIELDS:
+            if (name := missing_field(resumed, f"resume.{field}")) is not None:
+                raise CheckpointError(f"{args.resume} has no field {name}")
     except CheckpointError as error:
         fail(str(error))
     defaults = asdict(Args())
