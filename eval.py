@@ -29,11 +29,9 @@ from collections import deque
 from dataclasses import dataclass
 
 import gymnasium as gym
-import mujoco
 import numpy as np
 import torch
 import tyro
-from gymnasium.envs.mujoco import MujocoEnv
 
 from diffusion import DiffusionPolicy, OnlineActor
 from divergence import pairwise_divergence
@@ -104,78 +102,6 @@ class ChunkEnv(gym.Wrapper):
                 break
         info = {**info, "chunk_length": length}
         return np.stack(self.history), chunk_reward, terminated, truncated, info
-
-
-# The state of training environments, for uepo_online.py's --resume: tensors, numbers and dicts of
-# them (checkpoints load with weights_only). The physics is MuJoCo's whole integration state (qpos
-# and qvel without the time and the solver's warm start do not continue bit for bit), plus the
-# body frames: MuJoCo leaves them from the last substep's forward pass and Ant and Humanoid read
-# them before their step, so recomputing them would change that step's reward.
-PHYSICS_STATE = mujoco.mjtState.mjSTATE_INTEGRATION
-BODY_FRAMES = ("xpos", "xquat", "xmat", "xipos", "ximat")
-
-
-def wrapper_of(env: gym.Env, kind: type) -> gym.Env | None:
-    """The outermost wrapper of type `kind` in `env`'s chain (`env` itself included), None if none."""
-    while not isinstance(env, kind) and isinstance(env, gym.Wrapper):
-        env = env.env
-    return env if isinstance(env, kind) else None
-
-
-def chunk_env_state(env: ChunkEnv) -> dict:
-    """What one training environment (ChunkEnv over RecordEpisodeStatistics, TimeLimit and a MuJoCo
-    environment) carries from one step to the next: the physics, the environment's random generator
-    (its reset noise), the time limit's step count, the running episode return and length, and the
-    state history. ValueError for an environment that is not MuJoCo."""
-    base = env.unwrapped
-    if not isinstance(base, MujocoEnv):
-        raise ValueError(f"{base.spec.id if base.spec else base} is not a MuJoCo environment; its state is not saved")
-    physics = np.empty(mujoco.mj_stateSize(base.model, PHYSICS_STATE))
-    mujoco.mj_getState(base.model, base.data, physics, PHYSICS_STATE)
-    time_limit = wrapper_of(env, gym.wrappers.TimeLimit)
-    statistics = wrapper_of(env, gym.wrappers.RecordEpisodeStatistics)
-    return {
-        "physics": torch.from_numpy(physics),
-        "body_frames": {name: torch.from_numpy(getattr(base.data, name).copy()) for name in BODY_FRAMES},
-        "np_random": base.np_random.bit_generator.state,  # plain dict of ints and a name
-        "elapsed_steps": None if time_limit is None else time_limit._elapsed_steps,
-        "episode_return": None if statistics is None else float(statistics.episode_returns),
-        "episode_length": None if statistics is None else int(statistics.episode_lengths),
-        "history": torch.from_numpy(np.stack(env.history)),
-    }
-
-
-def restore_chunk_env_state(env: ChunkEnv, state: dict) -> None:
-    """Put `chunk_env_state`'s `state` into `env`, an environment made the same way and reset once
-    (so that its wrappers accept steps): its next step is the one the saved environment would take."""
-    base = env.unwrapped
-    mujoco.mj_setState(base.model, base.data, state["physics"].numpy(), PHYSICS_STATE)
-    mujoco.mj_forward(base.model, base.data)  # the other derived quantities, as MujocoEnv.set_state does
-    for name, value in state["body_frames"].items():
-        getattr(base.data, name)[:] = value.numpy()
-    base.np_random.bit_generator.state = state["np_random"]
-    if state["elapsed_steps"] is not None:
-        wrapper_of(env, gym.wrappers.TimeLimit)._elapsed_steps = state["elapsed_steps"]
-    if state["episode_return"] is not None:
-        statistics = wrapper_of(env, gym.wrappers.RecordEpisodeStatistics)
-        statistics.episode_returns, statistics.episode_lengths = state["episode_return"], state["episode_length"]
-    env.history.clear()
-    env.history.extend(row.copy() for row in state["history"].numpy())
-
-
-def vector_env_state(envs: gym.vector.SyncVectorEnv) -> list[dict]:
-    """`chunk_env_state` of every sub-environment of a SyncVectorEnv of ChunkEnvs, in order. (In
-    SAME_STEP autoreset mode the vector env itself carries nothing from one step to the next.)"""
-    return [chunk_env_state(env) for env in envs.envs]
-
-
-def restore_vector_env_state(envs: gym.vector.SyncVectorEnv, state: list[dict]) -> None:
-    """Put `vector_env_state`'s `state` into `envs`, made the same way and reset once. ValueError if
-    the number of environments differs."""
-    if len(state) != len(envs.envs):
-        raise ValueError(f"the saved state is of {len(state)} environments, not {len(envs.envs)}")
-    for env, saved in zip(envs.envs, state):
-        restore_chunk_env_state(env, saved)
 
 
 @torch.no_grad()

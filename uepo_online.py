@@ -28,9 +28,9 @@
 4. The deterministic policy (the actor's mean) is evaluated every `--eval-every` environment
    steps (and at step 0, the hand-over); TensorBoard under runs/ with CleanRL's names plus
    `charts/normalized_score` and `charts/sigma`; an atomic checkpoint runs/{run_name}/online.pt
-   that also holds the training state after that evaluation (optimizers, reward scaler, every
-   environment, random streams), from which `--resume` continues a PPO run exactly (TD3's keeps
-   no replay buffer).
+   that also holds the training state after that evaluation (counters, optimizers, reward scaler,
+   random stream), from which `--resume` continues a PPO run in new episodes (TD3's keeps no
+   replay buffer).
 """
 
 import copy
@@ -67,11 +67,9 @@ from eval import (
     offline_candidates,
     out_of_range,
     report_interrupt,
-    restore_vector_env_state,
     save_checkpoint,
     unfinished_stage,
     unwritable,
-    vector_env_state,
 )
 from uepo_offline import DatasetError, NonFiniteLoss, check_finite, chunk_dataset, load_dataset
 
@@ -587,14 +585,10 @@ def evaluate(step, actor, history, writer, args, checkpoint, path) -> None:
     print(f"eval step {step}: normalized score {scores.mean():.1f} +- {scores.std():.1f}", flush=True)
 
 
-def training_state(
-    global_step, next_eval, iteration, run_name, gamma, optimizers, reward_scaler, envs, next_obs, device
-) -> dict:
-    """What --resume needs to continue the loop after an evaluation as if it had never stopped: the
-    counters, both optimizers, the reward scaler, every environment (`eval.vector_env_state`) and
-    the observations the next rollout starts from, and torch's random stream (exploration noise,
-    minibatches; the loop draws from no numpy or Python global stream). `envs` None: the hand-over,
-    before the environments' first reset (which a resumed run then makes, as this one does)."""
+def training_state(global_step, next_eval, iteration, run_name, gamma, optimizers, reward_scaler, device) -> dict:
+    """What --resume needs to continue the loop after an evaluation: the counters, both optimizers,
+    the reward scaler and torch's random stream (exploration noise, minibatches). The environments
+    are not saved: a resumed run starts new episodes (docs/design.md, "Resume")."""
     actor_optimizer, value_optimizer = optimizers
     state = {
         "global_step": global_step,
@@ -605,8 +599,6 @@ def training_state(
         "actor_optimizer": actor_optimizer.state_dict(),
         "value_optimizer": value_optimizer.state_dict(),
         "reward_scaler": reward_scaler.state_dict(),
-        "envs": None if envs is None else vector_env_state(envs),
-        "next_obs": None if next_obs is None else torch.from_numpy(np.array(next_obs)),
         "torch_rng": torch.get_rng_state(),
     }
     if device.type == "cuda":
@@ -651,8 +643,6 @@ TRAINING_STATE_FIELDS = (
     "actor_optimizer",
     "value_optimizer",
     "reward_scaler",
-    "envs",
-    "next_obs",
     "torch_rng",
 )
 
@@ -669,7 +659,7 @@ def resumed_run(args: Args) -> tuple[Args, dict | None]:
         if not resumed.get("resume"):
             raise CheckpointError(
                 f"{args.resume} holds no training state to resume from (a --algo td3 run, which keeps no "
-                "replay buffer; an older version; or an environment whose state is not saved): run its command again"
+                "replay buffer; or an older version): run its command again"
             )
         for field in TRAINING_STATE_FIELDS:
             if (name := missing_field(resumed, f"resume.{field}")) is not None:
@@ -971,8 +961,7 @@ if __name__ == "__main__":
     optimizers, selection = (actor_optimizer, value_optimizer), (sub_policy, selection_table)
     if resumed is None:
         evaluate(0, actor, history, writer, args, checkpoint, checkpoint_path)  # the hand-over
-        # Its training state is taken before the environments' first reset, which a resumed run makes too.
-        resume = training_state(0, next_eval, 0, run_name, gamma, optimizers, reward_scaler, None, None, device)
+        resume = training_state(0, next_eval, 0, run_name, gamma, optimizers, reward_scaler, device)
         write_checkpoint(
             0, actor, {"value": value_net.state_dict()}, history, args, checkpoint, selection, checkpoint_path, resume
         )
@@ -986,10 +975,8 @@ if __name__ == "__main__":
         torch.set_rng_state(resume["torch_rng"])
         if "cuda_rng" in resume and device.type == "cuda":
             torch.cuda.set_rng_state(resume["cuda_rng"], device)
-    next_obs, _ = envs.reset(seed=args.seed)
-    if resumed is not None and resume["envs"] is not None:  # saved after the hand-over: the environments then
-        restore_vector_env_state(envs, resume["envs"])  # (the reset above makes the wrappers accept steps)
-        next_obs = resume["next_obs"].numpy()
+    # A resumed run starts new episodes, seeded by its iteration (after the hand-over: the same reset).
+    next_obs, _ = envs.reset(seed=args.seed + iteration)
     start_time, start_step = time.time(), global_step
     while global_step < args.total_timesteps:
         iteration += 1
@@ -1127,23 +1114,10 @@ if __name__ == "__main__":
         if global_step >= next_eval or global_step >= args.total_timesteps:
             next_eval = (global_step // args.eval_every + 1) * args.eval_every
             evaluate(global_step, actor, history, writer, args, checkpoint, checkpoint_path)
-            # taken after the evaluation, so that a resumed run continues from exactly here
-            try:
-                resume = training_state(
-                    global_step,
-                    next_eval,
-                    iteration,
-                    run_name,
-                    gamma,
-                    optimizers,
-                    reward_scaler,
-                    envs,
-                    next_obs,
-                    device,
-                )
-            except ValueError as error:  # an environment whose state cannot be saved: no --resume for this run
-                resume = None
-                print(f"note: no training state saved ({error}); --resume cannot continue this run")
+            # taken after the evaluation, so that a resumed run continues from here
+            resume = training_state(
+                global_step, next_eval, iteration, run_name, gamma, optimizers, reward_scaler, device
+            )
             write_checkpoint(
                 global_step,
                 actor,
