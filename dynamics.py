@@ -772,7 +772,7 @@ def confident_choice(
 # --------------------------------------------------------------------------------------------
 @torch.no_grad()
 def disagreement_threshold(dynamics: EnsembleDynamics, states, actions, quantile: float) -> float:
-    """epsilon of the augmentation filter: the `quantile` (`--aug-kl-quantile`, 0.9) of the
+    """epsilon of the augmentation filter: the `quantile` (`uepo_offline.AUGMENT_KL_QUANTILE`, 0.9) of the
     ensemble disagreement on real hold-out transitions. A synthetic step whose disagreement
     exceeds what 90% of real steps show is where the model is guessing."""
     return torch.quantile(dynamics.disagreement(states, actions), quantile).item()

@@ -8,7 +8,7 @@
 2. Phase 1, one training loop over `--total-steps` gradient steps (docs/design.md, "The offline loop, critics and
    improvement"), each learner's update a function that returns its log dict:
    - the diffusion loss of the multi-seed diffusion policy (diffusion.py) plus, every
-     `--kl-every` steps, the sub-policy objective J(pi_i) of the divergence regularization
+     `--disagreement-every` steps, the sub-policy objective J(pi_i) of the divergence regularization
      (divergence.py); the adaptive perturbation acts inside the sampler;
    - the chunk-level IQL critics Q(s, a_{t:t+H}) and V(s) (dynamics.py);
    - the dynamics ensemble on batches that mix real transitions with the diffusion
@@ -93,25 +93,23 @@ class Args:
     cuda: bool = True
     """if toggled, use a GPU when there is one"""
     paper_scale: bool = False
-    """if toggled, start from the paper-scale budgets (`PAPER_SCALE`: U-Net, 400k steps; sized for a GPU)"""
+    """if toggled, start from the paper's budgets (`PAPER_SCALE`; sized for a GPU)"""
 
     # Data
     env_id: str = "hopper-medium"
-    """D4RL-style name `<env>-<quality>`, mapped to the Minari id `mujoco/<env>/<quality>-v0`"""
+    """dataset `<env>-<quality>`, the Minari id `mujoco/<env>/<quality>-v0`"""
     dataset_id: str | None = None
     """any Minari dataset id (e.g. `D4RL/pen/human-v2`); overrides `--env-id`"""
     horizon: int = 4
-    """H, actions per chunk: the diffusion policy models a_{t:t+H} (all H are executed, as DPPO does on Gym)"""
+    """H, actions per chunk: the policy models and executes a_{t:t+H}"""
     obs_horizon: int = 2
-    """conditioning states: the last `obs_horizon` states (the first one repeated at an episode start)"""
+    """states per decision: the last `obs_horizon` states condition the policy"""
     gamma: float = 0.99
-    """discount, used for the chunk reward R_t^H = sum_h gamma^h r_{t+h}"""
+    """discount (the chunk reward R_t^H = sum_h gamma^h r_{t+h})"""
 
     # Diffusion policy
     denoiser: Literal["unet", "mlp"] = "mlp"
-    """`mlp`: a small, fast MLP; `unet`: the paper's U-Net + Transformer cross-attention"""
-    unet_dims: tuple[int, ...] = (128, 256)
-    """channels of the U-Net levels (each level halves the chunk length)"""
+    """`mlp`: a small, fast MLP; `unet`: the paper's U-Net + Transformer"""
     mlp_hidden: int = 256
     """width of the MLP denoiser's 3 hidden layers"""
     diffusion_steps: int = 20
@@ -121,31 +119,21 @@ class Args:
     prediction: Literal["epsilon", "sample"] = "sample"
     """what the denoiser predicts: the noise (eps) or the clean chunk (x0)"""
     n_subpolicies: int = 8
-    """n fixed noise seeds = n sub-policies; 1 turns the multi-seed ensemble off"""
-    noise_seed: int = 0
-    """seed of the generator that draws the sub-policies' fixed noises"""
+    """n fixed noise seeds = n sub-policies; 1 turns the ensemble off"""
     zero_seed: bool = True
-    """sub-policy 0 starts from x_K = 0 (the others from their drawn noises)"""
-    min_std: float = 0.1
-    """std of the action-level Gaussian around the deterministic chunk that bppo samples from (its likelihood ratios)"""
+    """sub-policy 0 starts from x_K = 0 (the others from drawn noises)"""
 
-    # Divergence regularization
+    # Divergence regularization (docs/design.md)
     tau: float = 0.7
-    """divergence threshold: a sub-policy closer than tau to its nearest partner is perturbed"""
+    """a sub-policy closer than tau to its nearest partner is perturbed"""
     eta: float = 0.1
-    """largest perturbation std (at divergence 0), in [-1, 1] action units; 0 turns the perturbation off"""
-    kl_coef: float = 0.1
-    """alpha, weight of the disagreement term of the sub-policy objective J(pi_i) (Uni-O4's 0.1); 0 turns it off"""
-    kl_every: int = 10
-    """add the sub-policy objective to the loss every `kl_every` steps (it back-propagates through the DDIM chain)"""
-    kl_batch_size: int = 64
-    """states per sub-policy-objective step (a sub-batch of the diffusion batch)"""
-    subpolicy_std: float = 1.0
-    """std of the Gaussian surrogate pi_i = N(mu_i(s), std^2 I) in J(pi_i); it only scales the term"""
+    """largest perturbation std (at divergence 0); 0 turns it off"""
+    disagreement_coef: float = 0.1
+    """alpha, weight of J's disagreement term (Uni-O4's 0.1); 0 turns it off"""
+    disagreement_every: int = 10
+    """add J's disagreement term to the loss every this many steps"""
     j_reading: Literal["dataset-sequence", "own-sequence"] = "own-sequence"
-    """the sequence J's disagreement term scores: the dataset's, or each sub-policy's own (a bounded repulsion)"""
-    repulsion_margin: float = 0.05
-    """own-sequence J: a sub-policy whose nearest partner is this far (half squared gap per entry) is not pushed"""
+    """the sequence J's disagreement term scores: the dataset's or each own"""
 
     # Optimization
     total_steps: int = 20_000
@@ -153,85 +141,69 @@ class Args:
     batch_size: int = 256
     """chunks per gradient step"""
     learning_rate: float = 3e-4
-    """Adam learning rate, cosine-annealed to 0 over the run"""
-    max_grad_norm: float = 1.0
-    """gradient clipping"""
+    """Adam learning rate of the policy, cosine-annealed to 0"""
 
-    # Chunk-level critics and dynamics model: AM-Q offline policy evaluation of the sub-policies
+    # Critics and dynamics model: AM-Q, the offline evaluation of sub-policies
     ope: bool = True
-    """train the IQL critics and the dynamics ensemble and score sub-policies with AM-Q (needed to improve)"""
-    critic_learning_rate: float = 3e-4
-    """Adam learning rate of the chunk-level IQL critics Q(s, a_{t:t+H}) and V(s)"""
-    expectile: float = 0.7
-    """IQL expectile of V on Q (Uni-O4's 0.7)"""
-    critic_target_rate: float = 0.005
-    """Polyak rate of the target Q (IQL's 0.005)"""
-    dynamics_learning_rate: float = 1e-3
-    """Adam learning rate of the dynamics ensemble (MOBILE's 1e-3 on Gym)"""
-    elite_every: int = 1000
-    """re-choose the dynamics elites on the real hold-out split every `elite_every` steps (and before every OPE)"""
+    """train the critics and the dynamics model, score with AM-Q"""
     ope_states: int = 256
-    """dataset start states of every AM-Q rollout batch"""
+    """dataset start states of every model evaluation (AM-Q, the choice)"""
     ope_horizon: int = 400
-    """environment steps of every AM-Q rollout (whole chunks; 100 chunks of H = 4)"""
-    ope_penalty: float = 1.0
-    """lambda of the gate's AM-Q: Q minus lambda x the discounted model uncertainty-to-go (MOPO's penalty)"""
+    """environment steps of every AM-Q rollout in the model"""
 
     # Diffusion augmentation of the dynamics model's data (paper component 3)
     augment_ratio: float = 2.0
-    """the augmentation buffer holds at most augment_ratio x |D| synthetic transitions; 0 turns augmentation off"""
+    """at most this x |D| synthetic transitions; 0 turns augmentation off"""
     dynamics_warmup: int = 5000
-    """steps of dynamics training on real data only before the buffer is first filled"""
+    """steps on real data only before the first augmentation"""
     augment_every: int = 5000
-    """refresh (replace) the augmentation buffer every `augment_every` steps after the warm-up"""
+    """replace the augmentation buffer every this many steps"""
     augment_starts: int = 10_000
-    """dataset start states per refresh; start b is rolled out by sub-policy b mod n, so all sub-policies contribute"""
-    augment_horizon: int = 20
-    """model steps per augmentation rollout (whole chunks; the KL filter usually stops them sooner far from the data)"""
-    aug_kl_quantile: float = 0.9
-    """epsilon of the KL filter = this quantile of the ensemble disagreement on real hold-out transitions"""
+    """dataset start states per augmentation (start b: sub-policy b mod n)"""
 
-    # Improvement of the best sub-policies, after the loop (OPE-gated)
+    # Improvement of the best sub-policies, after the loop, gated by AM-Q
     num_qualified: int = 2
-    """the top `num_qualified` sub-policies by AM-Q each get a copy of the denoiser to improve; 0 turns it off"""
+    """the top sub-policies by AM-Q that are improved; 0 turns it off"""
     improvement: Literal["bppo", "qgrad"] = "qgrad"
-    """the improvement operator: Diffusion-QL's Q gradient (`qgrad`) or Uni-O4's clipped ratio (`bppo`)"""
+    """Diffusion-QL's Q gradient (`qgrad`) or Uni-O4's clipped ratio (`bppo`)"""
     improvement_steps: int = 2000
-    """gradient steps of every copy"""
-    improvement_learning_rate: float | None = None
-    """Adam learning rate of the copies (default: 3e-5 for bppo, 1e-4 for qgrad)"""
+    """gradient steps of every improved copy"""
     ope_every: int = 250
-    """the gate: score the copy with the penalized AM-Q every `ope_every` steps"""
-    choice_starts: int = 256
-    """the offline choice: dataset episode starts from which each kept copy runs one time limit in the model"""
-    clip_coef: float = 0.25
-    """bppo: clip range of the likelihood ratio of the action-level Gaussian (Uni-O4's 0.25)"""
-    improvement_kl_coef: float = 0.1
-    """bppo: weight of the sequence-level KL of the copy's action-level Gaussian to its reference's"""
+    """the gate scores the copy every this many steps"""
     gate_confidence: float = 0.95
-    """one-sided confidence of the lower bound on a snapshot's OPE gain (0: the gain itself)"""
+    """confidence of the lower bound on a snapshot's gain (0: the gain)"""
     gate_margin: float = 0.02
-    """a snapshot is kept only if that lower bound exceeds this fraction of the kept snapshot's OPE score"""
+    """keep a snapshot if that bound exceeds this fraction of the kept score"""
     q_weight: float = 0.05
     """qgrad: weight of -Q / mean|Q| beside the diffusion loss"""
     init_checkpoint: str | None = None
-    """skip the loop: take the networks of this checkpoint (same data, same settings) and only improve"""
+    """skip the loop: improve the networks of this checkpoint"""
 
     # Evaluation, logging, checkpoint
     eval_every: int = 10_000
-    """evaluate every sub-policy on the real environment every `eval_every` steps (and at the end)"""
+    """evaluate every sub-policy in the environment every this many steps"""
     eval_episodes: int = 5
     """episodes per sub-policy and evaluation"""
     action_steps: int | None = None
-    """actions of each chunk executed in evaluation before re-planning (default: all H; fewer = receding horizon)"""
-    divergence_states: int = 256
-    """dataset states on which the mean pairwise divergence of the sub-policies is measured"""
-    log_every: int = 1000
-    """print progress and write TensorBoard scalars every `log_every` steps"""
+    """actions of a chunk executed before re-planning (default: all H)"""
     checkpoint_path: str | None = None
     """where to write the checkpoint (default: runs/{run_name}/offline.pt)"""
     resume: str | None = None
-    """continue the interrupted run of this checkpoint, with its own arguments (other flags are ignored)"""
+    """continue the interrupted run of this checkpoint, with its arguments"""
+
+
+# Settings the flags leave fixed (docs/design.md gives the reasons): the optimizers', the IQL critics'
+# (Uni-O4's expectile, IQL's Polyak rate), MOBILE's dynamics learning rate, the gate's penalty
+# (MOPO's lambda), the augmentation filter, bppo's clip and KL weights, and how often to log.
+MAX_GRAD_NORM = 1.0
+CRITIC_LEARNING_RATE, EXPECTILE, CRITIC_TARGET_RATE = 3e-4, 0.7, 0.005
+DYNAMICS_LEARNING_RATE, ELITE_EVERY = 1e-3, 1000  # elites re-chosen on real hold-out data
+OPE_PENALTY = 1.0  # lambda: the gate's AM-Q is Q minus lambda x the model's uncertainty-to-go
+AUGMENT_HORIZON, AUGMENT_KL_QUANTILE = 20, 0.9  # model steps per augmentation; the filter's quantile
+IMPROVEMENT_LEARNING_RATE = {"bppo": 3e-5, "qgrad": 1e-4}
+BPPO_CLIP, BPPO_KL_COEF = 0.25, 0.1  # Uni-O4's ratio clip; weight of the sequence-level KL
+DISAGREEMENT_BATCH, REPULSION_MARGIN = 64, 0.05  # J's states per step; own-sequence: no push beyond
+DIVERGENCE_STATES, LOG_EVERY = 256, 1000  # states of the logged divergence; TensorBoard every
 
 
 # The defaults above finish on a 2-core CPU (docs/experiments.md). `--paper-scale` starts from
@@ -252,57 +224,16 @@ PAPER_SCALE = {
 # Every numeric flag's range (`eval.out_of_range`): upper bounds far above every setting used here, so
 # that a request that cannot fit in memory or time is refused before anything is allocated.
 RANGES = {
-    "seed": SEED_RANGE,
-    "noise_seed": SEED_RANGE,
-    "horizon": "[1, 64]",
-    "obs_horizon": "[1, 64]",
-    "gamma": "(0, 1]",
-    "unet_dims": "[1, 4096]",
-    "mlp_hidden": "[1, 4096]",
-    "diffusion_steps": "[2, 1000]",
-    "ddim_steps": "[1, 1000]",
-    "n_subpolicies": "[1, 64]",
-    "min_std": "(0, 10]",
-    "tau": "(0, 1000]",
-    "eta": "[0, 10]",
-    "kl_coef": "[0, 1000]",
-    "kl_every": "[1, 1000000]",
-    "kl_batch_size": "[1, 4096]",
-    "subpolicy_std": "(0, 10]",
-    "repulsion_margin": "(0, 1000]",
-    "total_steps": "[0, 10000000]",
-    "batch_size": "[1, 65536]",
-    "learning_rate": "(0, 1]",
-    "max_grad_norm": "(0, 1000000]",
-    "critic_learning_rate": "(0, 1]",
-    "expectile": "(0, 1)",
-    "critic_target_rate": "(0, 1]",
-    "dynamics_learning_rate": "(0, 1]",
-    "elite_every": "[1, 10000000]",
-    "ope_states": "[1, 4096]",
-    "ope_horizon": "[1, 1000]",
-    "ope_penalty": "[0, 1000000]",
-    "augment_ratio": "[0, 100]",
-    "dynamics_warmup": "[0, 10000000]",
-    "augment_every": "[1, 10000000]",
-    "augment_starts": "[1, 10000000]",
-    "augment_horizon": "[1, 1000]",
-    "aug_kl_quantile": "(0, 1]",
-    "num_qualified": "[0, 64]",
-    "improvement_steps": "[1, 1000000]",
-    "improvement_learning_rate": "(0, 1]",
-    "ope_every": "[1, 1000000]",
-    "choice_starts": "[1, 4096]",
-    "clip_coef": "(0, 10]",
-    "improvement_kl_coef": "[0, 1000000]",
-    "gate_confidence": "[0, 1)",
-    "gate_margin": "[0, 1)",
-    "q_weight": "[0, 1000000]",
-    "eval_every": "[1, 10000000]",
-    "eval_episodes": "[1, 1000]",
-    "action_steps": "[1, 64]",
-    "divergence_states": "[1, 100000]",
-    "log_every": "[1, 10000000]",
+    **{"seed": SEED_RANGE, "horizon": "[1, 64]", "obs_horizon": "[1, 64]", "gamma": "(0, 1]"},
+    **{"mlp_hidden": "[1, 4096]", "diffusion_steps": "[2, 1000]", "ddim_steps": "[1, 1000]", "tau": "(0, 1000]"},
+    **{"n_subpolicies": "[1, 64]", "eta": "[0, 10]", "disagreement_coef": "[0, 1000]"},
+    **{"disagreement_every": "[1, 1000000]"},
+    **{"total_steps": "[0, 10000000]", "batch_size": "[1, 65536]", "learning_rate": "(0, 1]"},
+    **{"ope_states": "[1, 4096]", "ope_horizon": "[1, 1000]", "augment_ratio": "[0, 100]"},
+    **{"dynamics_warmup": "[0, 10000000]", "augment_every": "[1, 10000000]", "augment_starts": "[1, 10000000]"},
+    **{"num_qualified": "[0, 64]", "improvement_steps": "[1, 1000000]", "ope_every": "[1, 1000000]"},
+    **{"gate_confidence": "[0, 1)", "gate_margin": "[0, 1)", "q_weight": "[0, 1000000]"},
+    **{"eval_every": "[1, 10000000]", "eval_episodes": "[1, 1000]", "action_steps": "[1, 64]"},
 }
 
 
@@ -525,8 +456,8 @@ def state_statistics(states: np.ndarray, eps: float = 1e-3) -> tuple[np.ndarray,
 
 
 def policy_config(args: Args, obs_dim: int, act_dim: int) -> PolicyConfig:
-    """The policy's settings are the `Args` fields of the same names (one source of truth)."""
-    names = [field.name for field in fields(PolicyConfig) if field.name not in ("obs_dim", "act_dim")]
+    """The policy's settings: the `Args` fields of the same names, the others PolicyConfig's defaults."""
+    names = [field.name for field in fields(PolicyConfig) if hasattr(args, field.name)]
     return PolicyConfig(obs_dim=obs_dim, act_dim=act_dim, **{name: getattr(args, name) for name in names})
 
 
@@ -627,9 +558,9 @@ def check_finite(losses: dict, where: str) -> None:
 
 def policy_update(policy, optimizer, scheduler, tensors: TrainingTensors, batch, step: int, args: Args) -> dict:
     """One step of the multi-seed diffusion policy: the diffusion loss (epsilon prediction) on
-    dataset chunks plus, every --kl-every steps, the disagreement term of the sub-policy objective
+    dataset chunks plus, every --disagreement-every steps, the disagreement term of the sub-policy objective
 
-        J(pi_i) = E[log pi_i] + alpha * E[log pi_i - max_{j != i} log pi_j]     (alpha = --kl-coef)
+        J(pi_i) = E[log pi_i] + alpha * E[log pi_i - max_{j != i} log pi_j]     (alpha = --disagreement-coef)
 
     (docs/design.md, "Divergence regularization"). J's first term is the diffusion model's own
     likelihood, which the diffusion loss already maximizes (through its bound); the Gaussian
@@ -639,20 +570,18 @@ def policy_update(policy, optimizer, scheduler, tensors: TrainingTensors, batch,
     adaptive perturbation inside."""
     states, chunks, masks = tensors.states[batch], tensors.chunks[batch], tensors.masks[batch]
     losses = {"diffusion": policy.loss(states, chunks, masks)}
-    if args.kl_coef > 0 and args.n_subpolicies > 1 and step % args.kl_every == 0:
-        sub_batch = slice(0, args.kl_batch_size)
+    if args.disagreement_coef > 0 and args.n_subpolicies > 1 and step % args.disagreement_every == 0:
+        sub_batch = slice(0, DISAGREEMENT_BATCH)
         subpolicy_chunks = policy.sample(states[sub_batch]).actions
         if args.j_reading == "dataset-sequence":
-            _, disagreement = subpolicy_terms(
-                subpolicy_chunks, chunks[sub_batch], masks[sub_batch], std=args.subpolicy_std
-            )
+            _, disagreement = subpolicy_terms(subpolicy_chunks, chunks[sub_batch], masks[sub_batch], std=1.0)
         else:
-            disagreement = own_sequence_repulsion(subpolicy_chunks, args.subpolicy_std, args.repulsion_margin)
-        losses["subpolicy"] = -args.kl_coef * disagreement.mean()
+            disagreement = own_sequence_repulsion(subpolicy_chunks, 1.0, REPULSION_MARGIN)
+        losses["subpolicy"] = -args.disagreement_coef * disagreement.mean()
     check_finite(losses, f"step {step}")
     optimizer.zero_grad()
     sum(losses.values()).backward()
-    torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
+    torch.nn.utils.clip_grad_norm_(policy.parameters(), MAX_GRAD_NORM)
     optimizer.step()
     scheduler.step()
     return {name: value.item() for name, value in losses.items()}
@@ -674,14 +603,14 @@ def critic_update(models: ModelLearners, tensors: TrainingTensors, step: int, ar
         tensors.dones[batch],
         tensors.masks[batch].sum(1),
         args.gamma,
-        args.expectile,
+        EXPECTILE,
     )
     losses = {"critic_q": losses["q"], "critic_v": losses["value"]}
     check_finite(losses, f"step {step}")
     models.critic_optimizer.zero_grad()
     (losses["critic_q"] + losses["critic_v"]).backward()
     models.critic_optimizer.step()
-    soft_update(models.target_critics, models.critics, args.critic_target_rate)
+    soft_update(models.target_critics, models.critics, CRITIC_TARGET_RATE)
     return {name: value.item() for name, value in losses.items()}
 
 
@@ -707,14 +636,14 @@ def improvement_update(policy, reference, optimizer, critics, tensors, sub_polic
     states = tensors.states[batch]
     if args.improvement == "bppo":
         advantage_fn = lambda chunk: critics.q(states[:, -1], chunk) - critics.value(states[:, -1])
-        out = bppo_loss(policy, reference, states, sub_policy, advantage_fn, args.clip_coef, args.improvement_kl_coef)
+        out = bppo_loss(policy, reference, states, sub_policy, advantage_fn, BPPO_CLIP, BPPO_KL_COEF)
     else:
         q_fn = lambda chunk: critics.q(states[:, -1], chunk)
         out = qgrad_loss(policy, states, tensors.chunks[batch], tensors.masks[batch], sub_policy, q_fn, args.q_weight)
     check_finite({args.improvement: out["loss"]}, f"improvement of sub-policy {sub_policy}, step {step}")
     optimizer.zero_grad()
     out["loss"].backward()
-    torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
+    torch.nn.utils.clip_grad_norm_(policy.parameters(), MAX_GRAD_NORM)
     optimizer.step()
     return {name: value.float().mean().item() for name, value in out.items()}
 
@@ -735,7 +664,7 @@ def refresh_augmentation(policy, models: ModelLearners, holdout: tuple, raw_hist
     current sub-policies (start b driven by sub-policy b mod n, adaptive perturbation on) and the
     current model, kept while the ensemble disagreement stays below epsilon. Returns the buffer
     and epsilon."""
-    epsilon = disagreement_threshold(models.dynamics, holdout[0], holdout[1], args.aug_kl_quantile)
+    epsilon = disagreement_threshold(models.dynamics, holdout[0], holdout[1], AUGMENT_KL_QUANTILE)
     device = raw_histories.device
     starts = raw_histories[
         torch.randint(len(raw_histories), (args.augment_starts,), device=device, generator=models.generator)
@@ -750,7 +679,7 @@ def refresh_augmentation(policy, models: ModelLearners, holdout: tuple, raw_hist
         models.dynamics,
         is_terminal,
         starts,
-        args.augment_horizon,
+        AUGMENT_HORIZON,
         epsilon,
         int(args.augment_ratio * len(raw_histories)),
         generator=models.generator,
@@ -841,9 +770,9 @@ def offline_models(args: Args, config: PolicyConfig, tensors: TrainingTensors, i
     models = ModelLearners(
         critics=critics,
         target_critics=copy.deepcopy(critics),
-        critic_optimizer=torch.optim.Adam(critics.parameters(), lr=args.critic_learning_rate),
+        critic_optimizer=torch.optim.Adam(critics.parameters(), lr=CRITIC_LEARNING_RATE),
         dynamics=dynamics,
-        dynamics_optimizer=torch.optim.Adam(dynamics.parameters(), lr=args.dynamics_learning_rate),
+        dynamics_optimizer=torch.optim.Adam(dynamics.parameters(), lr=DYNAMICS_LEARNING_RATE),
         generator=torch.Generator(device=device).manual_seed(args.seed + 1),
     )
     num_chunks = len(tensors.chunks)
@@ -865,10 +794,10 @@ def offline_models(args: Args, config: PolicyConfig, tensors: TrainingTensors, i
 
 def choice_evaluator(ope: SubPolicyOPE, tensors: TrainingTensors, args: Args, time_limit: int) -> SubPolicyOPE:
     """The offline choice's evaluator (docs/design.md, "The offline choice"): `ope`'s critics and
-    dynamics model, rolled for one time limit from --choice-starts of the dataset's episode starts
+    dynamics model, rolled for one time limit from --ope-states of the dataset's episode starts
     (a fixed draw, all of them if there are fewer) with fixed model noise."""
     generator = torch.Generator().manual_seed(args.seed + 3)
-    index = torch.randperm(len(tensors.episode_starts), generator=generator)[: args.choice_starts]
+    index = torch.randperm(len(tensors.episode_starts), generator=generator)[: args.ope_states]
     starts = tensors.episode_starts[index.to(tensors.episode_starts.device)]
     return SubPolicyOPE(ope.critics, ope.dynamics, ope.is_terminal, starts, time_limit, args.seed + 3, args.gamma)
 
@@ -1037,11 +966,11 @@ def improve_sub_policy(policy, sub_policy: int, models, ope, tensors, args: Args
     (never simply the last one) and the gate with its history."""
     improved_policy = copy.deepcopy(policy)
     reference = copy.deepcopy(policy).requires_grad_(False)  # bppo: pi_ref, moved only by the gate
-    learning_rate = args.improvement_learning_rate or {"bppo": 3e-5, "qgrad": 1e-4}[args.improvement]
+    learning_rate = IMPROVEMENT_LEARNING_RATE[args.improvement]
     optimizer = torch.optim.Adam(improved_policy.parameters(), lr=learning_rate)
     gate = BestSnapshot(
         improved_policy,
-        ope.rollouts(improved_policy, sub_policy, args.ope_penalty),
+        ope.rollouts(improved_policy, sub_policy, OPE_PENALTY),
         step=0,
         confidence=args.gate_confidence,
         margin=args.gate_margin,
@@ -1052,11 +981,11 @@ def improve_sub_policy(policy, sub_policy: int, models, ope, tensors, args: Args
         means.add(
             improvement_update(improved_policy, reference, optimizer, models.critics, tensors, sub_policy, step, args)
         )
-        if step % args.log_every == 0 or step % args.ope_every == 0 or step == args.improvement_steps:
+        if step % LOG_EVERY == 0 or step % args.ope_every == 0 or step == args.improvement_steps:
             means.log(step, progress)
         if step % args.ope_every == 0 or step == args.improvement_steps:
             required = args.gate_margin * abs(gate.best_score)  # what the gain's lower bound must exceed
-            accepted = gate.offer(improved_policy, ope.rollouts(improved_policy, sub_policy, args.ope_penalty), step)
+            accepted = gate.offer(improved_policy, ope.rollouts(improved_policy, sub_policy, OPE_PENALTY), step)
             _, score, _, lower_bound = gate.history[-1]
             if accepted and args.improvement == "bppo":
                 reference.load_state_dict(improved_policy.state_dict())
@@ -1182,7 +1111,7 @@ if __name__ == "__main__":
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.total_steps)
     tensors = training_tensors(data, policy, device)
     num_chunks = len(tensors.chunks)
-    divergence_states = tensors.states[torch.randperm(num_chunks, device=device)[: args.divergence_states]]
+    divergence_states = tensors.states[torch.randperm(num_chunks, device=device)[:DIVERGENCE_STATES]]
 
     # ---- chunk-level IQL critics and the dynamics ensemble (--ope), on their own random stream --
     models = ope = holdout = train_index = None
@@ -1229,7 +1158,7 @@ if __name__ == "__main__":
                 fail(f"{error}; stopped (the last checkpoint is untouched: {last})")
             means.add(logs)
             refresh = args.ope and augment_now(step, args)
-            if refresh or (args.ope and step % args.elite_every == 0):
+            if refresh or (args.ope and step % ELITE_EVERY == 0):
                 models.dynamics.select_elites(*holdout)  # elites are chosen on real hold-out data only
             if refresh:
                 policy.eval()
@@ -1243,7 +1172,7 @@ if __name__ == "__main__":
                     f"augmentation at step {step}: {len(augmented['states'])} synthetic transitions "
                     f"(epsilon {epsilon:.3f}, cap {int(args.augment_ratio * num_chunks)})"
                 )
-            if step % args.log_every == 0 or step == args.total_steps:
+            if step % LOG_EVERY == 0 or step == args.total_steps:
                 means.log(step, progress)
                 writer.add_scalar("charts/learning_rate", scheduler.get_last_lr()[0], step)
                 writer.add_scalar("charts/SPS", progress.format_dict["rate"] or 0.0, step)

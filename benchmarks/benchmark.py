@@ -34,7 +34,7 @@ METHODS = {
     "diffusion-bc": (
         "uepo_offline.py",
         None,
-        ["--no-ope", "--num-qualified", "0", "--n-subpolicies", "1", "--eta", "0", "--kl-coef", "0"],
+        ["--no-ope", "--num-qualified", "0", "--n-subpolicies", "1", "--eta", "0", "--disagreement-coef", "0"],
     ),
     "uepo-no-improvement": ("uepo_offline.py", None, ["--num-qualified", "0"]),
     "uepo": ("uepo_offline.py", "uepo-no-improvement", []),

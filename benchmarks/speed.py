@@ -137,8 +137,8 @@ def diffusion_speed(args: SpeedArgs, denoiser: str, env: gym.Env, device: torch.
     step_count = [0]
 
     def offline_loss():
-        # uepo_offline.py's policy step: the diffusion loss, plus every 10th step (--kl-every) the
-        # sub-policy objective on 64 states (--kl-batch-size) through the whole DDIM chain. The
+        # uepo_offline.py's policy step: the diffusion loss, plus every 10th step (--disagreement-every) the
+        # sub-policy objective on 64 states through the whole DDIM chain. The
         # critics and the dynamics model, trained in the same loop, are not counted.
         loss = policy.loss(states, chunks, mask)
         if step_count[0] % 10 == 0:

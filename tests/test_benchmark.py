@@ -98,7 +98,7 @@ def test_dry_run_lists_the_jobs_with_their_dependencies(tmp_path):
                 "1",
                 "--eta",
                 "0",
-                "--kl-coef",
+                "--disagreement-coef",
                 "0",
             ]
     assert {method for _, _, method, _, _ in jobs} == {"diffusion-bc", "uepo-no-improvement", "uepo", "uepo-online"}

@@ -46,16 +46,12 @@ TINY_POLICY = [
     "30",
     "--batch-size",
     "32",
-    "--kl-every",
+    "--disagreement-every",
     "5",
-    "--kl-batch-size",
-    "8",
     "--eval-every",
     "30",
     "--eval-episodes",
     "2",
-    "--log-every",
-    "10",
     "--n-subpolicies",
     "4",
 ]
@@ -71,8 +67,6 @@ TINY_MODEL = [
     "10",
     "--augment-starts",
     "16",
-    "--augment-horizon",
-    "8",
     "--augment-ratio",
     "0.02",
     "--improvement-steps",
@@ -202,7 +196,9 @@ diffusion.DiffusionPolicy.loss = loss_goes_nan
 
 def test_nan_loss_stops_the_run_naming_step_and_loss(minari_path, tmp_path):
     """A run whose diffusion loss turns NaN at step 3 stops there, saying which loss and at which step."""
-    result = run_offline_patched(NAN_DIFFUSION_LOSS_FROM_STEP_3, TINY_RUN + ["--kl-coef", "0"], minari_path, tmp_path)
+    result = run_offline_patched(
+        NAN_DIFFUSION_LOSS_FROM_STEP_3, TINY_RUN + ["--disagreement-coef", "0"], minari_path, tmp_path
+    )
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert "error: step 3:" in result.stderr and "the diffusion loss is nan" in result.stderr, result.stderr[-2000:]
 
@@ -497,7 +493,7 @@ def test_improvement_without_the_models_is_refused(minari_path, tmp_path):
 def test_each_component_switches_off(minari_path, tmp_path):
     """Plain diffusion BC (--n-subpolicies 1 --eta 0 --kl-coef 0) runs, with no sub-policy loss."""
     path = tmp_path / "bc.pt"
-    switches = ["--n-subpolicies", "1", "--eta", "0", "--kl-coef", "0"]
+    switches = ["--n-subpolicies", "1", "--eta", "0", "--disagreement-coef", "0"]
     result = run_offline(TINY_RUN + switches + ["--checkpoint-path", str(path)], minari_path, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "subpolicy" not in result.stdout
@@ -549,15 +545,13 @@ def test_loss_means_are_per_loss_since_the_last_log_and_reach_tensorboard_and_th
         (["--n-subpolicies", "0", "--no-ope", "--num-qualified", "0"], "--n-subpolicies"),
         (["--total-steps", "0", "--no-ope", "--num-qualified", "0"], "--total-steps"),
         (["--eval-every", "0"], "--eval-every"),
-        (["--log-every", "0"], "--log-every"),
-        (["--kl-every", "0"], "--kl-every"),
+        (["--disagreement-every", "0"], "--disagreement-every"),
         (["--obs-horizon", "0"], "--obs-horizon"),
         (["--diffusion-steps", "1"], "--diffusion-steps"),
         (["--ddim-steps", "0"], "--ddim-steps"),
         (["--ddim-steps", "21"], "--ddim-steps"),
         (["--eval-episodes", "0"], "--eval-episodes"),
-        (["--choice-starts", "0"], "--choice-starts"),
-        (["--kl-coef", "nan"], "--kl-coef"),
+        (["--disagreement-coef", "nan"], "--disagreement-coef"),
         (["--tau", "0"], "--tau"),
         (["--gamma", "1.5"], "--gamma"),
         (["--gate-confidence", "1"], "--gate-confidence"),
