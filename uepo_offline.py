@@ -1000,7 +1000,7 @@ def improve_sub_policy(policy, sub_policy: int, models, ope, tensors, args: Args
     return improved_policy, gate
 
 
-def init_checkpoint(args: Args, task: TaskInfo, dataset_id: str, state_mean, action_space) -> dict:
+def init_checkpoint(args: Args, task: TaskInfo, state_mean, action_space) -> dict:
     """--init-checkpoint: the offline checkpoint whose networks the improvement stage starts from,
     refused unless it is a --ope run of this dataset with these policy settings."""
     try:
@@ -1008,9 +1008,9 @@ def init_checkpoint(args: Args, task: TaskInfo, dataset_id: str, state_mean, act
     except CheckpointError as error:
         fail(str(error))
     config = asdict(policy_config(args, obs_dim=state_mean.shape[0], act_dim=action_space.shape[0]))
-    if saved["dataset_id"] != dataset_id or "critics" not in saved or saved["policy"]["config"] != config:
+    if saved["dataset_id"] != task.dataset_id or "critics" not in saved or saved["policy"]["config"] != config:
         fail(
-            f"{args.init_checkpoint} is not a --ope checkpoint of {dataset_id} with these policy settings "
+            f"{args.init_checkpoint} is not a --ope checkpoint of {task.dataset_id} with these policy settings "
             f"(it has {saved['dataset_id']}, policy {saved['policy']['config']}); pass the arguments it was "
             "trained with"
         )
@@ -1040,29 +1040,148 @@ def resumed_run(args: Args) -> tuple[Args, dict | None]:
     return args, resumed
 
 
-if __name__ == "__main__":
-    args, resumed = resumed_run(parse_args())
-    problem = check_args(args)
-    if problem is not None:
-        fail(problem)
+# ------------------------------------------------------------------------------------------------
+# The run's inputs and its stages, out of the main block's way
+# ------------------------------------------------------------------------------------------------
+def load_task(args: Args):
+    """The dataset and what the run is evaluated against (`TaskInfo`), and the task's termination
+    rule for the model's rollouts (None without --ope); every problem ends the script in one line."""
     try:
         dataset, dataset_id, ref_min_score, ref_max_score = load_dataset(args.env_id, args.dataset_id)
     except DatasetError as error:
         fail(str(error))
     if (problem := spaces_problem(dataset_id, dataset.observation_space, dataset.action_space)) is not None:
         fail(problem)
-    task = TaskInfo(
-        env_id=dataset.spec.env_spec.id,
-        dataset_id=dataset_id,
-        max_episode_steps=dataset.spec.env_spec.max_episode_steps,
-        ref_min_score=ref_min_score,
-        ref_max_score=ref_max_score,
-    )
+    spec = dataset.spec.env_spec
+    task = TaskInfo(spec.id, dataset_id, spec.max_episode_steps, ref_min_score, ref_max_score)
+    is_terminal = None
     if args.ope:
         try:  # the model's rollouts (AM-Q) need the task's termination rule
             is_terminal = termination_fn(task_of_env_id(task.env_id))
         except ValueError as error:
             fail(str(error))
+    return dataset, task, is_terminal
+
+
+def read_chunks(dataset, task: TaskInfo, args: Args) -> dict:
+    """`chunk_dataset`, a dataset that cannot be read ending the script in one line."""
+    try:
+        return chunk_dataset(dataset, args.horizon, args.obs_horizon, args.gamma)
+    except DatasetError as error:
+        fail(str(error))
+    except (OSError, KeyError, ValueError) as error:  # a truncated or damaged file inside the dataset
+        fail(f"dataset {task.dataset_id!r} could not be read ({type(error).__name__}: {error}); download it again")
+
+
+def start_run(args: Args, task: TaskInfo, resumed: dict | None):
+    """The run's name, checkpoint path and TensorBoard writer, made only once every input is checked
+    (a refused input leaves no folder); Ctrl-C then ends with one line naming the checkpoint."""
+    env_name = args.env_id if args.dataset_id is None else task.dataset_id.replace("/", "-")
+    run_name = f"{env_name}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    if resumed is not None:
+        run_name = resumed["resume"]["run_name"]  # the same TensorBoard folder
+    path = args.checkpoint_path or f"runs/{run_name}/offline.pt"
+    sys.excepthook = functools.partial(
+        report_interrupt, f"the last checkpoint (if any) is {path}; continue with --resume {path}"
+    )
+    writer = SummaryWriter(f"runs/{run_name}")
+    writer.add_text(
+        "hyperparameters",
+        "|param|value|\n|-|-|\n%s" % ("\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])),
+    )
+    return run_name, path, writer
+
+
+def restore_loop(resumed: dict, policy, optimizer, scheduler, models, device):
+    """--resume: every state the loop carries, as it was after the saved step. Returns (history,
+    the first step to run, the augmentation buffer, the saved training state)."""
+    resume = resumed["resume"]
+    policy.load_state_dict(resumed["policy"]["state_dict"])
+    optimizer.load_state_dict(resume["optimizer"])
+    scheduler.load_state_dict(resume["scheduler"])
+    augmented = {}
+    if models is not None:
+        models.critics.load_state_dict(resumed["critics"]["state_dict"])
+        models.target_critics.load_state_dict(resume["target_critics"])
+        models.dynamics.load_state_dict(resumed["dynamics"]["state_dict"])
+        models.critic_optimizer.load_state_dict(resume["critic_optimizer"])
+        models.dynamics_optimizer.load_state_dict(resume["dynamics_optimizer"])
+        models.generator.set_state(resume["model_generator"])
+        augmented = resume["augmented"]
+    set_rng_state(resume, device)
+    return resumed["history"], resume["step"] + 1, augmented, resume
+
+
+def set_rng_state(state: dict, device) -> None:
+    """Continue torch's random stream (and CUDA's, on a GPU) from a saved training state."""
+    torch.set_rng_state(state["torch_rng"])
+    if "cuda_rng" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda_rng"], device)
+
+
+def improved_entry(sub_policy, improved_policy, gate, returns, scores, base_ope, base_scores, args) -> dict:
+    """One improved copy as the checkpoint keeps it: its policy, the gate's record, the model's
+    returns of the offline choice and its real scores (reported only)."""
+    print(
+        f"sub-policy {sub_policy}: kept step {gate.best_step} (gated OPE {gate.history[0][1]:.1f} -> "
+        f"{gate.best_score:.1f}; model return {returns.mean():.1f}); real normalized score "
+        f"{base_scores[sub_policy]:.1f} -> {scores.mean():.1f}"
+    )
+    return {
+        "sub_policy": sub_policy,
+        "operator": args.improvement,
+        "policy": improved_policy.to_checkpoint(),
+        "ope_history": gate.history,
+        "ope_rollouts": [part.cpu() for part in gate.best_rollouts],
+        "ope_score": gate.best_score,
+        "best_step": gate.best_step,
+        "base_ope_score": float(base_ope[sub_policy]),
+        "base_score": float(base_scores[sub_policy]),
+        "model_returns": returns.cpu(),
+        "model_return": returns.mean().item(),
+        "scores": scores.tolist(),
+    }
+
+
+def offline_choice(improved: list[dict], args: Args) -> None:
+    """The offline choice (docs/design.md, "The offline choice"): the kept copies compared by their
+    return in the model over whole episodes from the same episode starts and model noise, by the
+    gate's rule; a gain it does not trust is a tie, and ties go to the copy whose base AM-Q ranked
+    higher. Puts the chosen copy first and ranks them all (`choice_rank`)."""
+    choice, comparisons = confident_choice(
+        [(entry["model_returns"], torch.ones_like(entry["model_returns"])) for entry in improved],
+        args.gate_confidence,
+        args.gate_margin,
+    )
+    for index, gain, lower_bound, required in comparisons:
+        verdict = "it replaces it" if lower_bound > required else "not a trusted gain: a tie, the earlier stays"
+        print(
+            f"offline choice: sub-policy {improved[index]['sub_policy']} vs the choice so far: model return gain "
+            f"{gain:+.1f}, lower bound {lower_bound:+.1f}, needs > {required:+.1f} ({verdict})"
+        )
+    improved.insert(0, improved.pop(choice))
+    for rank, entry in enumerate(improved):
+        entry["choice_rank"] = rank
+    chosen = improved[0]
+    print(
+        f"offline choice: sub-policy {chosen['sub_policy']}, its {args.improvement} copy as kept at step "
+        f"{chosen['best_step']}" + (" (the unimproved sub-policy)" if chosen["best_step"] == 0 else "")
+    )
+    print("| sub-policy | AM-Q | real before | gated OPE start -> kept (step) | model return | real after |")
+    print("|-|-|-|-|-|-|")
+    for entry in improved:
+        print(
+            f"| {entry['sub_policy']} | {entry['base_ope_score']:.1f} | {entry['base_score']:.1f} | "
+            f"{entry['ope_history'][0][1]:.1f} -> {entry['ope_score']:.1f} ({entry['best_step']}) | "
+            f"{entry['model_return']:.1f} | {np.mean(entry['scores']):.1f} |"
+        )
+
+
+if __name__ == "__main__":
+    args, resumed = resumed_run(parse_args())
+    if (problem := check_args(args)) is not None:
+        fail(problem)
+    dataset, task, is_terminal = load_task(args)
 
     # TRY NOT TO MODIFY: seeding
     random.seed(args.seed)
@@ -1071,40 +1190,21 @@ if __name__ == "__main__":
     torch.backends.cudnn.deterministic = args.torch_deterministic
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
 
-    # ---- data: chunks, masks, frozen state statistics ----------------------------------------
-    try:
-        data = chunk_dataset(dataset, args.horizon, args.obs_horizon, args.gamma)
-    except DatasetError as error:
-        fail(str(error))
-    except (OSError, KeyError, ValueError) as error:  # a truncated or damaged file inside the dataset
-        fail(f"dataset {dataset_id!r} could not be read ({type(error).__name__}: {error}); download it again")
+    # ---- data: chunks (s_t, a_{t:t+H}, R_t^H, s_{t+H}), masks, frozen state statistics ----------
+    data = read_chunks(dataset, task, args)
     state_mean, state_std = state_statistics(data["all_states"])
     action_space = dataset.action_space
     print(
-        f"{dataset_id}: {dataset.total_episodes} episodes, {len(data['chunks'])} chunks of H={args.horizon} "
+        f"{task.dataset_id}: {dataset.total_episodes} episodes, {len(data['chunks'])} chunks of H={args.horizon} "
         f"({task.env_id}, obs {state_mean.shape[0]}, act {action_space.shape[0]}), device {device}"
     )
-    # The inputs are read and checked: only now the run gets its folder (a refused input leaves none).
-    saved = None if args.init_checkpoint is None else init_checkpoint(args, task, dataset_id, state_mean, action_space)
-    env_name = args.env_id if args.dataset_id is None else dataset_id.replace("/", "-")
-    run_name = f"{env_name}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    if resumed is not None:
-        run_name = resumed["resume"]["run_name"]  # the same TensorBoard folder
-    checkpoint_path = args.checkpoint_path or f"runs/{run_name}/offline.pt"
-    sys.excepthook = functools.partial(
-        report_interrupt, f"the last checkpoint (if any) is {checkpoint_path}; continue with --resume {checkpoint_path}"
-    )
-    writer = SummaryWriter(f"runs/{run_name}")
-    writer.add_text(
-        "hyperparameters",
-        "|param|value|\n|-|-|\n%s" % ("\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])),
-    )
-
+    saved = None if args.init_checkpoint is None else init_checkpoint(args, task, state_mean, action_space)
+    run_name, checkpoint_path, writer = start_run(args, task, resumed)
     run_start = time.time()
     if device.type == "cpu" and (args.denoiser == "unet" or args.total_steps > 100_000):
         print("warning: the U-Net or a paper-scale budget is sized for a GPU; the defaults are the CPU setting")
 
-    # ---- the multi-seed diffusion policy -------------------------------------------------------
+    # ---- the multi-seed diffusion policy: n fixed noise seeds = n sub-policies (paper part 1) ----
     config = policy_config(args, obs_dim=state_mean.shape[0], act_dim=action_space.shape[0])
     policy = DiffusionPolicy(config, state_mean, state_std, action_space.low, action_space.high).to(device)
     optimizer = torch.optim.Adam(policy.parameters(), lr=args.learning_rate)
@@ -1118,7 +1218,6 @@ if __name__ == "__main__":
     augmented = {}
     if args.ope:
         models, train_index, holdout, ope, augmented = offline_models(args, config, tensors, is_terminal, device)
-
     history = {key: [] for key in HISTORY_KEYS}
     improved = []  # the improved copies (phase 2)
     resume = None  # the loop's training state at its last evaluation (`training_state`)
@@ -1126,27 +1225,13 @@ if __name__ == "__main__":
     if args.init_checkpoint is None:
         # ---- phase 1: the offline loop (docs/design.md, "The offline loop, critics and improvement")
         first_step = 1
-        if resumed is not None:  # --resume: every state the loop carries, as it was after the saved step
-            resume = resumed["resume"]
-            policy.load_state_dict(resumed["policy"]["state_dict"])
-            optimizer.load_state_dict(resume["optimizer"])
-            scheduler.load_state_dict(resume["scheduler"])
-            if args.ope:
-                models.critics.load_state_dict(resumed["critics"]["state_dict"])
-                models.target_critics.load_state_dict(resume["target_critics"])
-                models.dynamics.load_state_dict(resumed["dynamics"]["state_dict"])
-                models.critic_optimizer.load_state_dict(resume["critic_optimizer"])
-                models.dynamics_optimizer.load_state_dict(resume["dynamics_optimizer"])
-                models.generator.set_state(resume["model_generator"])
-                augmented = resume["augmented"]
-            torch.set_rng_state(resume["torch_rng"])
-            if "cuda_rng" in resume and device.type == "cuda":
-                torch.cuda.set_rng_state(resume["cuda_rng"], device)
-            history, first_step = resumed["history"], resume["step"] + 1
+        if resumed is not None:
+            history, first_step, augmented, resume = restore_loop(resumed, policy, optimizer, scheduler, models, device)
         means = LossMeans(writer, "losses")
         progress = tqdm(range(first_step, args.total_steps + 1), "offline loop", initial=first_step - 1, **BAR)
         progress.total = args.total_steps
         for step in progress:
+            # the diffusion loss + J's disagreement term (part 2); IQL critics; the dynamics model (part 3)
             batch = torch.randint(num_chunks, (args.batch_size,), device=device)
             try:
                 logs = policy_update(policy, optimizer, scheduler, tensors, batch, step, args)
@@ -1157,29 +1242,27 @@ if __name__ == "__main__":
                 last = checkpoint_path if history["step"] else "none yet"
                 fail(f"{error}; stopped (the last checkpoint is untouched: {last})")
             means.add(logs)
+            # diffusion augmentation of the dynamics model's data (part 3), elites on real hold-out data
             refresh = args.ope and augment_now(step, args)
             if refresh or (args.ope and step % ELITE_EVERY == 0):
-                models.dynamics.select_elites(*holdout)  # elites are chosen on real hold-out data only
+                models.dynamics.select_elites(*holdout)
             if refresh:
                 policy.eval()
                 augmented, epsilon = refresh_augmentation(
                     policy, models, holdout, tensors.raw_histories, is_terminal, args
                 )
                 policy.train()
-                history["augmentation"].append((step, len(augmented["states"]), epsilon))
-                writer.add_scalar("charts/augmentation_size", len(augmented["states"]), step)
-                tqdm.write(
-                    f"augmentation at step {step}: {len(augmented['states'])} synthetic transitions "
-                    f"(epsilon {epsilon:.3f}, cap {int(args.augment_ratio * num_chunks)})"
-                )
+                size = len(augmented["states"])
+                history["augmentation"].append((step, size, epsilon))
+                writer.add_scalar("charts/augmentation_size", size, step)
+                tqdm.write(f"augmentation at step {step}: {size} synthetic transitions (epsilon {epsilon:.3f})")
             if step % LOG_EVERY == 0 or step == args.total_steps:
                 means.log(step, progress)
                 writer.add_scalar("charts/learning_rate", scheduler.get_last_lr()[0], step)
                 writer.add_scalar("charts/SPS", progress.format_dict["rate"] or 0.0, step)
+            # evaluation: real scores (reported only), divergence, AM-Q; the checkpoint and --resume state
             if step % args.eval_every == 0 or step == args.total_steps:
-                record = evaluate(policy, task, args, divergence_states, ope, holdout)
-                log_evaluation(writer, record, step, history)
-                # taken after the evaluation, so that a resumed run continues from exactly here
+                log_evaluation(writer, evaluate(policy, task, args, divergence_states, ope, holdout), step, history)
                 resume = training_state(step, run_name, optimizer, scheduler, models, augmented, device)
                 write_checkpoint(checkpoint_path, step, args, task, policy, models, history, improved, resume)
     else:
@@ -1187,19 +1270,15 @@ if __name__ == "__main__":
         policy.load_state_dict(saved["policy"]["state_dict"])
         models.critics.load_state_dict(saved["critics"]["state_dict"])
         models.dynamics.load_state_dict(saved["dynamics"]["state_dict"])
-        record = evaluate(policy, task, args, divergence_states, ope, holdout)
-        log_evaluation(writer, record, saved["step"], history)
+        log_evaluation(writer, evaluate(policy, task, args, divergence_states, ope, holdout), saved["step"], history)
         write_checkpoint(checkpoint_path, saved["step"], args, task, policy, models, history, improved, resume)
-        # Continue the loop's random stream where it stopped (saved for --resume after its last
-        # evaluation, where the one-command run goes on), if its run was the same seed: the
-        # improvement then draws what the one-command run draws, so both give the same copies.
+        # The loop's random stream where it stopped, if its run was the same seed: the improvement
+        # then draws what the one-command run draws, so both give the same copies.
         if saved.get("resume") and saved["args"]["seed"] == args.seed:
-            torch.set_rng_state(saved["resume"]["torch_rng"])
-            if "cuda_rng" in saved["resume"] and device.type == "cuda":
-                torch.cuda.set_rng_state(saved["resume"]["cuda_rng"], device)
+            set_rng_state(saved["resume"], device)
 
-    # ---- phase 2: improvement of the best sub-policies by AM-Q (docs/design.md, "The offline loop,
-    # critics and improvement"); the critics and the dynamics model are frozen from here on.
+    # ---- phase 2: improvement of the best sub-policies by AM-Q, each under the gate, then the
+    # offline choice (docs/design.md); the critics and the dynamics model are frozen from here on.
     if args.num_qualified > 0:
         models.critics.requires_grad_(False)
         base_ope, base_scores = np.array(history["ope_scores"][-1]), np.array(history["scores"][-1]).mean(1)
@@ -1214,63 +1293,13 @@ if __name__ == "__main__":
             returns = choice_ope.returns(improved_policy, sub_policy)
             scores = real_scores(improved_policy, task, args)["scores"][sub_policy]
             improved.append(
-                {
-                    "sub_policy": sub_policy,
-                    "operator": args.improvement,
-                    "policy": improved_policy.to_checkpoint(),
-                    "ope_history": gate.history,
-                    "ope_rollouts": [part.cpu() for part in gate.best_rollouts],
-                    "ope_score": gate.best_score,
-                    "best_step": gate.best_step,
-                    "base_ope_score": float(base_ope[sub_policy]),
-                    "base_score": float(base_scores[sub_policy]),
-                    "model_returns": returns.cpu(),
-                    "model_return": returns.mean().item(),
-                    "scores": scores.tolist(),
-                }
-            )
-            print(
-                f"sub-policy {sub_policy}: kept step {gate.best_step} (gated OPE {gate.history[0][1]:.1f} -> "
-                f"{gate.best_score:.1f}; model return {returns.mean():.1f}); real normalized score "
-                f"{base_scores[sub_policy]:.1f} -> {scores.mean():.1f}"
+                improved_entry(sub_policy, improved_policy, gate, returns, scores, base_ope, base_scores, args)
             )
             write_checkpoint(
                 checkpoint_path, history["step"][-1], args, task, policy, models, history, improved, resume
             )
-        # The offline choice (docs/design.md, "The offline choice"): the kept copies compared by
-        # their return in the model over whole episodes from the same episode starts and model
-        # noise, by the gate's rule; a gain it does not trust is a tie, and ties go to the copy
-        # whose base AM-Q ranked higher.
-        choice, comparisons = confident_choice(
-            [(entry["model_returns"], torch.ones_like(entry["model_returns"])) for entry in improved],
-            args.gate_confidence,
-            args.gate_margin,
-        )
-        for index, gain, lower_bound, required in comparisons:
-            verdict = "it replaces it" if lower_bound > required else "not a trusted gain: a tie, the earlier stays"
-            print(
-                f"offline choice: sub-policy {improved[index]['sub_policy']} vs the choice so far: model return gain "
-                f"{gain:+.1f}, lower bound {lower_bound:+.1f}, needs > {required:+.1f} ({verdict})"
-            )
-        improved.insert(0, improved.pop(choice))
-        for rank, entry in enumerate(improved):
-            entry["choice_rank"] = rank
-        chosen = improved[0]
-        print(
-            f"offline choice: sub-policy {chosen['sub_policy']}, its {args.improvement} copy as kept at step "
-            f"{chosen['best_step']}" + (" (the unimproved sub-policy)" if chosen["best_step"] == 0 else "")
-        )
+        offline_choice(improved, args)
         write_checkpoint(checkpoint_path, history["step"][-1], args, task, policy, models, history, improved, resume)
-        print(
-            "| sub-policy | AM-Q | real before | gated OPE start -> kept (step) | model return | real after |"
-            "\n|-|-|-|-|-|-|"
-        )
-        for entry in improved:
-            print(
-                f"| {entry['sub_policy']} | {entry['base_ope_score']:.1f} | {entry['base_score']:.1f} | "
-                f"{entry['ope_history'][0][1]:.1f} -> {entry['ope_score']:.1f} ({entry['best_step']}) | "
-                f"{entry['model_return']:.1f} | {np.mean(entry['scores']):.1f} |"
-            )
 
     print(f"whole run {(time.time() - run_start) / 60:.1f} min")
     writer.close()
