@@ -816,119 +816,13 @@ def train_td3(args: Args, actor: OnlineActor, checkpoint: dict, gamma: float, le
     envs.close()
 
 
-if __name__ == "__main__":
-    args, resumed = resumed_run(tyro.cli(Args))
-    args = with_algo_defaults(args)
-    if (problem := check_args(args) or check_paths(args)) is not None:
-        fail(problem)
-    from_scratch = args.from_scratch or args.actor == "mlp"
-    init_std = (
-        {"diffusion": 0.1, "residual": 0.1, "fql": 0.1, "noise": 0.3, "mlp": 1.0}[args.actor]
-        if args.init_std is None
-        else args.init_std
-    )
-    learning_rate = (3e-6 if args.actor == "diffusion" else 3e-4) if args.learning_rate is None else args.learning_rate
-    anchor_coef = 0.0 if from_scratch else args.anchor_coef  # no offline policy to stay near
-    if resumed is None:
-        try:
-            # A D4RL-style --env-id names the dataset too: a checkpoint of hopper-expert is no hopper-medium run.
-            checkpoint = load_checkpoint(
-                args.checkpoint,
-                expected_env_id=gym_env_id(args.env_id) if args.env_id else None,
-                expected_dataset=args.env_id if args.env_id and is_dataset_name(args.env_id) else None,
-                phase="offline",
-            )
-            check_environment(checkpoint, args.checkpoint)
-        except CheckpointError as error:
-            fail(str(error))
-        if (stage := unfinished_stage(checkpoint)) is not None:
-            fail(f"{args.checkpoint} is a run cut off in {stage}: finish it with uepo_offline.py --resume")
-        gamma = checkpoint["args"]["gamma"]
-        if args.action_steps is not None and args.action_steps > (horizon := checkpoint["policy"]["config"]["horizon"]):
-            fail(f"--action-steps must be at most the checkpoint's horizon H = {horizon}, got {args.action_steps}")
-    else:
-        # --resume: the task (environment, time limit, reference scores) and gamma come from the online
-        # checkpoint; the offline one is not read again, its selection was made.
-        checkpoint, gamma = resumed, resumed["resume"]["gamma"]
+def train_ppo(args: Args, actor, checkpoint, gamma, learning_rate, writer, run, resumed, init_std, anchor_coef):
+    """--algo ppo, the paper's learner (docs/design.md, "Online fine-tuning"): PPO on the chunk-level
+    MDP with vectorized environments, GAE over chunks, a fresh value network warmed up for
+    `--critic-warmup` rollouts, and the anchor to the offline Gaussian. `run` is (run_name, the
+    selection, the checkpoint path, the device); `resumed` the online checkpoint of --resume."""
+    run_name, selection, checkpoint_path, device = run
     env_id, max_episode_steps = checkpoint["env_id"], checkpoint["max_episode_steps"]
-    env_name = args.env_id or checkpoint["dataset_id"].replace("/", "-")
-    run_name = f"{env_name}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    if resumed is not None:
-        run_name = resumed["resume"]["run_name"]  # the same TensorBoard folder
-    checkpoint_path = args.checkpoint_path or f"runs/{run_name}/online.pt"
-    how = f"continue with --resume {checkpoint_path}" if args.algo == "ppo" else "td3 keeps no replay: start again"
-    sys.excepthook = functools.partial(report_interrupt, f"the last checkpoint (if any) is {checkpoint_path}; {how}")
-
-    # TRY NOT TO MODIFY: seeding
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    torch.backends.cudnn.deterministic = args.torch_deterministic
-    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-
-    # ---- selection: top-k by offline OPE, then the best over real episodes (Uni-O4) ---------
-    if resumed is not None:  # --resume: the interrupted run made it; its actor is built below
-        sub_policy, selection_table = resumed["sub_policy"], resumed["selection"]
-    else:
-        try:
-            base = build_saved(checkpoint["policy"], "the saved policy").to(device)
-            candidates = [] if from_scratch else offline_candidates(checkpoint, device)
-        except CheckpointError as error:
-            fail(f"{args.checkpoint}: {error}")
-        if from_scratch:
-            # Same architecture, statistics and seeds, fresh weights; sub-policy 0 (the mlp actor uses
-            # only the statistics and action bounds).
-            state = checkpoint["policy"]["state_dict"]
-            policy = DiffusionPolicy(
-                base.config, state["state_mean"], state["state_std"], state["action_low"], state["action_high"]
-            ).to(device)
-            sub_policy, selection_table = 0, "from scratch: no selection"
-        else:
-            # The improved copies scored by the gate's OPE, else the base sub-policies by AM-Q; best first.
-            rows = []
-            for label, candidate, i, ope_score in candidates[: args.selection_top]:
-                # With --action-steps the candidates act as the actor will: re-planned after that many actions.
-                scores = real_scores(candidate, i, args.selection_episodes, checkpoint, args.seed, args.action_steps)
-                rows.append((label, candidate, i, ope_score, scores.mean(), scores.std()))
-            try:
-                chosen = choose_candidate([row[0] for row in rows], [row[4] for row in rows])
-            except ValueError as error:
-                fail(f"{args.checkpoint}: {error}")
-            selection_table = "| candidate | offline OPE | real normalized score | chosen |\n|-|-|-|-|\n" + "\n".join(
-                f"| {label} | {ope_score:.1f} | {mean:.1f} +- {std:.1f} | {'yes' if r == chosen else ''} |"
-                for r, (label, _, _, ope_score, mean, std) in enumerate(rows)
-            )
-            policy, sub_policy = copy.deepcopy(rows[chosen][1]), rows[chosen][2]
-    # The inputs are read, checked and the selection made: only now the run gets its folder.
-    writer = SummaryWriter(f"runs/{run_name}")
-    writer.add_text(
-        "hyperparameters",
-        "|param|value|\n|-|-|\n%s" % ("\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])),
-    )
-    print(selection_table)
-    writer.add_text("selection", selection_table)
-
-    # ---- actor: a Gaussian over decisions z whose mean is the deployed policy (diffusion.OnlineActor) --
-    if resumed is None:
-        actor = OnlineActor(
-            args.actor,
-            policy,
-            sub_policy,
-            init_std,
-            mlp_horizon=args.mlp_horizon,
-            residual_bound=args.residual_bound,
-            action_steps=args.action_steps,
-        ).to(device)
-    else:  # the interrupted run's, as saved at its last evaluation
-        try:
-            actor = build_saved(resumed["actor"], f"{args.resume}: the actor").to(device)
-        except CheckpointError as error:
-            fail(str(error))
-    if args.algo == "td3":  # the off-policy learner has its own loop; the rest of main is PPO's
-        run = (run_name, (sub_policy, selection_table), checkpoint_path, device)
-        train_td3(args, actor, checkpoint, gamma, learning_rate, writer, run)
-        writer.close()
-        sys.exit(0)
     obs_dim = actor.policy_config.obs_dim
     # ---- value network: CleanRL's critic on the normalized state history, fitted from scratch ----
     value_net = ppo_mlp(actor.obs_horizon * obs_dim, 1, last_std=1.0).to(device)
@@ -958,7 +852,7 @@ if __name__ == "__main__":
 
     # ---- PPO ---------------------------------------------------------------------------------------
     global_step, next_eval, iteration = 0, args.eval_every, 0
-    optimizers, selection = (actor_optimizer, value_optimizer), (sub_policy, selection_table)
+    optimizers = (actor_optimizer, value_optimizer)
     if resumed is None:
         evaluate(0, actor, history, writer, args, checkpoint, checkpoint_path)  # the hand-over
         resume = training_state(0, next_eval, 0, run_name, gamma, optimizers, reward_scaler, device)
@@ -1131,4 +1025,119 @@ if __name__ == "__main__":
             )
 
     envs.close()
+
+
+if __name__ == "__main__":
+    args, resumed = resumed_run(tyro.cli(Args))
+    args = with_algo_defaults(args)
+    if (problem := check_args(args) or check_paths(args)) is not None:
+        fail(problem)
+    from_scratch = args.from_scratch or args.actor == "mlp"
+    init_std = (
+        {"diffusion": 0.1, "residual": 0.1, "fql": 0.1, "noise": 0.3, "mlp": 1.0}[args.actor]
+        if args.init_std is None
+        else args.init_std
+    )
+    learning_rate = (3e-6 if args.actor == "diffusion" else 3e-4) if args.learning_rate is None else args.learning_rate
+    anchor_coef = 0.0 if from_scratch else args.anchor_coef  # no offline policy to stay near
+    if resumed is None:
+        try:
+            # A D4RL-style --env-id names the dataset too: a checkpoint of hopper-expert is no hopper-medium run.
+            checkpoint = load_checkpoint(
+                args.checkpoint,
+                expected_env_id=gym_env_id(args.env_id) if args.env_id else None,
+                expected_dataset=args.env_id if args.env_id and is_dataset_name(args.env_id) else None,
+                phase="offline",
+            )
+            check_environment(checkpoint, args.checkpoint)
+        except CheckpointError as error:
+            fail(str(error))
+        if (stage := unfinished_stage(checkpoint)) is not None:
+            fail(f"{args.checkpoint} is a run cut off in {stage}: finish it with uepo_offline.py --resume")
+        gamma = checkpoint["args"]["gamma"]
+        if args.action_steps is not None and args.action_steps > (horizon := checkpoint["policy"]["config"]["horizon"]):
+            fail(f"--action-steps must be at most the checkpoint's horizon H = {horizon}, got {args.action_steps}")
+    else:
+        # --resume: the task (environment, time limit, reference scores) and gamma come from the online
+        # checkpoint; the offline one is not read again, its selection was made.
+        checkpoint, gamma = resumed, resumed["resume"]["gamma"]
+    env_name = args.env_id or checkpoint["dataset_id"].replace("/", "-")
+    run_name = f"{env_name}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    if resumed is not None:
+        run_name = resumed["resume"]["run_name"]  # the same TensorBoard folder
+    checkpoint_path = args.checkpoint_path or f"runs/{run_name}/online.pt"
+    how = f"continue with --resume {checkpoint_path}" if args.algo == "ppo" else "td3 keeps no replay: start again"
+    sys.excepthook = functools.partial(report_interrupt, f"the last checkpoint (if any) is {checkpoint_path}; {how}")
+
+    # TRY NOT TO MODIFY: seeding
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+
+    # ---- selection: top-k by offline OPE, then the best over real episodes (Uni-O4) ---------
+    if resumed is not None:  # --resume: the interrupted run made it; its actor is built below
+        sub_policy, selection_table = resumed["sub_policy"], resumed["selection"]
+    else:
+        try:
+            base = build_saved(checkpoint["policy"], "the saved policy").to(device)
+            candidates = [] if from_scratch else offline_candidates(checkpoint, device)
+        except CheckpointError as error:
+            fail(f"{args.checkpoint}: {error}")
+        if from_scratch:
+            # Same architecture, statistics and seeds, fresh weights; sub-policy 0 (the mlp actor uses
+            # only the statistics and action bounds).
+            state = checkpoint["policy"]["state_dict"]
+            policy = DiffusionPolicy(
+                base.config, state["state_mean"], state["state_std"], state["action_low"], state["action_high"]
+            ).to(device)
+            sub_policy, selection_table = 0, "from scratch: no selection"
+        else:
+            # The improved copies scored by the gate's OPE, else the base sub-policies by AM-Q; best first.
+            rows = []
+            for label, candidate, i, ope_score in candidates[: args.selection_top]:
+                # With --action-steps the candidates act as the actor will: re-planned after that many actions.
+                scores = real_scores(candidate, i, args.selection_episodes, checkpoint, args.seed, args.action_steps)
+                rows.append((label, candidate, i, ope_score, scores.mean(), scores.std()))
+            try:
+                chosen = choose_candidate([row[0] for row in rows], [row[4] for row in rows])
+            except ValueError as error:
+                fail(f"{args.checkpoint}: {error}")
+            selection_table = "| candidate | offline OPE | real normalized score | chosen |\n|-|-|-|-|\n" + "\n".join(
+                f"| {label} | {ope_score:.1f} | {mean:.1f} +- {std:.1f} | {'yes' if r == chosen else ''} |"
+                for r, (label, _, _, ope_score, mean, std) in enumerate(rows)
+            )
+            policy, sub_policy = copy.deepcopy(rows[chosen][1]), rows[chosen][2]
+    # The inputs are read, checked and the selection made: only now the run gets its folder.
+    writer = SummaryWriter(f"runs/{run_name}")
+    writer.add_text(
+        "hyperparameters",
+        "|param|value|\n|-|-|\n%s" % ("\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])),
+    )
+    print(selection_table)
+    writer.add_text("selection", selection_table)
+
+    # ---- actor: a Gaussian over decisions z whose mean is the deployed policy (diffusion.OnlineActor) --
+    if resumed is None:
+        actor = OnlineActor(
+            args.actor,
+            policy,
+            sub_policy,
+            init_std,
+            mlp_horizon=args.mlp_horizon,
+            residual_bound=args.residual_bound,
+            action_steps=args.action_steps,
+        ).to(device)
+    else:  # the interrupted run's, as saved at its last evaluation
+        try:
+            actor = build_saved(resumed["actor"], f"{args.resume}: the actor").to(device)
+        except CheckpointError as error:
+            fail(str(error))
+    # ---- fine-tuning: TD3 on chunks with the offline data (the default), or the paper's PPO ------
+    run = (run_name, (sub_policy, selection_table), checkpoint_path, device)
+    if args.algo == "td3":
+        train_td3(args, actor, checkpoint, gamma, learning_rate, writer, run)
+    else:
+        train_ppo(args, actor, checkpoint, gamma, learning_rate, writer, run, resumed, init_std, anchor_coef)
     writer.close()
