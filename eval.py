@@ -709,12 +709,12 @@ EPISODE_RANGES = {"sub_policy": "[0, 63]", "episodes": "[1, 1000]", "seed": SEED
 POLICY_RANGES = {**EPISODE_RANGES, "action_steps": "[1, 64]", "divergence_states": "[1, 100000]"}
 
 
-def check_policy_args(args: PolicyArgs) -> str | None:
+def check_policy_args(args, ranges: dict = POLICY_RANGES) -> str | None:
     """The first argument out of its range, as a message naming the flag (None if all are valid):
-    every check is made before any work starts."""
+    every check is made before any work starts. Also benchmarks/robustness.py's, with its ranges."""
     if not os.path.isfile(args.checkpoint):
         return f"--checkpoint {args.checkpoint}: no such file"
-    return out_of_range(args, POLICY_RANGES) or check_output_file(
+    return out_of_range(args, ranges) or check_output_file(
         "--json", args.json, inputs={"--checkpoint": args.checkpoint}
     )
 

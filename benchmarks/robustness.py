@@ -24,14 +24,13 @@ from eval import (  # noqa: E402
     SUB_POLICY_OF_ONLINE,
     build_saved,
     built_or_fail,
-    check_output_file,
+    check_policy_args,
     deployed_policy,
     fail,
     fail_unless_finite,
     load_or_fail,
     markdown_table,
     normalized_score,
-    out_of_range,
     run_chunk_episodes,
     write_json,
 )
@@ -190,13 +189,8 @@ ROBUSTNESS_RANGES = {
 
 
 def check_robustness_args(args: RobustnessArgs) -> str | None:
-    """The first argument out of its range, as a message naming the flag (None if all are valid):
-    every check is made before any work starts."""
-    if not os.path.isfile(args.checkpoint):
-        return f"--checkpoint {args.checkpoint}: no such file"
-    return out_of_range(args, ROBUSTNESS_RANGES) or check_output_file(
-        "--json", args.json, inputs={"--checkpoint": args.checkpoint}
-    )
+    """eval.py's checks (the checkpoint, every number, the JSON output) with these ranges."""
+    return check_policy_args(args, ROBUSTNESS_RANGES)
 
 
 def robustness_command(args: RobustnessArgs) -> dict:
