@@ -52,7 +52,7 @@ LOGVAR_BOUND_COEF = 0.01
 # Initial log-variance bounds (PETS/MBPO/MOBILE code): std in [exp(-5), exp(0.25)] at the start.
 INITIAL_MAX_LOGVAR, INITIAL_MIN_LOGVAR = 0.5, -10.0
 # Standardization of the inputs: dataset mean and std + eps, the project's convention for
-# states (uepo_offline.state_statistics); the eps keeps a constant input dimension finite.
+# states (eval.state_statistics); the eps keeps a constant input dimension finite.
 INPUT_STD_EPS = 1e-3
 LOG_2PI = math.log(2.0 * math.pi)
 

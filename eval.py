@@ -1,15 +1,16 @@
-"""Evaluation of UEPO checkpoints: a component that both scripts import, and a command line.
+"""What both UEPO scripts share, and a command line that evaluates a checkpoint.
 
     python eval.py --checkpoint runs/<run>/offline.pt    # every sub-policy, its OPE score, their divergence
 
 As a component (imported by uepo_offline.py and uepo_online.py, which it never imports):
+- `load_dataset` / `chunk_dataset`: a Minari dataset by name, chunked into transitions
+  (s_t, a_{t:t+H}, R_t^H, s_{t+H}, done) with masks (docs/design.md, "Data").
 - `normalized_score`: D4RL-style score, 100 * (return - ref_min) / (ref_max - ref_min), the
   same formula as `minari.get_normalized_score`, from reference scores stored in the
   checkpoint (so evaluating needs no dataset).
 - `run_chunk_episodes` / `evaluate_sub_policies`: sub-policies of a DiffusionPolicy over real
   episodes, every live environment batched into one policy call per decision.
-- `ChunkEnv`: the chunk-level MDP (one action = one chunk of H actions) for online PPO;
-  `vector_env_state` / `restore_vector_env_state`: its environments' state, for `--resume`.
+- `ChunkEnv`: the chunk-level MDP (one action = one chunk of H actions) of the online learners.
 - `offline_ranking` / `offline_candidates` / `deployed_policy`: which (policy, sub-policy) a
   checkpoint offers, and which one it deploys.
 - `save_checkpoint` / `load_checkpoint` / `build_saved`: atomic writes; safe loads that refuse a
@@ -29,6 +30,7 @@ from collections import deque
 from dataclasses import dataclass
 
 import gymnasium as gym
+import minari
 import numpy as np
 import torch
 import tyro
@@ -60,6 +62,201 @@ def is_dataset_name(name: str) -> bool:
 
 def normalized_score(returns, ref_min_score: float, ref_max_score: float) -> np.ndarray:
     return 100.0 * (np.asarray(returns, dtype=np.float64) - ref_min_score) / (ref_max_score - ref_min_score)
+
+
+# ------------------------------------------------------------------------------------------------
+# Data (docs/design.md, "Data")
+# ------------------------------------------------------------------------------------------------
+ENVS = tuple(GYM_ENV_IDS)  # hopper, walker2d, halfcheetah, ant
+
+
+# Qualities the Minari server has for these tasks; medium-expert is combined locally.
+QUALITIES = ("simple", "medium", "expert", "medium-expert")
+
+
+ENV_IDS = tuple(f"{env}-{quality}" for env in ENVS for quality in QUALITIES)
+
+
+class DatasetError(ValueError):
+    """A dataset name that does not exist, or a dataset that cannot be had here."""
+
+
+def minari_ids(env_id: str) -> list[str]:
+    """`hopper-medium` -> [`mujoco/hopper/medium-v0`]; `<env>-medium-expert` -> its two sources."""
+    if env_id not in ENV_IDS:
+        raise DatasetError(
+            f"unknown --env-id {env_id!r}. Valid names: {', '.join(ENV_IDS)}. "
+            "Any other Minari dataset: --dataset-id <minari id>."
+        )
+    env, quality = env_id.split("-", 1)
+    qualities = ["medium", "expert"] if quality == "medium-expert" else [quality]
+    return [f"mujoco/{env}/{q}-v0" for q in qualities]
+
+
+def load_minari(dataset_id: str) -> minari.MinariDataset:
+    """A local dataset, else a download; where neither works, say where datasets are looked for. A
+    local folder that minari cannot read (damaged metadata, a missing or truncated data file) is named
+    as such, not taken for a missing dataset."""
+    try:
+        dataset = local_dataset(dataset_id)
+    except DatasetMissing as error:
+        raise DatasetError(str(error)) from None
+    if dataset is not None:
+        return dataset
+    try:
+        return minari.load_dataset(dataset_id, download=True)
+    except Exception as error:  # network errors, unknown remote ids: all end the same way
+        path = os.environ.get("MINARI_DATASETS_PATH", "~/.minari/datasets (MINARI_DATASETS_PATH unset)")
+        local = ", ".join(sorted(minari.list_local_datasets())) or "none"
+        raise DatasetError(
+            f"Minari dataset {dataset_id!r} is not local and could not be downloaded "
+            f"({type(error).__name__}: {error}). Datasets are looked for in MINARI_DATASETS_PATH={path} "
+            f"(local datasets there: {local}). Download it where there is internet with "
+            f"`minari download {dataset_id}` and point MINARI_DATASETS_PATH at that folder."
+        ) from error
+
+
+def load_dataset(env_id: str, dataset_id: str | None) -> tuple[minari.MinariDataset, str, float, float]:
+    """The dataset, its id and its reference scores (D4RL normalization).
+
+    `<env>-medium-expert` is `minari.combine_datasets` of medium and expert, built once and kept
+    locally; combining drops the reference scores, so they come from the source datasets.
+    """
+    ids = [dataset_id] if dataset_id is not None else minari_ids(env_id)
+    sources = [load_minari(source_id) for source_id in ids]
+    metadata = sources[0].storage.metadata
+    ref_min, ref_max = metadata.get("ref_min_score"), metadata.get("ref_max_score")
+    if ref_min is None or ref_max is None:
+        raise DatasetError(
+            f"dataset {ids[0]!r} has no reference scores (ref_min_score/ref_max_score), "
+            "so normalized scores cannot be computed"
+        )
+    if len(sources) == 1:
+        return sources[0], ids[0], float(ref_min), float(ref_max)
+    combined_id = ids[0].replace("medium-v0", "medium-expert-v0")
+    if combined_id not in minari.list_local_datasets():
+        build_combined(sources, combined_id)
+    combined = minari.load_dataset(combined_id)
+    expected = sum(source.total_episodes for source in sources)
+    if combined.total_episodes != expected:  # e.g. left by a build that an older version did in place
+        raise DatasetError(
+            f"the local {combined_id} has {combined.total_episodes} episodes, not the {expected} of "
+            f"{' + '.join(ids)}: it is incomplete. Delete {minari.storage.get_dataset_path(combined_id)} "
+            "and run again to rebuild it"
+        )
+    return combined, combined_id, float(ref_min), float(ref_max)
+
+
+def build_combined(sources: list, combined_id: str) -> None:
+    """`minari.combine_datasets` in a temporary folder beside the datasets, renamed into place when
+    complete: an interrupted build leaves no partial dataset under the real id."""
+    root = minari.storage.get_dataset_path()
+    final_path = minari.storage.get_dataset_path(combined_id)
+    print(f"building {combined_id} from {' + '.join(source.spec.dataset_id for source in sources)} (once)")
+    previous = os.environ.get("MINARI_DATASETS_PATH")
+    try:
+        with tempfile.TemporaryDirectory(dir=root, prefix=".building-") as folder:
+            os.environ["MINARI_DATASETS_PATH"] = folder
+            os.makedirs(os.path.dirname(os.path.join(folder, combined_id)), exist_ok=True)  # minari makes only the last
+            minari.combine_datasets(sources, combined_id)
+            os.makedirs(os.path.dirname(final_path), exist_ok=True)
+            os.rename(os.path.join(folder, combined_id), final_path)
+    except OSError as error:
+        raise DatasetError(
+            f"could not build {combined_id} in {root} ({type(error).__name__}: {error}); it must be "
+            "writable (MINARI_DATASETS_PATH)"
+        ) from error
+    finally:
+        if previous is None:
+            os.environ.pop("MINARI_DATASETS_PATH", None)
+        else:
+            os.environ["MINARI_DATASETS_PATH"] = previous
+
+
+def chunk_episode(observations, actions, rewards, terminations, horizon, obs_horizon, gamma) -> dict:
+    """One episode -> one chunked transition per time step t (docs/design.md, "Data").
+
+    states      (T, To, S)  s_{t-To+1..t}, the first state repeated before the episode start
+    chunks      (T, H, A)   a_{t:t+H}, padded with the episode's last action past its end
+    mask        (T, H)      1 where a_{t+h} is real, 0 where it is padding
+    rewards     (T,)        R_t^H = sum_h gamma^h r_{t+h} over the real steps
+    next_states (T, To, S)  the history at s_{t+H} (at the episode's last state if it ends sooner)
+    dones       (T,)        1 if the episode terminated inside the chunk. Truncations (time
+                            limits) are not terminations: the value bootstraps through them.
+    episode_start (T,)      True at t = 0 (the offline choice's rollouts start there)
+    step_next_states (T, S), step_rewards (T,): the one-step transitions (s_t, a_t, s_{t+1}, r_t)
+                            for the dynamics model, which works per environment step.
+    """
+    length = len(actions)  # T; observations has T + 1 entries (the final one included)
+    steps = np.arange(length)
+    chunk_steps = steps[:, None] + np.arange(horizon)[None, :]
+    mask = chunk_steps < length
+    clipped = np.minimum(chunk_steps, length - 1)
+    history = np.arange(-obs_horizon + 1, 1)[None, :]
+    next_steps = np.minimum(steps + horizon, length)
+    return {
+        "states": observations[np.maximum(steps[:, None] + history, 0)],
+        "chunks": actions[clipped],
+        "mask": mask.astype(np.float32),
+        "rewards": (np.where(mask, rewards[clipped], 0.0) * gamma ** np.arange(horizon)).sum(1),
+        "next_states": observations[np.maximum(next_steps[:, None] + history, 0)],
+        "dones": (np.where(mask, terminations[clipped], False)).any(1).astype(np.float32),
+        "step_next_states": observations[steps + 1],
+        "step_rewards": rewards,
+        "episode_start": steps == 0,
+    }
+
+
+def chunk_dataset(dataset: minari.MinariDataset, horizon: int, obs_horizon: int, gamma: float) -> dict:
+    """All episodes chunked and concatenated, plus the raw states for the normalization."""
+    parts, all_states = [], []
+    for episode in dataset.iterate_episodes():
+        observations = np.asarray(episode.observations, dtype=np.float32)
+        parts.append(
+            chunk_episode(
+                observations,
+                np.asarray(episode.actions, dtype=np.float32),
+                np.asarray(episode.rewards, dtype=np.float32),
+                np.asarray(episode.terminations),
+                horizon,
+                obs_horizon,
+                gamma,
+            )
+        )
+        all_states.append(observations[:-1])
+    data = {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
+    data["all_states"] = np.concatenate(all_states)
+    for key in ("all_states", "chunks", "step_rewards", "step_next_states"):
+        if not np.isfinite(data[key]).all():
+            name = {
+                "all_states": "observations",
+                "chunks": "actions",
+                "step_rewards": "rewards",
+                "step_next_states": "observations",
+            }[key]
+            raise DatasetError(
+                f"dataset {dataset.spec.dataset_id!r} has non-finite {name} "
+                f"({int((~np.isfinite(data[key])).sum())} entries); it cannot be trained on"
+            )
+    return data
+
+
+def state_statistics(states: np.ndarray, eps: float = 1e-3) -> tuple[np.ndarray, np.ndarray]:
+    """Frozen normalization (docs/design.md): dataset mean and std + eps, used offline, online and in eval."""
+    return states.mean(0), states.std(0) + eps
+
+
+# ------------------------------------------------------------------------------------------------
+# A loss that is not finite stops a run (both scripts' learners raise it, the scripts end on it)
+# ------------------------------------------------------------------------------------------------
+class NonFiniteLoss(ValueError):
+    """A loss that is NaN or infinite: the run stops, naming the step and the loss."""
+
+
+def check_finite(losses: dict, where: str) -> None:
+    for name, value in losses.items():
+        if not torch.isfinite(value):
+            raise NonFiniteLoss(f"{where}: the {name} loss is {value.item()}")
 
 
 class ChunkEnv(gym.Wrapper):
@@ -551,8 +748,6 @@ def local_dataset(dataset_id: str):
     """The local Minari dataset `dataset_id`, or None where MINARI_DATASETS_PATH has no folder for it.
     A folder that minari cannot read (damaged metadata, a missing data file) raises DatasetMissing
     naming it: such a dataset is damaged, not missing, and is never downloaded over."""
-    import minari  # only the dataset readers of eval.py need it
-
     folder = minari.storage.get_dataset_path(dataset_id)
     if not os.path.isdir(os.path.join(folder, "data")):
         return None

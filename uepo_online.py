@@ -56,13 +56,18 @@ from eval import (
     SEED_RANGE,
     CheckpointError,
     ChunkEnv,
+    DatasetError,
+    NonFiniteLoss,
     build_saved,
     check_environment,
+    check_finite,
     check_output_file,
+    chunk_dataset,
     evaluate_saved_task,
     fail,
     is_dataset_name,
     load_checkpoint,
+    load_dataset,
     missing_field,
     offline_candidates,
     out_of_range,
@@ -71,7 +76,6 @@ from eval import (
     unfinished_stage,
     unwritable,
 )
-from uepo_offline import DatasetError, NonFiniteLoss, check_finite, chunk_dataset, load_dataset
 
 
 @dataclass
@@ -448,7 +452,7 @@ class ChunkReplay:
 
 @torch.no_grad()
 def offline_replay(checkpoint: dict, actor: OnlineActor, rows: int, gamma: float, seed: int) -> ChunkReplay:
-    """The offline run's dataset chunked as the actor acts (`uepo_offline.chunk_dataset` with its H,
+    """The offline run's dataset chunked as the actor acts (`eval.chunk_dataset` with its H,
     its state history and gamma), a random `rows` of its chunks, with the offline policy's z computed
     once on every history (in batches: the chain is the costly part)."""
     try:

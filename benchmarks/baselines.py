@@ -34,8 +34,15 @@ import tyro
 from torch.utils.tensorboard import SummaryWriter
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from eval import evaluate_sub_policies, fail, out_of_range  # noqa: E402
-from uepo_offline import DatasetError, chunk_dataset, load_dataset, state_statistics  # noqa: E402
+from eval import (  # noqa: E402
+    DatasetError,
+    chunk_dataset,
+    evaluate_sub_policies,
+    fail,
+    load_dataset,
+    out_of_range,
+    state_statistics,
+)
 
 
 @dataclass

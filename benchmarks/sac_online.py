@@ -28,8 +28,7 @@ import tyro
 from torch.utils.tensorboard import SummaryWriter
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from eval import SEED_RANGE, evaluate_sub_policies, fail, out_of_range  # noqa: E402
-from uepo_offline import DatasetError, load_dataset  # noqa: E402
+from eval import SEED_RANGE, DatasetError, evaluate_sub_policies, fail, load_dataset, out_of_range  # noqa: E402
 
 
 @dataclass

@@ -12,26 +12,21 @@ from conftest import ROOT, TINY_DATASET_ID, TINY_MAX_EPISODE_STEPS, logged_scala
 from diffusion import DiffusionPolicy, PolicyConfig
 from dynamics import ChunkCritics, EnsembleDynamics, confident_choice
 from eval import (
+    ENV_IDS,
     CheckpointError,
+    DatasetError,
+    chunk_dataset,
+    chunk_episode,
     deployed_choice,
     evaluate_sub_policies,
     load_checkpoint,
-    save_checkpoint,
-    spearman_correlation,
-)
-from uepo_offline import (
-    ENV_IDS,
-    PAPER_SCALE,
-    DatasetError,
-    LossMeans,
-    check_args,
-    chunk_dataset,
-    chunk_episode,
     load_dataset,
     minari_ids,
-    parse_args,
+    save_checkpoint,
+    spearman_correlation,
     state_statistics,
 )
+from uepo_offline import PAPER_SCALE, LossMeans, check_args, parse_args
 
 # Small, fast settings for the end-to-end runs: the diffusion policy alone (TINY_RUN), and the
 # whole offline phase with critics, dynamics, augmentation and the gated improvement (FULL_RUN).
