@@ -775,22 +775,15 @@ def dataset_state_histories(dataset_id: str, count: int, obs_horizon: int, seed:
             f"the dataset {dataset_id!r} of this checkpoint is not in MINARI_DATASETS_PATH={path}; "
             f"get it with `minari download {dataset_id}`, or pass --no-divergence"
         )
-    observations, episode_starts, offset = [], [], 0
     try:
-        for episode in dataset.iterate_episodes():
-            states = np.asarray(episode.observations[:-1], dtype=np.float32)
-            observations.append(states)
-            episode_starts.append(np.full(len(states), offset))
-            offset += len(states)
+        states = chunk_dataset(dataset, 1, obs_horizon, 1.0)["states"]  # the histories of training
     except Exception as error:  # minari and h5py raise many types for a damaged or truncated file
         raise DatasetMissing(
             f"the local dataset {dataset_id!r} cannot be read ({type(error).__name__}: "
             f"{' '.join(str(error).split())[:200]}); download it again, or pass --no-divergence"
         ) from None
-    observations, episode_starts = np.concatenate(observations), np.concatenate(episode_starts)
-    rows = np.random.default_rng(seed).choice(len(observations), size=min(count, len(observations)), replace=False)
-    history = np.maximum(rows[:, None] + np.arange(-obs_horizon + 1, 1)[None, :], episode_starts[rows][:, None])
-    return observations[history]
+    rows = np.random.default_rng(seed).choice(len(states), size=min(count, len(states)), replace=False)
+    return states[rows]
 
 
 @torch.no_grad()
