@@ -249,6 +249,9 @@ def state_statistics(states: np.ndarray, eps: float = 1e-3) -> tuple[np.ndarray,
 # ------------------------------------------------------------------------------------------------
 # A loss that is not finite stops a run (both scripts' learners raise it, the scripts end on it)
 # ------------------------------------------------------------------------------------------------
+BAR = {"mininterval": 5.0, "dynamic_ncols": True}  # the scripts' progress bars (tqdm): steps, rate, ETA, losses
+
+
 class NonFiniteLoss(ValueError):
     """A loss that is NaN or infinite: the run stops, naming the step and the loss."""
 

@@ -62,6 +62,7 @@ from dynamics import (
     termination_fn,
 )
 from eval import (
+    BAR,
     SEED_RANGE,
     CheckpointError,
     DatasetError,
@@ -664,9 +665,6 @@ def log_evaluation(writer, record: dict, step: int, history: dict) -> None:
 # ------------------------------------------------------------------------------------------------
 # Progress, checkpoints and the state --resume needs
 # ------------------------------------------------------------------------------------------------
-BAR = {"mininterval": 5.0, "dynamic_ncols": True}  # the progress bars (tqdm): steps, rate, ETA, losses
-
-
 class LossMeans:
     """Each loss's mean since the last `log`: written to TensorBoard under `prefix` and shown on the bar."""
 

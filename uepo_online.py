@@ -47,11 +47,13 @@ import numpy as np
 import torch
 import tyro
 from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
 
 from diffusion import DiffusionPolicy, OnlineActor, ppo_mlp
 from divergence import gaussian_kl, gaussian_log_prob
 from dynamics import ChunkCritics, chunk_td_target, soft_update
 from eval import (
+    BAR,
     GYM_ENV_IDS,
     SEED_RANGE,
     CheckpointError,
@@ -586,7 +588,7 @@ def evaluate(step, actor, history, writer, args, checkpoint, path) -> None:
     history["step"].append(step)
     history["scores"].append(scores.tolist())
     writer.add_scalar("charts/normalized_score", scores.mean(), step)
-    print(f"eval step {step}: normalized score {scores.mean():.1f} +- {scores.std():.1f}", flush=True)
+    tqdm.write(f"eval step {step}: normalized score {scores.mean():.1f} +- {scores.std():.1f}")
 
 
 def training_state(global_step, next_eval, iteration, run_name, gamma, optimizers, reward_scaler, device) -> dict:
@@ -708,7 +710,8 @@ def train_td3(args: Args, actor: OnlineActor, checkpoint: dict, gamma: float, le
     write_checkpoint(0, actor, learner, history, args, checkpoint, selection, checkpoint_path, None)
 
     offline = offline_replay(checkpoint, actor, args.offline_rows, gamma, args.seed)
-    for update in range(1, args.offline_critic_updates + 1):  # the critics learn the hand-over's values first
+    warmup = tqdm(range(1, args.offline_critic_updates + 1), "offline critic updates", **BAR)
+    for update in warmup:  # the critics learn the hand-over's values first
         try:
             log, _ = td3_critic_update(
                 critics, target_critics, critic_optimizer, actor, offline.sample(args.batch_size), args, gamma
@@ -720,9 +723,8 @@ def train_td3(args: Args, actor: OnlineActor, checkpoint: dict, gamma: float, le
             )
         soft_update(target_critics, critics, args.tau)
         if update % 1000 == 0 or update == args.offline_critic_updates:
-            print(
-                f"offline critic update {update}/{args.offline_critic_updates} | critic {log['losses/critic_loss']:.3f}"
-            )
+            warmup.set_postfix(critic=f"{log['losses/critic_loss']:.3f}", refresh=False)
+    warmup.close()
 
     envs = gym.vector.SyncVectorEnv(
         [
@@ -740,6 +742,7 @@ def train_td3(args: Args, actor: OnlineActor, checkpoint: dict, gamma: float, le
     anchors = actor.anchor_mean(states, noises)
     online = None
     global_step, next_eval, updates, start_time, actor_log = 0, args.eval_every, 0, time.time(), {}
+    progress = tqdm(total=args.total_timesteps, desc="online (td3)", unit="step", **BAR)
     while global_step < args.total_timesteps:
         # Collect one decision per environment: z = mean(s) + exploration noise, its chunk executed.
         with torch.no_grad():
@@ -749,6 +752,7 @@ def train_td3(args: Args, actor: OnlineActor, checkpoint: dict, gamma: float, le
         done = terminated | truncated
         lengths = step_info(infos, "chunk_length", done)
         global_step += int(lengths.sum())
+        progress.update(int(lengths.sum()))
         final_obs = np.array(next_obs)
         if done.any():  # the state each chunk ended in (autoreset replaced it): the final observation
             final_obs[done] = np.stack(infos["final_obs"][done])
@@ -804,19 +808,19 @@ def train_td3(args: Args, actor: OnlineActor, checkpoint: dict, gamma: float, le
             )
             for tag, number in log.items():
                 writer.add_scalar(tag, number, global_step)
-            eta = time.strftime("%H:%M:%S", time.gmtime(max(args.total_timesteps - global_step, 0) / steps_per_second))
-            print(
-                f"step {global_step}/{args.total_timesteps} | critic {log['losses/critic_loss']:.3f} | "
-                f"Q offline {log['losses/q_offline']:.1f} online {log['losses/q_online']:.1f} | "
-                f"distance {log.get('charts/distance_to_offline', 0.0):.4f} | {steps_per_second:.0f} env steps/s "
-                f"| ETA {eta}",
-                flush=True,
+            progress.set_postfix(
+                critic=f"{log['losses/critic_loss']:.3f}",
+                q_offline=f"{log['losses/q_offline']:.1f}",
+                q_online=f"{log['losses/q_online']:.1f}",
+                distance=f"{log.get('charts/distance_to_offline', 0.0):.4f}",
+                refresh=False,
             )
         if global_step >= next_eval or global_step >= args.total_timesteps:
             next_eval = (global_step // args.eval_every + 1) * args.eval_every
             evaluate(global_step, actor, history, writer, args, checkpoint, checkpoint_path)
             learner = {"critics": critics.state_dict()}
             write_checkpoint(global_step, actor, learner, history, args, checkpoint, selection, checkpoint_path, None)
+    progress.close()
     envs.close()
 
 
@@ -876,6 +880,7 @@ def train_ppo(args: Args, actor, checkpoint, gamma, learning_rate, writer, run, 
     # A resumed run starts new episodes, seeded by its iteration (after the hand-over: the same reset).
     next_obs, _ = envs.reset(seed=args.seed + iteration)
     start_time, start_step = time.time(), global_step
+    progress = tqdm(total=args.total_timesteps, desc="online (ppo)", unit="step", initial=global_step, **BAR)
     while global_step < args.total_timesteps:
         iteration += 1
         warming_up = iteration <= args.critic_warmup  # only the value network learns
@@ -994,21 +999,11 @@ def train_ppo(args: Args, actor, checkpoint, gamma, learning_rate, writer, run, 
             )
         for tag, number in log.items():
             writer.add_scalar(tag, number, global_step)
-        remaining_seconds = max(args.total_timesteps - global_step, 0) / steps_per_second
-        actor_part = (
-            "critic warm-up"
-            if warming_up
-            else f"policy {out['policy'].item():.4f} | anchor_kl {out['anchor_kl'].item():.3f} | "
-            f"approx_kl {approx_kl.item():.4f} "
-            f"| clipfrac {np.mean(clipfracs):.3f} | epochs {epochs_run}"
-        )
-        print(
-            f"iteration {iteration} step {global_step}/{args.total_timesteps} | {actor_part} | "
-            f"value {v_loss.item():.4f} "
-            f"| explained_var {explained_variance:.2f} | sigma {sigma:.3f} | {steps_per_second:.0f} env steps/s | "
-            f"ETA {time.strftime('%H:%M:%S', time.gmtime(remaining_seconds))}",
-            flush=True,
-        )
+        shown = {"iteration": iteration, "value": f"{v_loss.item():.4f}", "sigma": f"{sigma:.3f}"}
+        if not warming_up:
+            shown |= {"policy": f"{out['policy'].item():.4f}", "approx_kl": f"{approx_kl.item():.4f}"}
+        progress.update(global_step - progress.n)
+        progress.set_postfix(shown, refresh=False)
         if global_step >= next_eval or global_step >= args.total_timesteps:
             next_eval = (global_step // args.eval_every + 1) * args.eval_every
             evaluate(global_step, actor, history, writer, args, checkpoint, checkpoint_path)
@@ -1028,6 +1023,7 @@ def train_ppo(args: Args, actor, checkpoint, gamma, learning_rate, writer, run, 
                 resume,
             )
 
+    progress.close()
     envs.close()
 
 

@@ -15,7 +15,7 @@ import torch
 from test_diffusion import make_policy, random_states
 from test_offline import PATCHED_RUN
 
-from conftest import ROOT, TINY_MAX_EPISODE_STEPS
+from conftest import ROOT, TINY_MAX_EPISODE_STEPS, logged_scalars
 from diffusion import ONLINE_ACTORS, OnlineActor
 from divergence import gaussian_log_prob
 from eval import ChunkEnv, evaluate_sub_policies, load_checkpoint
@@ -245,15 +245,17 @@ def test_the_reward_scaler_matches_a_hand_computation():
 
 # ---- end to end ----------------------------------------------------------------------------------------------
 def test_online_run_selects_fine_tunes_and_writes_a_checkpoint_that_reloads(online_run):
-    """The tiny offline checkpoint loads, the selection table is printed, PPO iterations run with
-    progress and evaluations, and the online checkpoint's policy reproduces its last evaluation."""
+    """The tiny offline checkpoint loads, the selection table is printed, PPO iterations run with a
+    progress bar and evaluations, and the online checkpoint's policy reproduces its last evaluation."""
     result, path = online_run
     assert result.returncode == 0, result.stderr[-3000:]
     assert "| candidate | offline OPE | real normalized score | chosen |" in result.stdout
-    assert "iteration 2 step" in result.stdout and "ETA" in result.stdout and "eval step 0" in result.stdout
-    iterations = [line for line in result.stdout.splitlines() if line.startswith("iteration")]
-    assert len(iterations) >= 3 and "critic warm-up" in iterations[0]  # --critic-warmup 1
-    assert all("| epochs 2 |" in line and "sigma" in line for line in iterations[1:])  # --target-kl None
+    assert "online (ppo):" in result.stderr and "value=" in result.stderr and "eval step 0" in result.stdout
+    logged = logged_scalars(path.parent)
+    value_steps = [step for step, _ in logged["losses/value_loss"]]
+    policy_steps = [step for step, _ in logged["losses/policy_loss"]]
+    assert len(value_steps) >= 3 and policy_steps == value_steps[1:]  # --critic-warmup 1: the actor waits once
+    assert all(epochs == 2 for _, epochs in logged["losses/update_epochs"])  # --target-kl None: every epoch
     checkpoint = load_checkpoint(str(path), expected_env_id="Hopper-v5")
     assert checkpoint["phase"] == "online" and checkpoint["global_step"] >= 300
     assert checkpoint["history"]["step"][0] == 0 and len(checkpoint["history"]["step"]) >= 3
@@ -294,17 +296,19 @@ def test_the_other_actors_and_the_baselines_run_and_reload(offline_checkpoint, t
     ]
     extras = {"diffusion": [["--from-scratch"], []], "mlp": [[], ["--mlp-horizon", "2"]]}.get(actor, [[]])
     for extra in extras:
-        path = tmp_path / f"{actor}{len(extra)}.pt"
+        folder = tmp_path / f"{actor}{len(extra)}"
+        folder.mkdir()
+        path = folder / "online.pt"
         result = run_online(
             ["--checkpoint", str(offline_checkpoint), "--checkpoint-path", str(path), *flags, *extra]
             + TINY_ONLINE
             + ["--learning-rate", "1e-3"],
-            tmp_path,
+            folder,
         )
         assert result.returncode == 0, result.stderr[-3000:]
         assert ("from scratch: no selection" in result.stdout) == (actor == "mlp" or extra == ["--from-scratch"])
-        iterations = [line for line in result.stdout.splitlines() if line.startswith("iteration")]
-        assert iterations[1:] and all("| epochs 1 |" in line for line in iterations[1:])
+        epochs = [value for _, value in logged_scalars(folder)["losses/update_epochs"]]
+        assert epochs and all(value == 1 for value in epochs)  # --target-kl 1e-9 stops after one epoch
         checkpoint = load_checkpoint(str(path))
         loaded = OnlineActor.from_checkpoint(checkpoint["actor"])
         assert loaded.kind == actor and loaded.init_std == 0.05
