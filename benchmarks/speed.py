@@ -5,9 +5,9 @@ steps/s (docs/experiments.md, "Speed"). Prints JSON.
     python benchmarks/speed.py
 """
 
+import glob
 import json
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -22,6 +22,8 @@ import tyro
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from report import read_curve  # noqa: E402
+
 from diffusion import DENOISERS, DiffusionPolicy, PolicyConfig  # noqa: E402
 from divergence import subpolicy_terms  # noqa: E402
 from eval import check_output_file, fail, out_of_range, save_checkpoint, spaces_problem, write_json  # noqa: E402
@@ -213,10 +215,11 @@ def online_speed(args: SpeedArgs, policy: DiffusionPolicy, env: gym.Env, actor: 
             *([] if args.cuda else ["--no-cuda"]),
         ]
         result = subprocess.run(command, cwd=folder, capture_output=True, text=True)
-    rates = re.findall(r"(\d+) env steps/s", result.stdout)
-    if result.returncode != 0 or not rates:
+        runs = glob.glob(os.path.join(folder, "runs", "*"))  # its TensorBoard folder
+        curve = read_curve(runs[0], "charts/SPS") if result.returncode == 0 and runs else None
+    if curve is None:
         raise RuntimeError(f"uepo_online.py failed:\n{result.stderr[-2000:]}")
-    return float(rates[-1])
+    return float(curve[1][-1])  # the loop's steps per second at its end
 
 
 def gaussian_speed(args: SpeedArgs, env: gym.Env, device: torch.device) -> dict:
