@@ -68,12 +68,8 @@ def normalized_score(returns, ref_min_score: float, ref_max_score: float) -> np.
 # Data (docs/design.md, "Data")
 # ------------------------------------------------------------------------------------------------
 ENVS = tuple(GYM_ENV_IDS)  # hopper, walker2d, halfcheetah, ant
-
-
 # Qualities the Minari server has for these tasks; medium-expert is combined locally.
 QUALITIES = ("simple", "medium", "expert", "medium-expert")
-
-
 ENV_IDS = tuple(f"{env}-{quality}" for env in ENVS for quality in QUALITIES)
 
 
@@ -247,9 +243,24 @@ def state_statistics(states: np.ndarray, eps: float = 1e-3) -> tuple[np.ndarray,
 
 
 # ------------------------------------------------------------------------------------------------
-# A loss that is not finite stops a run (both scripts' learners raise it, the scripts end on it)
+# What both training loops share: progress bars, the non-finite-loss rule, the random streams of --resume
 # ------------------------------------------------------------------------------------------------
 BAR = {"mininterval": 5.0, "dynamic_ncols": True}  # the scripts' progress bars (tqdm): steps, rate, ETA, losses
+
+
+def rng_state(device) -> dict:
+    """torch's random stream (and CUDA's, on a GPU), for a training state that --resume continues."""
+    state = {"torch_rng": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda_rng"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict, device) -> None:
+    """Continue the random streams `rng_state` saved in `state`."""
+    torch.set_rng_state(state["torch_rng"])
+    if "cuda_rng" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda_rng"], device)
 
 
 class NonFiniteLoss(ValueError):

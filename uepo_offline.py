@@ -76,7 +76,9 @@ from eval import (
     load_dataset,
     out_of_range,
     report_interrupt,
+    rng_state,
     save_checkpoint,
+    set_rng_state,
     spaces_problem,
     spearman_correlation,
     state_statistics,
@@ -691,10 +693,8 @@ def training_state(step, run_name, optimizer, scheduler, models, augmented, devi
         "run_name": run_name,
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
-        "torch_rng": torch.get_rng_state(),
+        **rng_state(device),
     }
-    if device.type == "cuda":
-        state["cuda_rng"] = torch.cuda.get_rng_state(device)
     if models is not None:
         state.update(
             target_critics=models.target_critics.state_dict(),
@@ -922,13 +922,6 @@ def restore_loop(resumed: dict, policy, optimizer, scheduler, models, device):
         augmented = resume["augmented"]
     set_rng_state(resume, device)
     return resumed["history"], resume["step"] + 1, augmented, resume
-
-
-def set_rng_state(state: dict, device) -> None:
-    """Continue torch's random stream (and CUDA's, on a GPU) from a saved training state."""
-    torch.set_rng_state(state["torch_rng"])
-    if "cuda_rng" in state and device.type == "cuda":
-        torch.cuda.set_rng_state(state["cuda_rng"], device)
 
 
 def improved_entry(sub_policy, improved_policy, gate, returns, scores, base_ope, base_scores, args) -> dict:

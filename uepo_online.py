@@ -74,7 +74,9 @@ from eval import (
     offline_candidates,
     out_of_range,
     report_interrupt,
+    rng_state,
     save_checkpoint,
+    set_rng_state,
     unfinished_stage,
     unwritable,
 )
@@ -596,7 +598,7 @@ def training_state(global_step, next_eval, iteration, run_name, gamma, optimizer
     the reward scaler and torch's random stream (exploration noise, minibatches). The environments
     are not saved: a resumed run starts new episodes (docs/design.md, "Resume")."""
     actor_optimizer, value_optimizer = optimizers
-    state = {
+    return {
         "global_step": global_step,
         "next_eval": next_eval,
         "iteration": iteration,
@@ -605,11 +607,8 @@ def training_state(global_step, next_eval, iteration, run_name, gamma, optimizer
         "actor_optimizer": actor_optimizer.state_dict(),
         "value_optimizer": value_optimizer.state_dict(),
         "reward_scaler": reward_scaler.state_dict(),
-        "torch_rng": torch.get_rng_state(),
+        **rng_state(device),
     }
-    if device.type == "cuda":
-        state["cuda_rng"] = torch.cuda.get_rng_state(device)
-    return state
 
 
 def write_checkpoint(step, actor, learner, history, args, checkpoint, selection, path, resume) -> None:
@@ -874,9 +873,7 @@ def train_ppo(args: Args, actor, checkpoint, gamma, learning_rate, writer, run, 
         actor_optimizer.load_state_dict(resume["actor_optimizer"])
         value_optimizer.load_state_dict(resume["value_optimizer"])
         reward_scaler.load_state_dict(resume["reward_scaler"])
-        torch.set_rng_state(resume["torch_rng"])
-        if "cuda_rng" in resume and device.type == "cuda":
-            torch.cuda.set_rng_state(resume["cuda_rng"], device)
+        set_rng_state(resume, device)
     # A resumed run starts new episodes, seeded by its iteration (after the hand-over: the same reset).
     next_obs, _ = envs.reset(seed=args.seed + iteration)
     start_time, start_step = time.time(), global_step
