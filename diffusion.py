@@ -11,7 +11,7 @@ Reading order:
      sub-policy i's fixed noise eps_i, so sub-policy i is a deterministic function of the state,
      mu_i(s); at every step the adaptive perturbation of divergence.py pushes apart sub-policies
      whose denoising estimates are too close.
-4. `OnlineActor`            - the Gaussian N(mu_i(s), diag sigma^2) that online PPO fine-tunes.
+4. `OnlineActor`            - the Gaussian N(mu_i(s), diag sigma^2) that online fine-tuning trains.
 5. `bppo_loss`, `qgrad_loss` - the offline improvement of one sub-policy (its gate,
    `BestSnapshot`, is in dynamics.py beside AM-Q). bppo scores a sub-policy with the same
    likelihood as online PPO, a Gaussian around its deterministic chunk mu_i(s): the policy that
@@ -23,7 +23,6 @@ checkpoint. Shapes: B = batch of states, n = sub-policies, H = chunk length, A =
 To = number of conditioning states (`obs_horizon`).
 """
 
-import copy
 import math
 from dataclasses import asdict, dataclass
 
@@ -420,7 +419,7 @@ class DiffusionPolicy(nn.Module):
 # --------------------------------------------------------------------------------------------
 # The online actor (docs/design.md, "Online fine-tuning")
 # --------------------------------------------------------------------------------------------
-ONLINE_ACTORS = ("diffusion", "residual", "fql", "noise", "mlp")
+ONLINE_ACTORS = ("residual", "noise", "mlp")
 # Bounds of the learned log-std (std 1e-3 .. 2): exploration never vanishes nor swamps the mean.
 LOG_STD_MIN, LOG_STD_MAX = math.log(1e-3), math.log(2.0)
 
@@ -436,109 +435,53 @@ def ppo_mlp(in_dim: int, out_dim: int, hidden: int = 64, last_std: float = 0.01)
 
 
 class OnlineActor(nn.Module):
-    """The policy online PPO fine-tunes: a Gaussian N(mean(s), diag sigma^2) over an action variable
-    z of shape (H, A), with sigma = exp(log_std) a learned state-independent parameter per entry
-    (CleanRL's `actor_logstd`, bounded). What is evaluated and deployed is the mean's chunk, i.e. the
-    mean of exactly the policy that PPO improves. `kind` says what z and the mean are:
+    """What online fine-tuning trains: a Gaussian N(mean(s), diag sigma^2) over a decision z of shape
+    (H, A), sigma = exp(log_std) a learned state-independent parameter per entry (CleanRL's
+    `actor_logstd`, bounded). The deployed policy is the mean's chunk. `kind` says what z is:
 
-    - "diffusion": z is the chunk in [-1, 1] units; mean = sub-policy i's deterministic DDIM chunk,
-      the gradient reaching the denoiser through i's chain (partners and perturbation scale as in
-      evaluation, the scale without gradient).
-    - "residual": z is the chunk; mean = the frozen sub-policy i's chunk + a small MLP of the state
-      whose output starts at 0; with `residual_bound` b the offset is b tanh(MLP), at most b from
-      the sub-policy's chunk in every entry (Policy Decorator, arXiv 2412.13630). With
-      `action_steps` k < H a decision is only the first k actions of that chunk, re-planned after
-      them (receding horizon: z, the head and the critics' chunk are k actions long).
-    - "fql": the residual at any initial noise (the one-step policy mu(s, eps) of flow Q-learning, FQL,
-      arXiv 2502.02538, as a residual): mean = the frozen chain's chunk from x_K = eps in sub-policy
-      i's slot + a small MLP of (state, eps) starting at 0. Off-policy training draws eps ~ N(0, I)
-      per decision, so the actor explores and learns around every draw of the diffusion policy;
-      deployment uses eps = sub-policy i's fixed seed, where it starts exactly at the hand-over.
-    - "noise" (DSRL, arXiv 2506.15799): z is sub-policy i's initial noise x_K; mean = its fixed seed
-      eps_i + a small MLP starting at 0; the chunk is the frozen denoiser's DDIM chain from z. Online
-      RL steers which seed acts in each state: the online continuation of "a sub-policy is a seed".
-    - "mlp": CleanRL's Gaussian MLP from scratch, no diffusion policy: z is one action (one state),
-      the per-step MDP of plain PPO, or with `mlp_horizon` > 1 a chunk of that many actions; only
-      the state statistics and action bounds of `policy` are used.
+    - "residual" (TD3's default): z is the chunk in [-1, 1]; mean = the frozen sub-policy i's chunk +
+      a small MLP of the state whose output starts at 0 (Policy Decorator, arXiv 2412.13630).
+    - "noise" (PPO's default; DSRL, arXiv 2506.15799): z is sub-policy i's initial noise x_K; mean =
+      its fixed seed + a small MLP starting at 0; the chunk is the frozen DDIM chain from z. Online
+      RL steers which seed acts in each state: the continuation of "a sub-policy is a seed".
+    - "mlp": the baseline from scratch, no diffusion policy: z is a chunk of `mlp_horizon` actions of
+      one state (1: the per-step MDP of plain PPO); only `policy`'s statistics and bounds are used.
 
-    The environment gets z clipped to the action bounds (or the chunk decoded from z); the
-    likelihood is that of the unclipped z. `anchor_mean` is the offline policy's mean of z (where
-    the actor starts, and the mean of the KL anchor).
+    The environment gets z clipped to [-1, 1] (or the chunk decoded from z); the likelihood is the
+    unclipped z's. `anchor_mean` is the offline policy's z (where the actor starts; the anchor).
     """
 
-    def __init__(
-        self,
-        kind: str,
-        policy: DiffusionPolicy,
-        sub_policy: int,
-        init_std: float,
-        hidden: int = 64,
-        mlp_horizon: int = 1,
-        residual_bound: float | None = None,
-        action_steps: int | None = None,
-    ):
+    def __init__(self, kind: str, policy: DiffusionPolicy, sub_policy: int, init_std: float, mlp_horizon: int = 1):
         super().__init__()
         if kind not in ONLINE_ACTORS:
             raise ValueError(f"unknown online actor {kind!r}; valid: {', '.join(ONLINE_ACTORS)}")
-        self.kind, self.sub_policy, self.init_std, self.hidden = kind, sub_policy, init_std, hidden
-        if kind != "residual" and (residual_bound is not None or action_steps is not None):
-            raise ValueError(f"residual_bound and action_steps are options of the residual actor, not of {kind!r}")
-        self.residual_bound, self.action_steps = residual_bound, action_steps
+        self.kind, self.sub_policy, self.init_std = kind, sub_policy, init_std
         config = self.policy_config = policy.config
-        if action_steps is not None and not 1 <= action_steps <= config.horizon:
-            raise ValueError(
-                f"action_steps must be in [1, {config.horizon}] (the policy's horizon H), got {action_steps}"
-            )
         self.horizon, self.obs_horizon = (mlp_horizon, 1) if kind == "mlp" else (config.horizon, config.obs_horizon)
-        self.horizon = action_steps or self.horizon
         self.act_dim = config.act_dim
         for name in ("state_mean", "state_std", "action_low", "action_high"):
             self.register_buffer(name, getattr(policy, name).clone())
-        self.policy = None if kind == "mlp" else policy
-        if kind == "diffusion":
-            self.reference = copy.deepcopy(policy).requires_grad_(False)  # the offline policy, frozen
-        elif kind in ("residual", "fql", "noise"):
-            policy.requires_grad_(False)  # the diffusion policy stays the offline one
-        if kind != "diffusion":
-            chunk_dim = self.horizon * self.act_dim
-            head_in = self.obs_horizon * config.obs_dim + (chunk_dim if kind == "fql" else 0)  # fql: (s, eps)
-            self.head = ppo_mlp(head_in, chunk_dim, hidden, last_std=0.01 if kind == "mlp" else 0.0)
+        self.policy = None if kind == "mlp" else policy.requires_grad_(False)  # the offline policy stays as it is
+        chunk_dim = self.horizon * self.act_dim
+        self.head = ppo_mlp(self.obs_horizon * config.obs_dim, chunk_dim, last_std=0.01 if kind == "mlp" else 0.0)
         self.log_std = nn.Parameter(torch.full((self.horizon, self.act_dim), math.log(init_std)))
 
-    # ---- the Gaussian over z ---------------------------------------------------------------------
     def std(self) -> torch.Tensor:
         return self.log_std.clamp(LOG_STD_MIN, LOG_STD_MAX).exp()
 
     @torch.no_grad()
-    def anchor_mean(self, states: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
-        """The offline policy's mean of z at normalized state histories (B, To, S): (B, H, A).
-        "fql": the chain's chunk from `noise` (B, H, A) in sub-policy i's slot (None: its fixed seed)."""
-        batch = states.shape[0]
-        if self.kind == "diffusion":
-            return self.reference.sample(states).actions[:, self.sub_policy]
-        if self.kind == "fql" and noise is not None:
-            start = self.policy.initial_noise(batch).clone()
-            start[:, self.sub_policy] = noise
-            return self.policy.sample(states, start_noise=start).actions[:, self.sub_policy]
-        if self.kind in ("residual", "fql"):  # the first `horizon` actions (all H unless action_steps is set)
-            return self.policy.sample(states).actions[:, self.sub_policy, : self.horizon]
-        if self.kind == "noise":
-            return self.policy.sub_policy_noise[self.sub_policy].expand(batch, -1, -1)
-        return torch.zeros(batch, self.horizon, self.act_dim, device=states.device)  # mlp: no offline policy
-
-    def mean(self, states: torch.Tensor, anchor: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
-        """The current mean of z (B, H, A), differentiable; `anchor` = `anchor_mean(states, noise)` (kept
-        from the rollout, so that the frozen chain is not run again in every update); `noise`: fql's eps."""
-        if self.kind == "diffusion":
+    def anchor_mean(self, states: torch.Tensor) -> torch.Tensor:
+        """The offline policy's z at normalized state histories (B, To, S): (B, H, A) (zeros for mlp)."""
+        if self.kind == "residual":
             return self.policy.sample(states).actions[:, self.sub_policy]
-        inputs = states.flatten(1)
-        if self.kind == "fql":
-            if noise is None:  # deployment: the selected sub-policy's fixed seed
-                noise = self.policy.sub_policy_noise[self.sub_policy].expand(states.shape[0], -1, -1)
-            inputs = torch.cat([inputs, noise.flatten(1)], 1)
-        offset = self.head(inputs).view(-1, self.horizon, self.act_dim)
-        if self.residual_bound is not None:
-            offset = self.residual_bound * torch.tanh(offset)
+        if self.kind == "noise":
+            return self.policy.sub_policy_noise[self.sub_policy].expand(states.shape[0], -1, -1)
+        return torch.zeros(states.shape[0], self.horizon, self.act_dim, device=states.device)
+
+    def mean(self, states: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
+        """The current mean of z (B, H, A), differentiable; `anchor` = `anchor_mean(states)`, kept from
+        the rollout so that an update never runs the frozen chain again."""
+        offset = self.head(states.flatten(1)).view(-1, self.horizon, self.act_dim)
         return offset if self.kind == "mlp" else anchor + offset
 
     def chunk(self, states: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
@@ -549,7 +492,7 @@ class OnlineActor(nn.Module):
             return self.policy.sample(states, start_noise=start).actions[:, self.sub_policy]
         return z.clamp(-1, 1)
 
-    # ---- units and deployment (the interface of DiffusionPolicy that evaluation uses) --------------
+    # ---- units and deployment (the interface of DiffusionPolicy that evaluation uses) ---------------
     def normalize_states(self, states: torch.Tensor) -> torch.Tensor:
         return (states - self.state_mean) / self.state_std
 
@@ -563,43 +506,22 @@ class OnlineActor(nn.Module):
     def act(self, state_history: np.ndarray) -> np.ndarray:
         """Deployment: raw state histories (B, To, S) -> the mean's chunks (B, 1, H, A) in env units
         (one "sub-policy", so that evaluation code written for DiffusionPolicy runs it unchanged)."""
-        states = self.normalize_states(
-            torch.as_tensor(state_history, dtype=torch.float32, device=self.state_mean.device)
-        )
+        states = self.normalize_states(torch.as_tensor(state_history, dtype=torch.float32, device=self.log_std.device))
         z = self.mean(states, self.anchor_mean(states))
         return self.unscale_actions(self.chunk(states, z)).unsqueeze(1).cpu().numpy()
 
-    # ---- checkpoints ---------------------------------------------------------------------------------
     def to_checkpoint(self) -> dict:
-        """The kind, the sub-policy, the sizes and every tensor (denoiser, frozen offline copy, head,
-        log-std, statistics); the frozen diffusion policy of "residual" and "noise" is in the state dict."""
-        return {
-            "kind": self.kind,
-            "sub_policy": self.sub_policy,
-            "init_std": self.init_std,
-            "hidden": self.hidden,
-            "mlp_horizon": self.horizon if self.kind == "mlp" else 1,
-            "residual_bound": self.residual_bound,
-            "action_steps": self.action_steps,
-            "policy_config": asdict(self.policy_config),
-            "state_dict": self.state_dict(),
-        }
+        """The kind, the sub-policy, the sizes and every tensor (the frozen diffusion policy included)."""
+        horizon = self.horizon if self.kind == "mlp" else 1
+        fields = {"kind": self.kind, "sub_policy": self.sub_policy, "init_std": self.init_std, "mlp_horizon": horizon}
+        return fields | {"policy_config": asdict(self.policy_config), "state_dict": self.state_dict()}
 
     @classmethod
     def from_checkpoint(cls, saved: dict) -> "OnlineActor":
         config = PolicyConfig(**saved["policy_config"])
         zeros, ones = np.zeros(config.obs_dim), np.ones(config.obs_dim)
         policy = DiffusionPolicy(config, zeros, ones, -np.ones(config.act_dim), np.ones(config.act_dim))
-        actor = cls(
-            saved["kind"],
-            policy,
-            saved["sub_policy"],
-            saved["init_std"],
-            saved["hidden"],
-            saved["mlp_horizon"],
-            saved.get("residual_bound"),  # these two are absent in checkpoints written before they existed
-            saved.get("action_steps"),
-        )
+        actor = cls(saved["kind"], policy, saved["sub_policy"], saved["init_std"], saved["mlp_horizon"])
         actor.load_state_dict(saved["state_dict"])  # the real statistics, bounds and weights
         return actor
 

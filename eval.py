@@ -535,7 +535,7 @@ REQUIRED = {
     "online": (
         *("args", "global_step", "env_id", "max_episode_steps", "dataset_id", "ref_min_score", "ref_max_score"),
         *("offline_checkpoint", "sub_policy", "selection", "history.step", "history.scores"),
-        *(f"actor.{name}" for name in ("kind", "sub_policy", "init_std", "hidden", "policy_config", "state_dict")),
+        *(f"actor.{name}" for name in ("kind", "sub_policy", "init_std", "mlp_horizon", "policy_config", "state_dict")),
     ),
 }
 

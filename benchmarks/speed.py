@@ -162,7 +162,7 @@ def diffusion_speed(args: SpeedArgs, denoiser: str, env: gym.Env, device: torch.
         result[f"decision_latency_ms_batch_{batch}"] = 1000 * median_seconds(decision(batch), args.decisions)
     result["actions_per_decision"] = config.horizon
     result["online_env_steps_per_second"] = {
-        actor: online_speed(args, policy, env, actor) for actor in ("noise", "residual", "diffusion")
+        actor: online_speed(args, policy, env, actor) for actor in ("noise", "residual")
     }
     return result
 

@@ -36,14 +36,12 @@ def replay_rows(count: int, start: float = 0.0) -> dict:
     """`count` decisions of a 3-dim state, 2-step history, 4 x 2 chunks; rewards start, start + 1, ..."""
     return {
         "states": torch.zeros(count, 2, 3),
-        "noises": torch.zeros(count, 4, 2),
         "anchors": torch.zeros(count, 4, 2),
         "chunks": torch.zeros(count, 4, 2),
         "rewards": start + torch.arange(count, dtype=torch.float32),
         "lengths": torch.full((count,), 4.0),
         "terminals": torch.zeros(count),
         "next_states": torch.zeros(count, 2, 3),
-        "next_noises": torch.zeros(count, 4, 2),
         "next_anchors": torch.zeros(count, 4, 2),
     }
 
@@ -60,8 +58,7 @@ def test_the_chunk_critic_target_equals_a_hand_computation():
     batch["terminals"] = torch.tensor([0.0, 1.0, 0.0])  # the third was truncated: not a termination
     critics, target_critics = constant_critics(3.0, 4.0), constant_critics(10.0, 7.0)
     optimizer = torch.optim.SGD(critics.parameters(), lr=0.0)
-    args = Args(policy_noise=0.0)
-    log, q1 = td3_critic_update(critics, target_critics, optimizer, actor, batch, args, gamma=0.9)
+    log, q1 = td3_critic_update(critics, target_critics, optimizer, actor, batch, gamma=0.9, policy_noise=0.0)
     y = np.array([1.5 + 0.9**4 * 7, 2.0, 0.5 + 0.9**3 * 7])
     expected = ((3.0 - y) ** 2).mean() + ((4.0 - y) ** 2).mean()
     assert log["losses/critic_loss"] == pytest.approx(expected, rel=1e-6)
@@ -100,12 +97,12 @@ class LinearQ:
 
 
 def test_the_anchor_weight_decays_linearly_to_its_floor_and_stays_there():
-    args = Args(total_timesteps=1000, anchor_floor=1.0)
-    assert [anchor_weight_at(step, 2.0, args) for step in (0, 500, 1000)] == [2.0, 2.0, 2.0]  # no decay
-    args = Args(total_timesteps=1000, anchor_floor=0.0)
-    assert [anchor_weight_at(step, 2.0, args) for step in (0, 500, 1000)] == [2.0, 1.0, 0.0]
-    args = Args(total_timesteps=1000, anchor_floor=0.25)
-    weights = [anchor_weight_at(step, 2.0, args) for step in (0, 500, 750, 900, 1000)]
+    args = Args(total_timesteps=1000, anchor_coef=2.0, anchor_floor=1.0)
+    assert [anchor_weight_at(step, args) for step in (0, 500, 1000)] == [2.0, 2.0, 2.0]  # no decay
+    args = Args(total_timesteps=1000, anchor_coef=2.0, anchor_floor=0.0)
+    assert [anchor_weight_at(step, args) for step in (0, 500, 1000)] == [2.0, 1.0, 0.0]
+    args = Args(total_timesteps=1000, anchor_coef=2.0, anchor_floor=0.25)
+    weights = [anchor_weight_at(step, args) for step in (0, 500, 750, 900, 1000)]
     assert weights == pytest.approx([2.0, 1.0, 0.5, 0.5, 0.5])
 
 
@@ -118,7 +115,7 @@ def test_the_actor_step_raises_q_and_starts_from_the_anchor():
     for q_weight in (0.0, 1.0):
         actor = OnlineActor("residual", make_policy(), sub_policy=2, init_std=0.1)
         anchors = actor.anchor_mean(states)
-        batch = {"states": states, "anchors": anchors, "noises": torch.zeros_like(anchors)}
+        batch = {"states": states, "anchors": anchors}
         optimizer = torch.optim.Adam(actor.head.parameters(), lr=1e-2)
         before = LinearQ(weight).q_heads(states, actor.chunk(states, actor.mean(states, anchors)))[0].mean()
         log = td3_actor_update(actor, LinearQ(weight), optimizer, batch, q_weight, anchor_weight=1.0)
@@ -141,71 +138,6 @@ def test_each_learner_fills_the_flags_left_unset_with_its_own_defaults():
     assert (args.actor, args.num_envs, args.total_timesteps, args.anchor_floor) == ("residual", 4, 1_000_000, 0.0)
 
 
-def test_the_bounded_residual_starts_at_the_sub_policy_stays_within_its_bound_and_reloads():
-    """With `residual_bound` b the deployed chunk starts at the sub-policy's chunk and, whatever the
-    head outputs, stays within b of it in every entry; the bound travels with the checkpoint."""
-    torch.manual_seed(0)
-    states = torch.randn(16, 2, 3)
-    actor = OnlineActor("residual", make_policy(), sub_policy=2, init_std=0.1, residual_bound=0.2)
-    anchors = actor.anchor_mean(states)
-    assert torch.equal(actor.mean(states, anchors), anchors)
-    with torch.no_grad():
-        torch.nn.init.normal_(actor.head[-1].weight, std=100.0)  # a head far outside the bound
-        torch.nn.init.normal_(actor.head[-1].bias, std=100.0)
-    offsets = (actor.mean(states, anchors) - anchors).abs()
-    assert offsets.max() <= 0.2 + 1e-6 and offsets.max() > 0.19  # saturated, not beyond
-    reloaded = OnlineActor.from_checkpoint(actor.to_checkpoint())
-    assert reloaded.residual_bound == 0.2
-    torch.testing.assert_close(reloaded.mean(states, anchors), actor.mean(states, anchors))
-
-
-def test_a_residual_actor_that_re_plans_starts_at_the_first_actions_of_the_sub_policy_chunk():
-    """With `action_steps` k the residual actor decides k actions at a time: at the start exactly the
-    first k actions of the sub-policy's chunk, its head k actions wide; k travels with the checkpoint,
-    and a k beyond the policy's horizon, or for another actor, is refused."""
-    torch.manual_seed(0)
-    states = torch.randn(8, 2, 3)
-    policy = make_policy()
-    actor = OnlineActor("residual", policy, sub_policy=2, init_std=0.1, action_steps=1)
-    full_chunk = OnlineActor("residual", policy, sub_policy=2, init_std=0.1).anchor_mean(states)
-    anchors = actor.anchor_mean(states)
-    assert anchors.shape == (8, 1, policy.config.act_dim) and torch.equal(anchors, full_chunk[:, :1])
-    assert torch.equal(actor.mean(states, anchors), anchors) and actor.horizon == 1
-    reloaded = OnlineActor.from_checkpoint(actor.to_checkpoint())
-    assert reloaded.horizon == 1 and reloaded.action_steps == 1
-    with pytest.raises(ValueError, match="action_steps must be in"):
-        OnlineActor("residual", policy, sub_policy=2, init_std=0.1, action_steps=policy.config.horizon + 1)
-    with pytest.raises(ValueError, match="options of the residual actor"):
-        OnlineActor("mlp", policy, sub_policy=2, init_std=0.1, action_steps=1)
-
-
-def test_the_fql_actor_deploys_the_sub_policy_and_learns_around_every_draw_of_the_noise():
-    """--actor fql: at the fixed seed (deployment) its anchor and mean are exactly the residual actor's,
-    the selected sub-policy's chunk; at another eps the anchor is the frozen chain's chunk from that eps
-    in the sub-policy's slot, and the mean starts there too. Once the head has learned, its offset
-    depends on eps (the one-step policy mu(s, eps)); the checkpoint reloads to the same means."""
-    torch.manual_seed(0)
-    states, policy = torch.randn(8, 2, 3), make_policy()
-    actor = OnlineActor("fql", policy, sub_policy=2, init_std=0.1)
-    fixed = OnlineActor("residual", policy, sub_policy=2, init_std=0.1).anchor_mean(states)
-    seed = policy.sub_policy_noise[2].expand(8, -1, -1)
-    assert torch.equal(actor.anchor_mean(states), fixed) and torch.equal(actor.anchor_mean(states, seed), fixed)
-    assert torch.equal(actor.mean(states, fixed), fixed)
-    eps = torch.randn(8, 4, 2)
-    start = policy.initial_noise(8).clone()
-    start[:, 2] = eps
-    drawn = actor.anchor_mean(states, eps)
-    assert torch.equal(drawn, policy.sample(states, start_noise=start).actions[:, 2]) and not torch.equal(drawn, fixed)
-    assert torch.equal(actor.mean(states, drawn, eps), drawn)
-    with torch.no_grad():
-        torch.nn.init.normal_(actor.head[-1].weight, std=0.1)
-    other = torch.randn(8, 4, 2)
-    assert not torch.allclose(actor.mean(states, drawn, eps) - drawn, actor.mean(states, drawn, other) - drawn)
-    reloaded = OnlineActor.from_checkpoint(actor.to_checkpoint())
-    torch.testing.assert_close(reloaded.mean(states, drawn, eps), actor.mean(states, drawn, eps))
-    torch.testing.assert_close(reloaded.mean(states, fixed), actor.mean(states, fixed))
-
-
 # The online tests' tiny run (its PPO-only flags are unused by td3) with td3's own sizes.
 TINY_TD3 = [
     *TINY_ONLINE,
@@ -213,8 +145,6 @@ TINY_TD3 = [
     "td3",
     "--batch-size",
     "32",
-    "--offline-rows",
-    "500",
     "--offline-critic-updates",
     "20",
 ]
@@ -223,9 +153,7 @@ TINY_TD3 = [
 @pytest.mark.parametrize(
     "actor_kind, flags, horizon",
     [
-        ("residual", ["--no-critic-layer-norm"], 4),
-        ("residual", ["--action-steps", "1"], 1),
-        ("fql", [], 4),
+        ("residual", [], 4),
         ("mlp", ["--mlp-horizon", "2"], 2),
     ],
 )
@@ -233,11 +161,9 @@ def test_a_td3_run_starts_at_the_selected_sub_policy_learns_and_reloads(
     offline_checkpoint, tmp_path, actor_kind, flags, horizon
 ):
     """The first evaluation of the residual actor is the selected candidate's selection score (same
-    policy, same episodes): deployment starts exactly at the hand-over, also when it re-plans after
-    every action (`--action-steps 1`: decisions, critics and selection on single actions). The actor
-    learns (the residual from exactly 0, also with the offline run's critics, `--no-critic-layer-norm`;
-    `mlp`, the actor from scratch, in chunks of 2), the checkpoint holds the critics (LayerNorm ones by
-    default), and its actor reproduces the last evaluation."""
+    policy, same episodes): deployment starts exactly at the hand-over. The actor learns (the residual
+    from exactly 0; `mlp`, the actor from scratch, in chunks of 2), the checkpoint holds the critics
+    (RLPD's LayerNorm ones), and its actor reproduces the last evaluation."""
     path = tmp_path / "online.pt"
     flags = ["--actor", actor_kind, *flags]
     result = run_online(
@@ -245,15 +171,15 @@ def test_a_td3_run_starts_at_the_selected_sub_policy_learns_and_reloads(
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "offline critic updates: 100%" in result.stderr and "20/20" in result.stderr
-    assert "online (td3):" in result.stderr and "critic=" in result.stderr
+    assert "online (td3):" in result.stderr and "critic_loss=" in result.stderr
     checkpoint = load_checkpoint(str(path), expected_env_id="Hopper-v5")
     assert "critics" in checkpoint and "value" not in checkpoint and checkpoint["resume"] is None
     layer_norms = [key for key, value in checkpoint["critics"].items() if key.endswith(".1.weight") and value.ndim == 1]
-    assert bool(layer_norms) == ("--no-critic-layer-norm" not in flags)  # RLPD's LayerNorm critics by default
+    assert layer_norms  # RLPD's LayerNorm critics
     assert checkpoint["history"]["step"][0] == 0 and checkpoint["global_step"] >= 300
     actor = OnlineActor.from_checkpoint(checkpoint["actor"])
     assert actor.kind == actor_kind and actor.horizon == horizon
-    if actor_kind in ("residual", "fql"):
+    if actor_kind == "residual":
         chosen = [line for line in result.stdout.splitlines() if line.endswith("| yes |")]
         selection_score = float(chosen[0].split("|")[3].split("+-")[0])
         assert np.mean(checkpoint["history"]["scores"][0]) == pytest.approx(selection_score, abs=0.051)
@@ -267,17 +193,11 @@ def test_a_td3_run_starts_at_the_selected_sub_policy_learns_and_reloads(
 @pytest.mark.parametrize(
     "flags, message",
     [
-        (["--actor", "diffusion"], "--algo td3 trains --actor residual, fql, noise or mlp"),
-        (["--algo", "ppo", "--actor", "fql"], "--actor fql learns from replayed draws of its noise: --algo td3 only"),
         (["--offline-ratio", "1.5"], "--offline-ratio must be in [0, 1]"),
         (["--utd-ratio", "0"], "--utd-ratio must be in [1, 1000], got 0"),
         (["--q-weight", "0"], "--q-weight must be in (0, 1000000], got 0"),
         (["--anchor-floor", "2"], "--anchor-floor must be in [0, 1]"),
-        (["--actor", "noise", "--residual-bound", "0.2"], "--residual-bound bounds the offset of --actor residual"),
-        (["--actor", "residual", "--residual-bound", "0"], "--residual-bound must be in (0, 10], got 0"),
-        (["--actor", "mlp", "--action-steps", "1"], "--action-steps shortens the decisions of --actor residual"),
-        (["--action-steps", "0"], "--action-steps must be in [1, 64], got 0"),
-        (["--action-steps", "5"], "--action-steps must be at most the checkpoint's horizon H = 4"),
+        (["--mlp-horizon", "0"], "--mlp-horizon must be in [1, 64], got 0"),
     ],
 )
 def test_td3_refuses_an_argument_out_of_range_before_any_work(offline_checkpoint, tmp_path, flags, message):

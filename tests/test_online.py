@@ -163,7 +163,7 @@ def test_at_the_hand_over_the_ratio_is_one_and_the_anchor_kl_zero(kind):
         assert abs(out["anchor_kl"].item()) < 1e-6
 
 
-@pytest.mark.parametrize("kind", ["diffusion", "residual", "noise"])
+@pytest.mark.parametrize("kind", ["residual", "noise"])
 def test_the_deployed_mean_starts_as_the_selected_sub_policy(kind):
     """The actor's deterministic chunk at the hand-over is exactly sub-policy 2's DDIM chunk."""
     actor, policy = make_actor(kind), make_policy()
@@ -180,12 +180,12 @@ def test_the_decision_log_likelihood_equals_a_hand_computation():
     assert gaussian_log_prob(z, mean, std, event_dims=2).item() == pytest.approx(expected, abs=1e-6)
 
 
-def test_the_actor_loss_reaches_the_denoiser_through_the_chain_only_for_the_diffusion_actor():
-    """--actor diffusion: the surrogate's gradient reaches the denoiser's weights through the DDIM
-    chain of sub-policy 2. residual and noise: the denoiser is frozen, the head learns. (An untrained
-    denoiser's chunks sit on the clamp at +-1, where no gradient passes, so the seeds and the output
-    layer are zeroed and the perturbation is off: every step then stays inside the bounds.)"""
-    for kind in ("diffusion", "residual", "noise"):
+def test_the_actor_loss_moves_the_head_and_leaves_the_denoiser_frozen():
+    """residual and noise: the surrogate's gradient reaches the head and the log-std, never the frozen
+    denoiser, also through the noise actor's DDIM chain. (An untrained denoiser's chunks sit on the
+    clamp at +-1, where no gradient passes, so the seeds and the output layer are zeroed and the
+    perturbation is off: every step then stays inside the bounds.)"""
+    for kind in ("residual", "noise"):
         policy = make_policy(eta=0.0)
         with torch.no_grad():
             policy.sub_policy_noise.zero_()
@@ -199,10 +199,7 @@ def test_the_actor_loss_reaches_the_denoiser_through_the_chain_only_for_the_diff
         out = actor_losses(actor, states, decisions, anchors, torch.zeros(16), torch.randn(16), 0.2, 0.1)
         out["policy"].backward()
         output_layer = actor.policy.denoiser.net[-1].weight
-        if kind == "diffusion":
-            assert output_layer.grad is not None and output_layer.grad.abs().sum() > 0
-        else:
-            assert output_layer.grad is None and actor.head[-1].weight.grad.abs().sum() > 0
+        assert output_layer.grad is None and actor.head[-1].weight.grad.abs().sum() > 0
         assert actor.log_std.grad.abs().sum() > 0
 
 
@@ -276,11 +273,10 @@ def test_online_refuses_another_environment_or_a_corrupt_checkpoint(offline_chec
     assert "Traceback" not in result.stderr and not (tmp_path / "runs").exists()
 
 
-@pytest.mark.parametrize("actor", ["diffusion", "residual", "mlp"])
+@pytest.mark.parametrize("actor", ["residual", "mlp"])
 def test_the_other_actors_and_the_baselines_run_and_reload(offline_checkpoint, tmp_path, actor):
-    """--actor diffusion (from the selected copy, and --from-scratch), residual and the mlp baseline
-    (per step, or with --mlp-horizon in chunks) run, keep their own --init-std, and reload to the
-    recorded score.
+    """--actor residual and the mlp baseline (per step, or with --mlp-horizon in chunks) run under
+    PPO, keep their own --init-std, and reload to the recorded score.
     A --target-kl that the first epoch exceeds stops every update after that epoch."""
     flags = [
         "--actor",
@@ -294,7 +290,7 @@ def test_the_other_actors_and_the_baselines_run_and_reload(offline_checkpoint, t
         "--anchor-floor",
         "0",
     ]
-    extras = {"diffusion": [["--from-scratch"], []], "mlp": [[], ["--mlp-horizon", "2"]]}.get(actor, [[]])
+    extras = {"mlp": [[], ["--mlp-horizon", "2"]]}.get(actor, [[]])
     for extra in extras:
         folder = tmp_path / f"{actor}{len(extra)}"
         folder.mkdir()
@@ -306,7 +302,7 @@ def test_the_other_actors_and_the_baselines_run_and_reload(offline_checkpoint, t
             folder,
         )
         assert result.returncode == 0, result.stderr[-3000:]
-        assert ("from scratch: no selection" in result.stdout) == (actor == "mlp" or extra == ["--from-scratch"])
+        assert ("from scratch: no selection" in result.stdout) == (actor == "mlp")
         epochs = [value for _, value in logged_scalars(folder)["losses/update_epochs"]]
         assert epochs and all(value == 1 for value in epochs)  # --target-kl 1e-9 stops after one epoch
         checkpoint = load_checkpoint(str(path))
@@ -320,7 +316,7 @@ def test_the_other_actors_and_the_baselines_run_and_reload(offline_checkpoint, t
     "flags, message",
     [
         (["--init-std", "0"], "--init-std must be in (0, 2], got 0"),
-        (["--actor", "noise", "--from-scratch"], "--from-scratch re-initializes the denoiser"),
+        (["--actor", "diffusion"], "invalid choice"),
         (["--num-envs", "0"], "--num-envs must be in [1, 256], got 0"),
         (["--num-minibatches", "0"], "--num-minibatches must be in [1, 65536], got 0"),
         (["--num-envs", "2", "--num-steps", "4", "--num-minibatches", "9"], "--num-minibatches (9) must be at most"),

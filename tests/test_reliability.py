@@ -199,7 +199,6 @@ def test_a_checkpoint_with_a_missing_field_is_refused_naming_the_file_and_the_fi
         ("offline", "policy", lambda c: c["policy"]["config"].update(n_subpolicies=10**6)),
         ("offline", "policy", lambda c: c["policy"]["config"].update(horizon=4.5)),
         ("offline", "policy", lambda c: c["policy"]["config"].update(diffusion_steps=10**9)),
-        ("online", "actor", lambda c: c["actor"].update(hidden=10**7)),
         ("online", "actor", lambda c: c["actor"]["policy_config"].update(obs_dim=10**9)),
     ],
 )
