@@ -11,7 +11,7 @@ As a component (imported by uepo_offline.py and uepo_online.py, which it never i
 - `run_chunk_episodes` / `evaluate_sub_policies`: sub-policies of a DiffusionPolicy over real
   episodes, every live environment batched into one policy call per decision.
 - `ChunkEnv`: the chunk-level MDP (one action = one chunk of H actions) of the online learners.
-- `offline_ranking` / `offline_candidates` / `deployed_policy`: which (policy, sub-policy) a
+- `offline_ranking` / `offline_candidates` / `deployed_choice`: which (policy, sub-policy) a
   checkpoint offers, and which one it deploys.
 - `save_checkpoint` / `load_checkpoint` / `build_saved`: atomic writes; safe loads that refuse a
   corrupt file, a field missing, non-finite weights, a checkpoint made for another environment or
@@ -93,11 +93,7 @@ def load_minari(dataset_id: str) -> minari.MinariDataset:
     """A local dataset, else a download; where neither works, say where datasets are looked for. A
     local folder that minari cannot read (damaged metadata, a missing or truncated data file) is named
     as such, not taken for a missing dataset."""
-    try:
-        dataset = local_dataset(dataset_id)
-    except DatasetMissing as error:
-        raise DatasetError(str(error)) from None
-    if dataset is not None:
+    if (dataset := local_dataset(dataset_id)) is not None:
         return dataset
     try:
         return minari.load_dataset(dataset_id, download=True)
@@ -208,28 +204,16 @@ def chunk_dataset(dataset: minari.MinariDataset, horizon: int, obs_horizon: int,
     parts, all_states = [], []
     for episode in dataset.iterate_episodes():
         observations = np.asarray(episode.observations, dtype=np.float32)
+        actions, rewards = (np.asarray(x, dtype=np.float32) for x in (episode.actions, episode.rewards))
         parts.append(
-            chunk_episode(
-                observations,
-                np.asarray(episode.actions, dtype=np.float32),
-                np.asarray(episode.rewards, dtype=np.float32),
-                np.asarray(episode.terminations),
-                horizon,
-                obs_horizon,
-                gamma,
-            )
+            chunk_episode(observations, actions, rewards, np.asarray(episode.terminations), horizon, obs_horizon, gamma)
         )
         all_states.append(observations[:-1])
     data = {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
     data["all_states"] = np.concatenate(all_states)
     for key in ("all_states", "chunks", "step_rewards", "step_next_states"):
         if not np.isfinite(data[key]).all():
-            name = {
-                "all_states": "observations",
-                "chunks": "actions",
-                "step_rewards": "rewards",
-                "step_next_states": "observations",
-            }[key]
+            name = {"chunks": "actions", "step_rewards": "rewards"}.get(key, "observations")
             raise DatasetError(
                 f"dataset {dataset.spec.dataset_id!r} has non-finite {name} "
                 f"({int((~np.isfinite(data[key])).sum())} entries); it cannot be trained on"
@@ -370,23 +354,14 @@ def evaluate_sub_policies(
     """
     evaluated = list(range(policy.config.n_subpolicies)) if sub_policies is None else list(sub_policies)
     envs = [gym.make(env_id, max_episode_steps=max_episode_steps) for _ in range(len(evaluated) * episodes)]
+    seeds = [seed + e for _ in evaluated for e in range(episodes)]
     try:
-        returns, lengths = run_chunk_episodes(
-            policy,
-            envs,
-            np.repeat(evaluated, episodes),
-            [seed + e for _ in evaluated for e in range(episodes)],
-            action_steps,
-        )
+        returns, lengths = run_chunk_episodes(policy, envs, np.repeat(evaluated, episodes), seeds, action_steps)
     finally:
         for env in envs:
             env.close()
-    returns = returns.reshape(len(evaluated), episodes)
-    return {
-        "returns": returns,
-        "lengths": lengths.reshape(len(evaluated), episodes),
-        "scores": normalized_score(returns, ref_min_score, ref_max_score),
-    }
+    returns, lengths = returns.reshape(len(evaluated), episodes), lengths.reshape(len(evaluated), episodes)
+    return {"returns": returns, "lengths": lengths, "scores": normalized_score(returns, ref_min_score, ref_max_score)}
 
 
 def evaluate_saved_task(
@@ -395,14 +370,13 @@ def evaluate_saved_task(
     """`evaluate_sub_policies` on the environment, time limit and reference scores a checkpoint
     was made with, episodes reset with seeds `seed * 1000 + e` (the training scripts' seeds);
     `action_steps` < H re-plans after that many actions of each chunk (receding horizon)."""
+    task = {key: checkpoint[key] for key in ("ref_min_score", "ref_max_score", "max_episode_steps")}
     return evaluate_sub_policies(
         policy,
         checkpoint["env_id"],
         episodes,
-        seed=seed * 1000,
-        ref_min_score=checkpoint["ref_min_score"],
-        ref_max_score=checkpoint["ref_max_score"],
-        max_episode_steps=checkpoint["max_episode_steps"],
+        seed * 1000,
+        **task,
         sub_policies=sub_policies,
         action_steps=action_steps,
     )
@@ -411,20 +385,10 @@ def evaluate_saved_task(
 def spearman_correlation(x, y) -> float:
     """Rank correlation of two score vectors (ties get their average rank), e.g. OPE against real scores;
     NaN where either is constant or holds a non-finite value (no ranking to compare)."""
-    if not (np.isfinite(np.asarray(x, dtype=np.float64)).all() and np.isfinite(np.asarray(y, dtype=np.float64)).all()):
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if not (np.isfinite(x).all() and np.isfinite(y).all()):
         return float("nan")
-
-    def ranks(values):
-        values = np.asarray(values, dtype=np.float64)
-        order = np.argsort(values, kind="stable")
-        result = np.empty(len(values))
-        result[order] = np.arange(len(values))
-        for value in np.unique(values):  # average rank for ties
-            tied = values == value
-            result[tied] = result[tied].mean()
-        return result
-
-    rank_x, rank_y = ranks(x), ranks(y)
+    rank_x, rank_y = (np.array([np.flatnonzero(np.sort(v) == value).mean() for value in v]) for v in (x, y))
     if rank_x.std() == 0 or rank_y.std() == 0:
         return float("nan")
     return float(np.corrcoef(rank_x, rank_y)[0, 1])
@@ -611,8 +575,6 @@ def load_checkpoint(
             f"{path} is an {actual} checkpoint (of {written_by[actual]}); this needs an {phase} one "
             f"(of {written_by[phase]})"
         )
-    if actual == "online" and isinstance(checkpoint.get("actor"), dict):
-        checkpoint["actor"].setdefault("mlp_horizon", 1)  # written before --mlp-horizon: one step per decision
     for field in REQUIRED[actual]:
         if (name := missing_field(checkpoint, field)) is not None:
             raise CheckpointError(f"{path} has no field {name}")
@@ -677,31 +639,19 @@ def offline_ranking(checkpoint: dict) -> list[dict]:
     the sub-policies' own. The first candidate is "the offline choice"; Uni-O4's online selection
     (uepo_online.py) takes the top few and compares them on real episodes.
     """
-    if checkpoint.get("improved"):
-        candidates = [
-            {
-                "label": f"sub-policy {entry['sub_policy']}, improved ({entry['operator']})",
-                "policy": entry["policy"],
-                "sub_policy": entry["sub_policy"],
-                "ope_score": float(entry["ope_score"]),
-                "scores": entry["scores"],
-            }
-            for entry in checkpoint["improved"]
+    if improved := checkpoint.get("improved"):
+        rows = [
+            (f"sub-policy {e['sub_policy']}, improved ({e['operator']})", e["policy"], e["sub_policy"])
+            for e in improved
         ]
+        rows = [row + (e["ope_score"], e["scores"]) for row, e in zip(rows, improved)]
     else:
         history, n = checkpoint["history"], checkpoint["policy"]["config"]["n_subpolicies"]
         ope = (history.get("ope_scores") or [[float("nan")] * n])[-1]
-        candidates = [
-            {
-                "label": f"sub-policy {i}",
-                "policy": checkpoint["policy"],
-                "sub_policy": i,
-                "ope_score": float(ope[i]),
-                "scores": history["scores"][-1][i],
-            }
-            for i in range(n)
-        ]
-    if checkpoint.get("improved") and all("choice_rank" in entry for entry in checkpoint["improved"]):
+        rows = [(f"sub-policy {i}", checkpoint["policy"], i, ope[i], history["scores"][-1][i]) for i in range(n)]
+    keys = ("label", "policy", "sub_policy", "ope_score", "scores")
+    candidates = [dict(zip(keys, row)) | {"ope_score": float(row[3])} for row in rows]
+    if improved and all("choice_rank" in entry for entry in improved):
         # The offline run's own choice (uepo_offline.py: a model-return gain inside the returns' noise
         # is a tie, and ties go to the sub-policy whose base AM-Q ranked higher), then the rest.
         return [candidates[i] for i in np.argsort([entry["choice_rank"] for entry in checkpoint["improved"]])]
@@ -722,27 +672,19 @@ def offline_candidates(checkpoint: dict, device="cpu") -> list[tuple[str, Diffus
     return candidates
 
 
-def online_label(checkpoint: dict) -> str:
-    actor = checkpoint["actor"]
-    if actor["kind"] == "mlp":
-        return "Gaussian MLP, trained online from scratch"
-    return f"sub-policy {checkpoint['sub_policy']}, fine-tuned online ({actor['kind']} actor)"
-
-
 def deployed_choice(checkpoint: dict) -> tuple[str, dict, int]:
-    """(label, saved policy, sub_policy) an offline checkpoint deploys: the offline choice
-    (`offline_ranking`, first)."""
+    """(label, saved policy, sub_policy) a checkpoint deploys: online, the fine-tuned actor's mean (an
+    OnlineActor, whose one "sub-policy" is 0); offline, the offline choice (`offline_ranking`, first)."""
+    if checkpoint.get("phase") == "online":
+        kind, sub_policy = checkpoint["actor"]["kind"], checkpoint["sub_policy"]
+        label = (
+            "Gaussian MLP, trained online from scratch"
+            if kind == "mlp"
+            else f"sub-policy {sub_policy}, fine-tuned online ({kind} actor)"
+        )
+        return label, checkpoint["actor"], 0
     first = offline_ranking(checkpoint)[0]
     return first["label"], first["policy"], first["sub_policy"]
-
-
-def deployed_policy(checkpoint: dict, device="cpu") -> tuple[str, "DiffusionPolicy | OnlineActor", int]:
-    """What a checkpoint deploys, built: (label, policy, sub_policy). Online: the fine-tuned actor's
-    mean (an OnlineActor, whose one "sub-policy" is 0); offline: `deployed_choice`."""
-    if checkpoint.get("phase") == "online":
-        return online_label(checkpoint), build_saved(checkpoint["actor"], "the online actor").to(device), 0
-    label, saved_policy, sub_policy = deployed_choice(checkpoint)
-    return label, build_saved(saved_policy, f"the saved policy of {label}").to(device), sub_policy
 
 
 def dataset_name(dataset_id: str) -> str:
@@ -751,17 +693,10 @@ def dataset_name(dataset_id: str) -> str:
     return f"{match.group(1)}-{match.group(2)}" if match else dataset_id
 
 
-# ------------------------------------------------------------------------------------------------
-# Dataset states (the divergence of `eval.py` is measured on them, as in training)
-# ------------------------------------------------------------------------------------------------
-class DatasetMissing(RuntimeError):
-    """A dataset that is not in this machine's MINARI_DATASETS_PATH, or cannot be read there."""
-
-
 def local_dataset(dataset_id: str):
     """The local Minari dataset `dataset_id`, or None where MINARI_DATASETS_PATH has no folder for it.
-    A folder that minari cannot read (damaged metadata, a missing data file) raises DatasetMissing
-    naming it: such a dataset is damaged, not missing, and is never downloaded over."""
+    A folder that minari cannot read (damaged metadata, a missing data file) is a DatasetError naming
+    it: such a dataset is damaged, not missing, and is never downloaded over."""
     folder = minari.storage.get_dataset_path(dataset_id)
     if not os.path.isdir(os.path.join(folder, "data")):
         return None
@@ -770,60 +705,25 @@ def local_dataset(dataset_id: str):
         dataset.total_episodes  # reads the data file's episode index
         return dataset
     except Exception as error:  # minari and h5py raise many types for damaged files
-        raise DatasetMissing(
+        raise DatasetError(
             f"the local dataset {dataset_id!r} in {folder} cannot be read ({type(error).__name__}: "
             f"{' '.join(str(error).split())[:200]}): delete that folder and download it again"
         ) from None
 
 
-def dataset_state_histories(dataset_id: str, count: int, obs_horizon: int, seed: int) -> np.ndarray:
-    """`count` state histories (count, To, S) at uniformly drawn dataset steps, the first state of
-    the episode repeated before its start (as in training)."""
-    try:
-        dataset = local_dataset(dataset_id)
-    except DatasetMissing as error:
-        raise DatasetMissing(f"{error}, or pass --no-divergence") from None
-    if dataset is None:
-        path = os.environ.get("MINARI_DATASETS_PATH", "~/.minari/datasets (MINARI_DATASETS_PATH unset)")
-        raise DatasetMissing(
-            f"the dataset {dataset_id!r} of this checkpoint is not in MINARI_DATASETS_PATH={path}; "
-            f"get it with `minari download {dataset_id}`, or pass --no-divergence"
-        )
-    try:
-        states = chunk_dataset(dataset, 1, obs_horizon, 1.0)["states"]  # the histories of training
-    except Exception as error:  # minari and h5py raise many types for a damaged or truncated file
-        raise DatasetMissing(
-            f"the local dataset {dataset_id!r} cannot be read ({type(error).__name__}: "
-            f"{' '.join(str(error).split())[:200]}); download it again, or pass --no-divergence"
-        ) from None
-    rows = np.random.default_rng(seed).choice(len(states), size=min(count, len(states)), replace=False)
-    return states[rows]
-
-
-@torch.no_grad()
-def sub_policy_divergence(policy: DiffusionPolicy, state_histories: np.ndarray) -> np.ndarray:
-    """(n, n) mean kinematic divergence between the sub-policies' deterministic chunks (in the
-    policy's [-1, 1] action units, as logged in training) over the given raw state histories."""
-    states = torch.as_tensor(state_histories, dtype=torch.float32, device=policy.state_mean.device)
-    actions = policy.sample(policy.normalize_states(states)).actions
-    return pairwise_divergence(actions).mean(0).cpu().numpy()
-
-
 def check_environment(checkpoint: dict, path: str) -> None:
     """The networks of a checkpoint fit the environment it names: a registered Gymnasium id with flat
-    Box spaces whose state and action sizes are the saved policy's (a file relabelled for another
-    environment would otherwise fail inside a tensor product)."""
+    Box spaces whose sizes are the saved policy's (else a relabelled file fails in a tensor product)."""
     env_id = checkpoint["env_id"]
     if env_id not in gym.registry:
         raise CheckpointError(f"{path}: env_id {env_id!r} is not a registered Gymnasium environment")
-    env = gym.make(env_id)
-    problem = spaces_problem(env_id, env.observation_space, env.action_space)
-    sizes = None if problem else (env.observation_space.shape[0], env.action_space.shape[0])
-    env.close()
-    if problem is not None:
-        raise CheckpointError(f"{path}: {problem}")
-    online = checkpoint.get("phase") == "online"
-    config = checkpoint["actor"]["policy_config"] if online else checkpoint["policy"]["config"]
+    with gym.make(env_id) as env:
+        if (problem := spaces_problem(env_id, env.observation_space, env.action_space)) is not None:
+            raise CheckpointError(f"{path}: {problem}")
+        sizes = (env.observation_space.shape[0], env.action_space.shape[0])
+    config = (
+        checkpoint["actor"]["policy_config"] if checkpoint.get("phase") == "online" else checkpoint["policy"]["config"]
+    )
     if sizes != (config["obs_dim"], config["act_dim"]):
         raise CheckpointError(
             f"{path} names {env_id} (states of {sizes[0]}, actions of {sizes[1]}), but its networks take states "
@@ -831,6 +731,9 @@ def check_environment(checkpoint: dict, path: str) -> None:
         )
 
 
+# ------------------------------------------------------------------------------------------------
+# The command: every sub-policy of a checkpoint on real episodes, its OPE score, their divergence
+# ------------------------------------------------------------------------------------------------
 def load_or_fail(path: str) -> dict:
     """A checkpoint whose policy is to be run in its environment, or a one-line error naming the file."""
     try:
@@ -841,10 +744,10 @@ def load_or_fail(path: str) -> dict:
         fail(str(error))
 
 
-def built_or_fail(path: str, build):
-    """`build()`, a saved policy that does not fit its config ending the script with a message naming the file."""
+def built_or_fail(path: str, saved: dict, what: str, device):
+    """`build_saved`, a saved policy that does not fit its config ending the script naming the file."""
     try:
-        return build()
+        return build_saved(saved, what).to(device).eval()
     except CheckpointError as error:
         fail(f"{path}: {error}")
 
@@ -861,16 +764,10 @@ def fail_unless_finite(path: str, label: str, values) -> None:
 
 def write_json(path: str, data: dict) -> None:
     """Written beside `path` and renamed into place, as checkpoints are: an interrupted write loses nothing."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    temporary = f"{path}.tmp.{os.getpid()}"
-    try:
-        with open(temporary, "w") as file:
-            json.dump(data, file, indent=2)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(f"{path}.tmp.{os.getpid()}", "w") as file:
+        json.dump(data, file, indent=2)
+    os.replace(f"{path}.tmp.{os.getpid()}", path)
     print(f"json: {path}")
 
 
@@ -904,16 +801,16 @@ class PolicyArgs:
     """if toggled, use a GPU when there is one"""
 
 
-# Every numeric flag's range (`out_of_range`). Every episode is one live environment at the same time
-# (`run_chunk_episodes`), and the divergence samples all its states in one batch: the upper bounds keep
-# a typo from exhausting the memory.
+# Every numeric flag's range (`out_of_range`): every episode is a live environment at once, and the
+# divergence samples all its states in one batch, so the upper bounds keep a typo from the memory.
 EPISODE_RANGES = {"sub_policy": "[0, 63]", "episodes": "[1, 1000]", "seed": SEED_RANGE}
 POLICY_RANGES = {**EPISODE_RANGES, "action_steps": "[1, 64]", "divergence_states": "[1, 100000]"}
+SUB_POLICY_OF_ONLINE = "--sub-policy picks a sub-policy of an offline checkpoint; an online one deploys one policy"
 
 
 def check_policy_args(args, ranges: dict = POLICY_RANGES) -> str | None:
-    """The first argument out of its range, as a message naming the flag (None if all are valid):
-    every check is made before any work starts. Also benchmarks/robustness.py's, with its ranges."""
+    """The first bad argument, as a message naming the flag (None if all are valid); also
+    benchmarks/robustness.py's, with its ranges."""
     if not os.path.isfile(args.checkpoint):
         return f"--checkpoint {args.checkpoint}: no such file"
     return out_of_range(args, ranges) or check_output_file(
@@ -921,7 +818,33 @@ def check_policy_args(args, ranges: dict = POLICY_RANGES) -> str | None:
     )
 
 
-SUB_POLICY_OF_ONLINE = "--sub-policy picks a sub-policy of an offline checkpoint; an online one deploys one policy"
+def score_row(args: PolicyArgs, checkpoint: dict, policy, label: str, sub_policy: int, ope=None, kind=None) -> dict:
+    """One candidate's real scores (refused if not finite) beside its offline OPE score."""
+    scores = evaluate_saved_task(policy, checkpoint, args.episodes, args.seed, [sub_policy], args.action_steps)
+    scores = scores["scores"][0]
+    fail_unless_finite(args.checkpoint, label, scores)
+    row = {"label": label, "sub_policy": sub_policy, "scores": scores.tolist(), "ope": ope, "ope_kind": kind}
+    return row | {"mean": float(scores.mean()), "std": float(scores.std())}
+
+
+def dataset_state_histories(dataset_id: str, count: int, obs_horizon: int, seed: int) -> np.ndarray:
+    """`count` state histories (count, To, S) at uniformly drawn steps of the local dataset, the
+    first state of an episode repeated before its start (as in training)."""
+    try:
+        if (dataset := local_dataset(dataset_id)) is None:
+            path = os.environ.get("MINARI_DATASETS_PATH", "~/.minari/datasets (MINARI_DATASETS_PATH unset)")
+            raise DatasetError(
+                f"the dataset {dataset_id!r} of this checkpoint is not in MINARI_DATASETS_PATH={path}; "
+                f"get it with `minari download {dataset_id}`"
+            )
+        states = chunk_dataset(dataset, 1, obs_horizon, 1.0)["states"]  # the histories of training
+    except Exception as error:  # minari and h5py raise many types for a damaged or truncated file
+        reason = str(error) if isinstance(error, DatasetError) else f"cannot be read ({type(error).__name__})"
+        fail(
+            f"{reason if isinstance(error, DatasetError) else f'the local dataset {dataset_id!r} {reason}'}, "
+            "or pass --no-divergence"
+        )
+    return states[np.random.default_rng(seed).choice(len(states), size=min(count, len(states)), replace=False)]
 
 
 def policy_command(args: PolicyArgs) -> dict:
@@ -929,99 +852,52 @@ def policy_command(args: PolicyArgs) -> dict:
         fail(problem)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     checkpoint = load_or_fail(args.checkpoint)
-    saved = (
-        checkpoint["actor"]["policy_config"] if checkpoint.get("phase") == "online" else checkpoint["policy"]["config"]
-    )
-    if args.action_steps is not None and args.action_steps > (horizon := saved["horizon"]):
+    online = checkpoint.get("phase") == "online"
+    horizon = (checkpoint["actor"]["policy_config"] if online else checkpoint["policy"]["config"])["horizon"]
+    if args.action_steps is not None and args.action_steps > horizon:
         fail(f"--action-steps must be at most the checkpoint's horizon H = {horizon}, got {args.action_steps}")
-    evaluate = lambda policy, sub_policies: evaluate_saved_task(
-        policy, checkpoint, args.episodes, args.seed, sub_policies, args.action_steps
-    )["scores"]
-    rows, n, base = [], 1, None
-    if checkpoint.get("phase") == "online" and args.sub_policy is not None:
+    if online and args.sub_policy is not None:
         fail(SUB_POLICY_OF_ONLINE)
-    if checkpoint.get("phase") == "online":
-        # An online checkpoint deploys one policy, the fine-tuned actor's mean.
-        deployed_label, actor, _ = built_or_fail(args.checkpoint, lambda: deployed_policy(checkpoint, device))
-        rows.append(
-            {
-                "label": deployed_label,
-                "sub_policy": checkpoint["sub_policy"],
-                "scores": evaluate(actor.eval(), [0])[0].tolist(),
-                "ope": None,
-                "ope_kind": None,
-            }
-        )
-    else:
-        base = built_or_fail(args.checkpoint, lambda: build_saved(checkpoint["policy"], "the saved policy"))
-        base = base.to(device).eval()
-        n = base.config.n_subpolicies
+    n, base = 1, None
+    if online:  # an online checkpoint deploys one policy, the fine-tuned actor's mean
+        deployed, saved, _ = deployed_choice(checkpoint)
+        actor = built_or_fail(args.checkpoint, saved, "the online actor", device)
+        rows = [score_row(args, checkpoint, actor, deployed, 0) | {"sub_policy": checkpoint["sub_policy"]}]
+    else:  # the base sub-policies with their last AM-Q, then the improved copies with their gated OPE
+        base = built_or_fail(args.checkpoint, checkpoint["policy"], "the saved policy", device)
+        n, deployed = base.config.n_subpolicies, deployed_choice(checkpoint)[0]
         if args.sub_policy is not None and not 0 <= args.sub_policy < n:
             fail(f"--sub-policy must be in [0, {n - 1}] for this checkpoint, got {args.sub_policy}")
         evaluated = list(range(n)) if args.sub_policy is None else [args.sub_policy]
-        deployed_label, _, _ = deployed_choice(checkpoint)
-        # Rows: the base sub-policies with their last AM-Q, then the improved copies with their
-        # gated OPE (the checkpoint's candidates for deployment).
         ope = (checkpoint["history"].get("ope_scores") or [None])[-1]
-        for i, scores in zip(evaluated, evaluate(base, evaluated)):
-            rows.append(
-                {
-                    "label": f"sub-policy {i}",
-                    "sub_policy": i,
-                    "scores": scores.tolist(),
-                    "ope": None if ope is None else float(ope[i]),
-                    "ope_kind": None if ope is None else "AM-Q",
-                }
+        rows = [
+            score_row(
+                args,
+                checkpoint,
+                base,
+                f"sub-policy {i}",
+                i,
+                *((None, None) if ope is None else (float(ope[i]), "AM-Q")),
             )
-        for entry in checkpoint.get("improved") or []:
-            if entry["sub_policy"] in evaluated:
-                copy = (
-                    built_or_fail(
-                        args.checkpoint,
-                        lambda: build_saved(entry["policy"], f"the improved copy of sub-policy {entry['sub_policy']}"),
-                    )
-                    .to(device)
-                    .eval()
-                )
-                scores = evaluate(copy, [entry["sub_policy"]])[0]
-                rows.append(
-                    {
-                        "label": f"sub-policy {entry['sub_policy']}, improved ({entry['operator']})",
-                        "sub_policy": entry["sub_policy"],
-                        "scores": scores.tolist(),
-                        "ope": float(entry["ope_score"]),
-                        "ope_kind": "gated OPE",
-                    }
-                )
-    for row in rows:
-        fail_unless_finite(args.checkpoint, row["label"], np.array(row["scores"]))
-        row["mean"], row["std"] = float(np.mean(row["scores"])), float(np.std(row["scores"]))
-        row["deployed"] = row["label"] == deployed_label
-
-    result = {
-        "checkpoint": args.checkpoint,
-        "phase": checkpoint.get("phase", "offline"),
-        "env_id": checkpoint["env_id"],
-        "dataset_id": checkpoint["dataset_id"],
-        "episodes": args.episodes,
-        "seed": args.seed,
-        "deployed": deployed_label,
-        "rows": rows,
-        "divergence": None,
-    }
-    base_rows = [row for row in rows if row["ope_kind"] == "AM-Q"]
-    if len(base_rows) > 2:
-        result["ope_spearman"] = spearman_correlation(
-            [row["ope"] for row in base_rows], [row["mean"] for row in base_rows]
-        )
+            for i in evaluated
+        ]
+        for entry in [entry for entry in checkpoint.get("improved") or [] if entry["sub_policy"] in evaluated]:
+            i, label = entry["sub_policy"], f"sub-policy {entry['sub_policy']}, improved ({entry['operator']})"
+            copy = built_or_fail(args.checkpoint, entry["policy"], f"the improved copy of sub-policy {i}", device)
+            rows.append(score_row(args, checkpoint, copy, label, i, float(entry["ope_score"]), "gated OPE"))
+    rows = [row | {"deployed": row["label"] == deployed} for row in rows]
+    result = {"checkpoint": args.checkpoint, "phase": "online" if online else "offline", "env_id": checkpoint["env_id"]}
+    result |= {"dataset_id": checkpoint["dataset_id"], "episodes": args.episodes, "seed": args.seed}
+    result |= {"deployed": deployed, "rows": rows, "divergence": None}
+    if len(base_rows := [row for row in rows if row["ope_kind"] == "AM-Q"]) > 2:
+        result["ope_spearman"] = spearman_correlation([r["ope"] for r in base_rows], [r["mean"] for r in base_rows])
     if args.divergence and n > 1:  # an offline checkpoint's sub-policies
-        try:
-            states = dataset_state_histories(
-                checkpoint["dataset_id"], args.divergence_states, base.config.obs_horizon, args.seed
-            )
-        except DatasetMissing as error:
-            fail(str(error))
-        matrix = sub_policy_divergence(base, states)
+        states = dataset_state_histories(
+            checkpoint["dataset_id"], args.divergence_states, base.config.obs_horizon, args.seed
+        )
+        with torch.no_grad():  # in the policy's [-1, 1] action units, as logged in training
+            chunks = base.sample(base.normalize_states(torch.as_tensor(states, dtype=torch.float32, device=device)))
+        matrix = pairwise_divergence(chunks.actions).mean(0).cpu().numpy()
         fail_unless_finite(args.checkpoint, "the divergence of the sub-policies", matrix)
         result["divergence"] = {
             "states": len(states),
@@ -1033,36 +909,26 @@ def policy_command(args: PolicyArgs) -> dict:
         f"{args.checkpoint}: {result['phase']} checkpoint for {checkpoint['env_id']} ({checkpoint['dataset_id']}), "
         f"{args.episodes} episodes per row, seed {args.seed}\n"
     )
-    print(
-        markdown_table(
-            ["candidate", "normalized score", "offline OPE", "deployed"],
-            [
-                [
-                    row["label"],
-                    f"{row['mean']:.1f} +- {row['std']:.1f}",
-                    "-" if row["ope"] is None else f"{row['ope']:.1f} ({row['ope_kind']})",
-                    "yes" if row["deployed"] else "",
-                ]
-                for row in rows
-            ],
-        )
-    )
+    table = [
+        [
+            row["label"],
+            f"{row['mean']:.1f} +- {row['std']:.1f}",
+            "-" if row["ope"] is None else f"{row['ope']:.1f} ({row['ope_kind']})",
+            "yes" if row["deployed"] else "",
+        ]
+        for row in rows
+    ]
+    print(markdown_table(["candidate", "normalized score", "offline OPE", "deployed"], table))
     if "ope_spearman" in result:
         spearman = result["ope_spearman"]
         shown = f"{spearman:.2f}" if np.isfinite(spearman) else "not defined (an AM-Q is not finite, or all equal)"
         print(f"\nSpearman(AM-Q, real score) over the sub-policies: {shown}")
-    if result["divergence"] is not None:
-        divergence = result["divergence"]
+    if (divergence := result["divergence"]) is not None:
         print(
             f"\nPairwise kinematic divergence of the sub-policies on {divergence['states']} dataset states "
             f"(mean over pairs {divergence['mean_pairwise']:.3f}):\n"
         )
-        print(
-            markdown_table(
-                ["", *[str(j) for j in range(n)]],
-                [[str(i), *[f"{value:.3f}" for value in matrix[i]]] for i in range(n)],
-            )
-        )
+        print(markdown_table(["", *map(str, range(n))], [[str(i), *[f"{v:.3f}" for v in matrix[i]]] for i in range(n)]))
     if args.json:
         write_json(args.json, result)
     return result

@@ -22,10 +22,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from eval import (  # noqa: E402
     EPISODE_RANGES,
     SUB_POLICY_OF_ONLINE,
-    build_saved,
     built_or_fail,
     check_policy_args,
-    deployed_policy,
+    deployed_choice,
     fail,
     fail_unless_finite,
     load_or_fail,
@@ -199,12 +198,12 @@ def robustness_command(args: RobustnessArgs) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     checkpoint = load_or_fail(args.checkpoint)
     if args.sub_policy is None:
-        label, policy, sub_policy = built_or_fail(args.checkpoint, lambda: deployed_policy(checkpoint, device))
+        label, saved, sub_policy = deployed_choice(checkpoint)
+        policy = built_or_fail(args.checkpoint, saved, f"the saved policy of {label}", device)
     elif checkpoint.get("phase") == "online":
         fail(SUB_POLICY_OF_ONLINE)
     else:
-        policy = built_or_fail(args.checkpoint, lambda: build_saved(checkpoint["policy"], "the saved policy"))
-        policy = policy.to(device)
+        policy = built_or_fail(args.checkpoint, checkpoint["policy"], "the saved policy", device)
         if not 0 <= args.sub_policy < policy.config.n_subpolicies:
             fail(f"--sub-policy must be in [0, {policy.config.n_subpolicies - 1}], got {args.sub_policy}")
         label, sub_policy = f"sub-policy {args.sub_policy}", args.sub_policy

@@ -27,7 +27,6 @@ from eval import (
     PolicyArgs,
     build_saved,
     check_policy_args,
-    deployed_policy,
     load_checkpoint,
     save_checkpoint,
 )
@@ -292,16 +291,6 @@ def test_a_checkpoint_whose_weights_do_not_fit_its_config_is_refused_when_built(
     load_checkpoint(str(path))  # nothing to see before building
     result = run_eval(["robustness", "--checkpoint", str(path), "--episodes", "1"], tmp_path)
     refused(result, str(path), "does not fit its saved config", "size mismatch")
-
-
-def test_an_online_checkpoint_from_before_mlp_horizon_still_loads_and_builds(online_run, tmp_path):
-    """`actor.mlp_horizon` was added later; files without it acted one step per decision (mlp) and get
-    that value, instead of being refused or failing with a KeyError when built."""
-    path = rewritten(online_run[1], tmp_path / "old.pt", lambda c: c["actor"].pop("mlp_horizon"))
-    checkpoint = load_checkpoint(str(path))
-    assert checkpoint["actor"]["mlp_horizon"] == 1
-    _, actor, _ = deployed_policy(checkpoint)
-    assert actor.kind == "noise" and actor.horizon == 4
 
 
 class NotATensor:
