@@ -505,27 +505,21 @@ def chunk_td_target(rewards, dones, chunk_lengths, next_values, gamma: float) ->
 
 
 def iql_losses(
-    critics: ChunkCritics,
-    target_critics: ChunkCritics,
-    states,
-    chunks,
-    rewards,
-    next_states,
-    dones,
-    chunk_lengths,
-    gamma: float,
-    expectile: float,
+    critics: ChunkCritics, target_critics: ChunkCritics, batch: dict, gamma: float, expectile: float
 ) -> dict:
-    """One IQL step on chunks (Kostrikov et al. 2022, with a_{t:t+H} as the action):
+    """One IQL step on chunks (Kostrikov et al. 2022, with a_{t:t+H} as the action), on a `batch` of
+    states, chunks, rewards, next_states, dones and chunk_lengths:
 
         V:  expectile regression of V(s) on min_k Q_target_k(s, a_{t:t+H})
         Q:  each head to  R_t^H + gamma^L (1 - done) V(s_{t+L}),  L = real steps in the chunk
             (H except where the episode ends sooner; docs/design.md, "The offline loop, critics and improvement")
     Returns {"value": ..., "q": ...}; the caller adds them and steps one optimizer.
     """
+    states, chunks = batch["states"], batch["chunks"]
     with torch.no_grad():
         target_q = target_critics.q(states, chunks)
-        q_target = chunk_td_target(rewards, dones, chunk_lengths, critics.value(next_states), gamma)
+        next_values = critics.value(batch["next_states"])
+        q_target = chunk_td_target(batch["rewards"], batch["dones"], batch["chunk_lengths"], next_values, gamma)
     value_loss = expectile_loss(target_q - critics.value(states), expectile)
     q1, q2 = critics.q_heads(states, chunks)
     q_loss = ((q1 - q_target) ** 2).mean() + ((q2 - q_target) ** 2).mean()

@@ -3,28 +3,16 @@
     python uepo_offline.py --env-id hopper-medium                  # the CPU setting (about 22 min, 2 cores)
     python uepo_offline.py --env-id hopper-medium --paper-scale    # the paper's budgets (GPU)
 
-1. Data: a Minari dataset -> chunked transitions (s_t, a_{t:t+H}, R_t^H, s_{t+H}, done) with
-   masks, states normalized with frozen dataset statistics.
-2. Phase 1, one training loop over `--total-steps` gradient steps (docs/design.md, "The offline loop, critics and
-   improvement"), each learner's update a function that returns its log dict:
-   - the diffusion loss of the multi-seed diffusion policy (diffusion.py) plus, every
-     `--disagreement-every` steps, the sub-policy objective J(pi_i) of the divergence regularization
-     (divergence.py); the adaptive perturbation acts inside the sampler;
-   - the chunk-level IQL critics Q(s, a_{t:t+H}) and V(s) (dynamics.py);
-   - the dynamics ensemble on batches that mix real transitions with the diffusion
-     augmentation buffer, filled after `--dynamics-warmup` steps and refreshed every
-     `--augment-every` steps (dynamics.py, paper component 3);
-   - every `--eval-every` steps: the normalized score of every sub-policy on the real
-     environment (reported, never used for a decision), their mean pairwise kinematic
-     divergence, and their AM-Q scores.
-3. Phase 2, improvement after the loop: the top `--num-qualified` sub-policies by AM-Q each get a copy
-   of the policy, improved by `--improvement qgrad` or `bppo` under one gate that keeps the
-   best snapshot by uncertainty-penalized AM-Q; the offline choice between the kept copies is
-   by their return over whole episodes in the model (docs/design.md, "The offline choice").
-4. An atomic checkpoint under runs/{run_name}/offline.pt (rewritten at every evaluation and
-   after every improved copy) that uepo_online.py and eval.py load.
-
-Design choices are fixed in docs/design.md; measurements are in docs/experiments.md.
+1. Data: a Minari dataset chunked into (s_t, a_{t:t+H}, R_t^H, s_{t+H}, done), frozen state statistics.
+2. Phase 1, one loop of `--total-steps` gradient steps, each learner's update a function returning
+   its log dict: the multi-seed diffusion policy with J's disagreement term (diffusion.py,
+   divergence.py); the chunk-level IQL critics; the dynamics ensemble on real and diffusion-augmented
+   transitions (dynamics.py). Every `--eval-every` steps: every sub-policy's real score (reported,
+   never used for a decision), their divergence and their AM-Q.
+3. Phase 2: the top `--num-qualified` sub-policies by AM-Q each get a copy improved under a gate on
+   uncertainty-penalized AM-Q; the offline choice between the copies is by their return in the model.
+4. An atomic checkpoint runs/{run_name}/offline.pt (rewritten at every evaluation and copy) that
+   uepo_online.py and eval.py load. Design choices: docs/design.md; measurements: docs/experiments.md.
 """
 
 import copy
@@ -70,7 +58,7 @@ from eval import (
     check_finite,
     check_output_file,
     chunk_dataset,
-    evaluate_sub_policies,
+    evaluate_saved_task,
     fail,
     load_checkpoint,
     load_dataset,
@@ -189,8 +177,6 @@ class Args:
     """evaluate every sub-policy in the environment every this many steps"""
     eval_episodes: int = 5
     """episodes per sub-policy and evaluation"""
-    action_steps: int | None = None
-    """actions of a chunk executed before re-planning (default: all H)"""
     checkpoint_path: str | None = None
     """where to write the checkpoint (default: runs/{run_name}/offline.pt)"""
     resume: str | None = None
@@ -238,7 +224,7 @@ RANGES = {
     **{"dynamics_warmup": "[0, 10000000]", "augment_every": "[1, 10000000]", "augment_starts": "[1, 10000000]"},
     **{"num_qualified": "[0, 64]", "improvement_steps": "[1, 1000000]", "ope_every": "[1, 1000000]"},
     **{"gate_confidence": "[0, 1)", "gate_margin": "[0, 1)", "q_weight": "[0, 1000000]"},
-    **{"eval_every": "[1, 10000000]", "eval_episodes": "[1, 1000]", "action_steps": "[1, 64]"},
+    **{"eval_every": "[1, 10000000]", "eval_episodes": "[1, 1000]"},
 }
 
 
@@ -256,8 +242,6 @@ def check_args(args: Args) -> str | None:
         return (
             "the kinematic divergence needs --horizon >= 3 (velocity and acceleration); use --eta 0 for shorter chunks"
         )
-    if args.action_steps is not None and not 1 <= args.action_steps <= args.horizon:
-        return f"--action-steps must be between 1 and --horizon ({args.horizon}), got {args.action_steps}"
     if args.num_qualified > 0 and not args.ope:
         return (
             "the improvement stage scores and improves sub-policies with the critics and the dynamics model: "
@@ -290,70 +274,28 @@ def policy_config(args: Args, obs_dim: int, act_dim: int) -> PolicyConfig:
 
 # What every evaluation adds to the checkpoint's "history" (one entry per evaluation; AM-Q and the
 # model's hold-out error only with --ope) and the augmentation refreshes (step, size, epsilon).
-HISTORY_KEYS = (
-    "step",
-    "scores",
-    "returns",
-    "mean_divergence",
-    "ope_scores",
-    "ope_spearman",
-    "dynamics_holdout_mse",
-    "dynamics_holdout_nll",
-    "augmentation",
-)
+HISTORY_KEYS = ("step", "scores", "returns", "mean_divergence", "ope_scores", "ope_spearman", "augmentation")
+HISTORY_KEYS += ("dynamics_holdout_mse", "dynamics_holdout_nll")
 
 
 # ------------------------------------------------------------------------------------------------
 # What the run trains on, and what it is evaluated against
 # ------------------------------------------------------------------------------------------------
-@dataclass
-class TaskInfo:
-    """The environment and dataset a run belongs to: saved in its checkpoint, used to evaluate."""
-
-    env_id: str  # the Gymnasium id the dataset was recorded on (e.g. Hopper-v5)
-    dataset_id: str
-    max_episode_steps: int | None  # the data's time limit, under which sub-policies are evaluated
-    ref_min_score: float
-    ref_max_score: float
-
-
-@dataclass
-class TrainingTensors:
-    """The chunked dataset on the device: `states`/`next_states` normalized (B, To, S), `chunks`
-    in [-1, 1] (B, H, A) with their `masks`; the raw one-step transitions (state, first action,
-    next state, reward) that the dynamics model learns from; `raw_histories` for model rollouts and
-    `episode_starts`, the raw histories at the episodes' first states."""
-
-    states: torch.Tensor
-    chunks: torch.Tensor
-    masks: torch.Tensor
-    chunk_rewards: torch.Tensor
-    dones: torch.Tensor
-    next_states: torch.Tensor
-    transitions: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
-    raw_histories: torch.Tensor
-    episode_starts: torch.Tensor
-
-
-def training_tensors(data: dict, policy: DiffusionPolicy, device: torch.device) -> TrainingTensors:
-    """`chunk_dataset`'s arrays as device tensors, normalized by the policy's frozen statistics."""
-    to_device = lambda array: torch.as_tensor(array, dtype=torch.float32, device=device)
-    return TrainingTensors(
-        states=policy.normalize_states(to_device(data["states"])),
-        chunks=policy.scale_actions(to_device(data["chunks"])).clamp(-1, 1),
-        masks=to_device(data["mask"]),
-        chunk_rewards=to_device(data["rewards"]),
-        dones=to_device(data["dones"]),
-        next_states=policy.normalize_states(to_device(data["next_states"])),
-        transitions=(
-            to_device(data["states"][:, -1]),
-            to_device(data["chunks"][:, 0]),
-            to_device(data["step_next_states"]),
-            to_device(data["step_rewards"]),
-        ),
-        raw_histories=to_device(data["states"]),
-        episode_starts=to_device(data["states"][data["episode_start"]]),
-    )
+def training_tensors(data: dict, policy: DiffusionPolicy, device: torch.device) -> dict:
+    """`chunk_dataset`'s arrays on the device: `states`/`next_states` normalized (B, To, S), `chunks`
+    in [-1, 1] (B, H, A) with their `masks`; the raw one-step `transitions` (state, first action,
+    next state, reward) the dynamics model learns from; the raw histories (`raw_histories`) of
+    model rollouts and those at the episodes' first states (`episode_starts`)."""
+    to_device = functools.partial(torch.as_tensor, dtype=torch.float32, device=device)
+    tensors = {"states": policy.normalize_states(to_device(data["states"])), "masks": to_device(data["mask"])}
+    tensors["chunks"] = policy.scale_actions(to_device(data["chunks"])).clamp(-1, 1)
+    tensors |= {"chunk_rewards": to_device(data["rewards"]), "dones": to_device(data["dones"])}
+    tensors["next_states"] = policy.normalize_states(to_device(data["next_states"]))
+    steps = (data["states"][:, -1], data["chunks"][:, 0], data["step_next_states"], data["step_rewards"])
+    tensors["transitions"] = tuple(to_device(part) for part in steps)
+    tensors["raw_histories"] = to_device(data["states"])
+    tensors["episode_starts"] = to_device(data["states"][data["episode_start"]])
+    return tensors
 
 
 @dataclass
@@ -373,7 +315,7 @@ class ModelLearners:
 # ------------------------------------------------------------------------------------------------
 # The learners' updates: each takes its batch, steps its optimizer and returns a log dict
 # ------------------------------------------------------------------------------------------------
-def policy_update(policy, optimizer, scheduler, tensors: TrainingTensors, batch, step: int, args: Args) -> dict:
+def policy_update(policy, optimizer, scheduler, tensors: dict, batch, step: int, args: Args) -> dict:
     """One step of the multi-seed diffusion policy: the diffusion loss (epsilon prediction) on
     dataset chunks plus, every --disagreement-every steps, the disagreement term of the sub-policy objective
 
@@ -385,7 +327,7 @@ def policy_update(policy, optimizer, scheduler, tensors: TrainingTensors, batch,
     disagreement term, read on the dataset's sequence or on each sub-policy's own (--j-reading).
     It back-propagates through the deterministic DDIM chain of every sub-policy, with the
     adaptive perturbation inside."""
-    states, chunks, masks = tensors.states[batch], tensors.chunks[batch], tensors.masks[batch]
+    states, chunks, masks = tensors["states"][batch], tensors["chunks"][batch], tensors["masks"][batch]
     losses = {"diffusion": policy.loss(states, chunks, masks)}
     if args.disagreement_coef > 0 and args.n_subpolicies > 1 and step % args.disagreement_every == 0:
         sub_batch = slice(0, DISAGREEMENT_BATCH)
@@ -404,24 +346,15 @@ def policy_update(policy, optimizer, scheduler, tensors: TrainingTensors, batch,
     return {name: value.item() for name, value in losses.items()}
 
 
-def critic_update(models: ModelLearners, tensors: TrainingTensors, step: int, args: Args) -> dict:
+def critic_update(models: ModelLearners, tensors: dict, step: int, args: Args) -> dict:
     """Chunk-level IQL: Q(s_t, a_{t:t+H}) towards R_t^H + gamma^L (1 - done) V(s_{t+L}), V(s_t) by
     expectile regression on the target Q (the current state, not the history); then Polyak."""
-    batch = torch.randint(
-        len(tensors.chunks), (args.batch_size,), device=tensors.chunks.device, generator=models.generator
-    )
-    losses = iql_losses(
-        models.critics,
-        models.target_critics,
-        tensors.states[batch, -1],
-        tensors.chunks[batch],
-        tensors.chunk_rewards[batch],
-        tensors.next_states[batch, -1],
-        tensors.dones[batch],
-        tensors.masks[batch].sum(1),
-        args.gamma,
-        EXPECTILE,
-    )
+    generator = models.generator
+    rows = torch.randint(len(tensors["chunks"]), (args.batch_size,), device=generator.device, generator=generator)
+    batch = {"states": tensors["states"][rows, -1], "chunks": tensors["chunks"][rows], "dones": tensors["dones"][rows]}
+    batch |= {"rewards": tensors["chunk_rewards"][rows], "next_states": tensors["next_states"][rows, -1]}
+    batch["chunk_lengths"] = tensors["masks"][rows].sum(1)
+    losses = iql_losses(models.critics, models.target_critics, batch, args.gamma, EXPECTILE)
     losses = {"critic_q": losses["q"], "critic_v": losses["value"]}
     check_finite(losses, f"step {step}")
     models.critic_optimizer.zero_grad()
@@ -449,14 +382,16 @@ def improvement_update(policy, reference, optimizer, critics, tensors, sub_polic
     """One step of the improvement operator for one sub-policy (docs/design.md, "The offline loop,
     critics and improvement"): `qgrad` (Diffusion-QL's Q gradient through the DDIM chain) or `bppo`
     (Uni-O4's clipped ratio against `reference`, the last snapshot the gate kept)."""
-    batch = torch.randint(len(tensors.chunks), (args.batch_size,), device=tensors.chunks.device)
-    states = tensors.states[batch]
+    batch = torch.randint(len(tensors["chunks"]), (args.batch_size,), device=tensors["chunks"].device)
+    states = tensors["states"][batch]
     if args.improvement == "bppo":
         advantage_fn = lambda chunk: critics.q(states[:, -1], chunk) - critics.value(states[:, -1])
         out = bppo_loss(policy, reference, states, sub_policy, advantage_fn, BPPO_CLIP, BPPO_KL_COEF)
     else:
         q_fn = lambda chunk: critics.q(states[:, -1], chunk)
-        out = qgrad_loss(policy, states, tensors.chunks[batch], tensors.masks[batch], sub_policy, q_fn, args.q_weight)
+        out = qgrad_loss(
+            policy, states, tensors["chunks"][batch], tensors["masks"][batch], sub_policy, q_fn, args.q_weight
+        )
     check_finite({args.improvement: out["loss"]}, f"improvement of sub-policy {sub_policy}, step {step}")
     optimizer.zero_grad()
     out["loss"].backward()
@@ -487,19 +422,10 @@ def refresh_augmentation(policy, models: ModelLearners, holdout: tuple, raw_hist
         torch.randint(len(raw_histories), (args.augment_starts,), device=device, generator=models.generator)
     ]
     rows = torch.arange(args.augment_starts, device=device)
-    driver = rows % args.n_subpolicies
-    chunk_policy = lambda histories: policy.unscale_actions(
-        policy.sample(policy.normalize_states(histories)).actions[rows, driver]
-    )
+    chunk_policy = SubPolicyOPE.chunk_policy(policy, rows % args.n_subpolicies, rows)
+    size = int(args.augment_ratio * len(raw_histories))
     buffer = diffusion_augmentation(
-        chunk_policy,
-        models.dynamics,
-        is_terminal,
-        starts,
-        AUGMENT_HORIZON,
-        epsilon,
-        int(args.augment_ratio * len(raw_histories)),
-        generator=models.generator,
+        chunk_policy, models.dynamics, is_terminal, starts, AUGMENT_HORIZON, epsilon, size, models.generator
     )
     return buffer, epsilon
 
@@ -524,10 +450,11 @@ class SubPolicyOPE:
     gamma: float
 
     @staticmethod
-    def chunk_policy(model: DiffusionPolicy, sub_policy: int):
-        """Sub-policy `sub_policy`'s deterministic chunks, raw histories in, environment units out."""
+    def chunk_policy(model: DiffusionPolicy, sub_policy, rows=slice(None)):
+        """Sub-policy `sub_policy`'s deterministic chunks (of each row's own where it is a tensor), raw
+        histories in, environment units out."""
         return lambda histories: model.unscale_actions(
-            model.sample(model.normalize_states(histories)).actions[:, sub_policy]
+            model.sample(model.normalize_states(histories)).actions[rows, sub_policy]
         )
 
     @torch.no_grad()
@@ -536,16 +463,9 @@ class SubPolicyOPE:
             model.normalize_states(raw_states), model.scale_actions(env_chunks)
         )
         generator = torch.Generator(device=self.start_histories.device).manual_seed(self.seed)
+        model_parts = (self.dynamics, self.is_terminal, self.start_histories, self.horizon, generator)
         return am_q_rollouts(
-            self.chunk_policy(model, sub_policy),
-            q_function,
-            self.dynamics,
-            self.is_terminal,
-            self.start_histories,
-            self.horizon,
-            generator=generator,
-            uncertainty_penalty=uncertainty_penalty,
-            gamma=self.gamma,
+            self.chunk_policy(model, sub_policy), q_function, *model_parts, uncertainty_penalty, self.gamma
         )
 
     @torch.no_grad()
@@ -558,7 +478,7 @@ class SubPolicyOPE:
             self.is_terminal,
             self.start_histories,
             self.horizon,
-            generator=generator,
+            generator,
         )
 
     @torch.no_grad()
@@ -574,7 +494,7 @@ class SubPolicyOPE:
         }
 
 
-def offline_models(args: Args, config: PolicyConfig, tensors: TrainingTensors, is_terminal, device):
+def offline_models(args: Args, config: PolicyConfig, tensors: dict, is_terminal, device):
     """--ope: the chunk-level IQL critics and the dynamics ensemble with their optimizers, created on
     their own random stream (seed + 1); the real hold-out split (min(20%, 1000) transitions, for the
     elites); the AM-Q of every sub-policy from fixed dataset start states with fixed model noise;
@@ -592,48 +512,38 @@ def offline_models(args: Args, config: PolicyConfig, tensors: TrainingTensors, i
         dynamics_optimizer=torch.optim.Adam(dynamics.parameters(), lr=DYNAMICS_LEARNING_RATE),
         generator=torch.Generator(device=device).manual_seed(args.seed + 1),
     )
-    num_chunks = len(tensors.chunks)
+    num_chunks = len(tensors["chunks"])
     split_generator = torch.Generator().manual_seed(args.seed + 1)
     train_index, holdout_index = (index.to(device) for index in holdout_split(num_chunks, split_generator))
-    holdout = tuple(part[holdout_index] for part in tensors.transitions)
-    dynamics.set_input_statistics(tensors.transitions[0][train_index], tensors.transitions[1][train_index])
+    holdout = tuple(part[holdout_index] for part in tensors["transitions"])
+    dynamics.set_input_statistics(tensors["transitions"][0][train_index], tensors["transitions"][1][train_index])
     # AM-Q start states: fixed dataset state histories (raw units), fixed model noise.
     ope_index = torch.randperm(num_chunks, generator=split_generator)[: args.ope_states].to(device)
     ope = SubPolicyOPE(
-        critics, dynamics, is_terminal, tensors.raw_histories[ope_index], args.ope_horizon, args.seed + 2, args.gamma
+        critics, dynamics, is_terminal, tensors["raw_histories"][ope_index], args.ope_horizon, args.seed + 2, args.gamma
     )
     # The augmentation buffer (docs/design.md, "Dynamics model and diffusion augmentation").
     augmented = {
-        key: part[:0] for key, part in zip(("states", "actions", "next_states", "rewards"), tensors.transitions)
+        key: part[:0] for key, part in zip(("states", "actions", "next_states", "rewards"), tensors["transitions"])
     }
     return models, train_index, holdout, ope, augmented
 
 
-def choice_evaluator(ope: SubPolicyOPE, tensors: TrainingTensors, args: Args, time_limit: int) -> SubPolicyOPE:
+def choice_evaluator(ope: SubPolicyOPE, tensors: dict, args: Args, time_limit: int) -> SubPolicyOPE:
     """The offline choice's evaluator (docs/design.md, "The offline choice"): `ope`'s critics and
     dynamics model, rolled for one time limit from --ope-states of the dataset's episode starts
     (a fixed draw, all of them if there are fewer) with fixed model noise."""
     generator = torch.Generator().manual_seed(args.seed + 3)
-    index = torch.randperm(len(tensors.episode_starts), generator=generator)[: args.ope_states]
-    starts = tensors.episode_starts[index.to(tensors.episode_starts.device)]
+    index = torch.randperm(len(tensors["episode_starts"]), generator=generator)[: args.ope_states]
+    starts = tensors["episode_starts"][index.to(tensors["episode_starts"].device)]
     return SubPolicyOPE(ope.critics, ope.dynamics, ope.is_terminal, starts, time_limit, args.seed + 3, args.gamma)
 
 
-def real_scores(policy: DiffusionPolicy, task: TaskInfo, args: Args) -> dict:
+def real_scores(policy: DiffusionPolicy, task: dict, args: Args) -> dict:
     """Every sub-policy's returns and normalized scores on the real environment (reported, never
-    used for a decision): `eval.evaluate_sub_policies` with this run's episodes and seeds."""
+    used for a decision), with this run's episodes and seeds (`eval.evaluate_saved_task`)."""
     policy.eval()
-    result = evaluate_sub_policies(
-        policy,
-        task.env_id,
-        args.eval_episodes,
-        seed=args.seed * 1000,
-        ref_min_score=task.ref_min_score,
-        ref_max_score=task.ref_max_score,
-        max_episode_steps=task.max_episode_steps,
-        action_steps=args.action_steps,
-    )
-    return result
+    return evaluate_saved_task(policy, task, args.eval_episodes, args.seed)
 
 
 def log_evaluation(writer, record: dict, step: int, history: dict) -> None:
@@ -693,20 +603,18 @@ def training_state(step, run_name, optimizer, scheduler, models, augmented, devi
         "run_name": run_name,
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
-        **rng_state(device),
     }
     if models is not None:
-        state.update(
-            target_critics=models.target_critics.state_dict(),
-            critic_optimizer=models.critic_optimizer.state_dict(),
-            dynamics_optimizer=models.dynamics_optimizer.state_dict(),
-            model_generator=models.generator.get_state(),
-            augmented=augmented,
-        )
-    return state
+        state |= {"target_critics": models.target_critics.state_dict(), "augmented": augmented}
+        state |= {
+            "critic_optimizer": models.critic_optimizer.state_dict(),
+            "model_generator": models.generator.get_state(),
+        }
+        state |= {"dynamics_optimizer": models.dynamics_optimizer.state_dict()}
+    return state | rng_state(device)
 
 
-def write_checkpoint(path, step, args, task: TaskInfo, policy, models, history, improved, resume) -> None:
+def write_checkpoint(path, step, args, task: dict, policy, models, history, improved, resume) -> None:
     """The atomic checkpoint: everything uepo_online.py and eval.py need (docs/design.md). Never a
     non-finite one: the run stops instead, and the previous checkpoint stays as it was."""
     tensors = [*policy.state_dict().values()] + [t for e in improved for t in e["policy"]["state_dict"].values()]
@@ -723,35 +631,18 @@ def write_checkpoint(path, step, args, task: TaskInfo, policy, models, history, 
         )
     model_parts = {}
     if models is not None:
-        config = policy.config
-        model_parts = {
-            "critics": {
-                "config": {"obs_dim": config.obs_dim, "act_dim": config.act_dim, "horizon": config.horizon},
-                "state_dict": models.critics.state_dict(),
-            },
-            "dynamics": {"config": models.dynamics.constructor_kwargs(), "state_dict": models.dynamics.state_dict()},
+        sizes = {"obs_dim": policy.config.obs_dim, "act_dim": policy.config.act_dim, "horizon": policy.config.horizon}
+        model_parts["critics"] = {"config": sizes, "state_dict": models.critics.state_dict()}
+        model_parts["dynamics"] = {
+            "config": models.dynamics.constructor_kwargs(),
+            "state_dict": models.dynamics.state_dict(),
         }
-    save_checkpoint(
-        {
-            "args": asdict(args),
-            "step": step,
-            "env_id": task.env_id,
-            "max_episode_steps": task.max_episode_steps,
-            "dataset_id": task.dataset_id,
-            "ref_min_score": task.ref_min_score,
-            "ref_max_score": task.ref_max_score,
-            "policy": policy.to_checkpoint(),
-            "history": history,
-            "improved": improved,
-            **model_parts,
-            "resume": resume,
-        },
-        path,
-    )
+    run = {"args": asdict(args), "step": step, **task, "policy": policy.to_checkpoint(), "history": history}
+    save_checkpoint(run | {"improved": improved, **model_parts, "resume": resume}, path)
     tqdm.write(f"checkpoint: {path}")
 
 
-def evaluate(policy, task: TaskInfo, args: Args, divergence_states, ope, holdout) -> dict:
+def evaluate(policy, task: dict, args: Args, divergence_states, ope, holdout) -> dict:
     """Every sub-policy's real normalized score (reported, never used for a decision), their mean
     pairwise kinematic divergence on fixed dataset states and, with --ope, their AM-Q, its rank
     correlation with the real scores, and the dynamics model's hold-out error."""
@@ -812,17 +703,17 @@ def improve_sub_policy(policy, sub_policy: int, models, ope, tensors, args: Args
     return improved_policy, gate
 
 
-def init_checkpoint(args: Args, task: TaskInfo, state_mean, action_space) -> dict:
+def init_checkpoint(args: Args, task: dict, state_mean, action_space) -> dict:
     """--init-checkpoint: the offline checkpoint whose networks the improvement stage starts from,
     refused unless it is a --ope run of this dataset with these policy settings."""
     try:
-        saved = load_checkpoint(args.init_checkpoint, expected_env_id=task.env_id, phase="offline")
+        saved = load_checkpoint(args.init_checkpoint, expected_env_id=task["env_id"], phase="offline")
     except CheckpointError as error:
         fail(str(error))
     config = asdict(policy_config(args, obs_dim=state_mean.shape[0], act_dim=action_space.shape[0]))
-    if saved["dataset_id"] != task.dataset_id or "critics" not in saved or saved["policy"]["config"] != config:
+    if saved["dataset_id"] != task["dataset_id"] or "critics" not in saved or saved["policy"]["config"] != config:
         fail(
-            f"{args.init_checkpoint} is not a --ope checkpoint of {task.dataset_id} with these policy settings "
+            f"{args.init_checkpoint} is not a --ope checkpoint of {task['dataset_id']} with these policy settings "
             f"(it has {saved['dataset_id']}, policy {saved['policy']['config']}); pass the arguments it was "
             "trained with"
         )
@@ -856,7 +747,8 @@ def resumed_run(args: Args) -> tuple[Args, dict | None]:
 # The run's inputs and its stages, out of the main block's way
 # ------------------------------------------------------------------------------------------------
 def load_task(args: Args):
-    """The dataset and what the run is evaluated against (`TaskInfo`), and the task's termination
+    """The dataset, what the run is evaluated against (`task`: the checkpoint's fields of the same
+    names, the Gymnasium id the data was recorded on and its time limit), and the task's termination
     rule for the model's rollouts (None without --ope); every problem ends the script in one line."""
     try:
         dataset, dataset_id, ref_min_score, ref_max_score = load_dataset(args.env_id, args.dataset_id)
@@ -865,30 +757,31 @@ def load_task(args: Args):
     if (problem := spaces_problem(dataset_id, dataset.observation_space, dataset.action_space)) is not None:
         fail(problem)
     spec = dataset.spec.env_spec
-    task = TaskInfo(spec.id, dataset_id, spec.max_episode_steps, ref_min_score, ref_max_score)
+    task = {"env_id": spec.id, "dataset_id": dataset_id, "max_episode_steps": spec.max_episode_steps}
+    task |= {"ref_min_score": ref_min_score, "ref_max_score": ref_max_score}
     is_terminal = None
     if args.ope:
         try:  # the model's rollouts (AM-Q) need the task's termination rule
-            is_terminal = termination_fn(task_of_env_id(task.env_id))
+            is_terminal = termination_fn(task_of_env_id(task["env_id"]))
         except ValueError as error:
             fail(str(error))
     return dataset, task, is_terminal
 
 
-def read_chunks(dataset, task: TaskInfo, args: Args) -> dict:
+def read_chunks(dataset, task: dict, args: Args) -> dict:
     """`chunk_dataset`, a dataset that cannot be read ending the script in one line."""
     try:
         return chunk_dataset(dataset, args.horizon, args.obs_horizon, args.gamma)
     except DatasetError as error:
         fail(str(error))
     except (OSError, KeyError, ValueError) as error:  # a truncated or damaged file inside the dataset
-        fail(f"dataset {task.dataset_id!r} could not be read ({type(error).__name__}: {error}); download it again")
+        fail(f"dataset {task['dataset_id']!r} could not be read ({type(error).__name__}: {error}); download it again")
 
 
-def start_run(args: Args, task: TaskInfo, resumed: dict | None):
+def start_run(args: Args, task: dict, resumed: dict | None):
     """The run's name, checkpoint path and TensorBoard writer, made only once every input is checked
     (a refused input leaves no folder); Ctrl-C then ends with one line naming the checkpoint."""
-    env_name = args.env_id if args.dataset_id is None else task.dataset_id.replace("/", "-")
+    env_name = args.env_id if args.dataset_id is None else task["dataset_id"].replace("/", "-")
     run_name = f"{env_name}__{args.exp_name}__{args.seed}__{int(time.time())}"
     if resumed is not None:
         run_name = resumed["resume"]["run_name"]  # the same TensorBoard folder
@@ -1000,8 +893,8 @@ if __name__ == "__main__":
     state_mean, state_std = state_statistics(data["all_states"])
     action_space = dataset.action_space
     print(
-        f"{task.dataset_id}: {dataset.total_episodes} episodes, {len(data['chunks'])} chunks of H={args.horizon} "
-        f"({task.env_id}, obs {state_mean.shape[0]}, act {action_space.shape[0]}), device {device}"
+        f"{task['dataset_id']}: {dataset.total_episodes} episodes, {len(data['chunks'])} chunks of H={args.horizon} "
+        f"({task['env_id']}, obs {state_mean.shape[0]}, act {action_space.shape[0]}), device {device}"
     )
     saved = None if args.init_checkpoint is None else init_checkpoint(args, task, state_mean, action_space)
     run_name, checkpoint_path, writer = start_run(args, task, resumed)
@@ -1015,8 +908,8 @@ if __name__ == "__main__":
     optimizer = torch.optim.Adam(policy.parameters(), lr=args.learning_rate)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.total_steps)
     tensors = training_tensors(data, policy, device)
-    num_chunks = len(tensors.chunks)
-    divergence_states = tensors.states[torch.randperm(num_chunks, device=device)[:DIVERGENCE_STATES]]
+    num_chunks = len(tensors["chunks"])
+    divergence_states = tensors["states"][torch.randperm(num_chunks, device=device)[:DIVERGENCE_STATES]]
 
     # ---- chunk-level IQL critics and the dynamics ensemble (--ope), on their own random stream --
     models = ope = holdout = train_index = None
@@ -1042,7 +935,7 @@ if __name__ == "__main__":
                 logs = policy_update(policy, optimizer, scheduler, tensors, batch, step, args)
                 if args.ope:
                     logs |= critic_update(models, tensors, step, args)
-                    logs |= dynamics_update(models, tensors.transitions, augmented, train_index, step, args)
+                    logs |= dynamics_update(models, tensors["transitions"], augmented, train_index, step, args)
             except NonFiniteLoss as error:
                 last = checkpoint_path if history["step"] else "none yet"
                 fail(f"{error}; stopped (the last checkpoint is untouched: {last})")
@@ -1054,7 +947,7 @@ if __name__ == "__main__":
             if refresh:
                 policy.eval()
                 augmented, epsilon = refresh_augmentation(
-                    policy, models, holdout, tensors.raw_histories, is_terminal, args
+                    policy, models, holdout, tensors["raw_histories"], is_terminal, args
                 )
                 policy.train()
                 size = len(augmented["states"])
@@ -1089,7 +982,7 @@ if __name__ == "__main__":
         base_ope, base_scores = np.array(history["ope_scores"][-1]), np.array(history["scores"][-1]).mean(1)
         qualified = [int(i) for i in np.argsort(-base_ope)[: args.num_qualified]]
         print(f"improvement ({args.improvement}): sub-policies {qualified} qualify by AM-Q")
-        choice_ope = choice_evaluator(ope, tensors, args, task.max_episode_steps or 1000)
+        choice_ope = choice_evaluator(ope, tensors, args, task["max_episode_steps"] or 1000)
         for sub_policy in qualified:
             try:
                 improved_policy, gate = improve_sub_policy(policy, sub_policy, models, ope, tensors, args, writer)

@@ -74,9 +74,9 @@ def test_iql_losses_fall_on_a_fixed_batch():
         chunk_lengths=torch.full((64,), 4.0),
     )
     optimizer = torch.optim.Adam(critics.parameters(), lr=1e-3)
-    first = iql_losses(critics, target_critics, gamma=0.99, expectile=0.7, **batch)
+    first = iql_losses(critics, target_critics, batch, gamma=0.99, expectile=0.7)
     for _ in range(200):
-        losses = iql_losses(critics, target_critics, gamma=0.99, expectile=0.7, **batch)
+        losses = iql_losses(critics, target_critics, batch, gamma=0.99, expectile=0.7)
         optimizer.zero_grad()
         (losses["q"] + losses["value"]).backward()
         optimizer.step()
