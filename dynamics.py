@@ -1,41 +1,25 @@
-"""Learned dynamics model of UEPO (paper component 3), as fixed in docs/design.md, "Dynamics model and
-diffusion augmentation". It is the simulator of the offline phase: the augmentation rolls the
-sub-policies through it, and OPE (AM-Q) scores them in it. The real environment is never
-stepped offline.
+"""Learned dynamics model of UEPO (paper component 3; docs/design.md, "Dynamics model and diffusion
+augmentation"): the simulator of the offline phase, in which the augmentation rolls the sub-policies
+and OPE (AM-Q) scores them. The real environment is never stepped offline.
 
 Reading order:
-1. `EnsembleLinear`   - one linear layer for all ensemble members at once (batched matmul).
-2. `EnsembleDynamics` - the probabilistic ensemble T_m(s' - s, r | s, a), m = 1..M
-   (MOPO / MOBILE / Uni-O4, the paper's appendix B.2.5):
-   - `set_input_statistics`: frozen standardization of the (s, a) inputs;
-   - `forward`: mean and soft-clamped log-variance of (s' - s, r) for every member;
-   - `member_nll`, `loss`: the Gaussian NLL per member and the training objective
-     (NLL + log-variance bound term + per-layer weight decay);
-   - `holdout_mse`, `select_elites`: the `num_elites` best members on a hold-out split;
-   - `predict`, `sample_step`: one environment step in raw units (s' = s + delta);
-   - `disagreement`: mean pairwise KL(T_m || T_m') between the elites, the statistic of the
-     augmentation filter.
-3. `holdout_split` - B.2.5's hold-out of min(20%, 1000) transitions.
-4. Termination rules - `task_of_env_id`, `termination_fn`: Gymnasium v5 health rules applied to
-   (predicted) observations.
-5. `ChunkCritics`, `expectile_loss`, `chunk_td_target`, `iql_losses`, `soft_update` - the
-   chunk-level IQL critics Q(s, a_{t:t+H}) and V(s) whose Q is the "Q" of AM-Q.
-6. `am_q_ope`, `am_q_rollouts` - AM-Q offline policy evaluation: a policy's chunks rolled through
-   the model, scored by the mean Q over the visited (state, chunk) pairs; `paired_gain_bound`,
-   `BestSnapshot` - the improvement gate, which keeps a snapshot only for a gain beyond the
-   OPE's own noise.
-7. `disagreement_threshold`, `diffusion_augmentation` - synthetic transitions from the
-   sub-policies' chunks through the model, kept while the ensemble disagreement stays below
-   epsilon; `mixed_batch` - dynamics batches drawn from real and synthetic data together.
+1. `EnsembleDynamics` - the probabilistic ensemble T_m(s' - s, r | s, a) (MOPO / MOBILE / Uni-O4, the
+   paper's appendix B.2.5): Gaussian NLL training, elites on a hold-out split, one-step sampling, and
+   the ensemble disagreement of the augmentation filter.
+2. Termination rules - `termination_fn`: Gymnasium v5 health rules applied to predicted observations.
+3. `ChunkCritics`, `iql_losses` - the chunk-level IQL critics Q(s, a_{t:t+H}) and V(s), the Q of AM-Q.
+4. `am_q_rollouts` - AM-Q: chunks rolled through the model, scored by the mean Q over the visited
+   pairs; `BestSnapshot`, `confident_choice` - the improvement gate and the offline choice, which trust
+   a gain only beyond the OPE's own noise.
+5. `diffusion_augmentation` - synthetic transitions from the sub-policies through the model, kept while
+   the ensemble disagreement stays below epsilon; `mixed_batch` - real and synthetic data together.
 
-Units and shapes: S = obs_dim, A = act_dim, M = members, E = elites, B = batch. Every tensor
-method takes and returns raw environment units (the standardization is internal). The model
-is per environment step: a chunk of H actions is applied by the caller one action at a time.
+Units and shapes: S = obs_dim, A = act_dim, M = members, E = elites, B = batch. Every method takes and
+returns raw environment units; the model is per environment step (a chunk is applied action by action).
 """
 
 import math
 import re
-from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -78,35 +62,13 @@ class EnsembleLinear(nn.Module):
         return torch.baddbmm(self.bias, x, self.weight)
 
 
-@dataclass
-class EnsemblePrediction:
-    """Per-member Gaussian over the next step, raw units (output of `EnsembleDynamics.predict`)."""
-
-    next_states: torch.Tensor  # (M, B, S) mean of s' = s + mean of (s' - s)
-    rewards: torch.Tensor  # (M, B)    mean of r
-    next_state_std: torch.Tensor  # (M, B, S) std of s' (= std of s' - s: s is given)
-    reward_std: torch.Tensor  # (M, B)
-
-
 class EnsembleDynamics(nn.Module):
-    """Probabilistic ensemble of M Gaussian MLPs T_m(s' - s, r | s, a) (docs/design.md; B.2.5).
-
-    Each member: [s, a] standardized -> `num_layers` x `hidden_dim` SiLU -> mean and log-variance
-    of the (S + 1)-dim target (s' - s, r). All members run in one pass (`EnsembleLinear`).
-
-    Choices where the paper and docs/design.md are silent:
-    - Targets are raw (s' - s, r), not standardized, as in the MOPO/MOBILE/Uni-O4 code. The
-      learned variance already weighs each target dimension; `holdout_mse` is in the same raw
-      units (so fast dimensions, the velocities, dominate the choice of elites, as there).
-    - Every member sees the same batch by default: the dynamics update sits inside the one
-      offline loop on batches that mix real and synthetic transitions (docs/design.md), and members
-      differ through their independent initializations (deep ensembles). MOPO/MOBILE train each
-      member on its own bootstrap resample; a caller who wants that passes inputs with a
-      leading member axis, (M, B, .), and each member then fits its own rows.
-    - The log-variance bounds are one (S + 1) vector shared by all members (MBPO/MOBILE code).
-    - Only `forward`, `member_nll` and `loss` carry gradients; `predict`, `sample_step`,
-      `disagreement`, `holdout_mse` and `select_elites` use the model as a simulator (no_grad).
-    """
+    """Probabilistic ensemble of M Gaussian MLPs T_m(s' - s, r | s, a) (docs/design.md; B.2.5): each
+    member maps [s, a], standardized, through `num_layers` x `hidden_dim` SiLU layers to the mean and
+    log-variance of the raw target (s' - s, r), all members in one pass (`EnsembleLinear`). Every
+    member sees the same batch (inputs (M, B, .) give member m its own rows, e.g. bootstrap
+    resamples); the log-variance bounds are shared (MBPO/MOBILE code). Only `forward`, `member_nll`
+    and `loss` carry gradients: the other methods use the model as a simulator."""
 
     def __init__(
         self,
@@ -153,15 +115,8 @@ class EnsembleDynamics(nn.Module):
 
     def constructor_kwargs(self) -> dict:
         """Everything needed to rebuild the model (for checkpoints), with the state dict."""
-        return dict(
-            obs_dim=self.obs_dim,
-            act_dim=self.act_dim,
-            num_members=self.num_members,
-            num_elites=self.num_elites,
-            hidden_dim=self.hidden_dim,
-            num_layers=self.num_layers,
-            weight_decays=self.weight_decays,
-        )
+        names = ("obs_dim", "act_dim", "num_members", "num_elites", "hidden_dim", "num_layers", "weight_decays")
+        return {name: getattr(self, name) for name in names}
 
     # ---- inputs and targets ----------------------------------------------------------------
     @torch.no_grad()
@@ -169,9 +124,7 @@ class EnsembleDynamics(nn.Module):
         """Freeze the input standardization to the mean and std (+ INPUT_STD_EPS) of [s, a] over
         the given transitions (numpy or torch, (N, S) and (N, A)); B.2.5: inputs are standardized.
         Called once on the real training split; synthetic data does not move it."""
-        inputs = torch.cat(
-            [torch.as_tensor(states).to(torch.float64).cpu(), torch.as_tensor(actions).to(torch.float64).cpu()], dim=-1
-        )
+        inputs = torch.cat([torch.as_tensor(x).to(torch.float64).cpu() for x in (states, actions)], dim=-1)
         self.input_mean.copy_(inputs.mean(0))
         self.input_std.copy_(inputs.std(0, correction=0) + INPUT_STD_EPS)
 
@@ -224,15 +177,9 @@ class EnsembleDynamics(nn.Module):
         return LOGVAR_BOUND_COEF * (self.max_logvar.sum() - self.min_logvar.sum())
 
     def loss(self, states, actions, next_states, rewards) -> torch.Tensor:
-        """The training objective (scalar), MOBILE's exactly up to a positive scale and a constant:
+        """The training objective, MOBILE's up to a positive scale and a constant (docs/design.md):
 
-            mean_m NLL_m + (weight_decay_loss + logvar_bound_loss) / (2 M)
-
-        MOBILE's code minimizes sum_m mean[(mu - y)^2 / var + log var] + decay + 0.01 * bounds,
-        i.e. sum_m (2 NLL_m - log 2 pi) + decay + 0.01 * bounds; dividing by 2M gives the line
-        above. Adam is invariant to the scale, so the updates are MOBILE's, while the printed
-        number is a per-member, per-entry NLL. (Adding the 0.01 bound term at full weight to a
-        *mean* over members would make it 14x stronger than in MOBILE.)
+        mean_m NLL_m + (weight_decay_loss + logvar_bound_loss) / (2 M)
         """
         regularizer = self.weight_decay_loss() + self.logvar_bound_loss()
         return self.member_nll(states, actions, next_states, rewards).mean() + regularizer / (2 * self.num_members)
@@ -255,24 +202,6 @@ class EnsembleDynamics(nn.Module):
 
     # ---- using the model -------------------------------------------------------------------------
     @torch.no_grad()
-    def predict(self, states: torch.Tensor, actions: torch.Tensor) -> EnsemblePrediction:
-        """Every member's Gaussian over (s', r) in raw units; states (B, S), actions (B, A)."""
-        mean, logvar = self(states, actions)
-        std = torch.exp(0.5 * logvar)
-        s = self.obs_dim
-        return EnsemblePrediction(
-            next_states=states + mean[..., :s],
-            rewards=mean[..., s],
-            next_state_std=std[..., :s],
-            reward_std=std[..., s],
-        )
-
-    def random_elites(self, batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """One elite member index per row, uniformly (B.2.5: a random elite at each step): (B,)."""
-        picks = torch.randint(self.num_elites, (batch,), generator=generator, device=self.elite_indices.device)
-        return self.elite_indices[picks]
-
-    @torch.no_grad()
     def sample_step(
         self,
         states: torch.Tensor,
@@ -283,14 +212,15 @@ class EnsembleDynamics(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One model step: next_states (B, S) and rewards (B,), raw units.
 
-        Row b uses member `members[b]` (default: a random elite per row, `random_elites`) and
+        Row b uses member `members[b]` (default: a random elite per row, B.2.5) and
         draws from its Gaussian, or takes its mean with `deterministic=True` (OPE rollouts).
         Terminations are not decided here: apply `termination_fn(task)` to next_states.
         `generator` (member choice and noise) must live on the model's device.
         """
         batch = states.shape[0]
         if members is None:
-            members = self.random_elites(batch, generator)
+            picks = torch.randint(self.num_elites, (batch,), generator=generator, device=self.elite_indices.device)
+            members = self.elite_indices[picks]
         mean, logvar = self(states, actions)  # all members in one pass, then one row each
         rows = torch.arange(batch, device=states.device)
         outcome = mean[members, rows]
@@ -301,17 +231,9 @@ class EnsembleDynamics(nn.Module):
 
     @torch.no_grad()
     def disagreement(self, states: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-        """Ensemble disagreement of the augmentation filter (docs/design.md, "Dynamics model and
-        diffusion augmentation"), (B,):
-
-            mean over ordered pairs m != m' of the elites of KL(T_m(.|s,a) || T_m'(.|s,a)),
-
-        each KL between the diagonal Gaussians over (s' - s, r), summed over the S + 1 entries.
-        Elites only (choice): the model steps with elites, so their spread is the uncertainty of
-        what the rollouts see; non-elites are the members judged worst on held-out data. The KL is
-        invariant to the shift by s and to any per-entry rescaling, so it has no units. 0 with a
-        single elite (no pair). Memory: E^2 x B x (S + 1) floats.
-        """
+        """The augmentation filter's statistic (docs/design.md), (B,): the mean over ordered pairs
+        m != m' of the elites (the members the rollouts step with) of KL(T_m(.|s,a) || T_m'(.|s,a)),
+        between diagonal Gaussians over (s' - s, r). Unit-free; 0 with a single elite."""
         mean, logvar = self(states, actions)
         mean, std = mean[self.elite_indices], torch.exp(0.5 * logvar[self.elite_indices])
         num = mean.shape[0]
@@ -323,12 +245,8 @@ class EnsembleDynamics(nn.Module):
 
     @torch.no_grad()
     def uncertainty(self, states: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-        """The gate's reward penalty u(s, a) (MOPO's penalized MDP r - lambda u): the norm over the
-        S + 1 entries of the std, across the elites, of their mean predictions of (s' - s, r), in
-        raw units: (B,). Epistemic on purpose (MOPO's "ensemble std" variant): the members agree
-        where they saw data and part where they extrapolate, while the predicted (aleatoric) std of
-        MOPO's default can shrink off the data as easily as grow (measured on the toy system of
-        tests/test_critics.py). 0 with a single elite."""
+        """The gate's reward penalty u(s, a) (MOPO's r - lambda u, its "ensemble std" variant; docs/design.md):
+        the norm over the S + 1 entries of the elites' std of their mean predictions, raw units (B,)."""
         mean, _ = self(states, actions)
         mean = mean[self.elite_indices]
         if mean.shape[0] < 2:
@@ -536,34 +454,6 @@ def soft_update(target: nn.Module, source: nn.Module, rate: float) -> None:
 # --------------------------------------------------------------------------------------------
 # AM-Q offline policy evaluation (Uni-O4; docs/design.md, "Dynamics model and diffusion augmentation")
 # --------------------------------------------------------------------------------------------
-@torch.no_grad()
-def am_q_ope(
-    chunk_policy,
-    q_function,
-    dynamics,
-    is_terminal,
-    start_histories: torch.Tensor,
-    num_steps: int,
-    generator: torch.Generator | None = None,
-    uncertainty_penalty: float = 0.0,
-    gamma: float = 0.99,
-) -> torch.Tensor:
-    """AM-Q, the scalar score: `am_q_rollouts`' Q sums over all rollouts divided by their visited
-    chunks, i.e. the mean Q over every visited (state, chunk) pair."""
-    sums, counts = am_q_rollouts(
-        chunk_policy,
-        q_function,
-        dynamics,
-        is_terminal,
-        start_histories,
-        num_steps,
-        generator,
-        uncertainty_penalty,
-        gamma,
-    )
-    return am_q_ratio(sums, counts)
-
-
 def am_q_ratio(sums: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """AM-Q from `am_q_rollouts`' per-start terms (last dim: start states): the Q summed over
     every visited (state, chunk) pair divided by their number."""
@@ -626,7 +516,7 @@ def am_q_rollouts(
     (`model_rollout`) and sum Q over its visited (state, chunk) pairs.
 
     Returns, per start (N,), the sum of Q over its visited (state, chunk) pairs and their
-    number; AM-Q (`am_q_ope`) is the mean over all visited pairs: Uni-O4's estimate, no
+    number; AM-Q (`am_q_ratio`) is the mean over all visited pairs: Uni-O4's estimate, no
     discount, no penalty. The per-start terms let the gate compare two policies start by start
     (`paired_gain_bound`).
 

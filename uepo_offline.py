@@ -200,16 +200,8 @@ DIVERGENCE_STATES, LOG_EVERY = 256, 1000  # states of the logged divergence; Ten
 # The defaults above finish on a 2-core CPU (docs/experiments.md). `--paper-scale` starts from
 # these budgets instead (Uni-O4's 400k behaviour-cloning steps, the paper's U-Net); flags given
 # beside it still override them.
-PAPER_SCALE = {
-    "denoiser": "unet",
-    "total_steps": 400_000,
-    "eval_every": 50_000,
-    "eval_episodes": 10,
-    "dynamics_warmup": 50_000,
-    "augment_every": 50_000,
-    "improvement_steps": 10_000,
-    "ope_every": 1000,
-}
+PAPER_SCALE = {"denoiser": "unet", "total_steps": 400_000, "eval_every": 50_000, "eval_episodes": 10}
+PAPER_SCALE |= {"dynamics_warmup": 50_000, "augment_every": 50_000, "improvement_steps": 10_000, "ope_every": 1000}
 
 
 # Every numeric flag's range (`eval.out_of_range`): upper bounds far above every setting used here, so
@@ -504,14 +496,10 @@ def offline_models(args: Args, config: PolicyConfig, tensors: dict, is_terminal,
         torch.manual_seed(args.seed + 1)
         critics = ChunkCritics(config.obs_dim, config.act_dim, args.horizon).to(device)
         dynamics = EnsembleDynamics(config.obs_dim, config.act_dim).to(device)
-    models = ModelLearners(
-        critics=critics,
-        target_critics=copy.deepcopy(critics),
-        critic_optimizer=torch.optim.Adam(critics.parameters(), lr=CRITIC_LEARNING_RATE),
-        dynamics=dynamics,
-        dynamics_optimizer=torch.optim.Adam(dynamics.parameters(), lr=DYNAMICS_LEARNING_RATE),
-        generator=torch.Generator(device=device).manual_seed(args.seed + 1),
-    )
+    critic_optimizer = torch.optim.Adam(critics.parameters(), lr=CRITIC_LEARNING_RATE)
+    dynamics_optimizer = torch.optim.Adam(dynamics.parameters(), lr=DYNAMICS_LEARNING_RATE)
+    generator = torch.Generator(device=device).manual_seed(args.seed + 1)
+    models = ModelLearners(critics, copy.deepcopy(critics), critic_optimizer, dynamics, dynamics_optimizer, generator)
     num_chunks = len(tensors["chunks"])
     split_generator = torch.Generator().manual_seed(args.seed + 1)
     train_index, holdout_index = (index.to(device) for index in holdout_split(num_chunks, split_generator))
@@ -783,16 +771,14 @@ def start_run(args: Args, task: dict, resumed: dict | None):
     (a refused input leaves no folder); Ctrl-C then ends with one line naming the checkpoint."""
     env_name = args.env_id if args.dataset_id is None else task["dataset_id"].replace("/", "-")
     run_name = f"{env_name}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    if resumed is not None:
-        run_name = resumed["resume"]["run_name"]  # the same TensorBoard folder
+    run_name = run_name if resumed is None else resumed["resume"]["run_name"]  # the same TensorBoard folder
     path = args.checkpoint_path or f"runs/{run_name}/offline.pt"
     sys.excepthook = functools.partial(
         report_interrupt, f"the last checkpoint (if any) is {path}; continue with --resume {path}"
     )
     writer = SummaryWriter(f"runs/{run_name}")
     writer.add_text(
-        "hyperparameters",
-        "|param|value|\n|-|-|\n%s" % ("\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])),
+        "hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
     )
     return run_name, path, writer
 
@@ -825,20 +811,11 @@ def improved_entry(sub_policy, improved_policy, gate, returns, scores, base_ope,
         f"{gate.best_score:.1f}; model return {returns.mean():.1f}); real normalized score "
         f"{base_scores[sub_policy]:.1f} -> {scores.mean():.1f}"
     )
-    return {
-        "sub_policy": sub_policy,
-        "operator": args.improvement,
-        "policy": improved_policy.to_checkpoint(),
-        "ope_history": gate.history,
-        "ope_rollouts": [part.cpu() for part in gate.best_rollouts],
-        "ope_score": gate.best_score,
-        "best_step": gate.best_step,
-        "base_ope_score": float(base_ope[sub_policy]),
-        "base_score": float(base_scores[sub_policy]),
-        "model_returns": returns.cpu(),
-        "model_return": returns.mean().item(),
-        "scores": scores.tolist(),
-    }
+    entry = {"sub_policy": sub_policy, "operator": args.improvement, "policy": improved_policy.to_checkpoint()}
+    entry |= {"ope_history": gate.history, "ope_rollouts": [part.cpu() for part in gate.best_rollouts]}
+    entry |= {"ope_score": gate.best_score, "best_step": gate.best_step, "base_ope_score": float(base_ope[sub_policy])}
+    entry |= {"base_score": float(base_scores[sub_policy]), "model_returns": returns.cpu()}
+    return entry | {"model_return": returns.mean().item(), "scores": scores.tolist()}
 
 
 def offline_choice(improved: list[dict], args: Args) -> None:
@@ -846,11 +823,8 @@ def offline_choice(improved: list[dict], args: Args) -> None:
     return in the model over whole episodes from the same episode starts and model noise, by the
     gate's rule; a gain it does not trust is a tie, and ties go to the copy whose base AM-Q ranked
     higher. Puts the chosen copy first and ranks them all (`choice_rank`)."""
-    choice, comparisons = confident_choice(
-        [(entry["model_returns"], torch.ones_like(entry["model_returns"])) for entry in improved],
-        args.gate_confidence,
-        args.gate_margin,
-    )
+    returns = [(entry["model_returns"], torch.ones_like(entry["model_returns"])) for entry in improved]
+    choice, comparisons = confident_choice(returns, args.gate_confidence, args.gate_margin)
     for index, gain, lower_bound, required in comparisons:
         verdict = "it replaces it" if lower_bound > required else "not a trusted gain: a tie, the earlier stays"
         print(
@@ -861,18 +835,18 @@ def offline_choice(improved: list[dict], args: Args) -> None:
     for rank, entry in enumerate(improved):
         entry["choice_rank"] = rank
     chosen = improved[0]
+    unimproved = " (the unimproved sub-policy)" if chosen["best_step"] == 0 else ""
     print(
-        f"offline choice: sub-policy {chosen['sub_policy']}, its {args.improvement} copy as kept at step "
-        f"{chosen['best_step']}" + (" (the unimproved sub-policy)" if chosen["best_step"] == 0 else "")
+        f"offline choice: sub-policy {chosen['sub_policy']}, its copy as kept at step {chosen['best_step']}{unimproved}"
     )
     print("| sub-policy | AM-Q | real before | gated OPE start -> kept (step) | model return | real after |")
     print("|-|-|-|-|-|-|")
-    for entry in improved:
-        print(
-            f"| {entry['sub_policy']} | {entry['base_ope_score']:.1f} | {entry['base_score']:.1f} | "
-            f"{entry['ope_history'][0][1]:.1f} -> {entry['ope_score']:.1f} ({entry['best_step']}) | "
-            f"{entry['model_return']:.1f} | {np.mean(entry['scores']):.1f} |"
+    for e in improved:
+        ope = (
+            f"{e['base_ope_score']:.1f} | {e['base_score']:.1f} | {e['ope_history'][0][1]:.1f} -> {e['ope_score']:.1f}"
         )
+        returns = f"{e['model_return']:.1f} | {np.mean(e['scores']):.1f}"
+        print(f"| {e['sub_policy']} | {ope} ({e['best_step']}) | {returns} |")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@ import torch
 from dynamics import (
     ChunkCritics,
     EnsembleDynamics,
-    am_q_ope,
+    am_q_ratio,
+    am_q_rollouts,
     chunk_td_target,
     diffusion_augmentation,
     disagreement_threshold,
@@ -18,6 +19,11 @@ from dynamics import (
     model_returns,
     soft_update,
 )
+
+
+def am_q_ope(*args, **kwargs) -> torch.Tensor:
+    """AM-Q, the scalar: the mean Q over every visited (state, chunk) pair of `am_q_rollouts`."""
+    return am_q_ratio(*am_q_rollouts(*args, **kwargs))
 
 
 def test_expectile_loss_matches_its_definition_on_a_hand_made_example():
@@ -150,8 +156,12 @@ def test_am_q_ranks_a_good_policy_above_a_bad_one_on_a_toy_linear_system(fitted_
     start = torch.rand(64, 1, 2) * 2 - 1
     never = lambda next_states: torch.zeros(len(next_states), dtype=torch.bool)
     generator = torch.Generator().manual_seed(0)
-    good = am_q_ope(toward_origin, toy_chunk_return, model, never, start, num_steps=10, generator=generator)
-    bad = am_q_ope(away_from_origin, toy_chunk_return, model, never, start, num_steps=10, generator=generator)
+    good = am_q_ratio(
+        *am_q_rollouts(toward_origin, toy_chunk_return, model, never, start, num_steps=10, generator=generator)
+    )
+    bad = am_q_ratio(
+        *am_q_rollouts(away_from_origin, toy_chunk_return, model, never, start, num_steps=10, generator=generator)
+    )
     assert good.item() > bad.item() + 1.0
 
 
