@@ -18,6 +18,7 @@ As a component (imported by uepo_offline.py and uepo_online.py, which it never i
   dataset, and (when built) networks whose sizes do not fit the saved tensors.
 """
 
+import functools
 import json
 import os
 import pickle
@@ -25,6 +26,7 @@ import re
 import reprlib
 import sys
 import tempfile
+import time
 import warnings
 from collections import deque
 from dataclasses import dataclass
@@ -34,6 +36,7 @@ import minari
 import numpy as np
 import torch
 import tyro
+from torch.utils.tensorboard import SummaryWriter
 
 from diffusion import DiffusionPolicy, OnlineActor
 from divergence import pairwise_divergence
@@ -432,6 +435,22 @@ def out_of_range(args, ranges: dict[str, str]) -> str | None:
             if not (above and below):
                 return f"--{name.replace('_', '-')} must be in {interval}, got {entry}"
     return None
+
+
+def start_run(args, env_name: str, resumed: dict | None, filename: str, how: str):
+    """A training run's name (CleanRL's; a resumed run's own), checkpoint path (--checkpoint-path, else
+    runs/{run_name}/`filename`) and TensorBoard writer with the hyperparameters, made only once every
+    input is checked (a refused input leaves no folder). From here Ctrl-C ends the run with one line
+    naming the checkpoint and `how` to continue ("{path}": the checkpoint)."""
+    run_name = f"{env_name}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_name = run_name if resumed is None else resumed["resume"]["run_name"]  # the same TensorBoard folder
+    path = args.checkpoint_path or f"runs/{run_name}/{filename}"
+    message = f"the last checkpoint (if any) is {path}; {how.format(path=path)}"
+    sys.excepthook = functools.partial(report_interrupt, message)
+    writer = SummaryWriter(f"runs/{run_name}")
+    table = "\n".join(f"|{key}|{value}|" for key, value in vars(args).items())
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table)
+    return run_name, path, writer
 
 
 def report_interrupt(message: str, kind, value, traceback) -> None:

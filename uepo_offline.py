@@ -20,14 +20,12 @@ import functools
 import os
 import random
 import sys
-import time
 from dataclasses import asdict, dataclass, fields
 from typing import Literal
 
 import numpy as np
 import torch
 import tyro
-from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from diffusion import DiffusionPolicy, PolicyConfig, bppo_loss, qgrad_loss
@@ -63,12 +61,12 @@ from eval import (
     load_checkpoint,
     load_dataset,
     out_of_range,
-    report_interrupt,
     rng_state,
     save_checkpoint,
     set_rng_state,
     spaces_problem,
     spearman_correlation,
+    start_run,
     state_statistics,
     unfinished_stage,
     unwritable,
@@ -756,31 +754,19 @@ def load_task(args: Args):
     return dataset, task, is_terminal
 
 
-def read_chunks(dataset, task: dict, args: Args) -> dict:
+def read_chunks(dataset, task: dict, args: Args, device) -> dict:
     """`chunk_dataset`, a dataset that cannot be read ending the script in one line."""
+    if device.type == "cpu" and (args.denoiser == "unet" or args.total_steps > 100_000):
+        print("warning: the U-Net or a paper-scale budget is sized for a GPU; the defaults are the CPU setting")
     try:
-        return chunk_dataset(dataset, args.horizon, args.obs_horizon, args.gamma)
+        data = chunk_dataset(dataset, args.horizon, args.obs_horizon, args.gamma)
+        shapes = f"{len(data['chunks'])} chunks, obs {data['all_states'].shape[1]}, act {data['chunks'].shape[2]}"
+        print(f"{task['dataset_id']}: {dataset.total_episodes} episodes, {shapes}, device {device}")
+        return data
     except DatasetError as error:
         fail(str(error))
     except (OSError, KeyError, ValueError) as error:  # a truncated or damaged file inside the dataset
         fail(f"dataset {task['dataset_id']!r} could not be read ({type(error).__name__}: {error}); download it again")
-
-
-def start_run(args: Args, task: dict, resumed: dict | None):
-    """The run's name, checkpoint path and TensorBoard writer, made only once every input is checked
-    (a refused input leaves no folder); Ctrl-C then ends with one line naming the checkpoint."""
-    env_name = args.env_id if args.dataset_id is None else task["dataset_id"].replace("/", "-")
-    run_name = f"{env_name}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_name = run_name if resumed is None else resumed["resume"]["run_name"]  # the same TensorBoard folder
-    path = args.checkpoint_path or f"runs/{run_name}/offline.pt"
-    sys.excepthook = functools.partial(
-        report_interrupt, f"the last checkpoint (if any) is {path}; continue with --resume {path}"
-    )
-    writer = SummaryWriter(f"runs/{run_name}")
-    writer.add_text(
-        "hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
-    )
-    return run_name, path, writer
 
 
 def restore_loop(resumed: dict, policy, optimizer, scheduler, models, device):
@@ -863,18 +849,13 @@ if __name__ == "__main__":
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
 
     # ---- data: chunks (s_t, a_{t:t+H}, R_t^H, s_{t+H}), masks, frozen state statistics ----------
-    data = read_chunks(dataset, task, args)
+    data = read_chunks(dataset, task, args, device)
     state_mean, state_std = state_statistics(data["all_states"])
     action_space = dataset.action_space
-    print(
-        f"{task['dataset_id']}: {dataset.total_episodes} episodes, {len(data['chunks'])} chunks of H={args.horizon} "
-        f"({task['env_id']}, obs {state_mean.shape[0]}, act {action_space.shape[0]}), device {device}"
-    )
     saved = None if args.init_checkpoint is None else init_checkpoint(args, task, state_mean, action_space)
-    run_name, checkpoint_path, writer = start_run(args, task, resumed)
-    run_start = time.time()
-    if device.type == "cpu" and (args.denoiser == "unet" or args.total_steps > 100_000):
-        print("warning: the U-Net or a paper-scale budget is sized for a GPU; the defaults are the CPU setting")
+    env_name = args.env_id if args.dataset_id is None else task["dataset_id"].replace("/", "-")
+    how = "continue with --resume {path}"
+    run_name, checkpoint_path, writer = start_run(args, env_name, resumed, "offline.pt", how)
 
     # ---- the multi-seed diffusion policy: n fixed noise seeds = n sub-policies (paper part 1) ----
     config = policy_config(args, obs_dim=state_mean.shape[0], act_dim=action_space.shape[0])
@@ -973,5 +954,4 @@ if __name__ == "__main__":
         offline_choice(improved, args)
         write_checkpoint(checkpoint_path, history["step"][-1], args, task, policy, models, history, improved, resume)
 
-    print(f"whole run {(time.time() - run_start) / 60:.1f} min")
     writer.close()

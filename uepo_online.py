@@ -26,7 +26,6 @@ import copy
 import functools
 import os
 import random
-import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from typing import Literal
@@ -36,7 +35,6 @@ import numpy as np
 import torch
 import tyro
 from gymnasium.wrappers.utils import RunningMeanStd
-from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from diffusion import OnlineActor, ppo_mlp
@@ -51,6 +49,7 @@ from eval import (
     DatasetError,
     NonFiniteLoss,
     build_saved,
+    built_or_fail,
     check_environment,
     check_finite,
     check_output_file,
@@ -63,10 +62,10 @@ from eval import (
     missing_field,
     offline_candidates,
     out_of_range,
-    report_interrupt,
     rng_state,
     save_checkpoint,
     set_rng_state,
+    start_run,
     unfinished_stage,
     unwritable,
 )
@@ -825,12 +824,6 @@ if __name__ == "__main__":
     # --resume: the task and gamma come from the online checkpoint; the offline one is not read again.
     checkpoint = read_offline(args) if resumed is None else resumed
     gamma = checkpoint["args"]["gamma"] if resumed is None else resumed["resume"]["gamma"]
-    env_name = args.env_id or checkpoint["dataset_id"].replace("/", "-")
-    run_name = f"{env_name}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_name = run_name if resumed is None else resumed["resume"]["run_name"]  # the same TensorBoard folder
-    checkpoint_path = args.checkpoint_path or f"runs/{run_name}/online.pt"
-    how = f"continue with --resume {checkpoint_path}" if args.algo == "ppo" else "td3 keeps no replay: start again"
-    sys.excepthook = functools.partial(report_interrupt, f"the last checkpoint (if any) is {checkpoint_path}; {how}")
 
     # TRY NOT TO MODIFY: seeding
     random.seed(args.seed)
@@ -839,30 +832,30 @@ if __name__ == "__main__":
     torch.backends.cudnn.deterministic = args.torch_deterministic
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
 
-    # Selection: top-k by offline OPE, then the best over real episodes (Uni-O4).
+    # Selection: top-k by offline OPE, then the best over real episodes (Uni-O4); --resume: the run's own.
     if resumed is None:
         policy, sub_policy, selection_table = select_sub_policy(args, checkpoint, device)
-    else:  # the interrupted run made it; its actor is rebuilt below
-        sub_policy, selection_table = resumed["sub_policy"], resumed["selection"]
-    writer = SummaryWriter(f"runs/{run_name}")
-    writer.add_text(
-        "hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
-    )
+    else:  # its actor is rebuilt below
+        policy, sub_policy, selection_table = None, resumed["sub_policy"], resumed["selection"]
+    how = "continue with --resume {path}" if args.algo == "ppo" else "td3 keeps no replay: start again"
+    env_name = args.env_id or checkpoint["dataset_id"].replace("/", "-")
+    run_name, checkpoint_path, writer = start_run(args, env_name, resumed, "online.pt", how)
     print(selection_table)
     writer.add_text("selection", selection_table)
 
     # The actor: a Gaussian over decisions z whose mean is the deployed policy (diffusion.OnlineActor).
-    try:
-        actor = (
-            OnlineActor(args.actor, policy, sub_policy, args.init_std, args.mlp_horizon)
-            if resumed is None
-            else build_saved(resumed["actor"], f"{args.resume}: the actor")  # as saved at its last evaluation
-        ).to(device)
-    except CheckpointError as error:
-        fail(str(error))
+    if resumed is None:
+        actor = OnlineActor(args.actor, policy, sub_policy, args.init_std, args.mlp_horizon).to(device)
+    else:  # as saved at its last evaluation
+        actor = built_or_fail(args.resume, resumed["actor"], "the actor", device).train()
     # Fine-tuning: TD3 on chunks with the offline data (the default), or the paper's PPO.
-    run = {"name": run_name, "sub_policy": sub_policy, "selection": selection_table, "path": checkpoint_path}
-    run["device"] = device
+    run = {
+        "name": run_name,
+        "sub_policy": sub_policy,
+        "selection": selection_table,
+        "path": checkpoint_path,
+        "device": device,
+    }
     if args.algo == "td3":
         train_td3(args, actor, checkpoint, gamma, writer, run)
     else:
