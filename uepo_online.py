@@ -169,9 +169,8 @@ OFFLINE_ROWS, BUFFER_SIZE = 100_000, 1_000_000
 
 def with_algo_defaults(args: Args) -> Args:
     """`args` with every flag left at None set to its learner's or actor's default."""
-    args = replace(
-        args, **{name: value for name, value in ALGO_DEFAULTS[args.algo].items() if getattr(args, name) is None}
-    )
+    unset = {name: value for name, value in ALGO_DEFAULTS[args.algo].items() if getattr(args, name) is None}
+    args = replace(args, **unset)
     args = replace(args, init_std=INIT_STD[args.actor]) if args.init_std is None else args
     return replace(args, anchor_coef=0.0) if args.actor == "mlp" else args  # no offline policy to stay near
 
@@ -293,16 +292,9 @@ def evaluate(step, actor, history, writer, args, checkpoint, path) -> None:
 def write_checkpoint(step, actor, learner: dict, history, args, checkpoint, run, resume=None) -> None:
     """The atomic checkpoint: what eval.py reads (`eval.REQUIRED`); `learner` the critics or value
     network; `resume` the PPO training state after this evaluation (None for TD3)."""
-    task = {
-        key: checkpoint[key] for key in ("env_id", "max_episode_steps", "dataset_id", "ref_min_score", "ref_max_score")
-    }
-    online = {
-        "phase": "online",
-        "args": asdict(args),
-        "global_step": step,
-        **task,
-        "offline_checkpoint": args.checkpoint,
-    }
+    task = ("env_id", "max_episode_steps", "dataset_id", "ref_min_score", "ref_max_score")
+    online = {"phase": "online", "args": asdict(args), "global_step": step, **{key: checkpoint[key] for key in task}}
+    online["offline_checkpoint"] = args.checkpoint
     selection = {"actor": actor.to_checkpoint(), "sub_policy": run["sub_policy"], "selection": run["selection"]}
     save_checkpoint(online | selection | learner | {"history": history, "resume": resume}, run["path"])
 
@@ -443,9 +435,8 @@ def train_ppo(args: Args, actor: OnlineActor, checkpoint: dict, gamma: float, wr
     device = run["device"]
     value_net = ppo_mlp(actor.obs_horizon * actor.policy_config.obs_dim, 1, last_std=1.0).to(device)
     # Separate optimizers and gradient clipping: the actor's and the critic's steps do not compete.
-    actor_optimizer = torch.optim.Adam(
-        [p for p in actor.parameters() if p.requires_grad], lr=args.learning_rate, eps=1e-5
-    )
+    trained = [parameter for parameter in actor.parameters() if parameter.requires_grad]  # the head and log-std
+    actor_optimizer = torch.optim.Adam(trained, lr=args.learning_rate, eps=1e-5)
     value_optimizer = torch.optim.Adam(value_net.parameters(), lr=VALUE_LEARNING_RATE, eps=1e-5)
     optimizers = (actor_optimizer, value_optimizer)
     envs = make_envs(checkpoint, actor, args.num_envs, gamma)
@@ -491,18 +482,15 @@ def train_ppo(args: Args, actor: OnlineActor, checkpoint: dict, gamma: float, wr
                 buffers["log_probs"][t] = gaussian_log_prob(buffers["decisions"][t], mean, std, event_dims=2)
                 buffers["values"][t] = state_value(value_net, states)
                 chunk = actor.unscale_actions(actor.chunk(states, buffers["decisions"][t])).cpu().numpy()
-            next_obs, final_obs, reward, terminated, done, lengths, global_step = env_step(
-                envs, chunk, global_step, writer
-            )
+            step = env_step(envs, chunk, global_step, writer)
+            next_obs, final_obs, reward, terminated, done, lengths, global_step = step
             buffers["rewards"][t] = as_tensor(reward_scaler(reward, gamma**lengths, done))
             buffers["discounts"][t] = as_tensor(gamma**lengths)
             buffers["terminations"][t], buffers["ended"][t] = as_tensor(terminated), as_tensor(done)
             with torch.no_grad():  # V of the state each chunk ended in (bootstraps a time-limit truncation)
                 buffers["next_values"][t] = state_value(value_net, actor.normalize_states(as_tensor(final_obs)))
-        gae_inputs = [
-            buffers[key] for key in ("rewards", "values", "next_values", "terminations", "ended", "discounts")
-        ]
-        advantages, returns = chunk_gae(*gae_inputs, args.gae_lambda)
+        gae_keys = ("rewards", "values", "next_values", "terminations", "ended", "discounts")
+        advantages, returns = chunk_gae(*[buffers[key] for key in gae_keys], args.gae_lambda)
 
         # Update: the clipped surrogate of the Gaussian likelihood ratio + the KL anchor; the value loss.
         batch = {key: value.reshape((-1,) + value.shape[2:]) for key, value in buffers.items()}
@@ -517,17 +505,15 @@ def train_ppo(args: Args, actor: OnlineActor, checkpoint: dict, gamma: float, wr
         for tag, number in log.items():
             writer.add_scalar(tag, number, global_step)
         progress.update(global_step - progress.n)
-        progress.set_postfix(
-            iteration=iteration, value=f"{log['losses/value_loss']:.4f}", sigma=f"{sigma:.3f}", refresh=False
-        )
+        shown = {"iteration": iteration, "value": f"{log['losses/value_loss']:.4f}", "sigma": f"{sigma:.3f}"}
+        progress.set_postfix(shown, refresh=False)
         if global_step >= next_eval or global_step >= args.total_timesteps:
             next_eval = (global_step // args.eval_every + 1) * args.eval_every
             evaluate(global_step, actor, history, writer, args, checkpoint, run["path"])
             # taken after the evaluation, so that a resumed run continues from here
             resume = training_state(global_step, next_eval, iteration, run, gamma, optimizers, reward_scaler, device)
-            write_checkpoint(
-                global_step, actor, {"value": value_net.state_dict()}, history, args, checkpoint, run, resume
-            )
+            learner = {"value": value_net.state_dict()}
+            write_checkpoint(global_step, actor, learner, history, args, checkpoint, run, resume)
     progress.close()
     envs.close()
 
@@ -544,9 +530,7 @@ class ChunkReplay:
     both histories (`anchors`, `next_anchors`), so that an update never runs the diffusion chain."""
 
     def __init__(self, capacity: int, example: dict):
-        self.data = {
-            key: torch.zeros((capacity,) + value.shape[1:], device=value.device) for key, value in example.items()
-        }
+        self.data = {key: value.new_zeros((capacity,) + value.shape[1:]) for key, value in example.items()}
         self.capacity, self.size, self.position = capacity, 0, 0
 
     def add(self, rows: dict) -> None:
@@ -574,10 +558,7 @@ def offline_replay(checkpoint: dict, actor: OnlineActor, rows: int, gamma: float
     device = actor.log_std.device
     keys = ("states", "next_states", "chunks", "rewards", "mask", "dones")
     data = {key: torch.as_tensor(data[key][index], dtype=torch.float32, device=device) for key in keys}
-    replay = {
-        "states": actor.normalize_states(data["states"]),
-        "next_states": actor.normalize_states(data["next_states"]),
-    }
+    replay = {key: actor.normalize_states(data[key]) for key in ("states", "next_states")}
     for key in ("states", "next_states"):
         anchors = [actor.anchor_mean(histories) for histories in replay[key].split(4096)]
         replay[key.replace("states", "anchors")] = torch.cat(anchors)
@@ -593,9 +574,8 @@ def mixed_sample(offline: ChunkReplay, online: ChunkReplay, batch_size: int, off
     the online replay (all offline while it is empty). Returns the batch, offline rows first, and
     the number of offline rows."""
     num_offline = batch_size if online.size == 0 else round(batch_size * offline_ratio)
-    parts = [offline.sample(num_offline)] + (
-        [online.sample(batch_size - num_offline)] if num_offline < batch_size else []
-    )
+    parts = [offline.sample(num_offline)]
+    parts += [online.sample(batch_size - num_offline)] if num_offline < batch_size else []
     return {key: torch.cat([part[key] for part in parts]) for key in parts[0]}, num_offline
 
 

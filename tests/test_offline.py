@@ -171,8 +171,8 @@ def test_command_line_refuses_bad_names(minari_path, tmp_path):
     result = run_offline(["--env-id", "hopper-medium-replay"], minari_path, tmp_path)
     assert result.returncode == 2 and "Valid names: hopper-simple" in result.stderr
     assert "Traceback" not in result.stderr
-    result = run_offline(["--action-steps", "9"], minari_path, tmp_path)  # checked before any data is read
-    assert result.returncode == 2 and "--action-steps must be between 1 and --horizon (4)" in result.stderr
+    result = run_offline(["--ddim-steps", "30"], minari_path, tmp_path)  # checked before any data is read
+    assert result.returncode == 2 and "--ddim-steps must be at most --diffusion-steps (20)" in result.stderr
     result = run_offline(["--dataset-id", "mujoco/walker2d/medium-v0"], minari_path, tmp_path)
     assert result.returncode == 2 and "MINARI_DATASETS_PATH" in result.stderr
     assert not (tmp_path / "runs").exists()  # nothing started
