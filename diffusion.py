@@ -20,7 +20,7 @@ Reading order:
 Conventions: actions live in [-1, 1] inside the policy (scaled from the action space bounds);
 states are normalized with frozen dataset statistics held as buffers, so they travel with the
 checkpoint. Shapes: B = batch of states, n = sub-policies, H = chunk length, A = act_dim,
-To = number of conditioning states (`obs_horizon`).
+To = number of conditioning states (`history_size`).
 """
 
 import math
@@ -90,20 +90,20 @@ class MLPDenoiser(nn.Module):
         self,
         obs_dim: int,
         act_dim: int,
-        horizon: int,
-        obs_horizon: int,
+        chunk_size: int,
+        history_size: int,
         hidden: int = 256,
         layers: int = 3,
         step_dim: int = 32,
     ):
         super().__init__()
         self.step_embedding = StepEmbedding(step_dim)
-        in_dim = horizon * act_dim + obs_horizon * obs_dim + step_dim
+        in_dim = chunk_size * act_dim + history_size * obs_dim + step_dim
         blocks, width = [], in_dim
         for _ in range(layers):
             blocks += [nn.Linear(width, hidden), nn.Mish()]
             width = hidden
-        self.net = nn.Sequential(*blocks, nn.Linear(width, horizon * act_dim))
+        self.net = nn.Sequential(*blocks, nn.Linear(width, chunk_size * act_dim))
 
     def forward(self, noisy_chunks, steps, states):
         batch = noisy_chunks.shape[0]
@@ -158,7 +158,7 @@ class StateCrossAttention(nn.Module):
 class UNetTransformerDenoiser(nn.Module):
     """The paper's denoiser (docs/design.md): a 1-D temporal U-Net over the action chunk with FiLM
     conditioning on [step embedding, state embedding], and a Transformer cross-attention block
-    at the bottleneck whose keys/values are the last `obs_horizon` states, one token each.
+    at the bottleneck whose keys/values are the last `history_size` states, one token each.
 
     The chunk axis is the convolution axis (channels = action dims at the input). Each level
     halves the length (stride-2 conv, ceil for odd lengths); the decoder upsamples and crops
@@ -169,8 +169,8 @@ class UNetTransformerDenoiser(nn.Module):
         self,
         obs_dim: int,
         act_dim: int,
-        horizon: int,
-        obs_horizon: int,
+        chunk_size: int,
+        history_size: int,
         dims: tuple[int, ...] = (128, 256),
         cond_dim: int = 128,
         heads: int = 4,
@@ -178,8 +178,8 @@ class UNetTransformerDenoiser(nn.Module):
         super().__init__()
         self.step_embedding = StepEmbedding(cond_dim)
         self.state_tokens = nn.Linear(obs_dim, cond_dim)
-        self.token_position = nn.Parameter(torch.zeros(1, obs_horizon, cond_dim))
-        self.cond = nn.Sequential(nn.Linear(cond_dim * (1 + obs_horizon), cond_dim), nn.Mish())
+        self.token_position = nn.Parameter(torch.zeros(1, history_size, cond_dim))
+        self.cond = nn.Sequential(nn.Linear(cond_dim * (1 + history_size), cond_dim), nn.Mish())
         channels = [act_dim, *dims]
         self.down = nn.ModuleList()
         for level, (c_in, c_out) in enumerate(zip(channels[:-1], channels[1:])):
@@ -241,8 +241,8 @@ class PolicyConfig:
 
     obs_dim: int
     act_dim: int
-    horizon: int = 4
-    obs_horizon: int = 2
+    chunk_size: int = 4
+    history_size: int = 2
     denoiser: str = "mlp"
     mlp_hidden: int = 256
     unet_dims: tuple[int, ...] = (128, 256)
@@ -267,7 +267,9 @@ PREDICTIONS = ("epsilon", "sample")
 
 
 def make_denoiser(config: PolicyConfig) -> nn.Module:
-    shape = dict(obs_dim=config.obs_dim, act_dim=config.act_dim, horizon=config.horizon, obs_horizon=config.obs_horizon)
+    shape = dict(
+        obs_dim=config.obs_dim, act_dim=config.act_dim, chunk_size=config.chunk_size, history_size=config.history_size
+    )
     if config.denoiser == "mlp":
         return MLPDenoiser(**shape, hidden=config.mlp_hidden)
     if config.denoiser == "unet":
@@ -304,7 +306,7 @@ class DiffusionPolicy(nn.Module):
         # adaptive perturbation at every DDIM step (its own fixed noise, so that a perturbed
         # sub-policy is still a deterministic function of the state).
         generator = torch.Generator().manual_seed(config.noise_seed)
-        n, h, a = config.n_subpolicies, config.horizon, config.act_dim
+        n, h, a = config.n_subpolicies, config.chunk_size, config.act_dim
         self.register_buffer("sub_policy_noise", torch.randn(n, h, a, generator=generator))
         if config.zero_seed:  # sub-policy 0 is the chain from x_K = 0, the others keep their draws
             self.sub_policy_noise[0] = 0.0
@@ -312,14 +314,14 @@ class DiffusionPolicy(nn.Module):
 
     # ---- units -------------------------------------------------------------------------------
     @property
-    def horizon(self) -> int:
+    def chunk_size(self) -> int:
         """H, the actions per decision (evaluation reads it from any deployable policy)."""
-        return self.config.horizon
+        return self.config.chunk_size
 
     @property
-    def obs_horizon(self) -> int:
+    def history_size(self) -> int:
         """To, the states per decision."""
-        return self.config.obs_horizon
+        return self.config.history_size
 
     def normalize_states(self, states: torch.Tensor) -> torch.Tensor:
         return (states - self.state_mean) / self.state_std
@@ -444,27 +446,29 @@ class OnlineActor(nn.Module):
     - "noise" (PPO's default; DSRL, arXiv 2506.15799): z is sub-policy i's initial noise x_K; mean =
       its fixed seed + a small MLP starting at 0; the chunk is the frozen DDIM chain from z. Online
       RL steers which seed acts in each state: the continuation of "a sub-policy is a seed".
-    - "mlp": the baseline from scratch, no diffusion policy: z is a chunk of `mlp_horizon` actions of
+    - "mlp": the baseline from scratch, no diffusion policy: z is a chunk of `mlp_chunk_size` actions of
       one state (1: the per-step MDP of plain PPO); only `policy`'s statistics and bounds are used.
 
     The environment gets z clipped to [-1, 1] (or the chunk decoded from z); the likelihood is the
     unclipped z's. `anchor_mean` is the offline policy's z (where the actor starts; the anchor).
     """
 
-    def __init__(self, kind: str, policy: DiffusionPolicy, sub_policy: int, init_std: float, mlp_horizon: int = 1):
+    def __init__(self, kind: str, policy: DiffusionPolicy, sub_policy: int, init_std: float, mlp_chunk_size: int = 1):
         super().__init__()
         if kind not in ONLINE_ACTORS:
             raise ValueError(f"unknown online actor {kind!r}; valid: {', '.join(ONLINE_ACTORS)}")
         self.kind, self.sub_policy, self.init_std = kind, sub_policy, init_std
         config = self.policy_config = policy.config
-        self.horizon, self.obs_horizon = (mlp_horizon, 1) if kind == "mlp" else (config.horizon, config.obs_horizon)
+        self.chunk_size, self.history_size = (
+            (mlp_chunk_size, 1) if kind == "mlp" else (config.chunk_size, config.history_size)
+        )
         self.act_dim = config.act_dim
         for name in ("state_mean", "state_std", "action_low", "action_high"):
             self.register_buffer(name, getattr(policy, name).clone())
         self.policy = None if kind == "mlp" else policy.requires_grad_(False)  # the offline policy stays as it is
-        chunk_dim = self.horizon * self.act_dim
-        self.head = ppo_mlp(self.obs_horizon * config.obs_dim, chunk_dim, last_std=0.01 if kind == "mlp" else 0.0)
-        self.log_std = nn.Parameter(torch.full((self.horizon, self.act_dim), math.log(init_std)))
+        chunk_dim = self.chunk_size * self.act_dim
+        self.head = ppo_mlp(self.history_size * config.obs_dim, chunk_dim, last_std=0.01 if kind == "mlp" else 0.0)
+        self.log_std = nn.Parameter(torch.full((self.chunk_size, self.act_dim), math.log(init_std)))
 
     def std(self) -> torch.Tensor:
         return self.log_std.clamp(LOG_STD_MIN, LOG_STD_MAX).exp()
@@ -476,12 +480,12 @@ class OnlineActor(nn.Module):
             return self.policy.sample(states).actions[:, self.sub_policy]
         if self.kind == "noise":
             return self.policy.sub_policy_noise[self.sub_policy].expand(states.shape[0], -1, -1)
-        return torch.zeros(states.shape[0], self.horizon, self.act_dim, device=states.device)
+        return torch.zeros(states.shape[0], self.chunk_size, self.act_dim, device=states.device)
 
     def mean(self, states: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
         """The current mean of z (B, H, A), differentiable; `anchor` = `anchor_mean(states)`, kept from
         the rollout so that an update never runs the frozen chain again."""
-        offset = self.head(states.flatten(1)).view(-1, self.horizon, self.act_dim)
+        offset = self.head(states.flatten(1)).view(-1, self.chunk_size, self.act_dim)
         return offset if self.kind == "mlp" else anchor + offset
 
     def chunk(self, states: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
@@ -512,8 +516,13 @@ class OnlineActor(nn.Module):
 
     def to_checkpoint(self) -> dict:
         """The kind, the sub-policy, the sizes and every tensor (the frozen diffusion policy included)."""
-        horizon = self.horizon if self.kind == "mlp" else 1
-        fields = {"kind": self.kind, "sub_policy": self.sub_policy, "init_std": self.init_std, "mlp_horizon": horizon}
+        chunk_size = self.chunk_size if self.kind == "mlp" else 1
+        fields = {
+            "kind": self.kind,
+            "sub_policy": self.sub_policy,
+            "init_std": self.init_std,
+            "mlp_chunk_size": chunk_size,
+        }
         return fields | {"policy_config": asdict(self.policy_config), "state_dict": self.state_dict()}
 
     @classmethod
@@ -521,7 +530,7 @@ class OnlineActor(nn.Module):
         config = PolicyConfig(**saved["policy_config"])
         zeros, ones = np.zeros(config.obs_dim), np.ones(config.obs_dim)
         policy = DiffusionPolicy(config, zeros, ones, -np.ones(config.act_dim), np.ones(config.act_dim))
-        actor = cls(saved["kind"], policy, saved["sub_policy"], saved["init_std"], saved["mlp_horizon"])
+        actor = cls(saved["kind"], policy, saved["sub_policy"], saved["init_std"], saved["mlp_chunk_size"])
         actor.load_state_dict(saved["state_dict"])  # the real statistics, bounds and weights
         return actor
 

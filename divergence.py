@@ -13,7 +13,7 @@ Three pieces, all plain functions over tensors:
    disagreement term read on dataset sequences (`subpolicy_terms`) or on each sub-policy's own
    sequence (`own_sequence_repulsion`).
 
-Shapes: an action sequence (chunk) is (..., H, act_dim), H = chunk length (`--horizon`).
+Shapes: an action sequence (chunk) is (..., H, act_dim), H = chunk length (`--chunk-size`).
 """
 
 import torch
@@ -52,14 +52,14 @@ def kinematic_divergence(chunks_i: torch.Tensor, chunks_j: torch.Tensor) -> torc
     Used as a measurement and a control signal only: its gradient is undefined (NaN) where an
     acceleration is exactly zero, so callers detach its inputs.
     """
-    horizon = chunks_i.shape[-2]
+    length = chunks_i.shape[-2]
     out = torch.zeros(
         torch.broadcast_shapes(chunks_i.shape, chunks_j.shape)[:-2], dtype=chunks_i.dtype, device=chunks_i.device
     )
-    if horizon >= 2:
+    if length >= 2:
         velocity_gap = velocity(chunks_i) - velocity(chunks_j)
         out = out + torch.linalg.vector_norm(velocity_gap, dim=-1).mean(-1)
-    if horizon >= 3:
+    if length >= 3:
         acc_i, acc_j = acceleration(chunks_i), acceleration(chunks_j)
         dot = (acc_i * acc_j).sum(-1)
         norms = torch.sqrt((acc_i * acc_i).sum(-1) * (acc_j * acc_j).sum(-1))

@@ -389,10 +389,10 @@ class ChunkCritics(nn.Module):
     """
 
     def __init__(
-        self, obs_dim: int, act_dim: int, horizon: int, hidden: int = 256, layers: int = 3, layer_norm: bool = False
+        self, obs_dim: int, act_dim: int, chunk_size: int, hidden: int = 256, layers: int = 3, layer_norm: bool = False
     ):
         super().__init__()
-        chunk_dim = horizon * act_dim
+        chunk_dim = chunk_size * act_dim
         self.q1 = mlp(obs_dim + chunk_dim, hidden, layers, 1, layer_norm)
         self.q2 = mlp(obs_dim + chunk_dim, hidden, layers, 1, layer_norm)
         self.v = mlp(obs_dim, hidden, layers, 1)
@@ -541,8 +541,8 @@ def am_q_rollouts(
         for states, actions, alive in zip(*(reversed(rollout[key]) for key in ("states", "actions", "alive"))):
             to_go = dynamics.uncertainty(states, actions) * alive + gamma * to_go
             penalties_to_go.append(to_go)
-        horizon = len(rollout["states"]) // len(q)
-        q = q - uncertainty_penalty * torch.stack(penalties_to_go[::-1][::horizon])
+        steps = len(rollout["states"]) // len(q)
+        q = q - uncertainty_penalty * torch.stack(penalties_to_go[::-1][::steps])
     return torch.where(visited, q, 0.0).sum(0), visited.sum(0).to(q.dtype)
 
 

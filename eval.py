@@ -168,7 +168,7 @@ def build_combined(sources: list, combined_id: str) -> None:
             os.environ["MINARI_DATASETS_PATH"] = previous
 
 
-def chunk_episode(observations, actions, rewards, terminations, horizon, obs_horizon, gamma) -> dict:
+def chunk_episode(observations, actions, rewards, terminations, chunk_size, history_size, gamma) -> dict:
     """One episode -> one chunked transition per time step t (docs/design.md, "Data").
 
     states      (T, To, S)  s_{t-To+1..t}, the first state repeated before the episode start
@@ -184,16 +184,16 @@ def chunk_episode(observations, actions, rewards, terminations, horizon, obs_hor
     """
     length = len(actions)  # T; observations has T + 1 entries (the final one included)
     steps = np.arange(length)
-    chunk_steps = steps[:, None] + np.arange(horizon)[None, :]
+    chunk_steps = steps[:, None] + np.arange(chunk_size)[None, :]
     mask = chunk_steps < length
     clipped = np.minimum(chunk_steps, length - 1)
-    history = np.arange(-obs_horizon + 1, 1)[None, :]
-    next_steps = np.minimum(steps + horizon, length)
+    history = np.arange(-history_size + 1, 1)[None, :]
+    next_steps = np.minimum(steps + chunk_size, length)
     return {
         "states": observations[np.maximum(steps[:, None] + history, 0)],
         "chunks": actions[clipped],
         "mask": mask.astype(np.float32),
-        "rewards": (np.where(mask, rewards[clipped], 0.0) * gamma ** np.arange(horizon)).sum(1),
+        "rewards": (np.where(mask, rewards[clipped], 0.0) * gamma ** np.arange(chunk_size)).sum(1),
         "next_states": observations[np.maximum(next_steps[:, None] + history, 0)],
         "dones": (np.where(mask, terminations[clipped], False)).any(1).astype(np.float32),
         "step_next_states": observations[steps + 1],
@@ -202,14 +202,16 @@ def chunk_episode(observations, actions, rewards, terminations, horizon, obs_hor
     }
 
 
-def chunk_dataset(dataset: minari.MinariDataset, horizon: int, obs_horizon: int, gamma: float) -> dict:
+def chunk_dataset(dataset: minari.MinariDataset, chunk_size: int, history_size: int, gamma: float) -> dict:
     """All episodes chunked and concatenated, plus the raw states for the normalization."""
     parts, all_states = [], []
     for episode in dataset.iterate_episodes():
         observations = np.asarray(episode.observations, dtype=np.float32)
         actions, rewards = (np.asarray(x, dtype=np.float32) for x in (episode.actions, episode.rewards))
         parts.append(
-            chunk_episode(observations, actions, rewards, np.asarray(episode.terminations), horizon, obs_horizon, gamma)
+            chunk_episode(
+                observations, actions, rewards, np.asarray(episode.terminations), chunk_size, history_size, gamma
+            )
         )
         all_states.append(observations[:-1])
     data = {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
@@ -265,28 +267,28 @@ class ChunkEnv(gym.Wrapper):
 
     One action is a whole chunk (H, A) in environment units; `step` executes its actions until
     the chunk ends or the episode does (the rest of the chunk is dropped, never carried into the
-    next episode). The observation is the history of the last `obs_horizon` states (To, S), the
+    next episode). The observation is the history of the last `history_size` states (To, S), the
     first state repeated at an episode start, as the policy was trained. The reward is the
     discounted chunk reward R^H = sum_h gamma^h r_h over the executed steps; `info` adds
     "chunk_length" L (the discount to the next decision is gamma^L).
     Because a chunk never crosses an episode boundary, a vector env's autoreset is safe at the
     chunk level. Evaluation uses it too, with gamma 1 (undiscounted returns) and, for a receding
-    horizon, chunks cut to their first `action_steps` actions.
+    chunk_size, chunks cut to their first `action_steps` actions.
     """
 
-    def __init__(self, env: gym.Env, horizon: int, obs_horizon: int, gamma: float):
+    def __init__(self, env: gym.Env, chunk_size: int, history_size: int, gamma: float):
         super().__init__(env)
-        self.obs_horizon, self.gamma = obs_horizon, gamma
+        self.history_size, self.gamma = history_size, gamma
         obs_space, act_space = env.observation_space, env.action_space
-        self.observation_space = gym.spaces.Box(-np.inf, np.inf, (obs_horizon, *obs_space.shape), np.float64)
+        self.observation_space = gym.spaces.Box(-np.inf, np.inf, (history_size, *obs_space.shape), np.float64)
         self.action_space = gym.spaces.Box(
-            np.tile(act_space.low, (horizon, 1)), np.tile(act_space.high, (horizon, 1)), dtype=act_space.dtype
+            np.tile(act_space.low, (chunk_size, 1)), np.tile(act_space.high, (chunk_size, 1)), dtype=act_space.dtype
         )
-        self.history = deque(maxlen=obs_horizon)
+        self.history = deque(maxlen=history_size)
 
     def reset(self, **kwargs):
         obs, info = self.env.reset(**kwargs)
-        self.history.extend([obs] * self.obs_horizon)
+        self.history.extend([obs] * self.history_size)
         return np.stack(self.history), info
 
     def step(self, chunk):
@@ -312,12 +314,12 @@ def run_chunk_episodes(policy, envs: list, sub_policy_of, seeds, action_steps: i
     adaptive perturbation couples them), and environment k executes its sub-policy's chunk.
     `action_steps` < H re-plans sooner (receding horizon); default: the whole chunk.
     """
-    horizon, obs_horizon = policy.horizon, policy.obs_horizon
-    action_steps = action_steps or horizon
-    if not 1 <= action_steps <= horizon:
-        raise ValueError(f"action_steps must be in [1, {horizon}], got {action_steps}")
+    chunk_size, history_size = policy.chunk_size, policy.history_size
+    action_steps = action_steps or chunk_size
+    if not 1 <= action_steps <= chunk_size:
+        raise ValueError(f"action_steps must be in [1, {chunk_size}], got {action_steps}")
     # gamma 1: a chunk's reward is the plain sum of its rewards, so returns are undiscounted.
-    chunk_envs = [ChunkEnv(env, horizon, obs_horizon, gamma=1.0) for env in envs]
+    chunk_envs = [ChunkEnv(env, chunk_size, history_size, gamma=1.0) for env in envs]
     histories = [chunk_env.reset(seed=int(seed))[0] for chunk_env, seed in zip(chunk_envs, seeds)]
     live = np.ones(len(envs), dtype=bool)
     returns, lengths = np.zeros(len(envs)), np.zeros(len(envs), dtype=np.int64)
@@ -518,7 +520,10 @@ REQUIRED = {
     "online": (
         *("args", "global_step", "env_id", "max_episode_steps", "dataset_id", "ref_min_score", "ref_max_score"),
         *("offline_checkpoint", "sub_policy", "selection", "history.step", "history.scores"),
-        *(f"actor.{name}" for name in ("kind", "sub_policy", "init_std", "mlp_horizon", "policy_config", "state_dict")),
+        *(
+            f"actor.{name}"
+            for name in ("kind", "sub_policy", "init_std", "mlp_chunk_size", "policy_config", "state_dict")
+        ),
     ),
 }
 
@@ -846,7 +851,7 @@ def score_row(args: PolicyArgs, checkpoint: dict, policy, label: str, sub_policy
     return row | {"mean": float(scores.mean()), "std": float(scores.std())}
 
 
-def dataset_state_histories(dataset_id: str, count: int, obs_horizon: int, seed: int) -> np.ndarray:
+def dataset_state_histories(dataset_id: str, count: int, history_size: int, seed: int) -> np.ndarray:
     """`count` state histories (count, To, S) at uniformly drawn steps of the local dataset, the
     first state of an episode repeated before its start (as in training)."""
     try:
@@ -856,7 +861,7 @@ def dataset_state_histories(dataset_id: str, count: int, obs_horizon: int, seed:
                 f"the dataset {dataset_id!r} of this checkpoint is not in MINARI_DATASETS_PATH={path}; "
                 f"get it with `minari download {dataset_id}`"
             )
-        states = chunk_dataset(dataset, 1, obs_horizon, 1.0)["states"]  # the histories of training
+        states = chunk_dataset(dataset, 1, history_size, 1.0)["states"]  # the histories of training
     except Exception as error:  # minari and h5py raise many types for a damaged or truncated file
         reason = str(error) if isinstance(error, DatasetError) else f"cannot be read ({type(error).__name__})"
         fail(
@@ -872,9 +877,9 @@ def policy_command(args: PolicyArgs) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     checkpoint = load_or_fail(args.checkpoint)
     online = checkpoint.get("phase") == "online"
-    horizon = (checkpoint["actor"]["policy_config"] if online else checkpoint["policy"]["config"])["horizon"]
-    if args.action_steps is not None and args.action_steps > horizon:
-        fail(f"--action-steps must be at most the checkpoint's horizon H = {horizon}, got {args.action_steps}")
+    chunk_size = (checkpoint["actor"]["policy_config"] if online else checkpoint["policy"]["config"])["chunk_size"]
+    if args.action_steps is not None and args.action_steps > chunk_size:
+        fail(f"--action-steps must be at most the checkpoint's chunk size H = {chunk_size}, got {args.action_steps}")
     if online and args.sub_policy is not None:
         fail(SUB_POLICY_OF_ONLINE)
     n, base = 1, None
@@ -912,7 +917,7 @@ def policy_command(args: PolicyArgs) -> dict:
         result["ope_spearman"] = spearman_correlation([r["ope"] for r in base_rows], [r["mean"] for r in base_rows])
     if args.divergence and n > 1:  # an offline checkpoint's sub-policies
         states = dataset_state_histories(
-            checkpoint["dataset_id"], args.divergence_states, base.config.obs_horizon, args.seed
+            checkpoint["dataset_id"], args.divergence_states, base.config.history_size, args.seed
         )
         with torch.no_grad():  # in the policy's [-1, 1] action units, as logged in training
             chunks = base.sample(base.normalize_states(torch.as_tensor(states, dtype=torch.float32, device=device)))

@@ -91,10 +91,10 @@ class Args:
     """dataset `<env>-<quality>`, the Minari id `mujoco/<env>/<quality>-v0`"""
     dataset_id: str | None = None
     """any Minari dataset id (e.g. `D4RL/pen/human-v2`); overrides `--env-id`"""
-    horizon: int = 4
+    chunk_size: int = 4
     """H, actions per chunk: the policy models and executes a_{t:t+H}"""
-    obs_horizon: int = 2
-    """states per decision: the last `obs_horizon` states condition the policy"""
+    history_size: int = 2
+    """To, states per decision: the last To states condition the policy"""
     gamma: float = 0.99
     """discount (the chunk reward R_t^H = sum_h gamma^h r_{t+h})"""
 
@@ -139,7 +139,7 @@ class Args:
     """train the critics and the dynamics model, score with AM-Q"""
     ope_states: int = 256
     """dataset start states of every model evaluation (AM-Q, the choice)"""
-    ope_horizon: int = 400
+    ope_steps: int = 400
     """environment steps of every AM-Q rollout in the model"""
 
     # Diffusion augmentation of the dynamics model's data (paper component 3)
@@ -205,12 +205,12 @@ PAPER_SCALE |= {"dynamics_warmup": 50_000, "augment_every": 50_000, "improvement
 # Every numeric flag's range (`eval.out_of_range`): upper bounds far above every setting used here, so
 # that a request that cannot fit in memory or time is refused before anything is allocated.
 RANGES = {
-    **{"seed": SEED_RANGE, "horizon": "[1, 64]", "obs_horizon": "[1, 64]", "gamma": "(0, 1]"},
+    **{"seed": SEED_RANGE, "chunk_size": "[1, 64]", "history_size": "[1, 64]", "gamma": "(0, 1]"},
     **{"mlp_hidden": "[1, 4096]", "diffusion_steps": "[2, 1000]", "ddim_steps": "[1, 1000]", "tau": "(0, 1000]"},
     **{"n_subpolicies": "[1, 64]", "eta": "[0, 10]", "disagreement_coef": "[0, 1000]"},
     **{"disagreement_every": "[1, 1000000]"},
     **{"total_steps": "[0, 10000000]", "batch_size": "[1, 65536]", "learning_rate": "(0, 1]"},
-    **{"ope_states": "[1, 4096]", "ope_horizon": "[1, 1000]", "augment_ratio": "[0, 100]"},
+    **{"ope_states": "[1, 4096]", "ope_steps": "[1, 1000]", "augment_ratio": "[0, 100]"},
     **{"dynamics_warmup": "[0, 10000000]", "augment_every": "[1, 10000000]", "augment_starts": "[1, 10000000]"},
     **{"num_qualified": "[0, 64]", "improvement_steps": "[1, 1000000]", "ope_every": "[1, 1000000]"},
     **{"gate_confidence": "[0, 1)", "gate_margin": "[0, 1)", "q_weight": "[0, 1000000]"},
@@ -228,9 +228,9 @@ def check_args(args: Args) -> str | None:
         return "--total-steps must be >= 1 (0 only with --init-checkpoint, which skips the loop)"
     if not args.ddim_steps <= args.diffusion_steps:
         return f"--ddim-steps must be at most --diffusion-steps ({args.diffusion_steps}), got {args.ddim_steps}"
-    if args.eta > 0 and args.n_subpolicies > 1 and args.horizon < 3:
+    if args.eta > 0 and args.n_subpolicies > 1 and args.chunk_size < 3:
         return (
-            "the kinematic divergence needs --horizon >= 3 (velocity and acceleration); use --eta 0 for shorter chunks"
+            "the kinematic divergence needs --chunk-size >= 3 (velocity, acceleration); use --eta 0 for shorter chunks"
         )
     if args.num_qualified > 0 and not args.ope:
         return (
@@ -435,7 +435,7 @@ class SubPolicyOPE:
     dynamics: EnsembleDynamics
     is_terminal: object  # the task's termination rule on raw next states
     start_histories: torch.Tensor  # (N, To, S) raw dataset state histories
-    horizon: int
+    rollout_steps: int
     seed: int
     gamma: float
 
@@ -453,21 +453,21 @@ class SubPolicyOPE:
             model.normalize_states(raw_states), model.scale_actions(env_chunks)
         )
         generator = torch.Generator(device=self.start_histories.device).manual_seed(self.seed)
-        model_parts = (self.dynamics, self.is_terminal, self.start_histories, self.horizon, generator)
+        model_parts = (self.dynamics, self.is_terminal, self.start_histories, self.rollout_steps, generator)
         return am_q_rollouts(
             self.chunk_policy(model, sub_policy), q_function, *model_parts, uncertainty_penalty, self.gamma
         )
 
     @torch.no_grad()
     def returns(self, model: DiffusionPolicy, sub_policy: int) -> torch.Tensor:
-        """The model's return per start state over `horizon` steps (`dynamics.model_returns`)."""
+        """The model's return per start state over `rollout_steps` steps (`dynamics.model_returns`)."""
         generator = torch.Generator(device=self.start_histories.device).manual_seed(self.seed)
         return model_returns(
             self.chunk_policy(model, sub_policy),
             self.dynamics,
             self.is_terminal,
             self.start_histories,
-            self.horizon,
+            self.rollout_steps,
             generator,
         )
 
@@ -492,7 +492,7 @@ def offline_models(args: Args, config: PolicyConfig, tensors: dict, is_terminal,
     holdout, ope, augmented)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(args.seed + 1)
-        critics = ChunkCritics(config.obs_dim, config.act_dim, args.horizon).to(device)
+        critics = ChunkCritics(config.obs_dim, config.act_dim, args.chunk_size).to(device)
         dynamics = EnsembleDynamics(config.obs_dim, config.act_dim).to(device)
     critic_optimizer = torch.optim.Adam(critics.parameters(), lr=CRITIC_LEARNING_RATE)
     dynamics_optimizer = torch.optim.Adam(dynamics.parameters(), lr=DYNAMICS_LEARNING_RATE)
@@ -506,7 +506,7 @@ def offline_models(args: Args, config: PolicyConfig, tensors: dict, is_terminal,
     # AM-Q start states: fixed dataset state histories (raw units), fixed model noise.
     ope_index = torch.randperm(num_chunks, generator=split_generator)[: args.ope_states].to(device)
     ope = SubPolicyOPE(
-        critics, dynamics, is_terminal, tensors["raw_histories"][ope_index], args.ope_horizon, args.seed + 2, args.gamma
+        critics, dynamics, is_terminal, tensors["raw_histories"][ope_index], args.ope_steps, args.seed + 2, args.gamma
     )
     # The augmentation buffer (docs/design.md, "Dynamics model and diffusion augmentation").
     augmented = {
@@ -617,7 +617,7 @@ def write_checkpoint(path, step, args, task: dict, policy, models, history, impr
         )
     model_parts = {}
     if models is not None:
-        sizes = {"obs_dim": policy.config.obs_dim, "act_dim": policy.config.act_dim, "horizon": policy.config.horizon}
+        sizes = {name: getattr(policy.config, name) for name in ("obs_dim", "act_dim", "chunk_size")}
         model_parts["critics"] = {"config": sizes, "state_dict": models.critics.state_dict()}
         model_parts["dynamics"] = {
             "config": models.dynamics.constructor_kwargs(),
@@ -759,7 +759,7 @@ def read_chunks(dataset, task: dict, args: Args, device) -> dict:
     if device.type == "cpu" and (args.denoiser == "unet" or args.total_steps > 100_000):
         print("warning: the U-Net or a paper-scale budget is sized for a GPU; the defaults are the CPU setting")
     try:
-        data = chunk_dataset(dataset, args.horizon, args.obs_horizon, args.gamma)
+        data = chunk_dataset(dataset, args.chunk_size, args.history_size, args.gamma)
         shapes = f"{len(data['chunks'])} chunks, obs {data['all_states'].shape[1]}, act {data['chunks'].shape[2]}"
         print(f"{task['dataset_id']}: {dataset.total_episodes} episodes, {shapes}, device {device}")
         return data

@@ -2,7 +2,7 @@
 
     python uepo_online.py --checkpoint runs/<offline run>/offline.pt     # TD3 on chunks, 250k env steps
     python uepo_online.py --checkpoint ... --algo ppo                   # the paper's PPO, 1M
-    python uepo_online.py --checkpoint ... --actor mlp --mlp-horizon 4  # RLPD-style: a fresh actor
+    python uepo_online.py --checkpoint ... --actor mlp --mlp-chunk-size 4  # RLPD-style: a fresh actor
     python uepo_online.py --resume runs/<run>/online.pt                 # continue a PPO run
 
 1. Load the offline checkpoint (refused, with the reason, if it is corrupt, unfinished, or made for
@@ -91,7 +91,7 @@ class Args:
     """the learner: TD3 on chunks with the offline data, or PPO (the paper's)"""
     actor: Literal["residual", "noise", "mlp"] | None = None
     """what is trained: a residual on the chunk, the initial noise, or a fresh MLP"""
-    mlp_horizon: int = 1
+    mlp_chunk_size: int = 1
     """actions per decision of `--actor mlp`"""
     init_std: float | None = None
     """initial std of the actor's Gaussian (default: `INIT_STD` of the actor)"""
@@ -177,7 +177,7 @@ def with_algo_defaults(args: Args) -> Args:
 
 # Every numeric flag's range (`eval.out_of_range`), far above every setting used.
 RANGES = {
-    **{"seed": SEED_RANGE, "mlp_horizon": "[1, 64]", "init_std": "(0, 2]", "total_timesteps": "[1, 100000000]"},
+    **{"seed": SEED_RANGE, "mlp_chunk_size": "[1, 64]", "init_std": "(0, 2]", "total_timesteps": "[1, 100000000]"},
     **{"num_envs": "[1, 256]", "learning_rate": "(0, 1]", "anchor_coef": "[0, 1000]", "anchor_floor": "[0, 1]"},
     **{"selection_top": "[1, 64]", "selection_episodes": "[1, 1000]", "num_steps": "[1, 4096]"},
     **{"gae_lambda": "[0, 1]", "num_minibatches": "[1, 65536]", "update_epochs": "[1, 1000]"},
@@ -235,12 +235,12 @@ def make_envs(checkpoint: dict, actor: OnlineActor, num_envs: int, gamma: float)
     autoreset: an episode that ends returns its final observation in the infos and is reset in the
     same call; a chunk never crosses an episode boundary (ChunkEnv)."""
     make = functools.partial(gym.make, checkpoint["env_id"], max_episode_steps=checkpoint["max_episode_steps"])
-    thunk = functools.partial(chunk_env, make, actor.horizon, actor.obs_horizon, gamma)
+    thunk = functools.partial(chunk_env, make, actor.chunk_size, actor.history_size, gamma)
     return gym.vector.SyncVectorEnv([thunk] * num_envs, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
 
 
-def chunk_env(make, horizon: int, obs_horizon: int, gamma: float) -> ChunkEnv:
-    return ChunkEnv(gym.wrappers.RecordEpisodeStatistics(make()), horizon, obs_horizon, gamma)
+def chunk_env(make, chunk_size: int, history_size: int, gamma: float) -> ChunkEnv:
+    return ChunkEnv(gym.wrappers.RecordEpisodeStatistics(make()), chunk_size, history_size, gamma)
 
 
 def step_info(infos: dict, key: str, ended: np.ndarray) -> np.ndarray:
@@ -433,7 +433,7 @@ def train_ppo(args: Args, actor: OnlineActor, checkpoint: dict, gamma: float, wr
     alone for `--critic-warmup` rollouts, both learning rates annealed to LR_FLOOR of their start.
     `resumed`: the online checkpoint of --resume (None: from the hand-over)."""
     device = run["device"]
-    value_net = ppo_mlp(actor.obs_horizon * actor.policy_config.obs_dim, 1, last_std=1.0).to(device)
+    value_net = ppo_mlp(actor.history_size * actor.policy_config.obs_dim, 1, last_std=1.0).to(device)
     # Separate optimizers and gradient clipping: the actor's and the critic's steps do not compete.
     trained = [parameter for parameter in actor.parameters() if parameter.requires_grad]  # the head and log-std
     actor_optimizer = torch.optim.Adam(trained, lr=args.learning_rate, eps=1e-5)
@@ -441,8 +441,8 @@ def train_ppo(args: Args, actor: OnlineActor, checkpoint: dict, gamma: float, wr
     optimizers = (actor_optimizer, value_optimizer)
     envs = make_envs(checkpoint, actor, args.num_envs, gamma)
     reward_scaler = RewardScaler(args.num_envs)
-    shape, decision_shape = (args.num_steps, args.num_envs), (actor.horizon, actor.act_dim)
-    buffers = {"obs": torch.zeros(shape + (actor.obs_horizon, actor.policy_config.obs_dim), device=device)}
+    shape, decision_shape = (args.num_steps, args.num_envs), (actor.chunk_size, actor.act_dim)
+    buffers = {"obs": torch.zeros(shape + (actor.history_size, actor.policy_config.obs_dim), device=device)}
     buffers |= {key: torch.zeros(shape + decision_shape, device=device) for key in ("decisions", "anchors")}
     scalars = ("log_probs", "rewards", "values", "next_values", "terminations", "ended", "discounts")
     buffers |= {key: torch.zeros(shape, device=device) for key in scalars}
@@ -553,7 +553,7 @@ def offline_replay(checkpoint: dict, actor: OnlineActor, rows: int, gamma: float
         dataset, *_ = load_dataset(checkpoint["args"]["env_id"], checkpoint["dataset_id"])
     except DatasetError as error:
         fail(str(error))
-    data = chunk_dataset(dataset, actor.horizon, actor.obs_horizon, gamma)
+    data = chunk_dataset(dataset, actor.chunk_size, actor.history_size, gamma)
     index = torch.randperm(len(data["chunks"]), generator=torch.Generator().manual_seed(seed))[:rows].numpy()
     device = actor.log_std.device
     keys = ("states", "next_states", "chunks", "rewards", "mask", "dones")
@@ -636,7 +636,7 @@ def train_td3(args: Args, actor: OnlineActor, checkpoint: dict, gamma: float, wr
     `--utd-ratio` critic updates per environment on mixed batches, the actor updated every
     POLICY_FREQUENCY of them. No --resume: the checkpoint keeps the learner, not the replay."""
     device = run["device"]
-    critics = ChunkCritics(actor.policy_config.obs_dim, actor.act_dim, actor.horizon, layer_norm=True).to(device)
+    critics = ChunkCritics(actor.policy_config.obs_dim, actor.act_dim, actor.chunk_size, layer_norm=True).to(device)
     target_critics = copy.deepcopy(critics).requires_grad_(False)
     critic_optimizer = torch.optim.Adam(critics.parameters(), lr=CRITIC_LEARNING_RATE)
     actor_optimizer = torch.optim.Adam(actor.head.parameters(), lr=args.learning_rate)
@@ -825,7 +825,7 @@ if __name__ == "__main__":
 
     # The actor: a Gaussian over decisions z whose mean is the deployed policy (diffusion.OnlineActor).
     if resumed is None:
-        actor = OnlineActor(args.actor, policy, sub_policy, args.init_std, args.mlp_horizon).to(device)
+        actor = OnlineActor(args.actor, policy, sub_policy, args.init_std, args.mlp_chunk_size).to(device)
     else:  # as saved at its last evaluation
         actor = built_or_fail(args.resume, resumed["actor"], "the actor", device).train()
     # Fine-tuning: TD3 on chunks with the offline data (the default), or the paper's PPO.

@@ -4,7 +4,7 @@
     MINARI_DATASETS_PATH=<folder> python benchmarks/baselines.py --env-id hopper-medium --algo td3-bc
 
 - `mse-bc`: behaviour cloning by mean squared error, an MLP from the state to the action.
-  `--horizon H --obs-horizon To` clone chunks instead (the MLP predicts H actions from To states,
+  `--chunk-size H --history-size To` clone chunks instead (the MLP predicts H actions from To states,
   executed open loop like the diffusion policy's chunks): the same learner as the diffusion
   policy's simplest rival on the same decision unit, a probe of what the chunking costs.
 - `td3-bc`: TD3+BC (Fujimoto & Gu 2021) with its published recipe: normalized states, actor and
@@ -65,9 +65,9 @@ class Args:
     """Adam learning rate of every network"""
     hidden: int = 256
     """width of the two hidden layers"""
-    horizon: int = 1
+    chunk_size: int = 1
     """mse-bc: actions per decision (executed open loop)"""
-    obs_horizon: int = 1
+    history_size: int = 1
     """mse-bc: states per decision"""
     gamma: float = 0.99
     """td3-bc: discount"""
@@ -85,15 +85,15 @@ class ChunkMLP(nn.Module):
     """To states (normalized, flattened) -> H actions in [-1, 1] (tanh). The policy interface of
     `eval.evaluate_sub_policies`: `act` maps raw state histories (B, To, S) to (B, 1, H, A)."""
 
-    def __init__(self, obs_dim, act_dim, horizon, obs_horizon, hidden, state_mean, state_std, low, high):
+    def __init__(self, obs_dim, act_dim, chunk_size, history_size, hidden, state_mean, state_std, low, high):
         super().__init__()
-        self.horizon, self.obs_horizon, self.act_dim = horizon, obs_horizon, act_dim
+        self.chunk_size, self.history_size, self.act_dim = chunk_size, history_size, act_dim
         self.net = nn.Sequential(
-            nn.Linear(obs_horizon * obs_dim, hidden),
+            nn.Linear(history_size * obs_dim, hidden),
             nn.ReLU(),
             nn.Linear(hidden, hidden),
             nn.ReLU(),
-            nn.Linear(hidden, horizon * act_dim),
+            nn.Linear(hidden, chunk_size * act_dim),
             nn.Tanh(),
         )
         for name, value in (("state_mean", state_mean), ("state_std", state_std), ("low", low), ("high", high)):
@@ -101,7 +101,7 @@ class ChunkMLP(nn.Module):
 
     def forward(self, states: torch.Tensor) -> torch.Tensor:
         """Normalized (B, To, S) -> (B, H, A) in [-1, 1]."""
-        return self.net(states.flatten(1)).view(-1, self.horizon, self.act_dim)
+        return self.net(states.flatten(1)).view(-1, self.chunk_size, self.act_dim)
 
     @torch.no_grad()
     def act(self, state_history: np.ndarray) -> np.ndarray:
@@ -176,8 +176,8 @@ RANGES = {
     "total_steps": "[1, 10000000]",
     "batch_size": "[1, 1000000]",
     "hidden": "[1, 4096]",
-    "horizon": "[1, 64]",
-    "obs_horizon": "[1, 64]",
+    "chunk_size": "[1, 64]",
+    "history_size": "[1, 64]",
     "eval_episodes": "[1, 1000]",
     "eval_every": "[0, 10000000]",
     "threads": "[1, 256]",
@@ -191,8 +191,8 @@ RANGES = {
 def check_args(args: Args) -> str | None:
     if (problem := out_of_range(args, RANGES)) is not None:
         return problem
-    if args.algo == "td3-bc" and (args.horizon, args.obs_horizon) != (1, 1):
-        return "td3-bc is per step: --horizon and --obs-horizon must be 1"
+    if args.algo == "td3-bc" and (args.chunk_size, args.history_size) != (1, 1):
+        return "td3-bc is per step: --chunk-size and --history-size must be 1"
     return None
 
 
@@ -222,7 +222,7 @@ if __name__ == "__main__":
         dataset, dataset_id, ref_min, ref_max = load_dataset(args.env_id, args.dataset_id)
     except DatasetError as error:
         fail(str(error))
-    data = chunk_dataset(dataset, args.horizon, args.obs_horizon, args.gamma)
+    data = chunk_dataset(dataset, args.chunk_size, args.history_size, args.gamma)
     env = dataset.recover_environment()
     low, high = env.action_space.low, env.action_space.high
     task = dict(
@@ -244,7 +244,9 @@ if __name__ == "__main__":
     obs_dim, act_dim = data["all_states"].shape[1], data["chunks"].shape[2]
 
     # networks
-    actor = ChunkMLP(obs_dim, act_dim, args.horizon, args.obs_horizon, args.hidden, state_mean, state_std, low, high)
+    actor = ChunkMLP(
+        obs_dim, act_dim, args.chunk_size, args.history_size, args.hidden, state_mean, state_std, low, high
+    )
     nets = {"actor": actor, "actor_optimizer": torch.optim.Adam(actor.parameters(), lr=args.learning_rate)}
     if args.algo == "td3-bc":
         nets["critic"] = twin_critic(obs_dim, act_dim, args.hidden)

@@ -71,7 +71,7 @@ class Actor(nn.Module):
     """CleanRL's SAC actor; `act` is the evaluation interface of `eval.evaluate_sub_policies`
     (one action per decision, one state: raw (B, 1, S) -> (B, 1, 1, A), tanh of the mean)."""
 
-    horizon = obs_horizon = 1
+    chunk_size = history_size = 1
 
     def __init__(self, obs_dim: int, act_dim: int, low, high):
         super().__init__()

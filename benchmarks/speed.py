@@ -133,9 +133,9 @@ def diffusion_speed(args: SpeedArgs, denoiser: str, env: gym.Env, device: torch.
         config, np.zeros(obs_dim), np.ones(obs_dim), env.action_space.low, env.action_space.high
     ).to(device)
     optimizer = torch.optim.Adam(policy.parameters(), lr=3e-4)
-    states = torch.randn(args.batch_size, config.obs_horizon, obs_dim, device=device)
-    chunks = torch.rand(args.batch_size, config.horizon, act_dim, device=device) * 2 - 1
-    mask = torch.ones(args.batch_size, config.horizon, device=device)
+    states = torch.randn(args.batch_size, config.history_size, obs_dim, device=device)
+    chunks = torch.rand(args.batch_size, config.chunk_size, act_dim, device=device) * 2 - 1
+    mask = torch.ones(args.batch_size, config.chunk_size, device=device)
     step_count = [0]
 
     def offline_loss():
@@ -150,7 +150,7 @@ def diffusion_speed(args: SpeedArgs, denoiser: str, env: gym.Env, device: torch.
         return loss
 
     def decision(batch: int):
-        history = np.random.default_rng(0).standard_normal((batch, config.obs_horizon, obs_dim))
+        history = np.random.default_rng(0).standard_normal((batch, config.history_size, obs_dim))
         return lambda: policy.act(history)  # a whole chunk of H actions for all n sub-policies
 
     result = {
@@ -160,7 +160,7 @@ def diffusion_speed(args: SpeedArgs, denoiser: str, env: gym.Env, device: torch.
     policy.eval()
     for batch in (1, 64):
         result[f"decision_latency_ms_batch_{batch}"] = 1000 * median_seconds(decision(batch), args.decisions)
-    result["actions_per_decision"] = config.horizon
+    result["actions_per_decision"] = config.chunk_size
     result["online_env_steps_per_second"] = {
         actor: online_speed(args, policy, env, actor) for actor in ("noise", "residual")
     }

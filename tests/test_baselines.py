@@ -17,9 +17,9 @@ from baselines import ChunkMLP, mse_bc_update, td3_bc_critic_target, twin_critic
 from report import collect_runs  # noqa: E402
 
 
-def constant_actor(value: float, horizon: int = 1, act_dim: int = 2) -> ChunkMLP:
+def constant_actor(value: float, chunk_size: int = 1, act_dim: int = 2) -> ChunkMLP:
     """A ChunkMLP whose output is tanh(value) everywhere (last layer: zero weights, bias value)."""
-    actor = ChunkMLP(3, act_dim, horizon, 1, 8, np.zeros(3), np.ones(3), -np.ones(act_dim), np.ones(act_dim))
+    actor = ChunkMLP(3, act_dim, chunk_size, 1, 8, np.zeros(3), np.ones(3), -np.ones(act_dim), np.ones(act_dim))
     with torch.no_grad():
         actor.net[-2].weight.zero_()
         actor.net[-2].bias.fill_(value)
@@ -29,7 +29,7 @@ def constant_actor(value: float, horizon: int = 1, act_dim: int = 2) -> ChunkMLP
 def test_mse_bc_loss_averages_the_real_positions_only():
     """Prediction 0 against chunks [[1, 1], [3, 3]] and [[2, 2], [9, 9]] with the second position of
     the second chunk padded: the loss is (1 + 9 + 4) / 3, the padded 81 does not count."""
-    actor = constant_actor(0.0, horizon=2)
+    actor = constant_actor(0.0, chunk_size=2)
     optimizer = torch.optim.SGD(actor.parameters(), lr=0.0)
     batch = {
         "states": torch.zeros(2, 1, 3),
@@ -99,7 +99,7 @@ def test_baseline_arguments_are_refused_in_one_line(tmp_path):
     """An out-of-range flag and TD3+BC on chunks exit with code 2 and one line, before any data is read."""
     for arguments, message in (
         (["--total-steps", "0"], "--total-steps must be in [1, 10000000], got 0"),
-        (["--algo", "td3-bc", "--horizon", "4"], "td3-bc is per step: --horizon and --obs-horizon must be 1"),
+        (["--algo", "td3-bc", "--chunk-size", "4"], "td3-bc is per step: --chunk-size and --history-size must be 1"),
         (["--learning-rate", "inf"], "--learning-rate must be in (0, 1], got inf"),
     ):
         result = subprocess.run(

@@ -69,7 +69,7 @@ def test_iql_losses_fall_on_a_fixed_batch():
     """Adam steps on one batch halve the Q loss, and V fits the learned Q far better than a fresh V
     does (the losses are wired to the right networks)."""
     torch.manual_seed(0)
-    critics = ChunkCritics(obs_dim=3, act_dim=2, horizon=4, hidden=32, layers=2)
+    critics = ChunkCritics(obs_dim=3, act_dim=2, chunk_size=4, hidden=32, layers=2)
     target_critics = copy.deepcopy(critics)
     batch = dict(
         states=torch.randn(64, 3),
@@ -90,7 +90,7 @@ def test_iql_losses_fall_on_a_fixed_batch():
     assert losses["q"].item() < 0.5 * first["q"].item()
     with torch.no_grad():
         target_q = target_critics.q(batch["states"], batch["chunks"])
-        fresh_value = ChunkCritics(obs_dim=3, act_dim=2, horizon=4, hidden=32, layers=2).value(batch["states"])
+        fresh_value = ChunkCritics(obs_dim=3, act_dim=2, chunk_size=4, hidden=32, layers=2).value(batch["states"])
         fresh_loss = expectile_loss(target_q - fresh_value, 0.7).item()
     assert losses["value"].item() < 0.5 * fresh_loss  # V depends on s alone: part of the residual is irreducible
 
@@ -351,8 +351,8 @@ def test_layer_norm_critics_stay_bounded_far_from_the_data_where_plain_ones_grow
     homogeneous far out)."""
     torch.manual_seed(0)
     states, chunks = torch.randn(64, 3), torch.randn(64, 4, 2)
-    bounded = ChunkCritics(obs_dim=3, act_dim=2, horizon=4, hidden=32, layers=2, layer_norm=True)
-    plain = ChunkCritics(obs_dim=3, act_dim=2, horizon=4, hidden=32, layers=2)
+    bounded = ChunkCritics(obs_dim=3, act_dim=2, chunk_size=4, hidden=32, layers=2, layer_norm=True)
+    plain = ChunkCritics(obs_dim=3, act_dim=2, chunk_size=4, hidden=32, layers=2)
     assert any(isinstance(layer, torch.nn.LayerNorm) for layer in bounded.q1)
     last = bounded.q1[-1]
     bound = last.weight.norm().item() * 32**0.5 + last.bias.abs().item()

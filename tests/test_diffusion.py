@@ -34,8 +34,8 @@ def make_policy(obs_dim=3, act_dim=2, seed=0, **overrides):
     kwargs = dict(
         obs_dim=obs_dim,
         act_dim=act_dim,
-        horizon=4,
-        obs_horizon=2,
+        chunk_size=4,
+        history_size=2,
         denoiser="mlp",
         mlp_hidden=64,
         unet_dims=(16, 32),
@@ -61,7 +61,7 @@ def make_policy(obs_dim=3, act_dim=2, seed=0, **overrides):
 def random_states(policy, batch, seed=1):
     generator = torch.Generator().manual_seed(seed)
     config = policy.config
-    return torch.randn(batch, config.obs_horizon, config.obs_dim, generator=generator)
+    return torch.randn(batch, config.history_size, config.obs_dim, generator=generator)
 
 
 # ---- schedule ---------------------------------------------------------------------------------
@@ -112,27 +112,27 @@ def test_ddim_timesteps_out_of_range(sample_steps):
 
 
 # ---- denoisers ----------------------------------------------------------------------------------
-@pytest.mark.parametrize("horizon", [1, 3, 4, 5])
-@pytest.mark.parametrize("obs_horizon", [1, 2])
-def test_mlp_denoiser_shape(horizon, obs_horizon):
+@pytest.mark.parametrize("chunk_size", [1, 3, 4, 5])
+@pytest.mark.parametrize("history_size", [1, 2])
+def test_mlp_denoiser_shape(chunk_size, history_size):
     """MLPDenoiser maps (B, H, A) to (B, H, A)."""
     torch.manual_seed(0)
-    net = MLPDenoiser(obs_dim=3, act_dim=2, horizon=horizon, obs_horizon=obs_horizon, hidden=64)
-    x = torch.randn(5, horizon, 2)
-    out = net(x, torch.randint(0, 20, (5,)), torch.randn(5, obs_horizon, 3))
+    net = MLPDenoiser(obs_dim=3, act_dim=2, chunk_size=chunk_size, history_size=history_size, hidden=64)
+    x = torch.randn(5, chunk_size, 2)
+    out = net(x, torch.randint(0, 20, (5,)), torch.randn(5, history_size, 3))
     assert out.shape == x.shape
     assert torch.isfinite(out).all()
 
 
 @pytest.mark.parametrize("dims", [(16, 32), (8, 16, 32)])
-@pytest.mark.parametrize("horizon", [1, 3, 4, 5])
-@pytest.mark.parametrize("obs_horizon", [1, 2])
-def test_unet_denoiser_shape(dims, horizon, obs_horizon):
-    """UNetTransformerDenoiser maps (B, H, A) to (B, H, A) for odd/even/unit horizons."""
+@pytest.mark.parametrize("chunk_size", [1, 3, 4, 5])
+@pytest.mark.parametrize("history_size", [1, 2])
+def test_unet_denoiser_shape(dims, chunk_size, history_size):
+    """UNetTransformerDenoiser maps (B, H, A) to (B, H, A) for odd/even/unit chunk sizes."""
     torch.manual_seed(0)
-    net = UNetTransformerDenoiser(obs_dim=3, act_dim=2, horizon=horizon, obs_horizon=obs_horizon, dims=dims)
-    x = torch.randn(5, horizon, 2)
-    out = net(x, torch.randint(0, 20, (5,)), torch.randn(5, obs_horizon, 3))
+    net = UNetTransformerDenoiser(obs_dim=3, act_dim=2, chunk_size=chunk_size, history_size=history_size, dims=dims)
+    x = torch.randn(5, chunk_size, 2)
+    out = net(x, torch.randint(0, 20, (5,)), torch.randn(5, history_size, 3))
     assert out.shape == x.shape
     assert torch.isfinite(out).all()
 
@@ -171,7 +171,7 @@ class OracleDenoiser(nn.Module):
 
 def test_loss_is_zero_for_oracle_and_respects_mask():
     """The epsilon loss is 0 for a denoiser that knows the chunk; masked positions do not count."""
-    policy = make_policy(horizon=4)
+    policy = make_policy(chunk_size=4)
     torch.manual_seed(6)
     target = 0.5 * torch.rand(4, 2) - 0.25
     policy.denoiser = OracleDenoiser(policy.alpha_bars, target)
@@ -231,14 +231,14 @@ def test_perturbation_with_oracle_is_eta_times_seed_noise():
 
 # ---- sampling ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("denoiser", ["mlp", "unet"])
-@pytest.mark.parametrize("horizon", [1, 3, 4])
-def test_sample_shapes(denoiser, horizon):
+@pytest.mark.parametrize("chunk_size", [1, 3, 4])
+def test_sample_shapes(denoiser, chunk_size):
     """sample gives (B, n, H, A) in [-1, 1]."""
-    policy = make_policy(denoiser=denoiser, horizon=horizon, ddim_steps=4, n_subpolicies=3)
+    policy = make_policy(denoiser=denoiser, chunk_size=chunk_size, ddim_steps=4, n_subpolicies=3)
     states = random_states(policy, 6)
     with torch.no_grad():
         actions = policy.sample(states).actions
-    assert actions.shape == (6, 3, horizon, 2)
+    assert actions.shape == (6, 3, chunk_size, 2)
     assert actions.abs().max().item() <= 1.0
 
 
@@ -375,7 +375,7 @@ MODES = torch.stack([RISING, RISING.flip(0)])  # (2, H, A): rising and falling r
 
 
 def two_mode_batch(batch, generator):
-    """States ~ U(-1, 1)^2 (obs_horizon 1); chunks = rising or falling ramp, 50/50, independent of s."""
+    """States ~ U(-1, 1)^2 (history_size 1); chunks = rising or falling ramp, 50/50, independent of s."""
     states = torch.rand(batch, 1, 2, generator=generator) * 2 - 1
     which = torch.randint(0, 2, (batch,), generator=generator)
     return states, MODES[which]
@@ -388,8 +388,8 @@ def two_mode_fit():
     config = PolicyConfig(
         obs_dim=2,
         act_dim=ACT_DIM,
-        horizon=HORIZON,
-        obs_horizon=1,
+        chunk_size=HORIZON,
+        history_size=1,
         denoiser="mlp",
         mlp_hidden=128,
         diffusion_steps=20,

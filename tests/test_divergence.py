@@ -20,10 +20,10 @@ from divergence import (
 )
 
 
-def ramp(horizon, slope, curvature=0.0, act_dim=2, offset=0.0):
+def ramp(chunk_size, slope, curvature=0.0, act_dim=2, offset=0.0):
     """Chunk (H, A) with a_t = offset + slope * t + curvature * t^2 in every action dimension."""
-    t = torch.arange(horizon, dtype=torch.float64)[:, None]
-    return (offset + slope * t + curvature * t**2).expand(horizon, act_dim).clone()
+    t = torch.arange(chunk_size, dtype=torch.float64)[:, None]
+    return (offset + slope * t + curvature * t**2).expand(chunk_size, act_dim).clone()
 
 
 # ---- kinematic divergence ---------------------------------------------------------------------
@@ -34,13 +34,13 @@ def test_finite_differences():
     assert torch.equal(acceleration(x), torch.tensor([[2.0, -3.0], [2.0, -1.0]]))
 
 
-@pytest.mark.parametrize("horizon", [1, 2, 3, 4, 8])
-def test_identical_sequences_have_zero_divergence(horizon):
+@pytest.mark.parametrize("chunk_size", [1, 2, 3, 4, 8])
+def test_identical_sequences_have_zero_divergence(chunk_size):
     """div(a, a) = 0 for random, constant (zero acceleration) and linear chunks, batched."""
     torch.manual_seed(0)
-    random = torch.randn(5, 3, horizon, 2)
-    constant = torch.full((5, 3, horizon, 2), 0.3)
-    linear = ramp(horizon, 0.1).float().expand(5, 3, horizon, 2)
+    random = torch.randn(5, 3, chunk_size, 2)
+    constant = torch.full((5, 3, chunk_size, 2), 0.3)
+    linear = ramp(chunk_size, 0.1).float().expand(5, 3, chunk_size, 2)
     for chunks in (random, constant, linear):
         d = kinematic_divergence(chunks, chunks.clone())
         assert d.shape == (5, 3)
@@ -78,11 +78,11 @@ def test_symmetric():
 
 def test_velocity_term_grows_with_slope_gap():
     """Same curvature, different slopes: div = |slope gap| * sqrt(A), growing with the gap."""
-    horizon, act_dim = 6, 2
-    base = ramp(horizon, 0.1, curvature=0.05, act_dim=act_dim)
+    chunk_size, act_dim = 6, 2
+    base = ramp(chunk_size, 0.1, curvature=0.05, act_dim=act_dim)
     gaps = [0.0, 0.05, 0.1, 0.3]
     values = [
-        kinematic_divergence(base, ramp(horizon, 0.1 + g, curvature=0.05, act_dim=act_dim, offset=0.7)).item()
+        kinematic_divergence(base, ramp(chunk_size, 0.1 + g, curvature=0.05, act_dim=act_dim, offset=0.7)).item()
         for g in gaps
     ]
     for g, v in zip(gaps, values):
@@ -92,15 +92,15 @@ def test_velocity_term_grows_with_slope_gap():
 
 def test_acceleration_term_opposite_curvature_adds_two():
     """Opposite accelerations add ~2 over a pair with the same velocity gaps but aligned accelerations."""
-    horizon, c, v0 = 6, 0.05, 0.1
+    chunk_size, c, v0 = 6, 0.05, 0.1
     # a_t with velocity v0 + c t (acceleration +c) and b_t with velocity v0 - c t (acceleration -c):
     # the same first-step velocity, opposite curvature.
-    a = ramp(horizon, v0 - c / 2, curvature=c / 2)
-    b = ramp(horizon, v0 + c / 2, curvature=-c / 2)
+    a = ramp(chunk_size, v0 - c / 2, curvature=c / 2)
+    b = ramp(chunk_size, v0 + c / 2, curvature=-c / 2)
     assert torch.allclose(velocity(a)[0], velocity(b)[0])
     assert torch.allclose(acceleration(a), -acceleration(b))
     # Same velocity gaps (|2 c t|) but acceleration 3c, aligned with a's +c: only velocity differs.
-    b_aligned = ramp(horizon, v0 - 3 * c / 2, curvature=3 * c / 2)
+    b_aligned = ramp(chunk_size, v0 - 3 * c / 2, curvature=3 * c / 2)
     assert torch.allclose((velocity(a) - velocity(b)).norm(dim=-1), (velocity(a) - velocity(b_aligned)).norm(dim=-1))
     opposite = kinematic_divergence(a, b).item()
     aligned = kinematic_divergence(a, b_aligned).item()
@@ -231,11 +231,11 @@ def test_gaussian_log_prob_mask():
 
 
 # ---- sub-policy objective -----------------------------------------------------------------------
-def _objective_inputs(seed=9, batch=32, n=4, horizon=5, act_dim=2):
+def _objective_inputs(seed=9, batch=32, n=4, chunk_size=5, act_dim=2):
     torch.manual_seed(seed)
-    sub = (0.5 * torch.randn(batch, n, horizon, act_dim)).requires_grad_()
-    data = 0.5 * torch.randn(batch, horizon, act_dim)
-    mask = torch.ones(batch, horizon)
+    sub = (0.5 * torch.randn(batch, n, chunk_size, act_dim)).requires_grad_()
+    data = 0.5 * torch.randn(batch, chunk_size, act_dim)
+    mask = torch.ones(batch, chunk_size)
     mask[: batch // 2, -2:] = 0.0  # padded chunk ends
     return sub, data, mask
 

@@ -101,7 +101,7 @@ def test_policy_says_how_to_get_a_missing_dataset_and_refuses_a_bad_sub_policy(o
     assert "Traceback" not in result.stderr
 
 
-def test_policy_action_steps_re_plans_within_the_horizon_and_refuses_more(offline_checkpoint, tmp_path):
+def test_policy_action_steps_re_plans_within_the_chunk_and_refuses_more(offline_checkpoint, tmp_path):
     """--action-steps H is the default whole-chunk execution (the recorded scores); 1 re-plans at
     every step and runs; 0 and more than the checkpoint's H (4) are refused with one line."""
     checkpoint = load_checkpoint(str(offline_checkpoint))
@@ -115,7 +115,10 @@ def test_policy_action_steps_re_plans_within_the_horizon_and_refuses_more(offlin
             for i, row in enumerate(rows[: checkpoint["policy"]["config"]["n_subpolicies"]]):
                 np.testing.assert_array_equal(row["scores"], checkpoint["history"]["scores"][-1][i])
         assert all(np.isfinite(row["scores"]).all() for row in rows)
-    for steps, message in (("0", "--action-steps must be in [1, 64]"), ("5", "at most the checkpoint's horizon H = 4")):
+    for steps, message in (
+        ("0", "--action-steps must be in [1, 64]"),
+        ("5", "at most the checkpoint's chunk size H = 4"),
+    ):
         result = run_eval(common + ["--action-steps", steps], tmp_path)
         assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
 

@@ -25,7 +25,7 @@ from uepo_online import (
 
 def constant_critics(q1: float, q2: float) -> ChunkCritics:
     """Chunk critics whose two heads output the constants q1 and q2 everywhere."""
-    critics = ChunkCritics(obs_dim=3, act_dim=2, horizon=4)
+    critics = ChunkCritics(obs_dim=3, act_dim=2, chunk_size=4)
     for head, value in ((critics.q1, q1), (critics.q2, q2)):
         torch.nn.init.zeros_(head[-1].weight)
         torch.nn.init.constant_(head[-1].bias, value)
@@ -151,14 +151,14 @@ TINY_TD3 = [
 
 
 @pytest.mark.parametrize(
-    "actor_kind, flags, horizon",
+    "actor_kind, flags, chunk_size",
     [
         ("residual", [], 4),
-        ("mlp", ["--mlp-horizon", "2"], 2),
+        ("mlp", ["--mlp-chunk-size", "2"], 2),
     ],
 )
 def test_a_td3_run_starts_at_the_selected_sub_policy_learns_and_reloads(
-    offline_checkpoint, tmp_path, actor_kind, flags, horizon
+    offline_checkpoint, tmp_path, actor_kind, flags, chunk_size
 ):
     """The first evaluation of the residual actor is the selected candidate's selection score (same
     policy, same episodes): deployment starts exactly at the hand-over. The actor learns (the residual
@@ -178,7 +178,7 @@ def test_a_td3_run_starts_at_the_selected_sub_policy_learns_and_reloads(
     assert layer_norms  # RLPD's LayerNorm critics
     assert checkpoint["history"]["step"][0] == 0 and checkpoint["global_step"] >= 300
     actor = OnlineActor.from_checkpoint(checkpoint["actor"])
-    assert actor.kind == actor_kind and actor.horizon == horizon
+    assert actor.kind == actor_kind and actor.chunk_size == chunk_size
     if actor_kind == "residual":
         chosen = [line for line in result.stdout.splitlines() if line.endswith("| yes |")]
         selection_score = float(chosen[0].split("|")[3].split("+-")[0])
@@ -197,7 +197,7 @@ def test_a_td3_run_starts_at_the_selected_sub_policy_learns_and_reloads(
         (["--utd-ratio", "0"], "--utd-ratio must be in [1, 1000], got 0"),
         (["--q-weight", "0"], "--q-weight must be in (0, 1000000], got 0"),
         (["--anchor-floor", "2"], "--anchor-floor must be in [0, 1]"),
-        (["--mlp-horizon", "0"], "--mlp-horizon must be in [1, 64], got 0"),
+        (["--mlp-chunk-size", "0"], "--mlp-chunk-size must be in [1, 64], got 0"),
     ],
 )
 def test_td3_refuses_an_argument_out_of_range_before_any_work(offline_checkpoint, tmp_path, flags, message):

@@ -54,7 +54,7 @@ TINY_RUN = TINY_POLICY + ["--no-ope", "--num-qualified", "0"]
 TINY_MODEL = [
     "--ope-states",
     "8",
-    "--ope-horizon",
+    "--ope-steps",
     "8",
     "--dynamics-warmup",
     "10",
@@ -92,7 +92,7 @@ def test_chunk_episode_matches_hand_computed_example():
     actions = np.arange(5, dtype=np.float32)[:, None] + 10  # a_t = 10 + t
     rewards = np.array([1, 2, 3, 4, 5], dtype=np.float32)
     terminations = np.array([0, 0, 0, 0, 1], dtype=bool)
-    out = chunk_episode(observations, actions, rewards, terminations, horizon=3, obs_horizon=2, gamma=0.5)
+    out = chunk_episode(observations, actions, rewards, terminations, chunk_size=3, history_size=2, gamma=0.5)
     assert out["chunks"].shape == (5, 3, 1) and out["states"].shape == (5, 2, 2)
     np.testing.assert_array_equal(out["chunks"][0, :, 0], [10, 11, 12])
     np.testing.assert_array_equal(out["chunks"][3, :, 0], [13, 14, 14])  # padded with the last action
@@ -118,8 +118,8 @@ def test_truncation_is_not_a_termination():
         np.zeros((4, 2), np.float32),
         np.ones(4, np.float32),
         np.zeros(4, bool),
-        horizon=4,
-        obs_horizon=1,
+        chunk_size=4,
+        history_size=1,
         gamma=0.99,
     )
     assert out["dones"].sum() == 0
@@ -127,7 +127,7 @@ def test_truncation_is_not_a_termination():
 
 def test_chunk_dataset_on_tiny_minari_dataset(tiny_dataset):
     """One chunk per dataset step, with frozen statistics of the right shapes."""
-    data = chunk_dataset(tiny_dataset, horizon=4, obs_horizon=2, gamma=0.99)
+    data = chunk_dataset(tiny_dataset, chunk_size=4, history_size=2, gamma=0.99)
     assert len(data["chunks"]) == tiny_dataset.total_steps
     assert data["chunks"].shape[1:] == (4, 3) and data["states"].shape[1:] == (2, 11)
     assert data["mask"][:, 0].all()  # the first action of every chunk is real
@@ -541,7 +541,7 @@ def test_loss_means_are_per_loss_since_the_last_log_and_reach_tensorboard_and_th
         (["--total-steps", "0", "--no-ope", "--num-qualified", "0"], "--total-steps"),
         (["--eval-every", "0"], "--eval-every"),
         (["--disagreement-every", "0"], "--disagreement-every"),
-        (["--obs-horizon", "0"], "--obs-horizon"),
+        (["--history-size", "0"], "--history-size"),
         (["--diffusion-steps", "1"], "--diffusion-steps"),
         (["--ddim-steps", "0"], "--ddim-steps"),
         (["--ddim-steps", "21"], "--ddim-steps"),

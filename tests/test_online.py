@@ -100,7 +100,7 @@ def test_chunk_env_executes_a_chunk_until_the_episode_ends():
     """A chunk's reward is the discounted sum of its steps; a time limit inside a chunk ends it
     there (chunk_length < H); the observation is the state history."""
     gamma = 0.9
-    env = ChunkEnv(gym.make("Hopper-v5", max_episode_steps=6), horizon=4, obs_horizon=2, gamma=gamma)
+    env = ChunkEnv(gym.make("Hopper-v5", max_episode_steps=6), chunk_size=4, history_size=2, gamma=gamma)
     reference = gym.make("Hopper-v5", max_episode_steps=6)
     obs, _ = env.reset(seed=3)
     ref_obs, _ = reference.reset(seed=3)
@@ -140,7 +140,7 @@ def test_at_the_hand_over_the_ratio_is_one_and_the_anchor_kl_zero(kind):
     """Decisions sampled in a rollout, rescored in a minibatch of another size and order by the
     unchanged actor: ratio 1 (the stored likelihood is recomputed exactly) and KL 0 to the anchor."""
     actor = make_actor(kind)
-    states = random_states(actor.policy or make_policy(), 24)[:, -actor.obs_horizon :]
+    states = random_states(actor.policy or make_policy(), 24)[:, -actor.history_size :]
     torch.manual_seed(0)
     with torch.no_grad():
         anchors = actor.anchor_mean(states)
@@ -275,7 +275,7 @@ def test_online_refuses_another_environment_or_a_corrupt_checkpoint(offline_chec
 
 @pytest.mark.parametrize("actor", ["residual", "mlp"])
 def test_the_other_actors_and_the_baselines_run_and_reload(offline_checkpoint, tmp_path, actor):
-    """--actor residual and the mlp baseline (per step, or with --mlp-horizon in chunks) run under
+    """--actor residual and the mlp baseline (per step, or with --mlp-chunk-size in chunks) run under
     PPO, keep their own --init-std, and reload to the recorded score.
     A --target-kl that the first epoch exceeds stops every update after that epoch."""
     flags = [
@@ -290,7 +290,7 @@ def test_the_other_actors_and_the_baselines_run_and_reload(offline_checkpoint, t
         "--anchor-floor",
         "0",
     ]
-    extras = {"mlp": [[], ["--mlp-horizon", "2"]]}.get(actor, [[]])
+    extras = {"mlp": [[], ["--mlp-chunk-size", "2"]]}.get(actor, [[]])
     for extra in extras:
         folder = tmp_path / f"{actor}{len(extra)}"
         folder.mkdir()
@@ -308,7 +308,7 @@ def test_the_other_actors_and_the_baselines_run_and_reload(offline_checkpoint, t
         checkpoint = load_checkpoint(str(path))
         loaded = OnlineActor.from_checkpoint(checkpoint["actor"])
         assert loaded.kind == actor and loaded.init_std == 0.05
-        assert loaded.horizon == (4 if actor != "mlp" else 2 if extra else 1)  # mlp: per step by default
+        assert loaded.chunk_size == (4 if actor != "mlp" else 2 if extra else 1)  # mlp: per step by default
         assert_reloads_to_its_last_evaluation(loaded, checkpoint)
 
 

@@ -196,7 +196,7 @@ def test_a_checkpoint_with_a_missing_field_is_refused_naming_the_file_and_the_fi
             lambda c: c["improved"][0]["policy"]["config"].update(denoiser="unet", unet_dims=(64, 2**20)),
         ),
         ("offline", "policy", lambda c: c["policy"]["config"].update(n_subpolicies=10**6)),
-        ("offline", "policy", lambda c: c["policy"]["config"].update(horizon=4.5)),
+        ("offline", "policy", lambda c: c["policy"]["config"].update(chunk_size=4.5)),
         ("offline", "policy", lambda c: c["policy"]["config"].update(diffusion_steps=10**9)),
         ("online", "actor", lambda c: c["actor"]["policy_config"].update(obs_dim=10**9)),
     ],
