@@ -348,10 +348,10 @@ TERMINATION_RULES: dict[str, Callable] = {
 }
 
 
-def task_of_env_id(env_id: str) -> str:
+def task_of_gym_id(gym_id: str) -> str:
     """Gymnasium id -> task name of TERMINATION_RULES: "Hopper-v5" -> "hopper",
     "HalfCheetah-v5" -> "halfcheetah" (namespace and version dropped, lower case)."""
-    return re.sub(r"-v\d+$", "", env_id.split("/")[-1]).lower()
+    return re.sub(r"-v\d+$", "", gym_id.split("/")[-1]).lower()
 
 
 def termination_fn(task: str) -> Callable:

@@ -338,7 +338,7 @@ def run_chunk_episodes(policy, envs: list, sub_policy_of, seeds, action_steps: i
 
 def evaluate_sub_policies(
     policy,
-    env_id: str,
+    gym_id: str,
     episodes: int,
     seed: int,
     ref_min_score: float,
@@ -358,7 +358,7 @@ def evaluate_sub_policies(
     k evaluated sub-policies.
     """
     evaluated = list(range(policy.config.n_subpolicies)) if sub_policies is None else list(sub_policies)
-    envs = [gym.make(env_id, max_episode_steps=max_episode_steps) for _ in range(len(evaluated) * episodes)]
+    envs = [gym.make(gym_id, max_episode_steps=max_episode_steps) for _ in range(len(evaluated) * episodes)]
     seeds = [seed + e for _ in evaluated for e in range(episodes)]
     try:
         returns, lengths = run_chunk_episodes(policy, envs, np.repeat(evaluated, episodes), seeds, action_steps)
@@ -378,7 +378,7 @@ def evaluate_saved_task(
     task = {key: checkpoint[key] for key in ("ref_min_score", "ref_max_score", "max_episode_steps")}
     return evaluate_sub_policies(
         policy,
-        checkpoint["env_id"],
+        checkpoint["gym_id"],
         episodes,
         seed * 1000,
         **task,
@@ -512,13 +512,13 @@ class CheckpointError(ValueError):
 # refused on load naming it, never a KeyError halfway through a command.
 REQUIRED = {
     "offline": (
-        *("args.gamma", "step", "env_id", "max_episode_steps", "dataset_id", "ref_min_score", "ref_max_score"),
+        *("args.gamma", "step", "gym_id", "max_episode_steps", "dataset_id", "ref_min_score", "ref_max_score"),
         *("policy.config", *(f"policy.state_dict.{name}" for name in ("state_mean", "state_std"))),
         *("history.scores", "improved.*.sub_policy", "improved.*.policy.config", "improved.*.policy.state_dict"),
         *("improved.*.operator", "improved.*.ope_score", "improved.*.scores"),
     ),
     "online": (
-        *("args", "global_step", "env_id", "max_episode_steps", "dataset_id", "ref_min_score", "ref_max_score"),
+        *("args", "global_step", "gym_id", "max_episode_steps", "dataset_id", "ref_min_score", "ref_max_score"),
         *("offline_checkpoint", "sub_policy", "selection", "history.step", "history.scores"),
         *(
             f"actor.{name}"
@@ -556,7 +556,7 @@ def non_finite_tensor(value, where: str = "") -> str | None:
 
 def load_checkpoint(
     path: str,
-    expected_env_id: str | None = None,
+    expected_gym_id: str | None = None,
     map_location="cpu",
     expected_dataset: str | None = None,
     phase: str | None = None,
@@ -565,7 +565,7 @@ def load_checkpoint(
     only), refusing (CheckpointError, naming the file) a corrupt or unsafe file, one of another format,
     one of the other `phase` than the command needs ("offline" or "online"), one without a field the
     readers use (`REQUIRED`), one with non-finite weights, and one made for another Gymnasium
-    environment than `expected_env_id` or (`expected_dataset`, a Minari id or a D4RL-style name such
+    environment than `expected_gym_id` or (`expected_dataset`, a Minari id or a D4RL-style name such
     as `hopper-medium`) trained on another dataset. Sizes are checked when a network is built
     (`build_saved`)."""
     if not os.path.isfile(path):
@@ -604,8 +604,8 @@ def load_checkpoint(
             raise CheckpointError(f"{path} has no field {name}")
     if (name := non_finite_tensor(checkpoint)) is not None:
         raise CheckpointError(f"{path}: {name} has non-finite weights (NaN or inf)")
-    if expected_env_id is not None and checkpoint["env_id"] != expected_env_id:
-        raise CheckpointError(f"{path} was made for {checkpoint['env_id']}, not {expected_env_id}")
+    if expected_gym_id is not None and checkpoint["gym_id"] != expected_gym_id:
+        raise CheckpointError(f"{path} was made for {checkpoint['gym_id']}, not {expected_gym_id}")
     dataset_id = checkpoint["dataset_id"]
     if expected_dataset is not None and expected_dataset not in (dataset_id, dataset_name(dataset_id)):
         raise CheckpointError(
@@ -738,11 +738,11 @@ def local_dataset(dataset_id: str):
 def check_environment(checkpoint: dict, path: str) -> None:
     """The networks of a checkpoint fit the environment it names: a registered Gymnasium id with flat
     Box spaces whose sizes are the saved policy's (else a relabelled file fails in a tensor product)."""
-    env_id = checkpoint["env_id"]
-    if env_id not in gym.registry:
-        raise CheckpointError(f"{path}: env_id {env_id!r} is not a registered Gymnasium environment")
-    with gym.make(env_id) as env:
-        if (problem := spaces_problem(env_id, env.observation_space, env.action_space)) is not None:
+    gym_id = checkpoint["gym_id"]
+    if gym_id not in gym.registry:
+        raise CheckpointError(f"{path}: gym_id {gym_id!r} is not a registered Gymnasium environment")
+    with gym.make(gym_id) as env:
+        if (problem := spaces_problem(gym_id, env.observation_space, env.action_space)) is not None:
             raise CheckpointError(f"{path}: {problem}")
         sizes = (env.observation_space.shape[0], env.action_space.shape[0])
     config = (
@@ -750,7 +750,7 @@ def check_environment(checkpoint: dict, path: str) -> None:
     )
     if sizes != (config["obs_dim"], config["act_dim"]):
         raise CheckpointError(
-            f"{path} names {env_id} (states of {sizes[0]}, actions of {sizes[1]}), but its networks take states "
+            f"{path} names {gym_id} (states of {sizes[0]}, actions of {sizes[1]}), but its networks take states "
             f"of {config['obs_dim']} and actions of {config['act_dim']}"
         )
 
@@ -910,7 +910,7 @@ def policy_command(args: PolicyArgs) -> dict:
             copy = built_or_fail(args.checkpoint, entry["policy"], f"the improved copy of sub-policy {i}", device)
             rows.append(score_row(args, checkpoint, copy, label, i, float(entry["ope_score"]), "gated OPE"))
     rows = [row | {"deployed": row["label"] == deployed} for row in rows]
-    result = {"checkpoint": args.checkpoint, "phase": "online" if online else "offline", "env_id": checkpoint["env_id"]}
+    result = {"checkpoint": args.checkpoint, "phase": "online" if online else "offline", "gym_id": checkpoint["gym_id"]}
     result |= {"dataset_id": checkpoint["dataset_id"], "episodes": args.episodes, "seed": args.seed}
     result |= {"deployed": deployed, "rows": rows, "divergence": None}
     if len(base_rows := [row for row in rows if row["ope_kind"] == "AM-Q"]) > 2:
@@ -930,7 +930,7 @@ def policy_command(args: PolicyArgs) -> dict:
         }
 
     print(
-        f"{args.checkpoint}: {result['phase']} checkpoint for {checkpoint['env_id']} ({checkpoint['dataset_id']}), "
+        f"{args.checkpoint}: {result['phase']} checkpoint for {checkpoint['gym_id']} ({checkpoint['dataset_id']}), "
         f"{args.episodes} episodes per row, seed {args.seed}\n"
     )
     table = [

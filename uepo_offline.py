@@ -44,7 +44,7 @@ from dynamics import (
     mixed_batch,
     model_returns,
     soft_update,
-    task_of_env_id,
+    task_of_gym_id,
     termination_fn,
 )
 from eval import (
@@ -693,7 +693,7 @@ def init_checkpoint(args: Args, task: dict, state_mean, action_space) -> dict:
     """--init-checkpoint: the offline checkpoint whose networks the improvement stage starts from,
     refused unless it is a --ope run of this dataset with these policy settings."""
     try:
-        saved = load_checkpoint(args.init_checkpoint, expected_env_id=task["env_id"], phase="offline")
+        saved = load_checkpoint(args.init_checkpoint, expected_gym_id=task["gym_id"], phase="offline")
     except CheckpointError as error:
         fail(str(error))
     config = asdict(policy_config(args, obs_dim=state_mean.shape[0], act_dim=action_space.shape[0]))
@@ -743,12 +743,12 @@ def load_task(args: Args):
     if (problem := spaces_problem(dataset_id, dataset.observation_space, dataset.action_space)) is not None:
         fail(problem)
     spec = dataset.spec.env_spec
-    task = {"env_id": spec.id, "dataset_id": dataset_id, "max_episode_steps": spec.max_episode_steps}
+    task = {"gym_id": spec.id, "dataset_id": dataset_id, "max_episode_steps": spec.max_episode_steps}
     task |= {"ref_min_score": ref_min_score, "ref_max_score": ref_max_score}
     is_terminal = None
     if args.ope:
         try:  # the model's rollouts (AM-Q) need the task's termination rule
-            is_terminal = termination_fn(task_of_env_id(task["env_id"]))
+            is_terminal = termination_fn(task_of_gym_id(task["gym_id"]))
         except ValueError as error:
             fail(str(error))
     return dataset, task, is_terminal

@@ -84,7 +84,7 @@ class Args:
     cuda: bool = True
     """if toggled, use a GPU when there is one"""
     env_id: str | None = None
-    """if given, the checkpoint must be for this dataset (hopper-medium) or environment"""
+    """if given, the checkpoint must be of this dataset (`<env>-<quality>`, e.g. hopper-medium)"""
 
     # The learner and the actor (None: the learner's default, `ALGO_DEFAULTS`)
     algo: Literal["td3", "ppo"] = "td3"
@@ -199,11 +199,9 @@ def check_args(args: Args) -> str | None:
             f"--num-minibatches ({args.num_minibatches}) must be at most the decisions per rollout, "
             f"--num-envs x --num-steps = {args.num_envs * args.num_steps}"
         )
-    if args.env_id is not None and not (is_dataset_name(args.env_id) or args.env_id in gym.registry):
-        return (
-            f"--env-id must be `<env>-<quality>` with env in {', '.join(GYM_ENV_IDS)} (e.g. hopper-medium) or a "
-            f"Gymnasium id (e.g. Hopper-v5), got {args.env_id}"
-        )
+    if args.env_id is not None and not is_dataset_name(args.env_id):
+        envs = ", ".join(GYM_ENV_IDS)
+        return f"--env-id must be `<env>-<quality>` with env in {envs} (e.g. hopper-medium), got {args.env_id}"
     return None
 
 
@@ -234,7 +232,7 @@ def make_envs(checkpoint: dict, actor: OnlineActor, num_envs: int, gamma: float)
     """`num_envs` chunk-level MDPs over the dataset's time limit, with episode statistics. SAME_STEP
     autoreset: an episode that ends returns its final observation in the infos and is reset in the
     same call; a chunk never crosses an episode boundary (ChunkEnv)."""
-    make = functools.partial(gym.make, checkpoint["env_id"], max_episode_steps=checkpoint["max_episode_steps"])
+    make = functools.partial(gym.make, checkpoint["gym_id"], max_episode_steps=checkpoint["max_episode_steps"])
     thunk = functools.partial(chunk_env, make, actor.chunk_size, actor.history_size, gamma)
     return gym.vector.SyncVectorEnv([thunk] * num_envs, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
 
@@ -292,7 +290,7 @@ def evaluate(step, actor, history, writer, args, checkpoint, path) -> None:
 def write_checkpoint(step, actor, learner: dict, history, args, checkpoint, run, resume=None) -> None:
     """The atomic checkpoint: what eval.py reads (`eval.REQUIRED`); `learner` the critics or value
     network; `resume` the PPO training state after this evaluation (None for TD3)."""
-    task = ("env_id", "max_episode_steps", "dataset_id", "ref_min_score", "ref_max_score")
+    task = ("gym_id", "max_episode_steps", "dataset_id", "ref_min_score", "ref_max_score")
     online = {"phase": "online", "args": asdict(args), "global_step": step, **{key: checkpoint[key] for key in task}}
     online["offline_checkpoint"] = args.checkpoint
     selection = {"actor": actor.to_checkpoint(), "sub_policy": run["sub_policy"], "selection": run["selection"]}
@@ -730,10 +728,11 @@ def read_offline(args: Args) -> dict:
     """The offline checkpoint, refused with the reason if it cannot be fine-tuned: unreadable, for
     another environment or dataset than `--env-id`, or cut off before its end."""
     try:
-        # A D4RL-style --env-id names the dataset too: a checkpoint of hopper-expert is no hopper-medium run.
-        dataset = args.env_id if args.env_id and is_dataset_name(args.env_id) else None
-        env_id = GYM_ENV_IDS.get(args.env_id.split("-")[0], args.env_id) if args.env_id else None
-        checkpoint = load_checkpoint(args.checkpoint, expected_env_id=env_id, expected_dataset=dataset, phase="offline")
+        # --env-id names the dataset and its environment: a checkpoint of hopper-expert is no hopper-medium run.
+        gym_id = GYM_ENV_IDS[args.env_id.split("-")[0]] if args.env_id else None
+        checkpoint = load_checkpoint(
+            args.checkpoint, expected_gym_id=gym_id, expected_dataset=args.env_id, phase="offline"
+        )
         check_environment(checkpoint, args.checkpoint)
     except CheckpointError as error:
         fail(str(error))

@@ -226,7 +226,7 @@ if __name__ == "__main__":
     env = dataset.recover_environment()
     low, high = env.action_space.low, env.action_space.high
     task = dict(
-        env_id=env.spec.id,
+        gym_id=env.spec.id,
         max_episode_steps=env.spec.max_episode_steps,
         ref_min_score=ref_min,
         ref_max_score=ref_max,

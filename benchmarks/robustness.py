@@ -216,7 +216,7 @@ def robustness_command(args: RobustnessArgs) -> dict:
     for name, strength in conditions:
         for episode in range(args.episodes):
             seed = args.seed * 1000 + episode
-            env = gym.make(checkpoint["env_id"], max_episode_steps=checkpoint["max_episode_steps"])
+            env = gym.make(checkpoint["gym_id"], max_episode_steps=checkpoint["max_episode_steps"])
             try:
                 envs.append(env if name == "none" else perturbed_env(env, name, strength, seed, state_std))
             except ValueError as error:
@@ -245,7 +245,7 @@ def robustness_command(args: RobustnessArgs) -> dict:
         for (name, strength), condition_scores in zip(conditions, scores)
     ]
     print(
-        f"{args.checkpoint}: {label}, {checkpoint['env_id']}, {args.episodes} episodes per condition "
+        f"{args.checkpoint}: {label}, {checkpoint['gym_id']}, {args.episodes} episodes per condition "
         f"({time.time() - start:.0f} s)\n"
     )
     print(
@@ -266,7 +266,7 @@ def robustness_command(args: RobustnessArgs) -> dict:
     result = {
         "checkpoint": args.checkpoint,
         "policy": label,
-        "env_id": checkpoint["env_id"],
+        "gym_id": checkpoint["gym_id"],
         "episodes": args.episodes,
         "seed": args.seed,
         "perturbations": PERTURBATIONS,

@@ -153,7 +153,7 @@ if __name__ == "__main__":
     except DatasetError as error:
         fail(str(error))
     spec = dataset.recover_environment().spec
-    task = dict(env_id=spec.id, max_episode_steps=spec.max_episode_steps, ref_min_score=ref_min, ref_max_score=ref_max)
+    task = dict(gym_id=spec.id, max_episode_steps=spec.max_episode_steps, ref_min_score=ref_min, ref_max_score=ref_max)
     name = args.env_id if args.dataset_id is None else args.dataset_id.replace("/", "-")
     run_name = f"{name}__{args.exp_name}__{args.seed}__{int(time.time())}"
     run_dir = os.path.join("runs", run_name)

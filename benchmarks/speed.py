@@ -34,7 +34,7 @@ class SpeedArgs:
     """Speed of the diffusion policy for each denoiser, and of a plain MLP Gaussian policy as a
     reference: offline gradient steps/s, decision latency, online environment steps/s. Prints JSON."""
 
-    env_id: str = "Hopper-v5"
+    gym_id: str = "Hopper-v5"
     """Gymnasium environment (its dimensions size the networks; the online loop runs on it)"""
     denoisers: tuple[Literal["mlp", "unet"], ...] = DENOISERS
     """denoisers to measure, with the default PolicyConfig (uepo_offline.py's defaults) otherwise"""
@@ -64,10 +64,10 @@ SPEED_RANGES = {
 def check_speed_args(args: SpeedArgs) -> str | None:
     """The first argument out of its range, as a message naming the flag (None if all are valid):
     every check is made before any work starts."""
-    if args.env_id not in gym.registry:
-        return f"--env-id {args.env_id} is not a registered Gymnasium environment (e.g. Hopper-v5)"
-    env = gym.make(args.env_id)
-    problem = spaces_problem(f"--env-id {args.env_id}", env.observation_space, env.action_space)
+    if args.gym_id not in gym.registry:
+        return f"--gym-id {args.gym_id} is not a registered Gymnasium environment (e.g. Hopper-v5)"
+    env = gym.make(args.gym_id)
+    problem = spaces_problem(f"--gym-id {args.gym_id}", env.observation_space, env.action_space)
     env.close()
     if problem is not None:
         return problem
@@ -178,7 +178,7 @@ def online_speed(args: SpeedArgs, policy: DiffusionPolicy, env: gym.Env, actor: 
             {
                 "args": {"gamma": 0.99, "seed": 1},
                 "step": 0,
-                "env_id": args.env_id,
+                "gym_id": args.gym_id,
                 "max_episode_steps": env.spec.max_episode_steps,
                 "dataset_id": "none",
                 "ref_min_score": 0.0,
@@ -259,9 +259,9 @@ def speed_command(args: SpeedArgs) -> dict:
     if (problem := check_speed_args(args)) is not None:
         fail(problem)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-    env = gym.make(args.env_id)
+    env = gym.make(args.gym_id)
     result = {
-        "env_id": args.env_id,
+        "gym_id": args.gym_id,
         "device": str(device),
         "torch_threads": torch.get_num_threads(),
         "batch_size": args.batch_size,

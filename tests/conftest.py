@@ -109,13 +109,11 @@ def online_run(offline_checkpoint, tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("online")
     path = folder / "online.pt"
-    # --env-id as a Gymnasium id: the tiny dataset is no D4RL dataset (`hopper-medium` would be refused).
+    # No --env-id: the tiny dataset has no D4RL-style name (`hopper-medium` would be refused).
     return run_online(
         [
             "--checkpoint",
             str(offline_checkpoint),
-            "--env-id",
-            "Hopper-v5",
             "--checkpoint-path",
             str(path),
             "--target-kl",

@@ -16,7 +16,7 @@ from dynamics import (
     TERMINATION_RULES,
     EnsembleDynamics,
     holdout_split,
-    task_of_env_id,
+    task_of_gym_id,
     termination_fn,
 )
 
@@ -347,7 +347,7 @@ def test_termination_rule_matches_gymnasium_on_rollouts(env_id, min_terminations
     downward), the rule on every next observation equals Gymnasium's `terminated`, for numpy
     and torch inputs. The only exception allowed is hopper's documented one (unclipped
     |qvel| >= 100), and it must then be exactly that case."""
-    task = task_of_env_id(env_id)
+    task = task_of_gym_id(env_id)
     rule = termination_fn(task)
     runs = [rollout(env_id, scale, seed=10 * i) for i, scale in enumerate((0.1, 0.5, 1.0))]
     if task == "ant":  # random actions rarely leave [0.2, 1.0]: kick the torso as well
@@ -380,7 +380,7 @@ def test_termination_rule_matches_is_healthy_at_the_bounds(env_id):
         "Ant-v5": ((0.2, 1.0), (0.0, 1.3), (), ()),
     }[env_id]
     z_index = 2 if env_id == "Ant-v5" else 1
-    rule = termination_fn(task_of_env_id(env_id))
+    rule = termination_fn(task_of_gym_id(env_id))
     checked = {True: 0, False: 0}
     for trial in range(400):
         qpos = unwrapped.init_qpos + rng.uniform(-0.1, 0.1, unwrapped.model.nq)
@@ -444,10 +444,10 @@ def test_unknown_task_and_wrong_layout_are_refused():
         termination_fn("hopper")(np.zeros((3, 12)))
 
 
-def test_task_of_env_id():
+def test_task_of_gym_id():
     """Gymnasium ids map to the rules' task names (namespace and version dropped)."""
-    assert task_of_env_id("Hopper-v5") == "hopper"
-    assert task_of_env_id("Walker2d-v5") == "walker2d"
-    assert task_of_env_id("HalfCheetah-v5") == "halfcheetah"
-    assert task_of_env_id("Ant-v5") == "ant"
-    assert task_of_env_id("gymnasium/Hopper-v4") == "hopper"
+    assert task_of_gym_id("Hopper-v5") == "hopper"
+    assert task_of_gym_id("Walker2d-v5") == "walker2d"
+    assert task_of_gym_id("HalfCheetah-v5") == "halfcheetah"
+    assert task_of_gym_id("Ant-v5") == "ant"
+    assert task_of_gym_id("gymnasium/Hopper-v4") == "hopper"

@@ -250,7 +250,7 @@ def complete_checkpoint(phase, n_subpolicies=2, **fields):
     common = {
         "phase": phase,
         "args": {"seed": 1, "gamma": 0.99},
-        "env_id": "Hopper-v5",
+        "gym_id": "Hopper-v5",
         "dataset_id": "mujoco/hopper/medium-v0",
         "max_episode_steps": 1000,
         "ref_min_score": HOPPER_REF_MIN,

@@ -172,7 +172,7 @@ def test_a_td3_run_starts_at_the_selected_sub_policy_learns_and_reloads(
     assert result.returncode == 0, result.stderr[-3000:]
     assert "offline critic updates: 100%" in result.stderr and "20/20" in result.stderr
     assert "online (td3):" in result.stderr and "critic_loss=" in result.stderr
-    checkpoint = load_checkpoint(str(path), expected_env_id="Hopper-v5")
+    checkpoint = load_checkpoint(str(path), expected_gym_id="Hopper-v5")
     assert "critics" in checkpoint and "value" not in checkpoint and checkpoint["resume"] is None
     layer_norms = [key for key, value in checkpoint["critics"].items() if key.endswith(".1.weight") and value.ndim == 1]
     assert layer_norms  # RLPD's LayerNorm critics

@@ -276,12 +276,12 @@ def test_checkpoint_write_is_atomic_and_load_refuses_bad_files(tmp_path, monkeyp
 
     monkeypatch.setattr(torch, "save", broken_save)
     with pytest.raises(OSError):
-        save_checkpoint({"env_id": "Hopper-v5"}, path)
+        save_checkpoint({"gym_id": "Hopper-v5"}, path)
     monkeypatch.undo()
     assert open(path, "rb").read() == before and os.listdir(tmp_path) == ["offline.pt"]
-    assert load_checkpoint(path, expected_env_id="Hopper-v5")["env_id"] == "Hopper-v5"
+    assert load_checkpoint(path, expected_gym_id="Hopper-v5")["gym_id"] == "Hopper-v5"
     with pytest.raises(CheckpointError, match="made for Hopper-v5, not Walker2d-v5"):
-        load_checkpoint(path, expected_env_id="Walker2d-v5")
+        load_checkpoint(path, expected_gym_id="Walker2d-v5")
     (tmp_path / "corrupt.pt").write_bytes(before[: len(before) // 2])
     with pytest.raises(CheckpointError, match="not a readable checkpoint"):
         load_checkpoint(str(tmp_path / "corrupt.pt"))
@@ -320,14 +320,14 @@ def test_end_to_end_offline_run_writes_a_checkpoint_that_reproduces_its_evaluati
     assert "offline loop: 100%" in result.stderr and "30/30 [" in result.stderr and "subpolicy=" in result.stderr
     assert "eval step 30" in result.stdout
     assert list((path.parent / "runs").iterdir()), "no TensorBoard run folder under runs/"
-    checkpoint = load_checkpoint(str(path), expected_env_id="Hopper-v5")
+    checkpoint = load_checkpoint(str(path), expected_gym_id="Hopper-v5")
     assert checkpoint["dataset_id"] == TINY_DATASET_ID and checkpoint["step"] == 30
     assert checkpoint["max_episode_steps"] == TINY_MAX_EPISODE_STEPS
     policy = DiffusionPolicy.from_checkpoint(checkpoint["policy"])
     assert policy.config.n_subpolicies == 4 and policy.config.denoiser == "mlp"
     replay = evaluate_sub_policies(
         policy,
-        checkpoint["env_id"],
+        checkpoint["gym_id"],
         episodes=2,
         seed=checkpoint["args"]["seed"] * 1000,
         ref_min_score=checkpoint["ref_min_score"],
@@ -376,7 +376,7 @@ def test_full_run_checkpoint_reloads_with_all_parts(full_run):
     its gate and reproduces its recorded real evaluation; the copies are the top sub-policies by AM-Q."""
     result, path = full_run
     assert result.returncode == 0, result.stderr[-3000:]
-    checkpoint = load_checkpoint(str(path), expected_env_id="Hopper-v5")
+    checkpoint = load_checkpoint(str(path), expected_gym_id="Hopper-v5")
     critics = ChunkCritics(**checkpoint["critics"]["config"])
     critics.load_state_dict(checkpoint["critics"]["state_dict"])
     dynamics = EnsembleDynamics(**checkpoint["dynamics"]["config"])
@@ -403,7 +403,7 @@ def test_full_run_checkpoint_reloads_with_all_parts(full_run):
         policy = DiffusionPolicy.from_checkpoint(entry["policy"])
         replay = evaluate_sub_policies(
             policy,
-            checkpoint["env_id"],
+            checkpoint["gym_id"],
             episodes=2,
             seed=checkpoint["args"]["seed"] * 1000,
             ref_min_score=checkpoint["ref_min_score"],
@@ -470,7 +470,7 @@ def test_init_checkpoint_runs_only_the_improvement(full_run, minari_path, tmp_pa
     assert ratio, "bppo logs its likelihood ratio"
     # Refusals: another environment; other policy settings.
     foreign = load_checkpoint(str(path))
-    foreign["env_id"] = "Walker2d-v5"
+    foreign["gym_id"] = "Walker2d-v5"
     save_checkpoint(foreign, str(tmp_path / "walker.pt"))
     result = run_offline(FULL_RUN + ["--init-checkpoint", str(tmp_path / "walker.pt")], minari_path, tmp_path)
     assert result.returncode == 2 and "made for Walker2d-v5, not Hopper-v5" in result.stderr

@@ -62,7 +62,7 @@ def assert_reloads_to_its_last_evaluation(actor: OnlineActor, checkpoint: dict) 
     """The reloaded actor, on the run's 2 evaluation episodes, scores exactly its last recorded evaluation."""
     replay = evaluate_sub_policies(
         actor,
-        checkpoint["env_id"],
+        checkpoint["gym_id"],
         episodes=2,
         seed=checkpoint["args"]["seed"] * 1000,
         ref_min_score=checkpoint["ref_min_score"],
@@ -253,7 +253,7 @@ def test_online_run_selects_fine_tunes_and_writes_a_checkpoint_that_reloads(onli
     policy_steps = [step for step, _ in logged["losses/policy_loss"]]
     assert len(value_steps) >= 3 and policy_steps == value_steps[1:]  # --critic-warmup 1: the actor waits once
     assert all(epochs == 2 for _, epochs in logged["losses/update_epochs"])  # --target-kl None: every epoch
-    checkpoint = load_checkpoint(str(path), expected_env_id="Hopper-v5")
+    checkpoint = load_checkpoint(str(path), expected_gym_id="Hopper-v5")
     assert checkpoint["phase"] == "online" and checkpoint["global_step"] >= 300
     assert checkpoint["history"]["step"][0] == 0 and len(checkpoint["history"]["step"]) >= 3
     actor = OnlineActor.from_checkpoint(checkpoint["actor"])
