@@ -502,15 +502,7 @@ def model_rollout(
 
 
 def am_q_rollouts(
-    chunk_policy,
-    q_function,
-    dynamics,
-    is_terminal,
-    start_histories: torch.Tensor,
-    num_steps: int,
-    generator: torch.Generator | None = None,
-    uncertainty_penalty: float = 0.0,
-    gamma: float = 0.99,
+    chunk_policy, q_function, dynamics, is_terminal, start_histories, num_steps, generator=None, penalty=0.0, gamma=0.99
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """AM-Q per start state: roll a deterministic chunk policy through the learned model
     (`model_rollout`) and sum Q over its visited (state, chunk) pairs.
@@ -520,7 +512,7 @@ def am_q_rollouts(
     discount, no penalty. The per-start terms let the gate compare two policies start by start
     (`paired_gain_bound`).
 
-    With `uncertainty_penalty` lambda > 0 (the improvement gate, docs/design.md: "the OPE of the gate
+    With `penalty` lambda > 0 (the improvement gate, docs/design.md: "the OPE of the gate
     must not trust Q alone where the policy leaves the data"), each visited pair's Q is replaced
     by the Q of MOPO's penalized MDP, r - lambda u(s, a) with u = `dynamics.uncertainty`:
 
@@ -535,25 +527,18 @@ def am_q_rollouts(
     rollout = model_rollout(chunk_policy, dynamics, is_terminal, start_histories, num_steps, generator)
     q = torch.stack([q_function(states, chunks) for states, chunks in zip(rollout["chunk_states"], rollout["chunks"])])
     visited = torch.stack(rollout["chunk_alive"])  # (chunks, N)
-    if uncertainty_penalty > 0:
+    if penalty > 0:
         # Discounted penalty-to-go at every step, read at the chunk starts.
         to_go, penalties_to_go = torch.zeros_like(q[0]), []
         for states, actions, alive in zip(*(reversed(rollout[key]) for key in ("states", "actions", "alive"))):
             to_go = dynamics.uncertainty(states, actions) * alive + gamma * to_go
             penalties_to_go.append(to_go)
         steps = len(rollout["states"]) // len(q)
-        q = q - uncertainty_penalty * torch.stack(penalties_to_go[::-1][::steps])
+        q = q - penalty * torch.stack(penalties_to_go[::-1][::steps])
     return torch.where(visited, q, 0.0).sum(0), visited.sum(0).to(q.dtype)
 
 
-def model_returns(
-    chunk_policy,
-    dynamics,
-    is_terminal,
-    start_histories: torch.Tensor,
-    num_steps: int,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
+def model_returns(chunk_policy, dynamics, is_terminal, start_histories, num_steps: int, generator=None) -> torch.Tensor:
     """The model's episode return per start (N,): the undiscounted sum of the rewards the model
     predicts along a `model_rollout` of `num_steps` steps, up to and including the step of its
     first predicted termination (as the environment pays them). From episode starts with
@@ -563,13 +548,7 @@ def model_returns(
     return (torch.stack(rollout["rewards"]) * torch.stack(rollout["alive"])).sum(0)
 
 
-def paired_gain_bound(
-    new: tuple[torch.Tensor, torch.Tensor],
-    kept: tuple[torch.Tensor, torch.Tensor],
-    confidence: float,
-    num_resamples: int = 2000,
-    seed: int = 0,
-) -> tuple[float, float]:
+def paired_gain_bound(new: tuple, kept: tuple, confidence: float, num_resamples=2000, seed=0) -> tuple[float, float]:
     """The gate's confidence rule (docs/design.md, "The gate"): the AM-Q gain of `new` over `kept`
     and a one-sided lower confidence bound on it.
 
@@ -600,14 +579,7 @@ class BestSnapshot:
     result of an improvement run is its best-by-OPE snapshot, never simply the last one, and never
     one that only looks better by chance or by a small model error."""
 
-    def __init__(
-        self,
-        model: nn.Module,
-        rollouts: tuple[torch.Tensor, torch.Tensor],
-        step: int = 0,
-        confidence: float = 0.0,
-        margin: float = 0.0,
-    ):
+    def __init__(self, model: nn.Module, rollouts: tuple, step: int = 0, confidence: float = 0.0, margin: float = 0.0):
         self.confidence, self.margin = confidence, margin
         self.history = []  # (step, OPE score, accepted, lower bound on the gain over the kept snapshot)
         self._keep(model, rollouts, step, float("nan"))
@@ -630,9 +602,7 @@ class BestSnapshot:
         model.load_state_dict(self.best_state)
 
 
-def confident_choice(
-    candidate_rollouts: list, confidence: float, margin: float = 0.0
-) -> tuple[int, list[tuple[int, float, float]]]:
+def confident_choice(candidate_rollouts: list, confidence: float, margin: float = 0.0) -> tuple[int, list]:
     """The offline choice among gated candidates (docs/design.md, "The gate"), given their
     `am_q_rollouts` in order of preference (the improved copies in the order their base
     sub-policies qualified, best plain AM-Q first). A later candidate replaces the current
@@ -665,13 +635,13 @@ def disagreement_threshold(dynamics: EnsembleDynamics, states, actions, quantile
 @torch.no_grad()
 def diffusion_augmentation(
     chunk_policy,
-    dynamics: EnsembleDynamics,
+    dynamics,
     is_terminal,
-    start_histories: torch.Tensor,
+    start_histories,
     num_steps: int,
     epsilon: float,
     max_transitions: int,
-    generator: torch.Generator | None = None,
+    generator=None,
 ) -> dict:
     """Synthetic transitions for the dynamics model (docs/design.md, "Dynamics model and diffusion augmentation").
 
@@ -700,12 +670,7 @@ def diffusion_augmentation(
             alive &= dynamics.disagreement(states, action) < epsilon
             next_states, rewards = dynamics.sample_step(states, action, generator=generator)
             keep = alive.nonzero().squeeze(-1)[: max_transitions - count]
-            for key, value in (
-                ("states", states),
-                ("actions", action),
-                ("next_states", next_states),
-                ("rewards", rewards),
-            ):
+            for key, value in zip(kept, (states, action, next_states, rewards)):
                 kept[key].append(value[keep])
             count += len(keep)
             alive &= ~torch.as_tensor(is_terminal(next_states), device=alive.device)
@@ -729,6 +694,5 @@ def mixed_batch(
     is_real = draw < num_real
     rows, synthetic_rows = real_rows[draw[is_real]], draw[~is_real] - num_real
     return tuple(
-        torch.cat([real_part[rows], synthetic_part[synthetic_rows]])
-        for real_part, synthetic_part in zip(real, synthetic)
+        torch.cat([real_part[rows], fake_part[synthetic_rows]]) for real_part, fake_part in zip(real, synthetic)
     )

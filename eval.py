@@ -2,26 +2,19 @@
 
     python eval.py --checkpoint runs/<run>/offline.pt    # every sub-policy, its OPE score, their divergence
 
-As a component (imported by uepo_offline.py and uepo_online.py, which it never imports):
-- `load_dataset` / `chunk_dataset`: a Minari dataset by name, chunked into transitions
-  (s_t, a_{t:t+H}, R_t^H, s_{t+H}, done) with masks (docs/design.md, "Data").
-- `normalized_score`: D4RL-style score, 100 * (return - ref_min) / (ref_max - ref_min), the
-  same formula as `minari.get_normalized_score`, from reference scores stored in the
-  checkpoint (so evaluating needs no dataset).
-- `run_chunk_episodes` / `evaluate_sub_policies`: sub-policies of a DiffusionPolicy over real
-  episodes, every live environment batched into one policy call per decision.
-- `ChunkEnv`: the chunk-level MDP (one action = one chunk of H actions) of the online learners.
-- `offline_ranking` / `offline_candidates` / `deployed_choice`: which (policy, sub-policy) a
-  checkpoint offers, and which one it deploys.
-- `save_checkpoint` / `load_checkpoint` / `build_saved`: atomic writes; safe loads that refuse a
-  corrupt file, a field missing, non-finite weights, a checkpoint made for another environment or
-  dataset, and (when built) networks whose sizes do not fit the saved tensors.
+- Data: `load_dataset` / `chunk_dataset`, a Minari dataset chunked into (s_t, a_{t:t+H}, R_t^H, s_{t+H},
+  done) with masks (docs/design.md, "Data").
+- Evaluation: `ChunkEnv`, the chunk-level MDP; `evaluate_sub_policies`, sub-policies over real episodes
+  batched into one policy call per decision; `normalized_score`, D4RL's (minari.get_normalized_score).
+- Checkpoints: `save_checkpoint` (atomic), `load_checkpoint` / `build_saved` (safe loader; refuses a
+  corrupt file, a missing field, non-finite weights, another environment, dataset or phase, and
+  networks that do not fit their tensors); `offline_ranking`, `deployed_choice`: what a checkpoint offers.
+- The training scripts' shared infrastructure: argument ranges, output paths, run folders, resume.
 """
 
 import functools
 import json
 import os
-import pickle
 import re
 import reprlib
 import sys
@@ -554,13 +547,7 @@ def non_finite_tensor(value, where: str = "") -> str | None:
     return None
 
 
-def load_checkpoint(
-    path: str,
-    expected_gym_id: str | None = None,
-    map_location="cpu",
-    expected_dataset: str | None = None,
-    phase: str | None = None,
-) -> dict:
+def load_checkpoint(path: str, phase: str | None = None, expected_gym_id=None, expected_dataset=None) -> dict:
     """Load a checkpoint written by `save_checkpoint` with torch's safe loader (tensors and plain data
     only), refusing (CheckpointError, naming the file) a corrupt or unsafe file, one of another format,
     one of the other `phase` than the command needs ("offline" or "online"), one without a field the
@@ -571,23 +558,14 @@ def load_checkpoint(
     if not os.path.isfile(path):
         raise CheckpointError(f"no checkpoint at {path}")
     try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as error:
-        # torch's own message advises weights_only=False, i.e. running code from the file: not an option here.
-        found = re.search(r"Unsupported global: GLOBAL [\w.]+", str(error))
-        reason = (
-            f"it holds Python objects beyond tensors and plain data ({found.group(0)}), never loaded since "
-            "unpickling them can run code"
-            if found
-            else "the safe loader cannot read it"
-        )
-        raise CheckpointError(f"{path} is not a readable checkpoint: {reason}") from None
-    except Exception as error:  # torch raises several types for truncated or foreign files
-        message = " ".join(str(error).split())
-        message = message if "weights_only" not in message else "refused by the safe loader"
-        raise CheckpointError(
-            f"{path} is not a readable checkpoint ({type(error).__name__}: {message[:300]})"
-        ) from None
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises several types for truncated, foreign or unsafe files
+        text = " ".join(str(error).split())
+        # torch's own message advises weights_only=False, i.e. running code from the file: never that.
+        reason = f"{type(error).__name__}: {text[:300]}" if "weights_only" not in text else "refused by the safe loader"
+        if found := re.search(r"Unsupported global: GLOBAL [\w.]+", text):
+            reason = f"it holds Python objects ({found.group(0)}), never unpickled since that can run code"
+        raise CheckpointError(f"{path} is not a readable checkpoint ({reason})") from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not a UEPO checkpoint (format {CHECKPOINT_FORMAT} expected)")
     actual = checkpoint.get("phase", "offline")

@@ -373,15 +373,13 @@ def improvement_update(policy, reference, optimizer, critics, tensors, sub_polic
     critics and improvement"): `qgrad` (Diffusion-QL's Q gradient through the DDIM chain) or `bppo`
     (Uni-O4's clipped ratio against `reference`, the last snapshot the gate kept)."""
     batch = torch.randint(len(tensors["chunks"]), (args.batch_size,), device=tensors["chunks"].device)
-    states = tensors["states"][batch]
+    states, chunks, masks = tensors["states"][batch], tensors["chunks"][batch], tensors["masks"][batch]
     if args.improvement == "bppo":
         advantage_fn = lambda chunk: critics.q(states[:, -1], chunk) - critics.value(states[:, -1])
         out = bppo_loss(policy, reference, states, sub_policy, advantage_fn, BPPO_CLIP, BPPO_KL_COEF)
     else:
         q_fn = lambda chunk: critics.q(states[:, -1], chunk)
-        out = qgrad_loss(
-            policy, states, tensors["chunks"][batch], tensors["masks"][batch], sub_policy, q_fn, args.q_weight
-        )
+        out = qgrad_loss(policy, states, chunks, masks, sub_policy, q_fn, args.q_weight)
     check_finite({args.improvement: out["loss"]}, f"improvement of sub-policy {sub_policy}, step {step}")
     optimizer.zero_grad()
     out["loss"].backward()
@@ -393,11 +391,8 @@ def improvement_update(policy, reference, optimizer, critics, tensors, sub_polic
 def augment_now(step: int, args: Args) -> bool:
     """Diffusion augmentation: first after the warm-up on real data, then every --augment-every
     (not at the last step, where no dynamics update would use it)."""
-    return (
-        args.augment_ratio > 0
-        and args.dynamics_warmup <= step < args.total_steps
-        and (step - args.dynamics_warmup) % args.augment_every == 0
-    )
+    due = (step - args.dynamics_warmup) % args.augment_every == 0
+    return args.augment_ratio > 0 and args.dynamics_warmup <= step < args.total_steps and due
 
 
 @torch.no_grad()
@@ -407,15 +402,13 @@ def refresh_augmentation(policy, models: ModelLearners, holdout: tuple, raw_hist
     current model, kept while the ensemble disagreement stays below epsilon. Returns the buffer
     and epsilon."""
     epsilon = disagreement_threshold(models.dynamics, holdout[0], holdout[1], AUGMENT_KL_QUANTILE)
-    device = raw_histories.device
-    starts = raw_histories[
-        torch.randint(len(raw_histories), (args.augment_starts,), device=device, generator=models.generator)
-    ]
+    device, generator = raw_histories.device, models.generator
+    index = torch.randint(len(raw_histories), (args.augment_starts,), device=device, generator=generator)
     rows = torch.arange(args.augment_starts, device=device)
     chunk_policy = SubPolicyOPE.chunk_policy(policy, rows % args.n_subpolicies, rows)
-    size = int(args.augment_ratio * len(raw_histories))
+    starts, dynamics, size = raw_histories[index], models.dynamics, int(args.augment_ratio * len(raw_histories))
     buffer = diffusion_augmentation(
-        chunk_policy, models.dynamics, is_terminal, starts, AUGMENT_HORIZON, epsilon, size, models.generator
+        chunk_policy, dynamics, is_terminal, starts, AUGMENT_HORIZON, epsilon, size, generator
     )
     return buffer, epsilon
 
@@ -443,33 +436,24 @@ class SubPolicyOPE:
     def chunk_policy(model: DiffusionPolicy, sub_policy, rows=slice(None)):
         """Sub-policy `sub_policy`'s deterministic chunks (of each row's own where it is a tensor), raw
         histories in, environment units out."""
-        return lambda histories: model.unscale_actions(
-            model.sample(model.normalize_states(histories)).actions[rows, sub_policy]
-        )
+        sample = lambda histories: model.sample(model.normalize_states(histories)).actions[rows, sub_policy]
+        return lambda histories: model.unscale_actions(sample(histories))
 
     @torch.no_grad()
     def rollouts(self, model: DiffusionPolicy, sub_policy: int, uncertainty_penalty: float = 0.0):
-        q_function = lambda raw_states, env_chunks: self.critics.q(
-            model.normalize_states(raw_states), model.scale_actions(env_chunks)
-        )
+        q_function = lambda states, chunks: self.critics.q(model.normalize_states(states), model.scale_actions(chunks))
+        policy = self.chunk_policy(model, sub_policy)
+        return am_q_rollouts(policy, q_function, *self.model_parts(), uncertainty_penalty, self.gamma)
+
+    def model_parts(self) -> tuple:
+        """The model, its termination rule, the starts, the steps and the fixed model noise of a rollout."""
         generator = torch.Generator(device=self.start_histories.device).manual_seed(self.seed)
-        model_parts = (self.dynamics, self.is_terminal, self.start_histories, self.rollout_steps, generator)
-        return am_q_rollouts(
-            self.chunk_policy(model, sub_policy), q_function, *model_parts, uncertainty_penalty, self.gamma
-        )
+        return self.dynamics, self.is_terminal, self.start_histories, self.rollout_steps, generator
 
     @torch.no_grad()
     def returns(self, model: DiffusionPolicy, sub_policy: int) -> torch.Tensor:
         """The model's return per start state over `rollout_steps` steps (`dynamics.model_returns`)."""
-        generator = torch.Generator(device=self.start_histories.device).manual_seed(self.seed)
-        return model_returns(
-            self.chunk_policy(model, sub_policy),
-            self.dynamics,
-            self.is_terminal,
-            self.start_histories,
-            self.rollout_steps,
-            generator,
-        )
+        return model_returns(self.chunk_policy(model, sub_policy), *self.model_parts())
 
     @torch.no_grad()
     def scores(self, model: DiffusionPolicy, holdout: tuple) -> dict:
@@ -505,13 +489,12 @@ def offline_models(args: Args, config: PolicyConfig, tensors: dict, is_terminal,
     dynamics.set_input_statistics(tensors["transitions"][0][train_index], tensors["transitions"][1][train_index])
     # AM-Q start states: fixed dataset state histories (raw units), fixed model noise.
     ope_index = torch.randperm(num_chunks, generator=split_generator)[: args.ope_states].to(device)
-    ope = SubPolicyOPE(
-        critics, dynamics, is_terminal, tensors["raw_histories"][ope_index], args.ope_steps, args.seed + 2, args.gamma
+    starts = tensors["raw_histories"][ope_index]
+    ope = SubPolicyOPE(critics, dynamics, is_terminal, starts, args.ope_steps, args.seed + 2, args.gamma)
+    # The augmentation buffer (docs/design.md, "Dynamics model and diffusion augmentation"), empty.
+    augmented = dict(
+        zip(("states", "actions", "next_states", "rewards"), (part[:0] for part in tensors["transitions"]))
     )
-    # The augmentation buffer (docs/design.md, "Dynamics model and diffusion augmentation").
-    augmented = {
-        key: part[:0] for key, part in zip(("states", "actions", "next_states", "rewards"), tensors["transitions"])
-    }
     return models, train_index, holdout, ope, augmented
 
 
@@ -584,18 +567,12 @@ class LossMeans:
 def training_state(step, run_name, optimizer, scheduler, models, augmented, device) -> dict:
     """What --resume needs to continue the loop after `step` as if it had never stopped: the
     optimizers, the schedule, the augmentation buffer and every random stream the loop draws from."""
-    state = {
-        "step": step,
-        "run_name": run_name,
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-    }
+    state = {"step": step, "run_name": run_name, "optimizer": optimizer.state_dict()}
+    state["scheduler"] = scheduler.state_dict()
     if models is not None:
         state |= {"target_critics": models.target_critics.state_dict(), "augmented": augmented}
-        state |= {
-            "critic_optimizer": models.critic_optimizer.state_dict(),
-            "model_generator": models.generator.get_state(),
-        }
+        state |= {"critic_optimizer": models.critic_optimizer.state_dict()}
+        state |= {"model_generator": models.generator.get_state()}
         state |= {"dynamics_optimizer": models.dynamics_optimizer.state_dict()}
     return state | rng_state(device)
 
@@ -607,22 +584,15 @@ def write_checkpoint(path, step, args, task: dict, policy, models, history, impr
     if models is not None:
         tensors += [*models.critics.state_dict().values(), *models.dynamics.state_dict().values()]
     scores = (history["scores"][-1:] + [e["scores"] for e in improved]) if history["scores"] else []
-    if not (
-        all(torch.isfinite(t).all() for t in tensors if t.is_floating_point())
-        and all(np.isfinite(np.asarray(row, dtype=float)).all() for row in scores)
-    ):
-        fail(
-            f"step {step}: a network's parameters or the evaluation are not finite; stopped without saving "
-            f"(the last checkpoint, if any, is untouched: {path})"
-        )
+    finite = all(torch.isfinite(t).all() for t in tensors if t.is_floating_point())
+    if not (finite and all(np.isfinite(np.asarray(row, dtype=float)).all() for row in scores)):
+        fail(f"step {step}: a network's parameters or the evaluation are not finite; stopped without saving ({path})")
     model_parts = {}
     if models is not None:
         sizes = {name: getattr(policy.config, name) for name in ("obs_dim", "act_dim", "chunk_size")}
         model_parts["critics"] = {"config": sizes, "state_dict": models.critics.state_dict()}
-        model_parts["dynamics"] = {
-            "config": models.dynamics.constructor_kwargs(),
-            "state_dict": models.dynamics.state_dict(),
-        }
+        dynamics = models.dynamics
+        model_parts["dynamics"] = {"config": dynamics.constructor_kwargs(), "state_dict": dynamics.state_dict()}
     run = {"args": asdict(args), "step": step, **task, "policy": policy.to_checkpoint(), "history": history}
     save_checkpoint(run | {"improved": improved, **model_parts, "resume": resume}, path)
     tqdm.write(f"checkpoint: {path}")
@@ -657,19 +627,13 @@ def improve_sub_policy(policy, sub_policy: int, models, ope, tensors, args: Args
     reference = copy.deepcopy(policy).requires_grad_(False)  # bppo: pi_ref, moved only by the gate
     learning_rate = IMPROVEMENT_LEARNING_RATE[args.improvement]
     optimizer = torch.optim.Adam(improved_policy.parameters(), lr=learning_rate)
-    gate = BestSnapshot(
-        improved_policy,
-        ope.rollouts(improved_policy, sub_policy, OPE_PENALTY),
-        step=0,
-        confidence=args.gate_confidence,
-        margin=args.gate_margin,
-    )
+    start = ope.rollouts(improved_policy, sub_policy, OPE_PENALTY)
+    gate = BestSnapshot(improved_policy, start, step=0, confidence=args.gate_confidence, margin=args.gate_margin)
     print(f"sub-policy {sub_policy}: gated OPE at the start {gate.best_score:.1f}")
     means = LossMeans(writer, f"improvement_{sub_policy}")
     for step in (progress := tqdm(range(1, args.improvement_steps + 1), f"improving sub-policy {sub_policy}", **BAR)):
-        means.add(
-            improvement_update(improved_policy, reference, optimizer, models.critics, tensors, sub_policy, step, args)
-        )
+        critics = models.critics
+        means.add(improvement_update(improved_policy, reference, optimizer, critics, tensors, sub_policy, step, args))
         if step % LOG_EVERY == 0 or step % args.ope_every == 0 or step == args.improvement_steps:
             means.log(step, progress)
         if step % args.ope_every == 0 or step == args.improvement_steps:

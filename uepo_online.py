@@ -219,9 +219,7 @@ def choose_candidate(labels: list[str], scores: list[float]) -> int:
     for index in sorted(set(range(len(scores))) - set(finite)):
         print(f"selection: skipped {labels[index]}: its real normalized score is {scores[index]}, not finite")
     if not finite:
-        raise ValueError(
-            f"no candidate of the selection has a finite real score ({'; '.join(labels)}); nothing to fine-tune"
-        )
+        raise ValueError(f"no candidate of the selection has a finite real score ({'; '.join(labels)}); none to tune")
     return max(finite, key=lambda index: scores[index])
 
 
@@ -620,11 +618,8 @@ def td3_actor_update(
     optimizer.zero_grad()
     loss.backward()
     optimizer.step()
-    return {
-        "losses/actor_loss": loss.item(),
-        "charts/distance_to_offline": distance.item(),
-        "charts/box_excess": excess.item(),
-    }
+    log = {"losses/actor_loss": loss.item(), "charts/distance_to_offline": distance.item()}
+    return log | {"charts/box_excess": excess.item()}
 
 
 def train_td3(args: Args, actor: OnlineActor, checkpoint: dict, gamma: float, writer, run: dict):
@@ -646,9 +641,8 @@ def train_td3(args: Args, actor: OnlineActor, checkpoint: dict, gamma: float, wr
     warmup = tqdm(range(1, args.offline_critic_updates + 1), "offline critic updates", **BAR)
     for update in warmup:  # the critics learn the hand-over's values first
         try:
-            log, _ = td3_critic_update(
-                critics, target_critics, critic_optimizer, actor, offline.sample(args.batch_size), gamma
-            )
+            batch = offline.sample(args.batch_size)
+            log, _ = td3_critic_update(critics, target_critics, critic_optimizer, actor, batch, gamma)
         except NonFiniteLoss as error:
             fail(f"offline critic update {update}: {error}; stopped (the last checkpoint is untouched: {run['path']})")
         soft_update(target_critics, critics, TAU)
@@ -667,9 +661,8 @@ def train_td3(args: Args, actor: OnlineActor, checkpoint: dict, gamma: float, wr
     while global_step < args.total_timesteps:
         # Collect one decision per environment: z = mean(s) + exploration noise, its chunk executed.
         with torch.no_grad():
-            chunks = actor.chunk(
-                states, actor.mean(states, anchors) + args.exploration_noise * torch.randn_like(anchors)
-            )
+            z = actor.mean(states, anchors) + args.exploration_noise * torch.randn_like(anchors)
+            chunks = actor.chunk(states, z)
         step = env_step(envs, actor.unscale_actions(chunks).cpu().numpy(), global_step, writer)
         next_obs, final_obs, reward, terminated, done, lengths, global_step = step
         progress.update(int(lengths.sum()))
@@ -695,24 +688,15 @@ def train_td3(args: Args, actor: OnlineActor, checkpoint: dict, gamma: float, wr
             fail(f"step {global_step}: {error}; stopped (the last checkpoint is untouched: {run['path']})")
 
         if global_step // 5000 != (global_step - int(lengths.sum())) // 5000 or global_step >= args.total_timesteps:
-            log |= actor_log | {
-                "losses/q_offline": q[:num_offline].mean().item(),
-                "losses/q_online": q[num_offline:].mean().item(),
-            }
-            log |= {
-                "charts/updates_per_step": updates / global_step,
-                "charts/exploration_noise": args.exploration_noise,
-            }
+            log |= actor_log | {"losses/q_offline": q[:num_offline].mean().item()}
+            log |= {"losses/q_online": q[num_offline:].mean().item(), "charts/updates_per_step": updates / global_step}
+            log |= {"charts/exploration_noise": args.exploration_noise}
             log |= {"charts/SPS": global_step / (time.time() - start_time)}
             for tag, number in log.items():
                 writer.add_scalar(tag, number, global_step)
-            shown = {
-                key.split("/")[1]: f"{log[key]:.3f}"
-                for key in ("losses/critic_loss", "losses/q_offline", "losses/q_online")
-            }
-            progress.set_postfix(
-                shown | {"distance": f"{log.get('charts/distance_to_offline', 0.0):.4f}"}, refresh=False
-            )
+            shown = {key: f"{log['losses/' + key]:.3f}" for key in ("critic_loss", "q_offline", "q_online")}
+            shown["distance"] = f"{log.get('charts/distance_to_offline', 0.0):.4f}"
+            progress.set_postfix(shown, refresh=False)
         if global_step >= next_eval or global_step >= args.total_timesteps:
             next_eval = (global_step // args.eval_every + 1) * args.eval_every
             evaluate(global_step, actor, history, writer, args, checkpoint, run["path"])
@@ -730,9 +714,7 @@ def read_offline(args: Args) -> dict:
     try:
         # --env-id names the dataset and its environment: a checkpoint of hopper-expert is no hopper-medium run.
         gym_id = GYM_ENV_IDS[args.env_id.split("-")[0]] if args.env_id else None
-        checkpoint = load_checkpoint(
-            args.checkpoint, expected_gym_id=gym_id, expected_dataset=args.env_id, phase="offline"
-        )
+        checkpoint = load_checkpoint(args.checkpoint, "offline", expected_gym_id=gym_id, expected_dataset=args.env_id)
         check_environment(checkpoint, args.checkpoint)
     except CheckpointError as error:
         fail(str(error))
@@ -780,10 +762,8 @@ def select_sub_policy(args: Args, checkpoint: dict, device) -> tuple:
         candidates = offline_candidates(checkpoint, device)[: args.selection_top]
     except CheckpointError as error:
         fail(f"{args.checkpoint}: {error}")
-    scores = [
-        evaluate_saved_task(c[1], checkpoint, args.selection_episodes, args.seed, [c[2]])["scores"][0]
-        for c in candidates
-    ]
+    episodes = args.selection_episodes
+    scores = [evaluate_saved_task(c[1], checkpoint, episodes, args.seed, [c[2]])["scores"][0] for c in candidates]
     try:
         chosen = choose_candidate([c[0] for c in candidates], [s.mean() for s in scores])
     except ValueError as error:

@@ -294,7 +294,7 @@ def test_penalized_am_q_subtracts_the_discounted_uncertainty_to_go():
         never,
         start,
         num_steps=6,
-        uncertainty_penalty=penalty,
+        penalty=penalty,
         gamma=gamma,
     )
     discounted = lambda n: sum(gamma**t for t in range(n))
@@ -311,7 +311,7 @@ def test_penalized_am_q_subtracts_the_discounted_uncertainty_to_go():
         always,
         start,
         num_steps=6,
-        uncertainty_penalty=penalty,
+        penalty=penalty,
         gamma=gamma,
     )
     assert score.item() == pytest.approx(-penalty * 0.5, rel=1e-6)
@@ -335,7 +335,7 @@ def test_penalty_costs_more_for_a_policy_that_leaves_the_data(fitted_toy_model):
                 start,
                 num_steps=40,
                 generator=torch.Generator().manual_seed(0),
-                uncertainty_penalty=penalty,
+                penalty=penalty,
             )
             for penalty in (0.0, 1.0)
         ]
