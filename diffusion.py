@@ -86,16 +86,7 @@ class MLPDenoiser(nn.Module):
     the comparison point for the paper's U-Net + Transformer.
     """
 
-    def __init__(
-        self,
-        obs_dim: int,
-        act_dim: int,
-        chunk_size: int,
-        history_size: int,
-        hidden: int = 256,
-        layers: int = 3,
-        step_dim: int = 32,
-    ):
+    def __init__(self, obs_dim, act_dim, chunk_size, history_size, hidden=256, layers=3, step_dim=32):
         super().__init__()
         self.step_embedding = StepEmbedding(step_dim)
         in_dim = chunk_size * act_dim + history_size * obs_dim + step_dim
@@ -107,10 +98,16 @@ class MLPDenoiser(nn.Module):
 
     def forward(self, noisy_chunks, steps, states):
         batch = noisy_chunks.shape[0]
-        features = torch.cat(
-            [noisy_chunks.reshape(batch, -1), states.reshape(batch, -1), self.step_embedding(steps)], dim=-1
-        )
+        inputs = (noisy_chunks.reshape(batch, -1), states.reshape(batch, -1), self.step_embedding(steps))
+        features = torch.cat(inputs, dim=-1)
         return self.net(features).view_as(noisy_chunks)
+
+
+def conv_block(in_channels: int, out_channels: int, groups: int) -> nn.Sequential:
+    """Conv1d (kernel 3) over the chunk axis, GroupNorm, Mish."""
+    return nn.Sequential(
+        nn.Conv1d(in_channels, out_channels, 3, padding=1), nn.GroupNorm(groups, out_channels), nn.Mish()
+    )
 
 
 class FiLMResidualBlock(nn.Module):
@@ -119,12 +116,8 @@ class FiLMResidualBlock(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, cond_dim: int, groups: int = 8):
         super().__init__()
-        self.conv1 = nn.Sequential(
-            nn.Conv1d(in_channels, out_channels, 3, padding=1), nn.GroupNorm(groups, out_channels), nn.Mish()
-        )
-        self.conv2 = nn.Sequential(
-            nn.Conv1d(out_channels, out_channels, 3, padding=1), nn.GroupNorm(groups, out_channels), nn.Mish()
-        )
+        self.conv1 = conv_block(in_channels, out_channels, groups)
+        self.conv2 = conv_block(out_channels, out_channels, groups)
         self.film = nn.Sequential(nn.Mish(), nn.Linear(cond_dim, 2 * out_channels))
         self.skip = nn.Conv1d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
 
@@ -165,16 +158,7 @@ class UNetTransformerDenoiser(nn.Module):
     to the skip connection's length, so any H >= 1 works.
     """
 
-    def __init__(
-        self,
-        obs_dim: int,
-        act_dim: int,
-        chunk_size: int,
-        history_size: int,
-        dims: tuple[int, ...] = (128, 256),
-        cond_dim: int = 128,
-        heads: int = 4,
-    ):
+    def __init__(self, obs_dim, act_dim, chunk_size, history_size, dims=(128, 256), cond_dim=128, heads=4):
         super().__init__()
         self.step_embedding = StepEmbedding(cond_dim)
         self.state_tokens = nn.Linear(obs_dim, cond_dim)
@@ -184,15 +168,9 @@ class UNetTransformerDenoiser(nn.Module):
         self.down = nn.ModuleList()
         for level, (c_in, c_out) in enumerate(zip(channels[:-1], channels[1:])):
             is_last = level == len(dims) - 1
-            self.down.append(
-                nn.ModuleList(
-                    [
-                        FiLMResidualBlock(c_in, c_out, cond_dim),
-                        FiLMResidualBlock(c_out, c_out, cond_dim),
-                        nn.Identity() if is_last else nn.Conv1d(c_out, c_out, 3, stride=2, padding=1),
-                    ]
-                )
-            )
+            first, second = FiLMResidualBlock(c_in, c_out, cond_dim), FiLMResidualBlock(c_out, c_out, cond_dim)
+            downsample = nn.Identity() if is_last else nn.Conv1d(c_out, c_out, 3, stride=2, padding=1)
+            self.down.append(nn.ModuleList([first, second, downsample]))
         mid = dims[-1]
         self.mid_in = FiLMResidualBlock(mid, mid, cond_dim)
         self.mid_attention = StateCrossAttention(mid, cond_dim, heads)
@@ -201,15 +179,9 @@ class UNetTransformerDenoiser(nn.Module):
         # Decoder: upsample the deeper features (c_deep channels), concatenate the skip of the
         # level above (c_out channels), and mix back down to c_out.
         for c_deep, c_out in zip(reversed(dims[1:]), reversed(dims[:-1])):
-            self.up.append(
-                nn.ModuleList(
-                    [
-                        nn.ConvTranspose1d(c_deep, c_deep, 4, stride=2, padding=1),
-                        FiLMResidualBlock(c_deep + c_out, c_out, cond_dim),
-                        FiLMResidualBlock(c_out, c_out, cond_dim),
-                    ]
-                )
-            )
+            upsample = nn.ConvTranspose1d(c_deep, c_deep, 4, stride=2, padding=1)
+            merge = FiLMResidualBlock(c_deep + c_out, c_out, cond_dim)
+            self.up.append(nn.ModuleList([upsample, merge, FiLMResidualBlock(c_out, c_out, cond_dim)]))
         self.head = nn.Sequential(nn.Conv1d(dims[0], dims[0], 3, padding=1), nn.Mish(), nn.Conv1d(dims[0], act_dim, 1))
 
     def forward(self, noisy_chunks, steps, states):
@@ -267,9 +239,7 @@ PREDICTIONS = ("epsilon", "sample")
 
 
 def make_denoiser(config: PolicyConfig) -> nn.Module:
-    shape = dict(
-        obs_dim=config.obs_dim, act_dim=config.act_dim, chunk_size=config.chunk_size, history_size=config.history_size
-    )
+    shape = {name: getattr(config, name) for name in ("obs_dim", "act_dim", "chunk_size", "history_size")}
     if config.denoiser == "mlp":
         return MLPDenoiser(**shape, hidden=config.mlp_hidden)
     if config.denoiser == "unet":
@@ -357,11 +327,8 @@ class DiffusionPolicy(nn.Module):
         batch, n = x.shape[:2]
         k = self.timesteps[step_index]
         abar = self.alpha_bars[k]
-        abar_prev = (
-            self.alpha_bars[self.timesteps[step_index + 1]]
-            if step_index + 1 < len(self.timesteps)
-            else torch.ones_like(abar)
-        )
+        last = step_index + 1 == len(self.timesteps)
+        abar_prev = torch.ones_like(abar) if last else self.alpha_bars[self.timesteps[step_index + 1]]
         states_per_chain = states.repeat_interleave(n, dim=0)
         steps = torch.full((batch * n,), k, device=x.device, dtype=torch.long)
         output = self.denoiser(x.flatten(0, 1), steps, states_per_chain).view_as(x)
@@ -459,9 +426,8 @@ class OnlineActor(nn.Module):
             raise ValueError(f"unknown online actor {kind!r}; valid: {', '.join(ONLINE_ACTORS)}")
         self.kind, self.sub_policy, self.init_std = kind, sub_policy, init_std
         config = self.policy_config = policy.config
-        self.chunk_size, self.history_size = (
-            (mlp_chunk_size, 1) if kind == "mlp" else (config.chunk_size, config.history_size)
-        )
+        sizes = (mlp_chunk_size, 1) if kind == "mlp" else (config.chunk_size, config.history_size)
+        self.chunk_size, self.history_size = sizes
         self.act_dim = config.act_dim
         for name in ("state_mean", "state_std", "action_low", "action_high"):
             self.register_buffer(name, getattr(policy, name).clone())
@@ -583,19 +549,14 @@ def bppo_loss(
         raw_advantages = advantage_fn(sampled_chunks.clamp(-1, 1))
         advantages = (raw_advantages - raw_advantages.mean()) / (raw_advantages.std() + 1e-8)
     mean = policy.sample(states).actions[:, sub_policy]  # mu(s): back-propagates through the DDIM chain
-    log_ratio = gaussian_log_prob(sampled_chunks, mean, std, event_dims=2) - gaussian_log_prob(
-        sampled_chunks, reference_mean, std, event_dims=2
-    )
+    log_prob = gaussian_log_prob(sampled_chunks, mean, std, event_dims=2)
+    log_ratio = log_prob - gaussian_log_prob(sampled_chunks, reference_mean, std, event_dims=2)
     ratio = torch.exp(log_ratio)
     std_t = torch.tensor(std, device=states.device)
     kl = gaussian_kl(mean, std_t, reference_mean, std_t, event_dims=2)
     surrogate = torch.min(ratio * advantages, ratio.clamp(1 - clip_coef, 1 + clip_coef) * advantages)
-    return {
-        "loss": -surrogate.mean() + kl_coef * kl.mean(),
-        "ratio": ratio.detach(),
-        "kl": kl.mean().detach(),
-        "advantage_mean": raw_advantages.mean(),
-    }
+    losses = {"loss": -surrogate.mean() + kl_coef * kl.mean(), "ratio": ratio.detach(), "kl": kl.mean().detach()}
+    return losses | {"advantage_mean": raw_advantages.mean()}
 
 
 def qgrad_loss(

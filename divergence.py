@@ -53,9 +53,8 @@ def kinematic_divergence(chunks_i: torch.Tensor, chunks_j: torch.Tensor) -> torc
     acceleration is exactly zero, so callers detach its inputs.
     """
     length = chunks_i.shape[-2]
-    out = torch.zeros(
-        torch.broadcast_shapes(chunks_i.shape, chunks_j.shape)[:-2], dtype=chunks_i.dtype, device=chunks_i.device
-    )
+    shape = torch.broadcast_shapes(chunks_i.shape, chunks_j.shape)[:-2]
+    out = torch.zeros(shape, dtype=chunks_i.dtype, device=chunks_i.device)
     if length >= 2:
         velocity_gap = velocity(chunks_i) - velocity(chunks_j)
         out = out + torch.linalg.vector_norm(velocity_gap, dim=-1).mean(-1)
@@ -120,13 +119,7 @@ def gaussian_kl(
     return kl.sum(dim=tuple(range(-event_dims, 0)))
 
 
-def gaussian_log_prob(
-    value: torch.Tensor,
-    mean: torch.Tensor,
-    std: float | torch.Tensor,
-    event_dims: int,
-    mask: torch.Tensor | None = None,
-) -> torch.Tensor:
+def gaussian_log_prob(value: torch.Tensor, mean: torch.Tensor, std, event_dims: int, mask=None) -> torch.Tensor:
     """log N(value; mean, diag std^2) summed over the last `event_dims` dims (`std` a float, or a
     tensor that broadcasts, e.g. the online actor's learned std per chunk entry).
 

@@ -201,11 +201,8 @@ def chunk_dataset(dataset: minari.MinariDataset, chunk_size: int, history_size: 
     for episode in dataset.iterate_episodes():
         observations = np.asarray(episode.observations, dtype=np.float32)
         actions, rewards = (np.asarray(x, dtype=np.float32) for x in (episode.actions, episode.rewards))
-        parts.append(
-            chunk_episode(
-                observations, actions, rewards, np.asarray(episode.terminations), chunk_size, history_size, gamma
-            )
-        )
+        episode_arrays = (observations, actions, rewards, np.asarray(episode.terminations))
+        parts.append(chunk_episode(*episode_arrays, chunk_size, history_size, gamma))
         all_states.append(observations[:-1])
     data = {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
     data["all_states"] = np.concatenate(all_states)
@@ -320,9 +317,8 @@ def run_chunk_episodes(policy, envs: list, sub_policy_of, seeds, action_steps: i
         live_ids = np.flatnonzero(live)
         chunks = policy.act(np.stack([histories[k] for k in live_ids]))  # (live, n, H, A)
         for row, k in enumerate(live_ids):
-            histories[k], reward, terminated, truncated, info = chunk_envs[k].step(
-                chunks[row, sub_policy_of[k]][:action_steps]
-            )
+            chunk = chunks[row, sub_policy_of[k]][:action_steps]
+            histories[k], reward, terminated, truncated, info = chunk_envs[k].step(chunk)
             returns[k] += reward
             lengths[k] += info["chunk_length"]
             live[k] = not (terminated or truncated)
@@ -513,10 +509,8 @@ REQUIRED = {
     "online": (
         *("args", "global_step", "gym_id", "max_episode_steps", "dataset_id", "ref_min_score", "ref_max_score"),
         *("offline_checkpoint", "sub_policy", "selection", "history.step", "history.scores"),
-        *(
-            f"actor.{name}"
-            for name in ("kind", "sub_policy", "init_std", "mlp_chunk_size", "policy_config", "state_dict")
-        ),
+        *("actor.kind", "actor.sub_policy", "actor.init_std", "actor.mlp_chunk_size", "actor.policy_config"),
+        "actor.state_dict",
     ),
 }
 
@@ -642,10 +636,8 @@ def offline_ranking(checkpoint: dict) -> list[dict]:
     (uepo_online.py) takes the top few and compares them on real episodes.
     """
     if improved := checkpoint.get("improved"):
-        rows = [
-            (f"sub-policy {e['sub_policy']}, improved ({e['operator']})", e["policy"], e["sub_policy"])
-            for e in improved
-        ]
+        labels = [f"sub-policy {e['sub_policy']}, improved ({e['operator']})" for e in improved]
+        rows = [(label, e["policy"], e["sub_policy"]) for label, e in zip(labels, improved)]
         rows = [row + (e["ope_score"], e["scores"]) for row, e in zip(rows, improved)]
     else:
         history, n = checkpoint["history"], checkpoint["policy"]["config"]["n_subpolicies"]
@@ -657,9 +649,7 @@ def offline_ranking(checkpoint: dict) -> list[dict]:
         # The offline run's own choice (uepo_offline.py: a model-return gain inside the returns' noise
         # is a tie, and ties go to the sub-policy whose base AM-Q ranked higher), then the rest.
         return [candidates[i] for i in np.argsort([entry["choice_rank"] for entry in checkpoint["improved"]])]
-    return sorted(
-        candidates, key=lambda candidate: -candidate["ope_score"] if np.isfinite(candidate["ope_score"]) else np.inf
-    )
+    return sorted(candidates, key=lambda c: -c["ope_score"] if np.isfinite(c["ope_score"]) else np.inf)
 
 
 def offline_candidates(checkpoint: dict, device="cpu") -> list[tuple[str, DiffusionPolicy, int, float]]:
@@ -679,11 +669,8 @@ def deployed_choice(checkpoint: dict) -> tuple[str, dict, int]:
     OnlineActor, whose one "sub-policy" is 0); offline, the offline choice (`offline_ranking`, first)."""
     if checkpoint.get("phase") == "online":
         kind, sub_policy = checkpoint["actor"]["kind"], checkpoint["sub_policy"]
-        label = (
-            "Gaussian MLP, trained online from scratch"
-            if kind == "mlp"
-            else f"sub-policy {sub_policy}, fine-tuned online ({kind} actor)"
-        )
+        label = f"sub-policy {sub_policy}, fine-tuned online ({kind} actor)"
+        label = "Gaussian MLP, trained online from scratch" if kind == "mlp" else label
         return label, checkpoint["actor"], 0
     first = offline_ranking(checkpoint)[0]
     return first["label"], first["policy"], first["sub_policy"]
@@ -723,9 +710,8 @@ def check_environment(checkpoint: dict, path: str) -> None:
         if (problem := spaces_problem(gym_id, env.observation_space, env.action_space)) is not None:
             raise CheckpointError(f"{path}: {problem}")
         sizes = (env.observation_space.shape[0], env.action_space.shape[0])
-    config = (
-        checkpoint["actor"]["policy_config"] if checkpoint.get("phase") == "online" else checkpoint["policy"]["config"]
-    )
+    online = checkpoint.get("phase") == "online"
+    config = checkpoint["actor"]["policy_config"] if online else checkpoint["policy"]["config"]
     if sizes != (config["obs_dim"], config["act_dim"]):
         raise CheckpointError(
             f"{path} names {gym_id} (states of {sizes[0]}, actions of {sizes[1]}), but its networks take states "
@@ -815,9 +801,7 @@ def check_policy_args(args, ranges: dict = POLICY_RANGES) -> str | None:
     benchmarks/robustness.py's, with its ranges."""
     if not os.path.isfile(args.checkpoint):
         return f"--checkpoint {args.checkpoint}: no such file"
-    return out_of_range(args, ranges) or check_output_file(
-        "--json", args.json, inputs={"--checkpoint": args.checkpoint}
-    )
+    return out_of_range(args, ranges) or check_output_file("--json", args.json, {"--checkpoint": args.checkpoint})
 
 
 def score_row(args: PolicyArgs, checkpoint: dict, policy, label: str, sub_policy: int, ope=None, kind=None) -> dict:
