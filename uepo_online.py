@@ -347,7 +347,7 @@ def state_value(value_net, states: torch.Tensor) -> torch.Tensor:
 
 
 def actor_losses(
-    actor: OnlineActor, states, decisions, anchors, old_log_probs, advantages, clip_coef: float, init_std: float
+    actor: OnlineActor, states, decisions, anchors, old_log_probs, advantages, clip_coef, init_std
 ) -> dict:
     """PPO's clipped surrogate on one minibatch of decisions z (B, H, A), and the anchor.
 
@@ -597,9 +597,7 @@ def td3_critic_update(critics, target_critics, optimizer, actor, batch: dict, ga
     return {"losses/critic_loss": loss.item()}, q1.detach()
 
 
-def td3_actor_update(
-    actor: OnlineActor, critics, optimizer, batch: dict, q_weight: float, anchor_weight: float
-) -> dict:
+def td3_actor_update(actor: OnlineActor, critics, optimizer, batch: dict, q_weight: float, anchor_weight: float):
     """The actor's step, TD3+BC's form with the offline policy as the reference:
 
         z = mean(s),  loss = -q_weight Q_1(s, chunk(z)) / mean|Q_1| + anchor_weight mean (z - anchor(s))^2
@@ -808,13 +806,8 @@ if __name__ == "__main__":
     else:  # as saved at its last evaluation
         actor = built_or_fail(args.resume, resumed["actor"], "the actor", device).train()
     # Fine-tuning: TD3 on chunks with the offline data (the default), or the paper's PPO.
-    run = {
-        "name": run_name,
-        "sub_policy": sub_policy,
-        "selection": selection_table,
-        "path": checkpoint_path,
-        "device": device,
-    }
+    run = {"name": run_name, "sub_policy": sub_policy, "selection": selection_table, "path": checkpoint_path}
+    run["device"] = device
     if args.algo == "td3":
         train_td3(args, actor, checkpoint, gamma, writer, run)
     else:
