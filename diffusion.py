@@ -235,7 +235,6 @@ class PolicyConfig:
 
 
 DENOISERS = ("mlp", "unet")
-PREDICTIONS = ("epsilon", "sample")
 
 
 def make_denoiser(config: PolicyConfig) -> nn.Module:
