@@ -85,6 +85,11 @@ def minari_ids(env_id: str) -> list[str]:
     return [f"mujoco/{env}/{q}-v0" for q in qualities]
 
 
+def datasets_folder() -> str:
+    """Where minari looks for datasets, as the messages name it."""
+    return os.environ.get("MINARI_DATASETS_PATH", "~/.minari/datasets (MINARI_DATASETS_PATH unset)")
+
+
 def load_minari(dataset_id: str) -> minari.MinariDataset:
     """A local dataset, else a download; where neither works, say where datasets are looked for. A
     local folder that minari cannot read (damaged metadata, a missing or truncated data file) is named
@@ -94,8 +99,7 @@ def load_minari(dataset_id: str) -> minari.MinariDataset:
     try:
         return minari.load_dataset(dataset_id, download=True)
     except Exception as error:  # network errors, unknown remote ids: all end the same way
-        path = os.environ.get("MINARI_DATASETS_PATH", "~/.minari/datasets (MINARI_DATASETS_PATH unset)")
-        local = ", ".join(sorted(minari.list_local_datasets())) or "none"
+        path, local = datasets_folder(), ", ".join(sorted(minari.list_local_datasets())) or "none"
         raise DatasetError(
             f"Minari dataset {dataset_id!r} is not local and could not be downloaded "
             f"({type(error).__name__}: {error}). Datasets are looked for in MINARI_DATASETS_PATH={path} "
@@ -388,18 +392,21 @@ def spearman_correlation(x, y) -> float:
     return float(np.corrcoef(rank_x, rank_y)[0, 1])
 
 
-def save_checkpoint(checkpoint: dict, path: str) -> None:
-    """Write to a temporary file in the same folder, then rename: a crash mid-write never
-    leaves a broken checkpoint under `path` (os.replace is atomic on one filesystem)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
+def atomic_write(path: str, write) -> None:
+    """`write(temporary)` into a temporary file in the same folder, then rename: a crash mid-write never
+    leaves a broken file under `path` (os.replace is atomic on one filesystem), nor the temporary one."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     temporary = f"{path}.tmp.{os.getpid()}"
     try:
-        torch.save({"format": CHECKPOINT_FORMAT, **checkpoint}, temporary)
+        write(temporary)
         os.replace(temporary, path)
     finally:
         if os.path.exists(temporary):
             os.remove(temporary)
+
+
+def save_checkpoint(checkpoint: dict, path: str) -> None:
+    atomic_write(path, functools.partial(torch.save, {"format": CHECKPOINT_FORMAT, **checkpoint}))
 
 
 def fail(message: str):
@@ -623,6 +630,11 @@ def build_saved(saved: dict, what: str) -> "DiffusionPolicy | OnlineActor":
 # ------------------------------------------------------------------------------------------------
 # Which policy a checkpoint offers
 # ------------------------------------------------------------------------------------------------
+def improved_label(entry: dict) -> str:
+    """How an improved copy of the checkpoint's `improved` list is named in tables."""
+    return f"sub-policy {entry['sub_policy']}, improved ({entry['operator']})"
+
+
 def offline_ranking(checkpoint: dict) -> list[dict]:
     """The deployment candidates of an offline checkpoint, the offline choice first, read from the
     checkpoint without building any policy: dicts with the label, the saved policy, the
@@ -636,9 +648,7 @@ def offline_ranking(checkpoint: dict) -> list[dict]:
     (uepo_online.py) takes the top few and compares them on real episodes.
     """
     if improved := checkpoint.get("improved"):
-        labels = [f"sub-policy {e['sub_policy']}, improved ({e['operator']})" for e in improved]
-        rows = [(label, e["policy"], e["sub_policy"]) for label, e in zip(labels, improved)]
-        rows = [row + (e["ope_score"], e["scores"]) for row, e in zip(rows, improved)]
+        rows = [(improved_label(e), e["policy"], e["sub_policy"], e["ope_score"], e["scores"]) for e in improved]
     else:
         history, n = checkpoint["history"], checkpoint["policy"]["config"]["n_subpolicies"]
         ope = (history.get("ope_scores") or [[float("nan")] * n])[-1]
@@ -751,12 +761,14 @@ def fail_unless_finite(path: str, label: str, values) -> None:
 
 
 def write_json(path: str, data: dict) -> None:
-    """Written beside `path` and renamed into place, as checkpoints are: an interrupted write loses nothing."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(f"{path}.tmp.{os.getpid()}", "w") as file:
-        json.dump(data, file, indent=2)
-    os.replace(f"{path}.tmp.{os.getpid()}", path)
+    """Written atomically, as checkpoints are (`atomic_write`): an interrupted write loses nothing."""
+    atomic_write(path, functools.partial(dump_json, data))
     print(f"json: {path}")
+
+
+def dump_json(data: dict, path: str) -> None:
+    with open(path, "w") as file:
+        json.dump(data, file, indent=2)
 
 
 def markdown_table(header: list[str], rows: list[list]) -> str:
@@ -818,18 +830,15 @@ def dataset_state_histories(dataset_id: str, count: int, history_size: int, seed
     first state of an episode repeated before its start (as in training)."""
     try:
         if (dataset := local_dataset(dataset_id)) is None:
-            path = os.environ.get("MINARI_DATASETS_PATH", "~/.minari/datasets (MINARI_DATASETS_PATH unset)")
             raise DatasetError(
-                f"the dataset {dataset_id!r} of this checkpoint is not in MINARI_DATASETS_PATH={path}; "
+                f"the dataset {dataset_id!r} of this checkpoint is not in MINARI_DATASETS_PATH={datasets_folder()}; "
                 f"get it with `minari download {dataset_id}`"
             )
         states = chunk_dataset(dataset, 1, history_size, 1.0)["states"]  # the histories of training
+    except DatasetError as error:
+        fail(f"{error}, or pass --no-divergence")
     except Exception as error:  # minari and h5py raise many types for a damaged or truncated file
-        reason = str(error) if isinstance(error, DatasetError) else f"cannot be read ({type(error).__name__})"
-        fail(
-            f"{reason if isinstance(error, DatasetError) else f'the local dataset {dataset_id!r} {reason}'}, "
-            "or pass --no-divergence"
-        )
+        fail(f"the local dataset {dataset_id!r} cannot be read ({type(error).__name__}), or pass --no-divergence")
     return states[np.random.default_rng(seed).choice(len(states), size=min(count, len(states)), replace=False)]
 
 
@@ -855,22 +864,14 @@ def policy_command(args: PolicyArgs) -> dict:
         if args.sub_policy is not None and not 0 <= args.sub_policy < n:
             fail(f"--sub-policy must be in [0, {n - 1}] for this checkpoint, got {args.sub_policy}")
         evaluated = list(range(n)) if args.sub_policy is None else [args.sub_policy]
-        ope = (checkpoint["history"].get("ope_scores") or [None])[-1]
-        rows = [
-            score_row(
-                args,
-                checkpoint,
-                base,
-                f"sub-policy {i}",
-                i,
-                *((None, None) if ope is None else (float(ope[i]), "AM-Q")),
-            )
-            for i in evaluated
-        ]
+        ope, rows = (checkpoint["history"].get("ope_scores") or [None])[-1], []
+        for i in evaluated:
+            scored = (None, None) if ope is None else (float(ope[i]), "AM-Q")
+            rows.append(score_row(args, checkpoint, base, f"sub-policy {i}", i, *scored))
         for entry in [entry for entry in checkpoint.get("improved") or [] if entry["sub_policy"] in evaluated]:
-            i, label = entry["sub_policy"], f"sub-policy {entry['sub_policy']}, improved ({entry['operator']})"
+            i, label, scored = entry["sub_policy"], improved_label(entry), (float(entry["ope_score"]), "gated OPE")
             copy = built_or_fail(args.checkpoint, entry["policy"], f"the improved copy of sub-policy {i}", device)
-            rows.append(score_row(args, checkpoint, copy, label, i, float(entry["ope_score"]), "gated OPE"))
+            rows.append(score_row(args, checkpoint, copy, label, i, *scored))
     rows = [row | {"deployed": row["label"] == deployed} for row in rows]
     result = {"checkpoint": args.checkpoint, "phase": "online" if online else "offline", "gym_id": checkpoint["gym_id"]}
     result |= {"dataset_id": checkpoint["dataset_id"], "episodes": args.episodes, "seed": args.seed}
