@@ -567,13 +567,20 @@ class LossMeans:
 def training_state(step, run_name, optimizer, scheduler, models, augmented, device) -> dict:
     """What --resume needs to continue the loop after `step` as if it had never stopped: the
     optimizers, the schedule, the augmentation buffer and every random stream the loop draws from."""
-    state = {"step": step, "run_name": run_name, "optimizer": optimizer.state_dict()}
-    state["scheduler"] = scheduler.state_dict()
+    state = {
+        "step": step,
+        "run_name": run_name,
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+    }
     if models is not None:
-        state |= {"target_critics": models.target_critics.state_dict(), "augmented": augmented}
-        state |= {"critic_optimizer": models.critic_optimizer.state_dict()}
-        state |= {"model_generator": models.generator.get_state()}
-        state |= {"dynamics_optimizer": models.dynamics_optimizer.state_dict()}
+        state |= {
+            "target_critics": models.target_critics.state_dict(),
+            "critic_optimizer": models.critic_optimizer.state_dict(),
+            "dynamics_optimizer": models.dynamics_optimizer.state_dict(),
+            "model_generator": models.generator.get_state(),
+            "augmented": augmented,
+        }
     return state | rng_state(device)
 
 
@@ -630,9 +637,8 @@ def improve_sub_policy(policy, sub_policy: int, models, ope, tensors, args: Args
     start = ope.rollouts(improved_policy, sub_policy, OPE_PENALTY)
     gate = BestSnapshot(improved_policy, start, step=0, confidence=args.gate_confidence, margin=args.gate_margin)
     print(f"sub-policy {sub_policy}: gated OPE at the start {gate.best_score:.1f}")
-    means = LossMeans(writer, f"improvement_{sub_policy}")
+    means, critics = LossMeans(writer, f"improvement_{sub_policy}"), models.critics
     for step in (progress := tqdm(range(1, args.improvement_steps + 1), f"improving sub-policy {sub_policy}", **BAR)):
-        critics = models.critics
         means.add(improvement_update(improved_policy, reference, optimizer, critics, tensors, sub_policy, step, args))
         if step % LOG_EVERY == 0 or step % args.ope_every == 0 or step == args.improvement_steps:
             means.log(step, progress)
@@ -720,8 +726,6 @@ def load_task(args: Args):
 
 def read_chunks(dataset, task: dict, args: Args, device) -> dict:
     """`chunk_dataset`, a dataset that cannot be read ending the script in one line."""
-    if device.type == "cpu" and (args.denoiser == "unet" or args.total_steps > 100_000):
-        print("warning: the U-Net or a paper-scale budget is sized for a GPU; the defaults are the CPU setting")
     try:
         data = chunk_dataset(dataset, args.chunk_size, args.history_size, args.gamma)
         shapes = f"{len(data['chunks'])} chunks, obs {data['all_states'].shape[1]}, act {data['chunks'].shape[2]}"
@@ -761,11 +765,20 @@ def improved_entry(sub_policy, improved_policy, gate, returns, scores, base_ope,
         f"{gate.best_score:.1f}; model return {returns.mean():.1f}); real normalized score "
         f"{base_scores[sub_policy]:.1f} -> {scores.mean():.1f}"
     )
-    entry = {"sub_policy": sub_policy, "operator": args.improvement, "policy": improved_policy.to_checkpoint()}
-    entry |= {"ope_history": gate.history, "ope_rollouts": [part.cpu() for part in gate.best_rollouts]}
-    entry |= {"ope_score": gate.best_score, "best_step": gate.best_step, "base_ope_score": float(base_ope[sub_policy])}
-    entry |= {"base_score": float(base_scores[sub_policy]), "model_returns": returns.cpu()}
-    return entry | {"model_return": returns.mean().item(), "scores": scores.tolist()}
+    return {
+        "sub_policy": sub_policy,
+        "operator": args.improvement,
+        "policy": improved_policy.to_checkpoint(),
+        "ope_history": gate.history,
+        "ope_rollouts": [part.cpu() for part in gate.best_rollouts],
+        "ope_score": gate.best_score,
+        "best_step": gate.best_step,
+        "base_ope_score": float(base_ope[sub_policy]),
+        "base_score": float(base_scores[sub_policy]),
+        "model_returns": returns.cpu(),
+        "model_return": returns.mean().item(),
+        "scores": scores.tolist(),
+    }
 
 
 def offline_choice(improved: list[dict], args: Args) -> None:
@@ -811,6 +824,8 @@ if __name__ == "__main__":
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    if device.type == "cpu" and (args.denoiser == "unet" or args.total_steps > 100_000):
+        print("warning: the U-Net or a paper-scale budget is sized for a GPU; the defaults are the CPU setting")
 
     # ---- data: chunks (s_t, a_{t:t+H}, R_t^H, s_{t+H}), masks, frozen state statistics ----------
     data = read_chunks(dataset, task, args, device)
