@@ -544,7 +544,7 @@ class ChunkReplay:
 @torch.no_grad()
 def offline_replay(checkpoint: dict, actor: OnlineActor, rows: int, gamma: float, seed: int) -> ChunkReplay:
     """The offline dataset chunked as the actor acts (`eval.chunk_dataset`), a random `rows` of its
-    chunks, with the offline policy's z computed once on every history (in batches of 4096)."""
+    chunks, with the offline policy's z computed once on every history (`batched_anchors`)."""
     try:
         dataset, *_ = load_dataset(checkpoint["args"]["env_id"], checkpoint["dataset_id"])
     except DatasetError as error:
@@ -554,15 +554,20 @@ def offline_replay(checkpoint: dict, actor: OnlineActor, rows: int, gamma: float
     device = actor.log_std.device
     keys = ("states", "next_states", "chunks", "rewards", "mask", "dones")
     data = {key: torch.as_tensor(data[key][index], dtype=torch.float32, device=device) for key in keys}
-    replay = {key: actor.normalize_states(data[key]) for key in ("states", "next_states")}
-    for key in ("states", "next_states"):
-        anchors = [actor.anchor_mean(histories) for histories in replay[key].split(4096)]
-        replay[key.replace("states", "anchors")] = torch.cat(anchors)
+    states, next_states = actor.normalize_states(data["states"]), actor.normalize_states(data["next_states"])
+    replay = {"states": states, "anchors": batched_anchors(actor, states)}
+    replay |= {"next_states": next_states, "next_anchors": batched_anchors(actor, next_states)}
     replay |= {"chunks": actor.scale_actions(data["chunks"]).clamp(-1, 1), "rewards": data["rewards"]}
     replay |= {"lengths": data["mask"].sum(1), "terminals": data["dones"]}
     buffer = ChunkReplay(len(index), replay)
     buffer.add(replay)
     return buffer
+
+
+@torch.no_grad()
+def batched_anchors(actor: OnlineActor, states: torch.Tensor) -> torch.Tensor:
+    """The offline policy's z at every history, 4096 at a time (the chain is the costly part)."""
+    return torch.cat([actor.anchor_mean(batch) for batch in states.split(4096)])
 
 
 def mixed_sample(offline: ChunkReplay, online: ChunkReplay, batch_size: int, offline_ratio: float) -> tuple[dict, int]:
