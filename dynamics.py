@@ -1,22 +1,7 @@
-"""Learned dynamics model of UEPO (paper component 3; docs/design.md, "Dynamics model and diffusion
-augmentation"): the simulator of the offline phase, in which the augmentation rolls the sub-policies
-and OPE (AM-Q) scores them. The real environment is never stepped offline.
-
-Reading order:
-1. `EnsembleDynamics` - the probabilistic ensemble T_m(s' - s, r | s, a) (MOPO / MOBILE / Uni-O4, the
-   paper's appendix B.2.5): Gaussian NLL training, elites on a hold-out split, one-step sampling, and
-   the ensemble disagreement of the augmentation filter.
-2. Termination rules - `termination_fn`: Gymnasium v5 health rules applied to predicted observations.
-3. `ChunkCritics`, `iql_losses` - the chunk-level IQL critics Q(s, a_{t:t+H}) and V(s), the Q of AM-Q.
-4. `am_q_rollouts` - AM-Q: chunks rolled through the model, scored by the mean Q over the visited
-   pairs; `BestSnapshot`, `confident_choice` - the improvement gate and the offline choice, which trust
-   a gain only beyond the OPE's own noise.
-5. `diffusion_augmentation` - synthetic transitions from the sub-policies through the model, kept while
-   the ensemble disagreement stays below epsilon; `mixed_batch` - real and synthetic data together.
-
-Units and shapes: S = obs_dim, A = act_dim, M = members, E = elites, B = batch. Every method takes and
-returns raw environment units; the model is per environment step (a chunk is applied action by action).
-"""
+"""Learned dynamics model of UEPO (paper component 3; docs/design.md, "Dynamics model and diffusion augmentation"),
+the offline simulator: `EnsembleDynamics` (MOPO/MOBILE, B.2.5), `termination_fn`, the chunk-level IQL critics
+(the Q of AM-Q), AM-Q with the gate (`BestSnapshot`, `confident_choice`), `diffusion_augmentation`, `mixed_batch`.
+S = obs_dim, A = act_dim, M = members, E = elites, B = batch; raw env units; one model step per env step."""
 
 import math
 import re
@@ -29,27 +14,16 @@ import torch.nn.functional as F
 
 from divergence import gaussian_kl
 
-# MOBILE's per-layer weight decays (B.2.5): 4 hidden layers, then the output layer.
-MOBILE_WEIGHT_DECAYS = (2.5e-5, 5e-5, 7.5e-5, 7.5e-5, 1e-4)
-# Coefficient of the term that keeps the learnable log-variance bounds tight (MOPO/PETS code).
-LOGVAR_BOUND_COEF = 0.01
-# Initial log-variance bounds (PETS/MBPO/MOBILE code): std in [exp(-5), exp(0.25)] at the start.
-INITIAL_MAX_LOGVAR, INITIAL_MIN_LOGVAR = 0.5, -10.0
-# Standardization of the inputs: dataset mean and std + eps, the project's convention for
-# states (eval.state_statistics); the eps keeps a constant input dimension finite.
-INPUT_STD_EPS = 1e-3
+MOBILE_WEIGHT_DECAYS = (2.5e-5, 5e-5, 7.5e-5, 7.5e-5, 1e-4)  # MOBILE's per layer (B.2.5): 4 hidden, then output
+LOGVAR_BOUND_COEF = 0.01  # weight of the term that keeps the log-variance bounds tight (MOPO/PETS code)
+INITIAL_MAX_LOGVAR, INITIAL_MIN_LOGVAR = 0.5, -10.0  # PETS/MBPO/MOBILE code: std in [exp(-5), exp(0.25)] at start
+INPUT_STD_EPS = 1e-3  # as for states (eval.state_statistics): keeps a constant input dimension finite
 LOG_2PI = math.log(2.0 * math.pi)
 
 
-# --------------------------------------------------------------------------------------------
-# The probabilistic ensemble
-# --------------------------------------------------------------------------------------------
+# ---- The probabilistic ensemble ----------------------------------------------------------------
 class EnsembleLinear(nn.Module):
-    """M independent linear layers evaluated in one batched matmul: (M, B, in) -> (M, B, out).
-
-    Weights (M, in, out), initialized as MBPO/MOBILE do (truncated normal, std 1 / (2 sqrt(in)),
-    cut at 2 std); biases (M, 1, out), zero.
-    """
+    """M independent linear layers in one batched matmul, (M, B, in) -> (M, B, out); MBPO/MOBILE's init."""
 
     def __init__(self, num_members: int, in_dim: int, out_dim: int):
         super().__init__()
@@ -63,12 +37,9 @@ class EnsembleLinear(nn.Module):
 
 
 class EnsembleDynamics(nn.Module):
-    """Probabilistic ensemble of M Gaussian MLPs T_m(s' - s, r | s, a) (docs/design.md; B.2.5): each
-    member maps [s, a], standardized, through `num_layers` x `hidden_dim` SiLU layers to the mean and
-    log-variance of the raw target (s' - s, r), all members in one pass (`EnsembleLinear`). Every
-    member sees the same batch (inputs (M, B, .) give member m its own rows, e.g. bootstrap
-    resamples); the log-variance bounds are shared (MBPO/MOBILE code). Only `forward`, `member_nll`
-    and `loss` carry gradients: the other methods use the model as a simulator."""
+    """Probabilistic ensemble of M Gaussian MLPs T_m(s' - s, r | s, a) (B.2.5): standardized [s, a] -> mean and
+    log-variance of the raw (s' - s, r), log-variance bounds shared (MBPO/MOBILE code). Only `forward`,
+    `member_nll` and `loss` carry gradients."""
 
     def __init__(
         self,
@@ -96,19 +67,16 @@ class EnsembleDynamics(nn.Module):
         self.num_members, self.num_elites = num_members, num_elites
         self.hidden_dim, self.num_layers = hidden_dim, num_layers
         self.weight_decays = tuple(float(w) for w in weight_decays)
-
         target_dim = obs_dim + 1  # (s' - s, r)
         widths = [obs_dim + act_dim] + [hidden_dim] * num_layers + [2 * target_dim]
         self.layers = nn.ModuleList(
             EnsembleLinear(num_members, w_in, w_out) for w_in, w_out in zip(widths[:-1], widths[1:])
         )
         self.activation = nn.SiLU()
-        # Learnable log-variance bounds (PETS/MOPO): the soft clamp in `bounded_logvar` keeps
-        # every predicted log-variance inside them; the loss keeps them tight.
+        # Learnable log-variance bounds (PETS/MOPO): `bounded_logvar` stays inside them, the loss keeps them tight.
         self.max_logvar = nn.Parameter(torch.full((target_dim,), INITIAL_MAX_LOGVAR))
         self.min_logvar = nn.Parameter(torch.full((target_dim,), INITIAL_MIN_LOGVAR))
-        # Input standardization (identity until `set_input_statistics`) and the elites; buffers,
-        # so they travel with the state dict.
+        # Input standardization (identity until `set_input_statistics`) and the elites, saved in the state dict.
         self.register_buffer("input_mean", torch.zeros(obs_dim + act_dim))
         self.register_buffer("input_std", torch.ones(obs_dim + act_dim))
         self.register_buffer("elite_indices", torch.arange(num_elites))
@@ -121,9 +89,7 @@ class EnsembleDynamics(nn.Module):
     # ---- inputs and targets ----------------------------------------------------------------
     @torch.no_grad()
     def set_input_statistics(self, states, actions) -> None:
-        """Freeze the input standardization to the mean and std (+ INPUT_STD_EPS) of [s, a] over
-        the given transitions (numpy or torch, (N, S) and (N, A)); B.2.5: inputs are standardized.
-        Called once on the real training split; synthetic data does not move it."""
+        """Freeze the input standardization (B.2.5): mean, std (+ INPUT_STD_EPS) of the real train [s, a] (N, S + A)."""
         inputs = torch.cat([torch.as_tensor(x).to(torch.float64).cpu() for x in (states, actions)], dim=-1)
         self.input_mean.copy_(inputs.mean(0))
         self.input_std.copy_(inputs.std(0, correction=0) + INPUT_STD_EPS)
@@ -133,17 +99,12 @@ class EnsembleDynamics(nn.Module):
         return torch.cat([next_states - states, rewards.unsqueeze(-1)], dim=-1)
 
     def bounded_logvar(self, raw_logvar: torch.Tensor) -> torch.Tensor:
-        """Soft clamp of PETS/MOPO: smooth and monotone, >= min_logvar, and <= max_logvar up to
-        the softplus tail log(1 + exp(min_logvar - max_logvar)) (3e-5 at the initial bounds)."""
+        """Soft clamp of PETS/MOPO: smooth, monotone, within [min_logvar, max_logvar] up to a softplus tail."""
         logvar = self.max_logvar - F.softplus(self.max_logvar - raw_logvar)
         return self.min_logvar + F.softplus(logvar - self.min_logvar)
 
     def forward(self, states: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean and log-variance of (s' - s, r) for every member, each (M, B, S + 1).
-
-        states (B, S) and actions (B, A), raw units, give every member the same rows;
-        (M, B, S) and (M, B, A) give member m its own rows (e.g. bootstrap resamples).
-        """
+        """Mean and log-variance of (s' - s, r) per member, each (M, B, S + 1); raw inputs (B, .), or (M, B, .)."""
         inputs = (torch.cat([states, actions], dim=-1) - self.input_mean) / self.input_std
         if inputs.dim() == 2:
             inputs = inputs.unsqueeze(0).expand(self.num_members, -1, -1)
@@ -155,47 +116,35 @@ class EnsembleDynamics(nn.Module):
 
     # ---- training ----------------------------------------------------------------------------
     def member_nll(self, states, actions, next_states, rewards) -> torch.Tensor:
-        """Gaussian negative log-likelihood -log T_m(s' - s, r | s, a) per member, (M,).
-
-        Averaged over the batch and over the S + 1 target entries (nats per entry), with the
-        log(2 pi) constant, so that it is a true NLL and comparable across data sets of one task.
-        Inputs (B, .) or (M, B, .) as in `forward`; rewards (B,) or (M, B).
-        """
+        """Gaussian NLL -log T_m(s' - s, r | s, a) per member (M,), nats per target entry; rewards (B,) or (M, B)."""
         mean, logvar = self(states, actions)
         squared_error = (mean - self.targets(states, next_states, rewards)) ** 2
         nll = 0.5 * (squared_error * torch.exp(-logvar) + logvar + LOG_2PI)
         return nll.mean(dim=(-2, -1))
 
     def weight_decay_loss(self) -> torch.Tensor:
-        """MOBILE's per-layer L2 penalty, sum_l decay_l * 0.5 * ||W_l||^2 over all members'
-        weights (biases are not decayed). Included in `loss`; exposed for logging."""
+        """MOBILE's per-layer L2 penalty sum_l decay_l * 0.5 * ||W_l||^2 over all members (biases not decayed)."""
         return sum(decay * 0.5 * (layer.weight**2).sum() for decay, layer in zip(self.weight_decays, self.layers))
 
     def logvar_bound_loss(self) -> torch.Tensor:
-        """0.01 * (sum max_logvar - sum min_logvar): pulls the bounds together, so that the
-        variance is only as free as the data needs (MOPO/PETS). Included in `loss`."""
+        """0.01 * (sum max_logvar - sum min_logvar) (MOPO/PETS): the variance only as free as the data needs."""
         return LOGVAR_BOUND_COEF * (self.max_logvar.sum() - self.min_logvar.sum())
 
     def loss(self, states, actions, next_states, rewards) -> torch.Tensor:
-        """The training objective, MOBILE's up to a positive scale and a constant (docs/design.md):
-
-        mean_m NLL_m + (weight_decay_loss + logvar_bound_loss) / (2 M)
-        """
+        """MOBILE's loss up to scale and constant: mean_m NLL_m + (weight_decay_loss + logvar_bound_loss) / (2 M)."""
         regularizer = self.weight_decay_loss() + self.logvar_bound_loss()
         return self.member_nll(states, actions, next_states, rewards).mean() + regularizer / (2 * self.num_members)
 
     # ---- elites --------------------------------------------------------------------------------
     @torch.no_grad()
     def holdout_mse(self, states, actions, next_states, rewards) -> torch.Tensor:
-        """Mean squared error of each member's mean prediction of (s' - s, r), raw units, averaged
-        over the batch and the S + 1 entries: (M,). The validation metric of MOBILE's code."""
+        """MOBILE's validation metric, (M,): MSE of each member's mean (s' - s, r), raw units."""
         mean, _ = self(states, actions)
         return ((mean - self.targets(states, next_states, rewards)) ** 2).mean(dim=(-2, -1))
 
     @torch.no_grad()
     def select_elites(self, states, actions, next_states, rewards) -> torch.Tensor:
-        """Set `elite_indices` to the `num_elites` members with the lowest `holdout_mse` on the
-        given (hold-out) transitions, best first. Returns the (M,) hold-out MSE."""
+        """Set `elite_indices` to the `num_elites` lowest `holdout_mse`, best first; returns the (M,) MSE."""
         mse = self.holdout_mse(states, actions, next_states, rewards)
         self.elite_indices.copy_(torch.argsort(mse)[: self.num_elites])
         return mse
@@ -210,13 +159,8 @@ class EnsembleDynamics(nn.Module):
         deterministic: bool = False,
         members: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One model step: next_states (B, S) and rewards (B,), raw units.
-
-        Row b uses member `members[b]` (default: a random elite per row, B.2.5) and
-        draws from its Gaussian, or takes its mean with `deterministic=True` (OPE rollouts).
-        Terminations are not decided here: apply `termination_fn(task)` to next_states.
-        `generator` (member choice and noise) must live on the model's device.
-        """
+        """One model step -> next_states (B, S), rewards (B,): row b samples member `members[b]` (default a random
+        elite, B.2.5), or takes its mean (`deterministic`). `generator` lives on the model's device."""
         batch = states.shape[0]
         if members is None:
             picks = torch.randint(self.num_elites, (batch,), generator=generator, device=self.elite_indices.device)
@@ -231,9 +175,8 @@ class EnsembleDynamics(nn.Module):
 
     @torch.no_grad()
     def disagreement(self, states: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-        """The augmentation filter's statistic (docs/design.md), (B,): the mean over ordered pairs
-        m != m' of the elites (the members the rollouts step with) of KL(T_m(.|s,a) || T_m'(.|s,a)),
-        between diagonal Gaussians over (s' - s, r). Unit-free; 0 with a single elite."""
+        """The augmentation filter's statistic, (B,): mean over ordered elite pairs m != m' of KL(T_m || T_m'),
+        diagonal Gaussians over (s' - s, r). Unit-free; 0 with a single elite."""
         mean, logvar = self(states, actions)
         mean, std = mean[self.elite_indices], torch.exp(0.5 * logvar[self.elite_indices])
         num = mean.shape[0]
@@ -245,8 +188,7 @@ class EnsembleDynamics(nn.Module):
 
     @torch.no_grad()
     def uncertainty(self, states: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-        """The gate's reward penalty u(s, a) (MOPO's r - lambda u, its "ensemble std" variant; docs/design.md):
-        the norm over the S + 1 entries of the elites' std of their mean predictions, raw units (B,)."""
+        """The gate's penalty u(s, a) (MOPO's r - lambda u, "ensemble std"), (B,): norm of the elites' mean std."""
         mean, _ = self(states, actions)
         mean = mean[self.elite_indices]
         if mean.shape[0] < 2:
@@ -257,8 +199,7 @@ class EnsembleDynamics(nn.Module):
 def holdout_split(
     num_transitions: int, generator: torch.Generator | None = None, fraction: float = 0.2, max_holdout: int = 1000
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """B.2.5's split: min(20%, 1000) random transitions held out for elites and early stopping.
-    Returns (train_indices, holdout_indices), disjoint, covering 0..N-1."""
+    """B.2.5's split: min(20%, 1000) random transitions held out (elites) -> (train_indices, holdout_indices)."""
     size = min(int(num_transitions * fraction), max_holdout)
     if size < 1:
         raise ValueError(f"{num_transitions} transitions leave no hold-out split (fraction {fraction})")
@@ -266,25 +207,14 @@ def holdout_split(
     return order[size:], order[:size]
 
 
-# --------------------------------------------------------------------------------------------
-# Termination rules (Gymnasium v5, default arguments), on observations
-# --------------------------------------------------------------------------------------------
-# Each rule maps next observations (..., S), numpy or torch, to a bool array / tensor (...),
-# True where Gymnasium's `terminated` would be True. The rules read the observation, because a
-# model rollout has nothing else: Gymnasium itself checks qpos/qvel. With the default
-# exclude_current_positions_from_observation=True, observation = (qpos[1:], qvel) for hopper and
-# walker2d (qvel clipped to [-10, 10] in the observation) and (qpos[2:], qvel, cfrc_ext) for ant,
-# so obs[0] is the torso height qpos[1] (ant: qpos[2]) and obs[1] the torso angle qpos[2].
-# The bounds are the v5 defaults; strict or inclusive as in the source.
-
-
+# ---- Termination rules (Gymnasium v5 defaults) on observations: (..., S) numpy or torch -> bool (...) ----
+# obs = (qpos[1:], qvel) for hopper, walker2d and (qpos[2:], qvel, cfrc_ext) for ant: obs[0] is the torso height.
 def _backend(next_obs):
     return torch if isinstance(next_obs, torch.Tensor) else np
 
 
 def _check_obs_dim(next_obs, task: str, dims: tuple[int, ...]) -> None:
-    # A wrong size means another observation layout (e.g. positions included): the indices
-    # below would then read the wrong entries silently.
+    # Another size means another observation layout: the indices below would read the wrong entries.
     if next_obs.shape[-1] not in dims:
         raise ValueError(
             f"{task} termination rule expects observations of size "
@@ -293,16 +223,8 @@ def _check_obs_dim(next_obs, task: str, dims: tuple[int, ...]) -> None:
 
 
 def hopper_terminated(next_obs):
-    """Hopper-v5: healthy iff every entry of state_vector()[2:] = (qpos[2:], qvel) is in
-    (-100, 100), z = qpos[1] in (0.7, inf) and angle = qpos[2] in (-0.2, 0.2), all strict.
-
-    The one gap: Gymnasium checks the *unclipped* qvel against +-100, the observation holds qvel
-    clipped to +-10, so a joint or body moving at >= 100 (a terminated step in the real env)
-    looks healthy here. The observations cannot tell; the rule applies the range to obs[1:]
-    as Gymnasium does to its state, which is exact for every state with |qvel| < 100 (random
-    policies stay below 10). The model learns the clipped observations, so it never predicts
-    such velocities either.
-    """
+    """Hopper-v5: healthy iff (qpos[2:], qvel) in (-100, 100), z = qpos[1] in (0.7, inf), angle = qpos[2] in
+    (-0.2, 0.2), strict; exact for |qvel| < 100 (the observation clips qvel to +-10)."""
     _check_obs_dim(next_obs, "hopper", (11,))
     z, angle, rest = next_obs[..., 0], next_obs[..., 1], next_obs[..., 1:]
     healthy_state = ((rest > -100.0) & (rest < 100.0)).all(-1)
@@ -311,21 +233,14 @@ def hopper_terminated(next_obs):
 
 
 def walker2d_terminated(next_obs):
-    """Walker2d-v5: healthy iff z = qpos[1] in (0.8, 2.0) and angle = qpos[2] in (-1, 1), strict.
-    Both are observed exactly, so the rule is exact."""
+    """Walker2d-v5: healthy iff z = qpos[1] in (0.8, 2.0) and angle = qpos[2] in (-1, 1), strict; exact."""
     _check_obs_dim(next_obs, "walker2d", (17,))
     z, angle = next_obs[..., 0], next_obs[..., 1]
     return ~((z > 0.8) & (z < 2.0) & (angle > -1.0) & (angle < 1.0))
 
 
 def ant_terminated(next_obs):
-    """Ant-v5: healthy iff state_vector() = (qpos, qvel) is finite and z = qpos[2] in [0.2, 1.0]
-    (inclusive). Observation of size 105 (with contact forces, the default) or 27 (without).
-
-    The finiteness check covers the whole observation: it misses a non-finite x/y position
-    (not observed; MuJoCo's state would be non-finite everywhere by then) and adds the contact
-    forces (finite whenever the state is). A model rollout should stop at any non-finite entry.
-    """
+    """Ant-v5 (obs 105 or 27): healthy iff the observation is finite and z = qpos[2] in [0.2, 1.0], inclusive."""
     _check_obs_dim(next_obs, "ant", (105, 27))
     z = next_obs[..., 0]
     healthy = _backend(next_obs).isfinite(next_obs).all(-1) & (z >= 0.2) & (z <= 1.0)
@@ -349,8 +264,7 @@ TERMINATION_RULES: dict[str, Callable] = {
 
 
 def task_of_gym_id(gym_id: str) -> str:
-    """Gymnasium id -> task name of TERMINATION_RULES: "Hopper-v5" -> "hopper",
-    "HalfCheetah-v5" -> "halfcheetah" (namespace and version dropped, lower case)."""
+    """Gymnasium id -> task name of TERMINATION_RULES: "HalfCheetah-v5" -> "halfcheetah"."""
     return re.sub(r"-v\d+$", "", gym_id.split("/")[-1]).lower()
 
 
@@ -366,9 +280,7 @@ def termination_fn(task: str) -> Callable:
     return TERMINATION_RULES[task]
 
 
-# --------------------------------------------------------------------------------------------
-# Chunk-level IQL critics (docs/design.md, "The offline loop, critics and improvement")
-# --------------------------------------------------------------------------------------------
+# ---- Chunk-level IQL critics (docs/design.md, "The offline loop, critics and improvement") -----
 def mlp(in_dim: int, hidden: int, layers: int, out_dim: int, layer_norm: bool = False) -> nn.Sequential:
     """`layers` hidden ReLU layers of `hidden` units, each after a LayerNorm with `layer_norm`."""
     blocks, width = [], in_dim
@@ -379,14 +291,8 @@ def mlp(in_dim: int, hidden: int, layers: int, out_dim: int, layer_norm: bool = 
 
 
 class ChunkCritics(nn.Module):
-    """Q(s_t, a_{t:t+H}) with two heads (the min is used) and V(s_t), on normalized states and
-    chunks scaled to [-1, 1]. s_t is the current state alone (the Markov state): the history the
-    policy conditions on helps it act, not the value of where it is.
-
-    Sizes (paper silent): 3 x 256 ReLU for each network, IQL's own for locomotion. `layer_norm`:
-    a LayerNorm in every hidden layer of the Q heads (RLPD, arXiv 2302.02948: it bounds how far Q
-    can extrapolate beyond the data's actions, which an online actor would otherwise exploit).
-    """
+    """Q(s_t, a_{t:t+H}) (two heads, min) and V(s_t) on normalized states (no history) and chunks in [-1, 1].
+    Choice (paper silent): 3 x 256 ReLU, IQL's. `layer_norm` in the Q heads bounds extrapolation (RLPD)."""
 
     def __init__(
         self, obs_dim: int, act_dim: int, chunk_size: int, hidden: int = 256, layers: int = 3, layer_norm: bool = False
@@ -410,29 +316,22 @@ class ChunkCritics(nn.Module):
 
 
 def expectile_loss(differences: torch.Tensor, expectile: float) -> torch.Tensor:
-    """IQL's asymmetric squared loss L_tau(u) = |tau - 1(u < 0)| u^2, averaged; u = Q - V.
-    With tau > 0.5, V is pushed towards an upper expectile of Q over the data's actions."""
+    """IQL's expectile loss L_tau(u) = |tau - 1(u < 0)| u^2, averaged, u = Q - V (tau > 0.5: an upper expectile)."""
     weight = torch.where(differences < 0, 1.0 - expectile, expectile)
     return (weight * differences**2).mean()
 
 
 def chunk_td_target(rewards, dones, chunk_lengths, next_values, gamma: float) -> torch.Tensor:
-    """R_t^H + gamma^L (1 - done) V(s_{t+L}), L = the chunk's real steps (H, or fewer where the
-    episode ends sooner). Terminations end the return; time-limit truncations bootstrap."""
+    """R_t^H + gamma^L (1 - done) V(s_{t+L}), L = the chunk's real steps (<= H); truncations bootstrap."""
     return rewards + gamma**chunk_lengths * (1.0 - dones) * next_values
 
 
 def iql_losses(
     critics: ChunkCritics, target_critics: ChunkCritics, batch: dict, gamma: float, expectile: float
 ) -> dict:
-    """One IQL step on chunks (Kostrikov et al. 2022, with a_{t:t+H} as the action), on a `batch` of
-    states, chunks, rewards, next_states, dones and chunk_lengths:
-
-        V:  expectile regression of V(s) on min_k Q_target_k(s, a_{t:t+H})
-        Q:  each head to  R_t^H + gamma^L (1 - done) V(s_{t+L}),  L = real steps in the chunk
-            (H except where the episode ends sooner; docs/design.md, "The offline loop, critics and improvement")
-    Returns {"value": ..., "q": ...}; the caller adds them and steps one optimizer.
-    """
+    """IQL (Kostrikov et al. 2022) on chunks: V by expectile regression on min_k Q_target_k(s, a_{t:t+H}), each
+    Q head to `chunk_td_target`. `batch`: states, chunks, rewards, next_states, dones, chunk_lengths.
+    Returns {"value": ..., "q": ...}; the caller adds them and steps one optimizer."""
     states, chunks = batch["states"], batch["chunks"]
     with torch.no_grad():
         target_q = target_critics.q(states, chunks)
@@ -451,12 +350,9 @@ def soft_update(target: nn.Module, source: nn.Module, rate: float) -> None:
         target_param.lerp_(param, rate)
 
 
-# --------------------------------------------------------------------------------------------
-# AM-Q offline policy evaluation (Uni-O4; docs/design.md, "Dynamics model and diffusion augmentation")
-# --------------------------------------------------------------------------------------------
+# ---- AM-Q offline policy evaluation (Uni-O4; docs/design.md, "Dynamics model and diffusion augmentation")
 def am_q_ratio(sums: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """AM-Q from `am_q_rollouts`' per-start terms (last dim: start states): the Q summed over
-    every visited (state, chunk) pair divided by their number."""
+    """AM-Q from `am_q_rollouts`' per-start terms (last dim: starts): summed Q / number of visited pairs."""
     return sums.sum(-1) / counts.sum(-1)
 
 
@@ -468,18 +364,10 @@ def model_rollout(
     num_steps: int,
     generator: torch.Generator | None = None,
 ) -> dict:
-    """Roll a deterministic chunk policy through the learned model: from every start history
-    (N, To, S) (raw states), the policy's chunk is applied step by step through
-    `dynamics.sample_step` (a random elite per row) for `num_steps` environment steps in whole
-    chunks; a rollout is dead after its first predicted termination. The one rollout loop of
-    AM-Q (`am_q_rollouts`) and of the model's episode return (`model_returns`).
-
-    chunk_policy: (N, To, S) raw histories -> (N, H, A) chunks in environment units.
-    is_terminal:  (N, S) raw next states -> (N,) bool (the task's termination rule).
-    Returns lists over chunks of "chunk_states" (N, S), "chunks" (N, H, A), "chunk_alive" (N,)
-    (alive at the chunk's start), and lists over steps of "states" (N, S), "actions" (N, A),
-    "alive" (N,) (alive before the step) and "rewards" (N,) (the model's prediction).
-    """
+    """Roll a deterministic chunk policy (N, To, S) -> (N, H, A) through the model (a random elite per row) from
+    raw start histories (N, To, S) for `num_steps` steps, each rollout dead after its first predicted termination
+    (is_terminal: (N, S) -> (N,) bool). Lists over chunks: "chunk_states" (N, S), "chunks" (N, H, A),
+    "chunk_alive" (N,); over steps: "states" (N, S), "actions" (N, A), "alive" (N,) (before it), "rewards" (N,)."""
     histories = start_histories.clone()
     alive = torch.ones(len(histories), dtype=torch.bool, device=histories.device)
     out = {key: [] for key in ("chunk_states", "chunks", "chunk_alive", "states", "actions", "alive", "rewards")}
@@ -504,25 +392,9 @@ def model_rollout(
 def am_q_rollouts(
     chunk_policy, q_function, dynamics, is_terminal, start_histories, num_steps, generator=None, penalty=0.0, gamma=0.99
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """AM-Q per start state: roll a deterministic chunk policy through the learned model
-    (`model_rollout`) and sum Q over its visited (state, chunk) pairs.
-
-    Returns, per start (N,), the sum of Q over its visited (state, chunk) pairs and their
-    number; AM-Q (`am_q_ratio`) is the mean over all visited pairs: Uni-O4's estimate, no
-    discount, no penalty. The per-start terms let the gate compare two policies start by start
-    (`paired_gain_bound`).
-
-    With `penalty` lambda > 0 (the improvement gate, docs/design.md: "the OPE of the gate
-    must not trust Q alone where the policy leaves the data"), each visited pair's Q is replaced
-    by the Q of MOPO's penalized MDP, r - lambda u(s, a) with u = `dynamics.uncertainty`:
-
-        Q(s_k, a_k) - lambda * sum_{t >= k} gamma^(t - k) u(s_t, a_t)
-
-    where the sum runs over the rest of the model rollout (its Monte-Carlo estimate of the
-    penalty's value). A policy that drives the model where its members are unsure loses score
-    even if Q overrates its actions there.
-
-    q_function: ((N, S) raw states, (N, H, A) chunks) -> (N,); the rest as `model_rollout`.
+    """Uni-O4's AM-Q terms per start (N,): sum of Q over a `model_rollout`'s visited (state, chunk) pairs, and their
+    number (`am_q_ratio`); q_function: ((N, S), (N, H, A)) -> (N,). `penalty` lambda > 0 (the gate): MOPO's r - lambda u
+        Q(s_k, a_k) - lambda * sum_{t >= k} gamma^(t - k) u(s_t, a_t),   u = `dynamics.uncertainty` along the rollout
     """
     rollout = model_rollout(chunk_policy, dynamics, is_terminal, start_histories, num_steps, generator)
     q = torch.stack([q_function(states, chunks) for states, chunks in zip(rollout["chunk_states"], rollout["chunks"])])
@@ -539,26 +411,16 @@ def am_q_rollouts(
 
 
 def model_returns(chunk_policy, dynamics, is_terminal, start_histories, num_steps: int, generator=None) -> torch.Tensor:
-    """The model's episode return per start (N,): the undiscounted sum of the rewards the model
-    predicts along a `model_rollout` of `num_steps` steps, up to and including the step of its
-    first predicted termination (as the environment pays them). From episode starts with
-    `num_steps` the time limit, a Monte-Carlo estimate in the model of what the real score
-    measures (the offline choice, docs/design.md, "The offline choice")."""
+    """The model's episode return per start (N,) for the offline choice: the undiscounted predicted rewards of a
+    `model_rollout`, up to and including its first predicted termination (as the environment pays them)."""
     rollout = model_rollout(chunk_policy, dynamics, is_terminal, start_histories, num_steps, generator)
     return (torch.stack(rollout["rewards"]) * torch.stack(rollout["alive"])).sum(0)
 
 
 def paired_gain_bound(new: tuple, kept: tuple, confidence: float, num_resamples=2000, seed=0) -> tuple[float, float]:
-    """The gate's confidence rule (docs/design.md, "The gate"): the AM-Q gain of `new` over `kept`
-    and a one-sided lower confidence bound on it.
-
-    Both are `am_q_rollouts` results from the same start states and the same model noise, so the
-    comparison is paired: a paired bootstrap resamples start states (the same ones for both) and
-    recomputes both ratio estimates; the bound is the (1 - confidence) quantile of the resampled
-    gains. A gain whose bound is above 0 is larger than the OPE's own noise (the spread of its
-    start states). Fixed `seed`: the same inputs give the same decision. `confidence` 0: the
-    bound is the gain itself (the plain "any gain" rule).
-    """
+    """The gate's confidence rule (docs/design.md, "The gate"): the AM-Q gain of `new` over `kept` (`am_q_rollouts`
+    from the same starts and model noise) and its one-sided lower bound, the (1 - confidence) quantile of a
+    paired bootstrap over start states. Fixed `seed`: a reproducible decision. `confidence` 0: the gain itself."""
     gain = (am_q_ratio(*new) - am_q_ratio(*kept)).item()
     if confidence <= 0:
         return gain, gain
@@ -569,15 +431,9 @@ def paired_gain_bound(new: tuple, kept: tuple, confidence: float, num_resamples=
 
 
 class BestSnapshot:
-    """The improvement gate's memory (docs/design.md, "The offline loop, critics and improvement",
-    The gate): the parameters with the best OPE score seen so far. `offer` takes the new
-    snapshot's `am_q_rollouts` (same start states and model noise as the kept one's) and keeps it
-    only if its gain over the kept snapshot is one the OPE can be trusted with: the lower bound of
-    `paired_gain_bound` at `confidence` (`confidence` 0: the gain itself) is above `margin` times
-    the kept snapshot's score. The bound covers the OPE's noise; the margin covers a share of its
-    bias, which the noise does not show (a model can be confidently wrong by a few percent). So the
-    result of an improvement run is its best-by-OPE snapshot, never simply the last one, and never
-    one that only looks better by chance or by a small model error."""
+    """The improvement gate's memory (docs/design.md, "The gate"): the parameters with the best OPE score so far.
+    `offer` keeps a new snapshot only if the lower bound of its `paired_gain_bound` at `confidence` is above
+    `margin` times the kept score: the bound covers the OPE's noise, the margin a share of its bias."""
 
     def __init__(self, model: nn.Module, rollouts: tuple, step: int = 0, confidence: float = 0.0, margin: float = 0.0):
         self.confidence, self.margin = confidence, margin
@@ -603,13 +459,9 @@ class BestSnapshot:
 
 
 def confident_choice(candidate_rollouts: list, confidence: float, margin: float = 0.0) -> tuple[int, list]:
-    """The offline choice among gated candidates (docs/design.md, "The gate"), given their
-    `am_q_rollouts` in order of preference (the improved copies in the order their base
-    sub-policies qualified, best plain AM-Q first). A later candidate replaces the current
-    choice only by the gate's rule (`BestSnapshot`: the lower bound of its paired gain above
-    `margin` times the current choice's score); any smaller gain is a tie, and a tie goes to the
-    earlier candidate. Returns the chosen index and, for every later candidate, (index, gain,
-    lower bound, the bound it needed) against the choice it was compared with."""
+    """The offline choice (docs/design.md, "The offline choice") among candidates' rollouts in order of preference:
+    a later one replaces the choice only by `BestSnapshot`'s rule, a tie goes to the earlier. Returns the chosen
+    index and, per later candidate, (index, gain, lower bound, the bound it needed) against the choice it met."""
     choice, comparisons = 0, []
     for index in range(1, len(candidate_rollouts)):
         new, kept = candidate_rollouts[index], candidate_rollouts[choice]
@@ -621,14 +473,10 @@ def confident_choice(candidate_rollouts: list, confidence: float, margin: float 
     return choice, comparisons
 
 
-# --------------------------------------------------------------------------------------------
-# Diffusion augmentation of the model's data (paper component 3; docs/design.md)
-# --------------------------------------------------------------------------------------------
+# ---- Diffusion augmentation of the model's data (paper component 3; docs/design.md) ----------------
 @torch.no_grad()
 def disagreement_threshold(dynamics: EnsembleDynamics, states, actions, quantile: float) -> float:
-    """epsilon of the augmentation filter: the `quantile` (`uepo_offline.AUGMENT_KL_QUANTILE`, 0.9) of the
-    ensemble disagreement on real hold-out transitions. A synthetic step whose disagreement
-    exceeds what 90% of real steps show is where the model is guessing."""
+    """The filter's epsilon: the `quantile` (`uepo_offline.AUGMENT_KL_QUANTILE`) of disagreement on real hold-out."""
     return torch.quantile(dynamics.disagreement(states, actions), quantile).item()
 
 
@@ -643,22 +491,10 @@ def diffusion_augmentation(
     max_transitions: int,
     generator=None,
 ) -> dict:
-    """Synthetic transitions for the dynamics model (docs/design.md, "Dynamics model and diffusion augmentation").
-
-    Start states come from the data (`start_histories`, raw, (N, To, S)); action chunks from
-    the diffusion sub-policies (`chunk_policy`: histories -> (N, H, A) env-unit chunks; the
-    caller decides which sub-policy drives which row, with the adaptive perturbation on); next
-    states and rewards from the current model (a random elite per row). The simulator is never
-    used: that would be online data.
-
-    KL filter: a trajectory is kept step by step while the ensemble disagreement
-    mean_{m != m'} KL(T_m || T_m') of each step stays below `epsilon`; its first step at or above
-    `epsilon`, and everything after it, is dropped. A predicted termination ends a trajectory
-    (the terminal step itself is kept). At most `max_transitions` are returned
-    (`--augment-ratio` x |D| for the caller), the earliest steps first.
-
-    Returns {"states", "actions", "next_states", "rewards"}: (K, S), (K, A), (K, S), (K,).
-    """
+    """Synthetic transitions: data starts (N, To, S), sub-policy chunks (as `model_rollout`), the model's next states
+    and rewards. KL filter: a trajectory is cut at its first step with `dynamics.disagreement` >= `epsilon`; a
+    predicted terminal step ends it. At most `max_transitions`, earliest first.
+    Returns {"states", "actions", "next_states", "rewards"}: (K, S), (K, A), (K, S), (K,)."""
     histories = start_histories.clone()
     alive = torch.ones(len(histories), dtype=torch.bool, device=histories.device)
     kept = {"states": [], "actions": [], "next_states": [], "rewards": []}
@@ -682,13 +518,9 @@ def diffusion_augmentation(
 def mixed_batch(
     real: tuple, synthetic: tuple, real_rows: torch.Tensor, batch_size: int, generator: torch.Generator | None = None
 ) -> tuple:
-    """A dynamics batch drawn uniformly from the real transitions at `real_rows` (the train split)
-    and every synthetic one together, so the two mix in proportion to their sizes (docs/design.md).
-
-    real, synthetic: (states, actions, next_states, rewards) tensors (the synthetic ones may be
-    empty). Returns the same four, real rows first. With no synthetic data the draw is exactly
-    `real[k][real_rows[randint(len(real_rows))]]`.
-    """
+    """A batch drawn uniformly over the real transitions at `real_rows` and all synthetic ones (proportional mix).
+    real, synthetic (may be empty): (states, actions, next_states, rewards); returns those four, real rows first.
+    Without synthetic data the draw is exactly `real[k][real_rows[randint(len(real_rows))]]`."""
     num_real = len(real_rows)
     draw = torch.randint(num_real + len(synthetic[0]), (batch_size,), device=real_rows.device, generator=generator)
     is_real = draw < num_real
