@@ -1,26 +1,10 @@
 """Multi-seed diffusion policy over action sequences (UEPO paper component 1), as fixed in docs/design.md.
 
-Reading order:
-1. `cosine_alpha_bars`      - the noise schedule (Nichol & Dhariwal cosine).
-2. `MLPDenoiser`, `UNetTransformerDenoiser` - eps_theta(x_k, k, s): the network that predicts
-   the noise in a noisy action chunk x_k at diffusion step k, given recent states s.
-3. `DiffusionPolicy`        - one denoiser + n fixed noise seeds = n sub-policies:
-   - `loss`: the DDPM epsilon-prediction loss
-         E || eps - eps_theta(sqrt(abar_k) a_{t:t+H} + sqrt(1 - abar_k) eps, k, s_t) ||^2;
-   - `sample`: all n sub-policies in one batched reverse pass, deterministic DDIM (no sampling noise) started from
-     sub-policy i's fixed noise eps_i, so sub-policy i is a deterministic function of the state,
-     mu_i(s); at every step the adaptive perturbation of divergence.py pushes apart sub-policies
-     whose denoising estimates are too close.
-4. `OnlineActor`            - the Gaussian N(mu_i(s), diag sigma^2) that online fine-tuning trains.
-5. `bppo_loss`, `qgrad_loss` - the offline improvement of one sub-policy (its gate,
-   `BestSnapshot`, is in dynamics.py beside AM-Q). bppo scores a sub-policy with the same
-   likelihood as online PPO, a Gaussian around its deterministic chunk mu_i(s): the policy that
-   is improved is the one that is deployed.
-
-Conventions: actions live in [-1, 1] inside the policy (scaled from the action space bounds);
-states are normalized with frozen dataset statistics held as buffers, so they travel with the
-checkpoint. Shapes: B = batch of states, n = sub-policies, H = chunk length, A = act_dim,
-To = number of conditioning states (`history_size`).
+Reading order: `cosine_alpha_bars` (noise schedule); the denoisers eps_theta(x_k, k, s) (`MLPDenoiser`,
+`UNetTransformerDenoiser`); `DiffusionPolicy`, one denoiser + n fixed noise seeds = n sub-policies; `OnlineActor`, the
+Gaussian that online fine-tuning trains; `bppo_loss`, `qgrad_loss`, the offline improvement of one sub-policy (its gate,
+`BestSnapshot`, is in dynamics.py). Actions live in [-1, 1] inside the policy; states are normalized with frozen dataset
+statistics held as buffers. Shapes: B = states, n = sub-policies, H = chunk length, A = act_dim, To = `history_size`.
 """
 
 import math
@@ -33,16 +17,10 @@ import torch.nn as nn
 from divergence import adaptive_perturbation_std, gaussian_kl, gaussian_log_prob, nearest_divergence
 
 
-# --------------------------------------------------------------------------------------------
-# Noise schedule
-# --------------------------------------------------------------------------------------------
+# ---- Noise schedule -------------------------------------------------------------------------------------------------
 def cosine_alpha_bars(num_steps: int, s: float = 0.008) -> torch.Tensor:
-    """abar_k for k = 0..K-1 of the cosine schedule (Nichol & Dhariwal 2021, eq. 17).
-
-    abar(t) = cos^2(((t/K + s) / (1 + s)) * pi/2) / cos^2(s/(1+s) * pi/2); the per-step betas are
-    clipped to 0.999 as in that paper so that the last step is not a pure division by zero.
-    Index k = 0 is the least noisy step, k = K-1 the noisiest.
-    """
+    """abar_k for k = 0 (least noisy) .. K-1 of the cosine schedule (Nichol & Dhariwal 2021, eq. 17), betas clipped to
+    0.999 as there: abar(t) = cos^2(((t/K + s) / (1 + s)) * pi/2) / cos^2(s/(1+s) * pi/2)."""
     t = torch.arange(num_steps + 1, dtype=torch.float64) / num_steps
     f = torch.cos((t + s) / (1 + s) * math.pi / 2) ** 2
     betas = torch.clamp(1 - f[1:] / f[:-1], max=0.999)
@@ -76,21 +54,14 @@ class StepEmbedding(nn.Module):
         return self.mlp(sinusoidal_embedding(steps, self.dim))
 
 
-# --------------------------------------------------------------------------------------------
-# Denoisers: eps_theta(x_k (B,H,A), k (B,), states (B,To,S)) -> (B,H,A)
-# --------------------------------------------------------------------------------------------
+# ---- Denoisers: eps_theta(x_k (B,H,A), k (B,), states (B,To,S)) -> (B,H,A) ------------------------------------------
 class MLPDenoiser(nn.Module):
-    """Small MLP on [flattened chunk, flattened states, step embedding] (`--denoiser mlp`).
-
-    Diffusion-QL's denoiser (3 hidden layers of 256, Mish) widened to a chunk. Fast on a CPU;
-    the comparison point for the paper's U-Net + Transformer.
-    """
+    """Diffusion-QL's denoiser (3 x 256, Mish) on [flat chunk, flat states, step embedding] (`--denoiser mlp`)."""
 
     def __init__(self, obs_dim, act_dim, chunk_size, history_size, hidden=256, layers=3, step_dim=32):
         super().__init__()
         self.step_embedding = StepEmbedding(step_dim)
-        in_dim = chunk_size * act_dim + history_size * obs_dim + step_dim
-        blocks, width = [], in_dim
+        blocks, width = [], chunk_size * act_dim + history_size * obs_dim + step_dim
         for _ in range(layers):
             blocks += [nn.Linear(width, hidden), nn.Mish()]
             width = hidden
@@ -99,8 +70,7 @@ class MLPDenoiser(nn.Module):
     def forward(self, noisy_chunks, steps, states):
         batch = noisy_chunks.shape[0]
         inputs = (noisy_chunks.reshape(batch, -1), states.reshape(batch, -1), self.step_embedding(steps))
-        features = torch.cat(inputs, dim=-1)
-        return self.net(features).view_as(noisy_chunks)
+        return self.net(torch.cat(inputs, dim=-1)).view_as(noisy_chunks)
 
 
 def conv_block(in_channels: int, out_channels: int, groups: int) -> nn.Sequential:
@@ -111,8 +81,7 @@ def conv_block(in_channels: int, out_channels: int, groups: int) -> nn.Sequentia
 
 
 class FiLMResidualBlock(nn.Module):
-    """Two 1-D convolutions over the chunk; the conditioning vector sets a per-channel scale
-    and shift in between (FiLM, as in Diffusion Policy's ConditionalResidualBlock1D)."""
+    """Conv blocks over the chunk with a FiLM scale/shift in between (Diffusion Policy's ConditionalResidualBlock1D)."""
 
     def __init__(self, in_channels: int, out_channels: int, cond_dim: int, groups: int = 8):
         super().__init__()
@@ -128,8 +97,7 @@ class FiLMResidualBlock(nn.Module):
 
 
 class StateCrossAttention(nn.Module):
-    """Transformer cross-attention block at the U-Net bottleneck (paper: "U-Net and Transformer",
-    queries from the bottleneck features, keys and values from the state tokens)."""
+    """The paper's Transformer block at the U-Net bottleneck: queries from the features, keys/values state tokens."""
 
     def __init__(self, channels: int, token_dim: int, heads: int):
         super().__init__()
@@ -142,21 +110,15 @@ class StateCrossAttention(nn.Module):
 
     def forward(self, features, state_tokens):
         h = features.transpose(1, 2)  # (B, C, L) -> (B, L, C): one query per chunk position
-        q = self.norm_query(h)
-        h = h + self.attention(q, state_tokens, state_tokens, need_weights=False)[0]
+        h = h + self.attention(self.norm_query(h), state_tokens, state_tokens, need_weights=False)[0]
         h = h + self.feed_forward(self.norm_ff(h))
         return h.transpose(1, 2)
 
 
 class UNetTransformerDenoiser(nn.Module):
-    """The paper's denoiser (docs/design.md): a 1-D temporal U-Net over the action chunk with FiLM
-    conditioning on [step embedding, state embedding], and a Transformer cross-attention block
-    at the bottleneck whose keys/values are the last `history_size` states, one token each.
-
-    The chunk axis is the convolution axis (channels = action dims at the input). Each level
-    halves the length (stride-2 conv, ceil for odd lengths); the decoder upsamples and crops
-    to the skip connection's length, so any H >= 1 works.
-    """
+    """The paper's "U-Net and Transformer": a 1-D U-Net over the chunk axis (channels = action dims), FiLM-conditioned
+    on [step, state] embeddings, cross-attending at its bottleneck to the last `history_size` states (one token each).
+    Each level halves the length (ceil); the decoder crops to the skip's length, so any H >= 1 works."""
 
     def __init__(self, obs_dim, act_dim, chunk_size, history_size, dims=(128, 256), cond_dim=128, heads=4):
         super().__init__()
@@ -167,18 +129,15 @@ class UNetTransformerDenoiser(nn.Module):
         channels = [act_dim, *dims]
         self.down = nn.ModuleList()
         for level, (c_in, c_out) in enumerate(zip(channels[:-1], channels[1:])):
-            is_last = level == len(dims) - 1
             first, second = FiLMResidualBlock(c_in, c_out, cond_dim), FiLMResidualBlock(c_out, c_out, cond_dim)
-            downsample = nn.Identity() if is_last else nn.Conv1d(c_out, c_out, 3, stride=2, padding=1)
+            downsample = nn.Identity() if level == len(dims) - 1 else nn.Conv1d(c_out, c_out, 3, stride=2, padding=1)
             self.down.append(nn.ModuleList([first, second, downsample]))
         mid = dims[-1]
         self.mid_in = FiLMResidualBlock(mid, mid, cond_dim)
         self.mid_attention = StateCrossAttention(mid, cond_dim, heads)
         self.mid_out = FiLMResidualBlock(mid, mid, cond_dim)
         self.up = nn.ModuleList()
-        # Decoder: upsample the deeper features (c_deep channels), concatenate the skip of the
-        # level above (c_out channels), and mix back down to c_out.
-        for c_deep, c_out in zip(reversed(dims[1:]), reversed(dims[:-1])):
+        for c_deep, c_out in zip(reversed(dims[1:]), reversed(dims[:-1])):  # upsample, concatenate the skip, mix
             upsample = nn.ConvTranspose1d(c_deep, c_deep, 4, stride=2, padding=1)
             merge = FiLMResidualBlock(c_deep + c_out, c_out, cond_dim)
             self.up.append(nn.ModuleList([upsample, merge, FiLMResidualBlock(c_out, c_out, cond_dim)]))
@@ -202,14 +161,10 @@ class UNetTransformerDenoiser(nn.Module):
         return self.head(x).transpose(1, 2)
 
 
-# --------------------------------------------------------------------------------------------
-# The multi-seed diffusion policy
-# --------------------------------------------------------------------------------------------
+# ---- The multi-seed diffusion policy --------------------------------------------------------------------------------
 @dataclass
 class PolicyConfig:
-    """Everything needed to rebuild a DiffusionPolicy (saved in checkpoints). uepo_offline.py fills
-    it from its `Args` fields of the same names (`policy_config`); the defaults here serve tests and
-    tools that build a policy directly."""
+    """Everything needed to rebuild a DiffusionPolicy (in checkpoints); uepo_offline.py fills it from its `Args`."""
 
     obs_dim: int
     act_dim: int
@@ -220,18 +175,13 @@ class PolicyConfig:
     unet_dims: tuple[int, ...] = (128, 256)
     diffusion_steps: int = 20
     ddim_steps: int = 5
-    # "epsilon" here (not the scripts' default) so that checkpoints saved before the field existed
-    # load as what they are.
-    prediction: str = "epsilon"
+    prediction: str = "epsilon"  # not the scripts' default, so that checkpoints older than the field load as they are
     n_subpolicies: int = 8
     noise_seed: int = 0
-    # sub-policy 0 starts from x_K = 0 (False in checkpoints saved before the field existed).
-    zero_seed: bool = False
+    zero_seed: bool = False  # sub-policy 0 starts from x_K = 0 (False in checkpoints older than the field)
     tau: float = 0.7
     eta: float = 0.1
-    # std of the action-level Gaussian N(mu_i(s), min_std^2 I) around the deterministic chunk that
-    # bppo samples from (`bppo_loss`); the name is kept so that existing checkpoints load.
-    min_std: float = 0.1
+    min_std: float = 0.1  # std of bppo's Gaussian around mu_i(s); the old name is kept so that checkpoints load
 
 
 DENOISERS = ("mlp", "unet")
@@ -252,28 +202,19 @@ class SampleOutput:
 
 
 class DiffusionPolicy(nn.Module):
-    """n sub-policies = one denoiser + n fixed initial noises (docs/design.md, "Diffusion policy", Sub-policies).
-
-    The noises are drawn once from a generator seeded with `noise_seed` and kept as buffers, so
-    sub-policy i is the same object in training, evaluation, the checkpoint and fine-tuning.
-    Why fixed seeds: only a fixed seed makes a sub-policy a distinct object that can be scored,
-    selected and improved; fresh noise at every call would make all of them one distribution.
-    """
+    """n sub-policies = one denoiser + n fixed initial noises (docs/design.md, "Diffusion policy", Sub-policies),
+    drawn once from `noise_seed` and kept as buffers: sub-policy i is the same in every phase and checkpoint."""
 
     def __init__(self, config: PolicyConfig, state_mean, state_std, action_low, action_high):
         super().__init__()
         self.config = config
         self.denoiser = make_denoiser(config)
         self.timesteps = ddim_timesteps(config.diffusion_steps, config.ddim_steps)
-        as_tensor = lambda v: torch.as_tensor(np.asarray(v), dtype=torch.float32)
         self.register_buffer("alpha_bars", cosine_alpha_bars(config.diffusion_steps))
-        self.register_buffer("state_mean", as_tensor(state_mean))
-        self.register_buffer("state_std", as_tensor(state_std))
-        self.register_buffer("action_low", as_tensor(action_low))
-        self.register_buffer("action_high", as_tensor(action_high))
-        # The fixed seeds: eps_i for the start of the reverse process, and xi_i for the
-        # adaptive perturbation at every DDIM step (its own fixed noise, so that a perturbed
-        # sub-policy is still a deterministic function of the state).
+        units = {"state_mean": state_mean, "state_std": state_std, "action_low": action_low, "action_high": action_high}
+        for name, value in units.items():
+            self.register_buffer(name, torch.as_tensor(np.asarray(value), dtype=torch.float32))
+        # Fixed seeds: eps_i starts the chain; xi_i, the perturbation's own noise, keeps sub-policy i deterministic.
         generator = torch.Generator().manual_seed(config.noise_seed)
         n, h, a = config.n_subpolicies, config.chunk_size, config.act_dim
         self.register_buffer("sub_policy_noise", torch.randn(n, h, a, generator=generator))
@@ -281,16 +222,9 @@ class DiffusionPolicy(nn.Module):
             self.sub_policy_noise[0] = 0.0
         self.register_buffer("perturbation_noise", torch.randn(n, config.ddim_steps, h, a, generator=generator))
 
-    # ---- units -------------------------------------------------------------------------------
-    @property
-    def chunk_size(self) -> int:
-        """H, the actions per decision (evaluation reads it from any deployable policy)."""
-        return self.config.chunk_size
-
-    @property
-    def history_size(self) -> int:
-        """To, the states per decision."""
-        return self.config.history_size
+    # ---- units: H and To per decision (evaluation reads them from any deployable policy) ----
+    chunk_size = property(lambda self: self.config.chunk_size)
+    history_size = property(lambda self: self.config.history_size)
 
     def normalize_states(self, states: torch.Tensor) -> torch.Tensor:
         return (states - self.state_mean) / self.state_std
@@ -303,12 +237,10 @@ class DiffusionPolicy(nn.Module):
         """[-1, 1] -> environment units."""
         return self.action_low + (actions + 1) * 0.5 * (self.action_high - self.action_low)
 
-    # ---- training -----------------------------------------------------------------------------
     def loss(self, states: torch.Tensor, chunks: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """DDPM epsilon-prediction loss on normalized states (B,To,S) and scaled chunks (B,H,A);
-        padded chunk positions (mask 0) do not count."""
-        batch = chunks.shape[0]
-        steps = torch.randint(0, self.config.diffusion_steps, (batch,), device=chunks.device)
+        """DDPM loss E || eps - eps_theta(sqrt(abar_k) a + sqrt(1 - abar_k) eps, k, s) ||^2 (target a if prediction ==
+        "sample") on normalized states (B,To,S), scaled chunks (B,H,A); padded positions (mask 0) do not count."""
+        steps = torch.randint(0, self.config.diffusion_steps, (chunks.shape[0],), device=chunks.device)
         noise = torch.randn_like(chunks)
         abar = self.alpha_bars[steps][:, None, None]
         noisy = abar.sqrt() * chunks + (1 - abar).sqrt() * noise
@@ -316,34 +248,26 @@ class DiffusionPolicy(nn.Module):
         squared_error = (self.denoiser(noisy, steps, states) - target) ** 2 * mask[..., None]
         return squared_error.sum() / (mask.sum() * chunks.shape[-1])
 
-    # ---- sampling -------------------------------------------------------------------------------
     def _step_mean(self, x: torch.Tensor, step_index: int, states: torch.Tensor) -> torch.Tensor:
-        """x_{k'} = mu_theta(x_k, k, s) for all sub-policies: one deterministic DDIM step (no sampling noise),
-        with the adaptive perturbation applied to the denoising estimate x0_hat.
-
-        x: (B, n, H, A); states: (B, To, S). Returns (B, n, H, A).
-        """
+        """x_{k'} = mu_theta(x_k, k, s) for all sub-policies (B, n, H, A) at states (B, To, S): one deterministic DDIM
+        step with the paper's adaptive perturbation ("dynamic divergence regularization") on the estimate x0_hat."""
         batch, n = x.shape[:2]
         k = self.timesteps[step_index]
         abar = self.alpha_bars[k]
         last = step_index + 1 == len(self.timesteps)
         abar_prev = torch.ones_like(abar) if last else self.alpha_bars[self.timesteps[step_index + 1]]
-        states_per_chain = states.repeat_interleave(n, dim=0)
         steps = torch.full((batch * n,), k, device=x.device, dtype=torch.long)
-        output = self.denoiser(x.flatten(0, 1), steps, states_per_chain).view_as(x)
+        output = self.denoiser(x.flatten(0, 1), steps, states.repeat_interleave(n, dim=0)).view_as(x)
         if self.config.prediction == "sample":
             x0_hat = output.clamp(-1, 1)
         else:
             x0_hat = ((x - (1 - abar).sqrt() * output) / abar.sqrt()).clamp(-1, 1)
-        # Adaptive perturbation (paper: "diffusion-sampling-guided dynamic divergence
-        # regularization"): sub-policy i's estimate moves by sigma_i * xi_i where its nearest
-        # kinematic divergence d_i < tau. sigma is treated as a control signal (no gradient).
+        # x0_hat_i += sigma_i xi_i where its nearest kinematic divergence d_i < tau; sigma is a control (no gradient).
         if self.config.eta > 0 and n >= 2:
             sigma = adaptive_perturbation_std(nearest_divergence(x0_hat.detach()), self.config.tau, self.config.eta)
             xi = self.perturbation_noise[:n, step_index]
             x0_hat = (x0_hat + sigma[..., None, None] * xi).clamp(-1, 1)
-        # Re-derive eps from the (clipped, perturbed) estimate, then the deterministic DDIM update.
-        eps = (x - abar.sqrt() * x0_hat) / (1 - abar).sqrt()
+        eps = (x - abar.sqrt() * x0_hat) / (1 - abar).sqrt()  # eps of the clipped, perturbed estimate; DDIM update
         return abar_prev.sqrt() * x0_hat + (1 - abar_prev).sqrt() * eps
 
     def initial_noise(self, batch: int) -> torch.Tensor:
@@ -351,14 +275,9 @@ class DiffusionPolicy(nn.Module):
         return self.sub_policy_noise.unsqueeze(0).expand(batch, -1, -1, -1)
 
     def sample(self, states: torch.Tensor, start_noise: torch.Tensor | None = None) -> SampleOutput:
-        """All n sub-policies at every state in one batched reverse pass: deterministic DDIM,
-
-            x_K = eps_i,   x_{k'} = mu_theta(x_k, k, s)   (`_step_mean`),   a_i(s) = clip(x_0, -1, 1),
-
-        so sub-policy i is a deterministic function of the state, mu_i(s). states: (B, To, S)
-        normalized. `start_noise` (B, n, H, A) replaces the fixed seeds as x_K (the noise-space
-        online actor steers one sub-policy's seed). Differentiable in the denoiser.
-        """
+        """All n sub-policies at normalized `states` (B, To, S) in one batched deterministic DDIM pass: x_K = eps_i,
+        x_{k'} = `_step_mean`(x_k), mu_i(s) = clip(x_0, -1, 1); differentiable in the denoiser. `start_noise`
+        (B, n, H, A) replaces the fixed seeds as x_K (the noise-space online actor steers one seed)."""
         x = self.initial_noise(states.shape[0]) if start_noise is None else start_noise
         for step_index in range(len(self.timesteps)):
             x = self._step_mean(x, step_index, states)
@@ -368,10 +287,8 @@ class DiffusionPolicy(nn.Module):
     def act(self, state_history: np.ndarray) -> np.ndarray:
         """Deployment: raw states (B, To, S) -> deterministic chunks (B, n, H, A) in env units."""
         states = torch.as_tensor(state_history, dtype=torch.float32, device=self.state_mean.device)
-        actions = self.sample(self.normalize_states(states)).actions
-        return self.unscale_actions(actions).cpu().numpy()
+        return self.unscale_actions(self.sample(self.normalize_states(states)).actions).cpu().numpy()
 
-    # ---- checkpoints ----------------------------------------------------------------------------
     def to_checkpoint(self) -> dict:
         return {"config": asdict(self.config), "state_dict": self.state_dict()}
 
@@ -384,17 +301,13 @@ class DiffusionPolicy(nn.Module):
         return policy
 
 
-# --------------------------------------------------------------------------------------------
-# The online actor (docs/design.md, "Online fine-tuning")
-# --------------------------------------------------------------------------------------------
+# ---- The online actor (docs/design.md, "Online fine-tuning") --------------------------------------------------------
 ONLINE_ACTORS = ("residual", "noise", "mlp")
-# Bounds of the learned log-std (std 1e-3 .. 2): exploration never vanishes nor swamps the mean.
-LOG_STD_MIN, LOG_STD_MAX = math.log(1e-3), math.log(2.0)
+LOG_STD_MIN, LOG_STD_MAX = math.log(1e-3), math.log(2.0)  # std bounds: exploration never vanishes nor swamps the mean
 
 
 def ppo_mlp(in_dim: int, out_dim: int, hidden: int = 64, last_std: float = 0.01) -> nn.Sequential:
-    """CleanRL's PPO network (ppo_continuous_action.py): two tanh layers of 64, orthogonal weights
-    (gain sqrt 2) and zero biases; the last layer's gain is `last_std` (0: the output starts at 0)."""
+    """CleanRL's PPO MLP: 2 x 64 tanh, orthogonal init (gain sqrt 2), zero bias; last gain `last_std` (0: output 0)."""
     layers = [nn.Linear(in_dim, hidden), nn.Tanh(), nn.Linear(hidden, hidden), nn.Tanh(), nn.Linear(hidden, out_dim)]
     for layer in layers[::2]:
         nn.init.orthogonal_(layer.weight, math.sqrt(2) if layer is not layers[-1] else last_std)
@@ -403,21 +316,13 @@ def ppo_mlp(in_dim: int, out_dim: int, hidden: int = 64, last_std: float = 0.01)
 
 
 class OnlineActor(nn.Module):
-    """What online fine-tuning trains: a Gaussian N(mean(s), diag sigma^2) over a decision z of shape
-    (H, A), sigma = exp(log_std) a learned state-independent parameter per entry (CleanRL's
-    `actor_logstd`, bounded). The deployed policy is the mean's chunk. `kind` says what z is:
-
-    - "residual" (TD3's default): z is the chunk in [-1, 1]; mean = the frozen sub-policy i's chunk +
-      a small MLP of the state whose output starts at 0 (Policy Decorator, arXiv 2412.13630).
-    - "noise" (PPO's default; DSRL, arXiv 2506.15799): z is sub-policy i's initial noise x_K; mean =
-      its fixed seed + a small MLP starting at 0; the chunk is the frozen DDIM chain from z. Online
-      RL steers which seed acts in each state: the continuation of "a sub-policy is a seed".
-    - "mlp": the baseline from scratch, no diffusion policy: z is a chunk of `mlp_chunk_size` actions of
-      one state (1: the per-step MDP of plain PPO); only `policy`'s statistics and bounds are used.
-
-    The environment gets z clipped to [-1, 1] (or the chunk decoded from z); the likelihood is the
-    unclipped z's. `anchor_mean` is the offline policy's z (where the actor starts; the anchor).
-    """
+    """What online fine-tuning trains: z ~ N(mean(s), diag sigma^2) over a decision z (H, A), sigma a learned std per
+    entry, independent of the state (CleanRL's `actor_logstd`, bounded); deployed: the mean's chunk. `kind` is one of
+    "residual" (TD3's default; Policy Decorator, arXiv 2412.13630): z is the chunk, mean = frozen sub-policy i's chunk +
+    an MLP starting at 0; "noise" (PPO's default; DSRL, arXiv 2506.15799): z is sub-policy i's initial noise x_K, mean =
+    its fixed seed + that MLP, decoded by the frozen DDIM chain; "mlp": the baseline from scratch, z a chunk of
+    `mlp_chunk_size` actions of one state. The environment gets z clipped to [-1, 1] (or decoded); the likelihood is the
+    unclipped z's."""
 
     def __init__(self, kind: str, policy: DiffusionPolicy, sub_policy: int, init_std: float, mlp_chunk_size: int = 1):
         super().__init__()
@@ -448,8 +353,7 @@ class OnlineActor(nn.Module):
         return torch.zeros(states.shape[0], self.chunk_size, self.act_dim, device=states.device)
 
     def mean(self, states: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
-        """The current mean of z (B, H, A), differentiable; `anchor` = `anchor_mean(states)`, kept from
-        the rollout so that an update never runs the frozen chain again."""
+        """The mean of z (B, H, A), differentiable; `anchor` = `anchor_mean(states)`, kept from the rollout."""
         offset = self.head(states.flatten(1)).view(-1, self.chunk_size, self.act_dim)
         return offset if self.kind == "mlp" else anchor + offset
 
@@ -461,20 +365,13 @@ class OnlineActor(nn.Module):
             return self.policy.sample(states, start_noise=start).actions[:, self.sub_policy]
         return z.clamp(-1, 1)
 
-    # ---- units and deployment (the interface of DiffusionPolicy that evaluation uses) ---------------
-    def normalize_states(self, states: torch.Tensor) -> torch.Tensor:
-        return (states - self.state_mean) / self.state_std
-
-    def unscale_actions(self, actions: torch.Tensor) -> torch.Tensor:
-        return self.action_low + (actions + 1) * 0.5 * (self.action_high - self.action_low)
-
-    def scale_actions(self, actions: torch.Tensor) -> torch.Tensor:
-        return 2 * (actions - self.action_low) / (self.action_high - self.action_low) - 1
+    # ---- units and deployment: the interface of DiffusionPolicy that evaluation uses ----
+    normalize_states, scale_actions = DiffusionPolicy.normalize_states, DiffusionPolicy.scale_actions
+    unscale_actions = DiffusionPolicy.unscale_actions
 
     @torch.no_grad()
     def act(self, state_history: np.ndarray) -> np.ndarray:
-        """Deployment: raw state histories (B, To, S) -> the mean's chunks (B, 1, H, A) in env units
-        (one "sub-policy", so that evaluation code written for DiffusionPolicy runs it unchanged)."""
+        """Raw state histories (B, To, S) -> the mean's chunks (B, 1, H, A) in env units (one "sub-policy")."""
         states = self.normalize_states(torch.as_tensor(state_history, dtype=torch.float32, device=self.log_std.device))
         z = self.mean(states, self.anchor_mean(states))
         return self.unscale_actions(self.chunk(states, z)).unsqueeze(1).cpu().numpy()
@@ -482,12 +379,7 @@ class OnlineActor(nn.Module):
     def to_checkpoint(self) -> dict:
         """The kind, the sub-policy, the sizes and every tensor (the frozen diffusion policy included)."""
         chunk_size = self.chunk_size if self.kind == "mlp" else 1
-        fields = {
-            "kind": self.kind,
-            "sub_policy": self.sub_policy,
-            "init_std": self.init_std,
-            "mlp_chunk_size": chunk_size,
-        }
+        fields = dict(kind=self.kind, sub_policy=self.sub_policy, init_std=self.init_std, mlp_chunk_size=chunk_size)
         return fields | {"policy_config": asdict(self.policy_config), "state_dict": self.state_dict()}
 
     @classmethod
@@ -500,13 +392,7 @@ class OnlineActor(nn.Module):
         return actor
 
 
-# --------------------------------------------------------------------------------------------
-# Improvement of one sub-policy (docs/design.md, "The offline loop, critics and improvement")
-# --------------------------------------------------------------------------------------------
-# A copy of the whole DiffusionPolicy (denoiser + the same n seeds) is improved for one of its
-# sub-policies, `sub_policy`. Its partners (the other seeds) stay in every chain because the
-# adaptive perturbation couples them: they move with the copy's denoiser, and only sub-policy
-# `sub_policy` is scored, improved and deployed from that copy.
+# ---- Improvement of one sub-policy (docs/design.md, "The offline loop, critics and improvement") --------------------
 def bppo_loss(
     policy: DiffusionPolicy,
     reference: DiffusionPolicy,
@@ -517,28 +403,17 @@ def bppo_loss(
     kl_coef: float,
     generator: torch.Generator | None = None,
 ) -> dict:
-    """Uni-O4's behaviour-proximal step with the action-level Gaussian (`--improvement bppo`).
-
-    A sub-policy's likelihood is that of the Gaussian over the (H, A) chunk around its
-    deterministic DDIM chunk, pi(.|s) = N(mu_i(s), std^2 I) with std = `policy.config.min_std`,
-    the same form of likelihood as online PPO's (`OnlineActor`). Why: one likelihood for both
-    phases, and the policy that is improved is the deterministic sub-policy that is deployed
-    (its mean), not a noisy denoising chain that is never executed.
-
-    At dataset `states` (B, To, S), chunks are sampled from the frozen `reference`,
-
-        a = mu_ref(s) + std * xi,   xi ~ N(0, I)   (`generator` on the policy's device),
-
-    and `advantage_fn((B, H, A) chunks in [-1, 1]) -> (B,)` scores clip(a, -1, 1) with
-    A = Q - V, normalized per batch. With gradient through the copy's deterministic chain,
-    mu(s) = mu_i(s) of `policy`:
+    """Uni-O4's behaviour-proximal step (`--improvement bppo`) with online PPO's likelihood, a Gaussian over the (H, A)
+    chunk around the deterministic one, pi(.|s) = N(mu_i(s), std^2 I), std = `policy.config.min_std`: so the improved
+    policy is the deployed mean, not a noisy chain. At dataset `states` (B, To, S), a = mu_ref(s) + std * xi from the
+    frozen `reference`, xi ~ N(0, I) (`generator`, on the policy's device); `advantage_fn((B, H, A) chunks) -> (B,)`
+    scores clip(a, -1, 1), A = Q - V normalized per batch; mu(s) = mu_i(s) of `policy`, with gradient through its chain:
 
         r    = N(a; mu(s), std^2 I) / N(a; mu_ref(s), std^2 I)        (product over H x A)
-        KL   = KL(N(mu(s), std^2 I) || N(mu_ref(s), std^2 I)) = ||mu(s) - mu_ref(s)||^2 / (2 std^2)
+        KL   = KL(N(mu(s), std^2 I) || N(mu_ref(s), std^2 I)) = ||mu(s) - mu_ref(s)||^2 / (2 std^2)   (sequence level)
         loss = -E[min(r A, clip(r, 1 - c, 1 + c) A)] + kl_coef * E[KL]
 
-    (the sequence-level KL: the event is the whole chunk). Returns {"loss", "ratio" (B,), "kl",
-    "advantage_mean"}; only "loss" carries gradients.
+    Returns {"loss", "ratio" (B,), "kl", "advantage_mean"}; only "loss" carries gradients.
     """
     std = policy.config.min_std
     with torch.no_grad():
@@ -549,8 +424,7 @@ def bppo_loss(
         advantages = (raw_advantages - raw_advantages.mean()) / (raw_advantages.std() + 1e-8)
     mean = policy.sample(states).actions[:, sub_policy]  # mu(s): back-propagates through the DDIM chain
     log_prob = gaussian_log_prob(sampled_chunks, mean, std, event_dims=2)
-    log_ratio = log_prob - gaussian_log_prob(sampled_chunks, reference_mean, std, event_dims=2)
-    ratio = torch.exp(log_ratio)
+    ratio = torch.exp(log_prob - gaussian_log_prob(sampled_chunks, reference_mean, std, event_dims=2))
     std_t = torch.tensor(std, device=states.device)
     kl = gaussian_kl(mean, std_t, reference_mean, std_t, event_dims=2)
     surrogate = torch.min(ratio * advantages, ratio.clamp(1 - clip_coef, 1 + clip_coef) * advantages)
@@ -567,15 +441,9 @@ def qgrad_loss(
     q_fn,
     q_weight: float,
 ) -> dict:
-    """Diffusion-QL's step (`--improvement qgrad`): the diffusion loss on data chunks plus
-
-        q_weight * (-Q(s, pi_i(s)) / mean|Q|)
-
-    with pi_i(s) sub-policy `sub_policy`'s deterministic chunk, back-propagated through the
-    whole DDIM chain from its fixed seed. `q_fn((B, H, A) chunks in [-1, 1]) -> (B,)`. The
-    division by mean|Q| (no gradient) makes `q_weight` independent of the reward scale.
-    Returns {"loss", "diffusion", "q"}; only "loss" carries gradients.
-    """
+    """Diffusion-QL's step (`--improvement qgrad`): diffusion loss + q_weight * (-Q(s, pi_i(s)) / mean|Q|), pi_i(s) the
+    deterministic chunk of `sub_policy` through its whole chain, `q_fn((B, H, A)) -> (B,)`; the division (no gradient)
+    makes `q_weight` independent of the reward scale. Returns {"loss", "diffusion", "q"}; only "loss" has gradients."""
     diffusion = policy.loss(states, chunks, mask)
     q = q_fn(policy.sample(states).actions[:, sub_policy])
     loss = diffusion + q_weight * (-q.mean() / q.abs().mean().detach().clamp(min=1e-6))
