@@ -1,16 +1,5 @@
-"""What both UEPO scripts share, and a command line that evaluates a checkpoint.
-
-    python eval.py --checkpoint runs/<run>/offline.pt    # every sub-policy, its OPE score, their divergence
-
-- Data: `load_dataset` / `chunk_dataset`, a Minari dataset chunked into (s_t, a_{t:t+H}, R_t^H, s_{t+H},
-  done) with masks (docs/design.md, "Data").
-- Evaluation: `ChunkEnv`, the chunk-level MDP; `evaluate_sub_policies`, sub-policies over real episodes
-  batched into one policy call per decision; `normalized_score`, D4RL's (minari.get_normalized_score).
-- Checkpoints: `save_checkpoint` (atomic), `load_checkpoint` / `build_saved` (safe loader; refuses a
-  corrupt file, a missing field, non-finite weights, another environment, dataset or phase, and
-  networks that do not fit their tensors); `offline_ranking`, `deployed_choice`: what a checkpoint offers.
-- The training scripts' shared infrastructure: argument ranges, output paths, run folders, resume.
-"""
+"""What both UEPO scripts share (data, evaluation, checkpoints, input checks, run folders), and a command:
+`python eval.py --checkpoint runs/<run>/offline.pt`, every sub-policy's real score, its OPE score, their divergence."""
 
 import functools
 import json
@@ -23,6 +12,7 @@ import time
 import warnings
 from collections import deque
 from dataclasses import dataclass
+from pathlib import Path
 
 import gymnasium as gym
 import minari
@@ -40,8 +30,7 @@ GYM_ENV_IDS = {"hopper": "Hopper-v5", "walker2d": "Walker2d-v5", "halfcheetah": 
 
 
 def spaces_problem(name: str, observation_space, action_space) -> str | None:
-    """Why a dataset's or environment's spaces do not fit this implementation (flat Box observations
-    and actions: state vectors, continuous actions), as a message naming it, or None."""
+    """Why a dataset's or environment's spaces are not flat Boxes (state vectors, continuous actions), or None."""
     if all(isinstance(space, gym.spaces.Box) and len(space.shape) == 1 for space in (observation_space, action_space)):
         return None
     return (
@@ -56,17 +45,18 @@ def is_dataset_name(name: str) -> bool:
     return task in GYM_ENV_IDS and quality != ""
 
 
+def dataset_name(dataset_id: str) -> str:
+    """`mujoco/hopper/medium-v0` -> `hopper-medium` (the D4RL-style row name); other ids as they are."""
+    match = re.fullmatch(r"mujoco/([\w]+)/([\w-]+)-v\d+", dataset_id)
+    return f"{match.group(1)}-{match.group(2)}" if match else dataset_id
+
+
 def normalized_score(returns, ref_min_score: float, ref_max_score: float) -> np.ndarray:
     return 100.0 * (np.asarray(returns, dtype=np.float64) - ref_min_score) / (ref_max_score - ref_min_score)
 
 
-# ------------------------------------------------------------------------------------------------
-# Data (docs/design.md, "Data")
-# ------------------------------------------------------------------------------------------------
-ENVS = tuple(GYM_ENV_IDS)  # hopper, walker2d, halfcheetah, ant
-# Qualities the Minari server has for these tasks; medium-expert is combined locally.
-QUALITIES = ("simple", "medium", "expert", "medium-expert")
-ENV_IDS = tuple(f"{env}-{quality}" for env in ENVS for quality in QUALITIES)
+# ---- Data (docs/design.md, "Data"): the qualities Minari has, medium-expert combined locally -------------------------
+ENV_IDS = tuple(f"{env}-{q}" for env in GYM_ENV_IDS for q in ("simple", "medium", "expert", "medium-expert"))
 
 
 class DatasetError(ValueError):
@@ -85,15 +75,28 @@ def minari_ids(env_id: str) -> list[str]:
     return [f"mujoco/{env}/{q}-v0" for q in qualities]
 
 
-def datasets_folder() -> str:
-    """Where minari looks for datasets, as the messages name it."""
+def datasets_folder() -> str:  # where minari looks for datasets, as the messages name it
     return os.environ.get("MINARI_DATASETS_PATH", "~/.minari/datasets (MINARI_DATASETS_PATH unset)")
 
 
+def local_dataset(dataset_id: str):
+    """The local dataset, or None; a folder minari cannot read is a DatasetError: damaged, never downloaded over."""
+    folder = minari.storage.get_dataset_path(dataset_id)
+    if not os.path.isdir(os.path.join(folder, "data")):
+        return None
+    try:
+        dataset = minari.load_dataset(dataset_id)
+        dataset.total_episodes  # reads the data file's episode index
+        return dataset
+    except Exception as error:  # minari and h5py raise many types for damaged files
+        raise DatasetError(
+            f"the local dataset {dataset_id!r} in {folder} cannot be read ({type(error).__name__}: "
+            f"{' '.join(str(error).split())[:200]}): delete that folder and download it again"
+        ) from None
+
+
 def load_minari(dataset_id: str) -> minari.MinariDataset:
-    """A local dataset, else a download; where neither works, say where datasets are looked for. A
-    local folder that minari cannot read (damaged metadata, a missing or truncated data file) is named
-    as such, not taken for a missing dataset."""
+    """A local dataset, else a download; where neither works, a DatasetError saying where datasets are looked for."""
     if (dataset := local_dataset(dataset_id)) is not None:
         return dataset
     try:
@@ -109,11 +112,7 @@ def load_minari(dataset_id: str) -> minari.MinariDataset:
 
 
 def load_dataset(env_id: str, dataset_id: str | None) -> tuple[minari.MinariDataset, str, float, float]:
-    """The dataset, its id and its reference scores (D4RL normalization).
-
-    `<env>-medium-expert` is `minari.combine_datasets` of medium and expert, built once and kept
-    locally; combining drops the reference scores, so they come from the source datasets.
-    """
+    """The dataset, its id and its reference scores; `<env>-medium-expert` is built once, with its sources' scores."""
     ids = [dataset_id] if dataset_id is not None else minari_ids(env_id)
     sources = [load_minari(source_id) for source_id in ids]
     metadata = sources[0].storage.metadata
@@ -140,8 +139,7 @@ def load_dataset(env_id: str, dataset_id: str | None) -> tuple[minari.MinariData
 
 
 def build_combined(sources: list, combined_id: str) -> None:
-    """`minari.combine_datasets` in a temporary folder beside the datasets, renamed into place when
-    complete: an interrupted build leaves no partial dataset under the real id."""
+    """`minari.combine_datasets` in a temporary folder, renamed into place when complete (no partial dataset)."""
     root = minari.storage.get_dataset_path()
     final_path = minari.storage.get_dataset_path(combined_id)
     print(f"building {combined_id} from {' + '.join(source.spec.dataset_id for source in sources)} (once)")
@@ -159,27 +157,18 @@ def build_combined(sources: list, combined_id: str) -> None:
             "writable (MINARI_DATASETS_PATH)"
         ) from error
     finally:
-        if previous is None:
-            os.environ.pop("MINARI_DATASETS_PATH", None)
-        else:
+        os.environ.pop("MINARI_DATASETS_PATH", None)
+        if previous is not None:
             os.environ["MINARI_DATASETS_PATH"] = previous
 
 
 def chunk_episode(observations, actions, rewards, terminations, chunk_size, history_size, gamma) -> dict:
-    """One episode -> one chunked transition per time step t (docs/design.md, "Data").
-
-    states      (T, To, S)  s_{t-To+1..t}, the first state repeated before the episode start
-    chunks      (T, H, A)   a_{t:t+H}, padded with the episode's last action past its end
-    mask        (T, H)      1 where a_{t+h} is real, 0 where it is padding
-    rewards     (T,)        R_t^H = sum_h gamma^h r_{t+h} over the real steps
-    next_states (T, To, S)  the history at s_{t+H} (at the episode's last state if it ends sooner)
-    dones       (T,)        1 if the episode terminated inside the chunk. Truncations (time
-                            limits) are not terminations: the value bootstraps through them.
-    episode_start (T,)      True at t = 0 (the offline choice's rollouts start there)
-    step_next_states (T, S), step_rewards (T,): the one-step transitions (s_t, a_t, s_{t+1}, r_t)
-                            for the dynamics model, which works per environment step.
-    """
-    length = len(actions)  # T; observations has T + 1 entries (the final one included)
+    """One episode (T actions, T + 1 observations) -> one chunked transition per step t (docs/design.md, "Data"):
+    states (T, To, S) s_{t-To+1..t}, the first state repeated before the start; chunks (T, H, A) a_{t:t+H}, padded
+    with the last action; mask (T, H) 1 where real; rewards (T,) R_t^H = sum_h gamma^h r_{t+h} over real steps;
+    next_states (T, To, S) the history at s_{t+H} (or the last state); dones (T,) terminated inside the chunk
+    (truncations bootstrap); episode_start (T,) t = 0; step_next_states (T, S), step_rewards (T,) for the dynamics."""
+    length = len(actions)
     steps = np.arange(length)
     chunk_steps = steps[:, None] + np.arange(chunk_size)[None, :]
     mask = chunk_steps < length
@@ -225,14 +214,11 @@ def state_statistics(states: np.ndarray, eps: float = 1e-3) -> tuple[np.ndarray,
     return states.mean(0), states.std(0) + eps
 
 
-# ------------------------------------------------------------------------------------------------
-# What both training loops share: progress bars, the non-finite-loss rule, the random streams of --resume
-# ------------------------------------------------------------------------------------------------
+# ---- What both training loops share: progress bars, the non-finite-loss rule, the random streams of --resume -------
 BAR = {"mininterval": 5.0, "dynamic_ncols": True}  # the scripts' progress bars (tqdm): steps, rate, ETA, losses
 
 
 def rng_state(device) -> dict:
-    """torch's random stream (and CUDA's, on a GPU), for a training state that --resume continues."""
     state = {"torch_rng": torch.get_rng_state()}
     if device.type == "cuda":
         state["cuda_rng"] = torch.cuda.get_rng_state(device)
@@ -240,7 +226,6 @@ def rng_state(device) -> dict:
 
 
 def set_rng_state(state: dict, device) -> None:
-    """Continue the random streams `rng_state` saved in `state`."""
     torch.set_rng_state(state["torch_rng"])
     if "cuda_rng" in state and device.type == "cuda":
         torch.cuda.set_rng_state(state["cuda_rng"], device)
@@ -256,19 +241,12 @@ def check_finite(losses: dict, where: str) -> None:
             raise NonFiniteLoss(f"{where}: the {name} loss is {value.item()}")
 
 
+# ---- Evaluation ------------------------------------------------------------------------------------------------------
 class ChunkEnv(gym.Wrapper):
-    """The chunk-level MDP of online fine-tuning (docs/design.md, "Online fine-tuning").
-
-    One action is a whole chunk (H, A) in environment units; `step` executes its actions until
-    the chunk ends or the episode does (the rest of the chunk is dropped, never carried into the
-    next episode). The observation is the history of the last `history_size` states (To, S), the
-    first state repeated at an episode start, as the policy was trained. The reward is the
-    discounted chunk reward R^H = sum_h gamma^h r_h over the executed steps; `info` adds
-    "chunk_length" L (the discount to the next decision is gamma^L).
-    Because a chunk never crosses an episode boundary, a vector env's autoreset is safe at the
-    chunk level. Evaluation uses it too, with gamma 1 (undiscounted returns) and, for a receding
-    chunk_size, chunks cut to their first `action_steps` actions.
-    """
+    """The chunk-level MDP (docs/design.md, "Online fine-tuning"). An action is a chunk (H, A), executed until it
+    ends or the episode does (never carried into the next one, so vector autoreset is safe); the observation is the
+    last `history_size` states (To, S); the reward is R^H = sum_h gamma^h r_h over the executed steps, with
+    info["chunk_length"] L (the next decision's discount is gamma^L). Evaluation runs it with gamma 1."""
 
     def __init__(self, env: gym.Env, chunk_size: int, history_size: int, gamma: float):
         super().__init__(env)
@@ -294,20 +272,14 @@ class ChunkEnv(gym.Wrapper):
             self.history.append(obs)
             if terminated or truncated:
                 break
-        info = {**info, "chunk_length": length}
-        return np.stack(self.history), chunk_reward, terminated, truncated, info
+        return np.stack(self.history), chunk_reward, terminated, truncated, {**info, "chunk_length": length}
 
 
 @torch.no_grad()
 def run_chunk_episodes(policy, envs: list, sub_policy_of, seeds, action_steps: int | None = None):
-    """One episode in every environment; environment k runs sub-policy `sub_policy_of[k]` after
-    `reset(seed=seeds[k])`. Returns (returns, lengths), arrays of len(envs).
-
-    Vectorized over environments: at each decision every live environment's state history is
-    batched into one `policy.act` call (which samples all n sub-policies together, since the
-    adaptive perturbation couples them), and environment k executes its sub-policy's chunk.
-    `action_steps` < H re-plans sooner (receding horizon); default: the whole chunk.
-    """
+    """One episode in every environment, env k running sub-policy `sub_policy_of[k]` after `reset(seed=seeds[k])`;
+    -> (returns, lengths), arrays of len(envs). The live histories are batched into one `policy.act` per decision
+    (it samples all n sub-policies: the perturbation couples them); `action_steps` < H re-plans sooner."""
     chunk_size, history_size = policy.chunk_size, policy.history_size
     action_steps = action_steps or chunk_size
     if not 1 <= action_steps <= chunk_size:
@@ -340,16 +312,8 @@ def evaluate_sub_policies(
     action_steps: int | None = None,
     sub_policies: list[int] | None = None,
 ) -> dict:
-    """Deterministic returns and normalized scores of every sub-policy.
-
-    Environment (i, e) runs sub-policy i on episode e, reset with seed `seed + e`, so every
-    sub-policy starts from the same states. `max_episode_steps`: the dataset's time limit (None:
-    the environment's registered one). `sub_policies`: which sub-policies get environments
-    (default: all n, in order); the policy still samples all n at every decision.
-
-    Returns {"returns": (k, episodes), "scores": (k, episodes), "lengths": (k, episodes)} for the
-    k evaluated sub-policies.
-    """
+    """Deterministic returns, scores and lengths, each (k, episodes), of the k `sub_policies` (default all n): episode
+    e of every one reset with seed `seed + e` (the same start states); `max_episode_steps` None: the registered one."""
     evaluated = list(range(policy.config.n_subpolicies)) if sub_policies is None else list(sub_policies)
     envs = [gym.make(gym_id, max_episode_steps=max_episode_steps) for _ in range(len(evaluated) * episodes)]
     seeds = [seed + e for _ in evaluated for e in range(episodes)]
@@ -365,24 +329,15 @@ def evaluate_sub_policies(
 def evaluate_saved_task(
     policy, checkpoint: dict, episodes: int, seed: int, sub_policies=None, action_steps: int | None = None
 ) -> dict:
-    """`evaluate_sub_policies` on the environment, time limit and reference scores a checkpoint
-    was made with, episodes reset with seeds `seed * 1000 + e` (the training scripts' seeds);
-    `action_steps` < H re-plans after that many actions of each chunk (receding horizon)."""
+    """`evaluate_sub_policies` on a checkpoint's task, with the training scripts' seeds `seed * 1000 + e`."""
     task = {key: checkpoint[key] for key in ("ref_min_score", "ref_max_score", "max_episode_steps")}
-    return evaluate_sub_policies(
-        policy,
-        checkpoint["gym_id"],
-        episodes,
-        seed * 1000,
-        **task,
-        sub_policies=sub_policies,
-        action_steps=action_steps,
-    )
+    task |= {"sub_policies": sub_policies, "action_steps": action_steps}
+    return evaluate_sub_policies(policy, checkpoint["gym_id"], episodes, seed * 1000, **task)
 
 
 def spearman_correlation(x, y) -> float:
-    """Rank correlation of two score vectors (ties get their average rank), e.g. OPE against real scores;
-    NaN where either is constant or holds a non-finite value (no ranking to compare)."""
+    """Spearman's rank correlation (ties share their average rank), e.g. of OPE and real scores; NaN where either
+    is constant or not finite (no ranking to compare)."""
     x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
     if not (np.isfinite(x).all() and np.isfinite(y).all()):
         return float("nan")
@@ -392,6 +347,7 @@ def spearman_correlation(x, y) -> float:
     return float(np.corrcoef(rank_x, rank_y)[0, 1])
 
 
+# ---- Files and input checks ------------------------------------------------------------------------------------------
 def atomic_write(path: str, write) -> None:
     """`write(temporary)` into a temporary file in the same folder, then rename: a crash mid-write never
     leaves a broken file under `path` (os.replace is atomic on one filesystem), nor the temporary one."""
@@ -419,11 +375,8 @@ SEED_RANGE = "[0, 4294967295]"  # numpy's seeds: 0 .. 2^32 - 1
 
 
 def out_of_range(args, ranges: dict[str, str]) -> str | None:
-    """The first flag of `ranges` ({field: interval}) whose value lies outside its interval, as a message
-    naming the flag, or None. Intervals are written as in mathematics, "[1, 64]" or "(0, 1]": every
-    numeric flag has a finite lower and upper bound (the upper ones from memory and time, refused before
-    anything is allocated), and NaN fails every comparison. A tuple is checked entry by entry; None (a
-    flag left to its learner's default) passes."""
+    """The first flag of `ranges` ({field: interval such as "[1, 64]" or "(0, 1]"}) whose value is outside it, as a
+    message naming the flag, or None. NaN fails every comparison; a tuple is checked by entry; None passes."""
     for name, interval in ranges.items():
         low, high = (float(bound) for bound in interval[1:-1].split(","))
         value = getattr(args, name)
@@ -436,10 +389,8 @@ def out_of_range(args, ranges: dict[str, str]) -> str | None:
 
 
 def start_run(args, env_name: str, resumed: dict | None, filename: str, how: str):
-    """A training run's name (CleanRL's; a resumed run's own), checkpoint path (--checkpoint-path, else
-    runs/{run_name}/`filename`) and TensorBoard writer with the hyperparameters, made only once every
-    input is checked (a refused input leaves no folder). From here Ctrl-C ends the run with one line
-    naming the checkpoint and `how` to continue ("{path}": the checkpoint)."""
+    """A run's name (CleanRL's; a resumed run's own), checkpoint path and TensorBoard writer, made once every input is
+    checked; from here Ctrl-C ends the run with one line naming the checkpoint and `how` to continue ("{path}")."""
     run_name = f"{env_name}__{args.exp_name}__{args.seed}__{int(time.time())}"
     run_name = run_name if resumed is None else resumed["resume"]["run_name"]  # the same TensorBoard folder
     path = args.checkpoint_path or f"runs/{run_name}/{filename}"
@@ -452,9 +403,7 @@ def start_run(args, env_name: str, resumed: dict | None, filename: str, how: str
 
 
 def report_interrupt(message: str, kind, value, traceback) -> None:
-    """The training scripts' `sys.excepthook` (with `message` bound by functools.partial): Ctrl-C ends
-    the run with one line, `message` naming the last checkpoint (written atomically, so intact) and
-    how to continue, instead of Python's traceback; any other exception keeps Python's report."""
+    """`sys.excepthook` of a run: Ctrl-C ends it with one line, `message`; any other exception keeps Python's report."""
     if issubclass(kind, KeyboardInterrupt):
         print(f"interrupted: {message}", file=sys.stderr)
     else:
@@ -462,8 +411,7 @@ def report_interrupt(message: str, kind, value, traceback) -> None:
 
 
 def unwritable(folder: str) -> str | None:
-    """Why files cannot be written into `folder` (made if missing, as the writers do), or None. The
-    scripts check their output paths at the start: a bad one then fails before the work, not after it."""
+    """Why files cannot be written into `folder` (made if missing, as the writers do), or None."""
     existing = os.path.abspath(folder or ".")
     while not os.path.exists(existing):  # the writers make the missing folders below the nearest existing one
         existing = os.path.dirname(existing)
@@ -498,14 +446,13 @@ def check_output_file(flag: str, path: str | None, inputs: dict | None = None) -
     return None if problem is None else f"{flag} {path} cannot be written: {problem}"
 
 
+# ---- Checkpoints (docs/design.md, "Conventions": bad input) ---------------------------------------------------------
 class CheckpointError(ValueError):
-    """A checkpoint that cannot be used: unreadable, of another format, for another environment or
-    dataset, with a field missing, non-finite weights or sizes that do not fit its tensors."""
+    """A checkpoint that cannot be used (unreadable, another format, environment or dataset, a field missing...)."""
 
 
-# The fields the readers use, as paths ("improved.*.scores": in every improved copy; "critics" and
-# "dynamics" exist only with --ope, "resume" is read by the scripts alone). A file without one is
-# refused on load naming it, never a KeyError halfway through a command.
+# The fields the readers use ("improved.*.scores": in every improved copy; "critics" and "dynamics" exist only with
+# --ope, "resume" is read by the scripts alone): a file without one is refused on load, never a KeyError later.
 REQUIRED = {
     "offline": (
         *("args.gamma", "step", "gym_id", "max_episode_steps", "dataset_id", "ref_min_score", "ref_max_score"),
@@ -536,8 +483,7 @@ def missing_field(container, path: str, where: str = "") -> str | None:
 
 
 def non_finite_tensor(value, where: str = "") -> str | None:
-    """The name of the first floating-point tensor in `value` (nested dicts and lists) with a NaN or
-    inf entry: a NaN weight makes a policy act NaN, whose episodes would score anything silently."""
+    """The name of the first floating-point tensor in `value` (nested dicts and lists) with a NaN or inf entry."""
     if isinstance(value, torch.Tensor):
         return where if value.is_floating_point() and not torch.isfinite(value).all() else None
     items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
@@ -549,13 +495,9 @@ def non_finite_tensor(value, where: str = "") -> str | None:
 
 
 def load_checkpoint(path: str, phase: str | None = None, expected_gym_id=None, expected_dataset=None) -> dict:
-    """Load a checkpoint written by `save_checkpoint` with torch's safe loader (tensors and plain data
-    only), refusing (CheckpointError, naming the file) a corrupt or unsafe file, one of another format,
-    one of the other `phase` than the command needs ("offline" or "online"), one without a field the
-    readers use (`REQUIRED`), one with non-finite weights, and one made for another Gymnasium
-    environment than `expected_gym_id` or (`expected_dataset`, a Minari id or a D4RL-style name such
-    as `hopper-medium`) trained on another dataset. Sizes are checked when a network is built
-    (`build_saved`)."""
+    """A checkpoint of `save_checkpoint`, read with torch's safe loader (tensors and plain data only); a
+    CheckpointError naming the file if it is corrupt or unsafe, of another format or `phase`, without a `REQUIRED`
+    field, with non-finite weights, or made for another `expected_gym_id` or `expected_dataset` (an id or name)."""
     if not os.path.isfile(path):
         raise CheckpointError(f"no checkpoint at {path}")
     try:
@@ -594,10 +536,8 @@ def load_checkpoint(path: str, phase: str | None = None, expected_gym_id=None, e
 
 
 def unfinished_stage(checkpoint: dict) -> str | None:
-    """The stage an offline checkpoint's run did not finish, in words, or None: the loop (its last
-    step short of --total-steps) or the improvement stage (fewer improved copies than --num-qualified,
-    or no offline choice among them). Such a checkpoint is a run cut off, to be continued with
-    `uepo_offline.py --resume`, never a result to fine-tune or report."""
+    """The stage an offline checkpoint's run did not finish (its loop, or the improvement stage and offline choice),
+    in words, or None: such a run is continued with `uepo_offline.py --resume`, never fine-tuned or reported."""
     args, improved = checkpoint["args"], checkpoint.get("improved") or []
     if args.get("init_checkpoint") is None and checkpoint["step"] < args.get("total_steps", 0):
         return f"the loop (step {checkpoint['step']} of {args['total_steps']})"
@@ -610,10 +550,8 @@ def unfinished_stage(checkpoint: dict) -> str | None:
 
 
 def build_saved(saved: dict, what: str) -> "DiffusionPolicy | OnlineActor":
-    """A saved DiffusionPolicy or OnlineActor (which has a "kind") of a checkpoint, built. It is built
-    first on the meta device, which allocates nothing: a config whose networks do not fit the saved
-    tensors (a size changed, even to billions of units; a tensor missing or misshaped) is refused, a
-    CheckpointError naming `what`, before any memory is taken."""
+    """A saved DiffusionPolicy or OnlineActor (which has a "kind"), built first on the meta device, which allocates
+    nothing: networks that do not fit the saved tensors are a CheckpointError naming `what` before any memory."""
     cls = OnlineActor if "kind" in saved else DiffusionPolicy
     try:
         with warnings.catch_warnings(), torch.device("meta"):
@@ -627,26 +565,34 @@ def build_saved(saved: dict, what: str) -> "DiffusionPolicy | OnlineActor":
         ) from None
 
 
-# ------------------------------------------------------------------------------------------------
-# Which policy a checkpoint offers
-# ------------------------------------------------------------------------------------------------
+def check_environment(checkpoint: dict, path: str) -> None:
+    """The checkpoint's gym_id is registered, with flat Box spaces of the sizes its networks take."""
+    gym_id = checkpoint["gym_id"]
+    if gym_id not in gym.registry:
+        raise CheckpointError(f"{path}: gym_id {gym_id!r} is not a registered Gymnasium environment")
+    with gym.make(gym_id) as env:
+        if (problem := spaces_problem(gym_id, env.observation_space, env.action_space)) is not None:
+            raise CheckpointError(f"{path}: {problem}")
+        sizes = (env.observation_space.shape[0], env.action_space.shape[0])
+    online = checkpoint.get("phase") == "online"
+    config = checkpoint["actor"]["policy_config"] if online else checkpoint["policy"]["config"]
+    if sizes != (config["obs_dim"], config["act_dim"]):
+        raise CheckpointError(
+            f"{path} names {gym_id} (states of {sizes[0]}, actions of {sizes[1]}), but its networks take states "
+            f"of {config['obs_dim']} and actions of {config['act_dim']}"
+        )
+
+
+# ---- Which policy a checkpoint offers --------------------------------------------------------------------------------
 def improved_label(entry: dict) -> str:
-    """How an improved copy of the checkpoint's `improved` list is named in tables."""
     return f"sub-policy {entry['sub_policy']}, improved ({entry['operator']})"
 
 
 def offline_ranking(checkpoint: dict) -> list[dict]:
-    """The deployment candidates of an offline checkpoint, the offline choice first, read from the
-    checkpoint without building any policy: dicts with the label, the saved policy, the
-    sub-policy, its OPE score and its recorded real scores (the run's last evaluation).
-
-    The improved copies when the offline run made them, in the run's own choice order (their
-    return in the model, compared by the gate's confidence rule: docs/design.md, "The offline
-    choice"; a checkpoint without that order: best gated OPE first), else the base sub-policies,
-    best last AM-Q first. Without OPE (a run with --no-ope) the scores are NaN and the order is
-    the sub-policies' own. The first candidate is "the offline choice"; Uni-O4's online selection
-    (uepo_online.py) takes the top few and compares them on real episodes.
-    """
+    """An offline checkpoint's deployment candidates, unbuilt: dicts of label, saved policy, sub_policy, OPE score and
+    last real scores. The improved copies in the run's choice order (docs/design.md, "The offline choice"; without it,
+    best gated OPE first), else the base sub-policies, best AM-Q first (NaN without OPE). The first is the offline
+    choice; uepo_online.py's selection compares the top few on real episodes."""
     if improved := checkpoint.get("improved"):
         rows = [(improved_label(e), e["policy"], e["sub_policy"], e["ope_score"], e["scores"]) for e in improved]
     else:
@@ -656,15 +602,12 @@ def offline_ranking(checkpoint: dict) -> list[dict]:
     keys = ("label", "policy", "sub_policy", "ope_score", "scores")
     candidates = [dict(zip(keys, row)) | {"ope_score": float(row[3])} for row in rows]
     if improved and all("choice_rank" in entry for entry in improved):
-        # The offline run's own choice (uepo_offline.py: a model-return gain inside the returns' noise
-        # is a tie, and ties go to the sub-policy whose base AM-Q ranked higher), then the rest.
         return [candidates[i] for i in np.argsort([entry["choice_rank"] for entry in checkpoint["improved"]])]
     return sorted(candidates, key=lambda c: -c["ope_score"] if np.isfinite(c["ope_score"]) else np.inf)
 
 
 def offline_candidates(checkpoint: dict, device="cpu") -> list[tuple[str, DiffusionPolicy, int, float]]:
-    """`offline_ranking` as (label, policy, sub_policy, OPE score), each saved policy built once
-    (the base sub-policies share one DiffusionPolicy)."""
+    """`offline_ranking` as (label, policy, sub_policy, OPE score), each saved policy built once."""
     built, candidates = {}, []
     for candidate in offline_ranking(checkpoint):
         key = id(candidate["policy"])
@@ -686,52 +629,7 @@ def deployed_choice(checkpoint: dict) -> tuple[str, dict, int]:
     return first["label"], first["policy"], first["sub_policy"]
 
 
-def dataset_name(dataset_id: str) -> str:
-    """`mujoco/hopper/medium-v0` -> `hopper-medium` (the D4RL-style row name); other ids as they are."""
-    match = re.fullmatch(r"mujoco/([\w]+)/([\w-]+)-v\d+", dataset_id)
-    return f"{match.group(1)}-{match.group(2)}" if match else dataset_id
-
-
-def local_dataset(dataset_id: str):
-    """The local Minari dataset `dataset_id`, or None where MINARI_DATASETS_PATH has no folder for it.
-    A folder that minari cannot read (damaged metadata, a missing data file) is a DatasetError naming
-    it: such a dataset is damaged, not missing, and is never downloaded over."""
-    folder = minari.storage.get_dataset_path(dataset_id)
-    if not os.path.isdir(os.path.join(folder, "data")):
-        return None
-    try:
-        dataset = minari.load_dataset(dataset_id)
-        dataset.total_episodes  # reads the data file's episode index
-        return dataset
-    except Exception as error:  # minari and h5py raise many types for damaged files
-        raise DatasetError(
-            f"the local dataset {dataset_id!r} in {folder} cannot be read ({type(error).__name__}: "
-            f"{' '.join(str(error).split())[:200]}): delete that folder and download it again"
-        ) from None
-
-
-def check_environment(checkpoint: dict, path: str) -> None:
-    """The networks of a checkpoint fit the environment it names: a registered Gymnasium id with flat
-    Box spaces whose sizes are the saved policy's (else a relabelled file fails in a tensor product)."""
-    gym_id = checkpoint["gym_id"]
-    if gym_id not in gym.registry:
-        raise CheckpointError(f"{path}: gym_id {gym_id!r} is not a registered Gymnasium environment")
-    with gym.make(gym_id) as env:
-        if (problem := spaces_problem(gym_id, env.observation_space, env.action_space)) is not None:
-            raise CheckpointError(f"{path}: {problem}")
-        sizes = (env.observation_space.shape[0], env.action_space.shape[0])
-    online = checkpoint.get("phase") == "online"
-    config = checkpoint["actor"]["policy_config"] if online else checkpoint["policy"]["config"]
-    if sizes != (config["obs_dim"], config["act_dim"]):
-        raise CheckpointError(
-            f"{path} names {gym_id} (states of {sizes[0]}, actions of {sizes[1]}), but its networks take states "
-            f"of {config['obs_dim']} and actions of {config['act_dim']}"
-        )
-
-
-# ------------------------------------------------------------------------------------------------
-# The command: every sub-policy of a checkpoint on real episodes, its OPE score, their divergence
-# ------------------------------------------------------------------------------------------------
+# ---- The command: every sub-policy of a checkpoint on real episodes, its OPE score, their divergence ---------------
 def load_or_fail(path: str) -> dict:
     """A checkpoint whose policy is to be run in its environment, or a one-line error naming the file."""
     try:
@@ -743,7 +641,7 @@ def load_or_fail(path: str) -> dict:
 
 
 def built_or_fail(path: str, saved: dict, what: str, device):
-    """`build_saved`, a saved policy that does not fit its config ending the script naming the file."""
+    """`build_saved`, or a one-line error naming the file."""
     try:
         return build_saved(saved, what).to(device).eval()
     except CheckpointError as error:
@@ -751,7 +649,7 @@ def built_or_fail(path: str, saved: dict, what: str, device):
 
 
 def fail_unless_finite(path: str, label: str, values) -> None:
-    """Non-finite results never pass as numbers ("nan +- nan", exit 0): NaN actions or rewards stop the command."""
+    """NaN actions or returns stop the command: never reported as numbers ("nan +- nan", exit 0)."""
     if not np.isfinite(values).all():
         count = int(np.size(values) - np.isfinite(values).sum())
         fail(
@@ -761,14 +659,8 @@ def fail_unless_finite(path: str, label: str, values) -> None:
 
 
 def write_json(path: str, data: dict) -> None:
-    """Written atomically, as checkpoints are (`atomic_write`): an interrupted write loses nothing."""
-    atomic_write(path, functools.partial(dump_json, data))
+    atomic_write(path, lambda temporary: Path(temporary).write_text(json.dumps(data, indent=2)))  # as checkpoints
     print(f"json: {path}")
-
-
-def dump_json(data: dict, path: str) -> None:
-    with open(path, "w") as file:
-        json.dump(data, file, indent=2)
 
 
 def markdown_table(header: list[str], rows: list[list]) -> str:
@@ -778,8 +670,7 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
 
 @dataclass
 class PolicyArgs:
-    """Every sub-policy of a checkpoint on real episodes, its offline OPE score, and the
-    sub-policies' pairwise kinematic divergence on dataset states."""
+    """Every sub-policy of a checkpoint on real episodes, its offline OPE score, and their pairwise divergence."""
 
     checkpoint: str
     """an offline or online checkpoint (runs/<run>/offline.pt or online.pt)"""
@@ -801,16 +692,15 @@ class PolicyArgs:
     """if toggled, use a GPU when there is one"""
 
 
-# Every numeric flag's range (`out_of_range`): every episode is a live environment at once, and the
-# divergence samples all its states in one batch, so the upper bounds keep a typo from the memory.
+# Every numeric flag's range (`out_of_range`): the upper bounds keep a typo from the memory (every episode is a live
+# environment at once; the divergence samples all its states in one batch).
 EPISODE_RANGES = {"sub_policy": "[0, 63]", "episodes": "[1, 1000]", "seed": SEED_RANGE}
 POLICY_RANGES = {**EPISODE_RANGES, "action_steps": "[1, 64]", "divergence_states": "[1, 100000]"}
 SUB_POLICY_OF_ONLINE = "--sub-policy picks a sub-policy of an offline checkpoint; an online one deploys one policy"
 
 
 def check_policy_args(args, ranges: dict = POLICY_RANGES) -> str | None:
-    """The first bad argument, as a message naming the flag (None if all are valid); also
-    benchmarks/robustness.py's, with its ranges."""
+    """The first bad argument, as a message naming the flag, or None (also benchmarks/robustness.py's)."""
     if not os.path.isfile(args.checkpoint):
         return f"--checkpoint {args.checkpoint}: no such file"
     return out_of_range(args, ranges) or check_output_file("--json", args.json, {"--checkpoint": args.checkpoint})
@@ -826,15 +716,14 @@ def score_row(args: PolicyArgs, checkpoint: dict, policy, label: str, sub_policy
 
 
 def dataset_state_histories(dataset_id: str, count: int, history_size: int, seed: int) -> np.ndarray:
-    """`count` state histories (count, To, S) at uniformly drawn steps of the local dataset, the
-    first state of an episode repeated before its start (as in training)."""
+    """`count` state histories (count, To, S) drawn uniformly from the local dataset, as in training."""
     try:
         if (dataset := local_dataset(dataset_id)) is None:
             raise DatasetError(
                 f"the dataset {dataset_id!r} of this checkpoint is not in MINARI_DATASETS_PATH={datasets_folder()}; "
                 f"get it with `minari download {dataset_id}`"
             )
-        states = chunk_dataset(dataset, 1, history_size, 1.0)["states"]  # the histories of training
+        states = chunk_dataset(dataset, 1, history_size, 1.0)["states"]
     except DatasetError as error:
         fail(f"{error}, or pass --no-divergence")
     except Exception as error:  # minari and h5py raise many types for a damaged or truncated file
@@ -886,24 +775,16 @@ def policy_command(args: PolicyArgs) -> dict:
             chunks = base.sample(base.normalize_states(torch.as_tensor(states, dtype=torch.float32, device=device)))
         matrix = pairwise_divergence(chunks.actions).mean(0).cpu().numpy()
         fail_unless_finite(args.checkpoint, "the divergence of the sub-policies", matrix)
-        result["divergence"] = {
-            "states": len(states),
-            "matrix": matrix.tolist(),
-            "mean_pairwise": float(matrix.sum() / (n * (n - 1))),
-        }
-
+        mean_pairwise = float(matrix.sum() / (n * (n - 1)))
+        result["divergence"] = {"states": len(states), "matrix": matrix.tolist(), "mean_pairwise": mean_pairwise}
     print(
         f"{args.checkpoint}: {result['phase']} checkpoint for {checkpoint['gym_id']} ({checkpoint['dataset_id']}), "
         f"{args.episodes} episodes per row, seed {args.seed}\n"
     )
+    opes = ["-" if row["ope"] is None else f"{row['ope']:.1f} ({row['ope_kind']})" for row in rows]
     table = [
-        [
-            row["label"],
-            f"{row['mean']:.1f} +- {row['std']:.1f}",
-            "-" if row["ope"] is None else f"{row['ope']:.1f} ({row['ope_kind']})",
-            "yes" if row["deployed"] else "",
-        ]
-        for row in rows
+        [r["label"], f"{r['mean']:.1f} +- {r['std']:.1f}", o, "yes" if r["deployed"] else ""]
+        for r, o in zip(rows, opes)
     ]
     print(markdown_table(["candidate", "normalized score", "offline OPE", "deployed"], table))
     if "ope_spearman" in result:
