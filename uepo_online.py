@@ -1,25 +1,15 @@
-"""UEPO online phase (arXiv 2511.10087), CleanRL style: read top to bottom.
+"""UEPO online phase (arXiv 2511.10087), CleanRL style: read top to bottom; design: docs/design.md.
 
     python uepo_online.py --checkpoint runs/<offline run>/offline.pt     # TD3 on chunks, 250k env steps
     python uepo_online.py --checkpoint ... --algo ppo                   # the paper's PPO, 1M
     python uepo_online.py --checkpoint ... --actor mlp --mlp-chunk-size 4  # RLPD-style: a fresh actor
     python uepo_online.py --resume runs/<run>/online.pt                 # continue a PPO run
 
-1. Load the offline checkpoint (refused, with the reason, if it is corrupt, unfinished, or made for
-   another environment or dataset than `--env-id`).
-2. Selection, Uni-O4's rule: the top `--selection-top` candidates by their offline OPE score, then
-   the best of them over real episodes (`select_sub_policy`).
-3. Fine-tuning of `diffusion.OnlineActor`, a Gaussian over decisions z whose mean is the deployed
-   policy and starts exactly at the selected sub-policy, on the chunk-level MDP (`eval.ChunkEnv`:
-   one decision = one chunk of H actions, its reward the discounted sum of its rewards):
-   - `train_td3` (default): TD3 on chunks; the critics learn the offline data first, then every
-     batch mixes offline and online decisions (RLPD); the actor is a residual on the sub-policy's
-     chunk, anchored to it with a weight that falls to a tenth over the run.
-   - `train_ppo` (the paper's): PPO with GAE over chunks, the sub-policy's initial noise as z, and a
-     KL anchor to the offline Gaussian.
-4. The deterministic policy is evaluated every `--eval-every` steps (and at the hand-over), logged to
-   TensorBoard under runs/, and saved atomically to runs/{run_name}/online.pt; a PPO checkpoint also
-   holds the training state from which `--resume` continues in new episodes.
+1. Load the offline checkpoint (refused, with the reason, if corrupt, unfinished or of another `--env-id`).
+2. Uni-O4's selection: the top `--selection-top` candidates by offline OPE, then the best on real episodes.
+3. Fine-tune `diffusion.OnlineActor`, a Gaussian over decisions z whose mean starts at the selected sub-policy,
+   on the chunk-level MDP (`eval.ChunkEnv`): `train_td3` (TD3 + RLPD, the default) or `train_ppo` (the paper's).
+4. Evaluate every `--eval-every` steps; save runs/{run_name}/online.pt atomically (PPO's can be resumed).
 """
 
 import copy
@@ -37,38 +27,10 @@ import tyro
 from gymnasium.wrappers.utils import RunningMeanStd
 from tqdm import tqdm
 
+import eval
 from diffusion import OnlineActor, ppo_mlp
 from divergence import gaussian_kl, gaussian_log_prob
 from dynamics import ChunkCritics, chunk_td_target, soft_update
-from eval import (
-    BAR,
-    GYM_ENV_IDS,
-    SEED_RANGE,
-    CheckpointError,
-    ChunkEnv,
-    DatasetError,
-    NonFiniteLoss,
-    build_saved,
-    built_or_fail,
-    check_environment,
-    check_finite,
-    check_output_file,
-    chunk_dataset,
-    evaluate_saved_task,
-    fail,
-    is_dataset_name,
-    load_checkpoint,
-    load_dataset,
-    missing_field,
-    offline_candidates,
-    out_of_range,
-    rng_state,
-    save_checkpoint,
-    set_rng_state,
-    start_run,
-    unfinished_stage,
-    unwritable,
-)
 
 
 @dataclass
@@ -85,7 +47,6 @@ class Args:
     """if toggled, use a GPU when there is one"""
     env_id: str | None = None
     """if given, the checkpoint must be of this dataset (`<env>-<quality>`, e.g. hopper-medium)"""
-
     # The learner and the actor (None: the learner's default, `ALGO_DEFAULTS`)
     algo: Literal["td3", "ppo"] = "td3"
     """the learner: TD3 on chunks with the offline data, or PPO (the paper's)"""
@@ -105,13 +66,11 @@ class Args:
     """weight of staying at the offline policy (0 for mlp)"""
     anchor_floor: float | None = None
     """fraction of --anchor-coef it falls to over the run (td3 0.1, ppo 1)"""
-
     # Selection (Uni-O4's rule)
     selection_top: int = 3
     """candidates kept by offline OPE score"""
     selection_episodes: int = 10
     """real episodes per candidate"""
-
     # PPO
     num_steps: int = 64
     """decisions per environment per rollout"""
@@ -127,7 +86,6 @@ class Args:
     """stop a rollout's epochs past this approximate KL (None: never)"""
     critic_warmup: int = 3
     """rollouts at the start that train only the value network"""
-
     # TD3 on chunks
     batch_size: int = 256
     """decisions per critic update"""
@@ -143,7 +101,6 @@ class Args:
     """environment steps collected with the actor frozen"""
     offline_critic_updates: int = 25_000
     """critic updates on the offline data before the first online step"""
-
     # Evaluation and checkpoint
     eval_every: int | None = None
     """evaluate every this many steps, and at 0 and the end (td3 25k, ppo 20k)"""
@@ -177,7 +134,7 @@ def with_algo_defaults(args: Args) -> Args:
 
 # Every numeric flag's range (`eval.out_of_range`), far above every setting used.
 RANGES = {
-    **{"seed": SEED_RANGE, "mlp_chunk_size": "[1, 64]", "init_std": "(0, 2]", "total_timesteps": "[1, 100000000]"},
+    **{"seed": eval.SEED_RANGE, "mlp_chunk_size": "[1, 64]", "init_std": "(0, 2]", "total_timesteps": "[1, 100000000]"},
     **{"num_envs": "[1, 256]", "learning_rate": "(0, 1]", "anchor_coef": "[0, 1000]", "anchor_floor": "[0, 1]"},
     **{"selection_top": "[1, 64]", "selection_episodes": "[1, 1000]", "num_steps": "[1, 4096]"},
     **{"gae_lambda": "[0, 1]", "num_minibatches": "[1, 65536]", "update_epochs": "[1, 1000]"},
@@ -192,29 +149,29 @@ def check_args(args: Args) -> str | None:
     """The first bad argument, as a message naming the flag (None if all are valid)."""
     if args.checkpoint is None:
         return "--checkpoint is required: the offline checkpoint to fine-tune (or --resume an online checkpoint)"
-    if (problem := out_of_range(args, RANGES)) is not None:
+    if (problem := eval.out_of_range(args, RANGES)) is not None:
         return problem
     if args.num_minibatches > args.num_envs * args.num_steps:
         return (
             f"--num-minibatches ({args.num_minibatches}) must be at most the decisions per rollout, "
             f"--num-envs x --num-steps = {args.num_envs * args.num_steps}"
         )
-    if args.env_id is not None and not is_dataset_name(args.env_id):
-        envs = ", ".join(GYM_ENV_IDS)
+    if args.env_id is not None and not eval.is_dataset_name(args.env_id):
+        envs = ", ".join(eval.GYM_ENV_IDS)
         return f"--env-id must be `<env>-<quality>` with env in {envs} (e.g. hopper-medium), got {args.env_id}"
     return None
 
 
 def check_paths(args: Args) -> str | None:
     """Where the run writes, checked writable before any work (else it would fail at the first save)."""
-    if (problem := unwritable("runs")) is not None:
+    if (problem := eval.unwritable("runs")) is not None:
         return f"runs/ (the TensorBoard logs and the default checkpoint folder) cannot be written: {problem}"
-    return check_output_file("--checkpoint-path", args.checkpoint_path, inputs={"--checkpoint": args.checkpoint})
+    return eval.check_output_file("--checkpoint-path", args.checkpoint_path, inputs={"--checkpoint": args.checkpoint})
 
 
 def choose_candidate(labels: list[str], scores: list[float]) -> int:
-    """Index of the best real score (Uni-O4's choice); a non-finite score is skipped with a printed
-    line, never chosen (a plain max() keeps a NaN that comes first). ValueError if none is finite."""
+    """Index of the best real score (Uni-O4); a non-finite score is skipped with a printed line, never
+    chosen (a plain max() keeps a NaN that comes first). ValueError if none is finite."""
     finite = [index for index, score in enumerate(scores) if np.isfinite(score)]
     for index in sorted(set(range(len(scores))) - set(finite)):
         print(f"selection: skipped {labels[index]}: its real normalized score is {scores[index]}, not finite")
@@ -223,25 +180,20 @@ def choose_candidate(labels: list[str], scores: list[float]) -> int:
     return max(finite, key=lambda index: scores[index])
 
 
-# ------------------------------------------------------------------------------------------------
-# The chunk-level environments and evaluation (both learners)
-# ------------------------------------------------------------------------------------------------
+# ---- the chunk-level environments, evaluation and checkpoint (both learners) ----------------------
 def make_envs(checkpoint: dict, actor: OnlineActor, num_envs: int, gamma: float) -> gym.vector.SyncVectorEnv:
-    """`num_envs` chunk-level MDPs over the dataset's time limit, with episode statistics. SAME_STEP
-    autoreset: an episode that ends returns its final observation in the infos and is reset in the
-    same call; a chunk never crosses an episode boundary (ChunkEnv)."""
+    """`num_envs` chunk-level MDPs with episode statistics; SAME_STEP autoreset (final observations in the infos)."""
     make = functools.partial(gym.make, checkpoint["gym_id"], max_episode_steps=checkpoint["max_episode_steps"])
     thunk = functools.partial(chunk_env, make, actor.chunk_size, actor.history_size, gamma)
     return gym.vector.SyncVectorEnv([thunk] * num_envs, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
 
 
-def chunk_env(make, chunk_size: int, history_size: int, gamma: float) -> ChunkEnv:
-    return ChunkEnv(gym.wrappers.RecordEpisodeStatistics(make()), chunk_size, history_size, gamma)
+def chunk_env(make, chunk_size: int, history_size: int, gamma: float) -> eval.ChunkEnv:
+    return eval.ChunkEnv(gym.wrappers.RecordEpisodeStatistics(make()), chunk_size, history_size, gamma)
 
 
 def step_info(infos: dict, key: str, ended: np.ndarray) -> np.ndarray:
-    """A per-env info entry after a vector step in SAME_STEP autoreset mode: rows whose episode
-    ended carry it in infos["final_info"] (their top-level info is the reset's)."""
+    """A per-env info entry after a SAME_STEP vector step: an ended row's is in infos["final_info"]."""
     values = np.array(infos.get(key, np.zeros(len(ended))), dtype=np.float64)
     if ended.any():
         values[ended] = np.asarray(infos["final_info"][key], dtype=np.float64)[ended]
@@ -249,10 +201,8 @@ def step_info(infos: dict, key: str, ended: np.ndarray) -> np.ndarray:
 
 
 def env_step(envs, chunks: np.ndarray, global_step: int, writer) -> tuple:
-    """One decision in every environment. Returns (next_obs, final_obs, reward, terminated, done,
-    lengths, global_step): `final_obs` is the state each chunk ended in (for an episode that ended,
-    autoreset replaced it in next_obs: the final observation of the infos), `lengths` the actions
-    each chunk executed (a chunk stops where its episode ends)."""
+    """One decision per environment; `final_obs` is where each chunk ended (the final observation where autoreset
+    replaced it in next_obs), `lengths` the actions each chunk executed (a chunk stops where its episode ends)."""
     next_obs, reward, terminated, truncated, infos = envs.step(chunks)
     done = terminated | truncated
     lengths, final_obs = step_info(infos, "chunk_length", done), np.array(next_obs)
@@ -267,18 +217,16 @@ def env_step(envs, chunks: np.ndarray, global_step: int, writer) -> tuple:
 
 
 def anchor_weight_at(global_step: int, args: Args) -> float:
-    """The anchor's weight now: --anchor-coef falling linearly over the run to --anchor-floor of itself."""
     return args.anchor_coef * max(1.0 - global_step / args.total_timesteps, args.anchor_floor)
 
 
 def evaluate(step, actor, history, writer, args, checkpoint, path) -> None:
-    """The deterministic policy's normalized score on fixed start states, recorded and logged; never a
-    non-finite one: the run stops, and the previous checkpoint at `path` stays."""
+    """The deterministic policy's score on fixed start states, logged; a non-finite one stops the run unsaved."""
     actor.eval()
-    scores = evaluate_saved_task(actor, checkpoint, args.eval_episodes, args.seed, [0])["scores"][0]
+    scores = eval.evaluate_saved_task(actor, checkpoint, args.eval_episodes, args.seed, [0])["scores"][0]
     actor.train()
     if not (all(torch.isfinite(p).all() for p in actor.parameters()) and np.isfinite(scores).all()):
-        fail(f"step {step}: the policy's parameters or its evaluation are not finite; stopped without saving ({path})")
+        eval.fail(f"step {step}: the policy's parameters or evaluation are not finite; stopped without saving ({path})")
     history["step"].append(step)
     history["scores"].append(scores.tolist())
     writer.add_scalar("charts/normalized_score", scores.mean(), step)
@@ -286,29 +234,20 @@ def evaluate(step, actor, history, writer, args, checkpoint, path) -> None:
 
 
 def write_checkpoint(step, actor, learner: dict, history, args, checkpoint, run, resume=None) -> None:
-    """The atomic checkpoint: what eval.py reads (`eval.REQUIRED`); `learner` the critics or value
-    network; `resume` the PPO training state after this evaluation (None for TD3)."""
+    """The atomic checkpoint eval.py reads; `learner` the critics or value network, `resume` PPO's training state."""
     task = ("gym_id", "max_episode_steps", "dataset_id", "ref_min_score", "ref_max_score")
     online = {"phase": "online", "args": asdict(args), "global_step": step, **{key: checkpoint[key] for key in task}}
     online["offline_checkpoint"] = args.checkpoint
     selection = {"actor": actor.to_checkpoint(), "sub_policy": run["sub_policy"], "selection": run["selection"]}
-    save_checkpoint(online | selection | learner | {"history": history, "resume": resume}, run["path"])
+    eval.save_checkpoint(online | selection | learner | {"history": history, "resume": resume}, run["path"])
 
 
-# ------------------------------------------------------------------------------------------------
-# PPO on chunks (--algo ppo; docs/design.md, "Online fine-tuning")
-# ------------------------------------------------------------------------------------------------
+# ---- PPO on chunks (--algo ppo, the paper's learner) ----------------------------------------------
 def chunk_gae(rewards, values, next_values, terminations, ended, discounts, gae_lambda: float):
-    """GAE over chunk decisions, arrays (T, N):
-
-        delta_t = R_t + d_t (1 - terminated_t) V'_t - V(s_t)
-        A_t     = delta_t + d_t lambda (1 - ended_t) A_{t+1}
-
-    R_t: discounted chunk reward; d_t = gamma^{L_t} for a chunk of L_t executed steps; V'_t the
-    value of the state the chunk ended in: V(s_{t+1}), or V(final observation) where the episode
-    was truncated by its time limit (bootstrapped, not a termination). `ended` (terminated or
-    truncated) cuts the recursion at episode boundaries. Returns (advantages, returns).
-    """
+    """GAE over chunk decisions, arrays (T, N); returns (advantages, returns):
+        delta_t = R_t + d_t (1 - terminated_t) V'_t - V(s_t),   A_t = delta_t + d_t lambda (1 - ended_t) A_{t+1}
+    d_t = gamma^{L_t} for a chunk of L_t executed steps; V'_t the value where the chunk ended (the final
+    observation after a time-limit truncation: bootstrapped); `ended` cuts the recursion at episode ends."""
     advantages = torch.zeros_like(rewards)
     last = torch.zeros_like(rewards[0])
     for t in reversed(range(len(rewards))):
@@ -319,9 +258,8 @@ def chunk_gae(rewards, values, next_values, terminations, ended, discounts, gae_
 
 
 class RewardScaler:
-    """CleanRL's `NormalizeReward` at the chunk level: each environment keeps a discounted sum of its
-    chunk rewards, G <- d G + R with d = gamma^L (reset when its episode ends); rewards are divided
-    by the running std of G (gymnasium's RunningMeanStd) and clipped to +-`clip`."""
+    """CleanRL's `NormalizeReward` per chunk: G <- gamma^L G + R per environment (0 at episode ends);
+    rewards divided by the running std of G and clipped to +-`clip`."""
 
     def __init__(self, num_envs: int, clip: float = 10.0):
         self.returns, self.stats, self.clip = np.zeros(num_envs), RunningMeanStd(), clip
@@ -346,17 +284,11 @@ def state_value(value_net, states: torch.Tensor) -> torch.Tensor:
     return value_net(states.flatten(1)).squeeze(-1)
 
 
-def actor_losses(
-    actor: OnlineActor, states, decisions, anchors, old_log_probs, advantages, clip_coef, init_std
-) -> dict:
-    """PPO's clipped surrogate on one minibatch of decisions z (B, H, A), and the anchor.
-
-        r = N(z; mean(s), sigma^2) / N(z; mean_old(s), sigma_old^2)   (the exact Gaussian ratio)
-        policy = -E[min(r A, clip(r, 1 - c, 1 + c) A)],  A normalized per minibatch (CleanRL)
-        anchor_kl = E[KL(N(mean(s), sigma^2) || N(anchor(s), init_std^2))]   (closed form, over H x A)
-
-    Returns {"policy", "anchor_kl"} (with gradients) and {"approx_kl", "clipfrac"} (CleanRL's
-    diagnostics: approximate KL per decision, share of clipped ratios)."""
+def actor_losses(actor, states, decisions, anchors, old_log_probs, advantages, clip_coef, init_std) -> dict:
+    """PPO's clipped surrogate on a minibatch of decisions z (B, H, A), the KL anchor, CleanRL's diagnostics:
+    r = N(z; mean(s), sigma^2) / N(z; mean_old(s), sigma_old^2)   (the exact Gaussian ratio)
+    policy = -E[min(r A, clip(r, 1 - c, 1 + c) A)],  A normalized per minibatch (CleanRL)
+    anchor_kl = E[KL(N(mean(s), sigma^2) || N(anchor(s), init_std^2))]   (closed form, over H x A)"""
     mean, std = actor.mean(states, anchors), actor.std()
     logratio = gaussian_log_prob(decisions, mean, std, event_dims=2) - old_log_probs
     ratio = logratio.exp()
@@ -370,9 +302,8 @@ def actor_losses(
 
 
 def ppo_update(actor, value_net, optimizers, batch: dict, args: Args, anchor_weight: float, warming_up: bool) -> dict:
-    """PPO's epochs over one rollout (flattened `batch`): the value loss with its own optimizer, then
-    (after the warm-up) the clipped surrogate + anchor_weight x the KL anchor; each gradient clipped
-    to MAX_GRAD_NORM; the epochs stop once the approximate KL passes --target-kl. Returns the log."""
+    """PPO's epochs over one flattened rollout: the value loss, then (after the warm-up) the surrogate +
+    anchor_weight x KL anchor, separate optimizers, gradients clipped; stopped past --target-kl."""
     actor_optimizer, value_optimizer = optimizers
     size = len(batch["returns"])
     minibatch_size = size // args.num_minibatches
@@ -382,7 +313,7 @@ def ppo_update(actor, value_net, optimizers, batch: dict, args: Args, anchor_wei
         for start in range(0, size, minibatch_size):
             mb = permutation[start : start + minibatch_size]
             v_loss = 0.5 * ((state_value(value_net, batch["obs"][mb]) - batch["returns"][mb]) ** 2).mean()
-            check_finite({"value": v_loss}, "the PPO update")
+            eval.check_finite({"value": v_loss}, "the PPO update")
             value_optimizer.zero_grad()
             v_loss.backward()
             torch.nn.utils.clip_grad_norm_(value_net.parameters(), MAX_GRAD_NORM)
@@ -393,7 +324,7 @@ def ppo_update(actor, value_net, optimizers, batch: dict, args: Args, anchor_wei
             out = actor_losses(actor, *minibatch, args.clip_coef, args.init_std)
             approx_kl = out["approx_kl"]
             clipfracs.append(out["clipfrac"])
-            check_finite({"policy": out["policy"], "anchor_kl": out["anchor_kl"]}, "the PPO update")
+            eval.check_finite({"policy": out["policy"], "anchor_kl": out["anchor_kl"]}, "the PPO update")
             actor_optimizer.zero_grad()
             (out["policy"] + anchor_weight * out["anchor_kl"]).backward()
             torch.nn.utils.clip_grad_norm_(actor.parameters(), MAX_GRAD_NORM)
@@ -410,24 +341,16 @@ def ppo_update(actor, value_net, optimizers, batch: dict, args: Args, anchor_wei
 
 
 def training_state(global_step, next_eval, iteration, run, gamma, optimizers, reward_scaler, device) -> dict:
-    """What --resume continues from after an evaluation: the counters, both optimizers, the reward
-    scaler and torch's random stream. The environments are not saved: a resumed run starts new
-    episodes (docs/design.md, "Resume")."""
+    """What --resume continues from: the counters, both optimizers, the reward scaler, torch's random stream."""
     counters = {"global_step": global_step, "next_eval": next_eval, "iteration": iteration, "gamma": gamma}
     optimizer_states = {"actor_optimizer": optimizers[0].state_dict(), "value_optimizer": optimizers[1].state_dict()}
-    state = {"run_name": run["name"], "reward_scaler": reward_scaler.state_dict(), **rng_state(device)}
+    state = {"run_name": run["name"], "reward_scaler": reward_scaler.state_dict(), **eval.rng_state(device)}
     return counters | optimizer_states | state
 
 
-TRAINING_STATE_FIELDS = ("global_step", "next_eval", "iteration", "run_name", "gamma", "actor_optimizer")
-TRAINING_STATE_FIELDS += ("value_optimizer", "reward_scaler", "torch_rng")
-
-
 def train_ppo(args: Args, actor: OnlineActor, checkpoint: dict, gamma: float, writer, run: dict, resumed):
-    """--algo ppo, the paper's learner: vectorized rollouts of z ~ N(mean(s), sigma^2), GAE over
-    chunks, rewards scaled by the running std of a discounted return, a fresh value network trained
-    alone for `--critic-warmup` rollouts, both learning rates annealed to LR_FLOOR of their start.
-    `resumed`: the online checkpoint of --resume (None: from the hand-over)."""
+    """--algo ppo: rollouts of z ~ N(mean(s), sigma^2), GAE over chunks, scaled rewards, a fresh value
+    network alone for `--critic-warmup` rollouts; `resumed` the --resume checkpoint (None: the hand-over)."""
     device = run["device"]
     value_net = ppo_mlp(actor.history_size * actor.policy_config.obs_dim, 1, last_std=1.0).to(device)
     # Separate optimizers and gradient clipping: the actor's and the critic's steps do not compete.
@@ -456,15 +379,15 @@ def train_ppo(args: Args, actor: OnlineActor, checkpoint: dict, gamma: float, wr
         actor_optimizer.load_state_dict(resume["actor_optimizer"])
         value_optimizer.load_state_dict(resume["value_optimizer"])
         reward_scaler.load_state_dict(resume["reward_scaler"])
-        set_rng_state(resume, device)
+        eval.set_rng_state(resume, device)
     next_obs, _ = envs.reset(seed=args.seed + iteration)  # a resumed run starts new episodes
     start_time, start_step = time.time(), global_step
-    progress = tqdm(total=args.total_timesteps, desc="online (ppo)", unit="step", initial=global_step, **BAR)
+    progress = tqdm(total=args.total_timesteps, desc="online (ppo)", unit="step", initial=global_step, **eval.BAR)
     while global_step < args.total_timesteps:
         iteration += 1
         warming_up = iteration <= args.critic_warmup  # only the value network learns
         anchor_weight = anchor_weight_at(global_step, args)
-        fraction = max(1.0 - global_step / args.total_timesteps, LR_FLOOR)
+        fraction = max(1.0 - global_step / args.total_timesteps, LR_FLOOR)  # annealed, never below LR_FLOOR
         actor_optimizer.param_groups[0]["lr"] = fraction * args.learning_rate
         value_optimizer.param_groups[0]["lr"] = fraction * VALUE_LEARNING_RATE
 
@@ -493,8 +416,8 @@ def train_ppo(args: Args, actor: OnlineActor, checkpoint: dict, gamma: float, wr
         batch |= {"advantages": advantages.reshape(-1), "returns": returns.reshape(-1)}
         try:
             log = ppo_update(actor, value_net, optimizers, batch, args, anchor_weight, warming_up)
-        except NonFiniteLoss as error:
-            fail(f"iteration {iteration} (global step {global_step}): {error}; the last checkpoint is {run['path']}")
+        except eval.NonFiniteLoss as error:
+            eval.fail(f"iteration {iteration} (global step {global_step}): {error}; last checkpoint: {run['path']}")
         sigma, steps_per_second = actor.std().mean().item(), (global_step - start_step) / (time.time() - start_time)
         log |= {"charts/sigma": sigma, "charts/learning_rate": actor_optimizer.param_groups[0]["lr"]}
         log |= {"charts/anchor_weight": anchor_weight, "charts/SPS": steps_per_second}
@@ -514,16 +437,10 @@ def train_ppo(args: Args, actor: OnlineActor, checkpoint: dict, gamma: float, wr
     envs.close()
 
 
-# ------------------------------------------------------------------------------------------------
-# TD3 on chunks with the offline data in every batch (--algo td3; docs/design.md, "Online fine-tuning")
-# ------------------------------------------------------------------------------------------------
+# ---- TD3 on chunks with the offline data in every batch (--algo td3) -------------------------------
 class ChunkReplay:
-    """Decisions as the critics and the actor learn from them, in preallocated tensors (a ring buffer
-    of `capacity` rows): the normalized state history before (`states`) and after (`next_states`)
-    the chunk, the executed chunk in [-1, 1] (H, A), its discounted reward R = sum_h gamma^h r_h over
-    its L executed steps (`lengths`), whether the episode terminated inside it (a time-limit
-    truncation is no termination: the target bootstraps through it), and the offline policy's z at
-    both histories (`anchors`, `next_anchors`), so that an update never runs the diffusion chain."""
+    """A ring buffer of decisions: normalized state histories before and after, the chunk in [-1, 1] (H, A),
+    its discounted reward over `lengths` executed steps, `terminals` (not truncations), the offline z at both."""
 
     def __init__(self, capacity: int, example: dict):
         self.data = {key: value.new_zeros((capacity,) + value.shape[1:]) for key, value in example.items()}
@@ -543,13 +460,12 @@ class ChunkReplay:
 
 @torch.no_grad()
 def offline_replay(checkpoint: dict, actor: OnlineActor, rows: int, gamma: float, seed: int) -> ChunkReplay:
-    """The offline dataset chunked as the actor acts (`eval.chunk_dataset`), a random `rows` of its
-    chunks, with the offline policy's z computed once on every history (`batched_anchors`)."""
+    """A random `rows` of the offline data chunked as the actor acts, the offline z precomputed on every history."""
     try:
-        dataset, *_ = load_dataset(checkpoint["args"]["env_id"], checkpoint["dataset_id"])
-    except DatasetError as error:
-        fail(str(error))
-    data = chunk_dataset(dataset, actor.chunk_size, actor.history_size, gamma)
+        dataset, *_ = eval.load_dataset(checkpoint["args"]["env_id"], checkpoint["dataset_id"])
+    except eval.DatasetError as error:
+        eval.fail(str(error))
+    data = eval.chunk_dataset(dataset, actor.chunk_size, actor.history_size, gamma)
     index = torch.randperm(len(data["chunks"]), generator=torch.Generator().manual_seed(seed))[:rows].numpy()
     device = actor.log_std.device
     keys = ("states", "next_states", "chunks", "rewards", "mask", "dones")
@@ -564,16 +480,13 @@ def offline_replay(checkpoint: dict, actor: OnlineActor, rows: int, gamma: float
     return buffer
 
 
-@torch.no_grad()
 def batched_anchors(actor: OnlineActor, states: torch.Tensor) -> torch.Tensor:
     """The offline policy's z at every history, 4096 at a time (the chain is the costly part)."""
     return torch.cat([actor.anchor_mean(batch) for batch in states.split(4096)])
 
 
 def mixed_sample(offline: ChunkReplay, online: ChunkReplay, batch_size: int, offline_ratio: float) -> tuple[dict, int]:
-    """RLPD's symmetric sampling: `offline_ratio` of the batch from the offline data, the rest from
-    the online replay (all offline while it is empty). Returns the batch, offline rows first, and
-    the number of offline rows."""
+    """RLPD's symmetric sampling: `offline_ratio` offline (all while online is empty); (batch, offline rows first)."""
     num_offline = batch_size if online.size == 0 else round(batch_size * offline_ratio)
     parts = [offline.sample(num_offline)]
     parts += [online.sample(batch_size - num_offline)] if num_offline < batch_size else []
@@ -582,11 +495,9 @@ def mixed_sample(offline: ChunkReplay, online: ChunkReplay, batch_size: int, off
 
 def td3_critic_update(critics, target_critics, optimizer, actor, batch: dict, gamma: float, policy_noise=POLICY_NOISE):
     """TD3's critic step on chunks (Q-chunking: the chunk is the action, the target jumps H steps):
-
-        z'   = mean(s') + clip(N(0, policy_noise^2), -NOISE_CLIP, NOISE_CLIP),  a' = chunk(z')
-        y    = R + gamma^L (1 - terminated) min_k Q'_k(s', a')          (`dynamics.chunk_td_target`)
+        z' = mean(s') + clip(N(0, policy_noise^2), -NOISE_CLIP, NOISE_CLIP),  a' = chunk(z')
+        y = R + gamma^L (1 - terminated) min_k Q'_k(s', a')  (`dynamics.chunk_td_target`)
         loss = sum_k mean (Q_k(s, a) - y)^2
-
     Q sees the current state (the last of the history) and the chunk in [-1, 1]."""
     with torch.no_grad():
         noise = (torch.randn_like(batch["next_anchors"]) * policy_noise).clamp(-NOISE_CLIP, NOISE_CLIP)
@@ -595,7 +506,7 @@ def td3_critic_update(critics, target_critics, optimizer, actor, batch: dict, ga
         target = chunk_td_target(batch["rewards"], batch["terminals"], batch["lengths"], next_q, gamma)
     q1, q2 = critics.q_heads(batch["states"][:, -1], batch["chunks"])
     loss = ((q1 - target) ** 2).mean() + ((q2 - target) ** 2).mean()
-    check_finite({"critic": loss}, "the critic update")
+    eval.check_finite({"critic": loss}, "the critic update")
     optimizer.zero_grad()
     loss.backward()
     optimizer.step()
@@ -603,21 +514,16 @@ def td3_critic_update(critics, target_critics, optimizer, actor, batch: dict, ga
 
 
 def td3_actor_update(actor: OnlineActor, critics, optimizer, batch: dict, q_weight: float, anchor_weight: float):
-    """The actor's step, TD3+BC's form with the offline policy as the reference:
-
-        z = mean(s),  loss = -q_weight Q_1(s, chunk(z)) / mean|Q_1| + anchor_weight mean (z - anchor(s))^2
-
-    The second term keeps z near the selected sub-policy's (0 for `mlp`, which has none); dividing
-    Q by its batch magnitude makes q_weight scale-free."""
+    """TD3+BC's actor step with the offline policy as the reference (Q / mean|Q| makes q_weight scale-free):
+    z = mean(s),  loss = -q_weight Q_1(s, chunk(z)) / mean|Q_1| + anchor_weight mean (z - anchor(s))^2"""
     z = actor.mean(batch["states"], batch["anchors"])
     q = critics.q_heads(batch["states"][:, -1], actor.chunk(batch["states"], z))[0]
     distance = ((z - batch["anchors"]) ** 2).mean()
-    # The environment gets a chunk-valued z clipped to [-1, 1], and the clip passes no gradient: an
-    # entry pushed past the edge would drift there unchecked. A quadratic penalty on the excess keeps
-    # z at the box; it is 0 inside, so 0 at the hand-over.
+    # The clip of z to [-1, 1] passes no gradient, so an entry pushed past it would drift unchecked: a
+    # quadratic penalty on the excess keeps z at the box (0 inside it, so 0 at the hand-over).
     excess = torch.zeros(()) if actor.kind == "noise" else ((z.abs() - 1).clamp_min(0) ** 2).mean()
     loss = -q_weight * q.mean() / q.abs().mean().detach().clamp_min(1e-6) + anchor_weight * distance + excess
-    check_finite({"actor": loss}, "the actor update")
+    eval.check_finite({"actor": loss}, "the actor update")
     optimizer.zero_grad()
     loss.backward()
     optimizer.step()
@@ -626,11 +532,8 @@ def td3_actor_update(actor: OnlineActor, critics, optimizer, batch: dict, q_weig
 
 
 def train_td3(args: Args, actor: OnlineActor, checkpoint: dict, gamma: float, writer, run: dict):
-    """--algo td3: fresh chunk critics with LayerNorm (RLPD) learn the offline data alone for
-    `--offline-critic-updates` updates, the actor frozen at the hand-over; then every decision
-    collected (one chunk per environment, z = mean(s) + exploration noise) is followed by
-    `--utd-ratio` critic updates per environment on mixed batches, the actor updated every
-    POLICY_FREQUENCY of them. No --resume: the checkpoint keeps the learner, not the replay."""
+    """--algo td3: fresh LayerNorm chunk critics (RLPD) learn the offline data first, the actor frozen; then TD3
+    on mixed batches. No --resume: the checkpoint keeps the learner, not the replay."""
     device = run["device"]
     critics = ChunkCritics(actor.policy_config.obs_dim, actor.act_dim, actor.chunk_size, layer_norm=True).to(device)
     target_critics = copy.deepcopy(critics).requires_grad_(False)
@@ -641,13 +544,13 @@ def train_td3(args: Args, actor: OnlineActor, checkpoint: dict, gamma: float, wr
     write_checkpoint(0, actor, {"critics": critics.state_dict()}, history, args, checkpoint, run)
 
     offline = offline_replay(checkpoint, actor, OFFLINE_ROWS, gamma, args.seed)
-    warmup = tqdm(range(1, args.offline_critic_updates + 1), "offline critic updates", **BAR)
+    warmup = tqdm(range(1, args.offline_critic_updates + 1), "offline critic updates", **eval.BAR)
     for update in warmup:  # the critics learn the hand-over's values first
         try:
             batch = offline.sample(args.batch_size)
             log, _ = td3_critic_update(critics, target_critics, critic_optimizer, actor, batch, gamma)
-        except NonFiniteLoss as error:
-            fail(f"offline critic update {update}: {error}; stopped (the last checkpoint is untouched: {run['path']})")
+        except eval.NonFiniteLoss as error:
+            eval.fail(f"offline critic update {update}: {error}; stopped (last checkpoint, untouched: {run['path']})")
         soft_update(target_critics, critics, TAU)
         if update % 1000 == 0:
             warmup.set_postfix(critic=f"{log['losses/critic_loss']:.3f}", refresh=False)
@@ -660,7 +563,7 @@ def train_td3(args: Args, actor: OnlineActor, checkpoint: dict, gamma: float, wr
     anchors = actor.anchor_mean(states)
     online = ChunkReplay(min(BUFFER_SIZE, args.total_timesteps + args.num_envs), offline.data)
     global_step, next_eval, updates, start_time, actor_log = 0, args.eval_every, 0, time.time(), {}
-    progress = tqdm(total=args.total_timesteps, desc="online (td3)", unit="step", **BAR)
+    progress = tqdm(total=args.total_timesteps, desc="online (td3)", unit="step", **eval.BAR)
     while global_step < args.total_timesteps:
         # Collect one decision per environment: z = mean(s) + exploration noise, its chunk executed.
         with torch.no_grad():
@@ -687,9 +590,8 @@ def train_td3(args: Args, actor: OnlineActor, checkpoint: dict, gamma: float, wr
                     weight = anchor_weight_at(global_step, args)
                     actor_log = td3_actor_update(actor, critics, actor_optimizer, batch, args.q_weight, weight)
                 soft_update(target_critics, critics, TAU)
-        except NonFiniteLoss as error:
-            fail(f"step {global_step}: {error}; stopped (the last checkpoint is untouched: {run['path']})")
-
+        except eval.NonFiniteLoss as error:
+            eval.fail(f"step {global_step}: {error}; stopped (the last checkpoint is untouched: {run['path']})")
         if global_step // 5000 != (global_step - int(lengths.sum())) // 5000 or global_step >= args.total_timesteps:
             log |= actor_log | {"losses/q_offline": q[:num_offline].mean().item()}
             log |= {"losses/q_online": q[num_offline:].mean().item(), "charts/updates_per_step": updates / global_step}
@@ -708,47 +610,44 @@ def train_td3(args: Args, actor: OnlineActor, checkpoint: dict, gamma: float, wr
     envs.close()
 
 
-# ------------------------------------------------------------------------------------------------
-# Inputs: the offline checkpoint or the run to resume, and the selection
-# ------------------------------------------------------------------------------------------------
+# ---- inputs: the offline checkpoint or the run to resume, and the selection ------------------------
 def read_offline(args: Args) -> dict:
-    """The offline checkpoint, refused with the reason if it cannot be fine-tuned: unreadable, for
-    another environment or dataset than `--env-id`, or cut off before its end."""
+    """The offline checkpoint, refused with the reason if unreadable, of another `--env-id`, or cut off."""
     try:
         # --env-id names the dataset and its environment: a checkpoint of hopper-expert is no hopper-medium run.
-        gym_id = GYM_ENV_IDS[args.env_id.split("-")[0]] if args.env_id else None
-        checkpoint = load_checkpoint(args.checkpoint, "offline", expected_gym_id=gym_id, expected_dataset=args.env_id)
-        check_environment(checkpoint, args.checkpoint)
-    except CheckpointError as error:
-        fail(str(error))
-    if (stage := unfinished_stage(checkpoint)) is not None:
-        fail(f"{args.checkpoint} is a run cut off in {stage}: finish it with uepo_offline.py --resume")
+        gym_id = eval.GYM_ENV_IDS[args.env_id.split("-")[0]] if args.env_id else None
+        checkpoint = eval.load_checkpoint(args.checkpoint, "offline", gym_id, expected_dataset=args.env_id)
+        eval.check_environment(checkpoint, args.checkpoint)
+    except eval.CheckpointError as error:
+        eval.fail(str(error))
+    if (stage := eval.unfinished_stage(checkpoint)) is not None:
+        eval.fail(f"{args.checkpoint} is a run cut off in {stage}: finish it with uepo_offline.py --resume")
     return checkpoint
 
 
 def resumed_run(args: Args) -> tuple[Args, dict | None]:
-    """--resume: the run's own arguments (flags given beside it are named and ignored; the run goes
-    on writing to the resumed file) and its checkpoint with the training state after its last
-    evaluation. A file that cannot be resumed ends the script with a one-line message."""
+    """--resume: the run's saved arguments (flags beside it named and ignored; it goes on writing to the
+    resumed file) and its checkpoint; a file that cannot be resumed ends the script with one line."""
     if args.resume is None:
         return args, None
     try:
-        resumed = load_checkpoint(args.resume, phase="online")
+        resumed = eval.load_checkpoint(args.resume, phase="online")
         if not resumed.get("resume"):
-            raise CheckpointError(
+            raise eval.CheckpointError(
                 f"{args.resume} holds no training state to resume from (a --algo td3 run, which keeps no "
                 "replay buffer; or an older version): run its command again"
             )
-        for field in TRAINING_STATE_FIELDS:
-            if (name := missing_field(resumed, f"resume.{field}")) is not None:
-                raise CheckpointError(f"{args.resume} has no field {name}")
+        fields = ("global_step", "next_eval", "iteration", "run_name", "gamma", "actor_optimizer", "value_optimizer")
+        for field in (*fields, "reward_scaler", "torch_rng"):  # training_state's
+            if (name := eval.missing_field(resumed, f"resume.{field}")) is not None:
+                raise eval.CheckpointError(f"{args.resume} has no field {name}")
         defaults = asdict(Args())
         ignored = [name for name, value in asdict(args).items() if name != "resume" and value != defaults[name]]
         args = Args(**{**resumed["args"], "resume": args.resume, "checkpoint_path": args.resume})
-    except CheckpointError as error:
-        fail(str(error))
+    except eval.CheckpointError as error:
+        eval.fail(str(error))
     except TypeError as error:
-        fail(f"{args.resume} was written by another version of this script ({error}); run its command again")
+        eval.fail(f"{args.resume} was written by another version of this script ({error}); run its command again")
     if ignored:
         print(f"ignored beside --resume: {', '.join('--' + name.replace('_', '-') for name in ignored)}")
     print(f"resuming {args.resume} after step {resumed['global_step']} with the arguments saved in it")
@@ -756,21 +655,21 @@ def resumed_run(args: Args) -> tuple[Args, dict | None]:
 
 
 def select_sub_policy(args: Args, checkpoint: dict, device) -> tuple:
-    """Uni-O4's selection (docs/design.md, "Online fine-tuning"): the top --selection-top candidates
-    by offline OPE score (the improved copies, else the base sub-policies), then the best over
-    --selection-episodes real episodes. Returns (policy, sub_policy, the table of the choice)."""
+    """Uni-O4's selection: the top --selection-top candidates by offline OPE score (the improved copies, else
+    the base sub-policies), then the best over real episodes. Returns (policy, sub_policy, table)."""
     try:
         if args.actor == "mlp":  # the actor from scratch uses only the statistics and action bounds
-            return build_saved(checkpoint["policy"], "the saved policy").to(device), 0, "from scratch: no selection"
-        candidates = offline_candidates(checkpoint, device)[: args.selection_top]
-    except CheckpointError as error:
-        fail(f"{args.checkpoint}: {error}")
+            policy = eval.build_saved(checkpoint["policy"], "the saved policy").to(device)
+            return policy, 0, "from scratch: no selection"
+        candidates = eval.offline_candidates(checkpoint, device)[: args.selection_top]
+    except eval.CheckpointError as error:
+        eval.fail(f"{args.checkpoint}: {error}")
     episodes = args.selection_episodes
-    scores = [evaluate_saved_task(c[1], checkpoint, episodes, args.seed, [c[2]])["scores"][0] for c in candidates]
+    scores = [eval.evaluate_saved_task(c[1], checkpoint, episodes, args.seed, [c[2]])["scores"][0] for c in candidates]
     try:
         chosen = choose_candidate([c[0] for c in candidates], [s.mean() for s in scores])
     except ValueError as error:
-        fail(f"{args.checkpoint}: {error}")
+        eval.fail(f"{args.checkpoint}: {error}")
     table = "| candidate | offline OPE | real normalized score | chosen |\n|-|-|-|-|\n" + "\n".join(
         f"| {label} | {ope:.1f} | {s.mean():.1f} +- {s.std():.1f} | {'yes' if r == chosen else ''} |"
         for r, ((label, _, _, ope), s) in enumerate(zip(candidates, scores))
@@ -782,7 +681,7 @@ if __name__ == "__main__":
     args, resumed = resumed_run(tyro.cli(Args))
     args = with_algo_defaults(args)
     if (problem := check_args(args) or check_paths(args)) is not None:
-        fail(problem)
+        eval.fail(problem)
     # --resume: the task and gamma come from the online checkpoint; the offline one is not read again.
     checkpoint = read_offline(args) if resumed is None else resumed
     gamma = checkpoint["args"]["gamma"] if resumed is None else resumed["resume"]["gamma"]
@@ -794,14 +693,14 @@ if __name__ == "__main__":
     torch.backends.cudnn.deterministic = args.torch_deterministic
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
 
-    # Selection: top-k by offline OPE, then the best over real episodes (Uni-O4); --resume: the run's own.
+    # Selection (Uni-O4); --resume: the run's own.
     if resumed is None:
         policy, sub_policy, selection_table = select_sub_policy(args, checkpoint, device)
     else:  # its actor is rebuilt below
         policy, sub_policy, selection_table = None, resumed["sub_policy"], resumed["selection"]
     how = "continue with --resume {path}" if args.algo == "ppo" else "td3 keeps no replay: start again"
     env_name = args.env_id or checkpoint["dataset_id"].replace("/", "-")
-    run_name, checkpoint_path, writer = start_run(args, env_name, resumed, "online.pt", how)
+    run_name, checkpoint_path, writer = eval.start_run(args, env_name, resumed, "online.pt", how)
     print(selection_table)
     writer.add_text("selection", selection_table)
 
@@ -809,10 +708,9 @@ if __name__ == "__main__":
     if resumed is None:
         actor = OnlineActor(args.actor, policy, sub_policy, args.init_std, args.mlp_chunk_size).to(device)
     else:  # as saved at its last evaluation
-        actor = built_or_fail(args.resume, resumed["actor"], "the actor", device).train()
+        actor = eval.built_or_fail(args.resume, resumed["actor"], "the actor", device).train()
     # Fine-tuning: TD3 on chunks with the offline data (the default), or the paper's PPO.
-    run = {"name": run_name, "sub_policy": sub_policy, "selection": selection_table, "path": checkpoint_path}
-    run["device"] = device
+    run = dict(name=run_name, sub_policy=sub_policy, selection=selection_table, path=checkpoint_path, device=device)
     if args.algo == "td3":
         train_td3(args, actor, checkpoint, gamma, writer, run)
     else:
