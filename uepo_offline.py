@@ -3,16 +3,13 @@
     python uepo_offline.py --env-id hopper-medium                  # the CPU setting (about 22 min, 2 cores)
     python uepo_offline.py --env-id hopper-medium --paper-scale    # the paper's budgets (GPU)
 
-1. Data: a Minari dataset chunked into (s_t, a_{t:t+H}, R_t^H, s_{t+H}, done), frozen state statistics.
-2. Phase 1, one loop of `--total-steps` gradient steps, each learner's update a function returning
-   its log dict: the multi-seed diffusion policy with J's disagreement term (diffusion.py,
-   divergence.py); the chunk-level IQL critics; the dynamics ensemble on real and diffusion-augmented
-   transitions (dynamics.py). Every `--eval-every` steps: every sub-policy's real score (reported,
-   never used for a decision), their divergence and their AM-Q.
-3. Phase 2: the top `--num-qualified` sub-policies by AM-Q each get a copy improved under a gate on
-   uncertainty-penalized AM-Q; the offline choice between the copies is by their return in the model.
-4. An atomic checkpoint runs/{run_name}/offline.pt (rewritten at every evaluation and copy) that
-   uepo_online.py and eval.py load. Design choices: docs/design.md; measurements: docs/experiments.md.
+1. Data: a Minari dataset cut into chunks (s_t, a_{t:t+H}, R_t^H, s_{t+H}, done).
+2. Phase 1, `--total-steps` steps: the multi-seed diffusion policy with J's disagreement term, the
+   chunk-level IQL critics, the dynamics ensemble on real and diffusion-augmented transitions; every
+   `--eval-every` steps each sub-policy's real score (reported only), divergence and AM-Q.
+3. Phase 2: the top `--num-qualified` sub-policies by AM-Q get a copy improved under a gate on
+   penalized AM-Q; the offline choice among the copies is by their return in the model.
+4. The atomic checkpoint runs/{run_name}/offline.pt. Design: docs/design.md; numbers: docs/experiments.md.
 """
 
 import copy
@@ -28,6 +25,7 @@ import torch
 import tyro
 from tqdm import tqdm
 
+import eval
 from diffusion import DiffusionPolicy, PolicyConfig, bppo_loss, qgrad_loss
 from divergence import mean_pairwise_divergence, own_sequence_repulsion, subpolicy_terms
 from dynamics import (
@@ -46,30 +44,6 @@ from dynamics import (
     soft_update,
     task_of_gym_id,
     termination_fn,
-)
-from eval import (
-    BAR,
-    SEED_RANGE,
-    CheckpointError,
-    DatasetError,
-    NonFiniteLoss,
-    check_finite,
-    check_output_file,
-    chunk_dataset,
-    evaluate_saved_task,
-    fail,
-    load_checkpoint,
-    load_dataset,
-    out_of_range,
-    rng_state,
-    save_checkpoint,
-    set_rng_state,
-    spaces_problem,
-    spearman_correlation,
-    start_run,
-    state_statistics,
-    unfinished_stage,
-    unwritable,
 )
 
 
@@ -181,9 +155,8 @@ class Args:
     """continue the interrupted run of this checkpoint, with its arguments"""
 
 
-# Settings the flags leave fixed (docs/design.md gives the reasons): the optimizers', the IQL critics'
-# (Uni-O4's expectile, IQL's Polyak rate), MOBILE's dynamics learning rate, the gate's penalty
-# (MOPO's lambda), the augmentation filter, bppo's clip and KL weights, and how often to log.
+# Fixed settings (reasons in docs/design.md): Uni-O4's expectile, IQL's Polyak rate, MOBILE's dynamics
+# learning rate, MOPO's penalty lambda, the augmentation filter, bppo's clip and KL weight.
 MAX_GRAD_NORM = 1.0
 CRITIC_LEARNING_RATE, EXPECTILE, CRITIC_TARGET_RATE = 3e-4, 0.7, 0.005
 DYNAMICS_LEARNING_RATE, ELITE_EVERY = 1e-3, 1000  # elites re-chosen on real hold-out data
@@ -195,21 +168,17 @@ DISAGREEMENT_BATCH, REPULSION_MARGIN = 64, 0.05  # J's states per step; own-sequ
 DIVERGENCE_STATES, LOG_EVERY = 256, 1000  # states of the logged divergence; TensorBoard every
 
 
-# The defaults above finish on a 2-core CPU (docs/experiments.md). `--paper-scale` starts from
-# these budgets instead (Uni-O4's 400k behaviour-cloning steps, the paper's U-Net); flags given
-# beside it still override them.
+# `--paper-scale`: the paper's budgets (Uni-O4's 400k steps, the U-Net); flags given beside it still win.
 PAPER_SCALE = {"denoiser": "unet", "total_steps": 400_000, "eval_every": 50_000, "eval_episodes": 10}
 PAPER_SCALE |= {"dynamics_warmup": 50_000, "augment_every": 50_000, "improvement_steps": 10_000, "ope_every": 1000}
 
 
-# Every numeric flag's range (`eval.out_of_range`): upper bounds far above every setting used here, so
-# that a request that cannot fit in memory or time is refused before anything is allocated.
+# Every numeric flag's range (`eval.out_of_range`), far above every setting used: checked before any work.
 RANGES = {
-    **{"seed": SEED_RANGE, "chunk_size": "[1, 64]", "history_size": "[1, 64]", "gamma": "(0, 1]"},
+    **{"seed": eval.SEED_RANGE, "chunk_size": "[1, 64]", "history_size": "[1, 64]", "gamma": "(0, 1]"},
     **{"mlp_hidden": "[1, 4096]", "diffusion_steps": "[2, 1000]", "ddim_steps": "[1, 1000]", "tau": "(0, 1000]"},
-    **{"n_subpolicies": "[1, 64]", "eta": "[0, 10]", "disagreement_coef": "[0, 1000]"},
-    **{"disagreement_every": "[1, 1000000]"},
-    **{"total_steps": "[0, 10000000]", "batch_size": "[1, 65536]", "learning_rate": "(0, 1]"},
+    **{"n_subpolicies": "[1, 64]", "disagreement_coef": "[0, 1000]", "disagreement_every": "[1, 1000000]"},
+    **{"total_steps": "[0, 10000000]", "batch_size": "[1, 65536]", "learning_rate": "(0, 1]", "eta": "[0, 10]"},
     **{"ope_states": "[1, 4096]", "ope_steps": "[1, 1000]", "augment_ratio": "[0, 100]"},
     **{"dynamics_warmup": "[0, 10000000]", "augment_every": "[1, 10000000]", "augment_starts": "[1, 10000000]"},
     **{"num_qualified": "[0, 64]", "improvement_steps": "[1, 1000000]", "ope_every": "[1, 1000000]"},
@@ -219,63 +188,49 @@ RANGES = {
 
 
 def check_args(args: Args) -> str | None:
-    """The first argument out of its range, as a message naming the flag (None if all are valid):
-    every check is made before any work starts. Comparisons are written so that NaN fails them."""
-    problem = out_of_range(args, RANGES)
-    if problem is not None:
+    """The first bad argument, as a message naming the flag (None if all are valid)."""
+    if (problem := eval.out_of_range(args, RANGES)) is not None:
         return problem
     if args.total_steps == 0 and args.init_checkpoint is None:
         return "--total-steps must be >= 1 (0 only with --init-checkpoint, which skips the loop)"
     if not args.ddim_steps <= args.diffusion_steps:
         return f"--ddim-steps must be at most --diffusion-steps ({args.diffusion_steps}), got {args.ddim_steps}"
     if args.eta > 0 and args.n_subpolicies > 1 and args.chunk_size < 3:
-        return (
-            "the kinematic divergence needs --chunk-size >= 3 (velocity, acceleration); use --eta 0 for shorter chunks"
-        )
+        return "the kinematic divergence needs --chunk-size >= 3 (an acceleration); use --eta 0 for shorter chunks"
     if args.num_qualified > 0 and not args.ope:
-        return (
-            "the improvement stage scores and improves sub-policies with the critics and the dynamics model: "
-            "drop --no-ope, or pass --num-qualified 0 to train the diffusion policy alone"
-        )
+        return "the improvement stage needs the critics and the dynamics model: drop --no-ope or pass --num-qualified 0"
     if args.init_checkpoint is not None and not args.ope:
         return "--init-checkpoint runs the improvement stage, which needs --ope"
     if args.num_qualified > args.n_subpolicies:
         return f"--num-qualified ({args.num_qualified}) cannot exceed --n-subpolicies ({args.n_subpolicies})"
-    problem = unwritable("runs")
-    if problem is not None:
+    if (problem := eval.unwritable("runs")) is not None:
         return f"runs/ (the TensorBoard logs and the default checkpoint folder) cannot be written: {problem}"
-    return check_output_file(
-        "--checkpoint-path", args.checkpoint_path, inputs={"--init-checkpoint": args.init_checkpoint}
+    return eval.check_output_file(
+        "--checkpoint-path", args.checkpoint_path, {"--init-checkpoint": args.init_checkpoint}
     )
 
 
 def parse_args(argv: list[str] | None = None) -> Args:
-    """The command line; `--paper-scale` swaps the defaults before parsing, so flags given beside it still win."""
+    """The command line; `--paper-scale` swaps the defaults before parsing."""
     argv = sys.argv[1:] if argv is None else argv
     defaults = Args(paper_scale=True, **PAPER_SCALE) if "--paper-scale" in argv else Args()
     return tyro.cli(Args, default=defaults, args=argv)
 
 
 def policy_config(args: Args, obs_dim: int, act_dim: int) -> PolicyConfig:
-    """The policy's settings: the `Args` fields of the same names, the others PolicyConfig's defaults."""
     names = [field.name for field in fields(PolicyConfig) if hasattr(args, field.name)]
     return PolicyConfig(obs_dim=obs_dim, act_dim=act_dim, **{name: getattr(args, name) for name in names})
 
 
-# What every evaluation adds to the checkpoint's "history" (one entry per evaluation; AM-Q and the
-# model's hold-out error only with --ope) and the augmentation refreshes (step, size, epsilon).
+# The checkpoint's "history": one entry per evaluation (AM-Q and the model's error with --ope) or augmentation.
 HISTORY_KEYS = ("step", "scores", "returns", "mean_divergence", "ope_scores", "ope_spearman", "augmentation")
 HISTORY_KEYS += ("dynamics_holdout_mse", "dynamics_holdout_nll")
 
 
-# ------------------------------------------------------------------------------------------------
-# What the run trains on, and what it is evaluated against
-# ------------------------------------------------------------------------------------------------
+# ---- What the run trains on, and what it is evaluated against ------------------------------------------------------
 def training_tensors(data: dict, policy: DiffusionPolicy, device: torch.device) -> dict:
-    """`chunk_dataset`'s arrays on the device: `states`/`next_states` normalized (B, To, S), `chunks`
-    in [-1, 1] (B, H, A) with their `masks`; the raw one-step `transitions` (state, first action,
-    next state, reward) the dynamics model learns from; the raw histories (`raw_histories`) of
-    model rollouts and those at the episodes' first states (`episode_starts`)."""
+    """`chunk_dataset`'s arrays on the device: states normalized (B, To, S), chunks in [-1, 1] (B, H, A),
+    the raw one-step `transitions` of the dynamics model, raw histories for model rollouts."""
     to_device = functools.partial(torch.as_tensor, dtype=torch.float32, device=device)
     tensors = {"states": policy.normalize_states(to_device(data["states"])), "masks": to_device(data["mask"])}
     tensors["chunks"] = policy.scale_actions(to_device(data["chunks"])).clamp(-1, 1)
@@ -290,9 +245,8 @@ def training_tensors(data: dict, policy: DiffusionPolicy, device: torch.device) 
 
 @dataclass
 class ModelLearners:
-    """The chunk-level IQL critics and the dynamics ensemble (--ope) with their optimizers and
-    their own random stream (`generator`: batches, model noise, augmentation starts), so that
-    switching them on leaves the policy's training exactly as it is without them."""
+    """The IQL critics and the dynamics ensemble (--ope), their optimizers and their own random stream
+    (so that switching them on leaves the policy's training as it is without them)."""
 
     critics: ChunkCritics
     target_critics: ChunkCritics
@@ -302,21 +256,15 @@ class ModelLearners:
     generator: torch.Generator
 
 
-# ------------------------------------------------------------------------------------------------
-# The learners' updates: each takes its batch, steps its optimizer and returns a log dict
-# ------------------------------------------------------------------------------------------------
+# ---- The learners' updates: each takes its batch, steps its optimizer and returns a log dict -----------------------
 def policy_update(policy, optimizer, scheduler, tensors: dict, batch, step: int, args: Args) -> dict:
-    """One step of the multi-seed diffusion policy: the diffusion loss (epsilon prediction) on
-    dataset chunks plus, every --disagreement-every steps, the disagreement term of the sub-policy objective
+    """One step of the multi-seed diffusion policy (paper part 2): the diffusion loss plus, every
+    --disagreement-every steps, the disagreement term of the sub-policy objective
 
         J(pi_i) = E[log pi_i] + alpha * E[log pi_i - max_{j != i} log pi_j]     (alpha = --disagreement-coef)
 
-    (docs/design.md, "Divergence regularization"). J's first term is the diffusion model's own
-    likelihood, which the diffusion loss already maximizes (through its bound); the Gaussian
-    surrogate pi_i = N(mu_i(s), std^2) around each deterministic sequence enters only the
-    disagreement term, read on the dataset's sequence or on each sub-policy's own (--j-reading).
-    It back-propagates through the deterministic DDIM chain of every sub-policy, with the
-    adaptive perturbation inside."""
+    The diffusion loss maximizes J's first term (through its bound); the disagreement term is read on
+    the dataset's sequence or each sub-policy's own (--j-reading), through the DDIM chain."""
     states, chunks, masks = tensors["states"][batch], tensors["chunks"][batch], tensors["masks"][batch]
     losses = {"diffusion": policy.loss(states, chunks, masks)}
     if args.disagreement_coef > 0 and args.n_subpolicies > 1 and step % args.disagreement_every == 0:
@@ -327,7 +275,7 @@ def policy_update(policy, optimizer, scheduler, tensors: dict, batch, step: int,
         else:
             disagreement = own_sequence_repulsion(subpolicy_chunks, 1.0, REPULSION_MARGIN)
         losses["subpolicy"] = -args.disagreement_coef * disagreement.mean()
-    check_finite(losses, f"step {step}")
+    eval.check_finite(losses, f"step {step}")
     optimizer.zero_grad()
     sum(losses.values()).backward()
     torch.nn.utils.clip_grad_norm_(policy.parameters(), MAX_GRAD_NORM)
@@ -346,7 +294,7 @@ def critic_update(models: ModelLearners, tensors: dict, step: int, args: Args) -
     batch["chunk_lengths"] = tensors["masks"][rows].sum(1)
     losses = iql_losses(models.critics, models.target_critics, batch, args.gamma, EXPECTILE)
     losses = {"critic_q": losses["q"], "critic_v": losses["value"]}
-    check_finite(losses, f"step {step}")
+    eval.check_finite(losses, f"step {step}")
     models.critic_optimizer.zero_grad()
     (losses["critic_q"] + losses["critic_v"]).backward()
     models.critic_optimizer.step()
@@ -355,13 +303,12 @@ def critic_update(models: ModelLearners, tensors: dict, step: int, args: Args) -
 
 
 def dynamics_update(models: ModelLearners, real: tuple, augmented: dict, train_index, step: int, args: Args) -> dict:
-    """The dynamics ensemble's Gaussian NLL -E log T(s'|s, a) on a batch drawn uniformly from the
-    real one-step transitions (train split) and the augmentation buffer together, so the two mix in
-    proportion to their sizes (docs/design.md, "Dynamics model and diffusion augmentation")."""
+    """The dynamics ensemble's Gaussian NLL -E log T(s'|s, a) on real and augmented transitions mixed
+    in proportion to their sizes (paper part 3)."""
     synthetic = (augmented["states"], augmented["actions"], augmented["next_states"], augmented["rewards"])
     batch = mixed_batch(real, synthetic, train_index, args.batch_size, models.generator)
     losses = {"dynamics": models.dynamics.loss(*batch)}
-    check_finite(losses, f"step {step}")
+    eval.check_finite(losses, f"step {step}")
     models.dynamics_optimizer.zero_grad()
     losses["dynamics"].backward()
     models.dynamics_optimizer.step()
@@ -369,9 +316,8 @@ def dynamics_update(models: ModelLearners, real: tuple, augmented: dict, train_i
 
 
 def improvement_update(policy, reference, optimizer, critics, tensors, sub_policy: int, step: int, args: Args) -> dict:
-    """One step of the improvement operator for one sub-policy (docs/design.md, "The offline loop,
-    critics and improvement"): `qgrad` (Diffusion-QL's Q gradient through the DDIM chain) or `bppo`
-    (Uni-O4's clipped ratio against `reference`, the last snapshot the gate kept)."""
+    """One step of the improvement operator for one sub-policy: `qgrad` (Diffusion-QL's Q gradient through
+    the DDIM chain) or `bppo` (Uni-O4's clipped ratio against `reference`, the gate's last kept snapshot)."""
     batch = torch.randint(len(tensors["chunks"]), (args.batch_size,), device=tensors["chunks"].device)
     states, chunks, masks = tensors["states"][batch], tensors["chunks"][batch], tensors["masks"][batch]
     if args.improvement == "bppo":
@@ -380,7 +326,7 @@ def improvement_update(policy, reference, optimizer, critics, tensors, sub_polic
     else:
         q_fn = lambda chunk: critics.q(states[:, -1], chunk)
         out = qgrad_loss(policy, states, chunks, masks, sub_policy, q_fn, args.q_weight)
-    check_finite({args.improvement: out["loss"]}, f"improvement of sub-policy {sub_policy}, step {step}")
+    eval.check_finite({args.improvement: out["loss"]}, f"improvement of sub-policy {sub_policy}, step {step}")
     optimizer.zero_grad()
     out["loss"].backward()
     torch.nn.utils.clip_grad_norm_(policy.parameters(), MAX_GRAD_NORM)
@@ -389,40 +335,31 @@ def improvement_update(policy, reference, optimizer, critics, tensors, sub_polic
 
 
 def augment_now(step: int, args: Args) -> bool:
-    """Diffusion augmentation: first after the warm-up on real data, then every --augment-every
-    (not at the last step, where no dynamics update would use it)."""
+    """First after the warm-up on real data, then every --augment-every (not at the last step)."""
     due = (step - args.dynamics_warmup) % args.augment_every == 0
     return args.augment_ratio > 0 and args.dynamics_warmup <= step < args.total_steps and due
 
 
 @torch.no_grad()
 def refresh_augmentation(policy, models: ModelLearners, holdout: tuple, raw_histories, is_terminal, args: Args):
-    """Diffusion augmentation (docs/design.md): a fresh buffer of synthetic transitions from the
-    current sub-policies (start b driven by sub-policy b mod n, adaptive perturbation on) and the
-    current model, kept while the ensemble disagreement stays below epsilon. Returns the buffer
-    and epsilon."""
+    """Diffusion augmentation (paper part 3): a fresh buffer of model transitions driven by the sub-policies
+    (start b by sub-policy b mod n), kept while the ensemble disagreement stays below epsilon."""
     epsilon = disagreement_threshold(models.dynamics, holdout[0], holdout[1], AUGMENT_KL_QUANTILE)
     device, generator = raw_histories.device, models.generator
     index = torch.randint(len(raw_histories), (args.augment_starts,), device=device, generator=generator)
     rows = torch.arange(args.augment_starts, device=device)
     chunk_policy = SubPolicyOPE.chunk_policy(policy, rows % args.n_subpolicies, rows)
-    starts, dynamics, size = raw_histories[index], models.dynamics, int(args.augment_ratio * len(raw_histories))
-    buffer = diffusion_augmentation(
-        chunk_policy, dynamics, is_terminal, starts, AUGMENT_HORIZON, epsilon, size, generator
-    )
-    return buffer, epsilon
+    starts, size = raw_histories[index], int(args.augment_ratio * len(raw_histories))
+    model_parts = (models.dynamics, is_terminal, starts, AUGMENT_HORIZON, epsilon, size, generator)
+    return diffusion_augmentation(chunk_policy, *model_parts), epsilon
 
 
-# ------------------------------------------------------------------------------------------------
-# Scoring sub-policies: AM-Q in the model (offline, decides) and the real environment (reported)
-# ------------------------------------------------------------------------------------------------
+# ---- Scoring sub-policies: AM-Q in the model (offline, decides) and the real environment (reported) ----------------
 @dataclass
 class SubPolicyOPE:
-    """AM-Q of one sub-policy of a policy (`dynamics.am_q_rollouts`): its deterministic chunks
-    rolled through the elites from fixed start states with fixed model noise (`seed`), Q summed
-    per rollout, penalized by model uncertainty for the gate; or the model's return along such
-    rollouts (`returns`, for `choice_evaluator`). All n sub-policies are sampled together (the
-    adaptive perturbation couples them) and the column of `sub_policy` is kept."""
+    """AM-Q of one sub-policy (`dynamics.am_q_rollouts`) or its return in the model (`returns`): its chunks
+    rolled through the elites from fixed starts with fixed model noise (`seed`). All n sub-policies are
+    sampled together (the perturbation couples them) and the column of `sub_policy` is kept."""
 
     critics: ChunkCritics
     dynamics: EnsembleDynamics
@@ -434,8 +371,7 @@ class SubPolicyOPE:
 
     @staticmethod
     def chunk_policy(model: DiffusionPolicy, sub_policy, rows=slice(None)):
-        """Sub-policy `sub_policy`'s deterministic chunks (of each row's own where it is a tensor), raw
-        histories in, environment units out."""
+        """Raw histories -> the chunks of `sub_policy` (per row where it is a tensor), environment units."""
         sample = lambda histories: model.sample(model.normalize_states(histories)).actions[rows, sub_policy]
         return lambda histories: model.unscale_actions(sample(histories))
 
@@ -446,19 +382,16 @@ class SubPolicyOPE:
         return am_q_rollouts(policy, q_function, *self.model_parts(), uncertainty_penalty, self.gamma)
 
     def model_parts(self) -> tuple:
-        """The model, its termination rule, the starts, the steps and the fixed model noise of a rollout."""
         generator = torch.Generator(device=self.start_histories.device).manual_seed(self.seed)
         return self.dynamics, self.is_terminal, self.start_histories, self.rollout_steps, generator
 
     @torch.no_grad()
     def returns(self, model: DiffusionPolicy, sub_policy: int) -> torch.Tensor:
-        """The model's return per start state over `rollout_steps` steps (`dynamics.model_returns`)."""
         return model_returns(self.chunk_policy(model, sub_policy), *self.model_parts())
 
     @torch.no_grad()
     def scores(self, model: DiffusionPolicy, holdout: tuple) -> dict:
-        """Plain AM-Q (Uni-O4: the mean Q over every visited pair) of every sub-policy, after
-        re-choosing the elites on the real hold-out; with the elites' hold-out MSE and NLL."""
+        """Plain AM-Q of every sub-policy after re-choosing the elites on the real hold-out; their error."""
         holdout_mse = self.dynamics.select_elites(*holdout)
         elites = self.dynamics.elite_indices
         return {
@@ -469,55 +402,40 @@ class SubPolicyOPE:
 
 
 def offline_models(args: Args, config: PolicyConfig, tensors: dict, is_terminal, device):
-    """--ope: the chunk-level IQL critics and the dynamics ensemble with their optimizers, created on
-    their own random stream (seed + 1); the real hold-out split (min(20%, 1000) transitions, for the
-    elites); the AM-Q of every sub-policy from fixed dataset start states with fixed model noise;
-    and the augmentation buffer, empty until --dynamics-warmup. Returns (models, train_index,
-    holdout, ope, augmented)."""
+    """--ope: the critics and the dynamics ensemble (seed + 1), the real hold-out split for the elites,
+    the AM-Q evaluator and the empty augmentation buffer."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(args.seed + 1)
         critics = ChunkCritics(config.obs_dim, config.act_dim, args.chunk_size).to(device)
-        dynamics = EnsembleDynamics(config.obs_dim, config.act_dim).to(device)
+        model = EnsembleDynamics(config.obs_dim, config.act_dim).to(device)
     critic_optimizer = torch.optim.Adam(critics.parameters(), lr=CRITIC_LEARNING_RATE)
-    dynamics_optimizer = torch.optim.Adam(dynamics.parameters(), lr=DYNAMICS_LEARNING_RATE)
+    dynamics_optimizer = torch.optim.Adam(model.parameters(), lr=DYNAMICS_LEARNING_RATE)
     generator = torch.Generator(device=device).manual_seed(args.seed + 1)
-    models = ModelLearners(critics, copy.deepcopy(critics), critic_optimizer, dynamics, dynamics_optimizer, generator)
+    models = ModelLearners(critics, copy.deepcopy(critics), critic_optimizer, model, dynamics_optimizer, generator)
     num_chunks = len(tensors["chunks"])
     split_generator = torch.Generator().manual_seed(args.seed + 1)
     train_index, holdout_index = (index.to(device) for index in holdout_split(num_chunks, split_generator))
     holdout = tuple(part[holdout_index] for part in tensors["transitions"])
-    dynamics.set_input_statistics(tensors["transitions"][0][train_index], tensors["transitions"][1][train_index])
+    model.set_input_statistics(tensors["transitions"][0][train_index], tensors["transitions"][1][train_index])
     # AM-Q start states: fixed dataset state histories (raw units), fixed model noise.
     ope_index = torch.randperm(num_chunks, generator=split_generator)[: args.ope_states].to(device)
     starts = tensors["raw_histories"][ope_index]
-    ope = SubPolicyOPE(critics, dynamics, is_terminal, starts, args.ope_steps, args.seed + 2, args.gamma)
-    # The augmentation buffer (docs/design.md, "Dynamics model and diffusion augmentation"), empty.
-    augmented = dict(
-        zip(("states", "actions", "next_states", "rewards"), (part[:0] for part in tensors["transitions"]))
-    )
+    ope = SubPolicyOPE(critics, model, is_terminal, starts, args.ope_steps, args.seed + 2, args.gamma)
+    empty = (part[:0] for part in tensors["transitions"])
+    augmented = dict(zip(("states", "actions", "next_states", "rewards"), empty))
     return models, train_index, holdout, ope, augmented
 
 
 def choice_evaluator(ope: SubPolicyOPE, tensors: dict, args: Args, time_limit: int) -> SubPolicyOPE:
-    """The offline choice's evaluator (docs/design.md, "The offline choice"): `ope`'s critics and
-    dynamics model, rolled for one time limit from --ope-states of the dataset's episode starts
-    (a fixed draw, all of them if there are fewer) with fixed model noise."""
+    """The offline choice's evaluator: `ope`'s model, rolled for one time limit from --ope-states episode starts."""
     generator = torch.Generator().manual_seed(args.seed + 3)
     index = torch.randperm(len(tensors["episode_starts"]), generator=generator)[: args.ope_states]
     starts = tensors["episode_starts"][index.to(tensors["episode_starts"].device)]
     return SubPolicyOPE(ope.critics, ope.dynamics, ope.is_terminal, starts, time_limit, args.seed + 3, args.gamma)
 
 
-def real_scores(policy: DiffusionPolicy, task: dict, args: Args) -> dict:
-    """Every sub-policy's returns and normalized scores on the real environment (reported, never
-    used for a decision), with this run's episodes and seeds (`eval.evaluate_saved_task`)."""
-    policy.eval()
-    return evaluate_saved_task(policy, task, args.eval_episodes, args.seed)
-
-
 def log_evaluation(writer, record: dict, step: int, history: dict) -> None:
-    """An evaluation's scores, divergence and AM-Q: printed, written to TensorBoard and appended to
-    the checkpoint's `history` (one entry per key of `HISTORY_KEYS` it fills)."""
+    """An evaluation: printed, written to TensorBoard and appended to the checkpoint's `history`."""
     for key, value in {"step": step, **record}.items():
         history[key].append(value)
     scores = np.array(record["scores"]).mean(1)
@@ -543,9 +461,7 @@ def log_evaluation(writer, record: dict, step: int, history: dict) -> None:
         )
 
 
-# ------------------------------------------------------------------------------------------------
-# Progress, checkpoints and the state --resume needs
-# ------------------------------------------------------------------------------------------------
+# ---- Progress, checkpoints and the state --resume needs ------------------------------------------------------------
 class LossMeans:
     """Each loss's mean since the last `log`: written to TensorBoard under `prefix` and shown on the bar."""
 
@@ -565,71 +481,57 @@ class LossMeans:
 
 
 def training_state(step, run_name, optimizer, scheduler, models, augmented, device) -> dict:
-    """What --resume needs to continue the loop after `step` as if it had never stopped: the
-    optimizers, the schedule, the augmentation buffer and every random stream the loop draws from."""
-    state = {
-        "step": step,
-        "run_name": run_name,
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-    }
+    """What --resume needs to continue after `step` as if never stopped: optimizers, buffer, random streams."""
+    state = {"step": step, "run_name": run_name, "optimizer": optimizer.state_dict()}
+    state["scheduler"] = scheduler.state_dict()
     if models is not None:
-        state |= {
-            "target_critics": models.target_critics.state_dict(),
-            "critic_optimizer": models.critic_optimizer.state_dict(),
-            "dynamics_optimizer": models.dynamics_optimizer.state_dict(),
-            "model_generator": models.generator.get_state(),
-            "augmented": augmented,
-        }
-    return state | rng_state(device)
+        state |= {"target_critics": models.target_critics.state_dict(), "model_generator": models.generator.get_state()}
+        state |= {"critic_optimizer": models.critic_optimizer.state_dict(), "augmented": augmented}
+        state["dynamics_optimizer"] = models.dynamics_optimizer.state_dict()
+    return state | eval.rng_state(device)
 
 
 def write_checkpoint(path, step, args, task: dict, policy, models, history, improved, resume) -> None:
-    """The atomic checkpoint: everything uepo_online.py and eval.py need (docs/design.md). Never a
-    non-finite one: the run stops instead, and the previous checkpoint stays as it was."""
+    """The atomic checkpoint (docs/design.md); never a non-finite one: the run stops, the previous one stays."""
     tensors = [*policy.state_dict().values()] + [t for e in improved for t in e["policy"]["state_dict"].values()]
     if models is not None:
         tensors += [*models.critics.state_dict().values(), *models.dynamics.state_dict().values()]
     scores = (history["scores"][-1:] + [e["scores"] for e in improved]) if history["scores"] else []
     finite = all(torch.isfinite(t).all() for t in tensors if t.is_floating_point())
     if not (finite and all(np.isfinite(np.asarray(row, dtype=float)).all() for row in scores)):
-        fail(f"step {step}: a network's parameters or the evaluation are not finite; stopped without saving ({path})")
+        problem = "a network's parameters or the evaluation are not finite"
+        eval.fail(f"step {step}: {problem}; stopped without saving ({path})")
     model_parts = {}
     if models is not None:
         sizes = {name: getattr(policy.config, name) for name in ("obs_dim", "act_dim", "chunk_size")}
         model_parts["critics"] = {"config": sizes, "state_dict": models.critics.state_dict()}
-        dynamics = models.dynamics
-        model_parts["dynamics"] = {"config": dynamics.constructor_kwargs(), "state_dict": dynamics.state_dict()}
+        model = models.dynamics
+        model_parts["dynamics"] = {"config": model.constructor_kwargs(), "state_dict": model.state_dict()}
     run = {"args": asdict(args), "step": step, **task, "policy": policy.to_checkpoint(), "history": history}
-    save_checkpoint(run | {"improved": improved, **model_parts, "resume": resume}, path)
+    eval.save_checkpoint(run | {"improved": improved, **model_parts, "resume": resume}, path)
     tqdm.write(f"checkpoint: {path}")
 
 
 def evaluate(policy, task: dict, args: Args, divergence_states, ope, holdout) -> dict:
-    """Every sub-policy's real normalized score (reported, never used for a decision), their mean
-    pairwise kinematic divergence on fixed dataset states and, with --ope, their AM-Q, its rank
-    correlation with the real scores, and the dynamics model's hold-out error."""
+    """Real scores (reported only), mean pairwise divergence and, with --ope, AM-Q and its rank correlation."""
     policy.eval()
     with torch.no_grad():
         record = {"mean_divergence": mean_pairwise_divergence(policy.sample(divergence_states).actions).mean().item()}
-    result = real_scores(policy, task, args)
+    result = eval.evaluate_saved_task(policy, task, args.eval_episodes, args.seed)  # reported, never used to decide
     record.update(scores=result["scores"].tolist(), returns=result["returns"].tolist())
     if ope is not None:
         record.update(ope.scores(policy, holdout))
         ope_scores, scores = np.array(record["ope_scores"]), result["scores"].mean(1)
-        record["ope_spearman"] = spearman_correlation(ope_scores, scores) if args.n_subpolicies > 2 else float("nan")
+        ranked = args.n_subpolicies > 2  # a rank correlation of 2 is always +-1
+        record["ope_spearman"] = eval.spearman_correlation(ope_scores, scores) if ranked else float("nan")
     policy.train()
     return record
 
 
 def improve_sub_policy(policy, sub_policy: int, models, ope, tensors, args: Args, writer):
-    """The improvement of one qualified sub-policy (docs/design.md, "The offline loop, critics and
-    improvement"): a copy of the whole policy (denoiser + the same seeds; the partners stay
-    because the perturbation couples them) improved for `sub_policy` by --improvement, under the
-    gate: every --ope-every steps the copy is scored with the uncertainty-penalized AM-Q on the
-    same starts and model noise, and a snapshot replaces the kept one only if its gain is
-    confident (`dynamics.BestSnapshot`). Returns the copy restored to its best-by-OPE snapshot
-    (never simply the last one) and the gate with its history."""
+    """Improvement of one qualified sub-policy: a copy of the whole policy improved for `sub_policy` by
+    --improvement under the gate (`dynamics.BestSnapshot`: every --ope-every steps, penalized AM-Q; a
+    snapshot is kept only for a confident gain). Returns the copy at its best kept snapshot, and the gate."""
     improved_policy = copy.deepcopy(policy)
     reference = copy.deepcopy(policy).requires_grad_(False)  # bppo: pi_ref, moved only by the gate
     learning_rate = IMPROVEMENT_LEARNING_RATE[args.improvement]
@@ -638,7 +540,8 @@ def improve_sub_policy(policy, sub_policy: int, models, ope, tensors, args: Args
     gate = BestSnapshot(improved_policy, start, step=0, confidence=args.gate_confidence, margin=args.gate_margin)
     print(f"sub-policy {sub_policy}: gated OPE at the start {gate.best_score:.1f}")
     means, critics = LossMeans(writer, f"improvement_{sub_policy}"), models.critics
-    for step in (progress := tqdm(range(1, args.improvement_steps + 1), f"improving sub-policy {sub_policy}", **BAR)):
+    progress = tqdm(range(1, args.improvement_steps + 1), f"improving sub-policy {sub_policy}", **eval.BAR)
+    for step in progress:
         means.add(improvement_update(improved_policy, reference, optimizer, critics, tensors, sub_policy, step, args))
         if step % LOG_EVERY == 0 or step % args.ope_every == 0 or step == args.improvement_steps:
             means.log(step, progress)
@@ -660,15 +563,14 @@ def improve_sub_policy(policy, sub_policy: int, models, ope, tensors, args: Args
 
 
 def init_checkpoint(args: Args, task: dict, state_mean, action_space) -> dict:
-    """--init-checkpoint: the offline checkpoint whose networks the improvement stage starts from,
-    refused unless it is a --ope run of this dataset with these policy settings."""
+    """--init-checkpoint, refused unless it is a --ope run of this dataset with these policy settings."""
     try:
-        saved = load_checkpoint(args.init_checkpoint, expected_gym_id=task["gym_id"], phase="offline")
-    except CheckpointError as error:
-        fail(str(error))
+        saved = eval.load_checkpoint(args.init_checkpoint, expected_gym_id=task["gym_id"], phase="offline")
+    except eval.CheckpointError as error:
+        eval.fail(str(error))
     config = asdict(policy_config(args, obs_dim=state_mean.shape[0], act_dim=action_space.shape[0]))
     if saved["dataset_id"] != task["dataset_id"] or "critics" not in saved or saved["policy"]["config"] != config:
-        fail(
+        eval.fail(
             f"{args.init_checkpoint} is not a --ope checkpoint of {task['dataset_id']} with these policy settings "
             f"(it has {saved['dataset_id']}, policy {saved['policy']['config']}); pass the arguments it was "
             "trained with"
@@ -681,37 +583,33 @@ def resumed_run(args: Args) -> tuple[Args, dict | None]:
     if args.resume is None:
         return args, None
     try:
-        resumed = load_checkpoint(args.resume, phase="offline")
-    except CheckpointError as error:
-        fail(str(error))
-    if unfinished_stage(resumed) is None:
-        fail(f"{args.resume} is a finished run: nothing to resume (its checkpoint is the result)")
+        resumed = eval.load_checkpoint(args.resume, phase="offline")
+    except eval.CheckpointError as error:
+        eval.fail(str(error))
+    if eval.unfinished_stage(resumed) is None:
+        eval.fail(f"{args.resume} is a finished run: nothing to resume (its checkpoint is the result)")
     if not resumed.get("resume"):
-        fail(
+        eval.fail(
             f"{args.resume} holds no training state to resume from (an improvement-only run, or an older "
             "version): run its command again"
         )
     try:
         args = Args(**{**resumed["args"], "resume": args.resume, "checkpoint_path": args.resume})
     except TypeError as error:
-        fail(f"{args.resume} was written by another version of this script ({error}); run its command again")
+        eval.fail(f"{args.resume} was written by another version of this script ({error}); run its command again")
     print(f"resuming {args.resume} after step {resumed['resume']['step']} with the arguments saved in it")
     return args, resumed
 
 
-# ------------------------------------------------------------------------------------------------
-# The run's inputs and its stages, out of the main block's way
-# ------------------------------------------------------------------------------------------------
+# ---- The run's inputs and its stages, out of the main block's way --------------------------------------------------
 def load_task(args: Args):
-    """The dataset, what the run is evaluated against (`task`: the checkpoint's fields of the same
-    names, the Gymnasium id the data was recorded on and its time limit), and the task's termination
-    rule for the model's rollouts (None without --ope); every problem ends the script in one line."""
+    """The dataset, the `task` it was recorded on (checkpoint fields) and its termination rule (with --ope)."""
     try:
-        dataset, dataset_id, ref_min_score, ref_max_score = load_dataset(args.env_id, args.dataset_id)
-    except DatasetError as error:
-        fail(str(error))
-    if (problem := spaces_problem(dataset_id, dataset.observation_space, dataset.action_space)) is not None:
-        fail(problem)
+        dataset, dataset_id, ref_min_score, ref_max_score = eval.load_dataset(args.env_id, args.dataset_id)
+    except eval.DatasetError as error:
+        eval.fail(str(error))
+    if (problem := eval.spaces_problem(dataset_id, dataset.observation_space, dataset.action_space)) is not None:
+        eval.fail(problem)
     spec = dataset.spec.env_spec
     task = {"gym_id": spec.id, "dataset_id": dataset_id, "max_episode_steps": spec.max_episode_steps}
     task |= {"ref_min_score": ref_min_score, "ref_max_score": ref_max_score}
@@ -720,26 +618,26 @@ def load_task(args: Args):
         try:  # the model's rollouts (AM-Q) need the task's termination rule
             is_terminal = termination_fn(task_of_gym_id(task["gym_id"]))
         except ValueError as error:
-            fail(str(error))
+            eval.fail(str(error))
     return dataset, task, is_terminal
 
 
 def read_chunks(dataset, task: dict, args: Args, device) -> dict:
     """`chunk_dataset`, a dataset that cannot be read ending the script in one line."""
     try:
-        data = chunk_dataset(dataset, args.chunk_size, args.history_size, args.gamma)
+        data = eval.chunk_dataset(dataset, args.chunk_size, args.history_size, args.gamma)
         shapes = f"{len(data['chunks'])} chunks, obs {data['all_states'].shape[1]}, act {data['chunks'].shape[2]}"
         print(f"{task['dataset_id']}: {dataset.total_episodes} episodes, {shapes}, device {device}")
         return data
-    except DatasetError as error:
-        fail(str(error))
+    except eval.DatasetError as error:
+        eval.fail(str(error))
     except (OSError, KeyError, ValueError) as error:  # a truncated or damaged file inside the dataset
-        fail(f"dataset {task['dataset_id']!r} could not be read ({type(error).__name__}: {error}); download it again")
+        problem = f"{type(error).__name__}: {error}"
+        eval.fail(f"dataset {task['dataset_id']!r} could not be read ({problem}); download it again")
 
 
 def restore_loop(resumed: dict, policy, optimizer, scheduler, models, device):
-    """--resume: every state the loop carries, as it was after the saved step. Returns (history,
-    the first step to run, the augmentation buffer, the saved training state)."""
+    """--resume: every state the loop carries, as after the saved step; returns (history, first step, buffer, state)."""
     resume = resumed["resume"]
     policy.load_state_dict(resumed["policy"]["state_dict"])
     optimizer.load_state_dict(resume["optimizer"])
@@ -753,39 +651,28 @@ def restore_loop(resumed: dict, policy, optimizer, scheduler, models, device):
         models.dynamics_optimizer.load_state_dict(resume["dynamics_optimizer"])
         models.generator.set_state(resume["model_generator"])
         augmented = resume["augmented"]
-    set_rng_state(resume, device)
+    eval.set_rng_state(resume, device)
     return resumed["history"], resume["step"] + 1, augmented, resume
 
 
-def improved_entry(sub_policy, improved_policy, gate, returns, scores, base_ope, base_scores, args) -> dict:
-    """One improved copy as the checkpoint keeps it: its policy, the gate's record, the model's
-    returns of the offline choice and its real scores (reported only)."""
+def improved_entry(sub_policy, improved_policy, gate, returns, scores, history: dict, args) -> dict:
+    """One improved copy as the checkpoint keeps it (its real scores reported only)."""
+    base_ope, base_scores = history["ope_scores"][-1][sub_policy], np.mean(history["scores"][-1][sub_policy])
     print(
         f"sub-policy {sub_policy}: kept step {gate.best_step} (gated OPE {gate.history[0][1]:.1f} -> "
         f"{gate.best_score:.1f}; model return {returns.mean():.1f}); real normalized score "
-        f"{base_scores[sub_policy]:.1f} -> {scores.mean():.1f}"
+        f"{base_scores:.1f} -> {scores.mean():.1f}"
     )
-    return {
-        "sub_policy": sub_policy,
-        "operator": args.improvement,
-        "policy": improved_policy.to_checkpoint(),
-        "ope_history": gate.history,
-        "ope_rollouts": [part.cpu() for part in gate.best_rollouts],
-        "ope_score": gate.best_score,
-        "best_step": gate.best_step,
-        "base_ope_score": float(base_ope[sub_policy]),
-        "base_score": float(base_scores[sub_policy]),
-        "model_returns": returns.cpu(),
-        "model_return": returns.mean().item(),
-        "scores": scores.tolist(),
-    }
+    entry = {"sub_policy": sub_policy, "operator": args.improvement, "policy": improved_policy.to_checkpoint()}
+    entry |= {"ope_history": gate.history, "ope_rollouts": [part.cpu() for part in gate.best_rollouts]}
+    entry |= {"ope_score": gate.best_score, "best_step": gate.best_step, "base_ope_score": float(base_ope)}
+    entry |= {"base_score": float(base_scores), "model_returns": returns.cpu()}
+    return entry | {"model_return": returns.mean().item(), "scores": scores.tolist()}
 
 
 def offline_choice(improved: list[dict], args: Args) -> None:
-    """The offline choice (docs/design.md, "The offline choice"): the kept copies compared by their
-    return in the model over whole episodes from the same episode starts and model noise, by the
-    gate's rule; a gain it does not trust is a tie, and ties go to the copy whose base AM-Q ranked
-    higher. Puts the chosen copy first and ranks them all (`choice_rank`)."""
+    """The offline choice: the copies compared by their return in the model by the gate's rule (an untrusted
+    gain is a tie, won by the higher base AM-Q). Puts the chosen copy first and ranks them all."""
     returns = [(entry["model_returns"], torch.ones_like(entry["model_returns"])) for entry in improved]
     choice, comparisons = confident_choice(returns, args.gate_confidence, args.gate_margin)
     for index, gain, lower_bound, required in comparisons:
@@ -797,25 +684,20 @@ def offline_choice(improved: list[dict], args: Args) -> None:
     improved.insert(0, improved.pop(choice))
     for rank, entry in enumerate(improved):
         entry["choice_rank"] = rank
-    chosen = improved[0]
-    unimproved = " (the unimproved sub-policy)" if chosen["best_step"] == 0 else ""
-    print(
-        f"offline choice: sub-policy {chosen['sub_policy']}, its copy as kept at step {chosen['best_step']}{unimproved}"
-    )
+    chosen, step = improved[0]["sub_policy"], improved[0]["best_step"]
+    print(f"offline choice: sub-policy {chosen}, its copy as kept at step {step}" + " (unimproved)" * (step == 0))
     print("| sub-policy | AM-Q | real before | gated OPE start -> kept (step) | model return | real after |")
     print("|-|-|-|-|-|-|")
     for e in improved:
-        ope = (
-            f"{e['base_ope_score']:.1f} | {e['base_score']:.1f} | {e['ope_history'][0][1]:.1f} -> {e['ope_score']:.1f}"
-        )
-        returns = f"{e['model_return']:.1f} | {np.mean(e['scores']):.1f}"
-        print(f"| {e['sub_policy']} | {ope} ({e['best_step']}) | {returns} |")
+        before = f"{e['sub_policy']} | {e['base_ope_score']:.1f} | {e['base_score']:.1f} | {e['ope_history'][0][1]:.1f}"
+        after = f"{e['ope_score']:.1f} ({e['best_step']}) | {e['model_return']:.1f} | {np.mean(e['scores']):.1f}"
+        print(f"| {before} -> {after} |")
 
 
 if __name__ == "__main__":
     args, resumed = resumed_run(parse_args())
     if (problem := check_args(args)) is not None:
-        fail(problem)
+        eval.fail(problem)
     dataset, task, is_terminal = load_task(args)
 
     # TRY NOT TO MODIFY: seeding
@@ -829,12 +711,12 @@ if __name__ == "__main__":
 
     # ---- data: chunks (s_t, a_{t:t+H}, R_t^H, s_{t+H}), masks, frozen state statistics ----------
     data = read_chunks(dataset, task, args, device)
-    state_mean, state_std = state_statistics(data["all_states"])
+    state_mean, state_std = eval.state_statistics(data["all_states"])
     action_space = dataset.action_space
     saved = None if args.init_checkpoint is None else init_checkpoint(args, task, state_mean, action_space)
     env_name = args.env_id if args.dataset_id is None else task["dataset_id"].replace("/", "-")
     how = "continue with --resume {path}"
-    run_name, checkpoint_path, writer = start_run(args, env_name, resumed, "offline.pt", how)
+    run_name, checkpoint_path, writer = eval.start_run(args, env_name, resumed, "offline.pt", how)
 
     # ---- the multi-seed diffusion policy: n fixed noise seeds = n sub-policies (paper part 1) ----
     config = policy_config(args, obs_dim=state_mean.shape[0], act_dim=action_space.shape[0])
@@ -860,7 +742,7 @@ if __name__ == "__main__":
         if resumed is not None:
             history, first_step, augmented, resume = restore_loop(resumed, policy, optimizer, scheduler, models, device)
         means = LossMeans(writer, "losses")
-        progress = tqdm(range(first_step, args.total_steps + 1), "offline loop", initial=first_step - 1, **BAR)
+        progress = tqdm(range(first_step, args.total_steps + 1), "offline loop", initial=first_step - 1, **eval.BAR)
         progress.total = args.total_steps
         for step in progress:
             # the diffusion loss + J's disagreement term (part 2); IQL critics; the dynamics model (part 3)
@@ -870,9 +752,9 @@ if __name__ == "__main__":
                 if args.ope:
                     logs |= critic_update(models, tensors, step, args)
                     logs |= dynamics_update(models, tensors["transitions"], augmented, train_index, step, args)
-            except NonFiniteLoss as error:
+            except eval.NonFiniteLoss as error:
                 last = checkpoint_path if history["step"] else "none yet"
-                fail(f"{error}; stopped (the last checkpoint is untouched: {last})")
+                eval.fail(f"{error}; stopped (the last checkpoint is untouched: {last})")
             means.add(logs)
             # diffusion augmentation of the dynamics model's data (part 3), elites on real hold-out data
             refresh = args.ope and augment_now(step, args)
@@ -904,33 +786,29 @@ if __name__ == "__main__":
         models.dynamics.load_state_dict(saved["dynamics"]["state_dict"])
         log_evaluation(writer, evaluate(policy, task, args, divergence_states, ope, holdout), saved["step"], history)
         write_checkpoint(checkpoint_path, saved["step"], args, task, policy, models, history, improved, resume)
-        # The loop's random stream where it stopped, if its run was the same seed: the improvement
-        # then draws what the one-command run draws, so both give the same copies.
+        # The loop's random stream where it stopped (same seed): the same copies as the one-command run.
         if saved.get("resume") and saved["args"]["seed"] == args.seed:
-            set_rng_state(saved["resume"], device)
+            eval.set_rng_state(saved["resume"], device)
 
-    # ---- phase 2: improvement of the best sub-policies by AM-Q, each under the gate, then the
-    # offline choice (docs/design.md); the critics and the dynamics model are frozen from here on.
+    # ---- phase 2: improvement of the best sub-policies by AM-Q under the gate, then the offline choice ----
     if args.num_qualified > 0:
         models.critics.requires_grad_(False)
-        base_ope, base_scores = np.array(history["ope_scores"][-1]), np.array(history["scores"][-1]).mean(1)
+        last_step, base_ope = history["step"][-1], np.array(history["ope_scores"][-1])
         qualified = [int(i) for i in np.argsort(-base_ope)[: args.num_qualified]]
         print(f"improvement ({args.improvement}): sub-policies {qualified} qualify by AM-Q")
         choice_ope = choice_evaluator(ope, tensors, args, task["max_episode_steps"] or 1000)
         for sub_policy in qualified:
             try:
                 improved_policy, gate = improve_sub_policy(policy, sub_policy, models, ope, tensors, args, writer)
-            except NonFiniteLoss as error:
-                fail(f"{error}; stopped (the last checkpoint is untouched: {checkpoint_path})")
+            except eval.NonFiniteLoss as error:
+                eval.fail(f"{error}; stopped (the last checkpoint is untouched: {checkpoint_path})")
             returns = choice_ope.returns(improved_policy, sub_policy)
-            scores = real_scores(improved_policy, task, args)["scores"][sub_policy]
+            scores = eval.evaluate_saved_task(improved_policy, task, args.eval_episodes, args.seed)["scores"]
             improved.append(
-                improved_entry(sub_policy, improved_policy, gate, returns, scores, base_ope, base_scores, args)
+                improved_entry(sub_policy, improved_policy, gate, returns, scores[sub_policy], history, args)
             )
-            write_checkpoint(
-                checkpoint_path, history["step"][-1], args, task, policy, models, history, improved, resume
-            )
+            write_checkpoint(checkpoint_path, last_step, args, task, policy, models, history, improved, resume)
         offline_choice(improved, args)
-        write_checkpoint(checkpoint_path, history["step"][-1], args, task, policy, models, history, improved, resume)
+        write_checkpoint(checkpoint_path, last_step, args, task, policy, models, history, improved, resume)
 
     writer.close()
