@@ -685,7 +685,8 @@ def offline_choice(improved: list[dict], args: Args) -> None:
     for rank, entry in enumerate(improved):
         entry["choice_rank"] = rank
     chosen, step = improved[0]["sub_policy"], improved[0]["best_step"]
-    print(f"offline choice: sub-policy {chosen}, its copy as kept at step {step}" + " (unimproved)" * (step == 0))
+    unimproved = " (unimproved)" if step == 0 else ""
+    print(f"offline choice: sub-policy {chosen}, its copy as kept at step {step}{unimproved}")
     print("| sub-policy | AM-Q | real before | gated OPE start -> kept (step) | model return | real after |")
     print("|-|-|-|-|-|-|")
     for e in improved:
