@@ -348,6 +348,11 @@ def training_state(global_step, next_eval, iteration, run, gamma, optimizers, re
     return counters | optimizer_states | state
 
 
+# What `training_state` writes and --resume needs.
+TRAINING_STATE_FIELDS = ("global_step", "next_eval", "iteration", "run_name", "gamma", "actor_optimizer")
+TRAINING_STATE_FIELDS += ("value_optimizer", "reward_scaler", "torch_rng")
+
+
 def train_ppo(args: Args, actor: OnlineActor, checkpoint: dict, gamma: float, writer, run: dict, resumed):
     """--algo ppo: rollouts of z ~ N(mean(s), sigma^2), GAE over chunks, scaled rewards, a fresh value
     network alone for `--critic-warmup` rollouts; `resumed` the --resume checkpoint (None: the hand-over)."""
@@ -637,8 +642,7 @@ def resumed_run(args: Args) -> tuple[Args, dict | None]:
                 f"{args.resume} holds no training state to resume from (a --algo td3 run, which keeps no "
                 "replay buffer; or an older version): run its command again"
             )
-        fields = ("global_step", "next_eval", "iteration", "run_name", "gamma", "actor_optimizer", "value_optimizer")
-        for field in (*fields, "reward_scaler", "torch_rng"):  # training_state's
+        for field in TRAINING_STATE_FIELDS:
             if (name := eval.missing_field(resumed, f"resume.{field}")) is not None:
                 raise eval.CheckpointError(f"{args.resume} has no field {name}")
         defaults = asdict(Args())
