@@ -12,7 +12,6 @@ import time
 import warnings
 from collections import deque
 from dataclasses import dataclass
-from pathlib import Path
 
 import gymnasium as gym
 import minari
@@ -659,8 +658,13 @@ def fail_unless_finite(path: str, label: str, values) -> None:
 
 
 def write_json(path: str, data: dict) -> None:
-    atomic_write(path, lambda temporary: Path(temporary).write_text(json.dumps(data, indent=2)))  # as checkpoints
+    atomic_write(path, functools.partial(dump_json, data))  # as checkpoints: an interrupted write loses nothing
     print(f"json: {path}")
+
+
+def dump_json(data: dict, path: str) -> None:
+    with open(path, "w") as file:
+        json.dump(data, file, indent=2)
 
 
 def markdown_table(header: list[str], rows: list[list]) -> str:
