@@ -223,8 +223,13 @@ class DiffusionPolicy(nn.Module):
         self.register_buffer("perturbation_noise", torch.randn(n, config.ddim_steps, h, a, generator=generator))
 
     # ---- units: H and To per decision (evaluation reads them from any deployable policy) ----
-    chunk_size = property(lambda self: self.config.chunk_size)
-    history_size = property(lambda self: self.config.history_size)
+    @property
+    def chunk_size(self) -> int:
+        return self.config.chunk_size
+
+    @property
+    def history_size(self) -> int:
+        return self.config.history_size
 
     def normalize_states(self, states: torch.Tensor) -> torch.Tensor:
         return (states - self.state_mean) / self.state_std
