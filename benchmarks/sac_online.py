@@ -5,8 +5,10 @@
 CleanRL's `sac_continuous_action.py` recipe: 256 x 2 ReLU actor (tanh-squashed Gaussian, log-std
 in [-5, 2]) and twin critics, Adam 3e-4 (actor) and 1e-3 (critics), batch 256, gamma 0.99,
 Polyak 0.005, the entropy weight tuned towards -|A|, 5000 random steps first, the actor updated
-every 2nd step (twice, so it gets as many steps as the critics). No offline data: the dataset
-gives only the environment, its time limit and its reference scores, so that the scores are
+every 2nd step (twice, so it gets as many steps as the critics). No offline data by default: the
+dataset gives only the environment, its time limit and its reference scores (`--offline-ratio r`
+draws that share of every batch from the dataset's transitions instead, RLPD's symmetric
+sampling without its other changes). The scores are
 uepo_online.py's: the deterministic policy (tanh of the mean) every `--eval-every` environment
 steps on `--eval-episodes` episodes reset with seeds `seed * 1000 + e`. The curve goes to
 `runs/{env_id}__{exp_name}__{seed}__{time}/scores.json` and TensorBoard in the same folder.
@@ -28,7 +30,15 @@ import tyro
 from torch.utils.tensorboard import SummaryWriter
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from eval import SEED_RANGE, DatasetError, evaluate_sub_policies, fail, load_dataset, out_of_range  # noqa: E402
+from eval import (  # noqa: E402
+    SEED_RANGE,
+    DatasetError,
+    chunk_dataset,
+    evaluate_sub_policies,
+    fail,
+    load_dataset,
+    out_of_range,
+)
 
 
 @dataclass
@@ -53,6 +63,8 @@ class Args:
     """episodes per evaluation"""
     threads: int = 1
     """torch intra-op threads"""
+    offline_ratio: float = 0.0
+    """share of every batch drawn from the dataset's transitions (0: SAC from scratch)"""
 
 
 # Every numeric flag's range (eval.out_of_range, as in the training scripts).
@@ -64,6 +76,7 @@ RANGES = {
     "eval_every": "[1, 100000000]",
     "eval_episodes": "[1, 1000]",
     "threads": "[1, 256]",
+    "offline_ratio": "[0, 1]",
 }
 
 
@@ -102,6 +115,24 @@ def soft_q(obs_dim: int, act_dim: int) -> nn.Module:
     return nn.Sequential(
         nn.Linear(obs_dim + act_dim, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 1)
     )
+
+
+def dataset_transitions(dataset) -> list[torch.Tensor]:
+    """The dataset's steps in the replay's layout: states, actions (env units), rewards, next states, terminated."""
+    data = chunk_dataset(dataset, 1, 1, 1.0)
+    parts = (data["states"][:, 0], data["chunks"][:, 0], data["step_rewards"], data["step_next_states"], data["dones"])
+    return [torch.as_tensor(part, dtype=torch.float32).reshape(len(part), -1) for part in parts]
+
+
+def mixed_batch(buffer: list, filled: int, offline: list | None, size: int, offline_ratio: float) -> tuple:
+    """`round(size * offline_ratio)` rows from `offline` first, the rest from the first `filled` rows of `buffer`."""
+    num_offline = 0 if offline is None else round(size * offline_ratio)
+    index = torch.randint(filled, (size - num_offline,))  # one row index for every field
+    parts = [part[index] for part in buffer]
+    if num_offline:
+        index = torch.randint(len(offline[0]), (num_offline,))
+        parts = [torch.cat([data[index], part]) for data, part in zip(offline, parts)]
+    return tuple(part.squeeze(-1) if part.shape[1] == 1 else part for part in parts)
 
 
 def sac_update(nets: dict, batch: tuple, update_actor: bool, gamma: float = 0.99, tau: float = 0.005) -> dict:
@@ -180,6 +211,7 @@ if __name__ == "__main__":
     nets["alpha_optimizer"] = torch.optim.Adam([nets["log_alpha"]], lr=1e-3)
     capacity = min(args.buffer_size, args.total_timesteps)
     buffer = [torch.zeros(capacity, dim) for dim in (obs_dim, act_dim, 1, obs_dim, 1)]
+    offline = dataset_transitions(dataset) if args.offline_ratio > 0 else None
 
     curve = {"step": [], "scores": []}
     obs, _ = env.reset(seed=args.seed)
@@ -215,8 +247,7 @@ if __name__ == "__main__":
             writer.add_scalar("charts/episodic_return", info["episode"]["r"], global_step)
             obs, _ = env.reset()
         if global_step >= args.learning_starts:
-            index = torch.randint(min(global_step + 1, capacity), (256,))
-            batch = tuple(part[index].squeeze(-1) if part.shape[1] == 1 else part[index] for part in buffer)
+            batch = mixed_batch(buffer, min(global_step + 1, capacity), offline, 256, args.offline_ratio)
             log = sac_update(nets, batch, update_actor=global_step % 2 == 0)
             if not all(np.isfinite(value) for value in log.values()):
                 fail(f"step {global_step}: a loss is not finite ({log})")

@@ -1,5 +1,6 @@
 """benchmarks/baselines.py: the MSE BC loss and TD3+BC's critic target on hand-computable cases, a
-tiny run of each baseline that the report then reads, and refused arguments."""
+tiny run of each baseline that the report then reads, and refused arguments; benchmarks/sac_online.py:
+its batches' offline share and a tiny run."""
 
 import json
 import os
@@ -15,6 +16,7 @@ from conftest import ROOT, TINY_DATASET_ID
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 from baselines import ChunkMLP, mse_bc_update, td3_bc_critic_target, twin_critic  # noqa: E402
 from report import collect_runs  # noqa: E402
+from sac_online import dataset_transitions, mixed_batch  # noqa: E402
 
 
 def constant_actor(value: float, chunk_size: int = 1, act_dim: int = 2) -> ChunkMLP:
@@ -113,11 +115,13 @@ def test_baseline_arguments_are_refused_in_one_line(tmp_path):
         assert not (tmp_path / "runs").exists()
 
 
-def test_sac_from_scratch_runs_the_online_protocol_and_learns(minari_path, tmp_path):
+@pytest.mark.parametrize("offline_ratio", ["0", "0.5"])
+def test_sac_from_scratch_runs_the_online_protocol_and_learns(offline_ratio, minari_path, tmp_path):
     """benchmarks/sac_online.py: evaluations at step 0, every --eval-every and at the end, in the
     online script's units, and the actor moved from its initialization (updates after the random steps)."""
     env = {**os.environ, "MINARI_DATASETS_PATH": minari_path, "HF_HUB_OFFLINE": "1"}
     arguments = ["--dataset-id", TINY_DATASET_ID, "--total-timesteps", "400", "--learning-starts", "200"]
+    arguments += ["--offline-ratio", offline_ratio]
     result = subprocess.run(
         [sys.executable, os.path.join(ROOT, "benchmarks", "sac_online.py"), *arguments]
         + ["--eval-every", "200", "--eval-episodes", "2"],
@@ -132,3 +136,21 @@ def test_sac_from_scratch_runs_the_online_protocol_and_learns(minari_path, tmp_p
     saved = json.loads((tmp_path / "runs" / folder / "scores.json").read_text())
     assert saved["step"] == [0, 200, 400] and all(len(row) == 2 for row in saved["scores"])
     assert "critic_loss" in result.stdout.splitlines()[-2] and saved["scores"][0] != saved["scores"][-1]
+
+
+def test_sac_batches_mix_the_configured_share_of_dataset_transitions(tiny_dataset):
+    """--offline-ratio: round(size x ratio) rows of every batch are dataset steps (first), the rest online rows,
+    each row one transition across every field; the dataset's steps are its episodes' (s, a, r, s', terminated)."""
+    offline = dataset_transitions(tiny_dataset)
+    episode = next(tiny_dataset.iterate_episodes())
+    assert len(offline[0]) == tiny_dataset.total_steps and [part.shape[1] for part in offline] == [11, 3, 1, 11, 1]
+    assert torch.allclose(offline[0][1], torch.as_tensor(episode.observations[1], dtype=torch.float32))
+    assert torch.allclose(offline[3][0], offline[0][1]) and offline[2][0, 0] == np.float32(episode.rewards[0])
+    rows = torch.arange(10.0)[:, None]
+    buffer = [rows, rows.repeat(1, 3), -rows, rows + 1, torch.zeros(10, 1)]  # row k: state k, next state k + 1
+    offline = [part + 100 for part in buffer]
+    states, actions, rewards, next_states, _ = mixed_batch(buffer, 4, offline, 8, 0.25)
+    assert (states[:2] >= 100).all() and (states[2:] < 4).all()  # 2 dataset rows, then online rows 0..3 only
+    assert torch.equal(next_states, states + 1) and torch.equal(rewards, 100 * (states >= 100) * 2 - states)
+    assert torch.equal(actions, states[:, None].repeat(1, 3))
+    assert (mixed_batch(buffer, 4, None, 8, 0.25)[0] < 4).all()  # no dataset: SAC from scratch
