@@ -577,6 +577,7 @@ def test_ctrl_c_ends_a_run_with_one_line_naming_the_intact_checkpoint_and_how_to
 
     path = tmp_path / "offline.pt"
     env = {**os.environ, "MINARI_DATASETS_PATH": minari_path, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    env["PYTHONFAULTHANDLER"] = "1"  # a run that does not end dumps every thread's stack on SIGABRT (below)
     arguments = [*TINY_RUN, "--total-steps", "100000", "--eval-every", "10", "--checkpoint-path", str(path)]
     process = subprocess.Popen(
         [sys.executable, os.path.join(ROOT, "uepo_offline.py"), *arguments],
@@ -590,7 +591,11 @@ def test_ctrl_c_ends_a_run_with_one_line_naming_the_intact_checkpoint_and_how_to
         if line.startswith("checkpoint:"):
             break
     process.send_signal(signal.SIGINT)
-    _, stderr = process.communicate(timeout=120)
+    try:
+        _, stderr = process.communicate(timeout=120)
+    except subprocess.TimeoutExpired:  # name where it hangs instead of only that it does
+        process.send_signal(signal.SIGABRT)
+        pytest.fail(f"still running 120 s after SIGINT; its threads:\n{process.communicate()[1][-4000:]}")
     assert "Traceback" not in stderr, stderr[-2000:]
     *bar, last = [line for line in stderr.replace("\r", "\n").splitlines() if line.strip()]
     assert last == f"interrupted: the last checkpoint (if any) is {path}; continue with --resume {path}"
