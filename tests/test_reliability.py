@@ -570,6 +570,12 @@ def test_a_checkpoint_is_accepted_only_for_a_finished_stage_of_the_phase_the_com
     assert not (tmp_path / "runs").exists()  # no run folder, not even an empty TensorBoard one
 
 
+def default_sigint() -> None:
+    """Popen's preexec_fn: SIGINT as a terminal's Ctrl-C finds it. A shell's background job (`bash .ci/run &`)
+    inherits SIGINT ignored, and Python then never raises KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_ends_a_run_with_one_line_naming_the_intact_checkpoint_and_how_to_resume(minari_path, tmp_path):
     """SIGINT during the offline loop, after its first checkpoint: no traceback, one line that names the
     checkpoint and the --resume command; the checkpoint on disk loads."""
@@ -586,6 +592,7 @@ def test_ctrl_c_ends_a_run_with_one_line_naming_the_intact_checkpoint_and_how_to
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=default_sigint,
     )
     for line in process.stdout:  # wait for the first checkpoint, then interrupt
         if line.startswith("checkpoint:"):
