@@ -104,17 +104,35 @@ class Actor(nn.Module):
         log_prob = log_prob - torch.log(self.scale * (1 - y**2) + 1e-6).sum(-1)
         return y * self.scale + self.bias, log_prob
 
+    def mean_action(self, states: torch.Tensor) -> torch.Tensor:
+        """The deterministic action in env units: tanh of the mean."""
+        return torch.tanh(self.mean(self.net(states))) * self.scale + self.bias
+
     @torch.no_grad()
     def act(self, state_history: np.ndarray) -> np.ndarray:
-        states = torch.as_tensor(state_history[:, -1], dtype=torch.float32)
-        action = torch.tanh(self.mean(self.net(states))) * self.scale + self.bias
-        return action[:, None, None].numpy()
+        return self.mean_action(torch.as_tensor(state_history[:, -1], dtype=torch.float32))[:, None, None].numpy()
 
 
 def soft_q(obs_dim: int, act_dim: int) -> nn.Module:
     return nn.Sequential(
         nn.Linear(obs_dim + act_dim, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 1)
     )
+
+
+def sac_nets(env) -> dict:
+    """The actor, twin critics and their targets, the entropy weight and the three Adam optimizers."""
+    obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
+    actor = Actor(obs_dim, act_dim, env.action_space.low, env.action_space.high)
+    nets = {"actor": actor, "q1": soft_q(obs_dim, act_dim), "q2": soft_q(obs_dim, act_dim)}
+    nets.update({f"{name}_target": soft_q(obs_dim, act_dim) for name in ("q1", "q2")})
+    for name in ("q1", "q2"):
+        nets[f"{name}_target"].load_state_dict(nets[name].state_dict())
+    nets["log_alpha"] = torch.zeros(1, requires_grad=True)
+    nets["target_entropy"] = -float(act_dim)
+    nets["q_optimizer"] = torch.optim.Adam([*nets["q1"].parameters(), *nets["q2"].parameters()], lr=1e-3)
+    nets["actor_optimizer"] = torch.optim.Adam(actor.parameters(), lr=3e-4)
+    nets["alpha_optimizer"] = torch.optim.Adam([nets["log_alpha"]], lr=1e-3)
+    return nets
 
 
 def dataset_transitions(dataset) -> list[torch.Tensor]:
@@ -135,16 +153,26 @@ def mixed_batch(buffer: list, filled: int, offline: list | None, size: int, offl
     return tuple(part.squeeze(-1) if part.shape[1] == 1 else part for part in parts)
 
 
-def sac_update(nets: dict, batch: tuple, update_actor: bool, gamma: float = 0.99, tau: float = 0.005) -> dict:
-    """One SAC step: twin critics to r + gamma (1 - terminated) (min Q'(s', a') - alpha log pi(a'|s')),
-    then (every 2nd step, twice) the actor on alpha log pi - min Q and alpha towards entropy -|A|."""
-    states, actions, rewards, next_states, terminated = batch
+@torch.no_grad()
+def sac_target(nets: dict, batch: tuple, gamma: float, alpha: float, next_alternative=None) -> torch.Tensor:
+    """r + gamma (1 - terminated) (min Q'(s', a') - alpha log pi(a'|s')), a' ~ pi(s'); with `next_alternative`
+    (policy expansion's set) the bootstrap is the larger of that and min Q'(s', next_alternative)."""
+    _, _, rewards, next_states, terminated = batch
+    next_actions, next_log_prob = nets["actor"].sample(next_states)
+    pair = torch.cat([next_states, next_actions], 1)
+    next_q = torch.min(nets["q1_target"](pair), nets["q2_target"](pair)).squeeze(-1) - alpha * next_log_prob
+    if next_alternative is not None:
+        pair = torch.cat([next_states, next_alternative], 1)
+        next_q = torch.max(next_q, torch.min(nets["q1_target"](pair), nets["q2_target"](pair)).squeeze(-1))
+    return rewards + gamma * (1 - terminated) * next_q
+
+
+def sac_update(nets: dict, batch: tuple, update_actor: bool, gamma=0.99, tau=0.005, next_alternative=None) -> dict:
+    """One SAC step: twin critics to `sac_target`, then (every 2nd step, twice) the actor on
+    alpha log pi - min Q and alpha towards entropy -|A|."""
+    states, actions = batch[:2]
     q1, q2, alpha = nets["q1"], nets["q2"], nets["log_alpha"].exp().item()
-    with torch.no_grad():
-        next_actions, next_log_prob = nets["actor"].sample(next_states)
-        pair = torch.cat([next_states, next_actions], 1)
-        next_q = torch.min(nets["q1_target"](pair), nets["q2_target"](pair)).squeeze(-1) - alpha * next_log_prob
-        target = rewards + gamma * (1 - terminated) * next_q
+    target = sac_target(nets, batch, gamma, alpha, next_alternative)
     pair = torch.cat([states, actions], 1)
     critic_loss = F.mse_loss(q1(pair).squeeze(-1), target) + F.mse_loss(q2(pair).squeeze(-1), target)
     nets["q_optimizer"].zero_grad()
@@ -198,17 +226,9 @@ if __name__ == "__main__":
 
     env = gym.wrappers.RecordEpisodeStatistics(gym.make(spec.id, max_episode_steps=spec.max_episode_steps))
     env.action_space.seed(args.seed)
+    nets = sac_nets(env)
+    actor = nets["actor"]
     obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
-    actor = Actor(obs_dim, act_dim, env.action_space.low, env.action_space.high)
-    nets = {"actor": actor, "q1": soft_q(obs_dim, act_dim), "q2": soft_q(obs_dim, act_dim)}
-    nets.update({f"{name}_target": soft_q(obs_dim, act_dim) for name in ("q1", "q2")})
-    for name in ("q1", "q2"):
-        nets[f"{name}_target"].load_state_dict(nets[name].state_dict())
-    nets["log_alpha"] = torch.zeros(1, requires_grad=True)
-    nets["target_entropy"] = -float(act_dim)
-    nets["q_optimizer"] = torch.optim.Adam([*nets["q1"].parameters(), *nets["q2"].parameters()], lr=1e-3)
-    nets["actor_optimizer"] = torch.optim.Adam(actor.parameters(), lr=3e-4)
-    nets["alpha_optimizer"] = torch.optim.Adam([nets["log_alpha"]], lr=1e-3)
     capacity = min(args.buffer_size, args.total_timesteps)
     buffer = [torch.zeros(capacity, dim) for dim in (obs_dim, act_dim, 1, obs_dim, 1)]
     offline = dataset_transitions(dataset) if args.offline_ratio > 0 else None

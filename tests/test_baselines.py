@@ -1,12 +1,15 @@
 """benchmarks/baselines.py: the MSE BC loss and TD3+BC's critic target on hand-computable cases, a
 tiny run of each baseline that the report then reads, and refused arguments; benchmarks/sac_online.py:
-its batches' offline share and a tiny run."""
+its batches' offline share, its target with and without policy expansion's set, and a tiny run;
+benchmarks/policy_expansion.py: a tiny run."""
 
 import json
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
+import gymnasium as gym
 import numpy as np
 import pytest
 import torch
@@ -16,7 +19,7 @@ from conftest import ROOT, TINY_DATASET_ID
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 from baselines import ChunkMLP, mse_bc_update, td3_bc_critic_target, twin_critic  # noqa: E402
 from report import collect_runs  # noqa: E402
-from sac_online import dataset_transitions, mixed_batch  # noqa: E402
+from sac_online import dataset_transitions, mixed_batch, sac_nets, sac_target  # noqa: E402
 
 
 def constant_actor(value: float, chunk_size: int = 1, act_dim: int = 2) -> ChunkMLP:
@@ -154,3 +157,68 @@ def test_sac_batches_mix_the_configured_share_of_dataset_transitions(tiny_datase
     assert torch.equal(next_states, states + 1) and torch.equal(rewards, 100 * (states >= 100) * 2 - states)
     assert torch.equal(actions, states[:, None].repeat(1, 3))
     assert (mixed_batch(buffer, 4, None, 8, 0.25)[0] < 4).all()  # no dataset: SAC from scratch
+
+
+class ActionSum(torch.nn.Module):
+    """A stand-in critic: Q(s, a) = sum(a), so every target is computable by hand."""
+
+    def __init__(self, obs_dim: int):
+        super().__init__()
+        self.obs_dim = obs_dim
+
+    def forward(self, pair: torch.Tensor) -> torch.Tensor:
+        return pair[:, self.obs_dim :].sum(-1, keepdim=True)
+
+
+def test_sac_target_bootstraps_the_better_member_of_the_set_only_when_given_one():
+    """sac_target with Q'(s', a) = sum(a): y = r + gamma (1 - d) (sum(a') - alpha log pi(a')), a' ~ pi, as SAC;
+    with policy expansion's alternative a_alt, the bootstrap is max(that, sum(a_alt)), never a bootstrap after
+    a termination."""
+    space = gym.spaces.Box(-1.0, 1.0, (2,))
+    nets = sac_nets(SimpleNamespace(observation_space=gym.spaces.Box(-1.0, 1.0, (3,)), action_space=space))
+    nets["q1_target"], nets["q2_target"] = ActionSum(3), ActionSum(3)
+    batch = (None, None, torch.tensor([1.0, 1.0, 1.0]), torch.zeros(3, 3), torch.tensor([0.0, 0.0, 1.0]))
+    alternative = torch.tensor([[1.0, 1.0], [-1.0, -1.0], [1.0, 1.0]])
+    torch.manual_seed(0)
+    next_actions, log_prob = nets["actor"].sample(torch.zeros(3, 3))
+    sac = next_actions.sum(-1) - 0.5 * log_prob
+    torch.manual_seed(0)
+    assert torch.allclose(sac_target(nets, batch, 0.9, 0.5), torch.tensor([1.0, 1.0, 1.0]) + 0.9 * sac * (1 - batch[4]))
+    torch.manual_seed(0)
+    expanded = sac_target(nets, batch, 0.9, 0.5, alternative)
+    assert torch.allclose(
+        expanded,
+        1
+        + 0.9
+        * torch.stack([torch.max(sac[0], torch.tensor(2.0)), torch.max(sac[1], torch.tensor(-2.0)), torch.tensor(0.0)]),
+    )
+    assert expanded[0] >= 1 + 0.9 * 2.0 and expanded[2] == 1.0
+
+
+def test_policy_expansion_deploys_the_offline_choice_at_step_0_then_the_set(offline_checkpoint, minari_path, tmp_path):
+    """benchmarks/policy_expansion.py: evaluation at step 0 is the selected sub-policy alone (the same
+    scores as eval.evaluate_saved_task on the same episodes, the SAC actor's share 0), later ones the set."""
+    import uepo_online
+    from eval import evaluate_saved_task, load_checkpoint
+
+    env = {**os.environ, "MINARI_DATASETS_PATH": minari_path, "HF_HUB_OFFLINE": "1"}
+    arguments = ["--checkpoint", str(offline_checkpoint), "--total-timesteps", "300", "--learning-starts", "150"]
+    arguments += ["--eval-every", "150", "--eval-episodes", "2", "--set-target"]
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "policy_expansion.py"), *arguments],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    (folder,) = os.listdir(tmp_path / "runs")
+    saved = json.loads((tmp_path / "runs" / folder / "scores.json").read_text())
+    assert saved["step"] == [0, 150, 300] and saved["new_share"][0] == 0.0
+    assert all(0.0 <= share <= 1.0 for share in saved["new_share"])
+    checkpoint = load_checkpoint(str(offline_checkpoint), "offline")
+    online_args = uepo_online.with_algo_defaults(uepo_online.Args(checkpoint=str(offline_checkpoint)))
+    policy, sub_policy, _ = uepo_online.select_sub_policy(online_args, checkpoint, "cpu")
+    hand_over = evaluate_saved_task(policy, checkpoint, 2, 1, [sub_policy])["scores"][0]
+    assert np.allclose(saved["scores"][0], hand_over)
