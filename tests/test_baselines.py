@@ -118,25 +118,23 @@ def test_baseline_arguments_are_refused_in_one_line(tmp_path):
         assert not (tmp_path / "runs").exists()
 
 
+def run_curve(script: str, arguments: list, minari_path, tmp_path) -> tuple:
+    """A finished tiny run of an online benchmark in `tmp_path`: (the process, its scores.json)."""
+    env = {**os.environ, "MINARI_DATASETS_PATH": minari_path, "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, os.path.join(ROOT, "benchmarks", script), *arguments]
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (folder,) = os.listdir(tmp_path / "runs")
+    return result, json.loads((tmp_path / "runs" / folder / "scores.json").read_text())
+
+
 @pytest.mark.parametrize("offline_ratio", ["0", "0.5"])
 def test_sac_from_scratch_runs_the_online_protocol_and_learns(offline_ratio, minari_path, tmp_path):
     """benchmarks/sac_online.py: evaluations at step 0, every --eval-every and at the end, in the
     online script's units, and the actor moved from its initialization (updates after the random steps)."""
-    env = {**os.environ, "MINARI_DATASETS_PATH": minari_path, "HF_HUB_OFFLINE": "1"}
     arguments = ["--dataset-id", TINY_DATASET_ID, "--total-timesteps", "400", "--learning-starts", "200"]
-    arguments += ["--offline-ratio", offline_ratio]
-    result = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "benchmarks", "sac_online.py"), *arguments]
-        + ["--eval-every", "200", "--eval-episodes", "2"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    (folder,) = os.listdir(tmp_path / "runs")
-    saved = json.loads((tmp_path / "runs" / folder / "scores.json").read_text())
+    arguments += ["--offline-ratio", offline_ratio, "--eval-every", "200", "--eval-episodes", "2"]
+    result, saved = run_curve("sac_online.py", arguments, minari_path, tmp_path)
     assert saved["step"] == [0, 200, 400] and all(len(row) == 2 for row in saved["scores"])
     assert "critic_loss" in result.stdout.splitlines()[-2] and saved["scores"][0] != saved["scores"][-1]
 
@@ -201,20 +199,9 @@ def test_policy_expansion_deploys_the_offline_choice_at_step_0_then_the_set(offl
     import uepo_online
     from eval import evaluate_saved_task, load_checkpoint
 
-    env = {**os.environ, "MINARI_DATASETS_PATH": minari_path, "HF_HUB_OFFLINE": "1"}
     arguments = ["--checkpoint", str(offline_checkpoint), "--total-timesteps", "300", "--learning-starts", "150"]
     arguments += ["--eval-every", "150", "--eval-episodes", "2", "--set-target"]
-    result = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "benchmarks", "policy_expansion.py"), *arguments],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    (folder,) = os.listdir(tmp_path / "runs")
-    saved = json.loads((tmp_path / "runs" / folder / "scores.json").read_text())
+    _, saved = run_curve("policy_expansion.py", arguments, minari_path, tmp_path)
     assert saved["step"] == [0, 150, 300] and saved["new_share"][0] == 0.0
     assert all(0.0 <= share <= 1.0 for share in saved["new_share"])
     checkpoint = load_checkpoint(str(offline_checkpoint), "offline")
