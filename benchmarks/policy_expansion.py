@@ -14,7 +14,8 @@ Every step each member proposes an action and the critic, min(Q1, Q2), picks one
   Q'(s', the sub-policy's next action)), instead of from the SAC actor alone.
 Evaluation: the larger Q every step (the sub-policy alone at step 0, which is the hand-over), on
 `--eval-episodes` episodes reset with seeds `seed * 1000 + e`, printed with the share of steps that
-took the SAC actor's action. Results and the reason it is not kept: docs/experiments.md, "Policy expansion".
+took the SAC actor's action; TensorBoard and scores.json in runs/{run_name}/. Results and the reason
+it is not kept: docs/experiments.md, "Policy expansion".
 """
 
 import json
@@ -30,6 +31,7 @@ import gymnasium as gym
 import numpy as np
 import torch
 import tyro
+from torch.utils.tensorboard import SummaryWriter
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import eval  # noqa: E402
@@ -144,7 +146,7 @@ if __name__ == "__main__":
     policy, sub_policy, table = uepo_online.select_sub_policy(online_args, checkpoint, "cpu")
     print(table, flush=True)
     run_name = f"{checkpoint['args']['env_id']}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    os.makedirs(os.path.join("runs", run_name), exist_ok=True)
+    writer = SummaryWriter(os.path.join("runs", run_name))
 
     # seeding
     random.seed(args.seed)
@@ -171,10 +173,16 @@ if __name__ == "__main__":
             curve["step"].append(global_step)
             curve["scores"].append(scores.tolist())
             curve["new_share"].append(new_share)
+            writer.add_scalar("charts/normalized_score", scores.mean(), global_step)
+            writer.add_scalar("charts/new_share", new_share, global_step)
+            for tag, number in log.items():
+                writer.add_scalar(f"losses/{tag}", number, global_step)
+            rate = global_step / (time.time() - start)
+            eta = (args.total_timesteps - global_step) / rate / 60 if rate > 0 else float("nan")
             print(
                 f"step {global_step}: normalized score {scores.mean():.1f} +- {scores.std():.1f} | SAC actor's share: "
                 f"evaluation {new_share:.2f}, collection {np.mean(taken) if taken else 0:.2f} | "
-                f"{' | '.join(f'{k} {v:.3f}' for k, v in log.items())} | {global_step / (time.time() - start):.0f} SPS",
+                f"{' | '.join(f'{k} {v:.3f}' for k, v in log.items())} | {rate:.0f} SPS | ETA {eta:.1f} min",
                 flush=True,
             )
         if global_step == args.total_timesteps:
@@ -201,5 +209,6 @@ if __name__ == "__main__":
             log = sac_update(nets, batch, global_step % 2 == 0, next_alternative=alternative)
             if not all(np.isfinite(value) for value in log.values()):
                 eval.fail(f"step {global_step}: a loss is not finite ({log})")
+    writer.close()
     with open(os.path.join("runs", run_name, "scores.json"), "w") as f:
         json.dump({"args": asdict(args), **curve}, f, indent=1)
