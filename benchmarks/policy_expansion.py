@@ -36,7 +36,7 @@ from torch.utils.tensorboard import SummaryWriter
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import eval  # noqa: E402
 import uepo_online  # noqa: E402
-from benchmarks.sac_online import mixed_batch, sac_nets, sac_update  # noqa: E402
+from benchmarks.sac_online import min_q, mixed_batch, sac_nets, sac_update  # noqa: E402
 
 
 @dataclass
@@ -91,11 +91,6 @@ class FrozenSubPolicy:
         self.position = (self.position + 1) % self.policy.chunk_size
 
 
-def min_q(nets: dict, states: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-    pair = torch.cat([states, actions], -1)
-    return torch.min(nets["q1"](pair), nets["q2"](pair)).squeeze(-1)
-
-
 @torch.no_grad()
 def evaluate(nets: dict, frozen_args: tuple, task: dict, episodes: int, seed: int, sub_policy_only: bool):
     """Normalized scores of the set (the larger Q every step), or of the sub-policy alone; the SAC actor's share."""
@@ -111,7 +106,7 @@ def evaluate(nets: dict, frozen_args: tuple, task: dict, episodes: int, seed: in
         if not sub_policy_only:
             states = torch.as_tensor(np.stack([obs[k] for k in ids]), dtype=torch.float32)
             new = nets["actor"].mean_action(states)
-            pick_new = min_q(nets, states, new) > min_q(nets, states, actions)
+            pick_new = min_q(nets["q1"], nets["q2"], states, new) > min_q(nets["q1"], nets["q2"], states, actions)
             actions = torch.where(pick_new[:, None], new, actions)
             new_shares.append(pick_new.float().mean().item())
         for row, k in enumerate(ids):
@@ -119,6 +114,8 @@ def evaluate(nets: dict, frozen_args: tuple, task: dict, episodes: int, seed: in
             returns[k] += reward
             live[k] = not (terminated or truncated)
         frozen.step({k: obs[k] for k in ids})
+    for env in envs:
+        env.close()
     scores = eval.normalized_score(returns, task["ref_min_score"], task["ref_max_score"])
     return scores, float(np.mean(new_shares)) if new_shares else 0.0
 
@@ -130,8 +127,11 @@ def choose_action(args: Args, global_step: int, nets: dict, env, state: torch.Te
         take_new = args.warmup == "random" or (args.warmup == "mix" and np.random.rand() < 0.5)
     else:
         new = nets["actor"].sample(state)[0]
-        q = torch.stack([min_q(nets, state, sub_policy_action), min_q(nets, state, new)], -1)[0]
-        take_new = np.random.rand() < torch.softmax(args.inv_temperature * q, 0)[1].item() or args.collect == "new"
+        draw = np.random.rand()  # drawn in both modes: the numpy stream, so the runs, stay as measured
+        if args.collect == "new":
+            return new[0].numpy(), True
+        q = torch.stack([min_q(nets["q1"], nets["q2"], state, a) for a in (sub_policy_action, new)], -1)[0]
+        take_new = draw < torch.softmax(args.inv_temperature * q, 0)[1].item()
     return (new if take_new else sub_policy_action)[0].numpy(), take_new
 
 

@@ -119,6 +119,12 @@ def soft_q(obs_dim: int, act_dim: int) -> nn.Module:
     )
 
 
+def min_q(q1: nn.Module, q2: nn.Module, states: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+    """The smaller of the twin critics' values of (s, a), (B,)."""
+    pair = torch.cat([states, actions], -1)
+    return torch.min(q1(pair), q2(pair)).squeeze(-1)
+
+
 def sac_nets(env) -> dict:
     """The actor, twin critics and their targets, the entropy weight and the three Adam optimizers."""
     obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
@@ -159,11 +165,9 @@ def sac_target(nets: dict, batch: tuple, gamma: float, alpha: float, next_altern
     (policy expansion's set) the bootstrap is the larger of that and min Q'(s', next_alternative)."""
     _, _, rewards, next_states, terminated = batch
     next_actions, next_log_prob = nets["actor"].sample(next_states)
-    pair = torch.cat([next_states, next_actions], 1)
-    next_q = torch.min(nets["q1_target"](pair), nets["q2_target"](pair)).squeeze(-1) - alpha * next_log_prob
+    next_q = min_q(nets["q1_target"], nets["q2_target"], next_states, next_actions) - alpha * next_log_prob
     if next_alternative is not None:
-        pair = torch.cat([next_states, next_alternative], 1)
-        next_q = torch.max(next_q, torch.min(nets["q1_target"](pair), nets["q2_target"](pair)).squeeze(-1))
+        next_q = torch.max(next_q, min_q(nets["q1_target"], nets["q2_target"], next_states, next_alternative))
     return rewards + gamma * (1 - terminated) * next_q
 
 
@@ -182,10 +186,7 @@ def sac_update(nets: dict, batch: tuple, update_actor: bool, gamma=0.99, tau=0.0
     if update_actor:
         for _ in range(2):
             new_actions, log_prob = nets["actor"].sample(states)
-            pair = torch.cat([states, new_actions], 1)
-            actor_loss = (
-                nets["log_alpha"].exp().detach() * log_prob - torch.min(q1(pair), q2(pair)).squeeze(-1)
-            ).mean()
+            actor_loss = (nets["log_alpha"].exp().detach() * log_prob - min_q(q1, q2, states, new_actions)).mean()
             nets["actor_optimizer"].zero_grad()
             actor_loss.backward()
             nets["actor_optimizer"].step()
