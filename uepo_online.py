@@ -101,6 +101,8 @@ class Args:
     """environment steps collected with the actor frozen"""
     offline_critic_updates: int = 25_000
     """critic updates on the offline data before the first online step"""
+    free_actor: bool = False
+    """also train a fresh chunk actor on the same critics and deploy it once its episodes return more"""
     # Evaluation and checkpoint
     eval_every: int | None = None
     """evaluate every this many steps, and at 0 and the end (td3 25k, ppo 20k)"""
@@ -122,6 +124,7 @@ INIT_STD = {"residual": 0.1, "noise": 0.3, "mlp": 1.0}  # z in chunk units, nois
 VALUE_LEARNING_RATE, LR_FLOOR, MAX_GRAD_NORM = 3e-4, 0.1, 0.5
 CRITIC_LEARNING_RATE, TAU, POLICY_NOISE, NOISE_CLIP, POLICY_FREQUENCY = 3e-4, 0.005, 0.2, 0.5, 2
 OFFLINE_ROWS, BUFFER_SIZE = 100_000, 1_000_000
+HAND_OVER_EPISODES = 10  # --free-actor: the fresh actor's last training episodes its mean return is taken over
 
 
 def with_algo_defaults(args: Args) -> Args:
@@ -156,6 +159,8 @@ def check_args(args: Args) -> str | None:
             f"--num-minibatches ({args.num_minibatches}) must be at most the decisions per rollout, "
             f"--num-envs x --num-steps = {args.num_envs * args.num_steps}"
         )
+    if args.free_actor and (args.algo, args.actor) != ("td3", "residual"):
+        return f"--free-actor trains beside --algo td3 --actor residual, not --algo {args.algo} --actor {args.actor}"
     if args.env_id is not None and not eval.is_dataset_name(args.env_id):
         envs = ", ".join(eval.GYM_ENV_IDS)
         return f"--env-id must be `<env>-<quality>` with env in {envs} (e.g. hopper-medium), got {args.env_id}"
@@ -202,18 +207,21 @@ def step_info(infos: dict, key: str, ended: np.ndarray) -> np.ndarray:
 
 def env_step(envs, chunks: np.ndarray, global_step: int, writer) -> tuple:
     """One decision per environment; `final_obs` is where each chunk ended (the final observation where autoreset
-    replaced it in next_obs), `lengths` the actions each chunk executed (a chunk stops where its episode ends)."""
+    replaced it in next_obs), `lengths` the actions each chunk executed (a chunk stops where its episode ends),
+    `returns` each ended episode's undiscounted return (NaN in the other rows)."""
     next_obs, reward, terminated, truncated, infos = envs.step(chunks)
     done = terminated | truncated
     lengths, final_obs = step_info(infos, "chunk_length", done), np.array(next_obs)
     global_step += int(lengths.sum())
+    returns = np.full(len(done), np.nan)
     if done.any():
         final_obs[done] = np.stack(infos["final_obs"][done])
         episode = infos["final_info"]["episode"]
         for row in np.flatnonzero(done & infos["final_info"]["_episode"]):
+            returns[row] = episode["r"][row]
             writer.add_scalar("charts/episodic_return", episode["r"][row], global_step)
             writer.add_scalar("charts/episodic_length", episode["l"][row], global_step)
-    return next_obs, final_obs, reward, terminated, done, lengths, global_step
+    return next_obs, final_obs, reward, terminated, done, lengths, global_step, returns
 
 
 def anchor_weight_at(global_step: int, args: Args) -> float:
@@ -407,7 +415,7 @@ def train_ppo(args: Args, actor: OnlineActor, checkpoint: dict, gamma: float, wr
                 buffers["values"][t] = state_value(value_net, states)
                 chunk = actor.unscale_actions(actor.chunk(states, buffers["decisions"][t])).cpu().numpy()
             step = env_step(envs, chunk, global_step, writer)
-            next_obs, final_obs, reward, terminated, done, lengths, global_step = step
+            next_obs, final_obs, reward, terminated, done, lengths, global_step, _ = step
             buffers["rewards"][t] = as_tensor(reward_scaler(reward, gamma**lengths, done))
             buffers["discounts"][t] = as_tensor(gamma**lengths)
             buffers["terminations"][t], buffers["ended"][t] = as_tensor(terminated), as_tensor(done)
@@ -498,6 +506,36 @@ def mixed_sample(offline: ChunkReplay, online: ChunkReplay, batch_size: int, off
     return {key: torch.cat([part[key] for part in parts]) for key in parts[0]}, num_offline
 
 
+def history_view(batch: dict, actor: OnlineActor) -> dict:
+    """The batch as `actor` sees it: the last `actor.history_size` states of each history (the fresh actor's one)."""
+    return batch | {key: batch[key][:, -actor.history_size :] for key in ("states", "next_states")}
+
+
+class HandOver:
+    """--free-actor: who collects each episode and which actor is deployed. The offline policy's actor (the anchored
+    residual) and a fresh chunk actor (as --actor mlp) share the critics and every batch; each episode is collected by
+    the one with fewer online steps so far (an equal share of the online data). The fresh actor is deployed (the
+    critics' target follows it, evaluation scores it) while the mean return of its last `window` training episodes is
+    above that of the residual's last `window` (as many as it has)."""
+
+    def __init__(self, num_envs: int, window: int):
+        self.collects_free = np.zeros(num_envs, dtype=bool)  # per environment, for its current episode
+        self.steps, self.returns, self.window = [0, 0], ([], []), window
+
+    def record(self, lengths: np.ndarray, done: np.ndarray, returns: np.ndarray) -> None:
+        """One decision per environment: its executed steps; an ended episode's return, and who collects the next."""
+        for row, length in enumerate(lengths):
+            self.steps[int(self.collects_free[row])] += int(length)
+        for row in np.flatnonzero(done):
+            if np.isfinite(returns[row]):
+                self.returns[int(self.collects_free[row])].append(float(returns[row]))
+            self.collects_free[row] = self.steps[1] < self.steps[0]
+
+    def free_deployed(self) -> bool:
+        free, residual = self.returns[1][-self.window :], self.returns[0][-self.window :]
+        return len(free) == self.window and len(residual) > 0 and np.mean(free) > np.mean(residual)
+
+
 def td3_critic_update(critics, target_critics, optimizer, actor, batch: dict, gamma: float, policy_noise=POLICY_NOISE):
     """TD3's critic step on chunks (Q-chunking: the chunk is the action, the target jumps H steps):
         z' = mean(s') + clip(N(0, policy_noise^2), -NOISE_CLIP, NOISE_CLIP),  a' = chunk(z')
@@ -536,14 +574,17 @@ def td3_actor_update(actor: OnlineActor, critics, optimizer, batch: dict, q_weig
     return log | {"charts/box_excess": excess.item()}
 
 
-def train_td3(args: Args, actor: OnlineActor, checkpoint: dict, gamma: float, writer, run: dict):
+def train_td3(args: Args, actor: OnlineActor, checkpoint: dict, gamma: float, writer, run: dict, free=None):
     """--algo td3: fresh LayerNorm chunk critics (RLPD) learn the offline data first, the actor frozen; then TD3
-    on mixed batches. No --resume: the checkpoint keeps the learner, not the replay."""
-    device = run["device"]
+    on mixed batches; with a `free` (fresh) actor beside it, `HandOver` picks who collects and who is deployed.
+    No --resume: the checkpoint keeps the learner, not the replay."""
+    device, deployed = run["device"], actor
     critics = ChunkCritics(actor.policy_config.obs_dim, actor.act_dim, actor.chunk_size, layer_norm=True).to(device)
     target_critics = copy.deepcopy(critics).requires_grad_(False)
     critic_optimizer = torch.optim.Adam(critics.parameters(), lr=CRITIC_LEARNING_RATE)
     actor_optimizer = torch.optim.Adam(actor.head.parameters(), lr=args.learning_rate)
+    free_optimizer = torch.optim.Adam(free.head.parameters(), lr=args.learning_rate) if free is not None else None
+    hand_over, free_log = HandOver(args.num_envs, HAND_OVER_EPISODES), {}
     history = {"step": [], "scores": []}
     evaluate(0, actor, history, writer, args, checkpoint, run["path"])  # the hand-over
     write_checkpoint(0, actor, {"critics": critics.state_dict()}, history, args, checkpoint, run)
@@ -572,10 +613,15 @@ def train_td3(args: Args, actor: OnlineActor, checkpoint: dict, gamma: float, wr
     while global_step < args.total_timesteps:
         # Collect one decision per environment: z = mean(s) + exploration noise, its chunk executed.
         with torch.no_grad():
-            z = actor.mean(states, anchors) + args.exploration_noise * torch.randn_like(anchors)
-            chunks = actor.chunk(states, z)
+            z = actor.mean(states, anchors)
+            if free is not None:  # the rows whose episode the fresh actor collects
+                rows = torch.as_tensor(hand_over.collects_free, device=device).view(-1, 1, 1)
+                z = torch.where(rows, free.mean(states[:, -free.history_size :], anchors), z)
+            chunks = actor.chunk(states, z + args.exploration_noise * torch.randn_like(anchors))
         step = env_step(envs, actor.unscale_actions(chunks).cpu().numpy(), global_step, writer)
-        next_obs, final_obs, reward, terminated, done, lengths, global_step = step
+        next_obs, final_obs, reward, terminated, done, lengths, global_step, returns = step
+        hand_over.record(lengths, done, returns)
+        deployed = free if hand_over.free_deployed() else actor
         progress.update(int(lengths.sum()))
         next_states = actor.normalize_states(as_tensor(final_obs))
         next_anchors = actor.anchor_mean(next_states)
@@ -589,11 +635,15 @@ def train_td3(args: Args, actor: OnlineActor, checkpoint: dict, gamma: float, wr
         try:
             for _ in range(args.utd_ratio * args.num_envs):
                 batch, num_offline = mixed_sample(offline, online, args.batch_size, args.offline_ratio)
-                log, q = td3_critic_update(critics, target_critics, critic_optimizer, actor, batch, gamma)
+                view = history_view(batch, deployed)  # the target follows the deployed actor
+                log, q = td3_critic_update(critics, target_critics, critic_optimizer, deployed, view, gamma)
                 updates += 1
                 if updates % POLICY_FREQUENCY == 0 and global_step >= args.actor_learning_starts:
                     weight = anchor_weight_at(global_step, args)
                     actor_log = td3_actor_update(actor, critics, actor_optimizer, batch, args.q_weight, weight)
+                if free is not None and updates % POLICY_FREQUENCY == 0:  # the fresh actor: no anchor
+                    view = history_view(batch, free)
+                    free_log = td3_actor_update(free, critics, free_optimizer, view, args.q_weight, 0.0)
                 soft_update(target_critics, critics, TAU)
         except eval.NonFiniteLoss as error:
             eval.fail(f"step {global_step}: {error}; stopped (the last checkpoint is untouched: {run['path']})")
@@ -601,6 +651,8 @@ def train_td3(args: Args, actor: OnlineActor, checkpoint: dict, gamma: float, wr
             log |= actor_log | {"losses/q_offline": q[:num_offline].mean().item()}
             log |= {"losses/q_online": q[num_offline:].mean().item(), "charts/updates_per_step": updates / global_step}
             log |= {"charts/exploration_noise": args.exploration_noise}
+            log |= {f"free_actor/{tag.split('/')[1]}": number for tag, number in free_log.items()}
+            log |= {"free_actor/deployed": float(deployed is free), "free_actor/steps": hand_over.steps[1]}
             log |= {"charts/SPS": global_step / (time.time() - start_time)}
             for tag, number in log.items():
                 writer.add_scalar(tag, number, global_step)
@@ -609,8 +661,12 @@ def train_td3(args: Args, actor: OnlineActor, checkpoint: dict, gamma: float, wr
             progress.set_postfix(shown, refresh=False)
         if global_step >= next_eval or global_step >= args.total_timesteps:
             next_eval = (global_step // args.eval_every + 1) * args.eval_every
-            evaluate(global_step, actor, history, writer, args, checkpoint, run["path"])
-            write_checkpoint(global_step, actor, {"critics": critics.state_dict()}, history, args, checkpoint, run)
+            evaluate(global_step, deployed, history, writer, args, checkpoint, run["path"])
+            learner = {"critics": critics.state_dict()}  # and the actor not deployed, if there are two
+            learner |= (
+                {"standby_actor": (actor if deployed is free else free).to_checkpoint()} if free is not None else {}
+            )
+            write_checkpoint(global_step, deployed, learner, history, args, checkpoint, run)
     progress.close()
     envs.close()
 
@@ -715,8 +771,9 @@ if __name__ == "__main__":
         actor = eval.built_or_fail(args.resume, resumed["actor"], "the actor", device).train()
     # Fine-tuning: TD3 on chunks with the offline data (the default), or the paper's PPO.
     run = dict(name=run_name, sub_policy=sub_policy, selection=selection_table, path=checkpoint_path, device=device)
-    if args.algo == "td3":
-        train_td3(args, actor, checkpoint, gamma, writer, run)
+    if args.algo == "td3":  # --free-actor: a fresh chunk actor (as --actor mlp) beside the offline policy's
+        free = OnlineActor("mlp", policy, 0, INIT_STD["mlp"], actor.chunk_size).to(device) if args.free_actor else None
+        train_td3(args, actor, checkpoint, gamma, writer, run, free)
     else:
         train_ppo(args, actor, checkpoint, gamma, writer, run, resumed)
     writer.close()

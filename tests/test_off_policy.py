@@ -1,7 +1,8 @@
 """uepo_online.py --algo td3: the chunk critic's target by hand (summed discounted rewards, gamma^L
 bootstrap, none after a termination, one after a time-limit truncation), RLPD's mixed batches, the
-replay's ring buffer, the actor step's direction, and a tiny end-to-end run whose first evaluation
-is exactly the selected sub-policy's score and whose checkpoint reloads to its last evaluation."""
+replay's ring buffer, the actor step's direction, --free-actor's hand-over rule, and tiny end-to-end
+runs whose first evaluation is exactly the selected sub-policy's score and whose checkpoint reloads to
+its last evaluation."""
 
 import numpy as np
 import pytest
@@ -9,13 +10,16 @@ import torch
 from test_diffusion import make_policy
 from test_online import TINY_ONLINE, assert_reloads_to_its_last_evaluation, run_online
 
+from conftest import logged_scalars
 from diffusion import OnlineActor
 from dynamics import ChunkCritics
 from eval import load_checkpoint
 from uepo_online import (
     Args,
     ChunkReplay,
+    HandOver,
     anchor_weight_at,
+    history_view,
     mixed_sample,
     td3_actor_update,
     td3_critic_update,
@@ -138,6 +142,33 @@ def test_each_learner_fills_the_flags_left_unset_with_its_own_defaults():
     assert (args.actor, args.num_envs, args.total_timesteps, args.anchor_floor) == ("residual", 4, 1_000_000, 0.0)
 
 
+def test_the_hand_over_shares_the_steps_and_deploys_the_fresh_actor_once_it_returns_more():
+    """Two environments. Each episode goes to the actor with fewer online steps when it starts; the fresh
+    actor is deployed only with `window` episodes of its own whose mean return beats the residual's last ones."""
+    hand_over = HandOver(num_envs=2, window=2)
+    nan = np.nan
+    hand_over.record(np.array([4, 4]), np.array([True, False]), np.array([300.0, nan]))  # env 0: residual's ends
+    assert hand_over.steps == [8, 0] and hand_over.collects_free.tolist() == [True, False]
+    hand_over.record(np.array([3, 4]), np.array([True, True]), np.array([10.0, 200.0]))  # free 10, residual 200
+    assert hand_over.steps == [12, 3] and hand_over.collects_free.tolist() == [True, True]
+    assert hand_over.returns == ([300.0, 200.0], [10.0]) and not hand_over.free_deployed()  # one episode < window
+    hand_over.record(np.array([4, 2]), np.array([False, True]), np.array([nan, 700.0]))  # free: 10, 700
+    assert hand_over.steps == [12, 9] and hand_over.collects_free.tolist() == [True, True]
+    assert hand_over.free_deployed()  # mean 355 against the residual's 250
+    hand_over.record(np.array([4, 4]), np.array([True, True]), np.array([0.0, 0.0]))  # free: ..., 0, 0
+    assert hand_over.steps == [12, 17] and hand_over.collects_free.tolist() == [False, False]
+    assert not hand_over.free_deployed()  # its last 2: mean 0
+
+
+def test_each_actor_sees_its_own_history_length():
+    batch = {"states": torch.randn(5, 2, 3), "next_states": torch.randn(5, 2, 3), "chunks": torch.randn(5, 4, 2)}
+    fresh = OnlineActor("mlp", make_policy(), 0, 1.0, mlp_chunk_size=4)
+    view = history_view(batch, fresh)
+    assert view["states"].shape == (5, 1, 3) and torch.equal(view["next_states"][:, 0], batch["next_states"][:, -1])
+    residual = OnlineActor("residual", make_policy(), 0, 0.1)
+    assert view["chunks"] is batch["chunks"] and torch.equal(history_view(batch, residual)["states"], batch["states"])
+
+
 # The online tests' tiny run (its PPO-only flags are unused by td3) with td3's own sizes.
 TINY_TD3 = [
     *TINY_ONLINE,
@@ -190,9 +221,31 @@ def test_a_td3_run_starts_at_the_selected_sub_policy_learns_and_reloads(
     assert_reloads_to_its_last_evaluation(actor, checkpoint)
 
 
+def test_a_free_actor_run_starts_at_the_hand_over_shares_the_steps_and_saves_both_actors(offline_checkpoint, tmp_path):
+    """--free-actor: the step-0 evaluation is still the selected sub-policy (no fresh episodes yet), the fresh
+    actor collects and learns, and the checkpoint holds the deployed actor (which reproduces the last
+    evaluation, and is the one the last log calls deployed) and the other as the standby."""
+    path = tmp_path / "online.pt"
+    arguments = ["--checkpoint", str(offline_checkpoint), "--checkpoint-path", str(path), *TINY_TD3, "--free-actor"]
+    result = run_online(arguments, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    checkpoint = load_checkpoint(str(path), expected_gym_id="Hopper-v5")
+    chosen = [line for line in result.stdout.splitlines() if line.endswith("| yes |")]
+    assert np.mean(checkpoint["history"]["scores"][0]) == pytest.approx(
+        float(chosen[0].split("|")[3].split("+-")[0]), abs=0.051
+    )
+    logged = logged_scalars(tmp_path)
+    assert 0 < logged["free_actor/steps"][-1][1] < checkpoint["global_step"] and "free_actor/actor_loss" in logged
+    actor, standby = (OnlineActor.from_checkpoint(checkpoint[key]) for key in ("actor", "standby_actor"))
+    assert {actor.kind, standby.kind} == {"residual", "mlp"} and standby.chunk_size == actor.chunk_size == 4
+    assert (actor.kind == "mlp") == (logged["free_actor/deployed"][-1][1] == 1.0)
+    assert_reloads_to_its_last_evaluation(actor, checkpoint)
+
+
 @pytest.mark.parametrize(
     "flags, message",
     [
+        (["--free-actor", "--actor", "noise"], "--free-actor trains beside --algo td3 --actor residual"),
         (["--offline-ratio", "1.5"], "--offline-ratio must be in [0, 1]"),
         (["--utd-ratio", "0"], "--utd-ratio must be in [1, 1000], got 0"),
         (["--q-weight", "0"], "--q-weight must be in (0, 1000000], got 0"),
