@@ -658,14 +658,13 @@ def train_td3(args: Args, actor: OnlineActor, checkpoint: dict, gamma: float, wr
                 writer.add_scalar(tag, number, global_step)
             shown = {key: f"{log['losses/' + key]:.3f}" for key in ("critic_loss", "q_offline", "q_online")}
             shown["distance"] = f"{log.get('charts/distance_to_offline', 0.0):.4f}"
+            shown |= {} if free is None else {"deployed": "fresh" if deployed is free else "offline"}
             progress.set_postfix(shown, refresh=False)
         if global_step >= next_eval or global_step >= args.total_timesteps:
             next_eval = (global_step // args.eval_every + 1) * args.eval_every
             evaluate(global_step, deployed, history, writer, args, checkpoint, run["path"])
-            learner = {"critics": critics.state_dict()}  # and the actor not deployed, if there are two
-            learner |= (
-                {"standby_actor": (actor if deployed is free else free).to_checkpoint()} if free is not None else {}
-            )
+            standby = {} if free is None else {"standby_actor": (actor if deployed is free else free).to_checkpoint()}
+            learner = {"critics": critics.state_dict()} | standby  # the actor not deployed, if there are two
             write_checkpoint(global_step, deployed, learner, history, args, checkpoint, run)
     progress.close()
     envs.close()
