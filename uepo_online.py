@@ -103,6 +103,8 @@ class Args:
     """critic updates on the offline data before the first online step"""
     free_actor: bool = False
     """also train a fresh chunk actor on the same critics and deploy it once its episodes return more"""
+    free_actor_target: Literal["deployed", "best"] = "deployed"
+    """with --free-actor: the critics' target follows the deployed actor, or the better of the two by Q"""
     # Evaluation and checkpoint
     eval_every: int | None = None
     """evaluate every this many steps, and at 0 and the end (td3 25k, ppo 20k)"""
@@ -159,6 +161,8 @@ def check_args(args: Args) -> str | None:
             f"--num-minibatches ({args.num_minibatches}) must be at most the decisions per rollout, "
             f"--num-envs x --num-steps = {args.num_envs * args.num_steps}"
         )
+    if args.free_actor_target != "deployed" and not args.free_actor:
+        return f"--free-actor-target {args.free_actor_target} chooses between the two actors of --free-actor"
     if args.free_actor and (args.algo, args.actor) != ("td3", "residual"):
         return f"--free-actor trains beside --algo td3 --actor residual, not --algo {args.algo} --actor {args.actor}"
     if args.env_id is not None and not eval.is_dataset_name(args.env_id):
@@ -536,16 +540,27 @@ class HandOver:
         return len(free) == self.window and len(residual) > 0 and np.mean(free) > np.mean(residual)
 
 
-def td3_critic_update(critics, target_critics, optimizer, actor, batch: dict, gamma: float, policy_noise=POLICY_NOISE):
+def next_chunk_q(target_critics, actor: OnlineActor, batch: dict, noise: torch.Tensor) -> torch.Tensor:
+    """min_k Q'_k(s', chunk(mean(s') + noise)), the actor's mean on its own history of s'."""
+    next_states = history_view(batch, actor)["next_states"]
+    next_z = actor.mean(next_states, batch["next_anchors"])
+    return target_critics.q(batch["next_states"][:, -1], actor.chunk(next_states, next_z + noise))
+
+
+def td3_critic_update(
+    critics, target_critics, optimizer, actor, batch: dict, gamma: float, policy_noise=POLICY_NOISE, alternative=None
+):
     """TD3's critic step on chunks (Q-chunking: the chunk is the action, the target jumps H steps):
         z' = mean(s') + clip(N(0, policy_noise^2), -NOISE_CLIP, NOISE_CLIP),  a' = chunk(z')
         y = R + gamma^L (1 - terminated) min_k Q'_k(s', a')  (`dynamics.chunk_td_target`)
         loss = sum_k mean (Q_k(s, a) - y)^2
-    Q sees the current state (the last of the history) and the chunk in [-1, 1]."""
+    Q sees the current state (the last of the history) and the chunk in [-1, 1]. With an `alternative` actor
+    (--free-actor-target best) y bootstraps from the larger of the two actors' min_k Q'_k(s', a')."""
     with torch.no_grad():
         noise = (torch.randn_like(batch["next_anchors"]) * policy_noise).clamp(-NOISE_CLIP, NOISE_CLIP)
-        next_z = actor.mean(batch["next_states"], batch["next_anchors"])
-        next_q = target_critics.q(batch["next_states"][:, -1], actor.chunk(batch["next_states"], next_z + noise))
+        next_q = next_chunk_q(target_critics, actor, batch, noise)
+        if alternative is not None:
+            next_q = torch.maximum(next_q, next_chunk_q(target_critics, alternative, batch, noise))
         target = chunk_td_target(batch["rewards"], batch["terminals"], batch["lengths"], next_q, gamma)
     q1, q2 = critics.q_heads(batch["states"][:, -1], batch["chunks"])
     loss = ((q1 - target) ** 2).mean() + ((q2 - target) ** 2).mean()
@@ -635,8 +650,10 @@ def train_td3(args: Args, actor: OnlineActor, checkpoint: dict, gamma: float, wr
         try:
             for _ in range(args.utd_ratio * args.num_envs):
                 batch, num_offline = mixed_sample(offline, online, args.batch_size, args.offline_ratio)
-                view = history_view(batch, deployed)  # the target follows the deployed actor
-                log, q = td3_critic_update(critics, target_critics, critic_optimizer, deployed, view, gamma)
+                other = (actor if deployed is free else free) if args.free_actor_target == "best" else None
+                log, q = td3_critic_update(
+                    critics, target_critics, critic_optimizer, deployed, batch, gamma, alternative=other
+                )
                 updates += 1
                 if updates % POLICY_FREQUENCY == 0 and global_step >= args.actor_learning_starts:
                     weight = anchor_weight_at(global_step, args)

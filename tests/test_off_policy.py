@@ -69,6 +69,33 @@ def test_the_chunk_critic_target_equals_a_hand_computation():
     np.testing.assert_allclose(q1.numpy(), 3.0)
 
 
+class ChunkSumTarget:
+    """Target critics whose min over heads is the sum of the chunk's entries."""
+
+    def q(self, states, chunks):
+        return chunks.sum(dim=(1, 2))
+
+
+def test_the_target_with_an_alternative_actor_bootstraps_from_the_larger_next_q():
+    """--free-actor-target best. The residual's next chunk is its anchor (its head starts at 0), every entry
+    a; the fresh actor's head is set to output -0.25 everywhere. Q'(s', chunk) = the chunk's sum, so the two
+    next Qs are 8a and -2: with a = 0.5 y = 1 + 0.9^4 * 4; with a = -0.5 y = 1 + 0.9^4 * (-2); alone, 8a."""
+    residual = OnlineActor("residual", make_policy(), sub_policy=2, init_std=0.1)
+    fresh = OnlineActor("mlp", make_policy(), 0, 1.0, mlp_chunk_size=4)
+    torch.nn.init.zeros_(fresh.head[-1].weight)
+    torch.nn.init.constant_(fresh.head[-1].bias, -0.25)
+    critics = constant_critics(3.0, 3.0)
+    optimizer = torch.optim.SGD(critics.parameters(), lr=0.0)
+    for a, alternative, next_q in ((0.5, fresh, 4.0), (-0.5, fresh, -2.0), (-0.5, None, -4.0)):
+        batch = replay_rows(1, start=1.0)
+        batch["next_anchors"] = torch.full((1, 4, 2), a)
+        log, _ = td3_critic_update(
+            critics, ChunkSumTarget(), optimizer, residual, batch, gamma=0.9, policy_noise=0.0, alternative=alternative
+        )
+        y = 1.0 + 0.9**4 * next_q
+        assert log["losses/critic_loss"] == pytest.approx(2 * (3.0 - y) ** 2, rel=1e-5)
+
+
 def test_a_mixed_batch_takes_the_offline_share_and_all_offline_before_online_data():
     offline_rows, online_rows = replay_rows(50), replay_rows(20, start=1000.0)  # online rewards >= 1000
     offline, online = ChunkReplay(50, offline_rows), ChunkReplay(30, online_rows)
@@ -227,6 +254,7 @@ def test_a_free_actor_run_starts_at_the_hand_over_shares_the_steps_and_saves_bot
     evaluation, and is the one the last log calls deployed) and the other as the standby."""
     path = tmp_path / "online.pt"
     arguments = ["--checkpoint", str(offline_checkpoint), "--checkpoint-path", str(path), *TINY_TD3, "--free-actor"]
+    arguments += ["--free-actor-target", "best"]
     result = run_online(arguments, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     checkpoint = load_checkpoint(str(path), expected_gym_id="Hopper-v5")
@@ -246,6 +274,7 @@ def test_a_free_actor_run_starts_at_the_hand_over_shares_the_steps_and_saves_bot
     "flags, message",
     [
         (["--free-actor", "--actor", "noise"], "--free-actor trains beside --algo td3 --actor residual"),
+        (["--free-actor-target", "best"], "--free-actor-target best chooses between the two actors of --free-actor"),
         (["--offline-ratio", "1.5"], "--offline-ratio must be in [0, 1]"),
         (["--utd-ratio", "0"], "--utd-ratio must be in [1, 1000], got 0"),
         (["--q-weight", "0"], "--q-weight must be in (0, 1000000], got 0"),
