@@ -518,9 +518,9 @@ def history_view(batch: dict, actor: OnlineActor) -> dict:
 class HandOver:
     """--free-actor: who collects each episode and which actor is deployed. The offline policy's actor (the anchored
     residual) and a fresh chunk actor (as --actor mlp) share the critics and every batch; each episode is collected by
-    the one with fewer online steps so far (an equal share of the online data). The fresh actor is deployed (the
-    critics' target follows it, evaluation scores it) while the mean return of its last `window` training episodes is
-    above that of the residual's last `window` (as many as it has)."""
+    the one with fewer online steps so far (an equal share of the online data). The fresh actor is deployed (evaluation
+    scores it; with --free-actor-target deployed the critics' target follows it) while the mean return of its last
+    `window` training episodes is above that of the residual's last `window` (as many as it has)."""
 
     def __init__(self, num_envs: int, window: int):
         self.collects_free = np.zeros(num_envs, dtype=bool)  # per environment, for its current episode
@@ -593,7 +593,7 @@ def train_td3(args: Args, actor: OnlineActor, checkpoint: dict, gamma: float, wr
     """--algo td3: fresh LayerNorm chunk critics (RLPD) learn the offline data first, the actor frozen; then TD3
     on mixed batches; with a `free` (fresh) actor beside it, `HandOver` picks who collects and who is deployed.
     No --resume: the checkpoint keeps the learner, not the replay."""
-    device, deployed = run["device"], actor
+    device, deployed, standby = run["device"], actor, free
     critics = ChunkCritics(actor.policy_config.obs_dim, actor.act_dim, actor.chunk_size, layer_norm=True).to(device)
     target_critics = copy.deepcopy(critics).requires_grad_(False)
     critic_optimizer = torch.optim.Adam(critics.parameters(), lr=CRITIC_LEARNING_RATE)
@@ -636,7 +636,8 @@ def train_td3(args: Args, actor: OnlineActor, checkpoint: dict, gamma: float, wr
         step = env_step(envs, actor.unscale_actions(chunks).cpu().numpy(), global_step, writer)
         next_obs, final_obs, reward, terminated, done, lengths, global_step, returns = step
         hand_over.record(lengths, done, returns)
-        deployed = free if hand_over.free_deployed() else actor
+        deployed, standby = (free, actor) if hand_over.free_deployed() else (actor, free)
+        alternative = standby if args.free_actor_target == "best" else None
         progress.update(int(lengths.sum()))
         next_states = actor.normalize_states(as_tensor(final_obs))
         next_anchors = actor.anchor_mean(next_states)
@@ -650,9 +651,8 @@ def train_td3(args: Args, actor: OnlineActor, checkpoint: dict, gamma: float, wr
         try:
             for _ in range(args.utd_ratio * args.num_envs):
                 batch, num_offline = mixed_sample(offline, online, args.batch_size, args.offline_ratio)
-                other = (actor if deployed is free else free) if args.free_actor_target == "best" else None
                 log, q = td3_critic_update(
-                    critics, target_critics, critic_optimizer, deployed, batch, gamma, alternative=other
+                    critics, target_critics, critic_optimizer, deployed, batch, gamma, alternative=alternative
                 )
                 updates += 1
                 if updates % POLICY_FREQUENCY == 0 and global_step >= args.actor_learning_starts:
@@ -668,8 +668,9 @@ def train_td3(args: Args, actor: OnlineActor, checkpoint: dict, gamma: float, wr
             log |= actor_log | {"losses/q_offline": q[:num_offline].mean().item()}
             log |= {"losses/q_online": q[num_offline:].mean().item(), "charts/updates_per_step": updates / global_step}
             log |= {"charts/exploration_noise": args.exploration_noise}
-            log |= {f"free_actor/{tag.split('/')[1]}": number for tag, number in free_log.items()}
-            log |= {"free_actor/deployed": float(deployed is free), "free_actor/steps": hand_over.steps[1]}
+            if free is not None:
+                log |= {f"free_actor/{tag.split('/')[1]}": number for tag, number in free_log.items()}
+                log |= {"free_actor/deployed": float(deployed is free), "free_actor/steps": hand_over.steps[1]}
             log |= {"charts/SPS": global_step / (time.time() - start_time)}
             for tag, number in log.items():
                 writer.add_scalar(tag, number, global_step)
@@ -680,8 +681,8 @@ def train_td3(args: Args, actor: OnlineActor, checkpoint: dict, gamma: float, wr
         if global_step >= next_eval or global_step >= args.total_timesteps:
             next_eval = (global_step // args.eval_every + 1) * args.eval_every
             evaluate(global_step, deployed, history, writer, args, checkpoint, run["path"])
-            standby = {} if free is None else {"standby_actor": (actor if deployed is free else free).to_checkpoint()}
-            learner = {"critics": critics.state_dict()} | standby  # the actor not deployed, if there are two
+            learner = {"critics": critics.state_dict()}  # and the actor not deployed, if there are two
+            learner |= {} if standby is None else {"standby_actor": standby.to_checkpoint()}
             write_checkpoint(global_step, deployed, learner, history, args, checkpoint, run)
     progress.close()
     envs.close()
