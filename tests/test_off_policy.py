@@ -208,6 +208,13 @@ TINY_TD3 = [
 ]
 
 
+def assert_starts_at_the_selection_score(stdout: str, checkpoint: dict) -> None:
+    """The step-0 evaluation equals the chosen candidate's real score in the printed selection table (1 decimal)."""
+    chosen = [line for line in stdout.splitlines() if line.endswith("| yes |")]
+    selection_score = float(chosen[0].split("|")[3].split("+-")[0])
+    assert np.mean(checkpoint["history"]["scores"][0]) == pytest.approx(selection_score, abs=0.051)
+
+
 @pytest.mark.parametrize(
     "actor_kind, flags, chunk_size",
     [
@@ -238,9 +245,7 @@ def test_a_td3_run_starts_at_the_selected_sub_policy_learns_and_reloads(
     actor = OnlineActor.from_checkpoint(checkpoint["actor"])
     assert actor.kind == actor_kind and actor.chunk_size == chunk_size
     if actor_kind == "residual":
-        chosen = [line for line in result.stdout.splitlines() if line.endswith("| yes |")]
-        selection_score = float(chosen[0].split("|")[3].split("+-")[0])
-        assert np.mean(checkpoint["history"]["scores"][0]) == pytest.approx(selection_score, abs=0.051)
+        assert_starts_at_the_selection_score(result.stdout, checkpoint)
         assert actor.head[-1].weight.abs().sum() > 0  # it started at exactly 0
     else:
         assert "from scratch: no selection" in result.stdout
@@ -258,10 +263,7 @@ def test_a_free_actor_run_starts_at_the_hand_over_shares_the_steps_and_saves_bot
     result = run_online(arguments, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     checkpoint = load_checkpoint(str(path), expected_gym_id="Hopper-v5")
-    chosen = [line for line in result.stdout.splitlines() if line.endswith("| yes |")]
-    assert np.mean(checkpoint["history"]["scores"][0]) == pytest.approx(
-        float(chosen[0].split("|")[3].split("+-")[0]), abs=0.051
-    )
+    assert_starts_at_the_selection_score(result.stdout, checkpoint)
     logged = logged_scalars(tmp_path)
     assert 0 < logged["free_actor/steps"][-1][1] < checkpoint["global_step"] and "free_actor/actor_loss" in logged
     actor, standby = (OnlineActor.from_checkpoint(checkpoint[key]) for key in ("actor", "standby_actor"))
