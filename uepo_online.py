@@ -102,9 +102,7 @@ class Args:
     offline_critic_updates: int = 25_000
     """critic updates on the offline data before the first online step"""
     free_actor: bool = False
-    """also train a fresh chunk actor on the same critics and deploy it once its episodes return more"""
-    free_actor_target: Literal["deployed", "best"] = "deployed"
-    """with --free-actor: the critics' target follows the deployed actor, or the better of the two by Q"""
+    """a fresh chunk actor explores beside the residual; trial episodes choose which frozen copy is deployed"""
     # Evaluation and checkpoint
     eval_every: int | None = None
     """evaluate every this many steps, and at 0 and the end (td3 25k, ppo 20k)"""
@@ -126,7 +124,7 @@ INIT_STD = {"residual": 0.1, "noise": 0.3, "mlp": 1.0}  # z in chunk units, nois
 VALUE_LEARNING_RATE, LR_FLOOR, MAX_GRAD_NORM = 3e-4, 0.1, 0.5
 CRITIC_LEARNING_RATE, TAU, POLICY_NOISE, NOISE_CLIP, POLICY_FREQUENCY = 3e-4, 0.005, 0.2, 0.5, 2
 OFFLINE_ROWS, BUFFER_SIZE = 100_000, 1_000_000
-HAND_OVER_EPISODES = 10  # --free-actor: the fresh actor's last training episodes its mean return is taken over
+TRIAL_EPISODES = 3  # --free-actor: deterministic episodes each candidate plays in a trial round
 
 
 def with_algo_defaults(args: Args) -> Args:
@@ -161,8 +159,6 @@ def check_args(args: Args) -> str | None:
             f"--num-minibatches ({args.num_minibatches}) must be at most the decisions per rollout, "
             f"--num-envs x --num-steps = {args.num_envs * args.num_steps}"
         )
-    if args.free_actor_target != "deployed" and not args.free_actor:
-        return f"--free-actor-target {args.free_actor_target} chooses between the two actors of --free-actor"
     if args.free_actor and (args.algo, args.actor) != ("td3", "residual"):
         return f"--free-actor trains beside --algo td3 --actor residual, not --algo {args.algo} --actor {args.actor}"
     if args.env_id is not None and not eval.is_dataset_name(args.env_id):
@@ -515,29 +511,54 @@ def history_view(batch: dict, actor: OnlineActor) -> dict:
     return batch | {key: batch[key][:, -actor.history_size :] for key in ("states", "next_states")}
 
 
-class HandOver:
-    """--free-actor: who collects each episode and which actor is deployed. The offline policy's actor (the anchored
-    residual) and a fresh chunk actor (as --actor mlp) share the critics and every batch; each episode is collected by
-    the one with fewer online steps so far (an equal share of the online data). The fresh actor is deployed (evaluation
-    scores it; with --free-actor-target deployed the critics' target follows it) while the mean return of its last
-    `window` training episodes is above that of the residual's last `window` (as many as it has)."""
+class Gate:
+    """--free-actor: who plays each episode and which policy is deployed. The fresh actor explores: it plays every
+    episode that is not a trial, with exploration noise. A trial round queues a frozen copy of each candidate for
+    `episodes` deterministic episodes in the training environments (their transitions go to the replay as any
+    other); once a copy's episodes are in, it is deployed if its mean return is above the deployed copy's, and
+    stays frozen until another copy wins. The first round is the hand-over alone, deployed from step 0."""
 
-    def __init__(self, num_envs: int, window: int):
-        self.collects_free = np.zeros(num_envs, dtype=bool)  # per environment, for its current episode
-        self.steps, self.returns, self.window = [0, 0], ([], []), window
+    def __init__(self, num_envs: int, hand_over: OnlineActor, episodes: int):
+        self.episodes, self.queue, self.record = episodes, [], -np.inf
+        self.schedule({"hand-over": hand_over})
+        self.deployed, self.deployed_name = self.queue[0]["policy"], "hand-over"
+        self.players = [self.next_trial() for _ in range(num_envs)]  # per environment: its episode's trial or None
 
-    def record(self, lengths: np.ndarray, done: np.ndarray, returns: np.ndarray) -> None:
-        """One decision per environment: its executed steps; an ended episode's return, and who collects the next."""
-        for row, length in enumerate(lengths):
-            self.steps[int(self.collects_free[row])] += int(length)
+    def schedule(self, candidates: dict) -> None:
+        for name, candidate in candidates.items():
+            policy = copy.deepcopy(candidate).requires_grad_(False)
+            self.queue.append({"name": name, "policy": policy, "returns": [], "to_start": self.episodes})
+
+    def next_trial(self) -> dict | None:
+        """The trial that plays the next episode (None: the fresh actor explores)."""
+        if not self.queue:
+            return None
+        trial = self.queue[0]
+        trial["to_start"] -= 1
+        if trial["to_start"] == 0:
+            self.queue.pop(0)
+        return trial
+
+    def record_episodes(self, done: np.ndarray, returns: np.ndarray) -> None:
+        """Ended episodes: a trial's return (its copy deployed if it wins); the row's next episode's player."""
         for row in np.flatnonzero(done):
-            if np.isfinite(returns[row]):
-                self.returns[int(self.collects_free[row])].append(float(returns[row]))
-            self.collects_free[row] = self.steps[1] < self.steps[0]
+            trial = self.players[row]
+            if trial is not None:
+                trial["returns"].append(float(returns[row]))
+                score = np.mean(trial["returns"])  # a NaN return never wins
+                if len(trial["returns"]) == self.episodes and score > self.record:
+                    self.deployed, self.deployed_name, self.record = trial["policy"], trial["name"], float(score)
+            self.players[row] = self.next_trial()
 
-    def free_deployed(self) -> bool:
-        free, residual = self.returns[1][-self.window :], self.returns[0][-self.window :]
-        return len(free) == self.window and len(residual) > 0 and np.mean(free) > np.mean(residual)
+
+def gate_decisions(gate: Gate, free: OnlineActor, states, anchors, noise) -> torch.Tensor:
+    """z of every environment's decision: its trial copy's mean, or the fresh actor's mean + exploration noise."""
+    rows = []
+    for row, trial in enumerate(gate.players):
+        player = free if trial is None else trial["policy"]
+        z = player.mean(states[row : row + 1, -player.history_size :], anchors[row : row + 1])
+        rows.append(z + noise[row : row + 1] if trial is None else z)
+    return torch.cat(rows)
 
 
 def next_chunk_q(target_critics, actor: OnlineActor, batch: dict, noise: torch.Tensor) -> torch.Tensor:
@@ -547,20 +568,15 @@ def next_chunk_q(target_critics, actor: OnlineActor, batch: dict, noise: torch.T
     return target_critics.q(batch["next_states"][:, -1], actor.chunk(next_states, next_z + noise))
 
 
-def td3_critic_update(
-    critics, target_critics, optimizer, actor, batch: dict, gamma: float, policy_noise=POLICY_NOISE, alternative=None
-):
+def td3_critic_update(critics, target_critics, optimizer, actor, batch: dict, gamma: float, policy_noise=POLICY_NOISE):
     """TD3's critic step on chunks (Q-chunking: the chunk is the action, the target jumps H steps):
         z' = mean(s') + clip(N(0, policy_noise^2), -NOISE_CLIP, NOISE_CLIP),  a' = chunk(z')
         y = R + gamma^L (1 - terminated) min_k Q'_k(s', a')  (`dynamics.chunk_td_target`)
         loss = sum_k mean (Q_k(s, a) - y)^2
-    Q sees the current state (the last of the history) and the chunk in [-1, 1]. With an `alternative` actor
-    (--free-actor-target best) y bootstraps from the larger of the two actors' min_k Q'_k(s', a')."""
+    Q sees the current state (the last of the history) and the chunk in [-1, 1]."""
     with torch.no_grad():
         noise = (torch.randn_like(batch["next_anchors"]) * policy_noise).clamp(-NOISE_CLIP, NOISE_CLIP)
         next_q = next_chunk_q(target_critics, actor, batch, noise)
-        if alternative is not None:
-            next_q = torch.maximum(next_q, next_chunk_q(target_critics, alternative, batch, noise))
         target = chunk_td_target(batch["rewards"], batch["terminals"], batch["lengths"], next_q, gamma)
     q1, q2 = critics.q_heads(batch["states"][:, -1], batch["chunks"])
     loss = ((q1 - target) ** 2).mean() + ((q2 - target) ** 2).mean()
@@ -591,15 +607,17 @@ def td3_actor_update(actor: OnlineActor, critics, optimizer, batch: dict, q_weig
 
 def train_td3(args: Args, actor: OnlineActor, checkpoint: dict, gamma: float, writer, run: dict, free=None):
     """--algo td3: fresh LayerNorm chunk critics (RLPD) learn the offline data first, the actor frozen; then TD3
-    on mixed batches; with a `free` (fresh) actor beside it, `HandOver` picks who collects and who is deployed.
-    No --resume: the checkpoint keeps the learner, not the replay."""
-    device, deployed, standby = run["device"], actor, free
+    on mixed batches; with a `free` (fresh) actor beside it, it explores, the critics' target follows it, and
+    `Gate` deploys a frozen copy of whichever actor wins a trial round. No --resume: the checkpoint keeps the
+    learner, not the replay."""
+    device, deployed = run["device"], actor
+    learner_actor = actor if free is None else free  # the actor the critics' target follows: the explorer
     critics = ChunkCritics(actor.policy_config.obs_dim, actor.act_dim, actor.chunk_size, layer_norm=True).to(device)
     target_critics = copy.deepcopy(critics).requires_grad_(False)
     critic_optimizer = torch.optim.Adam(critics.parameters(), lr=CRITIC_LEARNING_RATE)
     actor_optimizer = torch.optim.Adam(actor.head.parameters(), lr=args.learning_rate)
     free_optimizer = torch.optim.Adam(free.head.parameters(), lr=args.learning_rate) if free is not None else None
-    hand_over, free_log = HandOver(args.num_envs, HAND_OVER_EPISODES), {}
+    gate, free_log = (Gate(args.num_envs, actor, TRIAL_EPISODES) if free is not None else None), {}
     history = {"step": [], "scores": []}
     evaluate(0, actor, history, writer, args, checkpoint, run["path"])  # the hand-over
     write_checkpoint(0, actor, {"critics": critics.state_dict()}, history, args, checkpoint, run)
@@ -628,16 +646,17 @@ def train_td3(args: Args, actor: OnlineActor, checkpoint: dict, gamma: float, wr
     while global_step < args.total_timesteps:
         # Collect one decision per environment: z = mean(s) + exploration noise, its chunk executed.
         with torch.no_grad():
-            z = actor.mean(states, anchors)
-            if free is not None:  # the rows whose episode the fresh actor collects
-                rows = torch.as_tensor(hand_over.collects_free, device=device).view(-1, 1, 1)
-                z = torch.where(rows, free.mean(states[:, -free.history_size :], anchors), z)
-            chunks = actor.chunk(states, z + args.exploration_noise * torch.randn_like(anchors))
+            noise = args.exploration_noise * torch.randn_like(anchors)
+            if free is None:
+                z = actor.mean(states, anchors) + noise
+            else:  # --free-actor: the fresh actor explores, or a trial copy plays its episode
+                z = gate_decisions(gate, free, states, anchors, noise)
+            chunks = actor.chunk(states, z)
         step = env_step(envs, actor.unscale_actions(chunks).cpu().numpy(), global_step, writer)
         next_obs, final_obs, reward, terminated, done, lengths, global_step, returns = step
-        hand_over.record(lengths, done, returns)
-        deployed, standby = (free, actor) if hand_over.free_deployed() else (actor, free)
-        alternative = standby if args.free_actor_target == "best" else None
+        if gate is not None:
+            gate.record_episodes(done, returns)
+            deployed = gate.deployed
         progress.update(int(lengths.sum()))
         next_states = actor.normalize_states(as_tensor(final_obs))
         next_anchors = actor.anchor_mean(next_states)
@@ -651,9 +670,7 @@ def train_td3(args: Args, actor: OnlineActor, checkpoint: dict, gamma: float, wr
         try:
             for _ in range(args.utd_ratio * args.num_envs):
                 batch, num_offline = mixed_sample(offline, online, args.batch_size, args.offline_ratio)
-                log, q = td3_critic_update(
-                    critics, target_critics, critic_optimizer, deployed, batch, gamma, alternative=alternative
-                )
+                log, q = td3_critic_update(critics, target_critics, critic_optimizer, learner_actor, batch, gamma)
                 updates += 1
                 if updates % POLICY_FREQUENCY == 0 and global_step >= args.actor_learning_starts:
                     weight = anchor_weight_at(global_step, args)
@@ -670,19 +687,22 @@ def train_td3(args: Args, actor: OnlineActor, checkpoint: dict, gamma: float, wr
             log |= {"charts/exploration_noise": args.exploration_noise}
             if free is not None:
                 log |= {f"free_actor/{tag.split('/')[1]}": number for tag, number in free_log.items()}
-                log |= {"free_actor/deployed": float(deployed is free), "free_actor/steps": hand_over.steps[1]}
+                log |= {"free_actor/deployed_fresh": float(gate.deployed_name == "fresh")}
+                log |= {"free_actor/deployed_trial_return": gate.record} if np.isfinite(gate.record) else {}
             log |= {"charts/SPS": global_step / (time.time() - start_time)}
             for tag, number in log.items():
                 writer.add_scalar(tag, number, global_step)
             shown = {key: f"{log['losses/' + key]:.3f}" for key in ("critic_loss", "q_offline", "q_online")}
             shown["distance"] = f"{log.get('charts/distance_to_offline', 0.0):.4f}"
-            shown |= {} if free is None else {"deployed": "fresh" if deployed is free else "offline"}
+            shown |= {} if free is None else {"deployed": gate.deployed_name}
             progress.set_postfix(shown, refresh=False)
         if global_step >= next_eval or global_step >= args.total_timesteps:
             next_eval = (global_step // args.eval_every + 1) * args.eval_every
             evaluate(global_step, deployed, history, writer, args, checkpoint, run["path"])
-            learner = {"critics": critics.state_dict()}  # and the actor not deployed, if there are two
-            learner |= {} if standby is None else {"standby_actor": standby.to_checkpoint()}
+            learner = {"critics": critics.state_dict()}  # and, with --free-actor, both actors as they are
+            if free is not None:
+                learner |= {"residual_actor": actor.to_checkpoint(), "fresh_actor": free.to_checkpoint()}
+                gate.schedule({"residual": actor, "fresh": free})  # the next trial round
             write_checkpoint(global_step, deployed, learner, history, args, checkpoint, run)
     progress.close()
     envs.close()

@@ -1,6 +1,6 @@
 """uepo_online.py --algo td3: the chunk critic's target by hand (summed discounted rewards, gamma^L
 bootstrap, none after a termination, one after a time-limit truncation), RLPD's mixed batches, the
-replay's ring buffer, the actor step's direction, --free-actor's hand-over rule, and tiny end-to-end
+replay's ring buffer, the actor step's direction, --free-actor's trial rounds, and tiny end-to-end
 runs whose first evaluation is exactly the selected sub-policy's score and whose checkpoint reloads to
 its last evaluation."""
 
@@ -17,8 +17,9 @@ from eval import load_checkpoint
 from uepo_online import (
     Args,
     ChunkReplay,
-    HandOver,
+    Gate,
     anchor_weight_at,
+    gate_decisions,
     history_view,
     mixed_sample,
     td3_actor_update,
@@ -74,26 +75,6 @@ class ChunkSumTarget:
 
     def q(self, states, chunks):
         return chunks.sum(dim=(1, 2))
-
-
-def test_the_target_with_an_alternative_actor_bootstraps_from_the_larger_next_q():
-    """--free-actor-target best. The residual's next chunk is its anchor (its head starts at 0), every entry
-    a; the fresh actor's head is set to output -0.25 everywhere. Q'(s', chunk) = the chunk's sum, so the two
-    next Qs are 8a and -2: with a = 0.5 y = 1 + 0.9^4 * 4; with a = -0.5 y = 1 + 0.9^4 * (-2); alone, 8a."""
-    residual = OnlineActor("residual", make_policy(), sub_policy=2, init_std=0.1)
-    fresh = OnlineActor("mlp", make_policy(), 0, 1.0, mlp_chunk_size=4)
-    torch.nn.init.zeros_(fresh.head[-1].weight)
-    torch.nn.init.constant_(fresh.head[-1].bias, -0.25)
-    critics = constant_critics(3.0, 3.0)
-    optimizer = torch.optim.SGD(critics.parameters(), lr=0.0)
-    for a, alternative, next_q in ((0.5, fresh, 4.0), (-0.5, fresh, -2.0), (-0.5, None, -4.0)):
-        batch = replay_rows(1, start=1.0)
-        batch["next_anchors"] = torch.full((1, 4, 2), a)
-        log, _ = td3_critic_update(
-            critics, ChunkSumTarget(), optimizer, residual, batch, gamma=0.9, policy_noise=0.0, alternative=alternative
-        )
-        y = 1.0 + 0.9**4 * next_q
-        assert log["losses/critic_loss"] == pytest.approx(2 * (3.0 - y) ** 2, rel=1e-5)
 
 
 def test_a_mixed_batch_takes_the_offline_share_and_all_offline_before_online_data():
@@ -169,22 +150,45 @@ def test_each_learner_fills_the_flags_left_unset_with_its_own_defaults():
     assert (args.actor, args.num_envs, args.total_timesteps, args.anchor_floor) == ("residual", 4, 1_000_000, 0.0)
 
 
-def test_the_hand_over_shares_the_steps_and_deploys_the_fresh_actor_once_it_returns_more():
-    """Two environments. Each episode goes to the actor with fewer online steps when it starts; the fresh
-    actor is deployed only with `window` episodes of its own whose mean return beats the residual's last ones."""
-    hand_over = HandOver(num_envs=2, window=2)
-    nan = np.nan
-    hand_over.record(np.array([4, 4]), np.array([True, False]), np.array([300.0, nan]))  # env 0: residual's ends
-    assert hand_over.steps == [8, 0] and hand_over.collects_free.tolist() == [True, False]
-    hand_over.record(np.array([3, 4]), np.array([True, True]), np.array([10.0, 200.0]))  # free 10, residual 200
-    assert hand_over.steps == [12, 3] and hand_over.collects_free.tolist() == [True, True]
-    assert hand_over.returns == ([300.0, 200.0], [10.0]) and not hand_over.free_deployed()  # one episode < window
-    hand_over.record(np.array([4, 2]), np.array([False, True]), np.array([nan, 700.0]))  # free: 10, 700
-    assert hand_over.steps == [12, 9] and hand_over.collects_free.tolist() == [True, True]
-    assert hand_over.free_deployed()  # mean 355 against the residual's 250
-    hand_over.record(np.array([4, 4]), np.array([True, True]), np.array([0.0, 0.0]))  # free: ..., 0, 0
-    assert hand_over.steps == [12, 17] and hand_over.collects_free.tolist() == [False, False]
-    assert not hand_over.free_deployed()  # its last 2: mean 0
+def test_a_trial_round_deploys_a_frozen_copy_only_when_its_mean_return_beats_the_deployed_one():
+    """Two environments, 2 trial episodes per candidate, candidates stand-in linear layers. The hand-over's
+    round (returns 10 and 30: mean 20) sets the bar; the residual's (15, 24: 19.5) does not pass it; the
+    fresh actor's (50, 0: 25) does, and the copy taken at scheduling is what is deployed, not the actor
+    that went on learning. Rows whose episode is no trial's explore (None)."""
+    hand_over, residual, fresh = (torch.nn.Linear(1, 1) for _ in range(3))
+    gate = Gate(num_envs=2, hand_over=hand_over, episodes=2)
+    assert [trial["name"] for trial in gate.players] == ["hand-over", "hand-over"] and gate.queue == []
+    assert gate.deployed is not hand_over and torch.equal(gate.deployed.weight, hand_over.weight)
+    gate.record_episodes(np.array([True, False]), np.array([10.0, np.nan]))
+    assert gate.players[0] is None and gate.record == -np.inf  # one of its two episodes is in
+    gate.record_episodes(np.array([False, True]), np.array([np.nan, 30.0]))
+    assert gate.players == [None, None] and gate.record == 20.0 and gate.deployed_name == "hand-over"
+    gate.schedule({"residual": residual, "fresh": fresh})
+    scheduled = fresh.weight.detach().clone()
+    with torch.no_grad():
+        fresh.weight += 1.0  # it goes on learning after the copy
+    assert gate.players == [None, None]  # episodes under way are not cut
+    gate.record_episodes(np.array([True, True]), np.array([5.0, 6.0]))  # exploring: not counted
+    assert [trial["name"] for trial in gate.players] == ["residual", "residual"]
+    gate.record_episodes(np.array([True, True]), np.array([15.0, 24.0]))
+    assert gate.deployed_name == "hand-over" and gate.record == 20.0
+    assert [trial["name"] for trial in gate.players] == ["fresh", "fresh"]
+    gate.record_episodes(np.array([True, True]), np.array([50.0, 0.0]))
+    assert gate.deployed_name == "fresh" and gate.record == 25.0 and gate.players == [None, None]
+    assert torch.equal(gate.deployed.weight, scheduled) and not gate.deployed.weight.requires_grad
+
+
+def test_a_trial_copy_plays_its_mean_and_the_fresh_actor_explores_with_noise():
+    residual = OnlineActor("residual", make_policy(), sub_policy=2, init_std=0.1)
+    fresh = OnlineActor("mlp", make_policy(), 0, 1.0, mlp_chunk_size=4)
+    gate = Gate(num_envs=2, hand_over=residual, episodes=1)  # row 0 plays the hand-over, row 1 explores
+    config = residual.policy_config
+    states = torch.randn(2, config.history_size, config.obs_dim)
+    anchors = residual.anchor_mean(states)
+    with torch.no_grad():
+        z = gate_decisions(gate, fresh, states, anchors, torch.ones_like(anchors))
+        assert torch.allclose(z[0], anchors[0])  # the hand-over's residual is 0: its chunk, no noise
+        assert torch.allclose(z[1], fresh.mean(states[1:, -1:], anchors[1:])[0] + 1.0)
 
 
 def test_each_actor_sees_its_own_history_length():
@@ -253,22 +257,26 @@ def test_a_td3_run_starts_at_the_selected_sub_policy_learns_and_reloads(
     assert_reloads_to_its_last_evaluation(actor, checkpoint)
 
 
-def test_a_free_actor_run_starts_at_the_hand_over_shares_the_steps_and_saves_both_actors(offline_checkpoint, tmp_path):
-    """--free-actor: the step-0 evaluation is still the selected sub-policy (no fresh episodes yet), the fresh
-    actor collects and learns, and the checkpoint holds the deployed actor (which reproduces the last
-    evaluation, and is the one the last log calls deployed) and the other as the standby."""
+def test_a_free_actor_run_starts_at_the_hand_over_and_saves_the_deployed_copy_and_both_actors(
+    offline_checkpoint, tmp_path
+):
+    """--free-actor: the step-0 evaluation is still the selected sub-policy, the fresh actor learns, the
+    hand-over's trial round ends within the run, and the checkpoint holds the deployed copy (which reproduces
+    the last evaluation, and is of the kind the last log names) beside the residual and the fresh actor."""
     path = tmp_path / "online.pt"
     arguments = ["--checkpoint", str(offline_checkpoint), "--checkpoint-path", str(path), *TINY_TD3, "--free-actor"]
-    arguments += ["--free-actor-target", "best"]
     result = run_online(arguments, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     checkpoint = load_checkpoint(str(path), expected_gym_id="Hopper-v5")
     assert_starts_at_the_selection_score(result.stdout, checkpoint)
     logged = logged_scalars(tmp_path)
-    assert 0 < logged["free_actor/steps"][-1][1] < checkpoint["global_step"] and "free_actor/actor_loss" in logged
-    actor, standby = (OnlineActor.from_checkpoint(checkpoint[key]) for key in ("actor", "standby_actor"))
-    assert {actor.kind, standby.kind} == {"residual", "mlp"} and standby.chunk_size == actor.chunk_size == 4
-    assert (actor.kind == "mlp") == (logged["free_actor/deployed"][-1][1] == 1.0)
+    assert "free_actor/actor_loss" in logged and "free_actor/deployed_trial_return" in logged
+    actor, residual, fresh = (
+        OnlineActor.from_checkpoint(checkpoint[key]) for key in ("actor", "residual_actor", "fresh_actor")
+    )
+    assert (residual.kind, fresh.kind) == ("residual", "mlp") and fresh.chunk_size == residual.chunk_size == 4
+    assert (actor.kind == "mlp") == (logged["free_actor/deployed_fresh"][-1][1] == 1.0)
+    assert fresh.head[-1].weight.abs().sum() > 0
     assert_reloads_to_its_last_evaluation(actor, checkpoint)
 
 
@@ -276,7 +284,6 @@ def test_a_free_actor_run_starts_at_the_hand_over_shares_the_steps_and_saves_bot
     "flags, message",
     [
         (["--free-actor", "--actor", "noise"], "--free-actor trains beside --algo td3 --actor residual"),
-        (["--free-actor-target", "best"], "--free-actor-target best chooses between the two actors of --free-actor"),
         (["--offline-ratio", "1.5"], "--offline-ratio must be in [0, 1]"),
         (["--utd-ratio", "0"], "--utd-ratio must be in [1, 1000], got 0"),
         (["--q-weight", "0"], "--q-weight must be in (0, 1000000], got 0"),
