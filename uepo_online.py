@@ -103,6 +103,8 @@ class Args:
     """critic updates on the offline data before the first online step"""
     free_actor: bool = False
     """a fresh chunk actor explores beside the residual; trial episodes choose which frozen copy is deployed"""
+    free_actor_warmup: Literal["hand-over", "fresh"] = "hand-over"
+    """with --free-actor: the actor whose values the offline critic updates learn"""
     # Evaluation and checkpoint
     eval_every: int | None = None
     """evaluate every this many steps, and at 0 and the end (td3 25k, ppo 20k)"""
@@ -159,6 +161,8 @@ def check_args(args: Args) -> str | None:
             f"--num-minibatches ({args.num_minibatches}) must be at most the decisions per rollout, "
             f"--num-envs x --num-steps = {args.num_envs * args.num_steps}"
         )
+    if args.free_actor_warmup != "hand-over" and not args.free_actor:
+        return f"--free-actor-warmup {args.free_actor_warmup} names one of the two actors of --free-actor"
     if args.free_actor and (args.algo, args.actor) != ("td3", "residual"):
         return f"--free-actor trains beside --algo td3 --actor residual, not --algo {args.algo} --actor {args.actor}"
     if args.env_id is not None and not eval.is_dataset_name(args.env_id):
@@ -612,6 +616,7 @@ def train_td3(args: Args, actor: OnlineActor, checkpoint: dict, gamma: float, wr
     learner, not the replay."""
     device, deployed = run["device"], actor
     learner_actor = actor if free is None else free  # the actor the critics' target follows: the explorer
+    warmup_actor = free if free is not None and args.free_actor_warmup == "fresh" else actor
     critics = ChunkCritics(actor.policy_config.obs_dim, actor.act_dim, actor.chunk_size, layer_norm=True).to(device)
     target_critics = copy.deepcopy(critics).requires_grad_(False)
     critic_optimizer = torch.optim.Adam(critics.parameters(), lr=CRITIC_LEARNING_RATE)
@@ -624,10 +629,10 @@ def train_td3(args: Args, actor: OnlineActor, checkpoint: dict, gamma: float, wr
 
     offline = offline_replay(checkpoint, actor, OFFLINE_ROWS, gamma, args.seed)
     warmup = tqdm(range(1, args.offline_critic_updates + 1), "offline critic updates", **eval.BAR)
-    for update in warmup:  # the critics learn the hand-over's values first
+    for update in warmup:  # the critics learn the values of the hand-over (or of the fresh actor) first
         try:
             batch = offline.sample(args.batch_size)
-            log, _ = td3_critic_update(critics, target_critics, critic_optimizer, actor, batch, gamma)
+            log, _ = td3_critic_update(critics, target_critics, critic_optimizer, warmup_actor, batch, gamma)
         except eval.NonFiniteLoss as error:
             eval.fail(f"offline critic update {update}: {error}; stopped (last checkpoint, untouched: {run['path']})")
         soft_update(target_critics, critics, TAU)
