@@ -565,13 +565,6 @@ def gate_decisions(gate: Gate, free: OnlineActor, states, anchors, noise) -> tor
     return torch.cat(rows)
 
 
-def next_chunk_q(target_critics, actor: OnlineActor, batch: dict, noise: torch.Tensor) -> torch.Tensor:
-    """min_k Q'_k(s', chunk(mean(s') + noise)), the actor's mean on its own history of s'."""
-    next_states = history_view(batch, actor)["next_states"]
-    next_z = actor.mean(next_states, batch["next_anchors"])
-    return target_critics.q(batch["next_states"][:, -1], actor.chunk(next_states, next_z + noise))
-
-
 def td3_critic_update(critics, target_critics, optimizer, actor, batch: dict, gamma: float, policy_noise=POLICY_NOISE):
     """TD3's critic step on chunks (Q-chunking: the chunk is the action, the target jumps H steps):
         z' = mean(s') + clip(N(0, policy_noise^2), -NOISE_CLIP, NOISE_CLIP),  a' = chunk(z')
@@ -580,7 +573,9 @@ def td3_critic_update(critics, target_critics, optimizer, actor, batch: dict, ga
     Q sees the current state (the last of the history) and the chunk in [-1, 1]."""
     with torch.no_grad():
         noise = (torch.randn_like(batch["next_anchors"]) * policy_noise).clamp(-NOISE_CLIP, NOISE_CLIP)
-        next_q = next_chunk_q(target_critics, actor, batch, noise)
+        next_states = history_view(batch, actor)["next_states"]  # the actor's own history of s'
+        next_z = actor.mean(next_states, batch["next_anchors"])
+        next_q = target_critics.q(batch["next_states"][:, -1], actor.chunk(next_states, next_z + noise))
         target = chunk_td_target(batch["rewards"], batch["terminals"], batch["lengths"], next_q, gamma)
     q1, q2 = critics.q_heads(batch["states"][:, -1], batch["chunks"])
     loss = ((q1 - target) ** 2).mean() + ((q2 - target) ** 2).mean()
@@ -614,7 +609,7 @@ def train_td3(args: Args, actor: OnlineActor, checkpoint: dict, gamma: float, wr
     on mixed batches; with a `free` (fresh) actor beside it, it explores, the critics' target follows it, and
     `Gate` deploys a frozen copy of whichever actor wins a trial round. No --resume: the checkpoint keeps the
     learner, not the replay."""
-    device, deployed = run["device"], actor
+    device = run["device"]
     learner_actor = actor if free is None else free  # the actor the critics' target follows: the explorer
     warmup_actor = free if free is not None and args.free_actor_warmup == "fresh" else actor
     critics = ChunkCritics(actor.policy_config.obs_dim, actor.act_dim, actor.chunk_size, layer_norm=True).to(device)
@@ -661,7 +656,6 @@ def train_td3(args: Args, actor: OnlineActor, checkpoint: dict, gamma: float, wr
         next_obs, final_obs, reward, terminated, done, lengths, global_step, returns = step
         if gate is not None:
             gate.record_episodes(done, returns)
-            deployed = gate.deployed
         progress.update(int(lengths.sum()))
         next_states = actor.normalize_states(as_tensor(final_obs))
         next_anchors = actor.anchor_mean(next_states)
@@ -703,6 +697,7 @@ def train_td3(args: Args, actor: OnlineActor, checkpoint: dict, gamma: float, wr
             progress.set_postfix(shown, refresh=False)
         if global_step >= next_eval or global_step >= args.total_timesteps:
             next_eval = (global_step // args.eval_every + 1) * args.eval_every
+            deployed = actor if gate is None else gate.deployed
             evaluate(global_step, deployed, history, writer, args, checkpoint, run["path"])
             learner = {"critics": critics.state_dict()}  # and, with --free-actor, both actors as they are
             if free is not None:
