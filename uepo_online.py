@@ -517,21 +517,43 @@ def history_view(batch: dict, actor: OnlineActor) -> dict:
 
 class Gate:
     """--free-actor: who plays each episode and which policy is deployed. The fresh actor explores: it plays every
-    episode that is not a trial, with exploration noise. A trial round queues a frozen copy of each candidate for
-    `episodes` deterministic episodes in the training environments (their transitions go to the replay as any
-    other); once a copy's episodes are in, it is deployed if its mean return is above the deployed copy's, and
-    stays frozen until another copy wins. The first round is the hand-over alone, deployed from step 0."""
+    episode that is not a trial, with exploration noise. A trial round queues the deployed copy again, then a
+    frozen copy of each candidate, for `episodes` deterministic episodes each in the training environments
+    (their transitions go to the replay as any other). The deployed copy's score is the mean of all its trial
+    episodes, so a lucky round regresses instead of holding the bar for good; once a candidate's episodes are
+    in, it is deployed if their mean is above that score. The first round is the hand-over alone, deployed from
+    step 0."""
 
     def __init__(self, num_envs: int, hand_over: OnlineActor, episodes: int):
-        self.episodes, self.queue, self.record = episodes, [], -np.inf
-        self.schedule({"hand-over": hand_over})
-        self.deployed, self.deployed_name = self.queue[0]["policy"], "hand-over"
+        self.episodes, self.queue, self.candidate_scores = episodes, [], {}
+        self.deployed_trial = self.frozen_trial("hand-over", hand_over)
+        self.schedule({})
         self.players = [self.next_trial() for _ in range(num_envs)]  # per environment: its episode's trial or None
 
+    @staticmethod
+    def frozen_trial(name: str, candidate: OnlineActor) -> dict:
+        return {"name": name, "policy": copy.deepcopy(candidate).requires_grad_(False), "returns": [], "to_start": 0}
+
+    @property
+    def deployed(self) -> OnlineActor:
+        return self.deployed_trial["policy"]
+
+    @property
+    def deployed_name(self) -> str:
+        return self.deployed_trial["name"]
+
+    @property
+    def record(self) -> float:
+        """The deployed copy's score: the mean return of all its trial episodes (-inf before the first)."""
+        return float(np.mean(self.deployed_trial["returns"])) if self.deployed_trial["returns"] else -np.inf
+
     def schedule(self, candidates: dict) -> None:
-        for name, candidate in candidates.items():
-            policy = copy.deepcopy(candidate).requires_grad_(False)
-            self.queue.append({"name": name, "policy": policy, "returns": [], "to_start": self.episodes})
+        if self.deployed_trial["to_start"] == 0:  # not still queued from the last round
+            self.queue.append(self.deployed_trial)
+        self.deployed_trial["to_start"] = self.episodes
+        self.queue += [
+            self.frozen_trial(name, candidate) | {"to_start": self.episodes} for name, candidate in candidates.items()
+        ]
 
     def next_trial(self) -> dict | None:
         """The trial that plays the next episode (None: the fresh actor explores)."""
@@ -544,14 +566,16 @@ class Gate:
         return trial
 
     def record_episodes(self, done: np.ndarray, returns: np.ndarray) -> None:
-        """Ended episodes: a trial's return (its copy deployed if it wins); the row's next episode's player."""
+        """Ended episodes: a trial's return (a candidate deployed if it wins); the row's next episode's player."""
         for row in np.flatnonzero(done):
             trial = self.players[row]
             if trial is not None:
                 trial["returns"].append(float(returns[row]))
-                score = np.mean(trial["returns"])  # a NaN return never wins
-                if len(trial["returns"]) == self.episodes and score > self.record:
-                    self.deployed, self.deployed_name, self.record = trial["policy"], trial["name"], float(score)
+                if trial is not self.deployed_trial and len(trial["returns"]) == self.episodes:
+                    score = float(np.mean(trial["returns"]))  # a NaN return never wins
+                    self.candidate_scores[trial["name"]] = score
+                    if score > self.record:
+                        self.deployed_trial = trial
             self.players[row] = self.next_trial()
 
 
@@ -688,6 +712,7 @@ def train_td3(args: Args, actor: OnlineActor, checkpoint: dict, gamma: float, wr
                 log |= {f"free_actor/{tag.split('/')[1]}": number for tag, number in free_log.items()}
                 log |= {"free_actor/deployed_fresh": float(gate.deployed_name == "fresh")}
                 log |= {"free_actor/deployed_trial_return": gate.record} if np.isfinite(gate.record) else {}
+                log |= {f"free_actor/trial_return_{name}": score for name, score in gate.candidate_scores.items()}
             log |= {"charts/SPS": global_step / (time.time() - start_time)}
             for tag, number in log.items():
                 writer.add_scalar(tag, number, global_step)

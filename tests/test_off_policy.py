@@ -150,17 +150,21 @@ def test_each_learner_fills_the_flags_left_unset_with_its_own_defaults():
     assert (args.actor, args.num_envs, args.total_timesteps, args.anchor_floor) == ("residual", 4, 1_000_000, 0.0)
 
 
-def test_a_trial_round_deploys_a_frozen_copy_only_when_its_mean_return_beats_the_deployed_one():
+def test_a_trial_round_deploys_a_frozen_copy_only_when_its_mean_return_beats_the_deployed_ones_pooled_mean():
     """Two environments, 2 trial episodes per candidate, candidates stand-in linear layers. The hand-over's
-    round (returns 10 and 30: mean 20) sets the bar; the residual's (15, 24: 19.5) does not pass it; the
-    fresh actor's (50, 0: 25) does, and the copy taken at scheduling is what is deployed, not the actor
-    that went on learning. Rows whose episode is no trial's explore (None)."""
+    round (returns 10 and 30: mean 20) sets the bar. Each later round replays the deployed copy first, and
+    its score pools all its trial episodes: the hand-over's (16, 18) lower it to 18.5. The residual's round
+    (15, 24: 19.5) beats that, though not the first round's 20; the fresh actor's (50, 0: 25) beats the
+    residual, and the copy taken at scheduling is what is deployed, not the actor that went on learning.
+    A lucky round regresses: the fresh copy's replay (5, 10) brings its score to 16.25, which the next
+    residual's 17 beats. Rows whose episode is no trial's explore (None)."""
     hand_over, residual, fresh = (torch.nn.Linear(1, 1) for _ in range(3))
     gate = Gate(num_envs=2, hand_over=hand_over, episodes=2)
     assert [trial["name"] for trial in gate.players] == ["hand-over", "hand-over"] and gate.queue == []
     assert gate.deployed is not hand_over and torch.equal(gate.deployed.weight, hand_over.weight)
+    assert gate.record == -np.inf
     gate.record_episodes(np.array([True, False]), np.array([10.0, np.nan]))
-    assert gate.players[0] is None and gate.record == -np.inf  # one of its two episodes is in
+    assert gate.players[0] is None and gate.record == 10.0
     gate.record_episodes(np.array([False, True]), np.array([np.nan, 30.0]))
     assert gate.players == [None, None] and gate.record == 20.0 and gate.deployed_name == "hand-over"
     gate.schedule({"residual": residual, "fresh": fresh})
@@ -169,13 +173,22 @@ def test_a_trial_round_deploys_a_frozen_copy_only_when_its_mean_return_beats_the
         fresh.weight += 1.0  # it goes on learning after the copy
     assert gate.players == [None, None]  # episodes under way are not cut
     gate.record_episodes(np.array([True, True]), np.array([5.0, 6.0]))  # exploring: not counted
-    assert [trial["name"] for trial in gate.players] == ["residual", "residual"]
+    assert [trial["name"] for trial in gate.players] == ["hand-over", "hand-over"]  # the deployed copy first
+    gate.record_episodes(np.array([True, True]), np.array([16.0, 18.0]))
+    assert gate.record == 18.5 and [trial["name"] for trial in gate.players] == ["residual", "residual"]
     gate.record_episodes(np.array([True, True]), np.array([15.0, 24.0]))
-    assert gate.deployed_name == "hand-over" and gate.record == 20.0
+    assert gate.deployed_name == "residual" and gate.record == 19.5 and gate.candidate_scores == {"residual": 19.5}
     assert [trial["name"] for trial in gate.players] == ["fresh", "fresh"]
     gate.record_episodes(np.array([True, True]), np.array([50.0, 0.0]))
     assert gate.deployed_name == "fresh" and gate.record == 25.0 and gate.players == [None, None]
     assert torch.equal(gate.deployed.weight, scheduled) and not gate.deployed.weight.requires_grad
+    gate.schedule({"residual": residual})
+    gate.record_episodes(np.array([True, True]), np.array([5.0, 6.0]))  # exploring
+    assert [trial["name"] for trial in gate.players] == ["fresh", "fresh"]
+    gate.record_episodes(np.array([True, True]), np.array([5.0, 10.0]))
+    assert gate.deployed_name == "fresh" and gate.record == 16.25
+    gate.record_episodes(np.array([True, True]), np.array([16.0, 18.0]))
+    assert gate.deployed_name == "residual" and gate.record == 17.0
 
 
 def test_a_trial_copy_plays_its_mean_and_the_fresh_actor_explores_with_noise():
