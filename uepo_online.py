@@ -102,7 +102,9 @@ class Args:
     offline_critic_updates: int = 25_000
     """critic updates on the offline data before the first online step"""
     free_actor: bool = False
-    """a fresh chunk actor, on critics of its own, explores beside the residual; trials choose the deployed copy"""
+    """a fresh chunk actor explores beside the residual; trial episodes choose which frozen copy is deployed"""
+    free_actor_warmup: Literal["hand-over", "fresh"] = "hand-over"
+    """with --free-actor: the actor whose values the offline critic updates learn"""
     # Evaluation and checkpoint
     eval_every: int | None = None
     """evaluate every this many steps, and at 0 and the end (td3 25k, ppo 20k)"""
@@ -159,6 +161,8 @@ def check_args(args: Args) -> str | None:
             f"--num-minibatches ({args.num_minibatches}) must be at most the decisions per rollout, "
             f"--num-envs x --num-steps = {args.num_envs * args.num_steps}"
         )
+    if args.free_actor_warmup != "hand-over" and not args.free_actor:
+        return f"--free-actor-warmup {args.free_actor_warmup} names one of the two actors of --free-actor"
     if args.free_actor and (args.algo, args.actor) != ("td3", "residual"):
         return f"--free-actor trains beside --algo td3 --actor residual, not --algo {args.algo} --actor {args.actor}"
     if args.env_id is not None and not eval.is_dataset_name(args.env_id):
@@ -624,45 +628,33 @@ def td3_actor_update(actor: OnlineActor, critics, optimizer, batch: dict, q_weig
     return log | {"charts/box_excess": excess.item()}
 
 
-def new_critics(actor: OnlineActor, device) -> tuple:
-    """One learner's fresh LayerNorm chunk critics (RLPD): (critics, their target copy, their optimizer)."""
-    critics = ChunkCritics(actor.policy_config.obs_dim, actor.act_dim, actor.chunk_size, layer_norm=True).to(device)
-    optimizer = torch.optim.Adam(critics.parameters(), lr=CRITIC_LEARNING_RATE)
-    return critics, copy.deepcopy(critics).requires_grad_(False), optimizer
-
-
-def critic_step(learner: tuple, actor: OnlineActor, batch: dict, gamma: float) -> tuple[dict, torch.Tensor]:
-    """One TD3 critic update of `learner` (critics, target, optimizer) towards `actor`'s values, then Polyak."""
-    log, q = td3_critic_update(*learner, actor, batch, gamma)
-    soft_update(learner[1], learner[0], TAU)
-    return log, q
-
-
 def train_td3(args: Args, actor: OnlineActor, checkpoint: dict, gamma: float, writer, run: dict, free=None):
     """--algo td3: fresh LayerNorm chunk critics (RLPD) learn the offline data first, the actor frozen; then TD3
-    on mixed batches; with a `free` (fresh) actor beside it, it explores on critics of its own (the same batches)
-    and `Gate` deploys a frozen copy of whichever actor wins a trial round. No --resume: the checkpoint keeps the
+    on mixed batches; with a `free` (fresh) actor beside it, it explores, the critics' target follows it, and
+    `Gate` deploys a frozen copy of whichever actor wins a trial round. No --resume: the checkpoint keeps the
     learner, not the replay."""
     device = run["device"]
-    learner = new_critics(actor, device)  # the residual's: (critics, target, optimizer), the target follows it
-    free_learner = new_critics(free, device) if free is not None else None  # the fresh actor's own
+    learner_actor = actor if free is None else free  # the actor the critics' target follows: the explorer
+    warmup_actor = free if free is not None and args.free_actor_warmup == "fresh" else actor
+    critics = ChunkCritics(actor.policy_config.obs_dim, actor.act_dim, actor.chunk_size, layer_norm=True).to(device)
+    target_critics = copy.deepcopy(critics).requires_grad_(False)
+    critic_optimizer = torch.optim.Adam(critics.parameters(), lr=CRITIC_LEARNING_RATE)
     actor_optimizer = torch.optim.Adam(actor.head.parameters(), lr=args.learning_rate)
     free_optimizer = torch.optim.Adam(free.head.parameters(), lr=args.learning_rate) if free is not None else None
     gate, free_log = (Gate(args.num_envs, actor, TRIAL_EPISODES) if free is not None else None), {}
     history = {"step": [], "scores": []}
     evaluate(0, actor, history, writer, args, checkpoint, run["path"])  # the hand-over
-    write_checkpoint(0, actor, {"critics": learner[0].state_dict()}, history, args, checkpoint, run)
+    write_checkpoint(0, actor, {"critics": critics.state_dict()}, history, args, checkpoint, run)
 
     offline = offline_replay(checkpoint, actor, OFFLINE_ROWS, gamma, args.seed)
     warmup = tqdm(range(1, args.offline_critic_updates + 1), "offline critic updates", **eval.BAR)
-    for update in warmup:  # each actor's critics learn its values on the offline data first
+    for update in warmup:  # the critics learn the values of the hand-over (or of the fresh actor) first
         try:
             batch = offline.sample(args.batch_size)
-            log, _ = critic_step(learner, actor, batch, gamma)
-            if free is not None:
-                free_log, _ = critic_step(free_learner, free, batch, gamma)
+            log, _ = td3_critic_update(critics, target_critics, critic_optimizer, warmup_actor, batch, gamma)
         except eval.NonFiniteLoss as error:
             eval.fail(f"offline critic update {update}: {error}; stopped (last checkpoint, untouched: {run['path']})")
+        soft_update(target_critics, critics, TAU)
         if update % 1000 == 0:
             warmup.set_postfix(critic=f"{log['losses/critic_loss']:.3f}", refresh=False)
     warmup.close()
@@ -701,16 +693,15 @@ def train_td3(args: Args, actor: OnlineActor, checkpoint: dict, gamma: float, wr
         try:
             for _ in range(args.utd_ratio * args.num_envs):
                 batch, num_offline = mixed_sample(offline, online, args.batch_size, args.offline_ratio)
-                log, q = critic_step(learner, actor, batch, gamma)
+                log, q = td3_critic_update(critics, target_critics, critic_optimizer, learner_actor, batch, gamma)
                 updates += 1
                 if updates % POLICY_FREQUENCY == 0 and global_step >= args.actor_learning_starts:
                     weight = anchor_weight_at(global_step, args)
-                    actor_log = td3_actor_update(actor, learner[0], actor_optimizer, batch, args.q_weight, weight)
-                if free is not None:  # the fresh actor on its own critics, the same batch: no anchor
-                    free_log |= critic_step(free_learner, free, batch, gamma)[0]
-                    if updates % POLICY_FREQUENCY == 0:
-                        view = history_view(batch, free)
-                        free_log |= td3_actor_update(free, free_learner[0], free_optimizer, view, args.q_weight, 0.0)
+                    actor_log = td3_actor_update(actor, critics, actor_optimizer, batch, args.q_weight, weight)
+                if free is not None and updates % POLICY_FREQUENCY == 0:  # the fresh actor: no anchor
+                    view = history_view(batch, free)
+                    free_log = td3_actor_update(free, critics, free_optimizer, view, args.q_weight, 0.0)
+                soft_update(target_critics, critics, TAU)
         except eval.NonFiniteLoss as error:
             eval.fail(f"step {global_step}: {error}; stopped (the last checkpoint is untouched: {run['path']})")
         if global_step // 5000 != (global_step - int(lengths.sum())) // 5000 or global_step >= args.total_timesteps:
@@ -733,12 +724,11 @@ def train_td3(args: Args, actor: OnlineActor, checkpoint: dict, gamma: float, wr
             next_eval = (global_step // args.eval_every + 1) * args.eval_every
             deployed = actor if gate is None else gate.deployed
             evaluate(global_step, deployed, history, writer, args, checkpoint, run["path"])
-            saved = {"critics": learner[0].state_dict()}  # and, with --free-actor, both actors as they are
+            learner = {"critics": critics.state_dict()}  # and, with --free-actor, both actors as they are
             if free is not None:
-                saved |= {"residual_actor": actor.to_checkpoint(), "fresh_actor": free.to_checkpoint()}
-                saved |= {"fresh_critics": free_learner[0].state_dict()}
+                learner |= {"residual_actor": actor.to_checkpoint(), "fresh_actor": free.to_checkpoint()}
                 gate.schedule({"residual": actor, "fresh": free})  # the next trial round
-            write_checkpoint(global_step, deployed, saved, history, args, checkpoint, run)
+            write_checkpoint(global_step, deployed, learner, history, args, checkpoint, run)
     progress.close()
     envs.close()
 
