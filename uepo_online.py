@@ -103,8 +103,8 @@ class Args:
     """critic updates on the offline data before the first online step"""
     free_actor: bool = False
     """a fresh chunk actor explores beside the residual; trial episodes choose which frozen copy is deployed"""
-    free_actor_warmup: Literal["hand-over", "fresh"] = "hand-over"
-    """with --free-actor: the actor whose values the offline critic updates learn"""
+    free_actor_warmup: Literal["auto", "hand-over", "fresh"] = "auto"
+    """with --free-actor: the actor whose values the offline critic updates learn (auto: `warmup_actor_name`)"""
     # Evaluation and checkpoint
     eval_every: int | None = None
     """evaluate every this many steps, and at 0 and the end (td3 25k, ppo 20k)"""
@@ -161,7 +161,7 @@ def check_args(args: Args) -> str | None:
             f"--num-minibatches ({args.num_minibatches}) must be at most the decisions per rollout, "
             f"--num-envs x --num-steps = {args.num_envs * args.num_steps}"
         )
-    if args.free_actor_warmup != "hand-over" and not args.free_actor:
+    if args.free_actor_warmup != "auto" and not args.free_actor:
         return f"--free-actor-warmup {args.free_actor_warmup} names one of the two actors of --free-actor"
     if args.free_actor and (args.algo, args.actor) != ("td3", "residual"):
         return f"--free-actor trains beside --algo td3 --actor residual, not --algo {args.algo} --actor {args.actor}"
@@ -476,12 +476,15 @@ class ChunkReplay:
 
 
 @torch.no_grad()
-def offline_replay(checkpoint: dict, actor: OnlineActor, rows: int, gamma: float, seed: int) -> ChunkReplay:
-    """A random `rows` of the offline data chunked as the actor acts, the offline z precomputed on every history."""
+def offline_replay(checkpoint: dict, actor: OnlineActor, rows: int, gamma: float, seed: int):
+    """A random `rows` of the offline data chunked as the actor acts, the offline z precomputed on every history;
+    and the normalized score of every episode of the data."""
     try:
         dataset, *_ = eval.load_dataset(checkpoint["args"]["env_id"], checkpoint["dataset_id"])
     except eval.DatasetError as error:
         eval.fail(str(error))
+    returns = [episode.rewards.sum() for episode in dataset.iterate_episodes()]
+    data_scores = eval.normalized_score(returns, checkpoint["ref_min_score"], checkpoint["ref_max_score"])
     data = eval.chunk_dataset(dataset, actor.chunk_size, actor.history_size, gamma)
     index = torch.randperm(len(data["chunks"]), generator=torch.Generator().manual_seed(seed))[:rows].numpy()
     device = actor.log_std.device
@@ -494,7 +497,16 @@ def offline_replay(checkpoint: dict, actor: OnlineActor, rows: int, gamma: float
     replay |= {"lengths": data["mask"].sum(1), "terminals": data["dones"]}
     buffer = ChunkReplay(len(index), replay)
     buffer.add(replay)
-    return buffer
+    return buffer, data_scores
+
+
+def warmup_actor_name(free_actor_warmup: str, hand_over_score: float, data_scores: np.ndarray) -> str:
+    """--free-actor-warmup auto: the hand-over's values first where the offline phase beat the data by more than
+    the data's own spread (its score above the mean + 1 std of the data's episode scores), else the fresh
+    actor's: a hand-over at the data's level is a pace whose values would hold the fresh actor there."""
+    if free_actor_warmup != "auto":
+        return free_actor_warmup
+    return "hand-over" if hand_over_score > np.mean(data_scores) + np.std(data_scores) else "fresh"
 
 
 def batched_anchors(actor: OnlineActor, states: torch.Tensor) -> torch.Tensor:
@@ -635,7 +647,6 @@ def train_td3(args: Args, actor: OnlineActor, checkpoint: dict, gamma: float, wr
     learner, not the replay."""
     device = run["device"]
     learner_actor = actor if free is None else free  # the actor the critics' target follows: the explorer
-    warmup_actor = free if free is not None and args.free_actor_warmup == "fresh" else actor
     critics = ChunkCritics(actor.policy_config.obs_dim, actor.act_dim, actor.chunk_size, layer_norm=True).to(device)
     target_critics = copy.deepcopy(critics).requires_grad_(False)
     critic_optimizer = torch.optim.Adam(critics.parameters(), lr=CRITIC_LEARNING_RATE)
@@ -646,7 +657,18 @@ def train_td3(args: Args, actor: OnlineActor, checkpoint: dict, gamma: float, wr
     evaluate(0, actor, history, writer, args, checkpoint, run["path"])  # the hand-over
     write_checkpoint(0, actor, {"critics": critics.state_dict()}, history, args, checkpoint, run)
 
-    offline = offline_replay(checkpoint, actor, OFFLINE_ROWS, gamma, args.seed)
+    offline, data_scores = offline_replay(checkpoint, actor, OFFLINE_ROWS, gamma, args.seed)
+    warmup_actor = actor
+    if free is not None:  # --free-actor: whose values the critics learn first (`warmup_actor_name`)
+        hand_over_score = float(np.mean(history["scores"][0]))
+        name = warmup_actor_name(args.free_actor_warmup, hand_over_score, data_scores)
+        warmup_actor = free if name == "fresh" else actor
+        data = f"{np.mean(data_scores):.1f} +- {np.std(data_scores):.1f}"
+        tqdm.write(
+            f"--free-actor-warmup {args.free_actor_warmup}: the critics learn the {name} actor's values first "
+            f"(hand-over {hand_over_score:.1f}, the data's episodes {data})"
+        )
+        writer.add_text("free_actor/warmup", name)
     warmup = tqdm(range(1, args.offline_critic_updates + 1), "offline critic updates", **eval.BAR)
     for update in warmup:  # the critics learn the values of the hand-over (or of the fresh actor) first
         try:

@@ -4,6 +4,8 @@ replay's ring buffer, the actor step's direction, --free-actor's trial rounds, a
 runs whose first evaluation is exactly the selected sub-policy's score and whose checkpoint reloads to
 its last evaluation."""
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -24,6 +26,7 @@ from uepo_online import (
     mixed_sample,
     td3_actor_update,
     td3_critic_update,
+    warmup_actor_name,
     with_algo_defaults,
 )
 
@@ -191,6 +194,17 @@ def test_a_trial_round_deploys_a_frozen_copy_only_when_its_mean_return_beats_the
     assert gate.deployed_name == "residual" and gate.record == 17.0
 
 
+def test_auto_warmup_learns_the_hand_overs_values_only_above_the_datas_mean_plus_one_std():
+    """--free-actor-warmup auto on hand-computed data scores: mean 20 and std sqrt(200/3) = 8.165 put the bar
+    at 28.165; a named warm-up is kept whatever the scores."""
+    data_scores = np.array([10.0, 20.0, 30.0])
+    assert warmup_actor_name("auto", 28.2, data_scores) == "hand-over"
+    assert warmup_actor_name("auto", 28.1, data_scores) == "fresh"
+    assert warmup_actor_name("auto", 20.0, np.array([20.0, 20.0])) == "fresh"  # at the data's level
+    assert warmup_actor_name("hand-over", 0.0, data_scores) == "hand-over"
+    assert warmup_actor_name("fresh", 100.0, data_scores) == "fresh"
+
+
 def test_a_trial_copy_plays_its_mean_and_the_fresh_actor_explores_with_noise():
     residual = OnlineActor("residual", make_policy(), sub_policy=2, init_std=0.1)
     fresh = OnlineActor("mlp", make_policy(), 0, 1.0, mlp_chunk_size=4)
@@ -270,7 +284,7 @@ def test_a_td3_run_starts_at_the_selected_sub_policy_learns_and_reloads(
     assert_reloads_to_its_last_evaluation(actor, checkpoint)
 
 
-@pytest.mark.parametrize("warmup", ["hand-over", "fresh"])
+@pytest.mark.parametrize("warmup", ["auto", "hand-over", "fresh"])
 def test_a_free_actor_run_starts_at_the_hand_over_and_saves_the_deployed_copy_and_both_actors(
     offline_checkpoint, tmp_path, warmup
 ):
@@ -283,6 +297,17 @@ def test_a_free_actor_run_starts_at_the_hand_over_and_saves_the_deployed_copy_an
     assert result.returncode == 0, result.stderr[-3000:]
     checkpoint = load_checkpoint(str(path), expected_gym_id="Hopper-v5")
     assert_starts_at_the_selection_score(result.stdout, checkpoint)
+    said = re.search(
+        r"the critics learn the (\S+) actor's values first \(hand-over (\S+), the data's episodes "
+        r"(\S+) \+- (\S+)\)",
+        result.stdout,
+    )
+    hand_over, mean, std = (float(said[group]) for group in (2, 3, 4))
+    assert hand_over == pytest.approx(np.mean(checkpoint["history"]["scores"][0]), abs=0.051)
+    if warmup != "auto":
+        assert said[1] == warmup
+    elif abs(hand_over - (mean + std)) > 0.1:  # the printed numbers are rounded to 0.1
+        assert said[1] == ("hand-over" if hand_over > mean + std else "fresh")
     logged = logged_scalars(tmp_path)
     assert "free_actor/actor_loss" in logged and "free_actor/deployed_trial_return" in logged
     actor, residual, fresh = (
