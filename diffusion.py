@@ -389,11 +389,11 @@ class OnlineActor(nn.Module):
 
     @classmethod
     def from_checkpoint(cls, saved: dict) -> "OnlineActor":
-        config = PolicyConfig(**saved["policy_config"])
-        zeros, ones = np.zeros(config.obs_dim), np.ones(config.obs_dim)
-        policy = DiffusionPolicy(config, zeros, ones, -np.ones(config.act_dim), np.ones(config.act_dim))
+        config, state = PolicyConfig(**saved["policy_config"]), saved["state_dict"]
+        units = [state[name] for name in ("state_mean", "state_std", "action_low", "action_high")]  # as saved:
+        policy = DiffusionPolicy(config, *units)  # none sized by the config, which may be corrupt (eval.build_saved)
         actor = cls(saved["kind"], policy, saved["sub_policy"], saved["init_std"], saved["mlp_chunk_size"])
-        actor.load_state_dict(saved["state_dict"])  # the real statistics, bounds and weights
+        actor.load_state_dict(state)  # the weights
         return actor
 
 
