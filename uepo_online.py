@@ -101,8 +101,8 @@ class Args:
     """environment steps collected with the actor frozen"""
     offline_critic_updates: int = 25_000
     """critic updates on the offline data before the first online step"""
-    free_actor: bool = False
-    """a fresh chunk actor explores beside the residual; trial episodes choose which frozen copy is deployed"""
+    free_actor: bool | None = None
+    """a fresh chunk actor explores beside the residual; trials choose the deployed copy (on for td3's residual)"""
     free_actor_warmup: Literal["auto", "hand-over", "fresh"] = "auto"
     """with --free-actor: the actor whose values the offline critic updates learn (auto: `warmup_actor_name`)"""
     # Evaluation and checkpoint
@@ -134,6 +134,8 @@ def with_algo_defaults(args: Args) -> Args:
     unset = {name: value for name, value in ALGO_DEFAULTS[args.algo].items() if getattr(args, name) is None}
     args = replace(args, **unset)
     args = replace(args, init_std=INIT_STD[args.actor]) if args.init_std is None else args
+    if args.free_actor is None:  # the fresh actor trains beside TD3's residual only
+        args = replace(args, free_actor=(args.algo, args.actor) == ("td3", "residual"))
     return replace(args, anchor_coef=0.0) if args.actor == "mlp" else args  # no offline policy to stay near
 
 

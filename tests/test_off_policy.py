@@ -141,13 +141,14 @@ def test_the_actor_step_raises_q_and_starts_from_the_anchor():
 
 
 def test_each_learner_fills_the_flags_left_unset_with_its_own_defaults():
-    """td3 is the default learner, with the residual actor on one environment for 250k steps and its
-    anchor decayed to a tenth; PPO keeps its 16 environments, the noise actor, 1M steps and a constant
-    anchor; a flag given stays as given."""
+    """td3 is the default learner, with the residual actor and a fresh one beside it (--free-actor, not
+    beside any other actor) on one environment for 250k steps, the anchor decayed to a tenth; PPO keeps
+    its 16 environments, the noise actor, 1M steps and a constant anchor; a flag given stays as given."""
     args = with_algo_defaults(Args())
     assert (args.algo, args.actor, args.num_envs, args.total_timesteps) == ("td3", "residual", 1, 250_000)
-    assert args.anchor_floor == 0.1
+    assert args.anchor_floor == 0.1 and args.free_actor and not with_algo_defaults(Args(actor="mlp")).free_actor
     args = with_algo_defaults(Args(algo="ppo"))
+    assert not args.free_actor
     assert (args.actor, args.num_envs, args.total_timesteps, args.anchor_floor) == ("noise", 16, 1_000_000, 1.0)
     args = with_algo_defaults(Args(algo="ppo", actor="residual", num_envs=4, anchor_floor=0.0))
     assert (args.actor, args.num_envs, args.total_timesteps, args.anchor_floor) == ("residual", 4, 1_000_000, 0.0)
@@ -249,7 +250,7 @@ def assert_starts_at_the_selection_score(stdout: str, checkpoint: dict) -> None:
 @pytest.mark.parametrize(
     "actor_kind, flags, chunk_size",
     [
-        ("residual", [], 4),
+        ("residual", ["--free-actor", "False"], 4),
         ("mlp", ["--mlp-chunk-size", "2"], 2),
     ],
 )
@@ -292,7 +293,7 @@ def test_a_free_actor_run_starts_at_the_hand_over_and_saves_the_deployed_copy_an
     hand-over's trial round ends within the run, and the checkpoint holds the deployed copy (which reproduces
     the last evaluation, and is of the kind the last log names) beside the residual and the fresh actor."""
     path = tmp_path / "online.pt"
-    arguments = ["--checkpoint", str(offline_checkpoint), "--checkpoint-path", str(path), *TINY_TD3, "--free-actor"]
+    arguments = ["--checkpoint", str(offline_checkpoint), "--checkpoint-path", str(path), *TINY_TD3]  # td3's default
     result = run_online([*arguments, "--free-actor-warmup", warmup], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     checkpoint = load_checkpoint(str(path), expected_gym_id="Hopper-v5")
@@ -322,8 +323,8 @@ def test_a_free_actor_run_starts_at_the_hand_over_and_saves_the_deployed_copy_an
 @pytest.mark.parametrize(
     "flags, message",
     [
-        (["--free-actor", "--actor", "noise"], "--free-actor trains beside --algo td3 --actor residual"),
-        (["--free-actor-warmup", "fresh"], "--free-actor-warmup fresh names one of the two actors of --free-actor"),
+        (["--free-actor", "True", "--actor", "noise"], "--free-actor trains beside --algo td3 --actor residual"),
+        (["--free-actor", "False", "--free-actor-warmup", "fresh"], "--free-actor-warmup fresh names one of the"),
         (["--offline-ratio", "1.5"], "--offline-ratio must be in [0, 1]"),
         (["--utd-ratio", "0"], "--utd-ratio must be in [1, 1000], got 0"),
         (["--q-weight", "0"], "--q-weight must be in (0, 1000000], got 0"),
