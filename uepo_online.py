@@ -8,7 +8,8 @@
 1. Load the offline checkpoint (refused, with the reason, if corrupt, unfinished or of another `--env-id`).
 2. Uni-O4's selection: the top `--selection-top` candidates by offline OPE, then the best on real episodes.
 3. Fine-tune `diffusion.OnlineActor`, a Gaussian over decisions z whose mean starts at the selected sub-policy,
-   on the chunk-level MDP (`eval.ChunkEnv`): `train_td3` (TD3 + RLPD, the default) or `train_ppo` (the paper's).
+   on the chunk-level MDP (`eval.ChunkEnv`): `train_td3` (TD3 + RLPD, the default; a fresh chunk actor explores
+   beside it and trial episodes choose which frozen copy is deployed, `Gate`) or `train_ppo` (the paper's).
 4. Evaluate every `--eval-every` steps; save runs/{run_name}/online.pt atomically (PPO's can be resumed).
 """
 
