@@ -486,9 +486,9 @@ def offline_replay(checkpoint: dict, actor: OnlineActor, rows: int, gamma: float
         dataset, *_ = eval.load_dataset(checkpoint["args"]["env_id"], checkpoint["dataset_id"])
     except eval.DatasetError as error:
         eval.fail(str(error))
-    returns = [episode.rewards.sum() for episode in dataset.iterate_episodes()]
-    data_scores = eval.normalized_score(returns, checkpoint["ref_min_score"], checkpoint["ref_max_score"])
     data = eval.chunk_dataset(dataset, actor.chunk_size, actor.history_size, gamma)
+    returns = np.add.reduceat(data["step_rewards"].astype(np.float64), np.flatnonzero(data["episode_start"]))
+    data_scores = eval.normalized_score(returns, checkpoint["ref_min_score"], checkpoint["ref_max_score"])
     index = torch.randperm(len(data["chunks"]), generator=torch.Generator().manual_seed(seed))[:rows].numpy()
     device = actor.log_std.device
     keys = ("states", "next_states", "chunks", "rewards", "mask", "dones")
