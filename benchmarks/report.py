@@ -2,8 +2,12 @@
 every checkpoint of uepo_offline.py / uepo_online.py and every scores.json of the baselines.
 
     python benchmarks/report.py runs/
+
+It also writes curves.csv, every run's evaluations; `--curves` reads such files back, so runs whose
+folders are gone still count (the README's online figures: `--curves docs/online_curves.csv`).
 """
 
+import csv
 import json
 import os
 import re
@@ -37,10 +41,12 @@ class ReportArgs:
     """A paper-style table and learning curves from a folder of runs (runs/ by default layout:
     runs/{dataset}__{exp_name}__{seed}__{time}/ with the TensorBoard logs and the checkpoint)."""
 
-    runs_dir: Annotated[str, tyro.conf.Positional, tyro.conf.arg(metavar="RUNS_DIR")]
+    runs_dir: Annotated[str | None, tyro.conf.Positional, tyro.conf.arg(metavar="RUNS_DIR")] = None
     """the folder that holds the runs (searched recursively for checkpoints *.pt)"""
+    curves: tuple[str, ...] = ()
+    """curves.csv files of earlier reports: their runs count as runs of RUNS_DIR"""
     out: str | None = None
-    """where to write report.md and the PNG curves (default: RUNS_DIR)"""
+    """where to write report.md, curves.csv and the PNG curves (default: RUNS_DIR)"""
     methods: tuple[str, ...] = ()
     """the columns (exp_names) in this order; default: every method found, offline runs first"""
 
@@ -48,8 +54,14 @@ class ReportArgs:
 def check_report_args(args: ReportArgs) -> str | None:
     """The first argument out of its range, as a message naming it (None if all are valid): every
     check is made before any checkpoint is read."""
-    if not os.path.isdir(args.runs_dir):
+    if args.runs_dir is None and not args.curves:
+        return "nothing to report: name RUNS_DIR, --curves files, or both"
+    if args.runs_dir is not None and not os.path.isdir(args.runs_dir):
         return f"RUNS_DIR: no folder {args.runs_dir}"
+    if missing := [path for path in args.curves if not os.path.isfile(path)]:
+        return f"--curves: no file {', '.join(missing)}"
+    if args.runs_dir is None and args.out is None:
+        return "--out is needed without RUNS_DIR: the folder for report.md and the figures"
     if any(not method for method in args.methods):
         return "--methods: a method name is empty"
     if len(set(args.methods)) < len(args.methods):
@@ -57,11 +69,6 @@ def check_report_args(args: ReportArgs) -> str | None:
     out = args.out or args.runs_dir
     problem = unwritable(out)
     return None if problem is None else f"--out {out} (report.md and the curves) cannot be written: {problem}"
-
-
-# The score a run's curve follows: online, the fine-tuned sub-policy; offline, the mean over the
-# sub-policies (the offline choice is made only at the end, so there is no chosen curve).
-CURVE_TAGS = {"online": "charts/normalized_score", "offline": "charts/normalized_score_mean"}
 
 
 def final_score(checkpoint: dict) -> float:
@@ -77,6 +84,45 @@ def final_score(checkpoint: dict) -> float:
     return float(np.mean(choice["scores"]))
 
 
+def history_curve(history: dict, phase: str) -> tuple[np.ndarray, np.ndarray]:
+    """(steps, scores) of a run's evaluations as its checkpoint (or an online baseline's scores.json) keeps them:
+    online the episodes' mean; offline the mean over the sub-policies of each one's mean (the offline choice is
+    made only at the end, so there is no chosen curve)."""
+    means = [np.mean(np.mean(scores, axis=-1)) for scores in history["scores"]]
+    return np.array(history["step"], dtype=np.float64), np.array(means, dtype=np.float64)
+
+
+CURVE_COLUMNS = ["dataset", "method", "phase", "seed", "step", "score", "final_score"]
+
+
+def write_curves(runs: list[dict], path: str) -> None:
+    """curves.csv: a row per evaluation of every run with a curve (`final_score` is the run's score)."""
+    with open(path, "w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(CURVE_COLUMNS)
+        for run in runs:
+            for step, score in zip(*run["curve"]) if run["curve"] is not None else ():
+                row = [run["dataset"], run["method"], run["phase"], run["seed"], int(step), score, run["score"]]
+                writer.writerow(row)
+
+
+def read_curves(path: str) -> list[dict]:
+    """The runs of a curves.csv (`write_curves`), each with its curve; a malformed file stops the report."""
+    runs = {}
+    try:
+        with open(path, newline="") as file:
+            rows = list(csv.DictReader(file))
+        for row in rows:
+            key = (row["dataset"], row["method"], row["phase"], int(row["seed"]))
+            run = runs.setdefault(key, {"dataset": key[0], "method": key[1], "phase": key[2], "seed": key[3]})
+            run |= {"score": float(row["final_score"]), "path": path}
+            run.setdefault("steps", []).append(float(row["step"]))
+            run.setdefault("scores", []).append(float(row["score"]))
+    except (OSError, KeyError, ValueError, TypeError) as error:
+        fail(f"--curves {path}: not a curves.csv of this report ({type(error).__name__}: {error})")
+    return [run | {"curve": (np.array(run.pop("steps")), np.array(run.pop("scores")))} for run in runs.values()]
+
+
 def read_curve(run_dir: str, tag: str) -> tuple[np.ndarray, np.ndarray] | None:
     """(steps, values) of one scalar from a run's TensorBoard logs, None if it has none."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -89,14 +135,14 @@ def read_curve(run_dir: str, tag: str) -> tuple[np.ndarray, np.ndarray] | None:
     return np.array([event.step for event in events]), np.array([event.value for event in events])
 
 
-def collect_runs(runs_dir: str) -> tuple[list[dict], list[str]]:
-    """Every checkpoint under runs_dir as a run: its dataset (row), method (column; the run name's
-    exp_name, else the folder's name), phase, final score and curve (one checkpoint = one seed).
-    A checkpoint that `load_checkpoint` refuses (unreadable, a field missing, non-finite weights) or
-    whose final score is not finite is skipped, never averaged in: returns (runs, one line per skip
-    naming the file and why)."""
-    runs, skipped = [], []
-    for folder, _, files in sorted(os.walk(runs_dir)):
+def collect_runs(runs_dir: str | None, curve_files: tuple[str, ...] = ()) -> tuple[list[dict], list[str]]:
+    """Every run of the curves.csv files, then every checkpoint under runs_dir as a run: its dataset (row),
+    method (column; the run name's exp_name, else the folder's name), phase, final score and curve (one
+    checkpoint = one seed). A checkpoint that `load_checkpoint` refuses (unreadable, a field missing,
+    non-finite weights) or whose final score is not finite is skipped, never averaged in: returns (runs, one
+    line per skip naming the file and why)."""
+    runs, skipped = [run for path in curve_files for run in read_curves(path)], []
+    for folder, _, files in sorted(os.walk(runs_dir)) if runs_dir is not None else ():
         if "scores.json" in files:
             # A baseline's run: offline (benchmarks/baselines.py) its final scores; online
             # (benchmarks/sac_online.py) a curve, evaluations at "step", of which the last is its score.
@@ -107,11 +153,12 @@ def collect_runs(runs_dir: str) -> tuple[list[dict], list[str]]:
                 phase = "online" if "step" in saved else "offline"
                 final = saved["scores"][-1] if phase == "online" else saved["scores"]
                 score, dataset = float(np.mean(final)), dataset_name(saved["dataset_id"])
+                curve = history_curve(saved, phase) if phase == "online" else None
             except (OSError, ValueError, KeyError, TypeError) as error:
                 skipped.append(f"skipped: {path}: not a baseline's scores ({type(error).__name__}: {error})")
                 continue
             method = os.path.basename(folder).split("__")[1] if folder.count("__") >= 3 else os.path.basename(folder)
-            curve = read_curve(folder, "charts/normalized_score")
+            curve = curve if curve is not None else read_curve(folder, "charts/normalized_score")
             runs.append(
                 {
                     "dataset": dataset,
@@ -143,7 +190,7 @@ def collect_runs(runs_dir: str) -> tuple[list[dict], list[str]]:
                     "method": method,
                     "phase": phase,
                     "score": score,
-                    "curve": read_curve(folder, CURVE_TAGS[phase]),
+                    "curve": history_curve(checkpoint["history"], phase),
                     "seed": checkpoint["args"].get("seed"),
                     "path": path,
                 }
@@ -181,16 +228,15 @@ def report_command(args: ReportArgs) -> str:
 
     if (problem := check_report_args(args)) is not None:
         fail(problem)
-    runs, skipped = collect_runs(args.runs_dir)
+    runs, skipped = collect_runs(args.runs_dir, args.curves)
+    source = " and ".join(([args.runs_dir] if args.runs_dir is not None else []) + list(args.curves))
     for line in skipped:
         print(line)
     if not runs:
-        fail(
-            f"no usable checkpoints (*.pt) under {args.runs_dir}"
-            + (f" ({len(skipped)} skipped, see above)" if skipped else "")
-        )
+        fail(f"no usable checkpoints (*.pt) in {source}" + (f" ({len(skipped)} skipped, see above)" if skipped else ""))
     out = args.out or args.runs_dir
     os.makedirs(out, exist_ok=True)
+    write_curves(runs, os.path.join(out, "curves.csv"))
     datasets = sorted({run["dataset"] for run in runs})
     methods = list(args.methods) or list(
         dict.fromkeys(run["method"] for run in sorted(runs, key=lambda run: run["phase"] != "offline"))
@@ -198,7 +244,7 @@ def report_command(args: ReportArgs) -> str:
     unknown = sorted(set(methods) - {run["method"] for run in runs})
     if unknown:
         fail(
-            f"no runs of {', '.join(unknown)} under {args.runs_dir}; methods found: "
+            f"no runs of {', '.join(unknown)} in {source}; methods found: "
             f"{', '.join(sorted({run['method'] for run in runs}))}"
         )
     runs = [run for run in runs if run["method"] in methods]
@@ -227,7 +273,7 @@ def report_command(args: ReportArgs) -> str:
     table = markdown_table(["dataset", *methods], rows + [["total", *totals]])
     seeds = {key: len(values) for key, values in cells.items()}
     lines = [
-        f"# Report: {args.runs_dir}",
+        f"# Report: {source}",
         "",
         "Normalized score (mean +- sample std over seeds) of what each run deploys at its end: online runs, the "
         "fine-tuned sub-policy; offline runs, the offline choice (mean over sub-policies without OPE).",

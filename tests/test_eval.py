@@ -342,6 +342,20 @@ def test_report_table_matches_hand_made_runs(tmp_path):
         "curves_walker2d-medium_online.png",
     ):
         assert (tmp_path / "report" / png).stat().st_size > 1000
+    # curves.csv keeps every run's evaluations and score: read back alone, the same table and curves.
+    csv_path = str(tmp_path / "report" / "curves.csv")
+    curves = (tmp_path / "report" / "curves.csv").read_text().splitlines()
+    assert curves[0] == "dataset,method,phase,seed,step,score,final_score"
+    assert "hopper-medium,ft,online,2,1010,100.0,100.0" in curves and len(curves) == 1 + 2 + 2 + 1 + 1 + 1
+    result = run_eval(["report", "--curves", csv_path, "--out", str(tmp_path / "back")], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    back = (tmp_path / "back" / "report.md").read_text()
+    assert "| hopper-medium | 55.0 +- 21.2 | 95.0 +- 7.1 |" in back and "| total | - | 155.0 |" in back
+    assert (tmp_path / "back" / "curves_hopper-medium_online.png").stat().st_size > 1000
+    result = run_eval(["report", "--curves", csv_path], tmp_path)
+    assert result.returncode == 2 and "--out is needed" in result.stderr
+    result = run_eval(["report", "--out", str(tmp_path / "back")], tmp_path)
+    assert result.returncode == 2 and "nothing to report" in result.stderr
     result = run_eval(["report", str(runs), "--out", str(tmp_path / "ordered"), "--methods", "ft", "off"], tmp_path)
     assert result.returncode == 0 and "| dataset | ft | off |" in (tmp_path / "ordered" / "report.md").read_text()
     result = run_eval(["report", str(runs), "--methods", "ft", "sac"], tmp_path)
