@@ -299,7 +299,8 @@ def report_command(args: ReportArgs) -> str:
             if not curves:
                 continue
             figure, axis = plt.subplots(figsize=(6, 4))
-            for method, method_curves in curves.items():
+            for method in [method for method in methods if method in curves]:  # the table's column order
+                method_curves = curves[method]
                 count = min(len(steps) for steps, _ in method_curves)
                 steps = np.mean([steps[:count] for steps, _ in method_curves], axis=0)
                 values = np.array([values[:count] for _, values in method_curves])
