@@ -84,7 +84,7 @@ def final_score(checkpoint: dict) -> float:
     return float(np.mean(choice["scores"]))
 
 
-def history_curve(history: dict, phase: str) -> tuple[np.ndarray, np.ndarray]:
+def history_curve(history: dict) -> tuple[np.ndarray, np.ndarray]:
     """(steps, scores) of a run's evaluations as its checkpoint (or an online baseline's scores.json) keeps them:
     online the episodes' mean; offline the mean over the sub-policies of each one's mean (the offline choice is
     made only at the end, so there is no chosen curve)."""
@@ -108,19 +108,20 @@ def write_curves(runs: list[dict], path: str) -> None:
 
 def read_curves(path: str) -> list[dict]:
     """The runs of a curves.csv (`write_curves`), each with its curve; a malformed file stops the report."""
-    runs = {}
+    runs, points = {}, {}  # per (dataset, method, phase, seed): the run, and its (steps, scores)
     try:
         with open(path, newline="") as file:
             rows = list(csv.DictReader(file))
         for row in rows:
             key = (row["dataset"], row["method"], row["phase"], int(row["seed"]))
-            run = runs.setdefault(key, {"dataset": key[0], "method": key[1], "phase": key[2], "seed": key[3]})
-            run |= {"score": float(row["final_score"]), "path": path}
-            run.setdefault("steps", []).append(float(row["step"]))
-            run.setdefault("scores", []).append(float(row["score"]))
+            run = dict(zip(("dataset", "method", "phase", "seed"), key))
+            runs[key] = run | {"score": float(row["final_score"]), "path": path}
+            steps, scores = points.setdefault(key, ([], []))
+            steps.append(float(row["step"]))
+            scores.append(float(row["score"]))
     except (OSError, KeyError, ValueError, TypeError) as error:
         fail(f"--curves {path}: not a curves.csv of this report ({type(error).__name__}: {error})")
-    return [run | {"curve": (np.array(run.pop("steps")), np.array(run.pop("scores")))} for run in runs.values()]
+    return [run | {"curve": tuple(np.array(values) for values in points[key])} for key, run in runs.items()]
 
 
 def read_curve(run_dir: str, tag: str) -> tuple[np.ndarray, np.ndarray] | None:
@@ -153,7 +154,7 @@ def collect_runs(runs_dir: str | None, curve_files: tuple[str, ...] = ()) -> tup
                 phase = "online" if "step" in saved else "offline"
                 final = saved["scores"][-1] if phase == "online" else saved["scores"]
                 score, dataset = float(np.mean(final)), dataset_name(saved["dataset_id"])
-                curve = history_curve(saved, phase) if phase == "online" else None
+                curve = history_curve(saved) if phase == "online" else None
             except (OSError, ValueError, KeyError, TypeError) as error:
                 skipped.append(f"skipped: {path}: not a baseline's scores ({type(error).__name__}: {error})")
                 continue
@@ -190,7 +191,7 @@ def collect_runs(runs_dir: str | None, curve_files: tuple[str, ...] = ()) -> tup
                     "method": method,
                     "phase": phase,
                     "score": score,
-                    "curve": history_curve(checkpoint["history"], phase),
+                    "curve": history_curve(checkpoint["history"]),
                     "seed": checkpoint["args"].get("seed"),
                     "path": path,
                 }
