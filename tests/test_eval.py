@@ -343,8 +343,8 @@ def test_report_table_matches_hand_made_runs(tmp_path):
     ):
         assert (tmp_path / "report" / png).stat().st_size > 1000
     # curves.csv keeps every run's evaluations and score: read back alone, the same table and curves.
-    csv_path = str(tmp_path / "report" / "curves.csv")
-    curves = open(csv_path).read().splitlines()
+    csv_file = tmp_path / "report" / "curves.csv"
+    csv_path, curves = str(csv_file), csv_file.read_text().splitlines()
     assert curves[0] == "dataset,method,phase,seed,step,score,final_score"
     assert "hopper-medium,ft,online,2,1010,100.0,100.0" in curves and len(curves) == 1 + 2 + 2 + 1 + 1 + 1
     result = run_eval(["report", "--curves", csv_path, "--out", str(tmp_path / "back")], tmp_path)
