@@ -536,13 +536,14 @@ class Gate:
     frozen copy of each candidate, for `episodes` deterministic episodes each in the training environments
     (their transitions go to the replay as any other). The deployed copy's score is the mean of all its trial
     episodes, so a lucky round regresses instead of holding the bar for good; once a candidate's episodes are
-    in, it is deployed if their mean is above that score. The first round is the hand-over alone, deployed from
-    step 0."""
+    in, it is deployed if their mean is above that score (judged once the deployed copy has a return). The
+    hand-over is deployed from step 0; `first_round`: it plays its own round first, else only in the next one."""
 
-    def __init__(self, num_envs: int, hand_over: OnlineActor, episodes: int):
-        self.episodes, self.queue, self.candidate_scores = episodes, [], {}
+    def __init__(self, num_envs: int, hand_over: OnlineActor, episodes: int, first_round: bool = True):
+        self.episodes, self.queue, self.candidate_scores, self.unjudged = episodes, [], {}, []
         self.deployed_trial = self.frozen_trial("hand-over", hand_over)
-        self.schedule({})
+        if first_round:
+            self.schedule({})
         self.players = [self.next_trial() for _ in range(num_envs)]  # per environment: its episode's trial or None
 
     @staticmethod
@@ -587,11 +588,14 @@ class Gate:
             if trial is not None:
                 trial["returns"].append(float(returns[row]))
                 if trial is not self.deployed_trial and len(trial["returns"]) == self.episodes:
-                    score = float(np.mean(trial["returns"]))  # a NaN return never wins
-                    self.candidate_scores[trial["name"]] = score
-                    if score > self.record:
-                        self.deployed_trial = trial
+                    self.unjudged.append(trial)
             self.players[row] = self.next_trial()
+        while self.unjudged and self.deployed_trial["returns"]:  # a bar to beat (other rows may finish first)
+            trial = self.unjudged.pop(0)
+            score = float(np.mean(trial["returns"]))  # a NaN return never wins
+            self.candidate_scores[trial["name"]] = score
+            if score > self.record:
+                self.deployed_trial = trial
 
 
 def gate_decisions(gate: Gate, free: OnlineActor, states, anchors, noise) -> torch.Tensor:
@@ -655,7 +659,7 @@ def train_td3(args: Args, actor: OnlineActor, checkpoint: dict, gamma: float, wr
     critic_optimizer = torch.optim.Adam(critics.parameters(), lr=CRITIC_LEARNING_RATE)
     actor_optimizer = torch.optim.Adam(actor.head.parameters(), lr=args.learning_rate)
     free_optimizer = torch.optim.Adam(free.head.parameters(), lr=args.learning_rate) if free is not None else None
-    gate, free_log = (Gate(args.num_envs, actor, TRIAL_EPISODES) if free is not None else None), {}
+    gate, free_log, train_actor = None, {}, True
     history = {"step": [], "scores": []}
     evaluate(0, actor, history, writer, args, checkpoint, run["path"])  # the hand-over
     write_checkpoint(0, actor, {"critics": critics.state_dict()}, history, args, checkpoint, run)
@@ -672,6 +676,12 @@ def train_td3(args: Args, actor: OnlineActor, checkpoint: dict, gamma: float, wr
             f"(hand-over {hand_over_score:.1f}, the data's episodes {data})"
         )
         writer.add_text("free_actor/warmup", name)
+        # An offline policy no better than the data leaves the anchored residual nothing better to refine: then
+        # it is neither trained nor tried, and the fresh actor explores from step 0, the hand-over deployed until
+        # a fresh copy beats it in a trial (its data-paced trial episodes held the fresh actor back; design.md).
+        train_actor = name == "hand-over"
+        gate = Gate(args.num_envs, actor, TRIAL_EPISODES, first_round=train_actor)
+        candidates = {"residual": actor, "fresh": free} if train_actor else {"fresh": free}
     warmup = tqdm(range(1, args.offline_critic_updates + 1), "offline critic updates", **eval.BAR)
     for update in warmup:  # the critics learn the values of the hand-over (or of the fresh actor) first
         try:
@@ -720,7 +730,7 @@ def train_td3(args: Args, actor: OnlineActor, checkpoint: dict, gamma: float, wr
                 batch, num_offline = mixed_sample(offline, online, args.batch_size, args.offline_ratio)
                 log, q = td3_critic_update(critics, target_critics, critic_optimizer, learner_actor, batch, gamma)
                 updates += 1
-                if updates % POLICY_FREQUENCY == 0 and global_step >= args.actor_learning_starts:
+                if train_actor and updates % POLICY_FREQUENCY == 0 and global_step >= args.actor_learning_starts:
                     weight = anchor_weight_at(global_step, args)
                     actor_log = td3_actor_update(actor, critics, actor_optimizer, batch, args.q_weight, weight)
                 if free is not None and updates % POLICY_FREQUENCY == 0:  # the fresh actor: no anchor
@@ -752,7 +762,7 @@ def train_td3(args: Args, actor: OnlineActor, checkpoint: dict, gamma: float, wr
             learner = {"critics": critics.state_dict()}  # and, with --free-actor, both actors as they are
             if free is not None:
                 learner |= {"residual_actor": actor.to_checkpoint(), "fresh_actor": free.to_checkpoint()}
-                gate.schedule({"residual": actor, "fresh": free})  # the next trial round
+                gate.schedule(candidates)  # the next trial round
             write_checkpoint(global_step, deployed, learner, history, args, checkpoint, run)
     progress.close()
     envs.close()

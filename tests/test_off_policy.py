@@ -195,6 +195,25 @@ def test_a_trial_round_deploys_a_frozen_copy_only_when_its_mean_return_beats_the
     assert gate.deployed_name == "residual" and gate.record == 17.0
 
 
+def test_without_a_first_round_the_fresh_actor_explores_from_step_0_and_a_candidate_waits_for_a_bar():
+    """first_round=False (the fresh actor's values first): no row plays the hand-over at step 0, and the
+    hand-over, still deployed, plays first in the next round. A candidate whose episode ends before the
+    deployed copy has any return is judged once it has one: 5 against the hand-over's 3 wins, where judged
+    against no bar at all (-inf) any candidate would have won; 2 against 3 does not."""
+    for fresh_return, winner in ((5.0, "fresh"), (2.0, "hand-over")):
+        hand_over, fresh = torch.nn.Linear(1, 1), torch.nn.Linear(1, 1)
+        gate = Gate(num_envs=2, hand_over=hand_over, episodes=1, first_round=False)
+        assert gate.players == [None, None] and gate.queue == [] and gate.deployed_name == "hand-over"
+        gate.schedule({"fresh": fresh})
+        gate.record_episodes(np.array([True, True]), np.array([7.0, 8.0]))  # exploring: not counted
+        assert [trial["name"] for trial in gate.players] == ["hand-over", "fresh"]
+        gate.record_episodes(np.array([False, True]), np.array([np.nan, fresh_return]))  # the candidate first
+        assert gate.deployed_name == "hand-over" and gate.candidate_scores == {} and gate.record == -np.inf
+        gate.record_episodes(np.array([True, False]), np.array([3.0, np.nan]))
+        assert gate.candidate_scores == {"fresh": fresh_return} and gate.deployed_name == winner
+        assert gate.players == [None, None]
+
+
 def test_auto_warmup_learns_the_hand_overs_values_only_above_the_datas_mean_plus_one_std():
     """--free-actor-warmup auto on hand-computed data scores: mean 20 and std sqrt(200/3) = 8.165 put the bar
     at 28.165; a named warm-up is kept whatever the scores."""
@@ -317,6 +336,8 @@ def test_a_free_actor_run_starts_at_the_hand_over_and_saves_the_deployed_copy_an
     assert (residual.kind, fresh.kind) == ("residual", "mlp") and fresh.chunk_size == residual.chunk_size == 4
     assert (actor.kind == "mlp") == (logged["free_actor/deployed_fresh"][-1][1] == 1.0)
     assert fresh.head[-1].weight.abs().sum() > 0
+    # The residual (it starts at exactly 0) learns only beside the hand-over's values: nothing to refine else.
+    assert (residual.head[-1].weight.abs().sum() > 0) == (said[1] == "hand-over")
     assert_reloads_to_its_last_evaluation(actor, checkpoint)
 
 
