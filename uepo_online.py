@@ -105,7 +105,7 @@ class Args:
     free_actor: bool | None = None
     """a fresh chunk actor explores beside the residual; trials choose the deployed copy (on for td3's residual)"""
     free_actor_warmup: Literal["auto", "hand-over", "fresh"] = "auto"
-    """with --free-actor: the actor whose values the offline critic updates learn (auto: `warmup_actor_name`)"""
+    """with --free-actor: whose values the critics learn first (auto: `warmup_actor_name`); fresh: no residual"""
     # Evaluation and checkpoint
     eval_every: int | None = None
     """evaluate every this many steps, and at 0 and the end (td3 25k, ppo 20k)"""
